@@ -1,0 +1,58 @@
+# megastack: two commands do all the set-up on a fresh machine:
+#   make demo   installs into .venv, prepares the default model and runs the main job
+#   make test   installs what is missing and runs the whole suite
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MEGASTACK := $(VENV)/bin/megastack
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup protos model up down status demo test test-unit test-integration test-e2e bench lint clean help
+
+help:
+	@echo "make demo | test | setup | up | down | status | protos | bench | lint | clean"
+
+setup:
+	@tools/setup.sh
+
+protos:
+	@$(PY) tools/gen_protos.py
+
+model: setup
+
+up: setup
+	@$(MEGASTACK) up $(UP_ARGS)
+
+down:
+	@if [ -x $(MEGASTACK) ]; then $(MEGASTACK) down; else echo "nothing to stop (.venv missing)"; fi
+
+status:
+	@$(MEGASTACK) status
+
+demo: setup
+	@$(MEGASTACK) demo
+
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	@$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+test-integration: setup
+	@$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+test-e2e: setup
+	@$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
+bench: setup
+	@$(PY) tools/bench/run_all.py
+
+lint: setup
+	@$(VENV)/bin/ruff check protos shared services tools tests
+	@$(PY) tools/check_imports.py
+
+clean: down
+	rm -rf .run bench-results .pytest_cache

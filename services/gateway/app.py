@@ -1,0 +1,94 @@
+"""The gateway's Flask app: routes, auth, request ids, body limit, one JSON error shape, HTTP metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+from flask import Flask, g, request
+from flask_restful import Api
+from werkzeug.exceptions import HTTPException
+
+from services.gateway import metrics as M
+from services.gateway.config import GatewayConfig
+from services.gateway.health import Health, Metrics, Ready
+from services.gateway.http import HTTPError, error_body, json_response
+from services.gateway.megatron_api import MegatronGenerate
+from services.gateway.openai_api import ChatCompletions, Completions, Detokenize, Models, Tokenize, TokenizerInfo
+from shared.errors import ServiceError
+from shared.logging import REQUEST_ID, new_request_id
+
+logger = logging.getLogger(__name__)
+OPEN_PATHS = ("/health", "/ready", "/metrics")
+
+
+def error_response(e: BaseException):
+    """Every failure, whatever raised it, becomes a JSON body with a 4xx/5xx status (never 200)."""
+    if isinstance(e, HTTPError):
+        err = e
+    elif isinstance(e, ServiceError):
+        err = HTTPError.from_service_error(e)
+    elif isinstance(e, HTTPException):
+        message = {404: "not found: " + request.path,
+                   405: "The method is not allowed for the requested URL.",
+                   413: "request body is too large"}.get(e.code or 500, e.description or e.name)
+        err = HTTPError(e.code or 500, message)
+    else:
+        logger.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
+        err = HTTPError(500, f"internal error (request_id={getattr(g, 'request_id', '-')})")
+    return json_response(error_body(err.status, err.message, err.field), err.status, err.headers)
+
+
+class JsonApi(Api):
+    def handle_error(self, e):  # flask-restful's hook: keep one error shape for every route
+        return error_response(e)
+
+
+def create_app(cfg: GatewayConfig, pool) -> Flask:
+    app = Flask("megastack-gateway")
+    app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    api = JsonApi(app, catch_all_404s=True)
+    api.add_resource(MegatronGenerate, "/api", resource_class_args=(pool,))
+    api.add_resource(Completions, "/v1/completions", "/completions", resource_class_args=(pool,))
+    api.add_resource(ChatCompletions, "/v1/chat/completions", resource_class_args=(pool,))
+    api.add_resource(Models, "/v1/models", resource_class_args=(pool,))
+    api.add_resource(TokenizerInfo, "/tokenizer_info", resource_class_args=(pool,))
+    api.add_resource(Tokenize, "/tokenize", resource_class_args=(pool,))
+    api.add_resource(Detokenize, "/detokenize", resource_class_args=(pool,))
+    api.add_resource(Health, "/health", resource_class_args=(pool,))
+    api.add_resource(Ready, "/ready", resource_class_args=(pool, cfg.ready_timeout_s))
+    api.add_resource(Metrics, "/metrics")
+    app.register_error_handler(Exception, error_response)
+    keys = [k.encode() for k in cfg.api_keys]
+
+    @app.before_request
+    def _begin():
+        g.request_id = request.headers.get("X-Request-Id") or new_request_id()
+        g.token = REQUEST_ID.set(g.request_id)
+        g.start = time.perf_counter()
+        if keys and request.path not in OPEN_PATHS:
+            auth = request.headers.get("Authorization", "")
+            given = auth.removeprefix("Bearer ").strip().encode()
+            if not auth.startswith("Bearer ") or not any(hmac.compare_digest(given, k) for k in keys):
+                raise HTTPError(401, "missing or invalid API key (send Authorization: Bearer <key>)", "Authorization")
+
+    @app.after_request
+    def _end(resp):
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        elapsed = time.perf_counter() - g.get("start", time.perf_counter())
+        M.HTTP_REQUESTS.labels(route, request.method, str(resp.status_code)).inc()
+        M.HTTP_DURATION.labels(route).observe(elapsed)
+        resp.headers["X-Request-Id"] = g.get("request_id", "-")
+        if route != "/metrics":
+            logger.info("%s %s -> %d in %.3fs", request.method, request.path, resp.status_code, elapsed)
+        return resp
+
+    @app.teardown_request
+    def _teardown(_exc):
+        token = g.pop("token", None)
+        if token is not None:
+            REQUEST_ID.reset(token)
+
+    return app

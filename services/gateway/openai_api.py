@@ -1,0 +1,359 @@
+"""OpenAI-style endpoints: /v1/completions, /v1/chat/completions, /v1/models, and vLLM's tokenizer routes.
+
+``/v1/completions`` supports what lm-eval's ``local-completions`` needs to score log-likelihoods:
+token-id prompts, ``echo`` with ``logprobs`` (one entry per prompt token, the first ``null``), and the
+remote tokenizer routes ``/tokenizer_info``, ``/tokenize`` and ``/detokenize``. ``stream: true`` answers
+server-sent events ending with ``data: [DONE]``. Unsupported options are refused with a 400 naming them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Response, stream_with_context
+from flask_restful import Resource
+
+from protos.textgen.v1 import textgen_pb2 as pb
+from services.gateway.http import SSE_DONE, SSE_HEADERS, HTTPError, json_body, json_response, sse
+from shared.errors import ServiceError
+
+FINISH = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_EOS: "stop",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop",
+    pb.FINISH_REASON_EOL: "stop",
+    pb.FINISH_REASON_CANCELLED: "abort",
+}
+MAX_LOGPROBS = 20
+
+
+def _num(doc: dict[str, Any], key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    value = doc.get(key)
+    if value is None:
+        return default
+    if type(value) not in (int, float) or value > hi or value < lo or (lo_open and value == lo):
+        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise HTTPError(400, f"{key} must be a number in {bound}", key)
+    return float(value)
+
+
+def _int(doc: dict[str, Any], key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    value = doc.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        raise HTTPError(400, f"{key} must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""), key)
+    return value
+
+
+def _check_unsupported(doc: dict[str, Any]) -> None:
+    for key in ("n", "best_of"):
+        if doc.get(key) not in (None, 1):
+            raise HTTPError(400, f"{key} > 1 is not supported", key)
+    for key in ("presence_penalty", "frequency_penalty"):
+        if doc.get(key) not in (None, 0, 0.0):
+            raise HTTPError(400, f"{key} is not supported (use repetition_penalty)", key)
+    if doc.get("suffix") not in (None, ""):
+        raise HTTPError(400, "suffix is not supported", "suffix")
+    if doc.get("logit_bias") not in (None, {}):
+        raise HTTPError(400, "logit_bias is not supported", "logit_bias")
+
+
+def _stops(doc: dict[str, Any]) -> list[str]:
+    stop = doc.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
+        return stop
+    raise HTTPError(400, "stop must be a string or a list of at most 16 strings", "stop")
+
+
+def _prompts(doc: dict[str, Any]) -> list[pb.Prompt]:
+    if "prompt" not in doc:
+        raise HTTPError(400, "prompt is required", "prompt")
+    p = doc["prompt"]
+    if isinstance(p, str):
+        return [pb.Prompt(text=p)]
+    if isinstance(p, list) and p:
+        if all(isinstance(x, str) for x in p):
+            return [pb.Prompt(text=x) for x in p]
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+            return [pb.Prompt(tokens=pb.TokenIds(ids=p))]
+        if all(isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in p):
+            return [pb.Prompt(tokens=pb.TokenIds(ids=x)) for x in p]
+    raise HTTPError(400, "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists", "prompt")
+
+
+@dataclass
+class Options:
+    stream: bool
+    echo: bool
+    logprobs: int | None
+    include_usage: bool
+    params: pb.GenerationParams
+
+
+def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
+    _check_unsupported(doc)
+    max_tokens = _int(doc, "max_completion_tokens" if chat and "max_completion_tokens" in doc else "max_tokens", 16 if not chat else 256, 0)
+    temperature = _num(doc, "temperature", 1.0, 0.0, 100.0)
+    top_p = _num(doc, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = _int(doc, "top_k", 0, -1) or 0
+    seed = _int(doc, "seed", -1, 0)
+    penalty = _num(doc, "repetition_penalty", 1.0, 0.0, 100.0, lo_open=True)
+    if chat:
+        want = doc.get("logprobs", False)
+        if not isinstance(want, bool):
+            raise HTTPError(400, "logprobs must be a boolean", "logprobs")
+        logprobs = _int(doc, "top_logprobs", 0, 0, MAX_LOGPROBS) if want else None
+        echo = False
+    else:
+        logprobs = _int(doc, "logprobs", None, 0, MAX_LOGPROBS)
+        echo = doc.get("echo", False)
+        if not isinstance(echo, bool):
+            raise HTTPError(400, "echo must be a boolean", "echo")
+    stream = doc.get("stream", False)
+    if not isinstance(stream, bool):
+        raise HTTPError(400, "stream must be a boolean", "stream")
+    ignore_eos = doc.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise HTTPError(400, "ignore_eos must be a boolean", "ignore_eos")
+    stream_options = doc.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise HTTPError(400, "stream_options must be an object", "stream_options")
+    greedy = temperature == 0.0 or top_k == 1
+    sampling = pb.SamplingParams(
+        greedy=greedy, temperature=temperature if temperature > 0 else 1.0, top_k=max(top_k, 0),
+        top_p=0.0 if top_p >= 1.0 or top_k > 0 else top_p, seed=seed, repetition_penalty=penalty,
+    )
+    stopping = pb.StoppingParams(max_new_tokens=max_tokens, stop=_stops(doc), ignore_eos=ignore_eos)
+    params = pb.GenerationParams(
+        sampling=sampling, stopping=stopping, echo=echo,
+        prompt_logprobs=echo and logprobs is not None, logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+    )
+    return Options(stream=stream, echo=echo, logprobs=logprobs, include_usage=bool(stream_options.get("include_usage")), params=params)
+
+
+def _top_dict(t: pb.TopLogprobs) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for tok, lp in zip(t.tokens, t.logprobs):
+        out.setdefault(tok, lp)
+    return out
+
+
+def completion_logprobs(c: pb.Completion, echo: bool, n: int) -> dict[str, Any]:
+    tokens, lps, tops = list(c.tokens), list(c.logprobs), [_top_dict(t) for t in c.top_logprobs] if n else []
+    if echo:
+        tokens = list(c.prompt_tokens) + tokens
+        lps = [None, *c.prompt_logprobs] + lps
+        if n:
+            tops = [None, *(_top_dict(t) for t in c.prompt_top_logprobs)] + tops
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops if n else None, "text_offset": offsets}
+
+
+def usage(completions: list[pb.Completion]) -> dict[str, int]:
+    p = sum(len(c.prompt_token_ids) for c in completions)
+    g = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+
+
+class _Base(Resource):
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def _model(self, doc: dict[str, Any]) -> str:
+        info = self.pool.model_info()
+        model = doc.get("model")
+        if model is not None and (not isinstance(model, str) or model != info.name):
+            raise HTTPError(404, f"model {model!r} not found; this server serves {info.name!r}", "model")
+        return info.name
+
+    def _stream(self, request: pb.GenerateStreamRequest, render) -> Response:
+        """Start the stream (errors before the first event become HTTP errors), then relay it as SSE."""
+        events = self.pool.stream(request)
+        try:
+            first = next(events)
+        except StopIteration:
+            first = None
+
+        def body() -> Iterator[str]:
+            try:
+                if first is not None:
+                    yield from render(first)
+                for msg in events:
+                    yield from render(msg)
+                yield from render(None)
+                yield SSE_DONE
+            except ServiceError as e:
+                yield sse({"error": {"message": e.message, "type": "server_error", "code": e.code.name}})
+            finally:
+                events.close()
+
+        return Response(stream_with_context(body()), mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+class Completions(_Base):
+    def post(self):
+        doc = json_body()
+        model = self._model(doc)
+        opts = parse_options(doc, chat=False)
+        prompts = _prompts(doc)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if opts.stream:
+            return self._stream(pb.GenerateStreamRequest(prompts=prompts, params=opts.params), self._renderer(cid, created, model, opts))
+        resp = self.pool.unary("Generate", pb.GenerateRequest(prompts=prompts, params=opts.params))
+        choices = []
+        for c in resp.completions:
+            text = (c.prompt_text + c.text) if opts.echo else c.text
+            choices.append({
+                "index": c.index, "text": text, "finish_reason": FINISH.get(c.finish_reason, "stop"),
+                "logprobs": completion_logprobs(c, opts.echo, opts.logprobs or 0) if opts.logprobs is not None else None,
+            })
+        return json_response({
+            "id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": usage(list(resp.completions)),
+        })
+
+    @staticmethod
+    def _renderer(cid: str, created: int, model: str, opts: Options):
+        done: list[pb.Completion] = []
+
+        def chunk(index: int, text: str, finish: str | None, logprobs: Any = None) -> str:
+            return sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+
+        def render(msg: pb.GenerateStreamResponse | None) -> Iterator[str]:
+            if msg is None:
+                if opts.include_usage:
+                    yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                               "choices": [], "usage": usage(done)})
+                return
+            if msg.finished:
+                done.append(msg.completion)
+                yield chunk(msg.index, msg.text, FINISH.get(msg.completion.finish_reason, "stop"))
+            elif msg.text or opts.logprobs is not None:
+                lp = None
+                if opts.logprobs is not None:
+                    lp = {"tokens": [t.text for t in msg.tokens], "token_logprobs": [t.logprob for t in msg.tokens],
+                          "top_logprobs": [_top_dict(t.top) for t in msg.tokens] if opts.logprobs else None}
+                yield chunk(msg.index, msg.text, None, lp)
+
+        return render
+
+
+def _messages(doc: dict[str, Any]) -> list[pb.ChatMessage]:
+    msgs = doc.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise HTTPError(400, "messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise HTTPError(400, f"messages[{i}] must be {{'role': system|user|assistant, 'content': string}}", "messages")
+        out.append(pb.ChatMessage(role=m["role"], content=m["content"]))
+    return out
+
+
+class ChatCompletions(_Base):
+    def post(self):
+        doc = json_body()
+        model = self._model(doc)
+        opts = parse_options(doc, chat=True)
+        msgs = _messages(doc)
+        templ = self.pool.unary("ApplyChatTemplate", pb.ApplyChatTemplateRequest(messages=msgs, add_generation_prompt=True))
+        prompts = [pb.Prompt(text=templ.prompt)]
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if opts.stream:
+            return self._stream(pb.GenerateStreamRequest(prompts=prompts, params=opts.params), self._renderer(cid, created, model, opts))
+        resp = self.pool.unary("Generate", pb.GenerateRequest(prompts=prompts, params=opts.params))
+        c = resp.completions[0]
+        choice: dict[str, Any] = {
+            "index": 0, "message": {"role": "assistant", "content": c.text},
+            "finish_reason": FINISH.get(c.finish_reason, "stop"), "logprobs": None,
+        }
+        if opts.logprobs is not None:
+            choice["logprobs"] = {"content": [
+                {"token": t, "logprob": lp, "top_logprobs": [{"token": a, "logprob": b} for a, b in zip(top.tokens, top.logprobs)] if opts.logprobs else []}
+                for t, lp, top in zip(c.tokens, c.logprobs, list(c.top_logprobs) or [pb.TopLogprobs()] * len(c.tokens))
+            ]}
+        return json_response({
+            "id": cid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+            "usage": usage([c]),
+        })
+
+    @staticmethod
+    def _renderer(cid: str, created: int, model: str, opts: Options):
+        state = {"started": False, "done": []}
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> str:
+            return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+        def render(msg: pb.GenerateStreamResponse | None) -> Iterator[str]:
+            if msg is None:
+                if opts.include_usage:
+                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                               "choices": [], "usage": usage(state["done"])})
+                return
+            if not state["started"]:
+                state["started"] = True
+                yield chunk({"role": "assistant", "content": ""}, None)
+            if msg.finished:
+                state["done"].append(msg.completion)
+                yield chunk({"content": msg.text} if msg.text else {}, FINISH.get(msg.completion.finish_reason, "stop"))
+            elif msg.text:
+                yield chunk({"content": msg.text}, None)
+
+        return render
+
+
+class Models(_Base):
+    def get(self):
+        info = self.pool.model_info()
+        return json_response({"object": "list", "data": [{
+            "id": info.name, "object": "model", "created": 0, "owned_by": "megastack",
+            "max_model_len": info.max_context_tokens,
+        }]})
+
+
+class TokenizerInfo(_Base):
+    def get(self):
+        info = self.pool.model_info()
+        body: dict[str, Any] = {"eos_token": info.eos_token, "bos_token": info.bos_token or None,
+                                "pad_token": None, "model_max_length": info.max_context_tokens}
+        if info.chat_template:
+            body["chat_template"] = info.chat_template
+        return json_response(body)
+
+
+class Tokenize(_Base):
+    def post(self):
+        doc = json_body()
+        text = doc.get("prompt", doc.get("text"))
+        if not isinstance(text, str):
+            raise HTTPError(400, "prompt must be a string", "prompt")
+        add = doc.get("add_special_tokens", False)
+        if not isinstance(add, bool):
+            raise HTTPError(400, "add_special_tokens must be a boolean", "add_special_tokens")
+        resp = self.pool.unary("Tokenize", pb.TokenizeRequest(text=text, add_special_tokens=add), timeout_s=30.0)
+        return json_response({"tokens": list(resp.ids), "count": len(resp.ids),
+                              "max_model_len": self.pool.model_info().max_context_tokens})
+
+
+class Detokenize(_Base):
+    def post(self):
+        doc = json_body()
+        ids = doc.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise HTTPError(400, "tokens must be a list of token ids", "tokens")
+        resp = self.pool.unary("Detokenize", pb.DetokenizeRequest(ids=ids), timeout_s=30.0)
+        return json_response({"prompt": resp.text})

@@ -1,0 +1,497 @@
+"""Continuous batching: sequences join the running batch between decode steps and leave when done.
+
+One engine thread owns the model and the KV cache. Each loop iteration it (1) finishes cancelled
+sequences, (2) prefills waiting sequences into free slots (bounded by a token budget), and (3) runs
+one decode step for every running sequence. Callers talk to it through :class:`SequenceHandle`:
+events arrive on a queue (tokens as they are produced, then the result), and ``cancel()`` frees the
+slot before the next step. A failing forward pass fails only the sequences in it; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from services.textgen import metrics as M
+from services.textgen.modeling import DecoderLM, KVCache
+from services.textgen.sampling import SamplingSpec, apply_repetition_penalty, make_generator, next_top_p, sample_row
+from shared.errors import InvalidArgument, ResourceExhausted
+
+logger = logging.getLogger(__name__)
+
+LENGTH, EOS, STOP_SEQUENCE, EOL, CANCELLED, ERROR = "length", "eos", "stop_sequence", "eol", "cancelled", "error"
+
+
+@dataclass(frozen=True)
+class StopSpec:
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    stop_on_eol: bool = False
+    stop_on_double_eol: bool = False
+    prevent_newline_after_colon: bool = False
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    stopping: StopSpec
+    prompt_logprobs: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class TopK:
+    ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: float | None
+    top: TopK | None
+
+
+@dataclass
+class SequenceResult:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    prompt_logprobs: list[float] | None
+    prompt_top: list[TopK] | None
+    logprobs: list[float] | None
+    top: list[TopK] | None
+    finish_reason: str
+    stop_sequence: str = ""
+    queue_s: float = 0.0
+    first_token_s: float = 0.0
+    total_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the engine needs from the tokenizer: special ids and a decoder for stop strings."""
+
+    eos_id: int | None
+    newline_id: int | None
+    double_newline_id: int | None
+    colon_id: int | None
+    vocab_size: int
+    decode: Callable[[list[int]], str]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int
+    max_queue_size: int
+    max_prefill_tokens: int
+
+
+class SequenceHandle:
+    """The caller's side of one sequence.
+
+    Events go to the handle's own queue, or, when several handles share a ``sink``, to that queue as
+    ``(index, event)`` pairs so one reader can follow all of them (streaming several prompts).
+    """
+
+    def __init__(self, engine: Engine, index: int, sink: queue.SimpleQueue | None = None) -> None:
+        self._engine = engine
+        self.index = index
+        self._sink = sink
+        self._events: queue.SimpleQueue = sink if sink is not None else queue.SimpleQueue()
+        self.cancelled = False
+
+    def _put(self, ev: TokenEvent | SequenceResult) -> None:
+        self._events.put((self.index, ev) if self._sink is not None else ev)
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._engine._wake()
+
+    def events(self) -> Iterator[TokenEvent | SequenceResult]:
+        """Token events as they are produced, then the SequenceResult (always last). Not with a sink."""
+        assert self._sink is None, "read the shared sink instead"
+        while True:
+            ev = self._events.get()
+            yield ev
+            if isinstance(ev, SequenceResult):
+                return
+
+    def result(self) -> SequenceResult:
+        for ev in self.events():
+            if isinstance(ev, SequenceResult):
+                return ev
+        raise AssertionError("unreachable")
+
+
+@dataclass(eq=False)
+class _Seq:
+    handle: SequenceHandle
+    req: SequenceRequest
+    submitted_at: float
+    generator: torch.Generator | None
+    top_p: float
+    slot: int = -1
+    next_pos: int = 0
+    gen_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[TopK] = field(default_factory=list)
+    prompt_logprobs: list[float] | None = None
+    prompt_top: list[TopK] | None = None
+    started_at: float = 0.0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    stop_window: int = 0
+
+
+class Engine:
+    def __init__(self, model: DecoderLM, cache: KVCache, tok: TokenizerInfo, cfg: EngineConfig) -> None:
+        self.model = model
+        self.cache = cache
+        self.tok = tok
+        self.cfg = cfg
+        self.max_len = cache.max_len
+        self._cv = threading.Condition()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._free_slots = list(range(cache.num_slots))
+        heapq.heapify(self._free_slots)
+        self._stopping = False
+        self._loop_active = False
+        self._thread: threading.Thread | None = None
+        self.last_step_at = time.monotonic()
+        self.steps = 0
+
+    # -- public API (any thread) -----------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Run the engine loop in the calling thread until ``stop`` is set or :meth:`stop` is called.
+
+        The service runs it on the process's main thread: on CPU, torch's OpenMP workers serve the
+        main thread's parallel regions about 1.5x faster than another thread's (28 vs 42 ms per
+        SmolLM2 decode step measured here).
+        """
+        self._loop_active = True
+        try:
+            with torch.inference_mode():
+                while self._wait_for_work(stop):
+                    self._step()
+        finally:
+            self._loop_active = False
+            self._fail_all("the engine stopped")
+
+    def start(self) -> None:
+        """Run the loop on a background thread (tests and tools; the service uses :meth:`run`)."""
+        self._thread = threading.Thread(target=self.run, name="textgen-engine", daemon=True)
+        self._thread.start()
+
+    def run_until_idle(self) -> None:
+        """Step in the calling thread until nothing waits or runs (warm-up before the loop starts)."""
+        with torch.inference_mode():
+            while self._waiting or self._running:
+                self._step()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def is_alive(self) -> bool:
+        return self._loop_active
+
+    def load(self) -> tuple[int, int]:
+        with self._cv:
+            return len(self._waiting), len(self._running)
+
+    def validate(self, req: SequenceRequest) -> None:
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise InvalidArgument("prompt is empty (set add_BOS or give at least one token)", field="prompts")
+        if n + req.stopping.max_new_tokens > self.max_len:
+            # Megatron's exact message; the numbers go to the log.
+            logger.info("rejected: prompt %d + tokens_to_generate %d > %d", n, req.stopping.max_new_tokens, self.max_len)
+            raise InvalidArgument("Length of prompt + tokens_to_generate longer than allowed", field="tokens_to_generate")
+        bad = [t for t in req.prompt_ids if not 0 <= t < self.tok.vocab_size]
+        if bad:
+            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{self.tok.vocab_size - 1})", field="prompt")
+
+    def submit(self, reqs: list[SequenceRequest], sink: queue.SimpleQueue | None = None) -> list[SequenceHandle]:
+        """Queue sequences (all or none). Raises InvalidArgument or ResourceExhausted."""
+        for r in reqs:
+            self.validate(r)
+        now = time.monotonic()
+        handles = []
+        with self._cv:
+            if self._stopping:
+                raise ResourceExhausted("the engine is shutting down")
+            if len(self._waiting) + len(reqs) > self.cfg.max_queue_size:
+                M.FAILURE.labels("overloaded").inc(len(reqs))
+                raise ResourceExhausted(
+                    f"queue full: {len(self._waiting)} sequences waiting (limit {self.cfg.max_queue_size}); retry later"
+                )
+            for index, r in enumerate(reqs):
+                h = SequenceHandle(self, index, sink)
+                s = r.sampling
+                window = 2 * max((len(x) for x in r.stopping.stop), default=0) + 8 if r.stopping.stop else 0
+                self._waiting.append(
+                    _Seq(handle=h, req=r, submitted_at=now, top_p=s.top_p, stop_window=window,
+                         generator=None if s.is_greedy else make_generator(s.seed))
+                )
+                handles.append(h)
+            M.NUM_WAITING.set(len(self._waiting))
+            self._cv.notify_all()
+        return handles
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def _wait_for_work(self, stop: threading.Event | None) -> bool:
+        with self._cv:
+            while not self._waiting and not self._running:
+                if self._stopping or (stop is not None and stop.is_set()):
+                    return False
+                self._cv.wait(timeout=0.25)
+            return not (self._stopping or (stop is not None and stop.is_set()))
+
+    def _step(self) -> None:
+        with self._cv:
+            admitted = self._admit()
+        try:
+            self._reap_cancelled()
+            if admitted:
+                self._prefill(admitted)
+            if self._running:
+                self._decode()
+        except Exception:  # noqa: BLE001 - never let the loop die
+            logger.exception("engine step failed")
+        self.last_step_at = time.monotonic()
+        self.steps += 1
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        M.NUM_WAITING.set(len(self._waiting))
+        M.NUM_RUNNING.set(len(self._running))
+        M.KV_CACHE_USAGE.set(len(self._running) / self.cache.num_slots)
+
+    def _admit(self) -> list[_Seq]:
+        """Pop waiting sequences that fit in free slots and the prefill token budget (lock held)."""
+        group: list[_Seq] = []
+        longest = 0
+        while self._waiting and self._free_slots:
+            s = self._waiting[0]
+            if s.handle.cancelled:
+                self._waiting.popleft()
+                self._finish(s, CANCELLED)
+                continue
+            n = len(s.req.prompt_ids)
+            if group and max(longest, n) * (len(group) + 1) > self.cfg.max_prefill_tokens:
+                break
+            self._waiting.popleft()
+            s.slot = heapq.heappop(self._free_slots)
+            longest = max(longest, n)
+            group.append(s)
+        return group
+
+    def _reap_cancelled(self) -> None:
+        for s in [s for s in self._running if s.handle.cancelled]:
+            self._finish(s, CANCELLED)
+
+    def _prefill(self, group: list[_Seq]) -> None:
+        now = time.monotonic()
+        for s in group:
+            s.started_at = now
+            M.QUEUE_TIME.observe(now - s.submitted_at)
+        lengths = [len(s.req.prompt_ids) for s in group]
+        T = max(lengths)
+        tokens = torch.zeros((len(group), T), dtype=torch.long)
+        for j, s in enumerate(group):
+            tokens[j, : lengths[j]] = torch.tensor(s.req.prompt_ids, dtype=torch.long)
+        slots = torch.tensor([s.slot for s in group], dtype=torch.long)
+        t0 = time.perf_counter()
+        try:
+            hidden = self.model.prefill(tokens.to(self.model.device), slots.to(self.model.device), self.cache)
+            last = torch.stack([hidden[j, n - 1] for j, n in enumerate(lengths)])
+            last_logits = self.model.logits(last)
+            for j, s in enumerate(group):
+                if s.req.prompt_logprobs:
+                    self._score_prompt(s, hidden[j, : lengths[j]])
+        except Exception as e:  # noqa: BLE001
+            logger.exception("prefill failed for %d sequences", len(group))
+            for s in group:
+                self._finish(s, ERROR, error=f"generation failed: {type(e).__name__}")
+            return
+        M.FORWARD_TIME.labels("prefill").observe(time.perf_counter() - t0)
+        M.PROMPT_TOKENS.inc(sum(lengths))
+        for j, s in enumerate(group):
+            s.next_pos = lengths[j]
+            M.REQUEST_PROMPT_TOKENS.observe(lengths[j])
+            if s.req.stopping.max_new_tokens == 0:
+                self._finish(s, LENGTH)
+            else:
+                self._running.append(s)
+        rows = [j for j, s in enumerate(group) if s.slot >= 0]
+        if rows:
+            self._choose_and_accept([group[j] for j in rows], last_logits[rows])
+        self._running.sort(key=lambda x: x.slot)
+
+    def _score_prompt(self, s: _Seq, hidden: torch.Tensor) -> None:
+        ids = torch.tensor(s.req.prompt_ids[1:], dtype=torch.long, device=hidden.device)
+        logp = torch.log_softmax(self.model.logits(hidden[:-1]), dim=-1)
+        s.prompt_logprobs = logp.gather(-1, ids[:, None]).squeeze(-1).tolist()
+        if s.req.top_logprobs:
+            vals, idx = torch.topk(logp, s.req.top_logprobs, dim=-1)
+            s.prompt_top = [TopK(tuple(i), tuple(v)) for i, v in zip(idx.tolist(), vals.tolist())]
+
+    def _decode(self) -> None:
+        seqs = self._running
+        B = len(seqs)
+        dev = self.model.device
+        tokens = torch.tensor([s.gen_ids[-1] for s in seqs], dtype=torch.long, device=dev)
+        positions = torch.tensor([s.next_pos for s in seqs], dtype=torch.long, device=dev)
+        slot_list = [s.slot for s in seqs]
+        slots = torch.tensor(slot_list, dtype=torch.long, device=dev)
+        t0 = time.perf_counter()
+        try:
+            hidden = self.model.decode(tokens, positions, slots, self.cache, contiguous=slot_list == list(range(B)))
+            logits = self.model.logits(hidden)
+        except Exception as e:  # noqa: BLE001
+            logger.exception("decode failed for %d sequences", B)
+            for s in list(seqs):
+                self._finish(s, ERROR, error=f"generation failed: {type(e).__name__}")
+            return
+        M.FORWARD_TIME.labels("decode").observe(time.perf_counter() - t0)
+        M.BATCH_SIZE.observe(B)
+        for s in seqs:
+            s.next_pos += 1
+        self._choose_and_accept(list(seqs), logits)
+
+    def _choose_and_accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Pick the next token of each sequence from its logits row [B, V] and record it."""
+        want_lp = [s.req.logprobs or s.req.top_logprobs > 0 for s in seqs]
+        logp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        plain = [
+            j for j, s in enumerate(seqs)
+            if s.req.sampling.is_greedy and s.req.sampling.repetition_penalty in (0.0, 1.0)
+            and not s.req.stopping.prevent_newline_after_colon
+        ]
+        chosen: dict[int, int] = {}
+        if plain:
+            for j, t in zip(plain, torch.argmax(logits[plain], dim=-1).tolist()):
+                chosen[j] = t
+        for j, s in enumerate(seqs):
+            if j in chosen:
+                continue
+            row = logits[j]
+            st = s.req.sampling
+            if st.repetition_penalty not in (0.0, 1.0):
+                seen = torch.tensor(list(s.req.prompt_ids) + s.gen_ids, dtype=torch.long, device=row.device).unique()
+                row = apply_repetition_penalty(row, seen, st.repetition_penalty)
+            if s.req.stopping.prevent_newline_after_colon and self.tok.colon_id is not None and self.tok.newline_id is not None:
+                prev = s.gen_ids[-1] if s.gen_ids else s.req.prompt_ids[-1]
+                if prev == self.tok.colon_id:
+                    row = row.clone()
+                    row[self.tok.newline_id] = -1e10
+            chosen[j] = min(sample_row(row, st, s.top_p, s.generator), self.tok.vocab_size - 1)
+            s.top_p = next_top_p(st, s.top_p)
+        now = time.monotonic()
+        for j, s in enumerate(seqs):
+            t = chosen[j]
+            lp, top = None, None
+            if logp is not None and want_lp[j]:
+                lp = float(logp[j, t])
+                if s.req.top_logprobs:
+                    vals, idx = torch.topk(logp[j], s.req.top_logprobs)
+                    top = TopK(tuple(idx.tolist()), tuple(vals.tolist()))
+            self._accept(s, t, lp, top, now)
+
+    def _accept(self, s: _Seq, token: int, lp: float | None, top: TopK | None, now: float) -> None:
+        s.gen_ids.append(token)
+        if s.req.logprobs:
+            s.logprobs.append(lp if lp is not None else 0.0)
+        if top is not None:
+            s.top.append(top)
+        if s.first_token_at == 0.0:
+            s.first_token_at = now
+            M.TTFT.observe(now - s.submitted_at)
+        else:
+            M.ITL.observe(now - s.last_token_at)
+        s.last_token_at = now
+        M.GENERATION_TOKENS.inc()
+        s.handle._put(TokenEvent(token, lp if s.req.logprobs else None, top))
+        reason, matched = self._stop_reason(s, token)
+        if reason is not None:
+            self._finish(s, reason, stop_sequence=matched)
+
+    def _stop_reason(self, s: _Seq, token: int) -> tuple[str | None, str]:
+        stop, tok = s.req.stopping, self.tok
+        if token == tok.eos_id and not stop.ignore_eos:
+            return EOS, ""
+        prev = s.gen_ids[-2] if len(s.gen_ids) > 1 else (s.req.prompt_ids[-1] if s.req.prompt_ids else None)
+        if stop.stop_on_double_eol and (
+            (token == tok.double_newline_id and token is not None) or (token == tok.newline_id and prev == tok.newline_id)
+        ):
+            return EOL, ""
+        if stop.stop_on_eol and token is not None and token in (tok.newline_id, tok.double_newline_id):
+            return EOL, ""
+        if stop.stop:
+            tail = tok.decode(s.gen_ids[-s.stop_window :])
+            for st in stop.stop:
+                if st and st in tail:
+                    return STOP_SEQUENCE, st
+        if len(s.gen_ids) >= stop.max_new_tokens or s.next_pos + 1 >= self.max_len:
+            return LENGTH, ""
+        return None, ""
+
+    def _finish(self, s: _Seq, reason: str, *, error: str | None = None, stop_sequence: str = "") -> None:
+        if s in self._running:
+            self._running.remove(s)
+        if s.slot >= 0:
+            heapq.heappush(self._free_slots, s.slot)
+            s.slot = -1
+        now = time.monotonic()
+        if reason == CANCELLED:
+            M.FAILURE.labels("cancelled").inc()
+        elif reason == ERROR:
+            M.FAILURE.labels("generation").inc()
+        else:
+            M.SUCCESS.labels(reason).inc()
+            M.E2E.observe(now - s.submitted_at)
+            M.REQUEST_GENERATION_TOKENS.observe(len(s.gen_ids))
+        s.handle._put(
+            SequenceResult(
+                prompt_ids=list(s.req.prompt_ids),
+                token_ids=list(s.gen_ids),
+                prompt_logprobs=s.prompt_logprobs,
+                prompt_top=s.prompt_top,
+                logprobs=s.logprobs if s.req.logprobs else None,
+                top=s.top if s.req.top_logprobs else None,
+                finish_reason=reason,
+                stop_sequence=stop_sequence,
+                queue_s=(s.started_at or now) - s.submitted_at,
+                first_token_s=(s.first_token_at - s.submitted_at) if s.first_token_at else 0.0,
+                total_s=now - s.submitted_at,
+                error=error,
+            )
+        )
+
+    def _fail_all(self, why: str) -> None:
+        with self._cv:
+            pending = list(self._waiting) + list(self._running)
+            self._waiting.clear()
+        for s in pending:
+            self._finish(s, ERROR, error=why)

@@ -1,0 +1,154 @@
+"""protobuf <-> engine types for textgen. The only textgen module besides the servicer that sees *_pb2."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from protos.textgen.v1 import textgen_pb2 as pb
+from services.textgen.engine import EOL, EOS, LENGTH, STOP_SEQUENCE, SequenceRequest, SequenceResult, StopSpec, TopK
+from services.textgen.sampling import SamplingSpec
+from shared.errors import InvalidArgument
+from shared.tokenizers import Tokenizer
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_SEQUENCES = 16
+FINISH = {
+    LENGTH: pb.FINISH_REASON_LENGTH,
+    EOS: pb.FINISH_REASON_EOS,
+    STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    EOL: pb.FINISH_REASON_EOL,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+}
+
+
+def sampling_spec(s: pb.SamplingParams) -> SamplingSpec:
+    temperature = s.temperature or 1.0
+    if not s.greedy:
+        if not 0.0 < temperature <= 100.0:
+            raise InvalidArgument("temperature must be a positive number less than or equal to 100.0", field="temperature")
+        if s.top_k < 0:
+            raise InvalidArgument("top_k must be >= 0", field="top_k")
+        if not 0.0 <= s.top_p <= 1.0:
+            raise InvalidArgument("top_p must be in [0, 1]", field="top_p")
+        if s.top_k > 0 and s.top_p > 0:
+            raise InvalidArgument("cannot set both top-k and top-p samplings.", field="top_p")
+        if not 0.0 <= s.top_p_decay <= 1.0:
+            raise InvalidArgument("top_p_decay must be in [0, 1]", field="top_p_decay")
+        if s.top_p_bound < 0 or s.top_p_bound > max(s.top_p, 0.0):
+            raise InvalidArgument("top_p_bound must be in [0, top_p]", field="top_p_bound")
+    if s.repetition_penalty < 0:
+        raise InvalidArgument("repetition_penalty must be > 0", field="repetition_penalty")
+    return SamplingSpec(
+        greedy=s.greedy, temperature=temperature, top_k=s.top_k, top_p=s.top_p, top_p_decay=s.top_p_decay,
+        top_p_bound=s.top_p_bound, seed=s.seed, repetition_penalty=s.repetition_penalty or 1.0,
+    )
+
+
+def stop_spec(s: pb.StoppingParams) -> StopSpec:
+    if s.max_new_tokens < 0:
+        raise InvalidArgument("max_new_tokens must be >= 0", field="max_new_tokens")
+    stops = tuple(x for x in s.stop if x)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument(f"at most {MAX_STOP_SEQUENCES} stop sequences", field="stop")
+    return StopSpec(
+        max_new_tokens=s.max_new_tokens, stop=stops, stop_on_eol=s.stop_on_eol,
+        stop_on_double_eol=s.stop_on_double_eol, prevent_newline_after_colon=s.prevent_newline_after_colon,
+        ignore_eos=s.ignore_eos,
+    )
+
+
+def prompt_ids(p: pb.Prompt, tok: Tokenizer, add_bos: bool) -> tuple[int, ...]:
+    kind = p.WhichOneof("kind")
+    ids = list(p.tokens.ids) if kind == "tokens" else tok.encode(p.text) if kind == "text" else []
+    if add_bos:
+        bos = tok.bos_id if tok.bos_id is not None else tok.eod_id
+        ids = [bos, *ids]
+    return tuple(ids)
+
+
+def sequence_requests(
+    prompts: Sequence[pb.Prompt], params: pb.GenerationParams, tok: Tokenizer, *, max_prompts: int
+) -> list[SequenceRequest]:
+    if not prompts:
+        raise InvalidArgument("prompts is empty", field="prompts")
+    if len(prompts) > max_prompts:
+        raise InvalidArgument(f"Maximum number of prompts is {max_prompts}", field="prompts")
+    if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}", field="top_logprobs")
+    sampling = sampling_spec(params.sampling)
+    stopping = stop_spec(params.stopping)
+    return [
+        SequenceRequest(
+            prompt_ids=prompt_ids(p, tok, params.add_bos), sampling=sampling, stopping=stopping,
+            prompt_logprobs=params.prompt_logprobs, logprobs=params.logprobs, top_logprobs=params.top_logprobs,
+        )
+        for p in prompts
+    ]
+
+
+def generated_text(r: SequenceResult, tok: Tokenizer, stops: Sequence[str]) -> str:
+    """Generated text without a final EOS token, cut before the first stop string."""
+    ids = r.token_ids[:-1] if r.finish_reason == EOS and r.token_ids else r.token_ids
+    text = tok.decode(ids)
+    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def _top(t: TopK, tok: Tokenizer) -> pb.TopLogprobs:
+    return pb.TopLogprobs(token_ids=t.ids, tokens=[tok.decode([i]) for i in t.ids], logprobs=t.logprobs)
+
+
+def completion(index: int, r: SequenceResult, params: pb.GenerationParams, tok: Tokenizer) -> pb.Completion:
+    stops = list(params.stopping.stop)
+    text = generated_text(r, tok, stops)
+    c = pb.Completion(
+        index=index,
+        text=text,
+        prompt_token_ids=r.prompt_ids,
+        token_ids=r.token_ids,
+        prompt_tokens=tok.token_texts(r.prompt_ids),
+        tokens=tok.token_texts(r.token_ids),
+        finish_reason=FINISH.get(r.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        stop_sequence=r.stop_sequence,
+        timing=pb.Timing(queue_s=r.queue_s, first_token_s=r.first_token_s, total_s=r.total_s),
+    )
+    if params.echo:
+        c.prompt_text = tok.decode(r.prompt_ids)
+        c.full_text = tok.decode(r.prompt_ids + r.token_ids) if not r.stop_sequence else c.prompt_text + text
+    if r.prompt_logprobs is not None:
+        c.prompt_logprobs.extend(r.prompt_logprobs)
+    if r.logprobs is not None:
+        c.logprobs.extend(r.logprobs)
+    if r.prompt_top:
+        c.prompt_top_logprobs.extend(_top(t, tok) for t in r.prompt_top)
+    if r.top:
+        c.top_logprobs.extend(_top(t, tok) for t in r.top)
+    return c
+
+
+class StreamText:
+    """Turns generated ids into text deltas: complete UTF-8 only, stop strings never leaked."""
+
+    def __init__(self, tok: Tokenizer, stops: Sequence[str]) -> None:
+        self.tok = tok
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        safe = len(text) - self.hold if self.stops else len(text)
+        if safe <= self.sent:
+            return ""
+        delta = text[self.sent : safe]
+        self.sent = safe
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        delta = final_text[self.sent :] if len(final_text) > self.sent else ""
+        self.sent = max(self.sent, len(final_text))
+        return delta

@@ -1,0 +1,75 @@
+"""Checkpoint readers shared by the converter and textgen.
+
+:func:`open_checkpoint` detects the layout of a folder and returns a reader whose
+``canonical_tensors()`` yields the weights in the Megatron canonical layout (see ``shared.models``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from shared.errors import InvalidArgument, NotFound
+from shared.models.base import ArchConfig
+
+
+class CheckpointReader(Protocol):
+    path: Path
+    arch: ArchConfig
+    format: str  # hf | mcore | legacy
+
+    def canonical_tensors(self): ...  # Iterator[tuple[str, torch.Tensor]]
+
+    def tokenizer_dir(self) -> Path | None: ...
+
+
+def detect_format(path: Path) -> str:
+    from shared.checkpoints import megatron
+
+    path = Path(path)
+    if not path.exists():
+        raise NotFound(f"checkpoint folder {path} does not exist", field="load_dir")
+    if not path.is_dir():
+        raise InvalidArgument(f"{path} is not a folder", field="load_dir")
+    if (path / "config.json").is_file():
+        return "hf"
+    fmt = megatron.detect_megatron_format(path)
+    if fmt is not None:
+        return fmt
+    raise InvalidArgument(
+        f"{path} is not a checkpoint: no config.json (HF) and no latest_checkpointed_iteration.txt, "
+        "iter_*/release folder (Megatron)",
+        field="load_dir",
+    )
+
+
+def open_checkpoint(path: Path | str, fmt: str | None = None) -> CheckpointReader:
+    from shared.checkpoints.hf import HFCheckpoint
+    from shared.checkpoints.megatron import MegatronCheckpoint
+
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt == "hf":
+        return _HFReader(HFCheckpoint(path))
+    return MegatronCheckpoint(path, fmt)
+
+
+class _HFReader:
+    format = "hf"
+
+    def __init__(self, ckpt) -> None:
+        self.ckpt = ckpt
+        self.path = ckpt.path
+        self.arch = ckpt.arch
+        self.hf_config = ckpt.config
+
+    def canonical_tensors(self):
+        return self.ckpt.canonical_tensors()
+
+    def tokenizer_dir(self) -> Path | None:
+        return self.path if self.ckpt.tokenizer_files() else None
+
+    def dtype(self) -> torch.dtype:
+        return self.ckpt.get(self.ckpt.family.hf_tensor_names(self.arch)[0]).dtype

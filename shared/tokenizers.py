@@ -1,0 +1,128 @@
+"""Tokenizer loading, the same for every service: HF folders (tokenizer.json) and GPT-2 BPE files.
+
+Megatron calls the end-of-document token "EOD"; for HF tokenizers it is the EOS token, for GPT-2 BPE
+``<|endoftext|>`` (50256).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InvalidArgument, NotFound
+
+logger = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    """A thin, typed wrapper over a transformers fast tokenizer."""
+
+    def __init__(self, hf: Any, path: Path) -> None:
+        self.hf = hf
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path | str) -> Tokenizer:
+        path = Path(path)
+        if not path.is_dir():
+            raise NotFound(f"tokenizer folder {path} does not exist", field="tokenizer")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers import AutoTokenizer, GPT2TokenizerFast
+
+        try:
+            if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+                hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+                hf = GPT2TokenizerFast.from_pretrained(str(path), local_files_only=True)
+            else:
+                raise InvalidArgument(
+                    f"{path}: no tokenizer.json, tokenizer_config.json or vocab.json+merges.txt", field="tokenizer"
+                )
+        except InvalidArgument:
+            raise
+        except Exception as e:  # noqa: BLE001 - surface as a clear input error
+            raise InvalidArgument(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})", field="tokenizer") from None
+        return cls(hf, path)
+
+    @classmethod
+    def gpt2_bpe(cls, vocab_file: Path | str, merge_file: Path | str) -> Tokenizer:
+        """Megatron's GPT2BPETokenizer from vocab.json + merges.txt (any file names)."""
+        from tokenizers import Tokenizer as RawTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        for f in (vocab_file, merge_file):
+            if not Path(f).is_file():
+                raise NotFound(f"tokenizer file {f} does not exist", field="vocab_file")
+        bpe = models.BPE.from_file(str(vocab_file), str(merge_file))
+        raw = RawTokenizer(bpe)
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+        hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+        return cls(hf, Path(vocab_file).parent)
+
+    # -- properties ----------------------------------------------------------------------------
+    @cached_property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def eos_token(self) -> str:
+        return self.hf.eos_token or ""
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def bos_token(self) -> str:
+        return self.hf.bos_token or ""
+
+    @property
+    def eod_id(self) -> int:
+        """Megatron's EOD: the EOS id (also used as BOS by ``add_BOS``)."""
+        if self.eos_id is None:
+            raise InvalidArgument(f"{self.path}: tokenizer has no EOS token", field="tokenizer")
+        return int(self.eos_id)
+
+    @property
+    def chat_template(self) -> str:
+        template = getattr(self.hf, "chat_template", None)
+        return template if isinstance(template, str) else ""
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def single_token_id(self, text: str) -> int | None:
+        ids = self.encode(text)
+        return ids[0] if len(ids) == 1 else None
+
+    # -- operations ----------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        return [list(x) for x in self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """The text of each token on its own (Megatron's ``segments``)."""
+        return [self.decode([i]) for i in ids]
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.has_chat_template:
+            raise InvalidArgument("the served tokenizer has no chat template", field="messages")
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def save(self, out_dir: Path) -> None:
+        self.hf.save_pretrained(str(out_dir))

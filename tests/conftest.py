@@ -1,0 +1,50 @@
+"""Shared fixtures: offline environment, tiny models, and servers on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+try:
+    from protos.textgen.v1 import textgen_pb2  # noqa: F401
+except ImportError:  # pragma: no cover
+    raise SystemExit("generated protobuf code is missing: run `make protos`") from None
+
+from tests.fixtures import tiny  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    # A test's folder is its kind: tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e.
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for kind in ("unit", "integration", "e2e"):
+            if kind in parts:
+                item.add_marker(getattr(pytest.mark, kind))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    return tiny.train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {f: tiny.make_tiny_hf(f, root / f, tiny_tokenizer) for f in tiny.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from shared.paths import DEFAULT_MODEL_DIR
+    from tools.models import is_prepared
+
+    if not is_prepared(DEFAULT_MODEL_DIR):
+        pytest.fail("the default model is not prepared: run `make setup`")
+    return DEFAULT_MODEL_DIR

@@ -1,0 +1,105 @@
+"""`megastack generate`: generate through the gateway (Megatron PUT /api, or SSE streaming)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:5000"
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    h = {"Content-Type": "application/json"}
+    if api_key:
+        h["Authorization"] = f"Bearer {api_key}"
+    return h
+
+
+def _fail(resp: requests.Response) -> int:
+    try:
+        msg = resp.json().get("message", resp.text)
+    except ValueError:
+        msg = resp.text
+    print(f"error {resp.status_code}: {msg}", file=sys.stderr)
+    return 1
+
+
+def run(a: argparse.Namespace) -> int:
+    prompts = a.prompt or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
+    if not prompts:
+        print("megastack generate: give --prompt (or pipe a prompt on stdin)", file=sys.stderr)
+        return 2
+    if a.stream:
+        return _stream(a, prompts)
+    body = {"prompts": prompts, "tokens_to_generate": a.tokens_to_generate, "logprobs": a.logprobs,
+            "temperature": a.temperature, "top_k": 1 if a.greedy else a.top_k, "top_p": a.top_p,
+            "add_BOS": a.add_bos, "repetition_penalty": a.repetition_penalty}
+    if a.seed is not None:
+        body["random_seed"] = a.seed
+    resp = requests.put(f"{a.url}/api", data=json.dumps(body), headers=_headers(a.api_key), timeout=a.timeout)
+    if resp.status_code != 200:
+        return _fail(resp)
+    out = resp.json()
+    for i, text in enumerate(out["text"]):
+        if len(prompts) > 1:
+            print(f"--- [{i}]")
+        print(text)
+        if a.logprobs:
+            segs, lps = out["segments"][i], out["logprobs"][i]
+            for seg, lp in zip(segs[1:], lps):
+                print(f"  {lp:9.4f}  {seg!r}")
+    return 0
+
+
+def _stream(a: argparse.Namespace, prompts: list[str]) -> int:
+    body = {"prompt": prompts[0], "max_tokens": a.tokens_to_generate, "temperature": 0.0 if a.greedy else a.temperature,
+            "stream": True, "repetition_penalty": a.repetition_penalty}
+    if a.top_k:
+        body["top_k"] = a.top_k
+    if a.top_p:
+        body["top_p"] = a.top_p
+    if a.seed is not None:
+        body["seed"] = a.seed
+    if a.logprobs:
+        body["logprobs"] = 1
+    with requests.post(f"{a.url}/v1/completions", json=body, headers=_headers(a.api_key), stream=True, timeout=a.timeout) as resp:
+        if resp.status_code != 200:
+            return _fail(resp)
+        sys.stdout.write(prompts[0])
+        for line in resp.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            doc = json.loads(data)
+            if "error" in doc:
+                print(f"\nerror: {doc['error']['message']}", file=sys.stderr)
+                return 1
+            for ch in doc.get("choices", []):
+                sys.stdout.write(ch.get("text", ""))
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text through the gateway")
+    p.add_argument("--url", default=DEFAULT_URL, help="gateway base URL (default %(default)s)")
+    p.add_argument("--prompt", "-p", action="append", help="prompt (repeat for several); default: stdin")
+    p.add_argument("--tokens-to-generate", "-n", type=int, default=64, help="tokens to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off, 1 = greedy")
+    p.add_argument("--top-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (top_k=1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--add-bos", action="store_true", help="prepend the BOS token")
+    p.add_argument("--logprobs", action="store_true", help="print the log-probability of every token")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (first prompt)")
+    p.add_argument("--api-key", default=None, help="API key when the gateway requires one")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=run)

@@ -1,0 +1,282 @@
+"""`megastack up | down | status`: run every service locally in the background.
+
+Each service is a real process (``python -m services.<svc>``) in its own session, with its pid and log
+under the run folder (``.run/`` by default). ``up`` waits until each one is healthy (gRPC health or
+HTTP /health) and fails with the log tail of any that dies; ``down`` stops them (SIGTERM, then SIGKILL
+after a grace period) and leaves no process behind. e2e tests use the same code with a temporary run
+folder and free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shared.paths import DEFAULT_MODEL_DIR, REPO_ROOT, RUN_DIR
+
+STATE_FILE = "stack.json"
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    health: str            # "grpc:host:port" | "http:url"
+    endpoints: dict[str, str] = field(default_factory=dict)
+    pid: int = 0
+    log: str = ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class StackOptions:
+    run_dir: Path = RUN_DIR
+    model_dir: Path = DEFAULT_MODEL_DIR
+    replicas: int = 1
+    free_ports: bool = False
+    services: tuple[str, ...] = ("textgen", "gateway")
+    extra_env: dict[str, str] = field(default_factory=dict)
+    textgen_env: dict[str, str] = field(default_factory=dict)
+    gateway_port: int = 5000
+
+
+BASE_PORTS = {"textgen": 50051, "converter": 50052, "trainer": 50053, "evaluator": 50054}
+BASE_METRICS = {"textgen": 9401, "converter": 9402, "trainer": 9403, "evaluator": 9404}
+
+
+def plan(opts: StackOptions) -> list[Proc]:
+    def port(base: int) -> int:
+        return free_port() if opts.free_ports else base
+
+    py = [sys.executable, "-m"]
+    procs: list[Proc] = []
+    textgen_addrs = []
+    for i in range(opts.replicas if "textgen" in opts.services else 0):
+        name = "textgen" if i == 0 else f"textgen-{i}"
+        gp, mp = port(BASE_PORTS["textgen"] + 10 * i), port(BASE_METRICS["textgen"] + 10 * i)
+        env = {"MEGASTACK_TEXTGEN_PORT": str(gp), "MEGASTACK_TEXTGEN_METRICS_PORT": str(mp),
+               "MEGASTACK_TEXTGEN_MODEL_DIR": str(opts.model_dir), **opts.textgen_env}
+        procs.append(Proc(name, py + ["services.textgen"], env, f"grpc:127.0.0.1:{gp}",
+                          {"grpc": f"127.0.0.1:{gp}", "metrics": f"http://127.0.0.1:{mp}/metrics"}))
+        textgen_addrs.append(f"127.0.0.1:{gp}")
+    for svc in ("converter", "trainer", "evaluator"):
+        if svc not in opts.services:
+            continue
+        gp, mp = port(BASE_PORTS[svc]), port(BASE_METRICS[svc])
+        env = {f"MEGASTACK_{svc.upper()}_PORT": str(gp), f"MEGASTACK_{svc.upper()}_METRICS_PORT": str(mp)}
+        procs.append(Proc(svc, py + [f"services.{svc}"], env, f"grpc:127.0.0.1:{gp}",
+                          {"grpc": f"127.0.0.1:{gp}", "metrics": f"http://127.0.0.1:{mp}/metrics"}))
+    if "gateway" in opts.services:
+        hp = free_port() if opts.free_ports else opts.gateway_port
+        env = {"MEGASTACK_GATEWAY_PORT": str(hp), "MEGASTACK_GATEWAY_TEXTGEN_ADDRS": ",".join(textgen_addrs)}
+        for p in procs:
+            if p.name in ("converter", "trainer", "evaluator"):
+                env[f"MEGASTACK_GATEWAY_{p.name.upper()}_ADDR"] = p.endpoints["grpc"]
+        url = f"http://127.0.0.1:{hp}"
+        procs.append(Proc("gateway", py + ["services.gateway"], env, f"http:{url}/ready",
+                          {"http": url, "metrics": f"{url}/metrics"}))
+    return procs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by us) counts as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _healthy(check: str) -> bool:
+    if check.startswith("grpc:"):
+        from shared.grpc.channel import check_health, make_channel
+
+        with make_channel(check[5:]) as ch:
+            return check_health(ch, timeout_s=1.0)
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(check[5:], timeout=1.0) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _tail(path: str, n: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+class Stack:
+    """A set of running service processes described by ``<run_dir>/stack.json``."""
+
+    def __init__(self, run_dir: Path, procs: list[Proc]) -> None:
+        self.run_dir = Path(run_dir)
+        self.procs = procs
+
+    def endpoint(self, name: str, kind: str) -> str:
+        return next(p.endpoints[kind] for p in self.procs if p.name == name)
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / STATE_FILE).write_text(json.dumps([asdict(p) for p in self.procs], indent=2))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Stack | None:
+        f = Path(run_dir) / STATE_FILE
+        if not f.is_file():
+            return None
+        return cls(run_dir, [Proc(**d) for d in json.loads(f.read_text())])
+
+    def start_one(self, p: Proc, base_env: dict[str, str]) -> None:
+        log_path = self.run_dir / f"{p.name}.log"
+        log = open(log_path, "ab")
+        env = {**base_env, **p.env}
+        proc = subprocess.Popen(p.argv, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        p.pid, p.log = proc.pid, str(log_path)
+        (self.run_dir / f"{p.name}.pid").write_text(f"{proc.pid}\n")
+
+    def wait_healthy(self, p: Proc, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not _alive(p.pid):
+                raise RuntimeError(f"{p.name} exited during start-up; last log lines:\n{_tail(p.log)}")
+            if _healthy(p.health):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{p.name} did not become healthy within {timeout_s:.0f}s; last log lines:\n{_tail(p.log)}")
+
+    def stop_one(self, p: Proc, grace_s: float = 10.0) -> None:
+        if not p.pid or not _alive(p.pid):
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _alive(p.pid):
+            time.sleep(0.1)
+        if _alive(p.pid):
+            os.killpg(p.pid, signal.SIGKILL)
+            while _alive(p.pid):
+                time.sleep(0.05)
+        try:
+            os.waitpid(p.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+    def down(self) -> None:
+        for p in reversed(self.procs):
+            self.stop_one(p)
+            (self.run_dir / f"{p.name}.pid").unlink(missing_ok=True)
+        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def up(opts: StackOptions, *, timeout_s: float = 180.0, log: Callable[[str], None] = print) -> Stack:
+    existing = Stack.load(opts.run_dir)
+    if existing is not None and any(_alive(p.pid) for p in existing.procs):
+        raise RuntimeError(f"a stack is already running from {opts.run_dir} (run `megastack down` first)")
+    opts.run_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(opts.run_dir, plan(opts))
+    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1", **opts.extra_env}
+    backends = [p for p in stack.procs if p.name != "gateway"]
+    fronts = [p for p in stack.procs if p.name == "gateway"]
+    try:
+        # Back-end services start together (they are independent); the gateway once they are healthy.
+        for group in (backends, fronts):
+            for p in group:
+                stack.start_one(p, base_env)
+                stack.save()
+            for p in group:
+                stack.wait_healthy(p, timeout_s)
+                log(f"  {p.name:<10} pid {p.pid:<7} {'  '.join(f'{k}={v}' for k, v in p.endpoints.items())}")
+    except BaseException:
+        stack.down()
+        raise
+    return stack
+
+
+def down(run_dir: Path = RUN_DIR) -> bool:
+    stack = Stack.load(run_dir)
+    if stack is None:
+        return False
+    stack.down()
+    return True
+
+
+def _cmd_up(a: argparse.Namespace) -> int:
+    services = tuple(a.services.split(",")) if a.services else ("textgen", "gateway")
+    opts = StackOptions(run_dir=a.run_dir, model_dir=a.model_dir, replicas=a.replicas, services=services,
+                        gateway_port=a.port)
+    print(f"starting {', '.join(services)} (logs in {a.run_dir}/)")
+    try:
+        stack = up(opts, timeout_s=a.timeout)
+    except RuntimeError as e:
+        print(f"megastack up: error: {e}", file=sys.stderr)
+        return 1
+    print(f"stack is up: {stack.endpoint('gateway', 'http') if 'gateway' in services else ''}  (stop with `make down`)")
+    return 0
+
+
+def _cmd_down(a: argparse.Namespace) -> int:
+    print("stopped" if down(a.run_dir) else f"no stack running from {a.run_dir}")
+    return 0
+
+
+def _cmd_status(a: argparse.Namespace) -> int:
+    stack = Stack.load(a.run_dir)
+    if stack is None:
+        print(f"no stack running from {a.run_dir}")
+        return 1
+    rc = 0
+    for p in stack.procs:
+        alive = _alive(p.pid)
+        ok = alive and _healthy(p.health)
+        rc |= 0 if ok else 1
+        print(f"{p.name:<10} pid {p.pid:<7} {'healthy' if ok else 'running, unhealthy' if alive else 'dead'}  log {p.log}")
+    return rc
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run-dir", type=Path, default=RUN_DIR, help="pid, log and state folder (default .run/)")
+    p = sub.add_parser("up", parents=[common], help="start the services in the background")
+    p.add_argument("--services", default="", help="comma-separated subset (default: textgen,gateway + the job services that exist)")
+    p.add_argument("--replicas", type=int, default=1, help="textgen replicas behind the gateway")
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="checkpoint textgen serves")
+    p.add_argument("--port", type=int, default=5000, help="gateway HTTP port")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each service to be healthy")
+    p.set_defaults(func=_cmd_up)
+    d = sub.add_parser("down", parents=[common], help="stop the services started by `up`")
+    d.set_defaults(func=_cmd_down)
+    s = sub.add_parser("status", parents=[common], help="show the services and their health")
+    s.set_defaults(func=_cmd_status)
