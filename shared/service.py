@@ -41,7 +41,7 @@ def env_prefix(service: str) -> str:
 
 
 def fail(service: str, message: str, code: int = 1) -> None:
-    print(f"megastack-{service}: error: {message}", file=sys.stderr, flush=True)
+    print(f"megastack-{service}: error: {message}", file=sys.stderr, flush=True)  # noqa: T201 - the one start-up line
     sys.exit(code)
 
 

@@ -48,3 +48,21 @@ def default_model_dir() -> Path:
     if not is_prepared(DEFAULT_MODEL_DIR):
         pytest.fail("the default model is not prepared: run `make setup`")
     return DEFAULT_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def textgen(tiny_models):
+    from tests.fixtures.servers import start_textgen
+
+    handle = start_textgen(tiny_models["llama"])
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(textgen):
+    from tests.fixtures.servers import start_gateway
+
+    handle = start_gateway((textgen.address,))
+    yield handle
+    handle.stop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 
 from werkzeug.serving import make_server
@@ -18,18 +20,28 @@ from shared.service import fail, load_config
 logger = logging.getLogger("services.gateway")
 
 
+def _port_problem(host: str, port: int) -> str | None:
+    """Why host:port cannot be bound, checked up front (werkzeug would print a multi-line notice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return "Address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+    return None
+
+
 def main() -> None:
     cfg = load_config("gateway", GatewayConfig)
     configure_logging("gateway", cfg.log_level, cfg.log_json)
     set_build_info("gateway")
     pool = TextgenPool(cfg.textgen_addrs, health_interval_s=cfg.health_interval_s, timeout_s=cfg.request_timeout_s)
     app = create_app(cfg, pool)
-    try:
-        server = make_server(cfg.host, cfg.port, app, threaded=True)
-    except OSError as e:
+    problem = _port_problem(cfg.host, cfg.port)
+    if problem:
         pool.close()
-        fail("gateway", f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}")
-        return
+        fail("gateway", f"cannot listen on {cfg.host}:{cfg.port}: {problem}")
+    server = make_server(cfg.host, cfg.port, app, threaded=True)
     server.daemon_threads = True
     pool.start()
     stop = threading.Event()

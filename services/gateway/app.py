@@ -15,7 +15,14 @@ from services.gateway.config import GatewayConfig
 from services.gateway.health import Health, Metrics, Ready
 from services.gateway.http import HTTPError, error_body, json_response
 from services.gateway.megatron_api import MegatronGenerate
-from services.gateway.openai_api import ChatCompletions, Completions, Detokenize, Models, Tokenize, TokenizerInfo
+from services.gateway.openai_api import (
+    ChatCompletions,
+    Completions,
+    Detokenize,
+    Models,
+    Tokenize,
+    TokenizerInfo,
+)
 from shared.errors import ServiceError
 from shared.logging import REQUEST_ID, new_request_id
 

@@ -56,7 +56,7 @@ def json_body() -> dict[str, Any]:
     if not raw:
         raise HTTPError(400, "request body is empty; send a JSON object")
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise HTTPError(400, "request body is not UTF-8 encoded") from None
     except json.JSONDecodeError as e:

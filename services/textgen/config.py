@@ -30,5 +30,10 @@ class TextgenConfig(ServiceConfig):
         for name in ("max_batch_size", "max_queue_size", "max_context_tokens", "max_prefill_tokens", "max_prompts_per_request"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_queue_size < self.max_prompts_per_request:
+            raise ValueError(
+                f"max_queue_size ({self.max_queue_size}) must be >= max_prompts_per_request "
+                f"({self.max_prompts_per_request}), or a full request could never be queued"
+            )
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")

@@ -22,7 +22,13 @@ import torch
 
 from services.textgen import metrics as M
 from services.textgen.modeling import DecoderLM, KVCache
-from services.textgen.sampling import SamplingSpec, apply_repetition_penalty, make_generator, next_top_p, sample_row
+from services.textgen.sampling import (
+    SamplingSpec,
+    apply_repetition_penalty,
+    make_generator,
+    next_top_p,
+    sample_row,
+)
 from shared.errors import InvalidArgument, ResourceExhausted
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from protos.textgen.v1 import textgen_pb2 as pb
-from services.textgen.engine import EOL, EOS, LENGTH, STOP_SEQUENCE, SequenceRequest, SequenceResult, StopSpec, TopK
+from services.textgen.engine import (
+    EOL,
+    EOS,
+    LENGTH,
+    STOP_SEQUENCE,
+    SequenceRequest,
+    SequenceResult,
+    StopSpec,
+    TopK,
+)
 from services.textgen.sampling import SamplingSpec
 from shared.errors import InvalidArgument
 from shared.tokenizers import Tokenizer

@@ -1,0 +1,48 @@
+"""HF <-> Megatron canonical layout: exact round trips, key coverage, QKV interleave."""
+
+import pytest
+import torch
+
+from shared.checkpoints.hf import HFCheckpoint
+from shared.errors import InvalidArgument
+from shared.models.base import fuse_qkv, split_qkv
+from shared.models.registry import BY_ARCHITECTURE, family_for_architecture
+from tests.fixtures.tiny import FAMILIES
+
+
+def test_fuse_split_qkv_inverse_and_group_layout():
+    nh, ng, d, H = 6, 2, 4, 8
+    q, k, v = torch.randn(nh * d, H), torch.randn(ng * d, H), torch.randn(ng * d, H)
+    fused = fuse_qkv(q, k, v, num_groups=ng, head_dim=d)
+    # group 0 = [q heads 0..2 | k0 | v0], as Megatron's linear_qkv stores it
+    assert torch.equal(fused[: 3 * d], q[: 3 * d]) and torch.equal(fused[3 * d : 4 * d], k[:d])
+    q2, k2, v2 = split_qkv(fused, num_heads=nh, num_groups=ng, head_dim=d)
+    assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_is_exact_and_covers_every_tensor(tiny_models, family):
+    ckpt = HFCheckpoint(tiny_models[family])
+    names = [n for n, _ in ckpt.canonical_tensors()]
+    canonical = dict(ckpt.canonical_tensors())
+    assert sorted(names) == sorted(ckpt.family.megatron_tensor_names(ckpt.arch))
+    layers = [int(n.split(".")[2]) for n in names if n.startswith("decoder.layers.")]
+    assert layers == sorted(layers), "tensors must stream layer by layer"
+    back = dict(ckpt.family.megatron_to_hf(ckpt.arch, canonical.__getitem__))
+    expected = set(ckpt.family.hf_tensor_names(ckpt.arch))
+    assert set(back) == expected
+    for name in expected:
+        assert torch.equal(back[name], ckpt.get(name)), name
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    with pytest.raises(InvalidArgument, match="unsupported architecture 'FalconForCausalLM'; supported: GPT2LMHeadModel"):
+        family_for_architecture("FalconForCausalLM")
+    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel"} <= set(BY_ARCHITECTURE)
+
+
+def test_hf_config_round_trip(tiny_models):
+    for family in FAMILIES:
+        ckpt = HFCheckpoint(tiny_models[family])
+        cfg = ckpt.family.hf_config_from_arch(ckpt.arch)
+        assert ckpt.family.arch_from_hf_config(cfg) == ckpt.arch

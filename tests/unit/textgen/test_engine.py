@@ -1,0 +1,161 @@
+"""The engine against a reference: a plain HF forward loop on the same tiny checkpoint."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from services.textgen.config import TextgenConfig
+from services.textgen.engine import (
+    CANCELLED,
+    EOS,
+    LENGTH,
+    STOP_SEQUENCE,
+    SequenceRequest,
+    StopSpec,
+    TokenEvent,
+)
+from services.textgen.loader import load_served_model
+from services.textgen.sampling import SamplingSpec
+from services.textgen.wire import generated_text
+from shared.errors import InvalidArgument, ResourceExhausted
+from tests.fixtures.tiny import FAMILIES, load_hf
+
+PROMPTS = ["The murder was committed in the evening", "He fell", "Alyosha looked at him and said nothing at all for a while"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def served(family, tiny_models):
+    s = load_served_model(TextgenConfig(model_dir=tiny_models[family], max_batch_size=4, max_queue_size=8,
+                                        max_prompts_per_request=8, max_context_tokens=128, port=0, metrics_port=0))
+    s.engine.start()
+    yield s
+    s.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def hf(family, tiny_models):
+    return load_hf(tiny_models[family])
+
+
+def greedy_ref(hf, ids: list[int], n: int) -> list[int]:
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(hf(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(t)
+            out.append(t)
+    return out
+
+
+def req(ids, n=12, **kw) -> SequenceRequest:
+    sampling = kw.pop("sampling", SamplingSpec(greedy=True))
+    return SequenceRequest(prompt_ids=tuple(ids), sampling=sampling,
+                           stopping=StopSpec(max_new_tokens=n, ignore_eos=kw.pop("ignore_eos", True), **kw.pop("stop", {})), **kw)
+
+
+def test_greedy_tokens_match_hf(served, hf):
+    ids = served.tokenizer.encode(PROMPTS[0])
+    r = served.engine.submit([req(ids)])[0].result()
+    assert r.finish_reason == LENGTH
+    assert r.token_ids == greedy_ref(hf, ids, 12)
+
+
+def test_prompt_logprobs_match_hf(served, hf):
+    ids = served.tokenizer.encode(PROMPTS[2])
+    r = served.engine.submit([req(ids, n=0, prompt_logprobs=True, top_logprobs=3)])[0].result()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert r.token_ids == [] and len(r.prompt_logprobs) == len(ids) - 1
+    assert torch.allclose(torch.tensor(r.prompt_logprobs), ref, atol=1e-4)
+    assert all(len(t.ids) == 3 and t.logprobs[0] >= lp - 1e-6 for t, lp in zip(r.prompt_top, r.prompt_logprobs))
+
+
+def test_continuous_batching_matches_one_at_a_time(served, hf):
+    """Different lengths in one batch, plus one sequence joining while the others decode."""
+    tok = served.tokenizer
+    ids = [tok.encode(p) for p in PROMPTS]
+    first = served.engine.submit([req(ids[0], n=30), req(ids[1], n=20)])
+    events = first[0].events()
+    while not isinstance(next(events), TokenEvent):  # wait until decoding is under way
+        pass
+    late = served.engine.submit([req(ids[2], n=10)])[0]
+    results = [h.result() for h in first[1:]] + [late.result()]
+    rest = list(events)
+    first_tokens = [e.token_id for e in rest if isinstance(e, TokenEvent)]
+    assert len(first_tokens) == 29 and rest[-1].token_ids == greedy_ref(hf, ids[0], 30)
+    assert results[0].token_ids == greedy_ref(hf, ids[1], 20)
+    assert results[1].token_ids == greedy_ref(hf, ids[2], 10)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(served):
+    ids = served.tokenizer.encode(PROMPTS[0])
+    spec = SamplingSpec(seed=1234, temperature=0.8, top_p=0.9)
+    alone = served.engine.submit([req(ids, n=16, sampling=spec)])[0].result().token_ids
+    crowd = served.engine.submit([req(ids, n=16, sampling=SamplingSpec(seed=5)), req(ids, n=16, sampling=spec),
+                                  req(ids[:3], n=16, sampling=SamplingSpec())])
+    assert [h.result() for h in crowd][1].token_ids == alone
+
+
+def test_stop_string_ends_the_sequence_and_is_cut_from_the_text(served):
+    ids = served.tokenizer.encode(PROMPTS[0])
+    free_run = served.engine.submit([req(ids, n=20)])[0].result()
+    text = served.tokenizer.decode(free_run.token_ids)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), "pick a stop string that appears mid-way"
+    r = served.engine.submit([req(ids, n=20, stop={"stop": (stop,)})])[0].result()
+    assert r.finish_reason == STOP_SEQUENCE and r.stop_sequence == stop and len(r.token_ids) < 20
+    assert generated_text(r, served.tokenizer, [stop]) == text[: text.find(stop)]
+
+
+def test_eos_stops_unless_ignored(served):
+    eos = served.tokenizer.eos_id
+    ids = served.tokenizer.encode(PROMPTS[1])
+    # Force EOS by making it the only allowed token: a 1-token vocabulary via top_k on a biased prompt is
+    # not possible, so check the rule directly on the engine's stop logic instead.
+    s = served.engine
+    seq = type("S", (), {})()
+    seq.req = req(ids, n=5, ignore_eos=False)
+    seq.gen_ids = [eos]
+    seq.next_pos = len(ids)
+    seq.stop_window = 0
+    assert s._stop_reason(seq, eos)[0] == EOS
+    seq.req = req(ids, n=5, ignore_eos=True)
+    assert s._stop_reason(seq, eos)[0] is None
+
+
+def test_cancel_frees_the_slot_at_once(served):
+    ids = served.tokenizer.encode(PROMPTS[0])
+    h = served.engine.submit([req(ids, n=100)])[0]
+    events = h.events()
+    next(events)
+    h.cancel()
+    assert list(events)[-1].finish_reason == CANCELLED
+    deadline = time.monotonic() + 5
+    while served.engine.load() != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert served.engine.load() == (0, 0)
+    assert len(served.engine._free_slots) == served.engine.cache.num_slots
+
+
+def test_full_queue_refuses_new_work_and_loses_nothing(served):
+    ids = served.tokenizer.encode(PROMPTS[1])
+    with pytest.raises(ResourceExhausted, match="queue full"):
+        served.engine.submit([req(ids, n=1)] * 9)  # max_queue_size=8, all or none
+    assert served.engine.load()[0] == 0
+    assert all(h.result().finish_reason == LENGTH for h in served.engine.submit([req(ids, n=1)] * 8))
+
+
+def test_prompt_plus_tokens_longer_than_context_is_refused_with_megatron_message(served):
+    with pytest.raises(InvalidArgument, match="^Length of prompt \\+ tokens_to_generate longer than allowed$"):
+        served.engine.submit([req([5] * 100, n=29)])
+    with pytest.raises(InvalidArgument, match="outside the vocabulary"):
+        served.engine.submit([req([10**6], n=1)])
