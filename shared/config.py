@@ -112,6 +112,10 @@ def describe(cls: type, prefix: str) -> list[tuple[str, str, str]]:
             default = repr(f.default_factory())  # type: ignore[misc]
         else:
             d = f.default
+            if isinstance(d, Path) and d.is_absolute():
+                from shared.paths import REPO_ROOT
+
+                d = d.relative_to(REPO_ROOT) if d.is_relative_to(REPO_ROOT) else d
             default = ",".join(map(str, d)) if isinstance(d, tuple) else ("" if d is None else str(d))
         rows.append((env_name(prefix, f.name), default, f.metadata.get("help", "")))
     return rows

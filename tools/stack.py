@@ -49,7 +49,7 @@ class StackOptions:
     model_dir: Path = DEFAULT_MODEL_DIR
     replicas: int = 1
     free_ports: bool = False
-    services: tuple[str, ...] = ("textgen", "gateway")
+    services: tuple[str, ...] = ("textgen", "converter", "gateway")
     extra_env: dict[str, str] = field(default_factory=dict)
     textgen_env: dict[str, str] = field(default_factory=dict)
     gateway_port: int = 5000
@@ -234,7 +234,7 @@ def down(run_dir: Path = RUN_DIR) -> bool:
 
 
 def _cmd_up(a: argparse.Namespace) -> int:
-    services = tuple(a.services.split(",")) if a.services else ("textgen", "gateway")
+    services = tuple(a.services.split(",")) if a.services else StackOptions.services
     opts = StackOptions(run_dir=a.run_dir, model_dir=a.model_dir, replicas=a.replicas, services=services,
                         gateway_port=a.port)
     print(f"starting {', '.join(services)} (logs in {a.run_dir}/)")

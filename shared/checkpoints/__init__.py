@@ -19,6 +19,11 @@ class CheckpointReader(Protocol):
     path: Path
     arch: ArchConfig
     format: str  # hf | mcore | legacy
+    hf_config: dict
+
+    def names(self) -> list[str]: ...  # canonical names: globals, then layer by layer
+
+    def get(self, name: str) -> torch.Tensor: ...  # one canonical tensor, unsharded and unpadded
 
     def canonical_tensors(self): ...  # Iterator[tuple[str, torch.Tensor]]
 
@@ -57,13 +62,27 @@ def open_checkpoint(path: Path | str, fmt: str | None = None) -> CheckpointReade
 
 
 class _HFReader:
+    """An HF folder seen in the canonical layout (one layer mapped at a time)."""
+
     format = "hf"
 
     def __init__(self, ckpt) -> None:
+        from shared.models.base import MappedView
+
         self.ckpt = ckpt
         self.path = ckpt.path
         self.arch = ckpt.arch
+        self.family = ckpt.family
         self.hf_config = ckpt.config
+        self._view = MappedView(ckpt.family, ckpt.arch, ckpt.get, to="megatron")
+
+    def names(self) -> list[str]:
+        from shared.models.base import megatron_names
+
+        return megatron_names(self.arch, None) + [n for i in range(self.arch.num_layers) for n in megatron_names(self.arch, i)]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._view.get(name)
 
     def canonical_tensors(self):
         return self.ckpt.canonical_tensors()

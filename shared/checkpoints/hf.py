@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from shared.checkpoints.safetensors_io import write_safetensors
+from shared.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from shared.errors import InvalidArgument, NotFound
 from shared.models.base import ArchConfig, ModelFamily
 from shared.models.registry import arch_from_hf_config, family
@@ -77,7 +76,7 @@ class HFCheckpoint:
     def _open(self, f: Path) -> Any:
         if f not in self._handles:
             try:
-                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+                self._handles[f] = SafetensorsFile(f)
             except Exception as e:  # noqa: BLE001 - truncated or corrupt file
                 raise InvalidArgument(f"{f}: not a readable safetensors file ({e})", field="load_dir") from None
         return self._handles[f]

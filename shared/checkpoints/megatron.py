@@ -1,10 +1,38 @@
-"""Megatron checkpoints (mcore torch_dist and the legacy mp_rank_XX layout): detection and reading."""
+"""Megatron checkpoints (mcore torch_dist and the legacy mp_rank_XX layout): detection and reading.
+
+Readers give random access to the canonical tensors (merged over TP, placed by global layer, vocab
+padding removed), one tensor at a time:
+
+- legacy: ``iter_XXXXXXX/mp_rank_XX[_YYY]/model_optim_rng.pt`` loaded with ``weights_only=True`` and
+  ``mmap=True`` (a pickle that is not plain weights is refused, and nothing is read until used);
+- torch_dist: the DCP ``.metadata`` index, then each chunk read straight from its ``.distcp`` byte
+  range, so a layer is read without loading the others.
+
+Checkpoints written by megastack carry ``megastack.json`` (architecture, HF config, layout) and a
+``tokenizer/`` folder; others are described from their Megatron ``args``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
+import re
+from functools import cache
 from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.checkpoints import layout as L
+from shared.errors import InvalidArgument
+from shared.models.base import ArchConfig, megatron_layer_of, megatron_names
+from shared.models.registry import family
 
 TRACKER = "latest_checkpointed_iteration.txt"
+META_FILE = "megastack.json"
+TOKENIZER_DIR = "tokenizer"
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
 def iteration_dir(path: Path) -> Path | None:
@@ -33,8 +61,278 @@ def detect_megatron_format(path: Path) -> str | None:
     return None
 
 
-class MegatronCheckpoint:
-    def __init__(self, path: Path, fmt: str) -> None:
-        from shared.errors import FailedPrecondition
+def load_weights_pickle(path: Path) -> dict[str, Any]:
+    """torch.load a Megatron file safely: weights and plain containers only (argparse args allowed)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a truncated file or a pickle that is not weights
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidArgument(f"{path}: not a loadable weights file ({reason[:300]})", field="load_dir") from None
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"{path}: expected a dict, got {type(obj).__name__}", field="load_dir")
+    return obj
 
-        raise FailedPrecondition(f"reading {fmt} checkpoints lands with the converter (issue 7): {path}")
+
+_PAGE = 4096
+_MADV_DONTNEED = 4
+
+
+@cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop a file-mapped tensor's pages from this process (they stay in the page cache).
+
+    Safe for clean file-backed pages: touching them again re-reads the same bytes. Keeps the RSS of
+    a pass over mmapped checkpoint files at about one tensor instead of growing to the whole file.
+    """
+    storage = t.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    if size < _PAGE:
+        return
+    first = (start + _PAGE - 1) // _PAGE * _PAGE
+    last = (start + size) // _PAGE * _PAGE
+    if last > first:
+        _libc().madvise(first, last - first, _MADV_DONTNEED)
+
+
+def arch_from_args(args: Any, source: str) -> ArchConfig:
+    """Describe a Megatron checkpoint that carries no megastack.json from its training args."""
+    def a(name: str, default: Any = None) -> Any:
+        return getattr(args, name, default)
+
+    if a("num_layers") is None or a("hidden_size") is None:
+        raise InvalidArgument(f"{source}: no megastack.json and no usable Megatron args; cannot tell the architecture",
+                              field="load_dir")
+    learned = a("position_embedding_type", "learned_absolute") == "learned_absolute"
+    qkv_bias = bool(a("add_qkv_bias", False)) or bool(a("add_bias_linear", not learned))
+    fam = "gpt2" if learned else "qwen2" if a("add_qkv_bias", False) else "llama"
+    heads = int(a("num_attention_heads"))
+    return ArchConfig(
+        family=fam,
+        architecture={"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[fam],
+        vocab_size=int(a("true_vocab_size") or a("padded_vocab_size")),
+        hidden_size=int(a("hidden_size")),
+        num_layers=int(a("num_layers")),
+        num_attention_heads=heads,
+        num_query_groups=int(a("num_query_groups") or heads) if a("group_query_attention", False) else heads,
+        head_dim=int(a("kv_channels") or a("hidden_size") // heads),
+        ffn_hidden_size=int(a("ffn_hidden_size") or 4 * a("hidden_size")),
+        max_position_embeddings=int(a("max_position_embeddings", 2048)),
+        normalization=a("normalization", "LayerNorm"),
+        norm_eps=float(a("norm_epsilon", a("layernorm_epsilon", 1e-5))),
+        activation="swiglu" if a("swiglu", False) else "gelu_tanh",
+        position_embedding="learned_absolute" if learned else "rope",
+        rope_theta=float(a("rotary_base", 10000)),
+        qkv_bias=qkv_bias,
+        linear_bias=bool(a("add_bias_linear", learned)),
+        tie_word_embeddings=not a("untie_embeddings_and_output_weights", False),
+    )
+
+
+class _LegacySource:
+    """mp_rank_XX[_YYY]/model_optim_rng.pt files of one iteration."""
+
+    def __init__(self, iter_dir: Path) -> None:
+        self.dir = iter_dir
+        files: dict[tuple[int, int], Path] = {}
+        for d in iter_dir.glob("mp_rank_*"):
+            m = _RANK_DIR.match(d.name)
+            if not m or not (d / "model_optim_rng.pt").is_file():
+                continue
+            if m.group(3) is not None:
+                raise InvalidArgument(f"{d}: expert-parallel checkpoints are not supported", field="load_dir")
+            files[(int(m.group(1)), int(m.group(2) or 0))] = d / "model_optim_rng.pt"
+        if not files:
+            raise InvalidArgument(f"{iter_dir}: no mp_rank_*/model_optim_rng.pt files", field="load_dir")
+        self.tp = max(t for t, _ in files) + 1
+        self.pp = max(p for _, p in files) + 1
+        missing = [(t, p) for t in range(self.tp) for p in range(self.pp) if (t, p) not in files]
+        if missing:
+            t, p = missing[0]
+            name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if self.pp > 1 else "")
+            raise InvalidArgument(f"{iter_dir}: {name}/model_optim_rng.pt is missing", field="load_dir")
+        self.files = files
+        self._index: dict[str, tuple[int, str, str]] = {}
+        counts = []
+        for p in range(self.pp):
+            sd = self._load(0, p)
+            keys = sorted((k for k in sd if re.fullmatch(r"model\d*", k)), key=lambda k: int(k[5:] or 0))
+            if not keys:
+                raise InvalidArgument(f"{files[(0, p)]}: no 'model' state dict inside", field="load_dir")
+            stage = []
+            for key in keys:
+                layers = [parsed[0] for n in sd[key] if (parsed := L.from_stored(n)) and parsed[0] is not None]
+                stage.append(max(layers) + 1 if layers else 0)
+            counts.append((keys, stage))
+        self.layout = L.PipelineLayout(tuple(tuple(c) for _, c in counts))
+        firsts = {(p, v): first for p, v, first, _ in self.layout.chunks()}
+        for p, (keys, _) in enumerate(counts):
+            sd = self._load(0, p)
+            for v, key in enumerate(keys):
+                for stored in sd[key]:
+                    parsed = L.from_stored(stored)
+                    if parsed is None:
+                        continue
+                    local, sub = parsed
+                    name = sub if local is None else f"decoder.layers.{firsts[(p, v)] + local}.{sub}"
+                    self._index.setdefault(name, (p, key, stored))
+
+    @cache  # noqa: B019 - one reader per conversion; files are mmapped
+    def _load(self, tp: int, pp: int) -> dict[str, Any]:
+        return load_weights_pickle(self.files[(tp, pp)])
+
+    def args(self) -> Any:
+        return self._load(0, 0).get("args")
+
+    def iteration(self) -> int:
+        return int(self._load(0, 0).get("iteration", 0) or 0)
+
+    def has(self, name: str) -> bool:
+        return name in self._index
+
+    def get(self, name: str, gated: bool) -> torch.Tensor:
+        p, key, stored = self._index[name]
+        parts = []
+        for t in range(self.tp):
+            sd = self._load(t, p)[key]
+            if stored not in sd:
+                raise InvalidArgument(f"{self.files[(t, p)]}: tensor {stored} is missing", field="load_dir")
+            parts.append(sd[stored])
+        merged = L.merge(name, parts, gated=gated)
+        if merged.data_ptr() == parts[0].data_ptr():
+            merged = merged.clone()  # own the bytes, so the mapped pages can be released
+        for part in parts:
+            release_pages(part)
+        return merged
+
+
+class _DistSource:
+    """A torch_dist (DCP) checkpoint folder, read chunk by chunk from the .distcp byte ranges."""
+
+    def __init__(self, iter_dir: Path) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.dir = iter_dir
+        try:
+            md = FileSystemReader(str(iter_dir)).read_metadata()
+        except Exception as e:  # noqa: BLE001
+            raise InvalidArgument(f"{iter_dir}: unreadable torch_dist metadata ({type(e).__name__}: {e})", field="load_dir") from None
+        self.sizes: dict[str, torch.Size] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], Any]]] = {}
+        for fqn, meta in md.state_dict_metadata.items():
+            if hasattr(meta, "size"):
+                self.sizes[fqn] = meta.size
+                self.dtypes[fqn] = meta.properties.dtype
+        sizes_by_offset = {(fqn, tuple(c.offsets)): tuple(c.sizes)
+                           for fqn, meta in md.state_dict_metadata.items() for c in getattr(meta, "chunks", [])}
+        for idx, info in md.storage_data.items():
+            if idx.offset is None or idx.fqn not in self.sizes:
+                continue
+            off = tuple(idx.offset)
+            self.chunks.setdefault(idx.fqn, []).append((off, sizes_by_offset[(idx.fqn, off)], info))
+
+    def args(self) -> Any:
+        common = self.dir / "common.pt"
+        return load_weights_pickle(common).get("args") if common.is_file() else None
+
+    def iteration(self) -> int:
+        return 0
+
+    def _key(self, name: str) -> tuple[str, int | None]:
+        layer = megatron_layer_of(name)
+        if layer is not None and name not in self.sizes:
+            return "decoder.layers." + name.split(".", 3)[3], layer  # layers stacked on a leading axis
+        return name, None
+
+    def has(self, name: str) -> bool:
+        return self._key(name)[0] in self.sizes
+
+    def _read(self, info: Any) -> torch.Tensor:
+        with open(self.dir / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            raw = f.read(info.length)
+        if len(raw) != info.length:
+            raise InvalidArgument(f"{self.dir / info.relative_path}: truncated (chunk at byte {info.offset})", field="load_dir")
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+    def get(self, name: str, gated: bool) -> torch.Tensor:
+        key, layer = self._key(name)
+        size = tuple(self.sizes[key])
+        out_shape = size[1:] if layer is not None else size
+        out = torch.empty(out_shape, dtype=self.dtypes[key])
+        covered = 0
+        for offsets, sizes, info in self.chunks.get(key, []):
+            if layer is not None and not offsets[0] <= layer < offsets[0] + sizes[0]:
+                continue
+            data = self._read(info)
+            if layer is not None:
+                data = data[layer - offsets[0]]
+                offsets, sizes = offsets[1:], sizes[1:]
+            region = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+            out[region] = data
+            covered += data.numel()
+        if covered != out.numel():
+            raise InvalidArgument(f"{self.dir}: chunks of {key} cover {covered} of {out.numel()} values", field="load_dir")
+        return out
+
+
+class MegatronCheckpoint:
+    """Random access to the canonical tensors of a Megatron checkpoint (format "mcore" or "legacy")."""
+
+    def __init__(self, path: Path | str, fmt: str) -> None:
+        self.path = Path(path)
+        self.format = fmt
+        d = iteration_dir(self.path)
+        if d is None:
+            raise InvalidArgument(f"{self.path}: no iteration folder (iter_* or release)", field="load_dir")
+        self.iter_dir = d
+        self._src = _LegacySource(d) if fmt == "legacy" else _DistSource(d)
+        meta_file = self.path / META_FILE
+        self.meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if self.meta:
+            self.arch = ArchConfig.from_dict(self.meta["arch"])
+        else:
+            self.arch = arch_from_args(self._src.args(), str(self.path))
+        self.family = family(self.arch.family)
+        self.hf_config: dict[str, Any] = self.meta.get("hf_config") or self.family.hf_config_from_arch(self.arch)
+        names = self.names()
+        missing = [n for n in names if not self._src.has(n)]
+        if missing:
+            raise InvalidArgument(f"{self.path}: {len(missing)} tensors missing for {self.arch.architecture}, first: {missing[0]}",
+                                  field="load_dir")
+
+    def names(self) -> list[str]:
+        """Canonical names: the globals, then layer by layer."""
+        return megatron_names(self.arch, None) + [n for i in range(self.arch.num_layers) for n in megatron_names(self.arch, i)]
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._src.get(name, self.arch.gated)
+        if name in L.VOCAB_TENSORS and t.shape[0] > self.arch.vocab_size:
+            t = t[: self.arch.vocab_size]
+        return t
+
+    def canonical_tensors(self):
+        for name in self.names():
+            yield name, self.get(name)
+
+    def tokenizer_dir(self) -> Path | None:
+        d = self.path / TOKENIZER_DIR
+        return d if d.is_dir() else None
+
+    def dtype(self) -> torch.dtype:
+        return self.get("decoder.final_layernorm.weight").dtype
+
+    def parallel_layout(self) -> dict[str, Any]:
+        if isinstance(self._src, _LegacySource):
+            return {"tensor_parallel": self._src.tp, "pipeline_parallel": self._src.pp, "layers": self._src.layout.counts}
+        return {"tensor_parallel": None, "pipeline_parallel": None}

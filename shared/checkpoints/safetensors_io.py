@@ -16,6 +16,56 @@ from pathlib import Path
 
 import torch
 
+
+class SafetensorsFile:
+    """Read tensors one at a time with pread (no mmap): memory holds only the tensors in use.
+
+    safetensors' own ``safe_open`` maps the whole file, and every page it touches counts in the
+    process RSS until the mapping is closed; reading into fresh buffers keeps RSS at one tensor.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) != 8:
+            raise ValueError("file is shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):
+            raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
+        header = json.loads(os.pread(self._fd, n, 8))
+        self.metadata = header.pop("__metadata__", {})
+        self.base = 8 + n
+        self.entries: dict[str, dict] = header
+        for name, e in header.items():
+            begin, end = e["data_offsets"]
+            if self.base + end > size:
+                raise ValueError(f"tensor {name} ends at byte {self.base + end} but the file has {size} (truncated?)")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        begin, end = e["data_offsets"]
+        buf = bytearray(end - begin)
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self._fd, [view[got:]], self.base + begin + got)
+            if n <= 0:
+                raise ValueError(f"{self.path}: unexpected end of file reading {name}")
+            got += n
+        dtype = CODE_DTYPES[e["dtype"]]
+        if not buf:
+            return torch.empty(e["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(e["shape"])
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 DTYPE_CODES = {
     torch.float32: "F32",
     torch.float16: "F16",
@@ -28,6 +78,9 @@ DTYPE_CODES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+
+
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -13,6 +13,7 @@ COMMANDS = (
     "tools.models",
     "tools.stack",
     "tools.cli.generate",
+    "tools.cli.convert",
     "tools.demo",
 )
 

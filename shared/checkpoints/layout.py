@@ -1,0 +1,192 @@
+"""How Megatron splits the canonical tensors over tensor- and pipeline-parallel ranks.
+
+TP (megatron-core GPT): column-parallel tensors split on dim 0 (word embeddings and the output layer
+are vocab-parallel; linear_qkv splits whole query groups; SwiGLU linear_fc1 gives rank r
+``[gate_r; up_r]``); row-parallel tensors split on dim 1; the rest (norms, row-parallel biases,
+position embeddings) is replicated. PP: consecutive layer blocks per stage (``--num-layer-list`` for
+uneven ones); with a virtual pipeline, Megatron's interleaved order (chunk v of every stage, then v+1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.errors import InvalidArgument
+from shared.models.base import ArchConfig
+
+COLUMN, ROW, REPLICATED = "column", "row", "replicated"
+_COLUMN = ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias",
+           "linear_fc1.weight", "linear_fc1.bias")
+_ROW = ("linear_proj.weight", "linear_fc2.weight")
+VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def tp_rule(name: str) -> str:
+    if name.endswith("layer_norm_weight") or name.endswith("layer_norm_bias"):
+        return REPLICATED
+    if name.endswith(_COLUMN):
+        return COLUMN
+    if name.endswith(_ROW):
+        return ROW
+    return REPLICATED
+
+
+def _gated_fc1(name: str, gated: bool) -> bool:
+    return gated and name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
+
+
+def shard(name: str, t: torch.Tensor, *, tp: int, rank: int, gated: bool) -> torch.Tensor:
+    """Rank ``rank``'s part of full tensor ``t`` under TP size ``tp``."""
+    if tp == 1:
+        return t
+    rule = tp_rule(name)
+    if rule == REPLICATED:
+        return t
+    if _gated_fc1(name, gated):
+        gate, up = t.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+    return t.chunk(tp, dim=0 if rule == COLUMN else 1)[rank].contiguous()
+
+
+def merge(name: str, parts: list[torch.Tensor], *, gated: bool) -> torch.Tensor:
+    """Inverse of :func:`shard`."""
+    if len(parts) == 1 or tp_rule(name) == REPLICATED:
+        return parts[0]
+    if _gated_fc1(name, gated):
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=0 if tp_rule(name) == COLUMN else 1)
+
+
+def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
+    """Megatron's saver pads by repeating the last row."""
+    extra = padded - t.shape[0]
+    if extra <= 0:
+        return t
+    return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])], dim=0)
+
+
+def check_tp(arch: ArchConfig, tp: int) -> None:
+    if tp < 1:
+        raise InvalidArgument(f"tensor parallel size must be >= 1, got {tp}", field="target_tensor_parallel_size")
+    for what, n in (("attention heads", arch.num_attention_heads), ("query groups", arch.num_query_groups),
+                    ("ffn hidden size", arch.ffn_hidden_size)):
+        if n % tp:
+            raise InvalidArgument(f"TP={tp} does not divide the {n} {what} of {arch.architecture}",
+                                  field="target_tensor_parallel_size")
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """Layers per (stage, virtual chunk): ``counts[stage][chunk]``."""
+
+    counts: tuple[tuple[int, ...], ...]
+
+    @property
+    def pp(self) -> int:
+        return len(self.counts)
+
+    @property
+    def vpp(self) -> int:
+        return len(self.counts[0])
+
+    @property
+    def num_layers(self) -> int:
+        return sum(sum(c) for c in self.counts)
+
+    @classmethod
+    def build(cls, num_layers: int, pp: int = 1, *, num_layer_list: list[int] | None = None,
+              layers_per_virtual_stage: int = 0) -> PipelineLayout:
+        if pp < 1:
+            raise InvalidArgument(f"pipeline parallel size must be >= 1, got {pp}", field="target_pipeline_parallel_size")
+        if num_layer_list:
+            if layers_per_virtual_stage:
+                raise InvalidArgument("--num-layer-list cannot be combined with a virtual pipeline", field="num_layer_list")
+            if len(num_layer_list) != pp:
+                raise InvalidArgument(f"--num-layer-list has {len(num_layer_list)} entries for PP={pp}", field="num_layer_list")
+            if sum(num_layer_list) != num_layers or min(num_layer_list) < 1:
+                raise InvalidArgument(f"--num-layer-list {num_layer_list} must be positive and sum to {num_layers} layers",
+                                      field="num_layer_list")
+            return cls(tuple((n,) for n in num_layer_list))
+        if num_layers % pp:
+            raise InvalidArgument(f"PP={pp} does not divide {num_layers} layers (use --num-layer-list)",
+                                  field="target_pipeline_parallel_size")
+        per_stage = num_layers // pp
+        if layers_per_virtual_stage:
+            if pp < 2 or per_stage % layers_per_virtual_stage:
+                raise InvalidArgument(f"a virtual pipeline needs PP >= 2 and {layers_per_virtual_stage} to divide "
+                                      f"{per_stage} layers per stage", field="num_layers_per_virtual_pipeline_stage")
+            vpp = per_stage // layers_per_virtual_stage
+            return cls(tuple((layers_per_virtual_stage,) * vpp for _ in range(pp)))
+        return cls(tuple((per_stage,) for _ in range(pp)))
+
+    def chunks(self) -> list[tuple[int, int, int, int]]:
+        """(stage, chunk, first global layer, layer count) in global layer order (Megatron interleaving)."""
+        out, first = [], 0
+        for v in range(self.vpp):
+            for p in range(self.pp):
+                n = self.counts[p][v]
+                out.append((p, v, first, n))
+                first += n
+        return out
+
+    def locate(self, layer: int) -> tuple[int, int, int]:
+        """(stage, chunk, local index) of a global layer."""
+        for p, v, first, n in self.chunks():
+            if first <= layer < first + n:
+                return p, v, layer - first
+        raise IndexError(layer)
+
+
+# Canonical (TE-style) per-layer names <-> megatron-core local spec names (what legacy files hold).
+LOCAL_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+# Names found in older Megatron (non-mcore "legacy" GPT) checkpoints, per layer and global.
+OLD_LAYER_NAMES = {
+    "input_norm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_norm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "self_attention.query_key_value.weight": "self_attention.linear_qkv.weight",
+    "self_attention.query_key_value.bias": "self_attention.linear_qkv.bias",
+    "self_attention.dense.weight": "self_attention.linear_proj.weight",
+    "self_attention.dense.bias": "self_attention.linear_proj.bias",
+    "post_attention_norm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "post_attention_norm.bias": "mlp.linear_fc1.layer_norm_bias",
+    "mlp.dense_h_to_4h.weight": "mlp.linear_fc1.weight",
+    "mlp.dense_h_to_4h.bias": "mlp.linear_fc1.bias",
+    "mlp.dense_4h_to_h.weight": "mlp.linear_fc2.weight",
+    "mlp.dense_4h_to_h.bias": "mlp.linear_fc2.bias",
+}
+OLD_GLOBAL_NAMES = {
+    "language_model.embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+    "language_model.embedding.position_embeddings.weight": "embedding.position_embeddings.weight",
+    "language_model.encoder.final_norm.weight": "decoder.final_layernorm.weight",
+    "language_model.encoder.final_norm.bias": "decoder.final_layernorm.bias",
+    "language_model.output_layer.weight": "output_layer.weight",
+}
+LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def to_local(sub: str) -> str:
+    return LOCAL_NAMES.get(sub, sub)
+
+
+def from_stored(name: str) -> tuple[int | None, str] | None:
+    """(local layer index or None, canonical sub-name) of a name found in a legacy file; None to skip."""
+    if name.endswith("_extra_state"):
+        return None
+    if name in OLD_GLOBAL_NAMES:
+        return None, OLD_GLOBAL_NAMES[name]
+    for prefix, table in (("decoder.layers.", None), ("language_model.encoder.layers.", OLD_LAYER_NAMES)):
+        if name.startswith(prefix):
+            idx, sub = name[len(prefix):].split(".", 1)
+            if table is not None:
+                sub = table.get(sub, sub)
+            inverse = {v: k for k, v in LOCAL_NAMES.items()}
+            return int(idx), inverse.get(sub, sub)
+    return None, name

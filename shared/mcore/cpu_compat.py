@@ -1,0 +1,195 @@
+"""megatron-core on a CPU-only PyTorch build (gloo): the minimal CUDA -> CPU patches.
+
+megatron-core hard-codes CUDA on its dense-model path (RNG trackers, buffer allocation, the causal mask,
+pipeline schedules, optimizers, inference). :func:`apply` installs the patches below once per process,
+and only when CUDA is not available: on GPU nodes nothing is touched. Each patch names the
+megatron-core 0.16.1 call site that needs it. Also needed on CPU: ``psutil`` (without it
+``dist_checkpointing.save`` hangs) and ``batch_p2p_comm=False`` for interleaved PP=2 on gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+import warnings
+
+import torch
+
+logger = logging.getLogger(__name__)
+_APPLIED = False
+
+
+def _is_cuda_device(d: object) -> bool:
+    if isinstance(d, torch.device):
+        return d.type == "cuda"
+    if isinstance(d, str):
+        return d.startswith("cuda")
+    return isinstance(d, int) and not isinstance(d, bool)
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Rewrite device='cuda' / 'cuda:N' / int in factory calls and Tensor.to()/.cuda() to CPU, drop
+    pin_memory (schedules.py total_num_tokens, clip_grads, param_and_grad_buffer, inference buffers)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and not isinstance(args[1], int) and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return func(*args, **kwargs)
+
+
+class _CpuEvent:
+    """torch.cuda.Event stand-in (text_generation_controller.py:1163)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.t = 0.0
+
+    def record(self, stream=None) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: _CpuEvent) -> float:
+        return (end.t - self.t) * 1000.0
+
+
+class _CpuStream:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"  # 175 call sites use it as device=
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    cuda.random.manual_seed = cuda.manual_seed
+    cuda.synchronize = lambda *a, **k: None  # p2p_communication.py:398, dist-ckpt save
+    cuda.Event = _CpuEvent
+    stream = _CpuStream()
+    cuda.current_stream = lambda device=None: stream
+    cuda.default_stream = lambda device=None: stream
+    cuda.Stream = _CpuStream
+    cuda.stream = lambda s=None: contextlib.nullcontext()
+    nv = cuda.nvtx
+    nv.range_push = lambda *a, **k: 0
+    nv.range_pop = lambda *a, **k: 0
+
+
+def _patch_tensor_type() -> None:
+    # clip_grads.py:167, optimizer.py:690, distrib_optimizer.py:431 insist on 'torch.cuda.*Tensor' types.
+    orig = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kw):
+        if dtype is None and not kw:
+            t = orig(self)
+            if self.device.type == "cpu" and t.startswith("torch.") and not t.startswith("torch.cuda."):
+                return "torch.cuda." + t[len("torch."):]
+            return t
+        return orig(self, dtype, non_blocking, **kw)
+
+    torch.Tensor.type = type_
+
+
+def _patch_megatron() -> None:
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.tensor_parallel.random as tp_random
+    import megatron.core.transformer.torch_norm as torch_norm
+    import megatron.core.transformer.utils as tutils
+
+    # tensor_parallel/random.py: CUDA RNG tracker states -> the CPU generator.
+    tp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+    # transformer/utils.py get_default_causal_mask: device="cuda".
+    @functools.lru_cache
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    tutils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
+
+    # transformer/torch_norm.py:32 refuses sequence parallelism without apex/TE; allow it and tag the
+    # params so finalize_model_grads all-reduces their grads over the TP group.
+    def norm_new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
+                 normalization="LayerNorm"):
+        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = norm_new
+
+    # inference/communication_utils.py:31 asserts tensor.is_cuda before PP sends.
+    with contextlib.suppress(ImportError):
+        import megatron.core.inference.communication_utils as comm
+
+        comm._is_cuda = lambda tensor: None
+
+    # distrib_optimizer.py:940: the torch-Adam fallback keeps a per-param 'step' the fully_reshardable
+    # checkpoint does not store, and fp32 main params are views of model params (copy under no_grad).
+    import megatron.core.optimizer.distrib_optimizer as dopt
+
+    orig = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return orig(self, model_param, tensors)
+        gi, go = self.model_param_group_index_map[model_param]
+        main = self.optimizer.param_groups[gi]["params"][go]
+        dst = {"param": main, **self.optimizer.state[main]}
+        with torch.no_grad():
+            for k, v in tensors.items():
+                if k in dst and isinstance(dst[k], torch.Tensor) and dst[k].dim() > 0:
+                    dst[k].copy_(v)
+
+    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def apply() -> bool:
+    """Install the patches (idempotent). Returns True when patches are active (no CUDA)."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*CPU RNG state changed within GPU RNG context.*")
+    _patch_torch_cuda()
+    _patch_tensor_type()
+    _patch_megatron()
+    _CudaToCpu().__enter__()  # process-wide, stays active
+    _APPLIED = True
+    logger.debug("megatron-core CPU compatibility patches applied")
+    return True
