@@ -14,6 +14,8 @@ COMMANDS = (
     "tools.stack",
     "tools.cli.generate",
     "tools.cli.convert",
+    "tools.preprocess.cli",
+    "tools.preprocess.dataset_cli",
     "tools.demo",
 )
 

