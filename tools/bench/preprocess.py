@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from shared.paths import ASSETS_DIR
