@@ -35,6 +35,8 @@ class Proc:
     endpoints: dict[str, str] = field(default_factory=dict)
     pid: int = 0
     log: str = ""
+    stage: int = 0          # processes of a stage start together, after the previous stage is healthy
+    grace_s: float = 10.0   # SIGTERM -> SIGKILL
 
 
 def free_port() -> int:
@@ -49,7 +51,7 @@ class StackOptions:
     model_dir: Path = DEFAULT_MODEL_DIR
     replicas: int = 1
     free_ports: bool = False
-    services: tuple[str, ...] = ("textgen", "converter", "gateway")
+    services: tuple[str, ...] = ("textgen", "converter", "trainer", "gateway")
     extra_env: dict[str, str] = field(default_factory=dict)
     textgen_env: dict[str, str] = field(default_factory=dict)
     gateway_port: int = 5000
@@ -57,6 +59,21 @@ class StackOptions:
 
 BASE_PORTS = {"textgen": 50051, "converter": 50052, "trainer": 50053, "evaluator": 50054}
 BASE_METRICS = {"textgen": 9401, "converter": 9402, "trainer": 9403, "evaluator": 9404}
+RAY_DASHBOARD_PORT = 8265
+RAY_GCS_PORT = 6380
+
+
+def ray_head(run_dir: Path, *, free_ports: bool, num_cpus: int) -> Proc:
+    """A local Ray head in the foreground (`--block`), so stopping its process group stops all of Ray."""
+    gcs, dash = (free_port(), free_port()) if free_ports else (RAY_GCS_PORT, RAY_DASHBOARD_PORT)
+    temp = Path(f"/tmp/megastack-ray-{dash}")  # Ray's unix sockets need a short path
+    ray = str(Path(sys.executable).with_name("ray"))
+    argv = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}", "--include-dashboard=true", f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
+            "--disable-usage-stats", f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+    url = f"http://127.0.0.1:{dash}"
+    return Proc("ray", argv, {"RAY_USAGE_STATS_ENABLED": "0"}, f"http:{url}/api/version",
+                {"dashboard": url, "gcs": f"127.0.0.1:{gcs}"}, grace_s=5.0)
 
 
 def plan(opts: StackOptions) -> list[Proc]:
@@ -65,6 +82,8 @@ def plan(opts: StackOptions) -> list[Proc]:
 
     py = [sys.executable, "-m"]
     procs: list[Proc] = []
+    if "trainer" in opts.services and "MEGASTACK_TRAINER_RAY_ADDRESS" not in opts.extra_env:
+        procs.append(ray_head(opts.run_dir, free_ports=opts.free_ports, num_cpus=max(2, os.cpu_count() or 2)))
     textgen_addrs = []
     for i in range(opts.replicas if "textgen" in opts.services else 0):
         name = "textgen" if i == 0 else f"textgen-{i}"
@@ -78,7 +97,10 @@ def plan(opts: StackOptions) -> list[Proc]:
         if svc not in opts.services:
             continue
         gp, mp = port(BASE_PORTS[svc]), port(BASE_METRICS[svc])
-        env = {f"MEGASTACK_{svc.upper()}_PORT": str(gp), f"MEGASTACK_{svc.upper()}_METRICS_PORT": str(mp)}
+        env = {f"MEGASTACK_{svc.upper()}_PORT": str(gp), f"MEGASTACK_{svc.upper()}_METRICS_PORT": str(mp),
+               f"MEGASTACK_{svc.upper()}_JOBS_DIR": str(opts.run_dir / svc)}
+        if svc == "trainer" and procs and procs[0].name == "ray":
+            env["MEGASTACK_TRAINER_RAY_ADDRESS"] = procs[0].endpoints["dashboard"]
         procs.append(Proc(svc, py + [f"services.{svc}"], env, f"grpc:127.0.0.1:{gp}",
                           {"grpc": f"127.0.0.1:{gp}", "metrics": f"http://127.0.0.1:{mp}/metrics"}))
     if "gateway" in opts.services:
@@ -89,7 +111,7 @@ def plan(opts: StackOptions) -> list[Proc]:
                 env[f"MEGASTACK_GATEWAY_{p.name.upper()}_ADDR"] = p.endpoints["grpc"]
         url = f"http://127.0.0.1:{hp}"
         procs.append(Proc("gateway", py + ["services.gateway"], env, f"http:{url}/ready",
-                          {"http": url, "metrics": f"{url}/metrics"}))
+                          {"http": url, "metrics": f"{url}/metrics"}, stage=1))
     return procs
 
 
@@ -174,7 +196,8 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError(f"{p.name} did not become healthy within {timeout_s:.0f}s; last log lines:\n{_tail(p.log)}")
 
-    def stop_one(self, p: Proc, grace_s: float = 10.0) -> None:
+    def stop_one(self, p: Proc) -> None:
+        grace_s = p.grace_s
         if not p.pid or not _alive(p.pid):
             return
         try:
@@ -208,11 +231,10 @@ def up(opts: StackOptions, *, timeout_s: float = 180.0, log: Callable[[str], Non
     stack = Stack(opts.run_dir, plan(opts))
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONUNBUFFERED": "1", **opts.extra_env}
-    backends = [p for p in stack.procs if p.name != "gateway"]
-    fronts = [p for p in stack.procs if p.name == "gateway"]
+    stages = sorted({p.stage for p in stack.procs})
     try:
-        # Back-end services start together (they are independent); the gateway once they are healthy.
-        for group in (backends, fronts):
+        # Back-end services (and Ray) start together; the gateway once they are all healthy.
+        for group in ([p for p in stack.procs if p.stage == st] for st in stages):
             for p in group:
                 stack.start_one(p, base_env)
                 stack.save()

@@ -16,6 +16,7 @@ COMMANDS = (
     "tools.cli.convert",
     "tools.preprocess.cli",
     "tools.preprocess.dataset_cli",
+    "tools.cli.train",
     "tools.demo",
 )
 

@@ -1,0 +1,33 @@
+"""trainer settings (environment variables MEGASTACK_TRAINER_*)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import ServiceConfig, setting
+from shared.paths import RUN_DIR
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig(ServiceConfig):
+    port: int = setting(50053, help="gRPC port; 0 picks a free port.")
+    metrics_port: int = setting(9403, help="Prometheus /metrics port; 0 picks a free port.")
+    ray_address: str = setting("http://127.0.0.1:8265", help="Ray dashboard (Jobs API) address of the cluster; `make up` starts a local head there.")
+    jobs_dir: Path = setting(RUN_DIR / "trainer", help="Job records, specs and logs (survive restarts).")
+    python: str = setting("", help="Python the Ray job runs on the cluster; empty = this service's interpreter.")
+    runtime_env_json: str = setting("", help='Extra Ray runtime_env as JSON, e.g. {"working_dir": "...", "pip": [...]} for remote clusters.')
+    poll_interval_s: float = setting(1.0, help="Seconds between status polls of running jobs.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.poll_interval_s <= 0:
+            raise ValueError("poll_interval_s must be > 0")
+        if self.runtime_env_json:
+            import json
+
+            try:
+                if not isinstance(json.loads(self.runtime_env_json), dict):
+                    raise ValueError
+            except ValueError:
+                raise ValueError("runtime_env_json must be a JSON object") from None

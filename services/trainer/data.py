@@ -1,0 +1,103 @@
+"""Training data for a rank: Megatron's GPTDataset (blends, train/valid/test split) or SFT samples.
+
+Batches come from a sampler that starts at ``consumed_samples`` (so a resumed job continues with the
+next unseen sample) and gives each data-parallel rank its own slice of every global batch. Every rank
+reads its own batches; tensor-parallel peers read identical ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from services.trainer.spec import TrainSpec
+
+IGNORE = -100
+
+
+class ResumableSampler:
+    """Megatron's MegatronPretrainingSampler: sequential, starts at consumed_samples, sliced per DP rank."""
+
+    def __init__(self, total: int, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
+        self.total, self.consumed = total, consumed
+        self.mbs, self.rank, self.size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.mbs * self.size
+        start = self.consumed
+        while start + step <= self.total:
+            yield list(range(start + self.rank * self.mbs, start + (self.rank + 1) * self.mbs))
+            start += step
+
+
+class SFTDataset(Dataset):
+    """``{prefix}_packed_{input_ids,labels}_document`` samples (from `megastack preprocess`), causal-LM ready."""
+
+    def __init__(self, prefixes: list[str], seq_length: int, pad_id: int) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.pairs = [(IndexedDataset(f"{p}_packed_input_ids_document"), IndexedDataset(f"{p}_packed_labels_document"))
+                      for p in prefixes]
+        self.index = [(d, i) for d, (ids, _) in enumerate(self.pairs) for i in range(len(ids))]
+        self.seq_length, self.pad_id = seq_length, pad_id
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        d, i = self.index[idx % len(self.index)]
+        ids_ds, labels_ds = self.pairs[d]
+        ids = np.asarray(ids_ds[i], dtype=np.int64)[: self.seq_length]
+        labels = np.asarray(labels_ds[i], dtype=np.int64)[: self.seq_length]
+        s = self.seq_length
+        tokens = np.full(s, self.pad_id, dtype=np.int64)
+        tokens[: len(ids)] = ids
+        # next-token targets: position t predicts labels[t + 1]; masked positions carry IGNORE
+        target = np.full(s, IGNORE, dtype=np.int64)
+        target[: max(0, len(labels) - 1)] = labels[1:]
+        mask = target != IGNORE
+        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(np.where(mask, target, 0)),
+                "loss_mask": torch.from_numpy(mask.astype(np.float32)), "position_ids": torch.arange(s)}
+
+
+def _gpt_datasets(spec: TrainSpec, tokenizer_dir: Path, samples: list[int]):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    prefixes = [p for p, _ in spec.data_paths]
+    weights = [w for _, w in spec.data_paths]
+    cache = spec.data_cache_dir or str(Path(spec.save_dir) / "data-cache")
+    config = GPTDatasetConfig(
+        random_seed=spec.seed, sequence_length=spec.seq_length, blend=(prefixes, weights), split=spec.split,
+        path_to_cache=cache, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        tokenizer=MegatronTokenizer.from_pretrained(str(tokenizer_dir), metadata_path={"library": "huggingface"}),
+    )
+    return BlendedMegatronDatasetBuilder(GPTDataset, samples, lambda: True, config).build()
+
+
+def build_datasets(spec: TrainSpec, tokenizer_dir: Path, pad_id: int):
+    """(train, valid) datasets; valid is None without evaluation."""
+    train_samples = spec.train_iters * spec.global_batch_size
+    evals = (spec.train_iters // spec.eval_interval + 1) * spec.eval_iters * spec.global_batch_size if spec.eval_interval else 0
+    if spec.kind == "sft":
+        ds = SFTDataset([p for p, _ in spec.data_paths], spec.seq_length, pad_id)
+        return ds, (ds if evals else None)
+    train, valid, _ = _gpt_datasets(spec, tokenizer_dir, [train_samples, evals, 0])
+    return train, valid
+
+
+def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    batch = {k: torch.stack([torch.as_tensor(x[k]) for x in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    batch["tokens"] = batch["tokens"].long()
+    batch["labels"] = batch["labels"].long()
+    return batch
+
+
+def batches(ds, *, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int, total: int | None = None) -> Iterator[dict]:
+    sampler = ResumableSampler(total or len(ds), consumed, micro_batch_size, dp_rank, dp_size)
+    return iter(DataLoader(ds, batch_sampler=sampler, collate_fn=_collate, num_workers=0))

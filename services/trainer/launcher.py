@@ -1,0 +1,181 @@
+"""Ray Jobs launcher: submit, follow, cancel, logs. Records live in a JobStore (survive restarts).
+
+A training job is one Ray job running ``services.trainer.ray_driver``; its metadata carries the
+megastack job id and a spec summary, so ``ray job list`` shows it. Progress comes from the Ray job
+status and from ``<save_dir>/megastack-status.json`` / ``megastack-attempt.json`` written by the job.
+After a launcher restart, unfinished records are followed again (the Ray job kept running).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from services.trainer import metrics as M
+from services.trainer.ray_driver import ATTEMPT_FILE
+from services.trainer.spec import TrainSpec
+from services.trainer.train import STATUS_FILE
+from shared.errors import FailedPrecondition, Unavailable
+from shared.jobs import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, JobRecord, JobStore
+from shared.paths import REPO_ROOT
+
+logger = logging.getLogger(__name__)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+RAY_STATES = {"PENDING": PENDING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED, "STOPPED": CANCELLED}
+
+
+def clean_log(text: str) -> list[str]:
+    return [ANSI.sub("", line) for line in text.splitlines()]
+
+
+class RayLauncher:
+    def __init__(self, store: JobStore, *, ray_address: str, python: str = "", runtime_env: dict[str, Any] | None = None,
+                 poll_interval_s: float = 1.0) -> None:
+        self.store = store
+        self.address = ray_address
+        self.python = python or sys.executable
+        self.runtime_env = runtime_env or {}
+        self.poll_interval_s = poll_interval_s
+        self._client = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow_loop, name="trainer-follow", daemon=True)
+
+    @property
+    def client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            try:
+                self._client = JobSubmissionClient(self.address)
+            except Exception as e:  # noqa: BLE001 - ConnectionError and friends
+                raise Unavailable(f"Ray cluster at {self.address} is unreachable ({type(e).__name__}); is it up? (`make up`)") from None
+        return self._client
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- submit / cancel / logs ------------------------------------------------------------------
+    def submit(self, rec: JobRecord, spec: TrainSpec) -> str:
+        spec_path = self.store.job_dir(rec.job_id) / "spec.json"
+        spec_path.write_text(spec.to_json())
+        env = dict(self.runtime_env)
+        env_vars = {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false", **env.pop("env_vars", {})}
+        submission_id = f"{rec.job_id}"
+        metadata = {"megastack_job_id": rec.job_id, "megastack_name": spec.name, "megastack_kind": spec.kind,
+                    "megastack_parallel": f"tp={spec.tp},pp={spec.pp},dp={spec.dp},vpp={spec.vpp}",
+                    "megastack_save_dir": spec.save_dir, "megastack_spec": str(spec_path)}
+        try:
+            sid = self.client.submit_job(entrypoint=f"{self.python} -m services.trainer.ray_driver {spec_path}",
+                                         submission_id=submission_id, runtime_env={**env, "env_vars": env_vars}, metadata=metadata)
+        except Unavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - the Jobs API refused it
+            raise Unavailable(f"Ray refused the job: {e}") from None
+        self.store.update(rec.job_id, extra={**rec.extra, "submission_id": sid, "ray_address": self.address})
+        M.SUBMITTED.inc()
+        return sid
+
+    def cancel(self, job_id: str, reason: str) -> JobRecord:
+        rec = self.store.get(job_id)
+        if rec.terminal:
+            raise FailedPrecondition(f"job {job_id} already {rec.state}", field="job_id")
+        self.store.update(job_id, extra={**rec.extra, "cancel_reason": reason or "cancelled by request"})
+        sid = rec.extra.get("submission_id")
+        if sid:
+            self.client.stop_job(sid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            self.poll(job_id)
+            rec = self.store.get(job_id)
+            if rec.terminal:
+                return rec
+            time.sleep(0.2)
+        return rec
+
+    def logs(self, job_id: str) -> list[str]:
+        rec = self.store.get(job_id)
+        sid = rec.extra.get("submission_id")
+        if not sid:
+            return []
+        try:
+            return clean_log(self.client.get_job_logs(sid))
+        except Exception as e:  # noqa: BLE001
+            raise Unavailable(f"cannot read logs of {sid} from Ray: {e}") from None
+
+    # -- following -------------------------------------------------------------------------------
+    def _follow_loop(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            active = [r.job_id for r in self.store.list() if not r.terminal and r.extra.get("submission_id")]
+            M.ACTIVE.set(len(active))
+            for job_id in active:
+                try:
+                    self.poll(job_id)
+                except Exception:  # noqa: BLE001 - keep following the others
+                    logger.warning("cannot poll %s", job_id, exc_info=True)
+
+    def poll(self, job_id: str) -> None:
+        rec = self.store.get(job_id)
+        if rec.terminal:
+            return
+        spec = TrainSpec.from_json(rec.spec["json"])
+        try:
+            info = self.client.get_job_info(rec.extra["submission_id"])
+        except Exception as e:  # noqa: BLE001 - a job the cluster no longer knows
+            if "does not exist" in str(e) or "404" in str(e):
+                self.store.update(job_id, state=FAILED, error="the Ray cluster no longer knows this job (was it restarted?)")
+                M.FINISHED.labels(FAILED).inc()
+            return
+        state = RAY_STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), rec.state)
+        changes: dict[str, Any] = {}
+        status = _read_json(Path(spec.save_dir) / STATUS_FILE)
+        attempt = _read_json(Path(spec.save_dir) / ATTEMPT_FILE)
+        extra = dict(rec.extra)
+        if status and status.get("updated_unix_s", 0) >= rec.created_unix_s:
+            extra["metrics"] = status
+            metrics = {k: float(status[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "step_time_s") if k in status}
+            changes["progress"] = {"done": status.get("step", 0), "total": spec.train_iters, "unit": "steps",
+                                   "message": f"step {status.get('step', 0)}/{spec.train_iters}", "metrics": metrics}
+            M.STEP_TIME.set(metrics.get("step_time_s", 0.0))
+            M.TOKENS.set(metrics.get("tokens_per_s", 0.0))
+            if "loss" in metrics:
+                M.LOSS.set(metrics["loss"])
+        if attempt and attempt.get("started_unix_s", 0) >= rec.created_unix_s and attempt["attempt"] != rec.attempt:
+            changes["attempt"] = attempt["attempt"]
+            M.RESTARTS.inc(max(0, attempt["attempt"] - rec.attempt))
+        if state != rec.state:
+            changes["state"] = state
+            if state == FAILED:
+                changes["error"] = self._failure_reason(rec, info)
+            elif state == CANCELLED:
+                changes["error"] = extra.get("cancel_reason", "stopped through Ray")
+            if state in (SUCCEEDED, FAILED, CANCELLED):
+                M.FINISHED.labels(state).inc()
+        if extra != rec.extra:
+            changes["extra"] = extra
+        if changes:
+            self.store.update(job_id, **changes)
+
+    def _failure_reason(self, rec: JobRecord, info: Any) -> str:
+        try:
+            lines = clean_log(self.client.get_job_logs(rec.extra["submission_id"]))
+        except Exception:  # noqa: BLE001
+            lines = []
+        mine = [line.split("ERROR: ", 1)[1] for line in lines if "driver ERROR: " in line]
+        return mine[-1] if mine else (info.message or "the Ray job failed")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,108 @@
+"""The Ray Jobs entrypoint of a training job: one actor per rank, gang-scheduled, with retries.
+
+    python -m services.trainer.ray_driver SPEC_JSON     (submitted by the trainer service)
+
+A placement group reserves ``world_size`` bundles (``cpus_per_worker`` CPU and ``gpus_per_worker``
+GPU each) at once; rank 0's actor picks MASTER_ADDR/MASTER_PORT, and every actor runs
+``services.trainer.train.run`` in its own process with RANK/WORLD_SIZE set. If a rank fails or dies,
+the others are stopped and, while ``max_retries`` allows, a new attempt resumes from the last
+checkpoint; Ray Jobs itself never retries. Attempts are recorded in ``<save_dir>/megastack-attempt.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from services.trainer.spec import TrainSpec
+from shared.atomic import write_text_atomic
+
+logger = logging.getLogger("services.trainer.ray_driver")
+ATTEMPT_FILE = "megastack-attempt.json"
+
+
+@ray.remote
+class RankWorker:
+    """One training rank. Runs on the actor's main thread (torch's CPU thread pool is fastest there)."""
+
+    def address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, spec_json: str, rank: int, world: int, master_addr: str, master_port: int) -> int:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port))
+        from services.trainer import train
+
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                            format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+        return train.run(TrainSpec.from_json(spec_json))
+
+
+def attempt_once(spec: TrainSpec, spec_json: str, attempt: int) -> tuple[bool, str]:
+    world = spec.world_size
+    bundle = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}
+    pg = placement_group([bundle] * world, strategy="PACK", name=f"megastack-{spec.name}-{attempt}")
+    ready, _ = ray.wait([pg.ready()], timeout=600)
+    if not ready:
+        remove_placement_group(pg)
+        return False, f"the cluster could not reserve {world} x {bundle} within 10 minutes"
+    actors = [RankWorker.options(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker,
+                                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)).remote()
+              for i in range(world)]
+    try:
+        addr, port = ray.get(actors[0].address.remote())
+        pids = ray.get([a.pid.remote() for a in actors])
+        write_text_atomic(Path(spec.save_dir) / ATTEMPT_FILE,
+                          json.dumps({"attempt": attempt, "max_retries": spec.max_retries, "pids": pids, "started_unix_s": time.time()}))
+        pending = [a.run.remote(spec_json, rank, world, addr, port) for rank, a in enumerate(actors)]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                code = ray.get(done[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                return False, f"a rank failed: {str(e).splitlines()[0][:300]}"
+            if code != 0:
+                return False, f"a rank exited with code {code}"
+        return True, ""
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(pg)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s driver %(levelname)s: %(message)s")
+    spec_json = Path(argv[0]).read_text()
+    spec = TrainSpec.from_json(spec_json)
+    Path(spec.save_dir).mkdir(parents=True, exist_ok=True)
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level=logging.WARNING)
+    why = ""
+    for attempt in range(1, spec.max_retries + 2):
+        logger.info("attempt %d of %d: %d ranks (TP=%d PP=%d DP=%d)", attempt, spec.max_retries + 1, spec.world_size,
+                    spec.tp, spec.pp, spec.dp)
+        ok, why = attempt_once(spec, spec_json, attempt)
+        if ok:
+            logger.info("training finished")
+            return 0
+        logger.error("attempt %d failed: %s", attempt, why)
+    logger.error("giving up after %d attempts: %s", spec.max_retries + 1, why)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,217 @@
+"""TrainJobSpec: a training run as typed data, validated before anything is submitted.
+
+The YAML form mirrors the proto (``protos/trainer/v1/trainer.proto``): sections ``model``, ``data``,
+``parallel``, ``optimizer``, ``training``, ``checkpoint``, ``resources``. Unknown keys are refused
+(``protobuf.json_format``), zero values take the defaults below, and :func:`validate` checks what
+Megatron would only find out on the cluster: the parallel layout against heads and layers, batch
+sizes against the data-parallel size, data paths, and the init checkpoint's vocabulary padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InvalidArgument
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+RECOMPUTE = ("none", "full", "selective")
+DECAY_STYLES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    name: str
+    kind: str                                   # pretrain | sft
+    seq_length: int
+    train_iters: int
+    save_dir: str
+    data_paths: tuple[tuple[str, float], ...]   # (prefix, weight)
+    init_from: str = ""                         # mcore torch_dist checkpoint (converter output)
+    architecture: str = ""                      # HF config folder / config.json when training from scratch
+    tokenizer: str = ""
+    split: str = "98,1,1"
+    data_cache_dir: str = ""
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1                                # model chunks per pipeline stage
+    dp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    num_layer_list: tuple[int, ...] = ()
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int = 0                     # 0 = train_iters
+    lr_decay_style: str = "cosine"
+    micro_batch_size: int = 1
+    global_batch_size: int = 0                  # 0 = micro_batch_size * dp
+    seed: int = 1234
+    precision: str = "fp32"
+    recompute: str = "none"
+    log_interval: int = 1
+    eval_interval: int = 0
+    eval_iters: int = 0
+    save_interval: int = 0                      # 0 = only at the end
+    no_resume: bool = False
+    keep_last: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_retries: int = 0
+    backend: str = ""                           # "" = nccl with GPUs, else gloo
+    num_threads: int = 0                        # 0 = cpus_per_worker
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainSpec:
+        d = json.loads(text)
+        d["data_paths"] = tuple(tuple(x) for x in d["data_paths"])
+        d["num_layer_list"] = tuple(d["num_layer_list"])
+        return cls(**d)
+
+
+def _bad(message: str, field: str) -> InvalidArgument:
+    return InvalidArgument(message, field=field)
+
+
+def dataset_prefixes(spec: TrainSpec) -> list[str]:
+    """The indexed-dataset prefixes the job reads (SFT: the input_ids/labels/attention_mask trio)."""
+    if spec.kind == "sft":
+        return [f"{p}_packed_{k}_document" for p, _ in spec.data_paths for k in ("input_ids", "labels", "attention_mask")]
+    return [p for p, _ in spec.data_paths]
+
+
+def resolve_arch(spec: TrainSpec):
+    """(ArchConfig, padded vocab of the init checkpoint or None, tokenizer folder) for the spec."""
+    from shared.checkpoints import open_checkpoint
+    from shared.models.registry import arch_from_hf_config
+
+    if spec.init_from:
+        path = Path(spec.init_from)
+        if not path.exists():
+            raise _bad(f"model.init_from {path} does not exist", "model.init_from")
+        reader = open_checkpoint(path)
+        if reader.format != "mcore":
+            raise _bad(f"model.init_from must be a torch_dist (mcore) checkpoint; {path} is {reader.format} "
+                       "(convert it with `megastack convert --target-format mcore`)", "model.init_from")
+        tok = Path(spec.tokenizer) if spec.tokenizer else reader.tokenizer_dir()
+        return reader.arch, reader.meta.get("padded_vocab_size"), tok
+    if not spec.architecture:
+        raise _bad("give model.init_from (a checkpoint) or model.architecture (an HF config) to train from scratch", "model")
+    cfg_path = Path(spec.architecture)
+    cfg_file = cfg_path / "config.json" if cfg_path.is_dir() else cfg_path
+    if not cfg_file.is_file():
+        raise _bad(f"model.architecture {cfg_path} has no config.json", "model.architecture")
+    tok = Path(spec.tokenizer) if spec.tokenizer else (cfg_path if cfg_path.is_dir() else None)
+    return arch_from_hf_config(json.loads(cfg_file.read_text()), str(cfg_file)), None, tok
+
+
+def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
+    if spec.kind not in ("pretrain", "sft"):
+        raise _bad("kind must be pretrain or sft", "kind")
+    for name in ("seq_length", "train_iters", "micro_batch_size", "tp", "pp", "vpp", "dp", "log_interval"):
+        if getattr(spec, name) < 1:
+            raise _bad(f"{name} must be >= 1, got {getattr(spec, name)}", name)
+    if spec.precision not in PRECISIONS:
+        raise _bad(f"training.precision must be one of {', '.join(PRECISIONS)}", "training.precision")
+    if spec.recompute not in RECOMPUTE:
+        raise _bad(f"training.recompute must be one of {', '.join(RECOMPUTE)}", "training.recompute")
+    if spec.lr_decay_style not in DECAY_STYLES:
+        raise _bad(f"optimizer.lr_decay_style must be one of {', '.join(DECAY_STYLES)}", "optimizer.lr_decay_style")
+    if not spec.save_dir:
+        raise _bad("checkpoint.save_dir is required", "checkpoint.save_dir")
+    if spec.global_batch_size % (spec.micro_batch_size * spec.dp):
+        raise _bad(f"training.global_batch_size {spec.global_batch_size} must be a multiple of micro_batch_size x data_parallel "
+                   f"= {spec.micro_batch_size} x {spec.dp}", "training.global_batch_size")
+    if spec.sequence_parallel and spec.tp < 2:
+        raise _bad("parallel.sequence_parallel needs tensor_parallel >= 2", "parallel.sequence_parallel")
+    if spec.vpp > 1 and spec.pp < 2:
+        raise _bad("parallel.virtual_pipeline needs pipeline_parallel >= 2", "parallel.virtual_pipeline")
+    if spec.vpp > 1 and spec.num_microbatches % spec.pp:
+        raise _bad(f"an interleaved pipeline needs the {spec.num_microbatches} micro-batches per step to be a multiple of "
+                   f"pipeline_parallel={spec.pp}", "training.global_batch_size")
+    if not 0 <= spec.min_lr <= spec.lr:
+        raise _bad("optimizer.min_lr must be between 0 and optimizer.lr", "optimizer.min_lr")
+    if spec.max_retries < 0:
+        raise _bad("resources.max_retries must be >= 0", "resources.max_retries")
+    if not spec.data_paths:
+        raise _bad("data.paths needs at least one dataset prefix", "data.paths")
+    if any(w <= 0 for _, w in spec.data_paths):
+        raise _bad("data.paths weights must be > 0", "data.paths")
+    parts = spec.split.split(",")
+    if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts) or sum(map(float, parts)) <= 0:
+        raise _bad(f"data.split {spec.split!r} must be three non-negative weights like '98,1,1'", "data.split")
+    for prefix in dataset_prefixes(spec):
+        for ext in (".bin", ".idx"):
+            if not Path(prefix + ext).is_file():
+                raise _bad(f"data path {prefix}{ext} does not exist", "data.paths")
+    arch, padded, tok = resolve_arch(spec)
+    from shared.checkpoints import layout as L
+    from shared.mcore.model import padded_vocab_size
+
+    L.check_tp(arch, spec.tp)
+    L.PipelineLayout.build(arch.num_layers, spec.pp, num_layer_list=list(spec.num_layer_list) or None,
+                           layers_per_virtual_stage=(arch.num_layers // spec.pp // spec.vpp) if spec.vpp > 1 else 0)
+    if spec.vpp > 1 and arch.num_layers % (spec.pp * spec.vpp):
+        raise _bad(f"{arch.num_layers} layers do not split into pipeline_parallel x virtual_pipeline = {spec.pp * spec.vpp} chunks",
+                   "parallel.virtual_pipeline")
+    if spec.seq_length > arch.max_position_embeddings:
+        raise _bad(f"data.seq_length {spec.seq_length} exceeds the model's {arch.max_position_embeddings} positions", "data.seq_length")
+    if padded is not None and padded != padded_vocab_size(arch.vocab_size, 128, spec.tp):
+        raise _bad(f"model.init_from was converted for a different TP (vocab padded to {padded}); convert it again with "
+                   f"--target-tensor-parallel-size {spec.tp}", "model.init_from")
+    if tok is None or not Path(tok).is_dir():
+        raise _bad("no tokenizer: set model.tokenizer (the init checkpoint carries none)", "model.tokenizer")
+
+
+# -- YAML / dict form (mirrors the proto) ------------------------------------------------------------
+
+def spec_from_dict(doc: dict[str, Any]) -> TrainSpec:
+    """A YAML document -> TrainSpec, through the proto so unknown keys are refused by name."""
+    from google.protobuf import json_format
+
+    from protos.trainer.v1 import trainer_pb2 as pb
+    from services.trainer.wire import spec_from_pb
+
+    doc = dict(doc)
+    if isinstance(doc.get("kind"), str) and not doc["kind"].startswith("TRAIN_JOB_KIND_"):
+        doc["kind"] = "TRAIN_JOB_KIND_" + doc["kind"].upper()
+    msg = pb.TrainJobSpec()
+    try:
+        json_format.ParseDict(doc, msg)
+    except json_format.ParseError as e:
+        raise InvalidArgument(f"spec: {e}", field="spec") from None
+    return spec_from_pb(msg)
+
+
+def load_yaml(path: Path) -> TrainSpec:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"spec file {path} does not exist", field="spec") from None
+    except yaml.YAMLError as e:
+        raise InvalidArgument(f"{path}: not valid YAML ({e})", field="spec") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"{path}: a spec must be a mapping of sections", field="spec")
+    return spec_from_dict(doc)

@@ -1,0 +1,266 @@
+"""The training entrypoint run by every rank: ``python -m services.trainer.train SPEC_JSON``.
+
+megatron-core end to end: GPTModel chunks (local spec; CPU/gloo or GPU/nccl from the same code), DDP,
+Megatron's optimizer (FP32 / mixed precision / distributed) with gradient clipping, LR warmup and
+decay, the pipeline schedules (1F1B, interleaved), activation recomputation, and torch_dist
+checkpoints with automatic resume. Rank wiring comes from RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT (set by the Ray driver, or torchrun). The last pipeline stage's first rank reports: one
+``@@metrics {...}`` line per logged step, TensorBoard scalars, and ``<save_dir>/megastack-status.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from services.trainer import checkpointing as ckpt
+from services.trainer.data import batches, build_datasets
+from services.trainer.spec import TrainSpec, resolve_arch
+from shared.atomic import write_text_atomic
+
+logger = logging.getLogger("services.trainer.train")
+STATUS_FILE = "megastack-status.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def flops_per_token(arch, seq_length: int) -> float:
+    """Model FLOPs (forward + backward) per token: 6 N plus the attention score/value products."""
+    n = arch.num_parameters() - (arch.max_position_embeddings * arch.hidden_size if arch.position_embedding == "learned_absolute" else 0)
+    attention = 12 * arch.num_layers * seq_length * arch.num_attention_heads * arch.head_dim
+    return 6.0 * n + attention
+
+
+def _config(spec: TrainSpec, arch):
+    from shared.mcore.model import transformer_config
+
+    extra = {}
+    if spec.recompute == "full":
+        extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif spec.recompute == "selective":
+        extra.update(recompute_granularity="selective")
+    if spec.num_layer_list:
+        if spec.pp != 2:
+            raise ValueError("training supports uneven pipeline splits for PP=2 (first/last stage sizes)")
+        extra.update(num_layers_in_first_pipeline_stage=spec.num_layer_list[0], num_layers_in_last_pipeline_stage=spec.num_layer_list[1])
+    return transformer_config(arch, tp=spec.tp, pp=spec.pp, vpp=spec.vpp if spec.vpp > 1 else None,
+                              params_dtype=DTYPES[spec.precision], sequence_parallel=spec.sequence_parallel, **extra)
+
+
+def build(spec: TrainSpec):
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from shared.mcore.model import build_gpt_model, padded_vocab_size
+
+    arch, _, tok_dir = resolve_arch(spec)
+    config = _config(spec, arch)
+    vocab = padded_vocab_size(arch.vocab_size, 128, spec.tp)
+    chunks = []
+    for v in range(spec.vpp):
+        vp = v if spec.vpp > 1 else None
+        chunks.append(build_gpt_model(
+            arch, config, vocab_size=vocab, vp_stage=vp, max_sequence_length=max(spec.seq_length, arch.max_position_embeddings),
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)))
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=spec.distributed_optimizer,
+                                               overlap_grad_reduce=False)
+    ddp = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
+           for i, m in enumerate(chunks)]
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=spec.lr, min_lr=spec.min_lr, weight_decay=spec.weight_decay, adam_beta1=spec.adam_beta1,
+        adam_beta2=spec.adam_beta2, adam_eps=spec.adam_eps, clip_grad=spec.clip_grad, bf16=spec.precision == "bf16",
+        fp16=spec.precision == "fp16", params_dtype=DTYPES[spec.precision], use_distributed_optimizer=spec.distributed_optimizer,
+        initial_loss_scale=2.0 ** 16 if spec.precision == "fp16" else None,
+    )
+    optimizer = get_megatron_optimizer(opt_config, ddp)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if spec.lr_warmup_iters else spec.lr, max_lr=spec.lr, min_lr=spec.min_lr,
+        lr_warmup_steps=spec.lr_warmup_iters, lr_decay_steps=spec.lr_decay_iters or spec.train_iters,
+        lr_decay_style=spec.lr_decay_style, start_wd=spec.weight_decay, end_wd=spec.weight_decay,
+        wd_incr_steps=spec.train_iters, wd_incr_style="constant",
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [m.no_sync for m in ddp] if len(ddp) > 1 else ddp[0].no_sync
+    return arch, tok_dir, chunks, ddp, optimizer, scheduler
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    mask = batch["loss_mask"].float()
+
+    def loss_func(output_tensor: torch.Tensor):
+        loss = (output_tensor.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        # clone: the schedule divides `loss` in place by the number of micro-batches afterwards
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+class Reporter:
+    """Metrics from the last pipeline stage's first rank: log line, TensorBoard, status file."""
+
+    def __init__(self, spec: TrainSpec, enabled: bool) -> None:
+        self.spec, self.enabled = spec, enabled
+        self.path = Path(spec.save_dir) / STATUS_FILE
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(spec.save_dir) / "tensorboard"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self.tb = None
+        self.last_checkpoint = 0
+
+    def step(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        metrics = {**metrics, "last_checkpoint_step": self.last_checkpoint, "train_iters": self.spec.train_iters,
+                   "updated_unix_s": time.time()}
+        print("@@metrics " + json.dumps(metrics), flush=True)  # noqa: T201 - the job log carries the curve
+        write_text_atomic(self.path, json.dumps(metrics))
+        with open(self.path.with_name("metrics.jsonl"), "a") as f:  # the whole curve, across restarts
+            f.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            step = metrics["step"]
+            for tag, key in (("lm-loss", "loss"), ("learning-rate", "lr"), ("grad-norm", "grad_norm"),
+                             ("throughput/tokens_per_s", "tokens_per_s"), ("throughput/tflops", "tflops"),
+                             ("time/step_s", "step_time_s"), ("validation/lm-loss", "valid_loss")):
+                if key in metrics:
+                    self.tb.add_scalar(tag, metrics[key], step)
+            self.tb.flush()
+
+
+def _mean_loss(losses: list[dict]) -> torch.Tensor | None:
+    from megatron.core import parallel_state as ps
+
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    value = torch.stack([x["lm loss"] for x in losses]).mean() if losses else torch.zeros(())
+    value = value.clone().float()
+    dist.all_reduce(value, group=ps.get_data_parallel_group())
+    return value / ps.get_data_parallel_world_size()
+
+
+def run(spec: TrainSpec) -> int:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from shared.mcore import dist as mdist
+
+    torch.set_num_threads(spec.num_threads or max(1, int(spec.cpus_per_worker)))
+    mdist.init(mdist.Parallelism(tp=spec.tp, pp=spec.pp, vpp=spec.vpp if spec.vpp > 1 else None),
+               backend=spec.backend or None, seed=spec.seed)
+    torch.manual_seed(spec.seed)
+    arch, tok_dir, chunks, ddp, optimizer, scheduler = build(spec)
+    save_dir = Path(spec.save_dir)
+    if dist.get_rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    iteration, consumed = 0, 0
+    latest = None if spec.no_resume else ckpt.latest_iteration(save_dir)
+    if latest is not None:
+        iteration, consumed = ckpt.load(save_dir, latest, models=chunks, optimizer=optimizer, scheduler=scheduler)
+        logger.info("resumed from %s at step %d (%d samples consumed)", save_dir / ckpt.iter_name(latest), iteration, consumed)
+    elif spec.init_from:
+        ckpt.load_weights(Path(spec.init_from), chunks)
+        logger.info("initialised from %s", spec.init_from)
+    from shared.tokenizers import FastTokenizer
+
+    tok = FastTokenizer.from_dir(tok_dir)
+    pad = tok.pad_id if tok.pad_id is not None else tok.eod_id
+    train_ds, valid_ds = build_datasets(spec, tok_dir, pad)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    total = spec.train_iters * spec.global_batch_size
+
+    def iterators(ds, start: int):
+        its = [batches(ds, consumed=start, micro_batch_size=spec.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, total=total)
+               for _ in chunks]
+        return its if len(its) > 1 else its[0]
+
+    data = iterators(train_ds, consumed)
+    fb = get_forward_backward_func()
+    reporter = Reporter(spec, ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+                        and dp_rank == 0)
+    reporter.last_checkpoint = latest or 0
+    per_token = flops_per_token(arch, spec.seq_length)
+    tokens_per_step = spec.global_batch_size * spec.seq_length
+    while iteration < spec.train_iters:
+        t0 = time.perf_counter()
+        for m in ddp:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = fb(forward_step_func=_forward_step, data_iterator=data, model=ddp, num_microbatches=spec.num_microbatches,
+                    seq_length=spec.seq_length, micro_batch_size=spec.micro_batch_size, decoder_seq_length=spec.seq_length,
+                    forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        iteration += 1
+        consumed += spec.global_batch_size
+        loss = _mean_loss(losses)
+        dt = time.perf_counter() - t0
+        metrics = {"step": iteration, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
+                   "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "tflops": per_token * tokens_per_step / dt / 1e12,
+                   "skipped": not ok}
+        if loss is not None:
+            metrics["loss"] = float(loss)
+        if spec.eval_interval and valid_ds is not None and iteration % spec.eval_interval == 0:
+            metrics["valid_loss"] = _evaluate(spec, fb, ddp, valid_ds, dp_rank, dp_size)
+        if iteration % spec.log_interval == 0 or iteration == spec.train_iters:
+            reporter.step(metrics)
+        if (spec.save_interval and iteration % spec.save_interval == 0) or iteration == spec.train_iters:
+            took = ckpt.save(save_dir, iteration, models=chunks, optimizer=optimizer, scheduler=scheduler,
+                             consumed_samples=consumed, keep_last=spec.keep_last)
+            reporter.last_checkpoint = iteration
+            logger.info("saved checkpoint %s in %.1fs", ckpt.iter_name(iteration), took)
+    reporter.step({**metrics, "done": True})
+    mdist.shutdown()
+    return 0
+
+
+def _evaluate(spec, fb, ddp, valid_ds, dp_rank, dp_size) -> float:
+    its = [batches(valid_ds, consumed=0, micro_batch_size=spec.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size) for _ in ddp]
+    values = []
+    for m in ddp:
+        m.eval()
+    with torch.no_grad():
+        for _ in range(spec.eval_iters):
+            out = fb(forward_step_func=_forward_step, data_iterator=its if len(its) > 1 else its[0], model=ddp,
+                     num_microbatches=spec.num_microbatches, seq_length=spec.seq_length, micro_batch_size=spec.micro_batch_size,
+                     decoder_seq_length=spec.seq_length, forward_only=True)
+            loss = _mean_loss(out)
+            if loss is not None:
+                values.append(float(loss))
+    for m in ddp:
+        m.train()
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main(argv: list[str]) -> int:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    spec = TrainSpec.from_json(Path(argv[0]).read_text())
+    return run(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

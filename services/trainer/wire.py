@@ -1,0 +1,70 @@
+"""protobuf <-> trainer types."""
+
+from __future__ import annotations
+
+from protos.trainer.v1 import trainer_pb2 as pb
+from services.trainer.spec import TrainSpec
+from shared.jobs import JobRecord
+from shared.jobs_wire import status_pb
+
+KINDS = {pb.TRAIN_JOB_KIND_PRETRAIN: "pretrain", pb.TRAIN_JOB_KIND_SFT: "sft"}
+KINDS_PB = {v: k for k, v in KINDS.items()}
+
+
+def _or(value, default):
+    return value if value else default
+
+
+def spec_from_pb(s: pb.TrainJobSpec) -> TrainSpec:
+    d, p, o, t, c, r = s.data, s.parallel, s.optimizer, s.training, s.checkpoint, s.resources
+    tp, pp = _or(p.tensor_parallel, 1), _or(p.pipeline_parallel, 1)
+    dp = _or(p.data_parallel, 1)
+    mbs = _or(t.micro_batch_size, 1)
+    return TrainSpec(
+        name=s.name or "train", kind=KINDS.get(s.kind, "pretrain"), seq_length=d.seq_length, train_iters=t.train_iters,
+        save_dir=c.save_dir, data_paths=tuple((x.prefix, x.weight or 1.0) for x in d.paths),
+        init_from=s.model.init_from, architecture=s.model.architecture, tokenizer=s.model.tokenizer,
+        split=d.split or "98,1,1", data_cache_dir=d.cache_dir, tp=tp, pp=pp, vpp=max(1, p.virtual_pipeline), dp=dp,
+        sequence_parallel=p.sequence_parallel, distributed_optimizer=p.distributed_optimizer,
+        num_layer_list=tuple(p.num_layer_list), lr=_or(o.lr, 3e-4), min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=_or(o.adam_beta1, 0.9), adam_beta2=_or(o.adam_beta2, 0.95), adam_eps=_or(o.adam_eps, 1e-8),
+        clip_grad=_or(o.clip_grad, 1.0), lr_warmup_iters=o.lr_warmup_iters, lr_decay_iters=o.lr_decay_iters,
+        lr_decay_style=o.lr_decay_style or "cosine", micro_batch_size=mbs, global_batch_size=_or(t.global_batch_size, mbs * dp),
+        seed=_or(t.seed, 1234), precision=t.precision or "fp32", recompute=t.recompute or "none",
+        log_interval=_or(t.log_interval, 1), eval_interval=t.eval_interval, eval_iters=t.eval_iters,
+        save_interval=c.save_interval, no_resume=c.no_resume, cpus_per_worker=_or(r.cpus_per_worker, 1.0),
+        gpus_per_worker=r.gpus_per_worker, max_retries=r.max_retries, backend=r.backend, num_threads=r.num_threads,
+    )
+
+
+def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
+    return pb.TrainJobSpec(
+        name=s.name, kind=KINDS_PB[s.kind],
+        model=pb.ModelSpec(init_from=s.init_from, architecture=s.architecture, tokenizer=s.tokenizer),
+        data=pb.DataSpec(paths=[pb.DataPath(prefix=p, weight=w) for p, w in s.data_paths], split=s.split,
+                         seq_length=s.seq_length, cache_dir=s.data_cache_dir),
+        parallel=pb.ParallelSpec(tensor_parallel=s.tp, pipeline_parallel=s.pp, virtual_pipeline=s.vpp, data_parallel=s.dp,
+                                 sequence_parallel=s.sequence_parallel, distributed_optimizer=s.distributed_optimizer,
+                                 num_layer_list=s.num_layer_list),
+        optimizer=pb.OptimizerSpec(lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay, adam_beta1=s.adam_beta1,
+                                   adam_beta2=s.adam_beta2, adam_eps=s.adam_eps, clip_grad=s.clip_grad,
+                                   lr_warmup_iters=s.lr_warmup_iters, lr_decay_iters=s.lr_decay_iters, lr_decay_style=s.lr_decay_style),
+        training=pb.TrainingSpec(micro_batch_size=s.micro_batch_size, global_batch_size=s.global_batch_size,
+                                 train_iters=s.train_iters, seed=s.seed, precision=s.precision, recompute=s.recompute,
+                                 log_interval=s.log_interval, eval_interval=s.eval_interval, eval_iters=s.eval_iters),
+        checkpoint=pb.CheckpointSpec(save_dir=s.save_dir, save_interval=s.save_interval, no_resume=s.no_resume),
+        resources=pb.ResourceSpec(cpus_per_worker=s.cpus_per_worker, gpus_per_worker=s.gpus_per_worker,
+                                  max_retries=s.max_retries, backend=s.backend, num_threads=s.num_threads),
+    )
+
+
+def job_pb(rec: JobRecord) -> pb.TrainJob:
+    m = rec.extra.get("metrics") or {}
+    return pb.TrainJob(
+        status=status_pb(rec), spec=spec_to_pb(TrainSpec.from_json(rec.spec["json"])),
+        metrics=pb.TrainMetrics(step=int(m.get("step", 0)), loss=m.get("loss", 0.0), lr=m.get("lr", 0.0),
+                                grad_norm=m.get("grad_norm", 0.0), tokens_per_s=m.get("tokens_per_s", 0.0),
+                                tflops=m.get("tflops", 0.0), step_time_s=m.get("step_time_s", 0.0),
+                                last_checkpoint_step=int(m.get("last_checkpoint_step", 0))),
+        ray_submission_id=rec.extra.get("submission_id", ""), ray_address=rec.extra.get("ray_address", ""),
+    )

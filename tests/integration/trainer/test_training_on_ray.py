@@ -1,0 +1,124 @@
+"""Real megatron-core training through the trainer service on a real local Ray head (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import grpc
+import pytest
+
+from protos.common.v1 import common_pb2
+from protos.trainer.v1 import trainer_pb2 as pb
+from services.trainer.spec import spec_from_dict
+from services.trainer.wire import spec_to_pb
+from tests.integration.trainer.conftest import curve, spec_doc, wait_for
+
+
+def submit(stub, assets, save_dir, **over) -> str:
+    spec = spec_from_dict(spec_doc(assets, save_dir, **over))
+    return stub.SubmitTrainJob(pb.SubmitTrainJobRequest(spec=spec_to_pb(spec))).job_id
+
+
+def follow(stub, job_id):
+    last = None
+    for ev in stub.WatchTrainJob(pb.WatchTrainJobRequest(job_id=job_id), timeout=600):
+        last = ev.job
+    return last
+
+
+def falls(losses: dict[int, float]) -> bool:
+    steps = sorted(losses)
+    first = sum(losses[s] for s in steps[:3]) / 3
+    last = sum(losses[s] for s in steps[-3:]) / 3
+    return last < first - 0.05
+
+
+@pytest.mark.parametrize("parallel", [{"tensor_parallel": 2}, {"tensor_parallel": 1, "pipeline_parallel": 2}], ids=["tp2", "pp2"])
+def test_trains_20_steps_and_the_loss_goes_down(trainer, train_assets, tmp_path, parallel):
+    stub, _, _ = trainer
+    job_id = submit(stub, train_assets, tmp_path / "run", parallel=parallel)
+    job = follow(stub, job_id)
+    assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.error
+    assert job.metrics.step == 20 and job.metrics.tokens_per_s > 0 and job.metrics.last_checkpoint_step == 20
+    losses = curve(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 21)) and falls(losses), losses
+    assert (tmp_path / "run" / "iter_0000020").is_dir() and (tmp_path / "run" / "tensorboard").is_dir()
+    assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text() == "20"
+    assert not list((tmp_path / "run").glob(".tmp-*"))
+
+
+def test_a_killed_rank_resumes_from_its_checkpoint_with_the_same_curve(trainer, train_assets, tmp_path):
+    stub, _, _ = trainer
+    steady = follow(stub, submit(stub, train_assets, tmp_path / "steady"))
+    assert steady.status.state == common_pb2.JOB_STATE_SUCCEEDED, steady.status.error
+    job_id = submit(stub, train_assets, tmp_path / "killed", resources={"max_retries": 1})
+    status = tmp_path / "killed" / "megastack-status.json"
+    wait_for(lambda: status.is_file() and json.loads(status.read_text())["step"] >= 8, 300, "step 8")
+    pids = json.loads((tmp_path / "killed" / "megastack-attempt.json").read_text())["pids"]
+    os.kill(pids[1], signal.SIGKILL)  # rank 1 dies mid-run
+    job = follow(stub, job_id)
+    assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.error
+    assert job.status.attempt == 2
+    a, b = curve(tmp_path / "steady"), curve(tmp_path / "killed")
+    assert sorted(b) == list(range(1, 21))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5, {s: (a[s], b[s]) for s in a}
+
+
+def test_cancel_stops_every_rank(trainer, train_assets, tmp_path):
+    stub, _, _ = trainer
+    job_id = submit(stub, train_assets, tmp_path / "run", training={"train_iters": 400})
+    status = tmp_path / "run" / "megastack-status.json"
+    wait_for(lambda: status.is_file(), 300, "first step")
+    pids = json.loads((tmp_path / "run" / "megastack-attempt.json").read_text())["pids"]
+    job = stub.CancelTrainJob(pb.CancelTrainJobRequest(job_id=job_id, reason="enough")).job
+    assert job.status.state == common_pb2.JOB_STATE_CANCELLED and job.status.error == "enough"
+
+    def all_gone():
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        return not alive
+
+    wait_for(all_gone, 30, "ranks to exit")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.CancelTrainJob(pb.CancelTrainJobRequest(job_id=job_id))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_bad_spec_is_rejected_before_anything_is_submitted(trainer, train_assets, tmp_path):
+    stub, store, launcher = trainer
+    before = len(launcher.client.list_jobs())
+    with pytest.raises(grpc.RpcError) as e:
+        submit(stub, train_assets, tmp_path / "run", training={"global_batch_size": 7})
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "global_batch_size" in e.value.details()
+    assert len(launcher.client.list_jobs()) == before
+
+
+def test_logs_list_and_a_restarted_launcher_keeps_following(trainer, train_assets, tmp_path, ray_head):
+    from services.trainer.launcher import RayLauncher
+    from shared.jobs import JobStore
+
+    stub, store, launcher = trainer
+    job_id = submit(stub, train_assets, tmp_path / "run", training={"train_iters": 10})
+    wait_for(lambda: (tmp_path / "run" / "megastack-status.json").is_file(), 300, "first step")
+    # a second launcher over the same records, as after a restart: the running job is listed and followed
+    again = RayLauncher(JobStore(store.root, "train"), ray_address=ray_head, poll_interval_s=0.5)
+    assert job_id in [r.job_id for r in again.store.list()]
+    again.start()
+    try:
+        wait_for(lambda: again.store.get(job_id).terminal, 300, "job end seen by the new launcher")
+        assert again.store.get(job_id).state == "succeeded"
+    finally:
+        again.stop()
+    lines = [line for chunk in stub.GetTrainJobLogs(pb.GetTrainJobLogsRequest(job_id=job_id, follow=True)) for line in chunk.lines]
+    assert any("@@metrics" in line for line in lines) and any("training finished" in line for line in lines)
+    listed = stub.ListTrainJobs(pb.ListTrainJobsRequest()).jobs
+    assert job_id in [j.status.job_id for j in listed]
+    ray_jobs = {j.submission_id: j.metadata for j in launcher.client.list_jobs()}
+    assert ray_jobs[job_id]["megastack_job_id"] == job_id and ray_jobs[job_id]["megastack_parallel"].startswith("tp=2")

@@ -1,0 +1,71 @@
+"""Bad TrainJobSpecs are refused up front, naming the field."""
+
+import json
+
+import pytest
+
+from services.trainer.spec import spec_from_dict, validate
+from shared.errors import InvalidArgument
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_tokenizer, tiny_models):
+    from services.converter.conversion import ConvertSpec, convert
+    from tools.preprocess.pipeline import Options, run
+
+    root = tmp_path_factory.mktemp("spec")
+    convert(ConvertSpec(load_dir=tiny_models["llama"], save_dir=root / "mc", target_format="mcore"))
+    convert(ConvertSpec(load_dir=tiny_models["llama"], save_dir=root / "legacy", target_format="legacy"))
+    (root / "c.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    run(Options(input=root / "c.jsonl", output_prefix=str(root / "d"), tokenizer_name_or_path=tiny_tokenizer))
+    return root
+
+
+def doc(root, **over):
+    d = {"name": "x", "kind": "pretrain", "model": {"init_from": str(root / "mc")},
+         "data": {"paths": [{"prefix": str(root / "d_text_document")}], "seq_length": 32},
+         "training": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 5},
+         "checkpoint": {"save_dir": str(root / "run")}}
+    for k, v in over.items():
+        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+    return d
+
+
+def test_a_good_spec_passes_and_defaults_apply(assets):
+    spec = spec_from_dict(doc(assets))
+    validate(spec)
+    assert spec.world_size == 1 and spec.num_microbatches == 2 and spec.lr_decay_style == "cosine" and spec.precision == "fp32"
+
+
+@pytest.mark.parametrize("over,field,fragment", [
+    ({"parallel": {"tensor_parallel": 3}}, "target_tensor_parallel_size", "TP=3 does not divide the 4 attention heads"),
+    ({"training": {"global_batch_size": 5}}, "training.global_batch_size", "must be a multiple of micro_batch_size x data_parallel"),
+    ({"data": {"paths": [{"prefix": "/nope/d"}], "seq_length": 32}}, "data.paths", "data path /nope/d.bin does not exist"),
+    ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel", "needs tensor_parallel >= 2"),
+    ({"data": {"seq_length": 4096}}, "data.seq_length", "exceeds the model's 256 positions"),
+    ({"training": {"precision": "fp8"}}, "training.precision", "must be one of fp32, bf16, fp16"),
+    ({"parallel": {"pipeline_parallel": 3}}, "target_pipeline_parallel_size", "PP=3 does not divide 2 layers"),
+    ({"checkpoint": {"save_dir": ""}}, "checkpoint.save_dir", "is required"),
+    ({"data": {"split": "90,10"}}, "data.split", "three non-negative weights"),
+])
+def test_bad_specs_name_the_field(assets, over, field, fragment):
+    with pytest.raises(InvalidArgument, match=fragment) as e:
+        validate(spec_from_dict(doc(assets, **over)))
+    assert e.value.field == field
+
+
+def test_init_from_must_be_torch_dist_and_fit_the_tp(assets):
+    with pytest.raises(InvalidArgument, match="must be a torch_dist"):
+        validate(spec_from_dict(doc(assets, model={"init_from": str(assets / "legacy")})))
+
+
+def test_unknown_yaml_key_is_refused_by_name(assets, tmp_path):
+    d = doc(assets)
+    d["training"]["trian_iters"] = 5
+    with pytest.raises(InvalidArgument, match='has no field named "trian_iters"'):
+        spec_from_dict(d)
+    (tmp_path / "s.yaml").write_text("name: [unclosed")
+    from services.trainer.spec import load_yaml
+
+    with pytest.raises(InvalidArgument, match="not valid YAML"):
+        load_yaml(tmp_path / "s.yaml")

@@ -1,0 +1,124 @@
+"""`megastack train`: submit typed training jobs to the trainer service and follow them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_SERVER = "127.0.0.1:50053"
+
+
+def _stub(server: str):
+    from protos.trainer.v1 import trainer_pb2_grpc as pb_grpc
+    from shared.grpc.channel import make_channel
+
+    channel = make_channel(server)
+    return channel, pb_grpc.TrainerServiceStub(channel)
+
+
+def _state(job) -> str:
+    from protos.common.v1 import common_pb2
+
+    return common_pb2.JobState.Name(job.status.state).removeprefix("JOB_STATE_").lower()
+
+
+def _line(job) -> str:
+    m = job.metrics
+    parts = [f"{job.status.job_id}  {_state(job):<9}  {job.spec.name}", f"step {m.step}/{job.spec.training.train_iters}"]
+    if m.step:
+        parts += [f"loss {m.loss:.4f}", f"lr {m.lr:.3g}", f"{m.tokens_per_s:,.0f} tok/s", f"{m.tflops * 1000:.2f} GFLOP/s"]
+    if job.status.attempt > 1:
+        parts.append(f"attempt {job.status.attempt}")
+    if job.status.error:
+        parts.append(f"({job.status.error})")
+    return "  ".join(parts)
+
+
+def submit(a: argparse.Namespace) -> int:
+    from protos.trainer.v1 import trainer_pb2 as pb
+    from services.trainer.spec import load_yaml, validate
+    from services.trainer.wire import spec_to_pb
+    from tools.cli.rpc import rpc
+
+    spec = load_yaml(a.spec)
+    validate(spec)  # fail here, with the field named, before anything is sent
+    channel, stub = _stub(a.server)
+    with channel:
+        job_id = rpc(stub.SubmitTrainJob, pb.SubmitTrainJobRequest(spec=spec_to_pb(spec))).job_id
+        print(job_id)
+        if not a.follow:
+            return 0
+        last = None
+        for ev in rpc(stub.WatchTrainJob, pb.WatchTrainJobRequest(job_id=job_id), stream=True):
+            line = _line(ev.job)
+            if line != last:
+                print(line, flush=True)
+                last = line
+        return 0 if ev.job.status.error == "" and _state(ev.job) == "succeeded" else 1
+
+
+def status(a: argparse.Namespace) -> int:
+    from protos.trainer.v1 import trainer_pb2 as pb
+    from tools.cli.rpc import rpc
+
+    channel, stub = _stub(a.server)
+    with channel:
+        print(_line(rpc(stub.GetTrainJob, pb.GetTrainJobRequest(job_id=a.job_id)).job))
+    return 0
+
+
+def logs(a: argparse.Namespace) -> int:
+    from protos.trainer.v1 import trainer_pb2 as pb
+    from tools.cli.rpc import rpc
+
+    channel, stub = _stub(a.server)
+    with channel:
+        for chunk in rpc(stub.GetTrainJobLogs, pb.GetTrainJobLogsRequest(job_id=a.job_id, follow=a.follow), stream=True):
+            for line in chunk.lines:
+                print(line, flush=True)
+    return 0
+
+
+def cancel(a: argparse.Namespace) -> int:
+    from protos.trainer.v1 import trainer_pb2 as pb
+    from tools.cli.rpc import rpc
+
+    channel, stub = _stub(a.server)
+    with channel:
+        print(_line(rpc(stub.CancelTrainJob, pb.CancelTrainJobRequest(job_id=a.job_id, reason=a.reason)).job))
+    return 0
+
+
+def list_jobs(a: argparse.Namespace) -> int:
+    from protos.trainer.v1 import trainer_pb2 as pb
+    from tools.cli.rpc import rpc
+
+    channel, stub = _stub(a.server)
+    with channel:
+        for job in rpc(stub.ListTrainJobs, pb.ListTrainJobsRequest(limit=a.limit)).jobs:
+            print(_line(job))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="submit and follow megatron-core training jobs on Ray")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="trainer service address (default %(default)s)")
+    tsub = p.add_subparsers(dest="train_cmd", required=True)
+    s = tsub.add_parser("submit", help="validate a TrainJobSpec YAML and submit it")
+    s.add_argument("spec", type=Path)
+    s.add_argument("--follow", "-f", action="store_true", help="follow progress until the job ends")
+    s.set_defaults(func=submit)
+    st = tsub.add_parser("status", help="one job's state and latest metrics")
+    st.add_argument("job_id")
+    st.set_defaults(func=status)
+    lg = tsub.add_parser("logs", help="a job's log (all ranks)")
+    lg.add_argument("job_id")
+    lg.add_argument("--follow", "-f", action="store_true")
+    lg.set_defaults(func=logs)
+    c = tsub.add_parser("cancel", help="stop every rank of a job")
+    c.add_argument("job_id")
+    c.add_argument("--reason", default="cancelled from the CLI")
+    c.set_defaults(func=cancel)
+    ls = tsub.add_parser("list", help="jobs, newest first")
+    ls.add_argument("--limit", type=int, default=20)
+    ls.set_defaults(func=list_jobs)
