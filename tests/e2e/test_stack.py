@@ -48,7 +48,7 @@ def test_every_service_serves_metrics(stack):
     assert {p.name for p in served} >= {"textgen", "converter", "trainer", "gateway"}
     for p in served:
         text = requests.get(p.endpoints["metrics"], timeout=10).text
-        assert f'megastack_build_info{{python=' in text and "megastack_rpc_" in text or p.name == "gateway"
+        assert 'megastack_build_info{python=' in text and "megastack_rpc_" in text or p.name == "gateway"
 
 
 def test_down_leaves_no_process(tmp_path, tiny_models):
