@@ -53,7 +53,7 @@ class StackOptions:
     model_dir: Path = DEFAULT_MODEL_DIR
     replicas: int = 1
     free_ports: bool = False
-    services: tuple[str, ...] = ("textgen", "converter", "trainer", "gateway")
+    services: tuple[str, ...] = ("textgen", "converter", "trainer", "evaluator", "gateway")
     extra_env: dict[str, str] = field(default_factory=dict)
     textgen_env: dict[str, str] = field(default_factory=dict)
     gateway_port: int = 5000

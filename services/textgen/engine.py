@@ -54,6 +54,11 @@ class SequenceRequest:
     prompt_logprobs: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs_from: int = 0  # score prompt positions max(1, this)..n-1
+
+    @property
+    def scored_from(self) -> int:
+        return max(1, self.prompt_logprobs_from)
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,15 @@ class SequenceHandle:
             if isinstance(ev, SequenceResult):
                 return ev
         raise AssertionError("unreachable")
+
+
+def _shared_key(s: _Seq) -> tuple | None:
+    """Scoring-only sequences (prompt log-probs, nothing generated) with the same key differ only in their
+    last prompt token, e.g. the answers of a multiple-choice question: one forward pass scores them all."""
+    r = s.req
+    if r.stopping.max_new_tokens == 0 and r.prompt_logprobs and r.scored_from < len(r.prompt_ids):
+        return (r.prompt_ids[:-1], r.top_logprobs, r.scored_from)
+    return None
 
 
 @dataclass(eq=False)
@@ -295,15 +309,26 @@ class Engine:
         M.KV_CACHE_USAGE.set(len(self._running) / self.cache.num_slots)
 
     def _admit(self) -> list[_Seq]:
-        """Pop waiting sequences that fit in free slots and the prefill token budget (lock held)."""
+        """Pop waiting sequences that fit in free slots and the prefill token budget (lock held).
+
+        A scoring-only sequence that shares all but its last token with one already admitted rides on
+        that one's forward pass (see ``_shared_key``): it takes no slot and no prefill budget.
+        """
         group: list[_Seq] = []
+        keys: set[tuple] = set()
         longest = 0
-        while self._waiting and self._free_slots:
+        while self._waiting:
             s = self._waiting[0]
             if s.handle.cancelled:
                 self._waiting.popleft()
                 self._finish(s, CANCELLED)
                 continue
+            key = _shared_key(s)
+            if key is not None and key in keys:
+                group.append(self._waiting.popleft())
+                continue
+            if not self._free_slots:
+                break
             n = len(s.req.prompt_ids)
             if group and max(longest, n) * (len(group) + 1) > self.cfg.max_prefill_tokens:
                 break
@@ -311,6 +336,8 @@ class Engine:
             s.slot = heapq.heappop(self._free_slots)
             longest = max(longest, n)
             group.append(s)
+            if key is not None:
+                keys.add(key)
         return group
 
     def _reap_cancelled(self) -> None:
@@ -322,46 +349,77 @@ class Engine:
         for s in group:
             s.started_at = now
             M.QUEUE_TIME.observe(now - s.submitted_at)
-        lengths = [len(s.req.prompt_ids) for s in group]
+        # Scoring-only requests that differ only in their last token (the answers of a multiple-choice
+        # question) share one forward pass: the distribution over that last token is the same for all.
+        reps: dict[tuple, _Seq] = {}
+        followers: list[tuple[_Seq, _Seq]] = []
+        compute: list[_Seq] = []
+        for s in group:
+            key = _shared_key(s)
+            if key is not None:
+                if key in reps:
+                    followers.append((s, reps[key]))
+                    continue
+                reps[key] = s
+            compute.append(s)
+        lengths = [len(s.req.prompt_ids) for s in compute]
         T = max(lengths)
-        tokens = torch.zeros((len(group), T), dtype=torch.long)
-        for j, s in enumerate(group):
+        tokens = torch.zeros((len(compute), T), dtype=torch.long)
+        for j, s in enumerate(compute):
             tokens[j, : lengths[j]] = torch.tensor(s.req.prompt_ids, dtype=torch.long)
-        slots = torch.tensor([s.slot for s in group], dtype=torch.long)
+        slots = torch.tensor([s.slot for s in compute], dtype=torch.long)
         t0 = time.perf_counter()
+        last_rows: dict[int, torch.Tensor] = {}
         try:
             hidden = self.model.prefill(tokens.to(self.model.device), slots.to(self.model.device), self.cache)
-            last = torch.stack([hidden[j, n - 1] for j, n in enumerate(lengths)])
-            last_logits = self.model.logits(last)
-            for j, s in enumerate(group):
-                if s.req.prompt_logprobs:
-                    self._score_prompt(s, hidden[j, : lengths[j]])
+            decoding = [j for j, s in enumerate(compute) if s.req.stopping.max_new_tokens > 0]
+            last_logits = self.model.logits(torch.stack([hidden[j, lengths[j] - 1] for j in decoding])) if decoding else None
+            scoring = [j for j, s in enumerate(compute) if s.req.prompt_logprobs]
+            if scoring:
+                # one lm-head matmul for every scored position of the group (not one per sequence)
+                spans = [(compute[j].req.scored_from - 1, lengths[j] - 1) for j in scoring]
+                flat = torch.cat([hidden[j, a:b] for j, (a, b) in zip(scoring, spans) if b > a] or [hidden[0, :0]])
+                logp = torch.log_softmax(self.model.logits(flat).float(), dim=-1) if len(flat) else None
+                start = 0
+                for j, (a, b) in zip(scoring, spans):
+                    n = max(0, b - a)
+                    last_rows[id(compute[j])] = self._score_prompt(compute[j], logp[start : start + n] if n else None)
+                    start += n
         except Exception as e:  # noqa: BLE001
             logger.exception("prefill failed for %d sequences", len(group))
             for s in group:
                 self._finish(s, ERROR, error=f"generation failed: {type(e).__name__}")
             return
         M.FORWARD_TIME.labels("prefill").observe(time.perf_counter() - t0)
-        M.PROMPT_TOKENS.inc(sum(lengths))
-        for j, s in enumerate(group):
-            s.next_pos = lengths[j]
-            M.REQUEST_PROMPT_TOKENS.observe(lengths[j])
+        M.PROMPT_TOKENS.inc(sum(len(s.req.prompt_ids) for s in group))
+        for s, rep in followers:
+            row = last_rows[id(rep)]
+            s.prompt_logprobs = [*rep.prompt_logprobs[:-1], float(row[s.req.prompt_ids[-1]])]
+            s.prompt_top = list(rep.prompt_top) if rep.prompt_top is not None else None
+        for s in group:
+            s.next_pos = len(s.req.prompt_ids)
+            M.REQUEST_PROMPT_TOKENS.observe(s.next_pos)
             if s.req.stopping.max_new_tokens == 0:
                 self._finish(s, LENGTH)
             else:
                 self._running.append(s)
-        rows = [j for j, s in enumerate(group) if s.slot >= 0]
+        rows = [k for k, j in enumerate(decoding) if compute[j].slot >= 0]
         if rows:
-            self._choose_and_accept([group[j] for j in rows], last_logits[rows])
+            self._choose_and_accept([compute[decoding[k]] for k in rows], last_logits[rows])
         self._running.sort(key=lambda x: x.slot)
 
-    def _score_prompt(self, s: _Seq, hidden: torch.Tensor) -> None:
-        ids = torch.tensor(s.req.prompt_ids[1:], dtype=torch.long, device=hidden.device)
-        logp = torch.log_softmax(self.model.logits(hidden[:-1]), dim=-1)
+    def _score_prompt(self, s: _Seq, logp: torch.Tensor | None) -> torch.Tensor | None:
+        """Prompt log-probs (and top-k) of ``s`` from its rows of log-probs (row i predicts prompt token
+        ``scored_from + i``); returns the row that predicts its last token."""
+        if logp is None:
+            s.prompt_logprobs, s.prompt_top = [], [] if s.req.top_logprobs else None
+            return None
+        ids = torch.tensor(s.req.prompt_ids[s.req.scored_from :], dtype=torch.long, device=logp.device)
         s.prompt_logprobs = logp.gather(-1, ids[:, None]).squeeze(-1).tolist()
         if s.req.top_logprobs:
             vals, idx = torch.topk(logp, s.req.top_logprobs, dim=-1)
             s.prompt_top = [TopK(tuple(i), tuple(v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        return logp[-1]
 
     def _decode(self) -> None:
         seqs = self._running

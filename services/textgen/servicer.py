@@ -76,6 +76,9 @@ class TextGenServicer(pb_grpc.TextGenServiceServicer):
                 )
 
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
+        if request.texts:
+            return pb.TokenizeResponse(encoded=[pb.TokenIds(ids=self.tok.encode(t, add_special_tokens=request.add_special_tokens))
+                                                for t in request.texts])
         ids = self.tok.encode(request.text, add_special_tokens=request.add_special_tokens)
         return pb.TokenizeResponse(ids=ids, tokens=self.tok.token_texts(ids))
 

@@ -84,12 +84,15 @@ def sequence_requests(
         raise InvalidArgument(f"Maximum number of prompts is {max_prompts}", field="prompts")
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}", field="top_logprobs")
+    if params.prompt_logprobs_from < 0:
+        raise InvalidArgument("prompt_logprobs_from must be >= 0", field="prompt_logprobs_from")
     sampling = sampling_spec(params.sampling)
     stopping = stop_spec(params.stopping)
     return [
         SequenceRequest(
             prompt_ids=prompt_ids(p, tok, params.add_bos), sampling=sampling, stopping=stopping,
             prompt_logprobs=params.prompt_logprobs, logprobs=params.logprobs, top_logprobs=params.top_logprobs,
+            prompt_logprobs_from=params.prompt_logprobs_from,
         )
         for p in prompts
     ]

@@ -89,3 +89,30 @@ def test_tokenize_detokenize_and_info(stub):
     with pytest.raises(grpc.RpcError) as e:
         s.Detokenize(pb.DetokenizeRequest(ids=[10**7]))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_tokenize_many_texts_in_one_call(stub):
+    s, _ = stub
+    texts = ["Hello world", "", "one two three", "Hello world"]
+    got = [list(e.ids) for e in s.Tokenize(pb.TokenizeRequest(texts=texts)).encoded]
+    assert got == [list(s.Tokenize(pb.TokenizeRequest(text=t)).ids) for t in texts]
+
+
+def test_prompt_logprobs_from_returns_the_tail_only(stub):
+    s, _ = stub
+    ids = list(s.Tokenize(pb.TokenizeRequest(text="the cat sat on the mat and then")).ids)
+    prompt = [pb.Prompt(tokens=pb.TokenIds(ids=ids))]
+
+    def score(first):
+        p = params(0, prompt_logprobs=True, top_logprobs=2, prompt_logprobs_from=first)
+        return s.Generate(pb.GenerateRequest(prompts=prompt, params=p)).completions[0]
+
+    full = score(0)
+    assert len(full.prompt_logprobs) == len(ids) - 1
+    assert list(score(1).prompt_logprobs) == pytest.approx(list(full.prompt_logprobs), abs=1e-5)
+    tail = score(5)
+    assert list(tail.prompt_logprobs) == pytest.approx(list(full.prompt_logprobs)[4:], abs=1e-5)
+    assert [list(t.token_ids) for t in tail.prompt_top_logprobs] == [list(t.token_ids) for t in full.prompt_top_logprobs][4:]
+    with pytest.raises(grpc.RpcError) as e:
+        score(-1)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs_from" in e.value.details()

@@ -17,6 +17,7 @@ COMMANDS = (
     "tools.preprocess.cli",
     "tools.preprocess.dataset_cli",
     "tools.cli.train",
+    "tools.cli.eval",
     "tools.demo",
 )
 

@@ -79,6 +79,24 @@ def test_prompt_logprobs_match_hf(served, hf):
     assert all(len(t.ids) == 3 and t.logprobs[0] >= lp - 1e-6 for t, lp in zip(r.prompt_top, r.prompt_logprobs))
 
 
+def test_scoring_answers_that_share_a_context_matches_scoring_each_alone(served, hf):
+    """Multiple-choice scoring: prompts equal but for the last token share one forward pass."""
+    ctx = served.tokenizer.encode(PROMPTS[1])
+    answers = [ctx + [t] for t in (5, 17, 40)] + [ctx[:-2] + [9], ctx + [5, 6], ctx[:1]]
+    batch = served.engine.submit([req(a, n=0, prompt_logprobs=True, top_logprobs=2) for a in answers]
+                                 + [req(ctx, n=4)])
+    together = [h.result() for h in batch]
+    for a, got in zip(answers, together):
+        alone = served.engine.submit([req(a, n=0, prompt_logprobs=True, top_logprobs=2)])[0].result()
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([a])).logits[0, :-1], -1).gather(-1, torch.tensor(a[1:])[:, None])[:, 0]
+        assert len(got.prompt_logprobs) == len(a) - 1 and got.token_ids == []
+        assert torch.allclose(torch.tensor(got.prompt_logprobs), torch.tensor(alone.prompt_logprobs), atol=1e-5)
+        assert torch.allclose(torch.tensor(got.prompt_logprobs), ref, atol=1e-4)
+        assert [t.ids for t in got.prompt_top] == [t.ids for t in alone.prompt_top]
+    assert together[-1].token_ids == greedy_ref(hf, ctx, 4)
+
+
 def test_continuous_batching_matches_one_at_a_time(served, hf):
     """Different lengths in one batch, plus one sequence joining while the others decode."""
     tok = served.tokenizer

@@ -1,0 +1,180 @@
+"""One evaluation: lm-eval's simple_evaluate on a served model, results kept on disk.
+
+Models: a textgen gRPC address (``TextgenLM``), an HF folder (lm-eval's own ``hf`` model) or an
+OpenAI ``/v1/completions`` URL (lm-eval's ``local-completions`` with the server's tokenizer routes).
+Task names are checked against lm-eval's index plus the shipped offline suite; a dataset that is not
+available offline fails with the place it was expected. LM responses are cached per run
+(``use_cache``), so a re-run after a failure does not redo the requests already answered.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import FailedPrecondition, InvalidArgument
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    tasks: tuple[str, ...]
+    textgen_address: str = ""
+    hf_checkpoint: str = ""
+    completions_url: str = ""
+    num_fewshot: int = -1          # -1 = the task's default
+    limit: int = 0                 # 0 = every document
+    batch_size: int = 16
+    seed: int = 1234
+    include_paths: tuple[str, ...] = ()
+    name: str = ""
+    apply_chat_template: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def model_kind(self) -> str:
+        kinds = [k for k in ("textgen_address", "hf_checkpoint", "completions_url") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise InvalidArgument("give exactly one model: textgen_address, hf_checkpoint or completions_url", field="model")
+        return kinds[0]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tasks"], d["include_paths"] = list(self.tasks), list(self.include_paths)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EvalSpec:
+        return cls(**{**d, "tasks": tuple(d["tasks"]), "include_paths": tuple(d["include_paths"])})
+
+
+def offline_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def task_manager(include_paths: tuple[str, ...] = ()):
+    from lm_eval.tasks import TaskManager
+
+    from services.evaluator.suite import render
+
+    for p in include_paths:
+        if not Path(p).is_dir():
+            raise InvalidArgument(f"include path {p} is not a folder", field="include_paths")
+    return TaskManager(include_path=[str(render()), *include_paths])
+
+
+def check_tasks(tasks: tuple[str, ...], known: list[str]) -> None:
+    if not tasks:
+        raise InvalidArgument("tasks is empty (try megastack_suite)", field="tasks")
+    known_set = set(known)
+    for t in tasks:
+        if t not in known_set:
+            close = difflib.get_close_matches(t, known, n=5, cutoff=0.6)
+            hint = f"; close names: {', '.join(close)}" if close else ""
+            raise InvalidArgument(f"unknown task {t!r}{hint}", field="tasks")
+
+
+def check_spec(spec: EvalSpec, known: list[str]) -> None:
+    kind = spec.model_kind()
+    if spec.limit < 0:
+        raise InvalidArgument("limit must be > 0 (or unset for every document)", field="limit")
+    if spec.batch_size < 1:
+        raise InvalidArgument("batch_size must be >= 1", field="batch_size")
+    if kind == "hf_checkpoint" and not (Path(spec.hf_checkpoint) / "config.json").is_file():
+        raise InvalidArgument(f"hf_checkpoint {spec.hf_checkpoint} is not an HF folder (no config.json)", field="hf_checkpoint")
+    check_tasks(spec.tasks, known)
+
+
+def check_reachable(spec: EvalSpec) -> None:
+    """The model must answer before a job exists (no run that only fails later)."""
+    import requests
+
+    from shared.grpc.channel import check_health, make_channel
+
+    if spec.textgen_address:
+        with make_channel(spec.textgen_address) as ch:
+            if not check_health(ch, "megastack.textgen.v1.TextGenService", timeout_s=3):
+                raise FailedPrecondition(f"textgen at {spec.textgen_address} is not reachable or not serving", field="textgen_address")
+    elif spec.completions_url:
+        base = spec.completions_url.split("/v1/")[0]
+        try:
+            ok = requests.get(f"{base}/v1/models", timeout=5).status_code == 200
+        except requests.RequestException:
+            ok = False
+        if not ok:
+            raise FailedPrecondition(f"{spec.completions_url} is not reachable (GET {base}/v1/models failed)", field="completions_url")
+
+
+def _model(spec: EvalSpec, progress: Progress):
+    if spec.textgen_address:
+        from services.evaluator.lm import TextgenLM
+
+        return TextgenLM(spec.textgen_address, batch_size=spec.batch_size, progress=progress), None
+    if spec.hf_checkpoint:
+        return "hf", {"pretrained": spec.hf_checkpoint, "dtype": "float32"}
+    import requests
+
+    base = spec.completions_url.split("/v1/")[0]
+    model_name = requests.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+    return "local-completions", {"model": model_name, "base_url": spec.completions_url, "tokenizer_backend": "remote",
+                                 "num_concurrent": 1, "max_retries": 1, "tokenized_requests": True}
+
+
+def _dataset_hint(e: BaseException, tasks: tuple[str, ...]) -> FailedPrecondition | None:
+    text = f"{type(e).__name__}: {e}"
+    markers = ("offline", "Couldn't reach", "ConnectionError", "LocalEntryNotFoundError", "HF_HUB_OFFLINE", "not found on the Hub",
+               "DatasetNotFoundError", "FileNotFoundError")
+    if not any(m in text for m in markers):
+        return None
+    cache = os.environ.get("HF_DATASETS_CACHE") or str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "datasets")
+    return FailedPrecondition(
+        f"the data of {', '.join(tasks)} is not available offline: put the dataset in the HF datasets cache ({cache}) "
+        f"with `datasets` on a connected machine and copy it here, or define the task with local data files "
+        f"(include_paths). Loader said: {text.splitlines()[0][:300]}", field="tasks")
+
+
+def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: None) -> dict[str, Any]:
+    """Evaluate; write results.json and summary.md into ``work_dir``; return the result record."""
+    offline_env()
+    import lm_eval
+    import lm_eval.models  # noqa: F401 - registers the built-in models (lm-eval only does it while its registry is empty)
+    from lm_eval.utils import make_table
+
+    t0 = time.perf_counter()
+    tm = task_manager(spec.include_paths)
+    check_spec(spec, tm.all_tasks)
+    model, model_args = _model(spec, progress)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        results = lm_eval.simple_evaluate(
+            model=model, model_args=model_args, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot if spec.num_fewshot >= 0 else None,
+            limit=spec.limit or None, batch_size=spec.batch_size, task_manager=tm, bootstrap_iters=0, log_samples=False,
+            use_cache=str(work_dir / "lm-cache"), random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
+            fewshot_random_seed=spec.seed, apply_chat_template=spec.apply_chat_template,
+        )
+    except Exception as e:
+        hint = _dataset_hint(e, spec.tasks)
+        if hint is not None:
+            raise hint from None
+        raise
+    seconds = time.perf_counter() - t0
+    results_path = work_dir / "results.json"
+    results_path.write_text(json.dumps(results, indent=1, default=str))
+    summary = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+    (work_dir / "summary.md").write_text(summary)
+    tasks = []
+    for task, metrics in results["results"].items():
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k and k not in ("alias", "sample_len")}
+        tasks.append({"task": task, "metrics": values, "num_samples": int(results.get("n-samples", {}).get(task, {}).get("effective", 0))})
+    return {"tasks": tasks, "results_path": str(results_path), "summary": summary, "seconds": seconds,
+            "num_requests": int(getattr(model, "_total", 0)) if not isinstance(model, str) else 0}

@@ -1,0 +1,87 @@
+"""EvaluatorService: validate (tasks exist, model reachable), run lm-eval in a worker process, keep results."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import grpc
+
+from protos.evaluator.v1 import evaluator_pb2 as pb
+from protos.evaluator.v1 import evaluator_pb2_grpc as pb_grpc
+from services.evaluator import metrics as M
+from services.evaluator.harness import check_reachable, check_spec, offline_env, task_manager
+from services.evaluator.wire import evaluation_pb, spec_from_pb
+from shared.errors import InvalidArgument
+from shared.jobs import JobRecord, JobStore, ProcessRunner
+from shared.jobs_wire import state_filter
+
+
+class TaskIndex:
+    """lm-eval's task index (about 15,000 names, ~5 s to build), built once in the background."""
+
+    def __init__(self, include_paths: tuple[str, ...]) -> None:
+        self.include_paths = include_paths
+        self._ready = threading.Event()
+        self._names: list[str] = []
+        threading.Thread(target=self._build, name="task-index", daemon=True).start()
+
+    def _build(self) -> None:
+        offline_env()
+        self._names = list(task_manager(self.include_paths).all_tasks)
+        self._ready.set()
+
+    def names(self, extra_paths: tuple[str, ...]) -> list[str]:
+        if extra_paths:
+            return list(task_manager(self.include_paths + extra_paths).all_tasks)
+        self._ready.wait(timeout=120)
+        return self._names
+
+
+class EvaluatorServicer(pb_grpc.EvaluatorServiceServicer):
+    def __init__(self, store: JobStore, *, max_concurrent: int, include_paths: tuple[str, ...] = ()) -> None:
+        self.store = store
+        self.include_paths = include_paths
+        self.index = TaskIndex(include_paths)
+        self.runner = ProcessRunner(store, self._argv, max_concurrent=max_concurrent, on_end=self._ended)
+
+    def _argv(self, rec: JobRecord) -> list[str]:
+        d = self.store.job_dir(rec.job_id)
+        spec = {**rec.spec, "include_paths": [*self.include_paths, *rec.spec["include_paths"]]}
+        (d / "spec.json").write_text(json.dumps(spec))
+        return [sys.executable, "-m", "services.evaluator.worker", str(d / "spec.json"), str(d)]
+
+    @staticmethod
+    def _ended(rec: JobRecord) -> None:
+        M.RUNS.labels(rec.state).inc()
+        if rec.result:
+            M.DURATION.observe(rec.result.get("seconds", 0.0))
+            M.REQUESTS.inc(rec.result.get("num_requests", 0))
+            for t in rec.result.get("tasks", []):
+                for metric, value in t["metrics"].items():
+                    M.SCORE.labels(t["task"], metric).set(value)
+
+    def SubmitEvaluation(self, request: pb.SubmitEvaluationRequest, context: grpc.ServicerContext) -> pb.SubmitEvaluationResponse:
+        if request.spec.WhichOneof("model") is None:
+            raise InvalidArgument("give a model: textgen_address, hf_checkpoint or completions_url", field="model")
+        spec = spec_from_pb(request.spec, dict(request.labels))
+        check_spec(spec, self.index.names(spec.include_paths))
+        check_reachable(spec)
+        rec, new = self.store.create(spec.to_json(), labels=dict(request.labels), request_id=request.request_id)
+        if new:
+            self.runner.submit(rec)
+        return pb.SubmitEvaluationResponse(job_id=rec.job_id)
+
+    def GetEvaluation(self, request: pb.GetEvaluationRequest, context: grpc.ServicerContext) -> pb.GetEvaluationResponse:
+        return pb.GetEvaluationResponse(evaluation=evaluation_pb(self.store.get(request.job_id)))
+
+    def WatchEvaluation(self, request: pb.WatchEvaluationRequest, context: grpc.ServicerContext):
+        for rec, lines in self.store.watch(request.job_id, context.is_active):
+            yield pb.WatchEvaluationResponse(evaluation=evaluation_pb(rec), log_lines=lines)
+
+    def CancelEvaluation(self, request: pb.CancelEvaluationRequest, context: grpc.ServicerContext) -> pb.CancelEvaluationResponse:
+        return pb.CancelEvaluationResponse(evaluation=evaluation_pb(self.runner.cancel(request.job_id, request.reason)))
+
+    def ListEvaluations(self, request: pb.ListEvaluationsRequest, context: grpc.ServicerContext) -> pb.ListEvaluationsResponse:
+        return pb.ListEvaluationsResponse(evaluations=[evaluation_pb(r) for r in self.store.list(state_filter(request.state), request.limit)])

@@ -1,0 +1,219 @@
+"""EvaluatorService over real gRPC: real lm-eval in worker processes against a real textgen server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos.common.v1 import common_pb2
+from protos.evaluator.v1 import evaluator_pb2 as pb
+from protos.evaluator.v1 import evaluator_pb2_grpc as pb_grpc
+from services.evaluator.__main__ import SERVICE
+from services.evaluator.servicer import EvaluatorServicer
+from shared.grpc.channel import make_channel
+from shared.grpc.server import Registration, build_server
+from shared.jobs import JobStore
+from shared.mcore.dist import free_port
+from tests.fixtures.servers import start_gateway, start_textgen
+
+SUCCEEDED, FAILED, CANCELLED = common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED
+
+
+def start_evaluator(jobs_dir: Path):
+    servicer = EvaluatorServicer(JobStore(jobs_dir, "eval"), max_concurrent=1)
+    server = build_server(service="evaluator", registrations=[Registration(pb_grpc.add_EvaluatorServiceServicer_to_server, servicer, SERVICE)],
+                          host="127.0.0.1", port=0, max_workers=8)
+    server.start()
+    server.set_serving(True)
+    return servicer, server
+
+
+@pytest.fixture(scope="module")
+def served(default_model_dir):
+    tg = start_textgen(default_model_dir, max_batch_size=16, max_context_tokens=512)
+    gw = start_gateway((tg.address,))
+    yield tg, gw
+    gw.stop()
+    tg.stop()
+
+
+@pytest.fixture(scope="module")
+def jobs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval-jobs")
+
+
+@pytest.fixture(scope="module")
+def evaluator_address(jobs_dir):
+    servicer, server = start_evaluator(jobs_dir)
+    yield server.address
+    servicer.runner.shutdown()
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def stub(evaluator_address):
+    with make_channel(evaluator_address) as ch:
+        yield pb_grpc.EvaluatorServiceStub(ch)
+
+
+def submit(stub, **spec) -> str:
+    return stub.SubmitEvaluation(pb.SubmitEvaluationRequest(spec=pb.EvaluationSpec(**spec))).job_id
+
+
+def follow(stub, job_id, on_event=None) -> pb.Evaluation:
+    last = None
+    for ev in stub.WatchEvaluation(pb.WatchEvaluationRequest(job_id=job_id), timeout=300):
+        last = ev.evaluation
+        if on_event is not None:
+            on_event(last)
+    return last
+
+
+def scores(ev: pb.Evaluation) -> dict[str, dict[str, float]]:
+    return {t.task: dict(t.metrics) for t in ev.result.tasks}
+
+
+def test_offline_suite_end_to_end_beats_chance(stub, served):
+    tg, _ = served
+    job_id = submit(stub, textgen_address=tg.address, tasks=["megastack_suite"], name="suite")
+    ev = follow(stub, job_id)
+    assert ev.status.state == SUCCEEDED, ev.status.error
+    s = scores(ev)
+    assert {"megastack_capitals", "megastack_arithmetic", "megastack_prose"} <= set(s)
+    # four choices per question: chance is 0.25
+    assert s["megastack_capitals"]["acc,none"] > 0.5, s
+    assert 0 <= s["megastack_arithmetic"]["exact_match,first-number"] <= 1
+    assert 1 < s["megastack_prose"]["word_perplexity,none"] < 1e4
+    p = ev.status.progress
+    assert p.total > 100 and p.done == p.total == ev.result.num_requests
+    stored = json.loads(Path(ev.result.results_path).read_text())
+    assert stored["results"]["megastack_capitals"]["acc,none"] == s["megastack_capitals"]["acc,none"]
+    assert "megastack_capitals" in ev.result.summary and "|" in ev.result.summary
+
+
+def test_grpc_lm_and_local_completions_through_the_gateway_agree(stub, served):
+    tg, gw = served
+    common = dict(tasks=["megastack_capitals", "megastack_prose", "megastack_arithmetic"], limit=6, batch_size=4)
+    a = follow(stub, submit(stub, textgen_address=tg.address, **common))
+    b = follow(stub, submit(stub, completions_url=gw.url + "/v1/completions", **common))
+    assert a.status.state == SUCCEEDED and b.status.state == SUCCEEDED, (a.status.error, b.status.error)
+    sa, sb = scores(a), scores(b)
+    assert sa.keys() == sb.keys()
+    for task in sa:
+        assert sa[task].keys() == sb[task].keys()
+        for metric, value in sa[task].items():
+            assert sb[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
+
+
+def test_unknown_task_lists_close_names(stub, served):
+    with pytest.raises(grpc.RpcError) as e:
+        submit(stub, textgen_address=served[0].address, tasks=["megastack_capital"])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown task 'megastack_capital'" in e.value.details() and "megastack_capitals" in e.value.details()
+
+
+@pytest.mark.parametrize("spec,code,fragment", [
+    (dict(tasks=["megastack_capitals"], limit=-1), grpc.StatusCode.INVALID_ARGUMENT, "limit must be > 0"),
+    (dict(tasks=[]), grpc.StatusCode.INVALID_ARGUMENT, "tasks is empty"),
+    (dict(tasks=["megastack_capitals"], batch_size=-2), grpc.StatusCode.INVALID_ARGUMENT, "batch_size"),
+])
+def test_bad_specs_are_refused_before_a_job_exists(stub, served, spec, code, fragment):
+    before = len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations)
+    with pytest.raises(grpc.RpcError) as e:
+        submit(stub, textgen_address=served[0].address, **spec)
+    assert e.value.code() == code and fragment in e.value.details()
+    assert len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations) == before
+
+
+def test_no_model_and_unreachable_models_are_clear_and_fast(stub, tmp_path):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SubmitEvaluation(pb.SubmitEvaluationRequest(spec=pb.EvaluationSpec(tasks=["megastack_capitals"])))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "give a model" in e.value.details()
+    t0 = time.monotonic()
+    for spec, field in [(dict(textgen_address=f"127.0.0.1:{free_port()}"), "not reachable"),
+                        (dict(completions_url=f"http://127.0.0.1:{free_port()}/v1/completions"), "not reachable"),
+                        (dict(hf_checkpoint=str(tmp_path)), "not an HF folder")]:
+        with pytest.raises(grpc.RpcError) as e:
+            submit(stub, tasks=["megastack_capitals"], **spec)
+        assert e.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+        assert field in e.value.details()
+    assert time.monotonic() - t0 < 30
+
+
+def test_model_dying_mid_run_fails_with_the_reason_and_keeps_progress(stub, default_model_dir):
+    victim = start_textgen(default_model_dir, max_batch_size=4, max_context_tokens=512)
+    stopped = []
+
+    def kill_after_first_progress(ev):
+        if not stopped and ev.status.progress.done > 0:
+            victim.stop()
+            stopped.append(ev.status.progress.done)
+
+    try:
+        ev = follow(stub, submit(stub, textgen_address=victim.address, tasks=["megastack_suite"], batch_size=1), kill_after_first_progress)
+    finally:
+        if not stopped:
+            victim.stop()
+    assert stopped, "the run ended before any progress was reported"
+    assert ev.status.state == FAILED
+    assert "went away" in ev.status.error and victim.address in ev.status.error
+    assert 0 < ev.status.progress.done < ev.status.progress.total
+
+
+def test_cancel_records_the_reason(stub, served):
+    job_id = submit(stub, textgen_address=served[0].address, tasks=["megastack_suite"], batch_size=1)
+    follow_until = []
+
+    def cancel_on_progress(ev):
+        if not follow_until and ev.status.progress.done > 0:
+            stub.CancelEvaluation(pb.CancelEvaluationRequest(job_id=job_id, reason="enough"))
+            follow_until.append(True)
+
+    ev = follow(stub, job_id, cancel_on_progress)
+    assert ev.status.state == CANCELLED and "enough" in ev.status.error
+    assert 0 < ev.status.progress.done < ev.status.progress.total
+
+
+def test_results_survive_a_service_restart(stub, jobs_dir):
+    done = [e for e in stub.ListEvaluations(pb.ListEvaluationsRequest(state=SUCCEEDED)).evaluations]
+    assert done, "earlier tests left no finished run"
+    servicer, server = start_evaluator(jobs_dir)  # a second service on the same records
+    try:
+        with make_channel(server.address) as ch:
+            again = pb_grpc.EvaluatorServiceStub(ch)
+            for ev in done:
+                got = again.GetEvaluation(pb.GetEvaluationRequest(job_id=ev.status.job_id)).evaluation
+                assert got.status.state == SUCCEEDED and scores(got) == scores(ev)
+                assert Path(got.result.results_path).is_file()
+    finally:
+        servicer.runner.shutdown()
+        server.stop(0)
+
+
+def test_cli_run_results_compare(evaluator_address, served, capsys):
+    from tools.cli.main import main
+
+    addr = evaluator_address
+    tg, _ = served
+    ids = []
+    for fewshot in ("0", "2"):
+        rc = main(["eval", "--server", addr, "run", "megastack_capitals", "--model", tg.address, "--limit", "6",
+                   "--num-fewshot", fewshot, "--no-progress"])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        ids.append(out.splitlines()[0].strip())
+        assert "megastack_capitals" in out and "acc" in out
+    assert main(["eval", "--server", addr, "compare", *ids]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| megastack_capitals") and "| acc " in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    a, b, delta = float(cells[2]), float(cells[3]), float(cells[4])
+    assert delta == pytest.approx(b - a, abs=1e-4)
+    assert main(["eval", "--server", addr, "results", ids[0], "--json"]) == 0
+    assert "megastack_capitals" in json.loads(capsys.readouterr().out)["results"]
+    assert main(["eval", "--server", addr, "run", "megastack_capital", "--model", tg.address]) == 2
+    assert "close names: megastack_capitals" in capsys.readouterr().err
