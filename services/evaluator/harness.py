@@ -121,7 +121,9 @@ def _model(spec: EvalSpec, progress: Progress):
 
         return TextgenLM(spec.textgen_address, batch_size=spec.batch_size, progress=progress), None
     if spec.hf_checkpoint:
-        return "hf", {"pretrained": spec.hf_checkpoint, "dtype": "float32"}
+        from shared.devices import resolve_device
+
+        return "hf", {"pretrained": spec.hf_checkpoint, "dtype": "float32", "device": str(resolve_device("auto"))}
     import requests
 
     base = spec.completions_url.split("/v1/")[0]

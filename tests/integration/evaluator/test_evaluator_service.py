@@ -217,3 +217,15 @@ def test_cli_run_results_compare(evaluator_address, served, capsys):
     assert "megastack_capitals" in json.loads(capsys.readouterr().out)["results"]
     assert main(["eval", "--server", addr, "run", "megastack_capital", "--model", tg.address]) == 2
     assert "close names: megastack_capitals" in capsys.readouterr().err
+
+
+def test_hf_checkpoint_runs_and_missing_task_data_fails_with_where_to_put_it(stub, tiny_models):
+    ok = follow(stub, submit(stub, hf_checkpoint=str(tiny_models["llama"]), tasks=["megastack_capitals"], limit=4))
+    assert ok.status.state == SUCCEEDED, ok.status.error
+    assert 0 <= scores(ok)["megastack_capitals"]["acc,none"] <= 1 and ok.result.tasks[0].num_samples == 4
+    # a real lm-eval task whose data this offline machine does not have
+    if any((Path.home() / ".cache" / "huggingface" / "datasets").glob("*hellaswag*")):
+        pytest.skip("hellaswag is in the local datasets cache")
+    missing = follow(stub, submit(stub, hf_checkpoint=str(tiny_models["llama"]), tasks=["hellaswag"], limit=2))
+    assert missing.status.state == FAILED
+    assert "hellaswag is not available offline" in missing.status.error and "HF datasets cache" in missing.status.error
