@@ -59,7 +59,9 @@ def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
         from megatron.core import dist_checkpointing
 
         state = dist_checkpointing.load(model.sharded_state_dict(), str(reader.iter_dir))
-        model.load_state_dict(state)
+        # a training checkpoint also carries optimizer, scheduler and step entries (common.pt): not weights
+        wanted = model.state_dict().keys()
+        model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
     elif legacy_single:
         from shared.checkpoints.megatron import load_weights_pickle
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from shared.checkpoints import layout as L
-from shared.checkpoints.megatron import META_FILE, TOKENIZER_DIR, TRACKER
+from shared.checkpoints.megatron import TRACKER, write_description
 from shared.models.base import ArchConfig, megatron_layer_of
 
 DATA_FILE = "__0_0.distcp"
@@ -139,9 +138,4 @@ def legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
 def write_megatron_extras(out: Path, *, iteration: int, meta: dict[str, Any], tokenizer_files: list[Path]) -> None:
     """Tracker file, megastack.json and the tokenizer: what makes the folder self-describing."""
     (out / TRACKER).write_text(str(iteration) if iteration else "release")
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    if tokenizer_files:
-        tok = out / TOKENIZER_DIR
-        tok.mkdir(exist_ok=True)
-        for f in tokenizer_files:
-            shutil.copy(f, tok / f.name)
+    write_description(out, meta, tokenizer_files)

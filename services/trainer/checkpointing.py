@@ -59,6 +59,29 @@ def _rng_object(is_loading: bool = False):
     return ShardedObject("rng_state", state, shape, offset, replica_id=0)
 
 
+def describe(save_dir: Path, spec, arch, tok_dir: Path | None, padded_vocab: int) -> None:
+    """Write megastack.json and tokenizer/ into the save folder, so `megastack convert` turns any of its
+    iterations back into HF on its own (rank 0, before the first save)."""
+    import json
+
+    from shared.checkpoints import open_checkpoint
+    from shared.checkpoints.megatron import write_description
+
+    if spec.init_from:
+        hf_config = open_checkpoint(Path(spec.init_from)).hf_config
+    else:
+        cfg = Path(spec.architecture)
+        hf_config = json.loads((cfg / "config.json" if cfg.is_dir() else cfg).read_text())
+    meta = {
+        "format": "mcore", "created_by": "megastack trainer", "created_unix_s": time.time(), "job": spec.name, "kind": spec.kind,
+        "init_from": spec.init_from or None, "arch": arch.to_dict(), "hf_config": {**hf_config, "vocab_size": arch.vocab_size},
+        "padded_vocab_size": padded_vocab, "make_vocab_size_divisible_by": 128, "tensor_parallel": spec.tp,
+        "pipeline_parallel": spec.pp, "params_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[spec.precision],
+    }
+    files = sorted(p for p in Path(tok_dir).iterdir() if p.is_file()) if tok_dir and Path(tok_dir).is_dir() else []
+    write_description(Path(save_dir), meta, files)
+
+
 def save(save_dir: Path, iteration: int, *, models: list, optimizer, scheduler, consumed_samples: int, keep_last: int) -> float:
     from megatron.core import dist_checkpointing
 

@@ -151,6 +151,10 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
                    f"pipeline_parallel={spec.pp}", "training.global_batch_size")
     if not 0 <= spec.min_lr <= spec.lr:
         raise _bad("optimizer.min_lr must be between 0 and optimizer.lr", "optimizer.min_lr")
+    decay = spec.lr_decay_iters or spec.train_iters
+    if not 0 <= spec.lr_warmup_iters < decay:
+        raise _bad(f"optimizer.lr_warmup_iters ({spec.lr_warmup_iters}) must be >= 0 and below the decay steps ({decay}: "
+                   "optimizer.lr_decay_iters, or training.train_iters when unset)", "optimizer.lr_warmup_iters")
     if spec.max_retries < 0:
         raise _bad("resources.max_retries must be >= 0", "resources.max_retries")
     if not spec.data_paths:

@@ -171,6 +171,9 @@ def run(spec: TrainSpec) -> int:
     save_dir = Path(spec.save_dir)
     if dist.get_rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
+        from shared.mcore.model import padded_vocab_size
+
+        ckpt.describe(save_dir, spec, arch, tok_dir, padded_vocab_size(arch.vocab_size, 128, spec.tp))
     dist.barrier()
     iteration, consumed = 0, 0
     latest = None if spec.no_resume else ckpt.latest_iteration(save_dir)

@@ -336,3 +336,21 @@ class MegatronCheckpoint:
         if isinstance(self._src, _LegacySource):
             return {"tensor_parallel": self._src.tp, "pipeline_parallel": self._src.pp, "layers": self._src.layout.counts}
         return {"tensor_parallel": None, "pipeline_parallel": None}
+
+
+def write_description(out: Path, meta: dict[str, Any], tokenizer_files: list[Path]) -> None:
+    """``megastack.json`` and ``tokenizer/``: what makes a Megatron checkpoint folder self-describing
+    (the converter turns it back into HF without the original folder). Both written atomically."""
+    import shutil
+
+    from shared.atomic import write_text_atomic
+
+    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+    if tokenizer_files:
+        tmp = out / f".tmp-{TOKENIZER_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in tokenizer_files:
+            shutil.copy(f, tmp / f.name)
+        shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+        tmp.rename(out / TOKENIZER_DIR)

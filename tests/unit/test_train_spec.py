@@ -47,6 +47,7 @@ def test_a_good_spec_passes_and_defaults_apply(assets):
     ({"parallel": {"pipeline_parallel": 3}}, "target_pipeline_parallel_size", "PP=3 does not divide 2 layers"),
     ({"checkpoint": {"save_dir": ""}}, "checkpoint.save_dir", "is required"),
     ({"data": {"split": "90,10"}}, "data.split", "three non-negative weights"),
+    ({"optimizer": {"lr_warmup_iters": 10**6}}, "optimizer.lr_warmup_iters", "must be >= 0 and below the decay steps"),
 ])
 def test_bad_specs_name_the_field(assets, over, field, fragment):
     with pytest.raises(InvalidArgument, match=fragment) as e:

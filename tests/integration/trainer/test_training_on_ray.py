@@ -47,6 +47,12 @@ def test_trains_20_steps_and_the_loss_goes_down(trainer, train_assets, tmp_path,
     assert (tmp_path / "run" / "iter_0000020").is_dir() and (tmp_path / "run" / "tensorboard").is_dir()
     assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text() == "20"
     assert not list((tmp_path / "run").glob(".tmp-*"))
+    # the save folder describes itself: the converter turns the trained checkpoint into HF on its own
+    from services.converter.conversion import ConvertSpec, convert
+
+    result = convert(ConvertSpec(load_dir=tmp_path / "run", save_dir=tmp_path / "hf", target_format="hf", verify=True))
+    assert result.parity["max_abs_logit_diff"] < 1e-4 and result.parity["weights_exact"]
+    assert (tmp_path / "hf" / "config.json").is_file() and list((tmp_path / "hf").glob("tokenizer*"))
 
 
 def test_a_killed_rank_resumes_from_its_checkpoint_with_the_same_curve(trainer, train_assets, tmp_path):
