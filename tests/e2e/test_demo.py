@@ -10,7 +10,6 @@ import sys
 from shared.paths import REPO_ROOT
 from tools.stack import free_port
 
-
 MARKERS = ("services.", "megastack-ray", "raylet", "gcs_server", "text_generation_cli", "default_worker.py")
 
 
