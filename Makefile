@@ -23,8 +23,9 @@ protos:
 
 model: setup
 
+# make up [PROMETHEUS=1] [UP_ARGS="--replicas 2 ..."]
 up: setup
-	@$(MEGASTACK) up $(UP_ARGS)
+	@$(MEGASTACK) up $(if $(PROMETHEUS),--prometheus) $(UP_ARGS)
 
 down:
 	@if [ -x $(MEGASTACK) ]; then $(MEGASTACK) down; else echo "nothing to stop (.venv missing)"; fi

@@ -66,3 +66,10 @@ def gateway(textgen):
     handle = start_gateway((textgen.address,))
     yield handle
     handle.stop()
+
+
+@pytest.fixture(scope="session")
+def train_assets(tmp_path_factory, tiny_tokenizer):
+    from tests.fixtures.training import make_train_assets
+
+    return make_train_assets(tmp_path_factory.mktemp("train"), tiny_tokenizer)

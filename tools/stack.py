@@ -57,31 +57,37 @@ class StackOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     textgen_env: dict[str, str] = field(default_factory=dict)
     gateway_port: int = 5000
+    prometheus: bool = False      # also start a real Prometheus scraping every service (needs `prometheus` on PATH)
 
 
 BASE_PORTS = {"textgen": 50051, "converter": 50052, "trainer": 50053, "evaluator": 50054}
 BASE_METRICS = {"textgen": 9401, "converter": 9402, "trainer": 9403, "evaluator": 9404}
 RAY_DASHBOARD_PORT = 8265
 RAY_GCS_PORT = 6380
+RAY_METRICS_PORT = 8080
+PROMETHEUS_PORT = 9090
+PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
 
 
 def ray_head(run_dir: Path, *, free_ports: bool, num_cpus: int) -> Proc:
     """A local Ray head in the foreground (`--block`), so stopping its process group stops all of Ray."""
-    gcs, dash = (free_port(), free_port()) if free_ports else (RAY_GCS_PORT, RAY_DASHBOARD_PORT)
+    gcs, dash, metrics = (free_port(), free_port(), free_port()) if free_ports else (RAY_GCS_PORT, RAY_DASHBOARD_PORT, RAY_METRICS_PORT)
     temp = Path(f"/tmp/megastack-ray-{dash}")  # Ray's unix sockets need a short path
     ray = str(Path(sys.executable).with_name("ray"))
     # The daemons of a local head run at lower priority than training ranks (which go back to nice 0)
     # and poll less often: on a 2-core machine their wake-ups stalled 2-thread training by ~10%.
     argv = ["nice", "-n", "10", ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}", "--include-dashboard=true", f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
-            "--disable-usage-stats", f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+            "--disable-usage-stats", f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={metrics}"]
     url = f"http://127.0.0.1:{dash}"
     # A loopback-only development head: no token authentication (Ray turns it on by itself as soon
     # as ~/.ray/auth_token exists, which would make the stack depend on that file).
     env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "REPORTER_UPDATE_INTERVAL_MS": "30000",
            "METRICS_RECORD_INTERVAL_S": "30", "RAY_DASHBOARD_AGENT_LOOP_MONITOR_INTERVAL_S": "5",
            "SCAN_EVENT_DIR_INTERVAL_SECONDS": "10", "RAY_task_events_report_interval_ms": "10000"}
-    return Proc("ray", argv, env, f"http:{url}/api/version", {"dashboard": url, "gcs": f"127.0.0.1:{gcs}"},
+    return Proc("ray", argv, env, f"http:{url}/api/version",
+                {"dashboard": url, "gcs": f"127.0.0.1:{gcs}", "metrics": f"http://127.0.0.1:{metrics}/metrics"},
                 grace_s=5.0, cleanup=[str(temp)])
 
 
@@ -121,7 +127,46 @@ def plan(opts: StackOptions) -> list[Proc]:
         url = f"http://127.0.0.1:{hp}"
         procs.append(Proc("gateway", py + ["services.gateway"], env, f"http:{url}/ready",
                           {"http": url, "metrics": f"{url}/metrics"}, stage=1))
+    if opts.prometheus:
+        procs.append(prometheus_proc(opts.run_dir, procs, port(PROMETHEUS_PORT)))
     return procs
+
+
+def scrape_targets(procs: list[Proc]) -> dict[str, list[str]]:
+    """Prometheus job -> host:port targets: megastack-<service> for ours (replicas share a job), ray for Ray's."""
+    jobs: dict[str, list[str]] = {}
+    for p in procs:
+        url = p.endpoints.get("metrics")
+        if not url:
+            continue
+        base = p.name.split("-")[0]
+        job = "ray" if base == "ray" else f"megastack-{base}"
+        jobs.setdefault(job, []).append(url.removeprefix("http://").split("/")[0])
+    return jobs
+
+
+def prometheus_config(procs: list[Proc], *, scrape_interval_s: float = 5.0) -> str:
+    """deploy/prometheus/prometheus.yml's layout with the ports actually in use."""
+    lines = ["# rendered by tools/stack.py from the running stack; layout as deploy/prometheus/prometheus.yml",
+             "global:", f"  scrape_interval: {scrape_interval_s:g}s", f"  evaluation_interval: {scrape_interval_s:g}s",
+             "rule_files:", "  - alerts.yml", "scrape_configs:"]
+    for job, targets in scrape_targets(procs).items():
+        lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {json.dumps(targets)}"]
+    return "\n".join(lines) + "\n"
+
+
+def prometheus_proc(run_dir: Path, procs: list[Proc], port: int) -> Proc:
+    exe = shutil.which("prometheus")
+    if exe is None:
+        raise RuntimeError("prometheus is not installed (make setup installs the Debian package `prometheus`)")
+    conf_dir = run_dir / "prometheus"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    (conf_dir / "prometheus.yml").write_text(prometheus_config(procs))
+    shutil.copy(PROMETHEUS_DIR / "alerts.yml", conf_dir / "alerts.yml")
+    url = f"http://127.0.0.1:{port}"
+    argv = [exe, f"--config.file={conf_dir / 'prometheus.yml'}", f"--storage.tsdb.path={conf_dir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle", "--log.level=warn"]
+    return Proc("prometheus", argv, {}, f"http:{url}/-/ready", {"http": url}, stage=2, cleanup=[str(conf_dir / "data")])
 
 
 def _alive(pid: int) -> bool:
@@ -227,6 +272,15 @@ class Stack:
         for path in p.cleanup:
             shutil.rmtree(path, ignore_errors=True)
 
+    def restart(self, name: str, timeout_s: float = 180.0) -> Proc:
+        """Start one process again (after a crash or a stop), on the same ports, and wait until it is healthy."""
+        p = self.proc(name)
+        self.stop_one(p)
+        self.start_one(p, _base_env())
+        self.save()
+        self.wait_healthy(p, timeout_s)
+        return p
+
     def down(self) -> None:
         for p in reversed(self.procs):
             self.stop_one(p)
@@ -240,8 +294,9 @@ def up(opts: StackOptions, *, timeout_s: float = 180.0, log: Callable[[str], Non
         raise RuntimeError(f"a stack is already running from {opts.run_dir} (run `megastack down` first)")
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(opts.run_dir, plan(opts))
-    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONUNBUFFERED": "1", **opts.extra_env}
+    for p in stack.procs:
+        p.env = {**opts.extra_env, **p.env}
+    base_env = _base_env()
     stages = sorted({p.stage for p in stack.procs})
     try:
         # Back-end services (and Ray) start together; the gateway once they are all healthy.
@@ -258,6 +313,11 @@ def up(opts: StackOptions, *, timeout_s: float = 180.0, log: Callable[[str], Non
     return stack
 
 
+def _base_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1"}
+
+
 def down(run_dir: Path = RUN_DIR) -> bool:
     stack = Stack.load(run_dir)
     if stack is None:
@@ -269,7 +329,7 @@ def down(run_dir: Path = RUN_DIR) -> bool:
 def _cmd_up(a: argparse.Namespace) -> int:
     services = tuple(a.services.split(",")) if a.services else StackOptions.services
     opts = StackOptions(run_dir=a.run_dir, model_dir=a.model_dir, replicas=a.replicas, services=services,
-                        gateway_port=a.port)
+                        gateway_port=a.port, prometheus=a.prometheus)
     print(f"starting {', '.join(services)} (logs in {a.run_dir}/)")
     try:
         stack = up(opts, timeout_s=a.timeout)
@@ -277,6 +337,8 @@ def _cmd_up(a: argparse.Namespace) -> int:
         print(f"megastack up: error: {e}", file=sys.stderr)
         return 1
     print(f"stack is up: {stack.endpoint('gateway', 'http') if 'gateway' in services else ''}  (stop with `make down`)")
+    if a.prometheus:
+        print(f"prometheus: {stack.endpoint('prometheus', 'http')} (alerts: {stack.endpoint('prometheus', 'http')}/alerts)")
     return 0
 
 
@@ -308,6 +370,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="checkpoint textgen serves")
     p.add_argument("--port", type=int, default=5000, help="gateway HTTP port")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each service to be healthy")
+    p.add_argument("--prometheus", action="store_true", help="also start Prometheus on 127.0.0.1:9090 scraping every service, "
+                   "with deploy/prometheus/alerts.yml")
     p.set_defaults(func=_cmd_up)
     d = sub.add_parser("down", parents=[common], help="stop the services started by `up`")
     d.set_defaults(func=_cmd_down)

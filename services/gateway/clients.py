@@ -34,6 +34,8 @@ class Replica:
         self.stub = pb_grpc.TextGenServiceStub(self.channel)
         self.healthy = False
         self.in_flight = 0
+        for metric in (M.REPLICA_UP, M.REPLICA_IN_FLIGHT, M.RETRIES):
+            metric.labels(address)  # exported from the start (rate() and dashboards need the zero)
 
     def set_healthy(self, ok: bool, why: str = "") -> None:
         if ok != self.healthy:

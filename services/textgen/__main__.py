@@ -14,6 +14,10 @@ SERVICE = "megastack.textgen.v1.TextGenService"
 
 
 def build(cfg: TextgenConfig) -> ServiceParts:
+    from services.textgen import metrics as M
+
+    M.QUEUE_CAPACITY.set(cfg.max_queue_size)
+    M.BATCH_CAPACITY.set(cfg.max_batch_size)
     served = load_served_model(cfg)
     warmup(served)
     servicer = TextGenServicer(

@@ -14,6 +14,8 @@ ITL_BUCKETS_S = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
 
 NUM_WAITING = Gauge("megastack_textgen_num_requests_waiting", "Sequences queued, not yet prefilled.")
 NUM_RUNNING = Gauge("megastack_textgen_num_requests_running", "Sequences in the running batch.")
+QUEUE_CAPACITY = Gauge("megastack_textgen_queue_capacity", "Sequences that may wait before new ones are refused (max_queue_size).")
+BATCH_CAPACITY = Gauge("megastack_textgen_batch_capacity", "KV-cache slots: sequences decoded together (max_batch_size).")
 KV_CACHE_USAGE = Gauge("megastack_textgen_kv_cache_usage_ratio", "Fraction of KV-cache slots in use (0..1).")
 TTFT = Histogram("megastack_textgen_time_to_first_token_seconds", "Submit to first generated token.", buckets=LATENCY_BUCKETS_S)
 ITL = Histogram("megastack_textgen_inter_token_latency_seconds", "Time between consecutive generated tokens.", buckets=ITL_BUCKETS_S)

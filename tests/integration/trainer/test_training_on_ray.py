@@ -13,7 +13,7 @@ from protos.common.v1 import common_pb2
 from protos.trainer.v1 import trainer_pb2 as pb
 from services.trainer.spec import spec_from_dict
 from services.trainer.wire import spec_to_pb
-from tests.integration.trainer.conftest import curve, spec_doc, wait_for
+from tests.fixtures.training import curve, spec_doc, wait_for
 
 
 def submit(stub, assets, save_dir, **over) -> str:
