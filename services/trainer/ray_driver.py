@@ -1,6 +1,7 @@
 """The Ray Jobs entrypoint of a training job: one actor per rank, gang-scheduled, with retries.
 
     python -m services.trainer.ray_driver SPEC_JSON     (submitted by the trainer service)
+    python -m services.trainer.ray_driver SPEC.yaml     (a RayJob's entrypoint: deploy/kuberay/rayjob.yaml)
 
 A placement group reserves ``world_size`` bundles (``cpus_per_worker`` CPU and ``gpus_per_worker``
 GPU each) at once; rank 0's actor picks MASTER_ADDR/MASTER_PORT, and every actor runs
@@ -109,10 +110,30 @@ def attempt_once(spec: TrainSpec, spec_json: str, attempt: int) -> tuple[bool, s
         remove_placement_group(pg)
 
 
+def load_spec(path: Path) -> TrainSpec:
+    """The trainer service's JSON, or a TrainJobSpec YAML as `megastack train submit` takes (validated here)."""
+    if path.suffix in (".yaml", ".yml"):
+        from services.trainer.spec import load_yaml, validate
+
+        spec = load_yaml(path)
+        validate(spec)
+        return spec
+    return TrainSpec.from_json(path.read_text())
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s driver %(levelname)s: %(message)s")
-    spec_json = Path(argv[0]).read_text()
-    spec = TrainSpec.from_json(spec_json)
+    if len(argv) != 1:
+        print("usage: python -m services.trainer.ray_driver SPEC.json|SPEC.yaml", file=sys.stderr)
+        return 2
+    from shared.errors import ServiceError
+
+    try:
+        spec = load_spec(Path(argv[0]))
+    except ServiceError as e:
+        print(f"ray_driver: error: {e.message}", file=sys.stderr)
+        return 2
+    spec_json = spec.to_json()
     Path(spec.save_dir).mkdir(parents=True, exist_ok=True)
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level=logging.WARNING)
     why = ""

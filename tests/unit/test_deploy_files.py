@@ -1,0 +1,129 @@
+"""deploy/ stays true to the code: manifests name real settings, real modules, real gRPC services and ports;
+the specs they run parse; the Prometheus layout matches what the stack renders."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.config import env_name
+from shared.paths import REPO_ROOT
+from tools.gen_docs import CONFIGS
+
+DEPLOY = REPO_ROOT / "deploy"
+MANIFESTS = sorted([*DEPLOY.glob("k8s/*.yaml"), *DEPLOY.glob("kuberay/*.yaml"), *DEPLOY.glob("ray/*.yaml")])
+SERVICE_NAMES = {svc: importlib.import_module(f"services.{svc}.__main__").SERVICE for svc in ("textgen", "converter", "trainer", "evaluator")}
+
+
+def _settings() -> dict[str, object]:
+    out = {}
+    for svc, ref in CONFIGS.items():
+        module, cls = ref.split(":")
+        config = getattr(importlib.import_module(module), cls)
+        for f in config.__dataclass_fields__.values():
+            out[env_name(f"MEGASTACK_{svc.upper()}_", f.name)] = f
+    return out
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _containers(doc: dict):
+    def walk(node):
+        if isinstance(node, dict):
+            if "containers" in node and isinstance(node["containers"], list):
+                yield from node["containers"]
+            for v in node.values():
+                yield from walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from walk(v)
+
+    yield from walk(doc)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_manifest_parses_and_names_only_real_settings(path):
+    docs = _docs(path)
+    assert docs
+    known = _settings()
+    for doc in docs:
+        for c in _containers(doc):
+            for e in c.get("env", []):
+                if e["name"].startswith("MEGASTACK_"):
+                    assert e["name"] in known, f"{path.name}: {e['name']} is not a setting"
+
+
+def test_service_manifests_run_real_modules_with_matching_ports_and_probes():
+    known = _settings()
+    for svc in ("textgen", "converter", "trainer", "evaluator", "gateway"):
+        docs = _docs(DEPLOY / "k8s" / f"{svc}.yaml")
+        (c,) = [c for d in docs for c in _containers(d)]
+        assert c["command"] == ["python", "-m", f"services.{svc}"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env[f"MEGASTACK_{svc.upper()}_HOST"] == "0.0.0.0"
+        port = int(env.get(f"MEGASTACK_{svc.upper()}_PORT") or known[f"MEGASTACK_{svc.upper()}_PORT"].default)
+        assert port in {p["containerPort"] for p in c["ports"]}
+        service = next(d for d in docs if d["kind"] == "Service")
+        assert port in {p["port"] for p in service["spec"]["ports"]}
+        if svc == "gateway":
+            assert c["readinessProbe"]["httpGet"]["path"] == "/ready" and c["livenessProbe"]["httpGet"]["path"] == "/health"
+            for name, value in env.items():
+                if name.endswith("_ADDR") and value:
+                    target = value.split(":")[0]
+                    assert (DEPLOY / "k8s" / f"{target}.yaml").is_file(), value
+            continue
+        assert c["readinessProbe"]["grpc"] == {"port": port, "service": SERVICE_NAMES[svc]}
+        assert c["livenessProbe"]["grpc"]["port"] == port
+        workload = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet"))
+        metrics_port = int(env.get(f"MEGASTACK_{svc.upper()}_METRICS_PORT") or known[f"MEGASTACK_{svc.upper()}_METRICS_PORT"].default)
+        assert workload["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
+
+
+def test_kustomization_lists_every_manifest():
+    k = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert sorted(k["resources"]) == sorted(p.name for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_rayjob_runs_the_driver_on_a_spec_that_parses():
+    from services.trainer.spec import spec_from_dict
+
+    job = _docs(DEPLOY / "kuberay" / "rayjob.yaml")[0]
+    m = re.fullmatch(r"python -m services\.trainer\.ray_driver /specs/(\S+\.yaml)", job["spec"]["entrypoint"])
+    assert m, job["spec"]["entrypoint"]
+    spec = spec_from_dict(yaml.safe_load((DEPLOY / "kuberay" / m.group(1)).read_text()))
+    assert spec.world_size == 8 and spec.gpus_per_worker == 1 and spec.precision == "bf16"
+    assert spec.global_batch_size % (spec.micro_batch_size * spec.dp) == 0
+    cluster = _docs(DEPLOY / "kuberay" / "raycluster.yaml")[0]
+    trainer_env = {e["name"]: e["value"] for c in _containers(_docs(DEPLOY / "k8s" / "trainer.yaml")[1]) for e in c["env"]}
+    assert trainer_env["MEGASTACK_TRAINER_RAY_ADDRESS"] == f"http://{cluster['metadata']['name']}-head-svc:8265"
+
+
+def test_ray_driver_accepts_a_yaml_spec_and_refuses_a_bad_one(tmp_path, train_assets):
+    from services.trainer.ray_driver import load_spec, main
+    from tests.fixtures.training import spec_doc
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(spec_doc(train_assets, tmp_path / "run")))
+    spec = load_spec(good)
+    assert spec.tp == 2 and spec.train_iters == 20 and spec.init_from == str(train_assets["mcore"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nkind: pretrain\n")
+    assert main([str(bad)]) == 2
+    with pytest.raises(Exception, match="seq_length must be >= 1"):
+        load_spec(bad)
+
+
+def test_prometheus_layout_matches_what_the_stack_renders():
+    from tools.stack import StackOptions, plan, scrape_targets
+
+    shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in shipped["scrape_configs"]}
+    rendered = scrape_targets(plan(StackOptions(services=("textgen", "converter", "trainer", "evaluator", "gateway"))))
+    assert jobs == rendered
+    assert shipped["rule_files"] == ["alerts.yml"]
