@@ -124,14 +124,14 @@ def load_spec(path: Path) -> TrainSpec:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s driver %(levelname)s: %(message)s")
     if len(argv) != 1:
-        print("usage: python -m services.trainer.ray_driver SPEC.json|SPEC.yaml", file=sys.stderr)
+        logger.error("usage: python -m services.trainer.ray_driver SPEC.json|SPEC.yaml")
         return 2
     from shared.errors import ServiceError
 
     try:
         spec = load_spec(Path(argv[0]))
     except ServiceError as e:
-        print(f"ray_driver: error: {e.message}", file=sys.stderr)
+        logger.error("%s", e.message)
         return 2
     spec_json = spec.to_json()
     Path(spec.save_dir).mkdir(parents=True, exist_ok=True)
