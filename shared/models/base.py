@@ -1,0 +1,253 @@
+"""Architecture description and the HF <-> Megatron adapter contract.
+
+Every tensor megastack moves between formats passes through the *Megatron canonical layout*: the
+global (unsharded, unpadded) megatron-core GPT names with a global layer index, as torch_dist stores
+them, e.g. ``decoder.layers.3.self_attention.linear_qkv.weight``. A family adapter maps HF tensors to
+that layout and back; checkpoint writers only shard, pad and rename it; the textgen engine runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from shared.errors import InvalidArgument
+
+Tensor = torch.Tensor
+GetTensor = Callable[[str], Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchConfig:
+    """A decoder-only transformer, independent of any checkpoint naming."""
+
+    family: str                   # registry key: llama | qwen2 | gpt2
+    architecture: str             # HF architectures[0]
+    vocab_size: int               # real (unpadded) vocabulary
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int         # KV heads (== num_attention_heads without GQA)
+    head_dim: int
+    ffn_hidden_size: int
+    max_position_embeddings: int
+    normalization: str            # RMSNorm | LayerNorm
+    norm_eps: float
+    activation: str               # swiglu | gelu_tanh
+    position_embedding: str       # rope | learned_absolute
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] = ()  # HF rope_scaling as sorted items (hashable)
+    qkv_bias: bool = False
+    linear_bias: bool = False     # biases on linear_proj and the MLP (GPT-2)
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
+
+    @property
+    def queries_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    @property
+    def qkv_out_features(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = dict(self.rope_scaling)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArchConfig:
+        d = dict(d)
+        d["rope_scaling"] = tuple(sorted((d.get("rope_scaling") or {}).items()))
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def num_parameters(self) -> int:
+        h, L, f = self.hidden_size, self.num_layers, self.ffn_hidden_size
+        norm = h * (2 if self.normalization == "LayerNorm" else 1)
+        per_layer = (
+            2 * norm
+            + h * self.qkv_out_features + (self.qkv_out_features if self.qkv_bias else 0)
+            + self.num_attention_heads * self.head_dim * h
+            + (2 if self.gated else 1) * f * h + f * h
+            + ((h + (2 if self.gated else 1) * f + h) if self.linear_bias else 0)
+        )
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        pos = self.max_position_embeddings * h if self.position_embedding == "learned_absolute" else 0
+        return emb + pos + L * per_layer + norm
+
+
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, *, num_groups: int, head_dim: int) -> Tensor:
+    """HF q/k/v (weights [n*d, H] or biases [n*d]) -> Megatron linear_qkv, interleaved per query group."""
+    tail = q.shape[1:]
+    qpg = q.shape[0] // head_dim // num_groups
+    return torch.cat(
+        [
+            q.reshape(num_groups, qpg * head_dim, *tail),
+            k.reshape(num_groups, head_dim, *tail),
+            v.reshape(num_groups, head_dim, *tail),
+        ],
+        dim=1,
+    ).reshape(-1, *tail)
+
+
+def split_qkv(qkv: Tensor, *, num_heads: int, num_groups: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`fuse_qkv`."""
+    tail = qkv.shape[1:]
+    qpg = num_heads // num_groups
+    grouped = qkv.reshape(num_groups, (qpg + 2) * head_dim, *tail)
+    q, k, v = torch.split(grouped, [qpg * head_dim, head_dim, head_dim], dim=1)
+    return (
+        q.reshape(num_heads * head_dim, *tail).contiguous(),
+        k.reshape(num_groups * head_dim, *tail).contiguous(),
+        v.reshape(num_groups * head_dim, *tail).contiguous(),
+    )
+
+
+def layer_prefix(i: int) -> str:
+    return f"decoder.layers.{i}."
+
+
+class ModelFamily:
+    """HF <-> Megatron canonical mapping for one model family. Subclasses live one per file.
+
+    A family maps one *group* at a time: the globals (embeddings, final norm, head) or one layer, so
+    conversions stream with one layer in memory and any tensor can be produced on demand (see
+    :class:`MappedView`).
+    """
+
+    name: ClassVar[str]
+    hf_architectures: ClassVar[tuple[str, ...]]
+    hf_layer_prefix: ClassVar[str]  # e.g. "model.layers." (the layer index follows)
+
+    def arch_from_hf_config(self, cfg: dict[str, Any]) -> ArchConfig:
+        raise NotImplementedError
+
+    def hf_config_from_arch(self, arch: ArchConfig) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def hf_names(self, arch: ArchConfig, layer: int | None) -> list[str]:
+        """HF tensor names of one layer, or of the globals when ``layer`` is None."""
+        raise NotImplementedError
+
+    def to_megatron(self, arch: ArchConfig, layer: int | None, get: GetTensor) -> dict[str, Tensor]:
+        """Canonical tensors of one layer (or the globals) from an HF-name getter."""
+        raise NotImplementedError
+
+    def to_hf(self, arch: ArchConfig, layer: int | None, get: GetTensor) -> dict[str, Tensor]:
+        """HF tensors of one layer (or the globals) from a canonical-name getter."""
+        raise NotImplementedError
+
+    # -- derived -----------------------------------------------------------------------------------
+    def hf_tensor_names(self, arch: ArchConfig) -> list[str]:
+        names = self.hf_names(arch, None)
+        for i in range(arch.num_layers):
+            names += self.hf_names(arch, i)
+        return names
+
+    def hf_to_megatron(self, arch: ArchConfig, get: GetTensor) -> Iterator[tuple[str, Tensor]]:
+        """Every canonical tensor: the globals, then layer by layer."""
+        for group in [None, *range(arch.num_layers)]:
+            yield from self.to_megatron(arch, group, get).items()
+
+    def megatron_to_hf(self, arch: ArchConfig, get: GetTensor) -> Iterator[tuple[str, Tensor]]:
+        for group in [None, *range(arch.num_layers)]:
+            yield from self.to_hf(arch, group, get).items()
+
+    def hf_layer_of(self, name: str) -> int | None:
+        return _layer_index(name, self.hf_layer_prefix)
+
+    def megatron_tensor_names(self, arch: ArchConfig) -> list[str]:
+        """Every canonical name :meth:`hf_to_megatron` yields."""
+        return megatron_names(arch, None) + [n for i in range(arch.num_layers) for n in megatron_names(arch, i)]
+
+
+def _layer_index(name: str, prefix: str) -> int | None:
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def megatron_layer_of(name: str) -> int | None:
+    return _layer_index(name, "decoder.layers.")
+
+
+def megatron_names(arch: ArchConfig, layer: int | None) -> list[str]:
+    """Canonical names of one layer, or of the globals when ``layer`` is None."""
+    norm_bias = arch.normalization == "LayerNorm"
+    if layer is None:
+        names = ["embedding.word_embeddings.weight"]
+        if arch.position_embedding == "learned_absolute":
+            names.append("embedding.position_embeddings.weight")
+        names.append("decoder.final_layernorm.weight")
+        if norm_bias:
+            names.append("decoder.final_layernorm.bias")
+        if not arch.tie_word_embeddings:
+            names.append("output_layer.weight")
+        return names
+    p = layer_prefix(layer)
+    names = [p + "self_attention.linear_qkv.layer_norm_weight"]
+    if norm_bias:
+        names.append(p + "self_attention.linear_qkv.layer_norm_bias")
+    names.append(p + "self_attention.linear_qkv.weight")
+    if arch.qkv_bias:
+        names.append(p + "self_attention.linear_qkv.bias")
+    names.append(p + "self_attention.linear_proj.weight")
+    if arch.linear_bias:
+        names.append(p + "self_attention.linear_proj.bias")
+    names.append(p + "mlp.linear_fc1.layer_norm_weight")
+    if norm_bias:
+        names.append(p + "mlp.linear_fc1.layer_norm_bias")
+    names.append(p + "mlp.linear_fc1.weight")
+    if arch.linear_bias:
+        names.append(p + "mlp.linear_fc1.bias")
+    names.append(p + "mlp.linear_fc2.weight")
+    if arch.linear_bias:
+        names.append(p + "mlp.linear_fc2.bias")
+    return names
+
+
+class MappedView:
+    """Random access to one naming scheme over a getter in the other, one group cached at a time.
+
+    ``MappedView(family, arch, get_hf, to="megatron").get("decoder.layers.3.mlp.linear_fc1.weight")``
+    maps layer 3 once and serves all its canonical tensors from the cache.
+    """
+
+    def __init__(self, family: ModelFamily, arch: ArchConfig, get: GetTensor, *, to: str) -> None:
+        if to not in ("megatron", "hf"):
+            raise ValueError(to)
+        self.family, self.arch, self.source, self.to = family, arch, get, to
+        self._group: object = object()
+        self._cache: dict[str, Tensor] = {}
+
+    def group_of(self, name: str) -> int | None:
+        return megatron_layer_of(name) if self.to == "megatron" else self.family.hf_layer_of(name)
+
+    def get(self, name: str) -> Tensor:
+        group = self.group_of(name)
+        if group != self._group:
+            self._cache = {}  # drop the previous group first: one group in memory
+            mapper = self.family.to_megatron if self.to == "megatron" else self.family.to_hf
+            self._cache = mapper(self.arch, group, self.source)
+            self._group = group
+        try:
+            return self._cache[name]
+        except KeyError:
+            raise KeyError(f"{name} is not a tensor of {self.arch.architecture}") from None
+
+
+def require(cfg: dict[str, Any], key: str, source: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise InvalidArgument(f"{source}: config is missing '{key}'", field=key)
+    return cfg[key]

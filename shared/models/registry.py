@@ -1,0 +1,38 @@
+"""Family registry keyed by the HF ``architectures`` name. Adding a family is one new file plus a line here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.errors import InvalidArgument
+from shared.models.base import ArchConfig, ModelFamily
+from shared.models.gpt2 import GPT2Family
+from shared.models.llama import LlamaFamily
+from shared.models.qwen2 import Qwen2Family
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LlamaFamily(), Qwen2Family(), GPT2Family())}
+BY_ARCHITECTURE: dict[str, ModelFamily] = {a: f for f in FAMILIES.values() for a in f.hf_architectures}
+
+
+def family_for_architecture(architecture: str) -> ModelFamily:
+    try:
+        return BY_ARCHITECTURE[architecture]
+    except KeyError:
+        supported = ", ".join(sorted(BY_ARCHITECTURE))
+        raise InvalidArgument(
+            f"unsupported architecture {architecture!r}; supported: {supported}", field="architectures"
+        ) from None
+
+
+def family(name: str) -> ModelFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise InvalidArgument(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def arch_from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise InvalidArgument(f"{source}: no 'architectures' entry; cannot tell the model family", field="architectures")
+    return family_for_architecture(archs[0]).arch_from_hf_config(cfg)
