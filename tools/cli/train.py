@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 DEFAULT_SERVER = "127.0.0.1:50053"
@@ -100,6 +101,63 @@ def list_jobs(a: argparse.Namespace) -> int:
     return 0
 
 
+def import_args(a: argparse.Namespace) -> int:
+    import sys
+
+    from services.trainer.import_args import import_args as do_import
+    from services.trainer.import_args import render_yaml, split_command_text
+    from services.trainer.spec import spec_from_dict, validate
+
+    if a.from_file:
+        tokens = split_command_text(Path(a.from_file).read_text())
+    else:
+        tokens = list(a.args)
+        if tokens and tokens[0] == "--":
+            tokens = tokens[1:]
+    if not tokens:
+        print("megastack train import-args: give the arguments after `--`, or --from-file FILE", file=sys.stderr)
+        return 2
+    imp = do_import(tokens, a.format, name=a.name, world_size=a.world_size, tokenizer=a.tokenizer)
+    print(f"read a {imp.source} command line: {len(imp.mapped)} mapped, {len(imp.no_effect)} without effect, "
+          f"{len(imp.unmapped)} not mapped")
+    for item, where in imp.mapped:
+        print(f"  mapped     {item}  ->  {where}")
+    for item, why in imp.no_effect:
+        print(f"  no effect  {item}  ({why})")
+    for item, why in imp.unmapped:
+        print(f"  NOT MAPPED {item}  ({why})")
+    if imp.unmapped and not a.allow_unmapped:
+        print(f"megastack train import-args: {len(imp.unmapped)} argument(s) cannot be honoured (listed above); nothing written. "
+              "Remove them, or pass --allow-unmapped to write the spec with them listed in its header.", file=sys.stderr)
+        return 2
+    out = Path(a.output)
+    config_file = None
+    if imp.hf_config is not None:
+        config_path = out.with_name(out.stem + ".config.json")
+        config_file = str(config_path)
+    text = render_yaml(imp, config_file)
+    import yaml
+
+    if config_file:
+        from shared.atomic import write_text_atomic
+
+        write_text_atomic(Path(config_file), json.dumps(imp.hf_config, indent=2) + "\n")
+    spec = spec_from_dict(yaml.safe_load(text))
+    if not a.no_validate:
+        try:
+            validate(spec)
+        except Exception:
+            if config_file:
+                Path(config_file).unlink(missing_ok=True)
+            raise
+    from shared.atomic import write_text_atomic
+
+    write_text_atomic(out, text)
+    print(f"wrote {out}" + (f" and {config_file} (the architecture)" if config_file else "")
+          + ("" if not a.no_validate else " (not validated: --no-validate)"))
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="submit and follow megatron-core training jobs on Ray")
     p.add_argument("--server", default=DEFAULT_SERVER, help="trainer service address (default %(default)s)")
@@ -119,6 +177,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("job_id")
     c.add_argument("--reason", default="cancelled from the CLI")
     c.set_defaults(func=cancel)
+    im = tsub.add_parser("import-args", help="turn a Megatron flag list or a Pai positional argument list into a spec YAML",
+                         description="Read an existing command line: Megatron-LM pretrain_gpt.py flags (torchrun launcher "
+                                     "arguments allowed in front), or the positional arguments of Pai-Megatron-Patch "
+                                     "run_mcore_qwen.sh (Qwen2.5) / run_pretrain_megatron_llama.sh (Llama 2). Every argument "
+                                     "is reported as mapped, without effect, or not mapped; nothing is dropped silently.")
+    im.add_argument("args", nargs=argparse.REMAINDER, help="the arguments, after `--`")
+    im.add_argument("--from-file", help="read the command line from a file (line continuations and comments allowed)")
+    im.add_argument("--format", default="auto", choices=("auto", "megatron", "pai-qwen2.5", "pai-llama2"))
+    im.add_argument("--output", "-o", default="imported.yaml", help="spec YAML to write (default %(default)s)")
+    im.add_argument("--name", default="", help="job name (default: from the layout)")
+    im.add_argument("--world-size", type=int, default=0, help="GPUs in all (torchrun nproc x nodes) when the arguments do not say")
+    im.add_argument("--tokenizer", default="", help="HF tokenizer folder (Pai scripts take it from the checkpoint folder)")
+    im.add_argument("--allow-unmapped", action="store_true", help="write the spec even if some arguments cannot be honoured")
+    im.add_argument("--no-validate", action="store_true", help="do not check that the files it names exist here")
+    im.set_defaults(func=import_args)
     ls = tsub.add_parser("list", help="jobs, newest first")
     ls.add_argument("--limit", type=int, default=20)
     ls.set_defaults(func=list_jobs)
