@@ -28,6 +28,16 @@ def _fail(resp: requests.Response) -> int:
 
 
 def run(a: argparse.Namespace) -> int:
+    if a.input_file or a.output_file:
+        if not (a.input_file and a.output_file):
+            print("megastack generate: --input-file and --output-file go together", file=sys.stderr)
+            return 2
+        if a.prompt or a.stream:
+            print("megastack generate: --input-file does not combine with --prompt or --stream", file=sys.stderr)
+            return 2
+        from tools.cli.batch_generate import run as run_batch
+
+        return run_batch(a)
     prompts = a.prompt or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
     if not prompts:
         print("megastack generate: give --prompt (or pipe a prompt on stdin)", file=sys.stderr)
@@ -87,7 +97,10 @@ def _stream(a: argparse.Namespace, prompts: list[str]) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text through the gateway")
+    p = sub.add_parser("generate", help="generate text through the gateway (one prompt, or a file of them)",
+                       description="Generate through the gateway: prompts on the command line or stdin, or offline batch "
+                                   "generation from --input-file (jsonl or text, one sample per line) to --output-file "
+                                   "(jsonl, resumable: samples already written are not generated again).")
     p.add_argument("--url", default=DEFAULT_URL, help="gateway base URL (default %(default)s)")
     p.add_argument("--prompt", "-p", action="append", help="prompt (repeat for several); default: stdin")
     p.add_argument("--tokens-to-generate", "-n", type=int, default=64, help="tokens to generate (default %(default)s)")
@@ -102,4 +115,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (first prompt)")
     p.add_argument("--api-key", default=None, help="API key when the gateway requires one")
     p.add_argument("--timeout", type=float, default=600.0)
+    b = p.add_argument_group("batch generation from a file")
+    b.add_argument("--input-file", help="jsonl (prompt/text/query/instruction+input, or strings) or text, one sample per line")
+    b.add_argument("--output-file", help="jsonl written in input order; an existing one is continued")
+    b.add_argument("--batch-size", type=int, default=16, help="samples per request (default %(default)s)")
+    b.add_argument("--max-input-tokens", type=int, default=0, help="keep only the last N prompt tokens (0 = no limit)")
+    b.add_argument("--skip-bad", action="store_true", help="record bad input lines as errors instead of stopping")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
