@@ -19,15 +19,16 @@ fi
 
 if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   step "installing torch==2.13.0 (CPU wheel) first"
-  $PIP install torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
+  $PIP install torch==2.13.0 2>&1 | { grep -v '^WARNING: Location' || true; }
   "$VENV/bin/python" -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
 fi
 
 if [ ! -f "$VENV/.lock-stamp" ] || [ requirements.lock -nt "$VENV/.lock-stamp" ] || [ pyproject.toml -nt "$VENV/.lock-stamp" ]; then
   step "installing requirements.lock"
-  $PIP install -r requirements.lock 2>&1 | grep -v '^WARNING: Location' || true
-  $PIP install --no-deps --no-build-isolation -e . --config-settings editable_mode=compat 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/python" -c 'import torch, megatron.core, grpc, ray, lm_eval, flask_restful' 
+  # a failing pip stops the set-up (pipefail); only the index-location warnings are filtered out
+  $PIP install -r requirements.lock 2>&1 | { grep -v '^WARNING: Location' || true; }
+  $PIP install --no-deps --no-build-isolation -e . --config-settings editable_mode=compat 2>&1 | { grep -v '^WARNING: Location' || true; }
+  "$VENV/bin/python" -c 'import torch, megatron.core, grpc, ray, lm_eval, flask_restful, flask_sock, websocket' 
   touch "$VENV/.lock-stamp"
 fi
 

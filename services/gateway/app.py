@@ -67,6 +67,9 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
     api.add_resource(Health, "/health", resource_class_args=(pool,))
     api.add_resource(Ready, "/ready", resource_class_args=(pool, cfg.ready_timeout_s))
     api.add_resource(Metrics, "/metrics")
+    from services.gateway.websocket import register as register_websocket
+
+    register_websocket(app, pool)
     app.register_error_handler(Exception, error_response)
     keys = [k.encode() for k in cfg.api_keys]
 
@@ -76,9 +79,9 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
         g.token = REQUEST_ID.set(g.request_id)
         g.start = time.perf_counter()
         if keys and request.path not in OPEN_PATHS:
-            auth = request.headers.get("Authorization", "")
-            given = auth.removeprefix("Bearer ").strip().encode()
-            if not auth.startswith("Bearer ") or not any(hmac.compare_digest(given, k) for k in keys):
+            # "Bearer <key>" (OpenAI clients) or the bare key (PAI-EAS clients send their token as is)
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+            if not given or not any(hmac.compare_digest(given, k) for k in keys):
                 raise HTTPError(401, "missing or invalid API key (send Authorization: Bearer <key>)", "Authorization")
 
     @app.after_request

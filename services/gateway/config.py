@@ -15,7 +15,7 @@ class GatewayConfig:
     converter_addr: str = setting("127.0.0.1:50052", help="converter gRPC address.")
     trainer_addr: str = setting("127.0.0.1:50053", help="trainer gRPC address.")
     evaluator_addr: str = setting("127.0.0.1:50054", help="evaluator gRPC address.")
-    api_keys: tuple[str, ...] = setting((), help="Comma-separated API keys; when set, requests need `Authorization: Bearer <key>`.")
+    api_keys: tuple[str, ...] = setting((), help="Comma-separated API keys; when set, requests need `Authorization: Bearer <key>` (or the bare key).")
     max_body_bytes: int = setting(16 * 1024 * 1024, help="Largest accepted request body (413 above).")
     request_timeout_s: float = setting(600.0, help="Deadline of one generation call to textgen.")
     health_interval_s: float = setting(1.0, help="Seconds between gRPC health checks of each replica.")

@@ -1,0 +1,151 @@
+"""WebSocket streaming as PAI-EAS / BladeLLM clients expect it (``GET /ws``, upgraded).
+
+The client connects (with ``Authorization: <key>`` or ``Bearer <key>`` when the gateway has API keys),
+sends one JSON message per prompt and reads messages until ``is_end``::
+
+    -> {"prompt": "...", "max_new_tokens": 64, "temperature": 0.7, "top_k": 0, "top_p": 0.9}
+    <- {"text": "Once", "is_end": false}
+    <- {"text": " upon", "is_end": false}
+    <- {"is_end": true, "finish_reason": "length", "usage": {...}}
+
+``text`` is the new piece since the previous message. Several prompts may follow on one connection, one
+at a time. A bad message gets ``{"error": {"message", "field", "code": 400}, "is_end": true}`` and the
+connection stays open; a client that leaves mid-stream frees its engine slot at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask_sock import ConnectionClosed, Sock
+
+from protos.textgen.v1 import textgen_pb2 as pb
+from services.gateway import metrics as M
+from services.gateway.http import HTTPError
+from shared.errors import ServiceError, http_status
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 1 << 20
+IGNORED = {"history", "use_stream_chat", "stream"}  # sent by EAS chat clients; nothing to do with them here
+FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_EOS: "stop", pb.FINISH_REASON_STOP_SEQUENCE: "stop"}
+
+
+def register(app, pool) -> None:
+    sock = Sock(app)
+
+    @sock.route("/ws")
+    def ws(conn) -> None:  # noqa: ANN001 - simple_websocket.Server
+        serve(conn, pool)
+
+
+def parse(raw: Any) -> pb.GenerateStreamRequest:
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPError(400, "messages must be UTF-8 JSON text", "message") from None
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise HTTPError(400, f"message is larger than {MAX_MESSAGE_BYTES} bytes", "message")
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise HTTPError(400, f"message is not JSON ({e.msg} at column {e.colno})", "message") from None
+    if not isinstance(doc, dict):
+        raise HTTPError(400, "message must be a JSON object with a prompt", "message")
+    unknown = sorted(set(doc) - IGNORED - {"prompt", "max_new_tokens", "max_tokens", "tokens_to_generate", "temperature", "top_k",
+                                           "top_p", "repetition_penalty", "seed", "stop"})
+    if unknown:
+        raise HTTPError(400, f"unknown field {unknown[0]!r}", unknown[0])
+    prompt = doc.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise HTTPError(400, "prompt must be a non-empty string", "prompt")
+    length_keys = [k for k in ("max_new_tokens", "max_tokens", "tokens_to_generate") if k in doc]
+    if len(length_keys) > 1:
+        raise HTTPError(400, f"give one of {', '.join(length_keys)}", length_keys[1])
+    max_new = _int(doc, length_keys[0] if length_keys else "max_new_tokens", 256, 1)
+    temperature = _num(doc, "temperature", 1.0, 0.0, 100.0)
+    top_k = _int(doc, "top_k", 0, 0)
+    top_p = _num(doc, "top_p", 0.0, 0.0, 1.0)
+    penalty = _num(doc, "repetition_penalty", 1.0, 0.0, 100.0)
+    if penalty <= 0:
+        raise HTTPError(400, "repetition_penalty must be > 0", "repetition_penalty")
+    seed = _int(doc, "seed", 0, 0) if "seed" in doc else -1
+    stop = doc.get("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise HTTPError(400, "stop must be a string or a list of non-empty strings", "stop")
+    greedy = temperature == 0.0 or top_k == 1
+    sampling = pb.SamplingParams(greedy=greedy, temperature=temperature if temperature > 0 else 1.0, top_k=top_k,
+                                 top_p=0.0 if top_p >= 1.0 else top_p, seed=seed, repetition_penalty=penalty)
+    params = pb.GenerationParams(sampling=sampling, stopping=pb.StoppingParams(max_new_tokens=max_new, stop=stop))
+    return pb.GenerateStreamRequest(prompts=[pb.Prompt(text=prompt)], params=params)
+
+
+def _int(doc: dict, key: str, default: int, lo: int) -> int:
+    v = doc.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise HTTPError(400, f"{key} must be an integer >= {lo}", key)
+    return v
+
+
+def _num(doc: dict, key: str, default: float, lo: float, hi: float) -> float:
+    v = doc.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise HTTPError(400, f"{key} must be a number in [{lo:g}, {hi:g}]", key)
+    return float(v)
+
+
+def serve(conn, pool) -> None:  # noqa: ANN001
+    M.WS_CONNECTIONS.inc()
+    try:
+        while True:
+            try:
+                raw = conn.receive()
+            except ConnectionClosed:
+                return
+            if raw is None:
+                continue
+            M.WS_MESSAGES.inc()
+            try:
+                request = parse(raw)
+            except HTTPError as e:
+                M.WS_ERRORS.labels("bad_request").inc()
+                _send(conn, {"error": {"message": e.message, "field": e.field, "code": e.status}, "is_end": True})
+                continue
+            if not _relay(conn, pool, request):
+                return
+    finally:
+        M.WS_CONNECTIONS.dec()
+
+
+def _relay(conn, pool, request: pb.GenerateStreamRequest) -> bool:  # noqa: ANN001
+    """Stream one prompt's generation; False when the client went away."""
+    events = pool.stream(request)
+    try:
+        for msg in events:
+            if msg.text:
+                conn.send(json.dumps({"text": msg.text, "is_end": False}, ensure_ascii=False))
+            if msg.finished:
+                c = msg.completion
+                conn.send(json.dumps({"is_end": True, "finish_reason": FINISH.get(c.finish_reason, "stop"),
+                                      "usage": {"prompt_tokens": len(c.prompt_token_ids), "completion_tokens": len(c.token_ids)}}))
+        return True
+    except ConnectionClosed:
+        M.WS_ERRORS.labels("client_gone").inc()
+        return False
+    except ServiceError as e:
+        M.WS_ERRORS.labels(e.code.name.lower()).inc()
+        return _send(conn, {"error": {"message": e.message, "field": e.field, "code": http_status(e.code)}, "is_end": True})
+    finally:
+        events.close()  # cancels the textgen call if it is still running
+
+
+def _send(conn, doc: dict) -> bool:  # noqa: ANN001
+    try:
+        conn.send(json.dumps(doc, ensure_ascii=False))
+        return True
+    except ConnectionClosed:
+        return False
