@@ -48,7 +48,7 @@ def main() -> int:
     a = ap.parse_args()
     settings = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}
     try:
-        for i, piece in stream(a.url, a.prompts, a.token, **settings):
+        for _prompt, piece in stream(a.url, a.prompts, a.token, **settings):
             if piece is None:
                 sys.stdout.write("\n")
             else:
