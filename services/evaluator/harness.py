@@ -95,6 +95,77 @@ def check_spec(spec: EvalSpec, known: list[str]) -> None:
     check_tasks(spec.tasks, known)
 
 
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+
+
+def task_datasets(tm, name: str, _depth: int = 0) -> list[tuple[str, str | None, str | None, Any]]:
+    """(task, dataset_path, dataset_name, data_files) of every task a task/group/tag name runs, read from the
+    task YAMLs (their ``include`` chains resolved) without loading any data."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    entry = tm.task_index.get(name)
+    if entry is None or _depth > 8:
+        return []
+    cfg, path = dict(entry.cfg or {}), entry.yaml_path
+    for _ in range(5):
+        if "include" not in cfg or path is None:
+            break
+        inc = Path(path).parent / cfg.pop("include")
+        cfg = {**(yaml.load(inc.read_text(), Loader=_Loader) or {}), **cfg}
+        path = inc
+    subs = cfg.get("task")
+    if isinstance(subs, list) or entry.kind.name == "TAG":
+        if not isinstance(subs, list):
+            subs = [n for n, e in tm.task_index.items() if name in (e.tags or set())]
+        out = []
+        for sub in subs:
+            sub_name = sub if isinstance(sub, str) else sub.get("task") if isinstance(sub, dict) else None
+            if isinstance(sub_name, str):
+                out += task_datasets(tm, sub_name, _depth + 1)
+        return out
+    return [(name, cfg.get("dataset_path"), cfg.get("dataset_name"), (cfg.get("dataset_kwargs") or {}).get("data_files"))]
+
+
+def dataset_locations(path: str) -> list[Path]:
+    """Where an HF dataset is found offline: the hub cache and the datasets cache."""
+    from datasets import config as ds_config
+    from huggingface_hub import constants as hub_constants
+
+    return [Path(hub_constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}",
+            Path(ds_config.HF_DATASETS_CACHE) / path.replace("/", "___")]
+
+
+def check_data(tm, tasks: tuple[str, ...]) -> None:
+    """Every dataset the tasks need is on this machine, else one error naming where each was looked for."""
+    missing: dict[str, list[str]] = {}
+    for task in tasks:
+        for sub, path, _name, files in task_datasets(tm, task):
+            if not path or path in LOCAL_BUILDERS or Path(path).exists():
+                if path in LOCAL_BUILDERS and files:
+                    listed = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
+                    absent = [f for f in listed if isinstance(f, str) and "*" not in f and not Path(f).exists()]
+                    if absent:
+                        raise FailedPrecondition(f"{sub}: data file {absent[0]} does not exist", field="tasks")
+                continue
+            if not any(p.is_dir() for p in dataset_locations(path)):
+                missing.setdefault(path, []).append(sub)
+    if missing:
+        parts = []
+        for path, subs in missing.items():
+            where = " or ".join(str(p) for p in dataset_locations(path))
+            parts.append(f"{path} (needed by {subs[0]}{f' and {len(subs) - 1} more' if len(subs) > 1 else ''}; looked in {where})")
+        first = next(iter(missing))
+        raise FailedPrecondition(
+            f"the data of {', '.join(tasks)} is not on this machine: {'; '.join(parts)}. On a connected machine load it once "
+            f"(e.g. python -c \"import datasets; datasets.load_dataset('{first}', <config>)\") and copy its HF cache "
+            f"(~/.cache/huggingface) here or point HF_HOME at a copy; or define the task on local files (include_paths)",
+            field="tasks")
+
+
 def check_reachable(spec: EvalSpec) -> None:
     """The model must answer before a job exists (no run that only fails later)."""
     import requests
@@ -155,6 +226,7 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
     t0 = time.perf_counter()
     tm = task_manager(spec.include_paths)
     check_spec(spec, tm.all_tasks)
+    check_data(tm, spec.tasks)
     model, model_args = _model(spec, progress)
     work_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -11,7 +11,7 @@ import grpc
 from protos.evaluator.v1 import evaluator_pb2 as pb
 from protos.evaluator.v1 import evaluator_pb2_grpc as pb_grpc
 from services.evaluator import metrics as M
-from services.evaluator.harness import check_reachable, check_spec, offline_env, task_manager
+from services.evaluator.harness import check_data, check_reachable, check_spec, offline_env, task_manager
 from services.evaluator.wire import evaluation_pb, spec_from_pb
 from shared.errors import InvalidArgument
 from shared.jobs import JobRecord, JobStore, ProcessRunner
@@ -24,19 +24,19 @@ class TaskIndex:
     def __init__(self, include_paths: tuple[str, ...]) -> None:
         self.include_paths = include_paths
         self._ready = threading.Event()
-        self._names: list[str] = []
+        self._tm = None
         threading.Thread(target=self._build, name="task-index", daemon=True).start()
 
     def _build(self) -> None:
         offline_env()
-        self._names = list(task_manager(self.include_paths).all_tasks)
+        self._tm = task_manager(self.include_paths)
         self._ready.set()
 
-    def names(self, extra_paths: tuple[str, ...]) -> list[str]:
+    def manager(self, extra_paths: tuple[str, ...]):
         if extra_paths:
-            return list(task_manager(self.include_paths + extra_paths).all_tasks)
+            return task_manager(self.include_paths + extra_paths)
         self._ready.wait(timeout=120)
-        return self._names
+        return self._tm
 
 
 class EvaluatorServicer(pb_grpc.EvaluatorServiceServicer):
@@ -66,7 +66,9 @@ class EvaluatorServicer(pb_grpc.EvaluatorServiceServicer):
         if request.spec.WhichOneof("model") is None:
             raise InvalidArgument("give a model: textgen_address, hf_checkpoint or completions_url", field="model")
         spec = spec_from_pb(request.spec, dict(request.labels))
-        check_spec(spec, self.index.names(spec.include_paths))
+        tm = self.index.manager(spec.include_paths)
+        check_spec(spec, list(tm.all_tasks))
+        check_data(tm, spec.tasks)
         check_reachable(spec)
         rec, new = self.store.create(spec.to_json(), labels=dict(request.labels), request_id=request.request_id)
         if new:

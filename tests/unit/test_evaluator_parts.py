@@ -74,3 +74,19 @@ def test_headline_prefers_normalised_accuracy_then_exact_match():
     assert _headline({"acc,none": 0.1, "acc_norm,none": 0.2}) == ("acc_norm", 0.2)
     assert _headline({"exact_match,first-number": 0.4}) == ("exact_match", 0.4)
     assert _headline({"word_perplexity,none": 12.0, "bits_per_byte,none": 1.0}) == ("word_perplexity", 12.0)
+
+
+def test_named_suites_resolve_to_their_datasets_and_a_cached_one_passes(tmp_path, monkeypatch):
+    from services.evaluator import harness
+
+    tm = harness.task_manager()
+    subs = harness.task_datasets(tm, "mmlu")
+    assert len(subs) == 57 and {p for _, p, _, _ in subs} == {"cais/mmlu"}
+    assert harness.task_datasets(tm, "gsm8k") == [("gsm8k", "openai/gsm8k", "main", None)]
+    assert {p for _, p, _, f in harness.task_datasets(tm, "megastack_suite")} == {"json"}
+    harness.check_data(tm, ("megastack_suite",))  # shipped data files exist
+    monkeypatch.setattr(harness, "dataset_locations", lambda path: [tmp_path / f"datasets--{path.replace('/', '--')}"])
+    with pytest.raises(Exception, match="openai/gsm8k"):
+        harness.check_data(tm, ("gsm8k",))
+    (tmp_path / "datasets--openai--gsm8k").mkdir()
+    harness.check_data(tm, ("gsm8k",))

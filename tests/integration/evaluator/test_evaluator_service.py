@@ -219,13 +219,25 @@ def test_cli_run_results_compare(evaluator_address, served, capsys):
     assert "close names: megastack_capitals" in capsys.readouterr().err
 
 
-def test_hf_checkpoint_runs_and_missing_task_data_fails_with_where_to_put_it(stub, tiny_models):
+def test_hf_checkpoint_runs(stub, tiny_models):
     ok = follow(stub, submit(stub, hf_checkpoint=str(tiny_models["llama"]), tasks=["megastack_capitals"], limit=4))
     assert ok.status.state == SUCCEEDED, ok.status.error
     assert 0 <= scores(ok)["megastack_capitals"]["acc,none"] <= 1 and ok.result.tasks[0].num_samples == 4
-    # a real lm-eval task whose data this offline machine does not have
-    if any((Path.home() / ".cache" / "huggingface" / "datasets").glob("*hellaswag*")):
-        pytest.skip("hellaswag is in the local datasets cache")
-    missing = follow(stub, submit(stub, hf_checkpoint=str(tiny_models["llama"]), tasks=["hellaswag"], limit=2))
-    assert missing.status.state == FAILED
-    assert "hellaswag is not available offline" in missing.status.error and "HF datasets cache" in missing.status.error
+
+
+@pytest.mark.parametrize("suite,dataset", [("mmlu", "cais/mmlu"), ("cmmlu", "haonan-li/cmmlu"), ("ceval-valid", "ceval/ceval-exam"),
+                                           ("boolq", "aps/super_glue"), ("gsm8k", "openai/gsm8k")])
+def test_named_suites_without_local_data_are_refused_naming_where_it_was_looked_for(stub, served, suite, dataset):
+    from services.evaluator.harness import dataset_locations
+
+    if any(p.is_dir() for p in dataset_locations(dataset)):
+        pytest.skip(f"{dataset} is on this machine")
+    before = len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        submit(stub, textgen_address=served[0].address, tasks=[suite])
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and time.monotonic() - t0 < 10
+    msg = e.value.details()
+    assert f"the data of {suite} is not on this machine" in msg and dataset in msg
+    assert all(str(p) in msg for p in dataset_locations(dataset)) and "HF_HOME" in msg
+    assert len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations) == before
