@@ -64,10 +64,31 @@ class SFTDataset(Dataset):
                 "loss_mask": torch.from_numpy(mask.astype(np.float32)), "position_ids": torch.arange(s)}
 
 
+class DatasetTokenizer:
+    """What megatron-core's GPTDataset asks of a tokenizer (vocabulary size, EOD and pad ids), from any
+    tokenizer folder megastack reads: HF ``tokenizer.json`` or GPT-2 BPE ``vocab.json`` + ``merges.txt``."""
+
+    def __init__(self, tokenizer_dir: Path) -> None:
+        from shared.tokenizers import FastTokenizer
+
+        tok = FastTokenizer.from_dir(tokenizer_dir)
+        self.vocab_size = tok.vocab_size
+        self.eod = self.eos = tok.eod_id
+        self._pad = tok.pad_id
+        # part of GPTDataset's cache key (its index files are reused only for the same tokenizer)
+        self.unique_identifiers = {"class": "DatasetTokenizer", "path": str(Path(tokenizer_dir).resolve()),
+                                   "vocab_size": self.vocab_size, "eod": self.eod}
+
+    @property
+    def pad(self) -> int:
+        if self._pad is None:
+            raise AttributeError("no pad token")  # GPTDataset then uses its own out-of-vocabulary pad id
+        return self._pad
+
+
 def _gpt_datasets(spec: TrainSpec, tokenizer_dir: Path, samples: list[int]):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron.core.tokenizers import MegatronTokenizer
 
     prefixes = [p for p, _ in spec.data_paths]
     weights = [w for _, w in spec.data_paths]
@@ -75,7 +96,7 @@ def _gpt_datasets(spec: TrainSpec, tokenizer_dir: Path, samples: list[int]):
     config = GPTDatasetConfig(
         random_seed=spec.seed, sequence_length=spec.seq_length, blend=(prefixes, weights), split=spec.split,
         path_to_cache=cache, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        tokenizer=MegatronTokenizer.from_pretrained(str(tokenizer_dir), metadata_path={"library": "huggingface"}),
+        tokenizer=DatasetTokenizer(tokenizer_dir),
     )
     return BlendedMegatronDatasetBuilder(GPTDataset, samples, lambda: True, config).build()
 
@@ -87,7 +108,8 @@ def build_datasets(spec: TrainSpec, tokenizer_dir: Path, pad_id: int):
     if spec.kind == "sft":
         ds = SFTDataset([p for p, _ in spec.data_paths], spec.seq_length, pad_id)
         return ds, (ds if evals else None)
-    train, valid, _ = _gpt_datasets(spec, tokenizer_dir, [train_samples, evals, 0])
+    # None = "not needed": megatron-core would loop forever drawing samples from a split with no documents
+    train, valid, _ = _gpt_datasets(spec, tokenizer_dir, [train_samples, evals or None, None])
     return train, valid
 
 
@@ -101,3 +123,12 @@ def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
 def batches(ds, *, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int, total: int | None = None) -> Iterator[dict]:
     sampler = ResumableSampler(total or len(ds), consumed, micro_batch_size, dp_rank, dp_size)
     return iter(DataLoader(ds, batch_sampler=sampler, collate_fn=_collate, num_workers=0))
+
+
+def split_documents(split: str, num_documents: int) -> list[int]:
+    """Documents per train/valid/test split, as megatron-core's builder cuts them (rounded cumulative bounds)."""
+    weights = [float(x) for x in split.split(",")]
+    total = sum(weights)
+    cum = [sum(weights[:i]) / total for i in range(len(weights) + 1)]
+    bounds = [int(round(c * float(num_documents))) for c in cum]
+    return [b - a for a, b in zip(bounds, bounds[1:])]

@@ -168,6 +168,19 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         for ext in (".bin", ".idx"):
             if not Path(prefix + ext).is_file():
                 raise _bad(f"data path {prefix}{ext} does not exist", "data.paths")
+    if spec.kind == "pretrain":
+        from services.trainer.data import split_documents
+        from shared.indexed_dataset import IndexedDatasetReader
+
+        for prefix in dataset_prefixes(spec):
+            docs = IndexedDatasetReader(prefix).num_documents
+            train, valid, _ = split_documents(spec.split, docs)
+            if train == 0:
+                raise _bad(f"data.split {spec.split} leaves no training documents of the {docs} in {prefix}", "data.split")
+            if spec.eval_interval and valid == 0:
+                raise _bad(f"data.split {spec.split} leaves no validation documents of the {docs} in {prefix}, but "
+                           "training.eval_interval asks for evaluation (give the valid split more weight, or eval_interval 0)",
+                           "data.split")
     arch, padded, tok = resolve_arch(spec)
     from shared.checkpoints import layout as L
     from shared.mcore.model import padded_vocab_size
@@ -207,6 +220,22 @@ def spec_from_dict(doc: dict[str, Any]) -> TrainSpec:
     return spec_from_pb(msg)
 
 
+def absolutize(spec: TrainSpec, base: Path | None = None) -> TrainSpec:
+    """Relative paths of a spec made absolute (against ``base``, default the current folder): the ranks run
+    wherever Ray starts them, so a spec must not depend on the submitter's working directory."""
+    import dataclasses
+
+    root = Path(base or Path.cwd())
+
+    def fix(p: str) -> str:
+        return p if not p or Path(p).is_absolute() else str(root / p)
+
+    return dataclasses.replace(
+        spec, init_from=fix(spec.init_from), architecture=fix(spec.architecture), tokenizer=fix(spec.tokenizer),
+        save_dir=fix(spec.save_dir), data_cache_dir=fix(spec.data_cache_dir),
+        data_paths=tuple((fix(p), w) for p, w in spec.data_paths))
+
+
 def load_yaml(path: Path) -> TrainSpec:
     import yaml
 
@@ -218,4 +247,4 @@ def load_yaml(path: Path) -> TrainSpec:
         raise InvalidArgument(f"{path}: not valid YAML ({e})", field="spec") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{path}: a spec must be a mapping of sections", field="spec")
-    return spec_from_dict(doc)
+    return absolutize(spec_from_dict(doc))

@@ -64,6 +64,11 @@ def build_server(
             ("grpc.so_reuseport", 0),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # Clients ping every 30 s (CHANNEL_OPTIONS) to keep long watch streams alive through NATs and
+            # proxies; accept that instead of answering GOAWAY "too_many_pings" after a few minutes.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ],
         maximum_concurrent_rpcs=max_workers * 4,
     )

@@ -48,6 +48,8 @@ def test_a_good_spec_passes_and_defaults_apply(assets):
     ({"checkpoint": {"save_dir": ""}}, "checkpoint.save_dir", "is required"),
     ({"data": {"split": "90,10"}}, "data.split", "three non-negative weights"),
     ({"optimizer": {"lr_warmup_iters": 10**6}}, "optimizer.lr_warmup_iters", "must be >= 0 and below the decay steps"),
+    ({"data": {"split": "100,0,0"}, "training": {"eval_interval": 5, "eval_iters": 1}}, "data.split", "leaves no validation documents"),
+    ({"data": {"split": "0,100,0"}}, "data.split", "leaves no training documents"),
 ])
 def test_bad_specs_name_the_field(assets, over, field, fragment):
     with pytest.raises(InvalidArgument, match=fragment) as e:
@@ -70,3 +72,12 @@ def test_unknown_yaml_key_is_refused_by_name(assets, tmp_path):
 
     with pytest.raises(InvalidArgument, match="not valid YAML"):
         load_yaml(tmp_path / "s.yaml")
+
+
+def test_split_documents_as_megatron_core_rounds_them():
+    from services.trainer.data import split_documents
+
+    assert split_documents("949,50,1", 12) == [11, 1, 0]
+    assert split_documents("98,1,1", 1000) == [980, 10, 10]
+    assert split_documents("1,1,1", 10) == [3, 4, 3]
+    assert sum(split_documents("7,2,1", 37)) == 37

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_SERVER = "127.0.0.1:50054"
-DEFAULT_TEXTGEN = "127.0.0.1:50051"
+from tools.cli.endpoints import endpoint
 
 
 def _stub(server: str):
@@ -192,12 +191,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a model with lm-evaluation-harness through the evaluator service. The offline "
                                    "suite (megastack_suite: capitals, arithmetic, prose) ships with megastack; any lm-eval "
                                    "task works when its data is available offline.")
-    p.add_argument("--server", default=DEFAULT_SERVER, help="evaluator service address (default %(default)s)")
+    p.add_argument("--server", default=endpoint("evaluator"), help="evaluator service address (default %(default)s)")
     esub = p.add_subparsers(dest="eval_cmd", required=True)
     r = esub.add_parser("run", help="submit an evaluation and follow it to the summary table")
     r.add_argument("tasks", nargs="+", help="lm-eval task or group names (comma- or space-separated), e.g. megastack_suite")
     m = r.add_mutually_exclusive_group()
-    m.add_argument("--model", default=DEFAULT_TEXTGEN, help="textgen gRPC address to evaluate (default %(default)s)")
+    m.add_argument("--model", default=endpoint("textgen"), help="textgen gRPC address to evaluate (default %(default)s)")
     m.add_argument("--hf", type=Path, help="evaluate an HF checkpoint folder with lm-eval's own `hf` model instead")
     m.add_argument("--completions-url", help="evaluate an OpenAI /v1/completions endpoint (lm-eval local-completions)")
     r.add_argument("--num-fewshot", type=int, default=-1, help="few-shot examples (default: the task's own)")

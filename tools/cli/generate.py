@@ -8,7 +8,7 @@ import sys
 
 import requests
 
-DEFAULT_URL = "http://127.0.0.1:5000"
+from tools.cli.endpoints import endpoint
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -101,7 +101,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Generate through the gateway: prompts on the command line or stdin, or offline batch "
                                    "generation from --input-file (jsonl or text, one sample per line) to --output-file "
                                    "(jsonl, resumable: samples already written are not generated again).")
-    p.add_argument("--url", default=DEFAULT_URL, help="gateway base URL (default %(default)s)")
+    p.add_argument("--url", default=endpoint("gateway"), help="gateway base URL (default %(default)s)")
     p.add_argument("--prompt", "-p", action="append", help="prompt (repeat for several); default: stdin")
     p.add_argument("--tokens-to-generate", "-n", type=int, default=64, help="tokens to generate (default %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0)

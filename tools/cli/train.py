@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-DEFAULT_SERVER = "127.0.0.1:50053"
+from tools.cli.endpoints import endpoint
 
 
 def _stub(server: str):
@@ -160,7 +160,7 @@ def import_args(a: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="submit and follow megatron-core training jobs on Ray")
-    p.add_argument("--server", default=DEFAULT_SERVER, help="trainer service address (default %(default)s)")
+    p.add_argument("--server", default=endpoint("trainer"), help="trainer service address (default %(default)s)")
     tsub = p.add_subparsers(dest="train_cmd", required=True)
     s = tsub.add_parser("submit", help="validate a TrainJobSpec YAML and submit it")
     s.add_argument("spec", type=Path)
