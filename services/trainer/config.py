@@ -17,10 +17,14 @@ class TrainerConfig(ServiceConfig):
     jobs_dir: Path = setting(RUN_DIR / "trainer", help="Job records, specs and logs (survive restarts).")
     python: str = setting("", help="Python the Ray job runs on the cluster; empty = this service's interpreter.")
     runtime_env_json: str = setting("", help='Extra Ray runtime_env as JSON, e.g. {"working_dir": "...", "pip": [...]} for remote clusters.')
+    resource_wait_s: float = setting(0.0, help="Seconds a job waits for the Ray cluster to offer the CPUs/GPUs it asks when the "
+                                     "cluster has fewer in all (an autoscaling cluster adds nodes); 0 = fail at once, naming the field.")
     poll_interval_s: float = setting(1.0, help="Seconds between status polls of running jobs.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.resource_wait_s < 0:
+            raise ValueError("resource_wait_s must be >= 0")
         if self.poll_interval_s <= 0:
             raise ValueError("poll_interval_s must be > 0")
         if self.runtime_env_json:

@@ -98,6 +98,9 @@ def _gpt_datasets(spec: TrainSpec, tokenizer_dir: Path, samples: list[int]):
         path_to_cache=cache, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         tokenizer=DatasetTokenizer(tokenizer_dir),
     )
+    # Splits nobody reads are not built: megatron-core would loop forever drawing samples from a split with
+    # no documents (a tiny test split). The train/valid bounds stay those of ``split``.
+    config.split_matrix = [m if n else None for m, n in zip(config.split_matrix, samples)]
     return BlendedMegatronDatasetBuilder(GPTDataset, samples, lambda: True, config).build()
 
 
@@ -108,8 +111,7 @@ def build_datasets(spec: TrainSpec, tokenizer_dir: Path, pad_id: int):
     if spec.kind == "sft":
         ds = SFTDataset([p for p, _ in spec.data_paths], spec.seq_length, pad_id)
         return ds, (ds if evals else None)
-    # None = "not needed": megatron-core would loop forever drawing samples from a split with no documents
-    train, valid, _ = _gpt_datasets(spec, tokenizer_dir, [train_samples, evals or None, None])
+    train, valid, _ = _gpt_datasets(spec, tokenizer_dir, [train_samples, evals, 0])
     return train, valid
 
 

@@ -495,17 +495,26 @@ def detect(tokens: list[str]) -> str:
                "both starting with dsw or dlc (or pass --format)")
 
 
-def import_args(tokens: list[str], fmt: str = "auto", *, name: str = "", world_size: int = 0, tokenizer: str = "") -> Imported:
+def import_args(tokens: list[str], fmt: str = "auto", *, name: str = "", world_size: int = 0, tokenizer: str = "",
+                gpus_per_worker: float | None = None) -> Imported:
+    """``gpus_per_worker`` (when given) overrides what the layout implies: Pai's scripts are GPU-only (1 per rank);
+    0 runs the ranks on CPU (gloo), as on a laptop."""
     tokens = [t for t in tokens if t not in ("\\", "")]
     if fmt not in FORMATS:
         raise _bad(f"format must be one of {', '.join(FORMATS)}")
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise InvalidArgument("--gpus-per-worker must be >= 0", field="gpus_per_worker")
     layout = detect(tokens) if fmt == "auto" else fmt
     if layout == "megatron":
         imp = import_megatron(tokens, name=name, world_size=world_size)
         if tokenizer:
             imp.set("model.tokenizer", tokenizer, f"tokenizer {tokenizer}")
-        return imp
-    return import_pai(tokens, layout, name=name, world_size=world_size, tokenizer=tokenizer)
+    else:
+        imp = import_pai(tokens, layout, name=name, world_size=world_size, tokenizer=tokenizer)
+    if gpus_per_worker is not None:
+        imp.mapped = [m for m in imp.mapped if not m[1].startswith("resources.gpus_per_worker:")]
+        imp.set("resources.gpus_per_worker", gpus_per_worker, f"--gpus-per-worker {gpus_per_worker:g}")
+    return imp
 
 
 def split_command_text(text: str) -> list[str]:

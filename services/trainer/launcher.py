@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.trainer import metrics as M
-from services.trainer.ray_driver import ATTEMPT_FILE
+from services.trainer.ray_driver import ATTEMPT_FILE, RESOURCE_WAIT_ENV
 from services.trainer.spec import TrainSpec
 from services.trainer.train import STATUS_FILE
 from shared.errors import FailedPrecondition, Unavailable
@@ -36,12 +36,13 @@ def clean_log(text: str) -> list[str]:
 
 class RayLauncher:
     def __init__(self, store: JobStore, *, ray_address: str, python: str = "", runtime_env: dict[str, Any] | None = None,
-                 poll_interval_s: float = 1.0) -> None:
+                 poll_interval_s: float = 1.0, resource_wait_s: float = 0.0) -> None:
         self.store = store
         self.address = ray_address
         self.python = python or sys.executable
         self.runtime_env = runtime_env or {}
         self.poll_interval_s = poll_interval_s
+        self.resource_wait_s = resource_wait_s
         self._client = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow_loop, name="trainer-follow", daemon=True)
@@ -69,7 +70,8 @@ class RayLauncher:
         spec_path.write_text(spec.to_json())
         env = dict(self.runtime_env)
         env_vars = {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false", **env.pop("env_vars", {})}
+                    "TOKENIZERS_PARALLELISM": "false",
+                    RESOURCE_WAIT_ENV: f"{self.resource_wait_s:g}", **env.pop("env_vars", {})}
         submission_id = f"{rec.job_id}"
         metadata = {"megastack_job_id": rec.job_id, "megastack_name": spec.name, "megastack_kind": spec.kind,
                     "megastack_parallel": f"tp={spec.tp},pp={spec.pp},dp={spec.dp},vpp={spec.vpp}",

@@ -29,6 +29,7 @@ from shared.atomic import write_text_atomic
 
 logger = logging.getLogger("services.trainer.ray_driver")
 ATTEMPT_FILE = "megastack-attempt.json"
+RESOURCE_WAIT_ENV = "MEGASTACK_RESOURCE_WAIT_S"  # set by the launcher from MEGASTACK_TRAINER_RESOURCE_WAIT_S
 
 
 def _child_setup() -> None:
@@ -78,9 +79,37 @@ class RankWorker:
             os.unlink(f.name)
 
 
+def unfit_reason(bundle: dict[str, float], world: int, cluster: dict[str, float]) -> str:
+    """Why the cluster as it stands can never hold ``world`` ranks of ``bundle`` (empty when it can): a job
+    asking GPUs of a CPU-only cluster fails at once, naming the field, instead of waiting for a placement."""
+    for resource, per_rank in bundle.items():
+        have = cluster.get(resource, 0.0)
+        if per_rank * world > have:
+            field = {"GPU": "resources.gpus_per_worker", "CPU": "resources.cpus_per_worker"}.get(resource, "resources")
+            return (f"the Ray cluster has {have:g} {resource} in all; the job asks {world} rank(s) x {per_rank:g} {resource} "
+                    f"({field}){' - set it to 0 to train on CPU' if resource == 'GPU' else ''}")
+    return ""
+
+
+def wait_for_resources(bundle: dict[str, float], world: int, wait_s: float) -> str:
+    """Empty once the cluster holds enough in all for the job; else, after ``wait_s`` seconds (an autoscaling
+    cluster adding nodes: the trainer's MEGASTACK_TRAINER_RESOURCE_WAIT_S), why it does not."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        why = unfit_reason(bundle, world, ray.cluster_resources())
+        if not why or time.monotonic() >= deadline:
+            return why
+        logger.info("waiting for the cluster to grow: %s", why)
+        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+
+
+def rank_bundle(spec: TrainSpec) -> dict[str, float]:
+    return {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}
+
+
 def attempt_once(spec: TrainSpec, spec_json: str, attempt: int) -> tuple[bool, str]:
     world = spec.world_size
-    bundle = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}
+    bundle = rank_bundle(spec)
     pg = placement_group([bundle] * world, strategy="PACK", name=f"megastack-{spec.name}-{attempt}")
     ready, _ = ray.wait([pg.ready()], timeout=600)
     if not ready:
@@ -136,7 +165,10 @@ def main(argv: list[str]) -> int:
     spec_json = spec.to_json()
     Path(spec.save_dir).mkdir(parents=True, exist_ok=True)
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level=logging.WARNING)
-    why = ""
+    why = wait_for_resources(rank_bundle(spec), spec.world_size, float(os.environ.get(RESOURCE_WAIT_ENV) or 0))
+    if why:  # retrying cannot help
+        logger.error("%s", why)
+        return 1
     for attempt in range(1, spec.max_retries + 2):
         logger.info("attempt %d of %d: %d ranks (TP=%d PP=%d DP=%d)", attempt, spec.max_retries + 1, spec.world_size,
                     spec.tp, spec.pp, spec.dp)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from shared.mcore import cpu_compat
+from shared.net import free_port  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -17,12 +17,6 @@ class Parallelism:
     tp: int = 1
     pp: int = 1
     vpp: int | None = None  # model chunks per pipeline rank; None = no virtual pipeline
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def default_backend() -> str:

@@ -10,7 +10,16 @@ from typing import Any
 
 import torch
 
-from shared.models.base import ArchConfig, GetTensor, ModelFamily, Tensor, fuse_qkv, layer_prefix, require, split_qkv
+from shared.models.base import (
+    ArchConfig,
+    GetTensor,
+    ModelFamily,
+    Tensor,
+    fuse_qkv,
+    layer_prefix,
+    require,
+    split_qkv,
+)
 
 # HF per-layer name -> (canonical per-layer name, transpose?)
 LAYER_MAP = {

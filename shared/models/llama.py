@@ -6,7 +6,16 @@ from typing import Any
 
 import torch
 
-from shared.models.base import ArchConfig, GetTensor, ModelFamily, Tensor, fuse_qkv, layer_prefix, require, split_qkv
+from shared.models.base import (
+    ArchConfig,
+    GetTensor,
+    ModelFamily,
+    Tensor,
+    fuse_qkv,
+    layer_prefix,
+    require,
+    split_qkv,
+)
 
 # HF per-layer name -> canonical per-layer name, for the tensors that are copied as they are.
 LAYER_MAP = {

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 
 import pytest
 
 from shared.paths import REPO_ROOT
-from tests.unit.test_docs_commands import commands
 from tools.cli.endpoints import client_env
 from tools.stack import StackOptions, up
 
@@ -27,7 +27,18 @@ TINY = {
                               "--tokens-to-generate 32": "--tokens-to-generate 8"},
     "modellink.md": {"--num-layer-list 14,16": "--num-layer-list 1,1"},
 }
+COMMAND_TIMEOUT_S = 240
 SKIP = (r"^make ", r"^megastack (up|down)\b", r"\(needs its data")
+
+
+def page_commands(page) -> list[str]:
+    """The commands of a page's bash blocks, one per line, trailing comments kept (they carry the markers)."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                out.append(line.strip())
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +49,7 @@ def stack(tmp_path_factory, tiny_models):
     s.down()
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("page", sorted(TINY))
 def test_guide_page_runs(page, stack, tiny_models, tmp_path):
     gateway = stack.endpoint("gateway", "http")
@@ -47,12 +59,18 @@ def test_guide_page_runs(page, stack, tiny_models, tmp_path):
     subs = {**TINY[page], "models/smollm2-135m-instruct": str(tiny_models["llama"]), "runs/": f"{tmp_path}/runs/",
             "ws://127.0.0.1:5000": gateway.replace("http://", "ws://")}
     ran = 0
-    for cmd in commands(REPO_ROOT / "docs" / "workflows" / page):
+    for cmd in page_commands(REPO_ROOT / "docs" / "workflows" / page):
         if any(re.search(p, cmd) for p in SKIP):
             continue
+        cmd = cmd.split("  #")[0].strip()
         for a, b in subs.items():
             cmd = cmd.replace(a, b)
-        out = subprocess.run(["bash", "-c", cmd], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        started = time.monotonic()
+        try:
+            out = subprocess.run(["bash", "-c", cmd], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"{page}: `{cmd}` still running after {COMMAND_TIMEOUT_S}s:\n{(e.stdout or b'')[-2500:]!r}\n{(e.stderr or b'')[-2500:]!r}")
+        print(f"{time.monotonic() - started:6.1f}s  {cmd}")
         if out.returncode != 0 and "train submit" in cmd and out.stdout:  # the ranks' log says why
             logs = subprocess.run(["bash", "-c", f"megastack train logs {out.stdout.split()[0]}"], cwd=REPO_ROOT, env=env,
                                   capture_output=True, text=True, timeout=60)

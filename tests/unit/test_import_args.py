@@ -133,3 +133,25 @@ def test_pai_llama2_positional_arguments(tmp_path):
     assert d["training"]["train_iters"] == 10000000000 // 8 // 2048 and d["optimizer"]["lr_decay_style"] == "linear"
     assert {i for i, _ in imp.no_effect} >= {"TE=false", "FL=true", "EXTRA_VOCAB_SIZE=0"}
     assert not imp.unmapped
+
+
+def test_gpus_per_worker_follows_the_script_unless_told(tiny_tokenizer, tmp_path):
+    args = QWEN.format(data="/x/q_text_document", out=tmp_path).split()
+    assert import_args(args, tokenizer=str(tiny_tokenizer)).doc["resources"]["gpus_per_worker"] == 1  # Pai scripts are GPU-only
+    cpu = import_args(args, tokenizer=str(tiny_tokenizer), gpus_per_worker=0)
+    assert cpu.doc["resources"]["gpus_per_worker"] == 0
+    assert [w for _, w in cpu.mapped if w.startswith("resources.gpus_per_worker")] == ["resources.gpus_per_worker: 0"]
+    with pytest.raises(InvalidArgument) as e:
+        import_args(args, tokenizer=str(tiny_tokenizer), gpus_per_worker=-1)
+    assert e.value.field == "gpus_per_worker"
+
+
+def test_a_cluster_that_cannot_hold_the_job_is_named_not_waited_for():
+    from services.trainer.ray_driver import unfit_reason
+
+    cpu_only = {"CPU": 2.0, "memory": 1e10}
+    why = unfit_reason({"CPU": 1, "GPU": 1}, 1, cpu_only)
+    assert "0 GPU in all" in why and "resources.gpus_per_worker" in why
+    assert "resources.cpus_per_worker" in unfit_reason({"CPU": 1}, 4, cpu_only)
+    assert unfit_reason({"CPU": 1}, 2, cpu_only) == ""
+    assert unfit_reason({"CPU": 1, "GPU": 1}, 8, {"CPU": 64, "GPU": 8}) == ""

@@ -117,7 +117,8 @@ def import_args(a: argparse.Namespace) -> int:
     if not tokens:
         print("megastack train import-args: give the arguments after `--`, or --from-file FILE", file=sys.stderr)
         return 2
-    imp = do_import(tokens, a.format, name=a.name, world_size=a.world_size, tokenizer=a.tokenizer)
+    imp = do_import(tokens, a.format, name=a.name, world_size=a.world_size, tokenizer=a.tokenizer,
+                    gpus_per_worker=a.gpus_per_worker)
     print(f"read a {imp.source} command line: {len(imp.mapped)} mapped, {len(imp.no_effect)} without effect, "
           f"{len(imp.unmapped)} not mapped")
     for item, where in imp.mapped:
@@ -188,6 +189,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     im.add_argument("--output", "-o", default="imported.yaml", help="spec YAML to write (default %(default)s)")
     im.add_argument("--name", default="", help="job name (default: from the layout)")
     im.add_argument("--world-size", type=int, default=0, help="GPUs in all (torchrun nproc x nodes) when the arguments do not say")
+    im.add_argument("--gpus-per-worker", type=float, default=None,
+                    help="GPUs per rank; 0 runs the ranks on CPU with gloo (default: 1 for Pai's GPU scripts, "
+                         "the spec's default for Megatron flags)")
     im.add_argument("--tokenizer", default="", help="HF tokenizer folder (Pai scripts take it from the checkpoint folder)")
     im.add_argument("--allow-unmapped", action="store_true", help="write the spec even if some arguments cannot be honoured")
     im.add_argument("--no-validate", action="store_true", help="do not check that the files it names exist here")

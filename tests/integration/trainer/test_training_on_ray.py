@@ -106,6 +106,15 @@ def test_bad_spec_is_rejected_before_anything_is_submitted(trainer, train_assets
     assert len(launcher.client.list_jobs()) == before
 
 
+def test_a_job_asking_gpus_of_a_cpu_cluster_fails_at_once_naming_the_field(trainer, train_assets, tmp_path):
+    stub, _, _ = trainer
+    job_id = submit(stub, train_assets, tmp_path / "run", resources={"gpus_per_worker": 1})
+    job = follow(stub, job_id)  # ends: no waiting on a placement the cluster can never give
+    assert job.status.state == common_pb2.JOB_STATE_FAILED
+    assert "0 GPU in all" in job.status.error and "resources.gpus_per_worker" in job.status.error, job.status.error
+    assert job.status.finished_unix_s - job.status.created_unix_s < 60
+
+
 def test_logs_list_and_a_restarted_launcher_keeps_following(trainer, train_assets, tmp_path, ray_head):
     from services.trainer.launcher import RayLauncher
     from shared.jobs import JobStore
