@@ -56,6 +56,7 @@ def main() -> None:
     logger.info("gateway listening on http://%s:%d (textgen replicas: %s)", cfg.host, server.server_port, ", ".join(cfg.textgen_addrs))
     server.serve_forever()
     pool.close()
+    app.extensions["megastack_jobs"].close()
     logger.info("gateway stopped")
 
 

@@ -67,7 +67,13 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
     api.add_resource(Health, "/health", resource_class_args=(pool,))
     api.add_resource(Ready, "/ready", resource_class_args=(pool, cfg.ready_timeout_s))
     api.add_resource(Metrics, "/metrics")
+    from services.gateway.jobs_api import JobClients
+    from services.gateway.jobs_api import register as register_jobs
     from services.gateway.websocket import register as register_websocket
+
+    app.extensions["megastack_jobs"] = clients = JobClients(
+        {"converter": cfg.converter_addr, "trainer": cfg.trainer_addr, "evaluator": cfg.evaluator_addr})
+    register_jobs(api, clients)
 
     register_websocket(app, pool)
     app.register_error_handler(Exception, error_response)
