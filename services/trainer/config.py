@@ -20,6 +20,8 @@ class TrainerConfig(ServiceConfig):
     resource_wait_s: float = setting(0.0, help="Seconds a job waits for the Ray cluster to offer the CPUs/GPUs it asks when the "
                                      "cluster has fewer in all (an autoscaling cluster adds nodes); 0 = fail at once, naming the field.")
     poll_interval_s: float = setting(1.0, help="Seconds between status polls of running jobs.")
+    ray_poll_interval_s: float = setting(5.0, help="While a job's status file shows fresh steps, seconds between asking Ray "
+                                         "for its state (each ask costs the head's dashboard and GCS some CPU).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -27,6 +29,8 @@ class TrainerConfig(ServiceConfig):
             raise ValueError("resource_wait_s must be >= 0")
         if self.poll_interval_s <= 0:
             raise ValueError("poll_interval_s must be > 0")
+        if self.ray_poll_interval_s < 0:
+            raise ValueError("ray_poll_interval_s must be >= 0")
         if self.runtime_env_json:
             import json
 

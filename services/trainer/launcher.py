@@ -4,6 +4,11 @@ A training job is one Ray job running ``services.trainer.ray_driver``; its metad
 megastack job id and a spec summary, so ``ray job list`` shows it. Progress comes from the Ray job
 status and from ``<save_dir>/megastack-status.json`` / ``megastack-attempt.json`` written by the job.
 After a launcher restart, unfinished records are followed again (the Ray job kept running).
+
+Asking Ray for a job's state is an HTTP round trip through the dashboard and the GCS (about 15 ms of
+CPU on the head); on a small node those processes share the cores with the training ranks. While the
+job's own status file shows fresh steps, the job is plainly running, so Ray is asked at most every
+``ray_poll_interval_s``; a stale status file, the last step, or a cancel asks Ray at every poll.
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ def clean_log(text: str) -> list[str]:
 
 class RayLauncher:
     def __init__(self, store: JobStore, *, ray_address: str, python: str = "", runtime_env: dict[str, Any] | None = None,
-                 poll_interval_s: float = 1.0, resource_wait_s: float = 0.0) -> None:
+                 poll_interval_s: float = 1.0, resource_wait_s: float = 0.0, ray_poll_interval_s: float = 5.0) -> None:
         self.store = store
         self.address = ray_address
         self.python = python or sys.executable
         self.runtime_env = runtime_env or {}
         self.poll_interval_s = poll_interval_s
+        self.ray_poll_interval_s = ray_poll_interval_s
+        self._ray_polled: dict[str, float] = {}  # job id -> monotonic time of the last Ray state query
         self.resource_wait_s = resource_wait_s
         self._client = None
         self._stop = threading.Event()
@@ -97,7 +104,7 @@ class RayLauncher:
             self.client.stop_job(sid)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            self.poll(job_id)
+            self.poll(job_id, force=True)
             rec = self.store.get(job_id)
             if rec.terminal:
                 return rec
@@ -125,22 +132,27 @@ class RayLauncher:
                 except Exception:  # noqa: BLE001 - keep following the others
                     logger.warning("cannot poll %s", job_id, exc_info=True)
 
-    def poll(self, job_id: str) -> None:
+    def poll(self, job_id: str, *, force: bool = False) -> None:
         rec = self.store.get(job_id)
         if rec.terminal:
             return
         spec = TrainSpec.from_json(rec.spec["json"])
-        try:
-            info = self.client.get_job_info(rec.extra["submission_id"])
-        except Exception as e:  # noqa: BLE001 - a job the cluster no longer knows
-            if "does not exist" in str(e) or "404" in str(e):
-                self.store.update(job_id, state=FAILED, error="the Ray cluster no longer knows this job (was it restarted?)")
-                M.FINISHED.labels(FAILED).inc()
-            return
-        state = RAY_STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), rec.state)
-        changes: dict[str, Any] = {}
         status = _read_json(Path(spec.save_dir) / STATUS_FILE)
         attempt = _read_json(Path(spec.save_dir) / ATTEMPT_FILE)
+        now = time.monotonic()
+        if force or not _steps_are_fresh(status, rec, spec) or now - self._ray_polled.get(job_id, -1e9) >= self.ray_poll_interval_s:
+            self._ray_polled[job_id] = now
+            try:
+                info = self.client.get_job_info(rec.extra["submission_id"])
+            except Exception as e:  # noqa: BLE001 - a job the cluster no longer knows
+                if "does not exist" in str(e) or "404" in str(e):
+                    self.store.update(job_id, state=FAILED, error="the Ray cluster no longer knows this job (was it restarted?)")
+                    M.FINISHED.labels(FAILED).inc()
+                return
+        else:
+            info = None  # the status file just showed a fresh step: the job runs, Ray need not be asked
+        state = rec.state if info is None else RAY_STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), rec.state)
+        changes: dict[str, Any] = {}
         extra = dict(rec.extra)
         if status and status.get("updated_unix_s", 0) >= rec.created_unix_s:
             extra["metrics"] = status
@@ -166,6 +178,8 @@ class RayLauncher:
             changes["extra"] = extra
         if changes:
             self.store.update(job_id, **changes)
+        if state in (SUCCEEDED, FAILED, CANCELLED):
+            self._ray_polled.pop(job_id, None)
 
     def _failure_reason(self, rec: JobRecord, info: Any) -> str:
         try:
@@ -174,6 +188,15 @@ class RayLauncher:
             lines = []
         mine = [line.split("ERROR: ", 1)[1] for line in lines if "driver ERROR: " in line]
         return mine[-1] if mine else (info.message or "the Ray job failed")
+
+
+def _steps_are_fresh(status: dict[str, Any] | None, rec: JobRecord, spec: TrainSpec) -> bool:
+    """The job is running and its last step, not the final one, was written within three step times."""
+    if rec.state != RUNNING or not status or status.get("updated_unix_s", 0) < rec.created_unix_s:
+        return False
+    if status.get("step", 0) >= spec.train_iters:
+        return False
+    return time.time() - status["updated_unix_s"] < 3 * max(1.0, float(status.get("step_time_s") or 0))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -1,12 +1,15 @@
 """Training benchmark: megastack on Ray vs. the same training script under torchrun; MFU on this CPU.
 
-    python tools/bench/train.py [--iters 14]
+    python tools/bench/train.py [--iters 14] [--rounds 3]
 
 Model: the anchor of baselines-measured.md section 5, a ~21M-parameter Llama (vocab 49152 tied,
 hidden 256, ffn 1024, 8 layers, 4 heads), sequence 512, micro batch 4 (2048 tokens a step), fp32, one
 rank with 2 threads. Both runs execute ``services.trainer.train`` on the same data and seed: (a) via
 ``torchrun`` directly, (b) submitted through the trainer's Ray launcher to a real local Ray head.
-Step times are the median of the steps after warm-up (from each run's metrics.jsonl). Model FLOPs per
+The two alternate for --rounds rounds (the host's speed drifts by +-10% over minutes), once more with
+torchrun beside the idle head after the first Ray run. Step times: the steps after warm-up (each run's
+metrics.jsonl); the overhead is the median of the per-round ratios. Also sampled: how long the rank's
+compute threads wait runnable while other processes hold the CPU (schedstat). Model FLOPs per
 token = 6 N + 12 L S h; MFU = achieved FLOP/s / the fp32 matmul peak measured here (torch.mm 2048^2).
 Targets: Ray launch overhead < 5% of step time at steady state; report MFU.
 """
@@ -20,12 +23,15 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from tools.bench.common import PY, run_process, save, table
 
 WARMUP = 4
+SEQ, MICRO_BATCH = 512, 4
 
 
 def matmul_peak(threads: int = 2) -> float:
@@ -66,9 +72,9 @@ def build_assets(root: Path) -> dict:
 def spec(assets: dict, save_dir: Path, iters: int):
     from services.trainer.spec import TrainSpec, validate
 
-    s = TrainSpec(name="bench", kind="pretrain", seq_length=512, train_iters=iters, save_dir=str(save_dir),
+    s = TrainSpec(name="bench", kind="pretrain", seq_length=SEQ, train_iters=iters, save_dir=str(save_dir),
                   data_paths=((assets["data"], 1.0),), architecture=assets["arch"], tokenizer=assets["tokenizer"],
-                  micro_batch_size=4, global_batch_size=4, lr=1e-4, log_interval=1, save_interval=10 ** 9,
+                  micro_batch_size=MICRO_BATCH, global_batch_size=MICRO_BATCH, lr=1e-4, log_interval=1, save_interval=10 ** 9,
                   cpus_per_worker=2, num_threads=2)
     validate(s)
     return s
@@ -79,18 +85,71 @@ def step_times(save_dir: Path) -> list[float]:
     return [r["step_time_s"] for r in rows if not r.get("done") and r["step"] > WARMUP]
 
 
-def run_torchrun(s, spec_path: Path) -> float:
+class RunQueueSampler:
+    """How long the rank's two compute threads (the busiest) sat runnable but off the CPU, in ms per
+    second, over the steady-state steps: /proc/<pid>/task/*/schedstat. Other processes on the machine
+    (Ray's daemons, the launcher) cause it; the host's own noise, which moves step times by +-10% here
+    from minute to minute, does not, so this shows what the launcher adds more steadily than step times do."""
+
+    def __init__(self, save_dir: Path) -> None:
+        self.save_dir, self.first, self.last = save_dir, None, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _rank_pid() -> str | None:
+        for pid in os.listdir("/proc"):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if pid.isdigit() else []
+            except OSError:
+                continue
+            if b"services.trainer.train" in argv[1:4] and b"-m" in argv[1:3]:
+                return pid
+        return None
+
+    def _loop(self) -> None:
+        pid, threads = None, None
+        while not self._stop.wait(0.5):
+            pid = pid or self._rank_pid()
+            if pid is None:
+                continue
+            try:
+                stats = {t: tuple(int(x) for x in Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[:2])
+                         for t in os.listdir(f"/proc/{pid}/task")}
+                done = len((self.save_dir / "metrics.jsonl").read_text().splitlines())
+            except OSError:
+                pid = None if self.last else pid
+                continue
+            if done <= WARMUP:
+                continue
+            threads = threads or sorted(stats, key=lambda t: -stats[t][0])[:2]
+            sample = (time.monotonic(), sum(stats[t][1] for t in threads if t in stats))
+            self.first = self.first or sample
+            self.last = sample
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        if not self.first or self.last[0] - self.first[0] < 2:
+            return None
+        return (self.last[1] - self.first[1]) / 1e6 / (self.last[0] - self.first[0])
+
+
+def run_torchrun(s, spec_path: Path) -> tuple[float, float | None]:
     from shared.mcore.dist import free_port
 
+    sampler = RunQueueSampler(Path(s.save_dir))
     t0 = time.perf_counter()
     r = run_process([PY, "-m", "torch.distributed.run", "--nproc-per-node=1", f"--master-port={free_port()}",
                      "-m", "services.trainer.train", str(spec_path)], env={"OMP_NUM_THREADS": "2"})
+    wall, rq = time.perf_counter() - t0, sampler.stop()
     if r.returncode:
         raise RuntimeError(r.output[-3000:])
-    return time.perf_counter() - t0
+    return wall, rq
 
 
-def run_ray(s, work: Path, beside=None) -> float:
+def run_ray(s, work: Path, beside=None) -> tuple[float, float | None, Any]:
     """The job through the trainer's Ray launcher; then ``beside()`` while the (now idle) head still runs."""
     from services.trainer.launcher import RayLauncher
     from shared.jobs import JobStore
@@ -101,83 +160,103 @@ def run_ray(s, work: Path, beside=None) -> float:
     stack.start_one(head, dict(os.environ))
     try:
         stack.wait_healthy(head, 120)
-        store = JobStore(work / "jobs", "train")
+        store = JobStore(work / f"jobs-{Path(s.save_dir).name}", "train")
         launcher = RayLauncher(store, ray_address=head.endpoints["dashboard"])
         rec, _ = store.create({"json": s.to_json()})
+        sampler = RunQueueSampler(Path(s.save_dir))
         t0 = time.perf_counter()
         launcher.submit(rec, s)
-        while not store.get(rec.job_id).terminal:
+        while not store.get(rec.job_id).terminal:  # followed as the trainer service follows it
             launcher.poll(rec.job_id)
-            time.sleep(0.5)
-        took = time.perf_counter() - t0
+            time.sleep(launcher.poll_interval_s)
+        took, rq = time.perf_counter() - t0, sampler.stop()
         if store.get(rec.job_id).state != "succeeded":
             raise RuntimeError(store.get(rec.job_id).error)
-        if beside is not None:
-            beside()
-        return took
+        return took, rq, beside() if beside is not None else None
     finally:
         stack.stop_one(head)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=14, help=f"steps per run (the first {WARMUP} are warm-up)")
+    ap.add_argument("--rounds", type=int, default=3, help="torchrun / Ray pairs, interleaved (the host drifts by minutes)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    rounds = []
     try:
         assets = build_assets(work)
-        s_torch = spec(assets, work / "torchrun", a.iters)
-        s_torch2 = spec(assets, work / "torchrun2", a.iters)
-        s_ray = spec(assets, work / "ray", a.iters)
-        s_beside = spec(assets, work / "beside", a.iters)
-        (work / "beside.json").write_text(s_beside.to_json())
-        (work / "torchrun.json").write_text(s_torch.to_json())
-        (work / "torchrun2.json").write_text(s_torch2.to_json())
         from services.trainer.spec import resolve_arch
 
-        arch = resolve_arch(s_torch)[0]
+        def prepared(name: str):
+            s = spec(assets, work / name, a.iters)
+            (work / f"{name}.json").write_text(s.to_json())
+            return s, work / f"{name}.json"
+
+        arch = resolve_arch(prepared("probe")[0])[0]
         peak = matmul_peak()
         print(f"fp32 matmul peak (2048^2, 2 threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
-        print("torchrun ...", flush=True)
-        wall_t = run_torchrun(s_torch, work / "torchrun.json")
-        print("Ray ...", flush=True)
-        wall_r = run_ray(s_ray, work, beside=lambda: (print("torchrun beside the idle Ray head ...", flush=True),
-                                                      run_torchrun(s_beside, work / "beside.json")))
-        print("torchrun again (A-B-A: the machine drifts by several percent between runs) ...", flush=True)
-        wall_t2 = run_torchrun(s_torch2, work / "torchrun2.json")
-        st_t, st_r = step_times(work / "torchrun") + step_times(work / "torchrun2"), step_times(work / "ray")
-        st_b = step_times(work / "beside")
+        for r in range(a.rounds):
+            print(f"round {r + 1}/{a.rounds}: torchrun ...", flush=True)
+            s_t, p_t = prepared(f"torchrun{r}")
+            wall_t, rq_t = run_torchrun(s_t, p_t)
+            print(f"round {r + 1}/{a.rounds}: megastack on Ray{' (then torchrun beside the idle head)' if r == 0 else ''} ...", flush=True)
+            s_r, _ = prepared(f"ray{r}")
+            beside_run = prepared("beside") if r == 0 else None
+            wall_r, rq_r, beside = run_ray(s_r, work, beside=(lambda b=beside_run: run_torchrun(*b)) if beside_run else None)
+            rounds.append({"torchrun": {"step_times": step_times(work / f"torchrun{r}"), "wall_s": wall_t, "runqueue_ms_per_s": rq_t},
+                           "ray": {"step_times": step_times(work / f"ray{r}"), "wall_s": wall_r, "runqueue_ms_per_s": rq_r}})
+            if beside is not None:
+                rounds[0]["beside"] = {"step_times": step_times(work / "beside"), "runqueue_ms_per_s": beside[1]}
+            med = {k: statistics.median(rounds[-1][k]["step_times"]) for k in ("torchrun", "ray")}
+            print(f"  torchrun {med['torchrun'] * 1000:.0f} ms/step, Ray {med['ray'] * 1000:.0f} ms/step "
+                  f"({100 * (med['ray'] / med['torchrun'] - 1):+.1f}%)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     from services.trainer.train import flops_per_token
 
-    med_t, med_r = statistics.median(st_t), statistics.median(st_r)
-    tokens = s_torch.global_batch_size * s_torch.seq_length
-    per_token = flops_per_token(arch, s_torch.seq_length)
+    tokens = MICRO_BATCH * SEQ
+    per_token = flops_per_token(arch, SEQ)
+
+    def pooled(kind: str) -> list[float]:
+        return [t for r in rounds if kind in r for t in r[kind]["step_times"]]
+
+    def mean_rq(kind: str) -> float | None:
+        vals = [r[kind]["runqueue_ms_per_s"] for r in rounds if kind in r and r[kind]["runqueue_ms_per_s"] is not None]
+        return statistics.mean(vals) if vals else None
+
+    med = {k: statistics.median(pooled(k)) for k in ("torchrun", "ray", "beside")}
+    paired = [statistics.median(r["ray"]["step_times"]) / statistics.median(r["torchrun"]["step_times"]) - 1 for r in rounds]
+    overhead = statistics.median(paired)
+    daemons = med["beside"] / med["torchrun"] - 1
+    rq = {k: mean_rq(k) for k in ("torchrun", "ray", "beside")}
     rows = []
-    for name, med, wall in (("torchrun (2 runs)", med_t, (wall_t + wall_t2) / 2), ("megastack on Ray", med_r, wall_r)):
-        flops = per_token * tokens / med
-        rows.append([name, f"{med * 1000:.0f}", f"{tokens / med:.0f}", f"{flops / 1e9:.1f}", f"{100 * flops / peak:.1f}%", f"{wall:.1f}"])
-    overhead = (med_r - med_t) / med_t
-    med_b = statistics.median(st_b)
-    daemons = (med_b - med_t) / med_t
-    rows.append(["torchrun beside an idle Ray head", f"{med_b * 1000:.0f}", f"{tokens / med_b:.0f}",
-                 f"{per_token * tokens / med_b / 1e9:.1f}", f"{100 * per_token * tokens / med_b / peak:.1f}%", "-"])
-    print(f"\nmodel {arch.num_parameters() / 1e6:.1f}M params, seq 512, {tokens} tokens/step, fp32, 1 rank x 2 threads, "
-          f"median of steps {WARMUP + 1}..{a.iters}")
-    print(table(["launcher", "step ms", "tokens/s", "GFLOP/s", "MFU", "wall s (incl. start)"], rows))
-    print(f"\nRay launch overhead at steady state: {100 * overhead:+.1f}% of step time (target < 5%): "
-          f"{'met' if overhead < 0.05 else 'NOT met'}")
-    print(f"of which the mere presence of Ray's daemons (GCS, raylet, dashboard) on this {os.cpu_count()}-core machine: "
-          f"{100 * daemons:+.1f}% (torchrun beside an idle head); the rest, {100 * (overhead - daemons):+.1f}%, is the job's own Ray processes "
-          f"(launch path: {'met' if overhead - daemons < 0.05 else 'NOT met'})")
+    for name, key in (("torchrun", "torchrun"), ("megastack on Ray", "ray"), ("torchrun beside an idle Ray head", "beside")):
+        flops = per_token * tokens / med[key]
+        walls = [r[key]["wall_s"] for r in rounds if key in r and "wall_s" in r[key]]
+        rows.append([name, f"{med[key] * 1000:.0f}", f"{tokens / med[key]:.0f}", f"{flops / 1e9:.1f}", f"{100 * flops / peak:.1f}%",
+                     f"{rq[key]:.0f}" if rq[key] is not None else "-", f"{statistics.mean(walls):.1f}" if walls else "-"])
+    print(f"\nmodel {arch.num_parameters() / 1e6:.1f}M params, seq {SEQ}, {tokens} tokens/step, fp32, 1 rank x 2 threads; "
+          f"{a.rounds} interleaved rounds, median of steps {WARMUP + 1}..{a.iters} of each run")
+    print(table(["launcher", "step ms", "tokens/s", "GFLOP/s", "MFU", "run-queue ms/s", "wall s (incl. start)"], rows))
+    alone = [statistics.median(r["torchrun"]["step_times"]) for r in rounds]
+    noise = max(alone) / min(alone) - 1
+    print(f"\nper round, Ray vs torchrun: {', '.join(f'{100 * p:+.1f}%' for p in paired)}; the host's own drift: torchrun alone "
+          f"ranged {min(alone) * 1000:.0f}-{max(alone) * 1000:.0f} ms/step over the rounds ({100 * noise:.0f}%)")
+    print(f"Ray launch overhead at steady state (median of the paired rounds): {100 * overhead:+.1f}% of step time "
+          f"(target < 5%): {'met' if overhead < 0.05 else 'NOT met'}")
+    print(f"of which the mere presence of Ray's daemons on this {os.cpu_count()}-core machine (torchrun beside an idle head, "
+          f"round 1): {100 * daemons:+.1f}%")
+    if rq["torchrun"] is not None and rq["ray"] is not None:
+        print(f"compute threads kept off the CPU by other processes: {rq['torchrun']:.0f} ms/s under torchrun, {rq['ray']:.0f} ms/s "
+              f"under Ray (+{(rq['ray'] - rq['torchrun']) / 20:.1f}% of the 2 threads' time)")
     print("HF anchor (baselines-measured.md): 2.179 s/step, 940 tokens/s, 51.7% MFU (6N) on the same shape")
-    save("train", {"matmul_peak_flops": peak, "flops_per_token": per_token, "tokens_per_step": tokens,
-                   "torchrun": {"median_step_s": med_t, "step_times": st_t, "wall_s": wall_t, "mfu": per_token * tokens / med_t / peak},
-                   "ray": {"median_step_s": med_r, "step_times": st_r, "wall_s": wall_r, "mfu": per_token * tokens / med_r / peak},
-                   "torchrun_beside_idle_ray_head": {"median_step_s": med_b, "step_times": st_b},
-                   "ray_overhead_ratio": overhead, "ray_daemons_presence_ratio": daemons,
-                   "launch_path_overhead_ratio": overhead - daemons, "launch_path_target_met": overhead - daemons < 0.05,
+    save("train", {"matmul_peak_flops": peak, "flops_per_token": per_token, "tokens_per_step": tokens, "rounds": rounds,
+                   "torchrun": {"median_step_s": med["torchrun"], "mfu": per_token * tokens / med["torchrun"] / peak,
+                                "runqueue_ms_per_s": rq["torchrun"]},
+                   "ray": {"median_step_s": med["ray"], "mfu": per_token * tokens / med["ray"] / peak, "runqueue_ms_per_s": rq["ray"]},
+                   "torchrun_beside_idle_ray_head": {"median_step_s": med["beside"], "runqueue_ms_per_s": rq["beside"]},
+                   "ray_overhead_ratio_per_round": paired, "torchrun_spread_between_rounds": noise, "ray_overhead_ratio": overhead, "ray_daemons_presence_ratio": daemons,
                    "target_met": overhead < 0.05,
                    "hf_anchor": {"step_s": 2.179, "tokens_per_s": 940, "mfu_6n": 0.517}})
     return 0

@@ -1,0 +1,86 @@
+"""How often the launcher asks Ray for a job's state (a fake Jobs client: only the polling logic is under test)."""
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from services.trainer.launcher import RayLauncher
+from services.trainer.spec import TrainSpec
+from services.trainer.train import STATUS_FILE
+from shared.jobs import RUNNING, SUCCEEDED, JobStore
+
+pytestmark = pytest.mark.unit
+
+
+class FakeJobs:
+    def __init__(self) -> None:
+        self.status, self.calls = "RUNNING", 0
+
+    def get_job_info(self, submission_id: str):
+        self.calls += 1
+        return SimpleNamespace(status=self.status, message="")
+
+
+def launcher_with_job(tmp_path, ray_poll_interval_s: float = 5.0):
+    store = JobStore(tmp_path / "jobs", "train")
+    spec = TrainSpec(name="t", kind="pretrain", seq_length=8, train_iters=10, save_dir=str(tmp_path / "run"),
+                     data_paths=(("x", 1.0),))
+    (tmp_path / "run").mkdir()
+    rec, _ = store.create({"json": spec.to_json()})
+    # submitted a minute ago (status files older than the record are an earlier job's)
+    store.update(rec.job_id, extra={"submission_id": rec.job_id}, created_unix_s=time.time() - 60)
+    launcher = RayLauncher(store, ray_address="http://127.0.0.1:1", ray_poll_interval_s=ray_poll_interval_s)
+    launcher._client = fake = FakeJobs()
+    return launcher, store, rec.job_id, tmp_path / "run" / STATUS_FILE, fake
+
+
+def write_status(path, step: int, age_s: float = 0.0, step_time_s: float = 1.0) -> None:
+    path.write_text(json.dumps({"step": step, "loss": 5.0, "step_time_s": step_time_s, "updated_unix_s": time.time() - age_s}))
+
+
+def test_fresh_steps_spare_the_ray_head_until_the_interval_passes(tmp_path):
+    launcher, store, job_id, status, fake = launcher_with_job(tmp_path)
+    launcher.poll(job_id)  # pending -> running: Ray is asked
+    assert fake.calls == 1 and store.get(job_id).state == RUNNING
+    for step in (1, 2, 3):
+        write_status(status, step)
+        launcher.poll(job_id)
+    assert fake.calls == 1  # the status file showed fresh steps: no round trip to the head
+    assert store.get(job_id).progress["done"] == 3  # progress still follows the file
+    launcher._ray_polled[job_id] -= 5.0  # the interval has passed
+    launcher.poll(job_id)
+    assert fake.calls == 2
+
+
+def test_stale_status_last_step_and_forced_polls_ask_ray_every_time(tmp_path):
+    launcher, store, job_id, status, fake = launcher_with_job(tmp_path)
+    launcher.poll(job_id)
+    write_status(status, 4, age_s=10.0)  # no step for 10 s where a step takes 1 s: maybe the rank died
+    launcher.poll(job_id)
+    launcher.poll(job_id)
+    assert fake.calls == 3
+    write_status(status, 4)
+    launcher.poll(job_id, force=True)
+    assert fake.calls == 4
+    write_status(status, 10)  # the last step: the job is about to end, its state is wanted at once
+    fake.status = "SUCCEEDED"
+    launcher.poll(job_id)
+    assert fake.calls == 5 and store.get(job_id).state == SUCCEEDED
+
+
+def test_slow_steps_count_as_fresh_for_three_step_times(tmp_path):
+    launcher, _, job_id, status, fake = launcher_with_job(tmp_path)
+    launcher.poll(job_id)
+    write_status(status, 2, age_s=20.0, step_time_s=30.0)
+    launcher.poll(job_id)
+    assert fake.calls == 1
+
+
+def test_zero_interval_asks_ray_at_every_poll(tmp_path):
+    launcher, _, job_id, status, fake = launcher_with_job(tmp_path, ray_poll_interval_s=0.0)
+    launcher.poll(job_id)
+    write_status(status, 1)
+    launcher.poll(job_id)
+    assert fake.calls == 2
