@@ -187,20 +187,50 @@ def check_reachable(spec: EvalSpec) -> None:
 
 
 def _model(spec: EvalSpec, progress: Progress):
+    """The lm-eval model object (and the arguments it was built with, for the record); lm-eval's own models (``hf``, ``local-completions``) built as
+    ``simple_evaluate`` would build them, with their requests counted and reported."""
     if spec.textgen_address:
         from services.evaluator.lm import TextgenLM
 
         return TextgenLM(spec.textgen_address, batch_size=spec.batch_size, progress=progress), None
+    from lm_eval.api.registry import get_model
+
     if spec.hf_checkpoint:
         from shared.devices import resolve_device
 
-        return "hf", {"pretrained": spec.hf_checkpoint, "dtype": "float32", "device": str(resolve_device("auto"))}
-    import requests
+        name, args = "hf", {"pretrained": spec.hf_checkpoint, "dtype": "float32", "device": str(resolve_device("auto"))}
+    else:
+        import requests
 
-    base = spec.completions_url.split("/v1/")[0]
-    model_name = requests.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
-    return "local-completions", {"model": model_name, "base_url": spec.completions_url, "tokenizer_backend": "remote",
-                                 "num_concurrent": 1, "max_retries": 1, "tokenized_requests": True}
+        base = spec.completions_url.split("/v1/")[0]
+        model_name = requests.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        name, args = "local-completions", {"model": model_name, "base_url": spec.completions_url, "tokenizer_backend": "remote",
+                                           "num_concurrent": 1, "max_retries": 1, "tokenized_requests": True}
+    lm = get_model(name).create_from_arg_obj(args, {"batch_size": spec.batch_size, "max_batch_size": None, "device": None})
+    return _counted(lm, progress), args
+
+
+def _counted(lm, progress: Progress):
+    """Count the requests of each request type as lm-eval hands them over (all of one type at once),
+    reporting done/total before and after each, so runs of lm-eval's own models show progress too."""
+    lm._done = lm._total = 0
+
+    def wrap(method_name: str):
+        method = getattr(lm, method_name)
+
+        def counted(requests, *args, **kwargs):
+            lm._total += len(requests)
+            progress(lm._done, lm._total, method_name)
+            out = method(requests, *args, **kwargs)
+            lm._done += len(requests)
+            progress(lm._done, lm._total, method_name)
+            return out
+
+        return counted
+
+    for method_name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(lm, method_name, wrap(method_name))
+    return lm
 
 
 def _dataset_hint(e: BaseException, tasks: tuple[str, ...]) -> FailedPrecondition | None:
@@ -251,4 +281,4 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k and k not in ("alias", "sample_len")}
         tasks.append({"task": task, "metrics": values, "num_samples": int(results.get("n-samples", {}).get(task, {}).get("effective", 0))})
     return {"tasks": tasks, "results_path": str(results_path), "summary": summary, "seconds": seconds,
-            "num_requests": int(getattr(model, "_total", 0)) if not isinstance(model, str) else 0}
+            "num_requests": int(model._total)}

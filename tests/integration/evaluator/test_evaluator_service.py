@@ -223,6 +223,8 @@ def test_hf_checkpoint_runs(stub, tiny_models):
     ok = follow(stub, submit(stub, hf_checkpoint=str(tiny_models["llama"]), tasks=["megastack_capitals"], limit=4))
     assert ok.status.state == SUCCEEDED, ok.status.error
     assert 0 <= scores(ok)["megastack_capitals"]["acc,none"] <= 1 and ok.result.tasks[0].num_samples == 4
+    # lm-eval's own model has its requests counted too: 4 questions x 4 choices, all done
+    assert ok.result.num_requests == 16 and ok.status.progress.done == ok.status.progress.total == 16
 
 
 @pytest.mark.parametrize("suite,dataset", [("mmlu", "cais/mmlu"), ("cmmlu", "haonan-li/cmmlu"), ("ceval-valid", "ceval/ceval-exam"),
