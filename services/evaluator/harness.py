@@ -187,8 +187,9 @@ def check_reachable(spec: EvalSpec) -> None:
 
 
 def _model(spec: EvalSpec, progress: Progress):
-    """The lm-eval model object (and the arguments it was built with, for the record); lm-eval's own models (``hf``, ``local-completions``) built as
-    ``simple_evaluate`` would build them, with their requests counted and reported."""
+    """The lm-eval model object and, for the record, the arguments it was built with. lm-eval's own
+    models (``hf``, ``local-completions``) are built as ``simple_evaluate`` would build them, with their
+    requests counted and reported."""
     if spec.textgen_address:
         from services.evaluator.lm import TextgenLM
 
