@@ -65,7 +65,10 @@ def offline_env() -> None:
 def task_manager(include_paths: tuple[str, ...] = ()):
     from lm_eval.tasks import TaskManager
 
+    from services.evaluator import index_cache
     from services.evaluator.suite import render
+
+    index_cache.install()
 
     for p in include_paths:
         if not Path(p).is_dir():
