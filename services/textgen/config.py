@@ -23,7 +23,7 @@ class TextgenConfig(ServiceConfig):
     max_prefill_tokens: int = setting(4096, help="Padded prompt tokens prefilled together in one engine step.")
     max_prompts_per_request: int = setting(128, help="Prompts accepted in one Generate call (Megatron: 128).")
     num_threads: int = setting(0, help="torch intra-op threads; 0 = all cores.")
-    watchdog_s: float = setting(60.0, help="Health turns NOT_SERVING when a busy engine makes no step for this long.")
+    watchdog_s: float = setting(60.0, help="Health turns NOT_SERVING (gateway /ready 503, routed around) when a busy engine accepts no token and finishes no sequence for this long.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -35,5 +35,7 @@ class TextgenConfig(ServiceConfig):
                 f"max_queue_size ({self.max_queue_size}) must be >= max_prompts_per_request "
                 f"({self.max_prompts_per_request}), or a full request could never be queued"
             )
+        if not self.watchdog_s > 0:
+            raise ValueError(f"watchdog_s must be > 0, got {self.watchdog_s}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")

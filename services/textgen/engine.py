@@ -4,7 +4,13 @@ One engine thread owns the model and the KV cache. Each loop iteration it (1) fi
 sequences, (2) prefills waiting sequences into free slots (bounded by a token budget), and (3) runs
 one decode step for every running sequence. Callers talk to it through :class:`SequenceHandle`:
 events arrive on a queue (tokens as they are produced, then the result), and ``cancel()`` frees the
-slot before the next step. A failing forward pass fails only the sequences in it; the loop goes on.
+slot before the next step.
+
+Failures are contained per sequence: a forward pass that raises for a group is run again for each of
+its sequences alone, and the sampling, log-probs, accept and stop detection of each sequence run
+under their own guard, so a fault ends exactly the sequences it belongs to (with an error naming
+their request id, their slots freed) and every other sequence goes on at the next step.
+``last_progress_at`` (a token accepted or a sequence finished) is what the health watchdog reads.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from services.textgen.sampling import (
     sample_row,
 )
 from shared.errors import InvalidArgument, ResourceExhausted
+from shared.logging import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +154,17 @@ class SequenceHandle:
         raise AssertionError("unreachable")
 
 
+def token_logprobs(row: torch.Tensor, token: int, k: int) -> tuple[float, TopK | None]:
+    """Log-probability of ``token`` under the model's distribution (log-softmax of the raw row [V]),
+    and its top-``k`` alternatives when ``k > 0``."""
+    logp = torch.log_softmax(row.float(), dim=-1)  # (V,)
+    top = None
+    if k:
+        vals, idx = torch.topk(logp, k)
+        top = TopK(tuple(idx.tolist()), tuple(vals.tolist()))
+    return float(logp[token]), top
+
+
 def _shared_key(s: _Seq) -> tuple | None:
     """Scoring-only sequences (prompt log-probs, nothing generated) with the same key differ only in their
     last prompt token, e.g. the answers of a multiple-choice question: one forward pass scores them all."""
@@ -174,6 +192,8 @@ class _Seq:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     stop_window: int = 0
+    request_id: str = "-"
+    done: bool = False
 
 
 class Engine:
@@ -192,6 +212,7 @@ class Engine:
         self._loop_active = False
         self._thread: threading.Thread | None = None
         self.last_step_at = time.monotonic()
+        self.last_progress_at = time.monotonic()  # a token accepted or a sequence finished
         self.steps = 0
 
     # -- public API (any thread) -----------------------------------------------------------------
@@ -253,8 +274,11 @@ class Engine:
         for r in reqs:
             self.validate(r)
         now = time.monotonic()
+        rid = REQUEST_ID.get()
         handles = []
         with self._cv:
+            if not self._waiting and not self._running:
+                self.last_progress_at = now  # progress is measured from when the engine became busy
             if self._stopping:
                 raise ResourceExhausted("the engine is shutting down")
             if len(self._waiting) + len(reqs) > self.cfg.max_queue_size:
@@ -267,8 +291,8 @@ class Engine:
                 s = r.sampling
                 window = 2 * max((len(x) for x in r.stopping.stop), default=0) + 8 if r.stopping.stop else 0
                 self._waiting.append(
-                    _Seq(handle=h, req=r, submitted_at=now, top_p=s.top_p, stop_window=window,
-                         generator=None if s.is_greedy else make_generator(s.seed))
+                    _Seq(handle=h, req=r, submitted_at=now, top_p=s.top_p, stop_window=window, request_id=rid,
+                         generator=None if s.is_greedy else make_generator(s.seed, self.model.device))
                 )
                 handles.append(h)
             M.NUM_WAITING.set(len(self._waiting))
@@ -296,9 +320,13 @@ class Engine:
             if admitted:
                 self._prefill(admitted)
             if self._running:
-                self._decode()
-        except Exception:  # noqa: BLE001 - never let the loop die
-            logger.exception("engine step failed")
+                self._decode(list(self._running))
+        except Exception as e:  # noqa: BLE001 - last line of defence: the loop never dies, nothing stays stuck
+            # The per-stage guards below catch every fault of a sequence's work; reaching here means the
+            # engine's own bookkeeping failed, so nothing it holds can be trusted to advance.
+            logger.exception("engine step failed outside a sequence's work; failing %d running sequences", len(self._running))
+            for seq in [*admitted, *self._running]:
+                self._fail(seq, "step", e)
         self.last_step_at = time.monotonic()
         self.steps += 1
         self._update_gauges()
@@ -344,6 +372,51 @@ class Engine:
         for s in [s for s in self._running if s.handle.cancelled]:
             self._finish(s, CANCELLED)
 
+    # -- failure containment ----------------------------------------------------------------------
+    def _fail(self, s: _Seq, stage: str, e: BaseException) -> None:
+        """End ``s`` with an error naming its request; its slot is freed. Never raises."""
+        if s.done:
+            return
+        logger.error("request_id=%s: %s failed: %s: %s", s.request_id, stage, type(e).__name__, e,
+                     exc_info=(type(e), e, e.__traceback__))
+        try:
+            self._finish(s, ERROR, error=f"generation failed in {stage} (request_id={s.request_id}): {type(e).__name__}")
+        except Exception:  # noqa: BLE001 - the handle's queue itself failed: at least give the slot back
+            logger.exception("request_id=%s: could not report the failure", s.request_id)
+            s.done = True
+            if s in self._running:
+                self._running.remove(s)
+            if s.slot >= 0:
+                heapq.heappush(self._free_slots, s.slot)
+                s.slot = -1
+
+    def _batched(self, group: list[_Seq], forward: Callable[[list[_Seq]], list], stage: str) -> list[tuple[_Seq, object]]:
+        """``forward(group)`` -> one output per sequence. When it raises for the whole group, each
+        sequence is run alone, so a fault fails exactly the sequences that fail on their own and the
+        rest get the outputs they would have had (the forward passes only write their own KV slots)."""
+        try:
+            return list(zip(group, forward(group)))
+        except Exception as e:  # noqa: BLE001
+            if len(group) == 1:
+                self._fail(group[0], stage, e)
+                return []
+            logger.warning("%s failed for %d sequences (%s: %s); running each alone", stage, len(group), type(e).__name__, e)
+        out: list[tuple[_Seq, object]] = []
+        for s in group:
+            try:
+                out.extend(zip([s], forward([s])))
+            except Exception as e:  # noqa: BLE001
+                self._fail(s, stage, e)
+        return out
+
+    def _guarded(self, s: _Seq, stage: str, work: Callable[[], None]) -> None:
+        """One sequence's own work (sampling, log-probs, accept, stop detection); a fault ends only it."""
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001
+            self._fail(s, stage, e)
+
+    # -- prefill -------------------------------------------------------------------------------------
     def _prefill(self, group: list[_Seq]) -> None:
         now = time.monotonic()
         for s in group:
@@ -362,51 +435,65 @@ class Engine:
                     continue
                 reps[key] = s
             compute.append(s)
+        outs = dict((id(s), out) for s, out in self._batched(compute, self._prefill_forward, "prefill"))
+        M.PROMPT_TOKENS.inc(sum(len(s.req.prompt_ids) for s in group))
+        for s, rep in followers:  # before the representatives finish: they read their rows
+            if id(rep) not in outs:
+                self._fail(s, "prefill", RuntimeError("the shared forward pass failed"))
+                continue
+            self._guarded(s, "scoring", lambda s=s, rep=rep: self._follow(s, rep, outs[id(rep)][2]))
+        for s in compute:
+            if id(s) in outs:
+                self._guarded(s, "sampling", lambda s=s: self._after_prefill(s, *outs[id(s)]))
+        self._running.sort(key=lambda x: x.slot)
+
+    def _prefill_forward(self, compute: list[_Seq]) -> list[tuple]:
+        """Prefill ``compute`` into their slots. Per sequence: (last logits row or None, pick, score row)."""
         lengths = [len(s.req.prompt_ids) for s in compute]
         T = max(lengths)
-        tokens = torch.zeros((len(compute), T), dtype=torch.long)
+        tokens = torch.zeros((len(compute), T), dtype=torch.long)  # (B, T)
         for j, s in enumerate(compute):
             tokens[j, : lengths[j]] = torch.tensor(s.req.prompt_ids, dtype=torch.long)
-        slots = torch.tensor([s.slot for s in compute], dtype=torch.long)
+        slots = torch.tensor([s.slot for s in compute], dtype=torch.long)  # (B,)
         t0 = time.perf_counter()
-        last_rows: dict[int, torch.Tensor] = {}
-        try:
-            hidden = self.model.prefill(tokens.to(self.model.device), slots.to(self.model.device), self.cache)
-            decoding = [j for j, s in enumerate(compute) if s.req.stopping.max_new_tokens > 0]
-            last_logits = self.model.logits(torch.stack([hidden[j, lengths[j] - 1] for j in decoding])) if decoding else None
-            scoring = [j for j, s in enumerate(compute) if s.req.prompt_logprobs]
-            if scoring:
-                # one lm-head matmul for every scored position of the group (not one per sequence)
-                spans = [(compute[j].req.scored_from - 1, lengths[j] - 1) for j in scoring]
-                flat = torch.cat([hidden[j, a:b] for j, (a, b) in zip(scoring, spans) if b > a] or [hidden[0, :0]])
-                logp = torch.log_softmax(self.model.logits(flat).float(), dim=-1) if len(flat) else None
-                start = 0
-                for j, (a, b) in zip(scoring, spans):
-                    n = max(0, b - a)
-                    last_rows[id(compute[j])] = self._score_prompt(compute[j], logp[start : start + n] if n else None)
-                    start += n
-        except Exception as e:  # noqa: BLE001
-            logger.exception("prefill failed for %d sequences", len(group))
-            for s in group:
-                self._finish(s, ERROR, error=f"generation failed: {type(e).__name__}")
-            return
+        hidden = self.model.prefill(tokens.to(self.model.device), slots.to(self.model.device), self.cache)  # (B, T, H)
+        decoding = [j for j, s in enumerate(compute) if s.req.stopping.max_new_tokens > 0]
+        rows: list[torch.Tensor | None] = [None] * len(compute)
+        picks: list[int | None] = [None] * len(compute)
+        if decoding:
+            last_logits = self.model.logits(torch.stack([hidden[j, lengths[j] - 1] for j in decoding]))  # (D, V)
+            for j, row, pick in zip(decoding, last_logits, self._argmax_rows(last_logits)):
+                rows[j], picks[j] = row, pick
+        score_rows: list[torch.Tensor | None] = [None] * len(compute)
+        scoring = [j for j, s in enumerate(compute) if s.req.prompt_logprobs]
+        if scoring:
+            # one lm-head matmul for every scored position of the group (not one per sequence)
+            spans = [(compute[j].req.scored_from - 1, lengths[j] - 1) for j in scoring]
+            flat = torch.cat([hidden[j, a:b] for j, (a, b) in zip(scoring, spans) if b > a] or [hidden[0, :0]])  # (N, H)
+            logp = torch.log_softmax(self.model.logits(flat).float(), dim=-1) if len(flat) else None  # (N, V)
+            start = 0
+            for j, (a, b) in zip(scoring, spans):
+                n = max(0, b - a)
+                score_rows[j] = self._score_prompt(compute[j], logp[start : start + n] if n else None)
+                start += n
         M.FORWARD_TIME.labels("prefill").observe(time.perf_counter() - t0)
-        M.PROMPT_TOKENS.inc(sum(len(s.req.prompt_ids) for s in group))
-        for s, rep in followers:
-            row = last_rows[id(rep)]
-            s.prompt_logprobs = [*rep.prompt_logprobs[:-1], float(row[s.req.prompt_ids[-1]])]
-            s.prompt_top = list(rep.prompt_top) if rep.prompt_top is not None else None
-        for s in group:
-            s.next_pos = len(s.req.prompt_ids)
-            M.REQUEST_PROMPT_TOKENS.observe(s.next_pos)
-            if s.req.stopping.max_new_tokens == 0:
-                self._finish(s, LENGTH)
-            else:
-                self._running.append(s)
-        rows = [k for k, j in enumerate(decoding) if compute[j].slot >= 0]
-        if rows:
-            self._choose_and_accept([compute[decoding[k]] for k in rows], last_logits[rows])
-        self._running.sort(key=lambda x: x.slot)
+        return list(zip(rows, picks, score_rows))
+
+    def _follow(self, s: _Seq, rep: _Seq, row: torch.Tensor | None) -> None:
+        s.prompt_logprobs = [*rep.prompt_logprobs[:-1], float(row[s.req.prompt_ids[-1]])]
+        s.prompt_top = list(rep.prompt_top) if rep.prompt_top is not None else None
+        s.next_pos = len(s.req.prompt_ids)
+        M.REQUEST_PROMPT_TOKENS.observe(s.next_pos)
+        self._finish(s, LENGTH)
+
+    def _after_prefill(self, s: _Seq, row: torch.Tensor | None, pick: int | None, _score_row) -> None:
+        s.next_pos = len(s.req.prompt_ids)
+        M.REQUEST_PROMPT_TOKENS.observe(s.next_pos)
+        if s.req.stopping.max_new_tokens == 0:
+            self._finish(s, LENGTH)
+            return
+        self._running.append(s)
+        self._choose_and_accept(s, row, pick)
 
     def _score_prompt(self, s: _Seq, logp: torch.Tensor | None) -> torch.Tensor | None:
         """Prompt log-probs (and top-k) of ``s`` from its rows of log-probs (row i predicts prompt token
@@ -421,67 +508,58 @@ class Engine:
             s.prompt_top = [TopK(tuple(i), tuple(v)) for i, v in zip(idx.tolist(), vals.tolist())]
         return logp[-1]
 
-    def _decode(self) -> None:
-        seqs = self._running
-        B = len(seqs)
-        dev = self.model.device
-        tokens = torch.tensor([s.gen_ids[-1] for s in seqs], dtype=torch.long, device=dev)
-        positions = torch.tensor([s.next_pos for s in seqs], dtype=torch.long, device=dev)
-        slot_list = [s.slot for s in seqs]
-        slots = torch.tensor(slot_list, dtype=torch.long, device=dev)
-        t0 = time.perf_counter()
-        try:
-            hidden = self.model.decode(tokens, positions, slots, self.cache, contiguous=slot_list == list(range(B)))
-            logits = self.model.logits(hidden)
-        except Exception as e:  # noqa: BLE001
-            logger.exception("decode failed for %d sequences", B)
-            for s in list(seqs):
-                self._finish(s, ERROR, error=f"generation failed: {type(e).__name__}")
-            return
-        M.FORWARD_TIME.labels("decode").observe(time.perf_counter() - t0)
-        M.BATCH_SIZE.observe(B)
-        for s in seqs:
-            s.next_pos += 1
-        self._choose_and_accept(list(seqs), logits)
+    # -- decode --------------------------------------------------------------------------------------
+    def _decode(self, seqs: list[_Seq]) -> None:
+        outs = self._batched(seqs, self._decode_forward, "decode")
+        M.BATCH_SIZE.observe(len(seqs))
+        for s, (row, pick) in outs:
+            self._guarded(s, "sampling", lambda s=s, row=row, pick=pick: self._decode_accept(s, row, pick))
 
-    def _choose_and_accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        """Pick the next token of each sequence from its logits row [B, V] and record it."""
-        want_lp = [s.req.logprobs or s.req.top_logprobs > 0 for s in seqs]
-        logp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-        plain = [
-            j for j, s in enumerate(seqs)
-            if s.req.sampling.is_greedy and s.req.sampling.repetition_penalty in (0.0, 1.0)
-            and not s.req.stopping.prevent_newline_after_colon
-        ]
-        chosen: dict[int, int] = {}
-        if plain:
-            for j, t in zip(plain, torch.argmax(logits[plain], dim=-1).tolist()):
-                chosen[j] = t
-        for j, s in enumerate(seqs):
-            if j in chosen:
-                continue
-            row = logits[j]
-            st = s.req.sampling
+    def _decode_forward(self, seqs: list[_Seq]) -> list[tuple[torch.Tensor, int]]:
+        """One decode step of ``seqs``: per sequence its logits row [V] and its argmax."""
+        dev = self.model.device
+        tokens = torch.tensor([s.gen_ids[-1] for s in seqs], dtype=torch.long, device=dev)  # (B,)
+        positions = torch.tensor([s.next_pos for s in seqs], dtype=torch.long, device=dev)  # (B,)
+        slot_list = [s.slot for s in seqs]
+        slots = torch.tensor(slot_list, dtype=torch.long, device=dev)  # (B,)
+        t0 = time.perf_counter()
+        hidden = self.model.decode(tokens, positions, slots, self.cache, contiguous=slot_list == list(range(len(seqs))))
+        logits = self.model.logits(hidden)  # (B, V)
+        picks = self._argmax_rows(logits)
+        M.FORWARD_TIME.labels("decode").observe(time.perf_counter() - t0)
+        return list(zip(logits, picks))
+
+    def _decode_accept(self, s: _Seq, row: torch.Tensor, pick: int) -> None:
+        s.next_pos += 1
+        self._choose_and_accept(s, row, pick)
+
+    # -- choose and accept (one sequence) ------------------------------------------------------------
+    def _argmax_rows(self, logits: torch.Tensor) -> list[int]:
+        """Greedy picks of a batch of rows [B, V] in one call, within the tokenizer's vocabulary."""
+        return torch.argmax(logits[:, : self.tok.vocab_size], dim=-1).tolist()
+
+    def _choose_and_accept(self, s: _Seq, row: torch.Tensor, pick: int) -> None:
+        """Pick the next token of ``s`` from its logits row [V] (``pick`` is its argmax) and record it."""
+        st = s.req.sampling
+        stopping = s.req.stopping
+        if st.is_greedy and st.repetition_penalty in (0.0, 1.0) and not stopping.prevent_newline_after_colon:
+            t = pick
+        else:
+            x = row[: self.tok.vocab_size]  # (V,) ids past the tokenizer's vocabulary (padding) are never chosen
             if st.repetition_penalty not in (0.0, 1.0):
-                seen = torch.tensor(list(s.req.prompt_ids) + s.gen_ids, dtype=torch.long, device=row.device).unique()
-                row = apply_repetition_penalty(row, seen, st.repetition_penalty)
-            if s.req.stopping.prevent_newline_after_colon and self.tok.colon_id is not None and self.tok.newline_id is not None:
+                seen = torch.tensor(list(s.req.prompt_ids) + s.gen_ids, dtype=torch.long, device=x.device).unique()
+                x = apply_repetition_penalty(x, seen[seen < x.shape[-1]], st.repetition_penalty)
+            if stopping.prevent_newline_after_colon and self.tok.colon_id is not None and self.tok.newline_id is not None:
                 prev = s.gen_ids[-1] if s.gen_ids else s.req.prompt_ids[-1]
                 if prev == self.tok.colon_id:
-                    row = row.clone()
-                    row[self.tok.newline_id] = -1e10
-            chosen[j] = min(sample_row(row, st, s.top_p, s.generator), self.tok.vocab_size - 1)
+                    x = x.clone()
+                    x[self.tok.newline_id] = -1e10
+            t = sample_row(x, st, s.top_p, s.generator)
             s.top_p = next_top_p(st, s.top_p)
-        now = time.monotonic()
-        for j, s in enumerate(seqs):
-            t = chosen[j]
-            lp, top = None, None
-            if logp is not None and want_lp[j]:
-                lp = float(logp[j, t])
-                if s.req.top_logprobs:
-                    vals, idx = torch.topk(logp[j], s.req.top_logprobs)
-                    top = TopK(tuple(idx.tolist()), tuple(vals.tolist()))
-            self._accept(s, t, lp, top, now)
+        lp, top = None, None
+        if s.req.logprobs or s.req.top_logprobs > 0:
+            lp, top = token_logprobs(row, t, s.req.top_logprobs)
+        self._accept(s, t, lp, top, time.monotonic())
 
     def _accept(self, s: _Seq, token: int, lp: float | None, top: TopK | None, now: float) -> None:
         s.gen_ids.append(token)
@@ -495,6 +573,7 @@ class Engine:
         else:
             M.ITL.observe(now - s.last_token_at)
         s.last_token_at = now
+        self.last_progress_at = now
         M.GENERATION_TOKENS.inc()
         s.handle._put(TokenEvent(token, lp if s.req.logprobs else None, top))
         reason, matched = self._stop_reason(s, token)
@@ -522,12 +601,16 @@ class Engine:
         return None, ""
 
     def _finish(self, s: _Seq, reason: str, *, error: str | None = None, stop_sequence: str = "") -> None:
+        if s.done:
+            return
+        s.done = True
         if s in self._running:
             self._running.remove(s)
         if s.slot >= 0:
             heapq.heappush(self._free_slots, s.slot)
             s.slot = -1
         now = time.monotonic()
+        self.last_progress_at = now
         if reason == CANCELLED:
             M.FAILURE.labels("cancelled").inc()
         elif reason == ERROR:

@@ -5,8 +5,21 @@
   first token above the threshold) filtering, then softmax and a multinomial draw.
 - ``top_k == 0 and top_p == 0`` is plain temperature sampling, not greedy.
 - After each token ``top_p *= top_p_decay`` and is kept ``>= top_p_bound`` (when decay is set).
-- Each sequence draws from its own ``torch.Generator``, so a request with ``seed >= 0`` is
-  reproducible whatever else is in the batch.
+- Each sequence draws from its own ``torch.Generator``, made on the device of the logits it samples, so
+  a request with ``seed >= 0`` is reproducible whatever else is in the batch.
+
+Degenerate values that pass validation are defined here, once, for every dialect (Megatron, OpenAI,
+WebSocket, direct gRPC), so that sampling always draws from finite probabilities:
+
+- a temperature below :data:`MIN_TEMPERATURE` is greedy (dividing by 1e-40 overflows float32 to inf);
+- a top_p that has decayed to (or below) 0 keeps the single most likely token, it never turns nucleus
+  filtering off;
+- logits are sampled in float32 whatever the model's dtype (a float16 row divided by a small
+  temperature overflows);
+- a repetition penalty is applied in float64 and kept >= 1e-300;
+- when the probabilities are still not finite (an extreme repetition penalty, inf logits), the draw
+  falls back to the argmax of the scaled row, NaN counted as -inf; a row without a single finite or
+  +inf value (a broken model) raises :class:`SamplingError`, which fails that sequence only.
 
 Log-probabilities are always those of the model's own distribution (log-softmax of the raw logits).
 """
@@ -18,6 +31,13 @@ from dataclasses import dataclass
 import torch
 
 Tensor = torch.Tensor
+
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this (and 0) mean greedy decoding: ``logits / 1e-5`` is still finite in float32."""
+
+
+class SamplingError(ValueError):
+    """The logits of a row leave nothing to choose from (all NaN or -inf)."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +53,7 @@ class SamplingSpec:
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.top_k == 1
+        return self.greedy or self.top_k == 1 or self.temperature < MIN_TEMPERATURE
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -53,26 +73,42 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 
 def apply_repetition_penalty(logits: Tensor, seen_ids: Tensor, penalty: float) -> Tensor:
-    """HF/CTRL repetition penalty on one row: positive logits / penalty, negative * penalty."""
+    """HF/CTRL repetition penalty on one row: positive logits / penalty, negative * penalty.
+
+    Computed in float64 with the penalty kept >= 1e-300 (a float32 penalty of 1e-300 is 0, and 0/0 is
+    NaN); a result past float32's range becomes +-inf, which :func:`sample_row` handles.
+    """
     if penalty in (0.0, 1.0) or seen_ids.numel() == 0:
         return logits
-    scores = logits.gather(-1, seen_ids)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(-1, seen_ids, scores)
+    p = max(float(penalty), 1e-300)
+    scores = logits.gather(-1, seen_ids).double()
+    scores = torch.where(scores < 0, scores * p, scores / p)
+    return logits.scatter(-1, seen_ids, scores.to(logits.dtype))
+
+
+def _argmax(x: Tensor) -> int:
+    """Index of the largest value, NaN counted as -inf; SamplingError when nothing is left."""
+    x = x.masked_fill(torch.isnan(x), float("-inf"))
+    best = int(torch.argmax(x))
+    if x[best] == float("-inf"):
+        raise SamplingError("the model produced no finite logit for this position")
+    return best
 
 
 def sample_row(logits: Tensor, spec: SamplingSpec, top_p: float, generator: torch.Generator | None) -> int:
-    """Choose one token from a float32 logits row [V] (already penalised)."""
+    """Choose one token from a logits row [V] (already penalised); always an index into that row."""
+    x = logits.float()  # (V,)
     if spec.is_greedy:
-        return int(torch.argmax(logits))
-    x = logits
+        return _argmax(x)
     if spec.temperature != 1.0:
         x = x / spec.temperature
     if spec.top_k > 1:
         x = top_k_filter(x, min(spec.top_k, x.shape[-1]))
-    elif top_p > 0.0:
-        x = top_p_filter(x, top_p)
-    probs = torch.softmax(x, dim=-1)
+    elif spec.top_p > 0.0:
+        x = top_p_filter(x, max(top_p, 0.0))  # a decayed top_p of 0 keeps the best token
+    probs = torch.softmax(x, dim=-1)  # (V,)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+        return _argmax(x)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -84,8 +120,9 @@ def next_top_p(spec: SamplingSpec, top_p: float) -> float:
     return top_p
 
 
-def make_generator(seed: int) -> torch.Generator:
-    g = torch.Generator()
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` (the device of the logits it will sample): seeded when ``seed >= 0``."""
+    g = torch.Generator(device=device)
     if seed >= 0:
         g.manual_seed(seed)
     else:
