@@ -103,11 +103,21 @@ def http_status(code: grpc.StatusCode) -> int:
     return GRPC_TO_HTTP.get(code, 500)
 
 
+ERROR_FIELD_KEY = "x-error-field"  # trailing metadata: the request field a ServiceError names
+
+
 def from_rpc_error(err: grpc.RpcError) -> ServiceError:
-    """The ServiceError a failed gRPC call stands for (clients re-raise these)."""
+    """The ServiceError a failed gRPC call stands for (clients re-raise these), with the field at fault
+    when the server named one."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
+    field = None
+    try:
+        trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        field = dict(trailing or ()).get(ERROR_FIELD_KEY)
+    except Exception:  # noqa: BLE001 - metadata is a courtesy; the status is what counts
+        field = None
     cls = _BY_CODE.get(code, Internal)
-    out = cls(details or code.name)
+    out = cls(details or code.name, field=field)
     out.code = code
     return out

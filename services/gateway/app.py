@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 
 from flask import Flask, g, request
@@ -24,6 +25,7 @@ from services.gateway.openai_api import (
     TokenizerInfo,
 )
 from shared.errors import ServiceError
+from shared.limits import MAX_REQUEST_ID_CHARS
 from shared.logging import REQUEST_ID, new_request_id
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,22 @@ def error_response(e: BaseException):
         logger.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
         err = HTTPError(500, f"internal error (request_id={getattr(g, 'request_id', '-')})")
     return json_response(error_body(err.status, err.message, err.field), err.status, err.headers)
+
+
+_REQUEST_ID = re.compile(rf"[\x20-\x7e]{{1,{MAX_REQUEST_ID_CHARS}}}")
+
+
+def _request_id(given: str | None) -> str:
+    """The client's X-Request-Id when it is printable ASCII of at most 128 characters (it travels as gRPC
+    metadata and into logs); otherwise a new id, and the refusal is logged."""
+    if given is None or given == "":
+        return new_request_id()
+    if _REQUEST_ID.fullmatch(given):
+        return given
+    rid = new_request_id()
+    logger.warning("X-Request-Id %r is not printable ASCII of at most %d characters; using %s",
+                   given[:64], MAX_REQUEST_ID_CHARS, rid)
+    return rid
 
 
 class JsonApi(Api):
@@ -81,7 +99,7 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
 
     @app.before_request
     def _begin():
-        g.request_id = request.headers.get("X-Request-Id") or new_request_id()
+        g.request_id = _request_id(request.headers.get("X-Request-Id"))
         g.token = REQUEST_ID.set(g.request_id)
         g.start = time.perf_counter()
         if keys and request.path not in OPEN_PATHS:

@@ -61,6 +61,8 @@ def json_body() -> dict[str, Any]:
         raise HTTPError(400, "request body is not UTF-8 encoded") from None
     except json.JSONDecodeError as e:
         raise HTTPError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise HTTPError(400, "request body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise HTTPError(400, f"request body must be a JSON object, got {type(doc).__name__}")
     return doc

@@ -13,6 +13,7 @@ from typing import Any
 from flask_restful import Resource
 
 from protos.textgen.v1 import textgen_pb2 as pb
+from services.gateway.fields import INT32_MAX, INT64_MAX, sampling_is_greedy
 from services.gateway.http import HTTPError, json_body, json_response
 
 MAX_PROMPTS = 128
@@ -69,6 +70,8 @@ def parse(doc: dict[str, Any]) -> MegatronRequest:  # noqa: C901 - one check per
         raise _bad("tokens_to_generate must be an integer greater than 0", "tokens_to_generate")
     if tokens < 0:
         raise _bad("tokens_to_generate must be an integer greater than or equal to 0", "tokens_to_generate")
+    if tokens > INT32_MAX:
+        raise _bad(f"tokens_to_generate must be an integer less than or equal to {INT32_MAX}", "tokens_to_generate")
 
     logprobs = _bool(doc, "logprobs")
     if tokens == 0 and not logprobs:
@@ -123,6 +126,8 @@ def parse(doc: dict[str, Any]) -> MegatronRequest:  # noqa: C901 - one check per
             raise _bad("random_seed must be integer", "random_seed")
         if random_seed < 0:
             raise _bad("random_seed must be a positive integer", "random_seed")
+        if random_seed > INT64_MAX:
+            raise _bad(f"random_seed must be less than or equal to {INT64_MAX}", "random_seed")
     if "no_log" in doc:
         _bool(doc, "no_log")
     if "stop_token" in doc and (not isinstance(doc["stop_token"], int) or isinstance(doc["stop_token"], bool)):
@@ -131,8 +136,8 @@ def parse(doc: dict[str, Any]) -> MegatronRequest:  # noqa: C901 - one check per
         raise _bad("length_penalty must be a float", "length_penalty")
 
     penalty = doc.get("repetition_penalty", 1.0)
-    if type(penalty) not in (int, float) or penalty <= 0:
-        raise _bad("repetition_penalty must be a positive number", "repetition_penalty")
+    if type(penalty) not in (int, float) or not 0 < penalty <= 100.0:
+        raise _bad("repetition_penalty must be a positive number less than or equal to 100.0", "repetition_penalty")
 
     return MegatronRequest(
         prompts=prompts, tokens_to_generate=tokens, logprobs=logprobs, temperature=float(temperature), top_k=top_k,
@@ -145,7 +150,7 @@ def parse(doc: dict[str, Any]) -> MegatronRequest:  # noqa: C901 - one check per
 
 def to_grpc(r: MegatronRequest) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(
-        greedy=r.top_k == 1, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, top_p_decay=r.top_p_decay,
+        greedy=sampling_is_greedy(r.temperature, r.top_k, r.top_p), temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, top_p_decay=r.top_p_decay,
         top_p_bound=r.top_p_bound, seed=r.random_seed, repetition_penalty=r.repetition_penalty,
     )
     stopping = pb.StoppingParams(

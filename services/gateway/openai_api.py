@@ -18,6 +18,7 @@ from flask import Response, stream_with_context
 from flask_restful import Resource
 
 from protos.textgen.v1 import textgen_pb2 as pb
+from services.gateway.fields import INT64_MAX, integer, number, sampling_is_greedy, token_ids
 from services.gateway.http import SSE_DONE, SSE_HEADERS, HTTPError, json_body, json_response, sse
 from shared.errors import ServiceError
 
@@ -29,25 +30,6 @@ FINISH = {
     pb.FINISH_REASON_CANCELLED: "abort",
 }
 MAX_LOGPROBS = 20
-
-
-def _num(doc: dict[str, Any], key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    value = doc.get(key)
-    if value is None:
-        return default
-    if type(value) not in (int, float) or value > hi or value < lo or (lo_open and value == lo):
-        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise HTTPError(400, f"{key} must be a number in {bound}", key)
-    return float(value)
-
-
-def _int(doc: dict[str, Any], key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
-    value = doc.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
-        raise HTTPError(400, f"{key} must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""), key)
-    return value
 
 
 def _check_unsupported(doc: dict[str, Any]) -> None:
@@ -83,10 +65,12 @@ def _prompts(doc: dict[str, Any]) -> list[pb.Prompt]:
     if isinstance(p, list) and p:
         if all(isinstance(x, str) for x in p):
             return [pb.Prompt(text=x) for x in p]
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
-            return [pb.Prompt(tokens=pb.TokenIds(ids=p))]
-        if all(isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in p):
-            return [pb.Prompt(tokens=pb.TokenIds(ids=x)) for x in p]
+        ids = token_ids(p, "prompt")
+        if ids is not None:
+            return [pb.Prompt(tokens=pb.TokenIds(ids=ids))]
+        lists = [token_ids(x, "prompt") if x else None for x in p]
+        if all(x is not None for x in lists):
+            return [pb.Prompt(tokens=pb.TokenIds(ids=x)) for x in lists]
     raise HTTPError(400, "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists", "prompt")
 
 
@@ -101,20 +85,20 @@ class Options:
 
 def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
     _check_unsupported(doc)
-    max_tokens = _int(doc, "max_completion_tokens" if chat and "max_completion_tokens" in doc else "max_tokens", 16 if not chat else 256, 0)
-    temperature = _num(doc, "temperature", 1.0, 0.0, 100.0)
-    top_p = _num(doc, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    top_k = _int(doc, "top_k", 0, -1) or 0
-    seed = _int(doc, "seed", -1, 0)
-    penalty = _num(doc, "repetition_penalty", 1.0, 0.0, 100.0, lo_open=True)
+    max_tokens = integer(doc, "max_completion_tokens" if chat and "max_completion_tokens" in doc else "max_tokens", 16 if not chat else 256, 0)
+    temperature = number(doc, "temperature", 1.0, 0.0, 100.0)
+    top_p = number(doc, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = integer(doc, "top_k", 0, -1) or 0
+    seed = integer(doc, "seed", -1, 0, INT64_MAX)
+    penalty = number(doc, "repetition_penalty", 1.0, 0.0, 100.0, lo_open=True)
     if chat:
         want = doc.get("logprobs", False)
         if not isinstance(want, bool):
             raise HTTPError(400, "logprobs must be a boolean", "logprobs")
-        logprobs = _int(doc, "top_logprobs", 0, 0, MAX_LOGPROBS) if want else None
+        logprobs = integer(doc, "top_logprobs", 0, 0, MAX_LOGPROBS) if want else None
         echo = False
     else:
-        logprobs = _int(doc, "logprobs", None, 0, MAX_LOGPROBS)
+        logprobs = integer(doc, "logprobs", None, 0, MAX_LOGPROBS)
         echo = doc.get("echo", False)
         if not isinstance(echo, bool):
             raise HTTPError(400, "echo must be a boolean", "echo")
@@ -127,9 +111,9 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
     stream_options = doc.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise HTTPError(400, "stream_options must be an object", "stream_options")
-    greedy = temperature == 0.0 or top_k == 1
+    greedy = sampling_is_greedy(temperature, top_k, top_p)
     sampling = pb.SamplingParams(
-        greedy=greedy, temperature=temperature if temperature > 0 else 1.0, top_k=max(top_k, 0),
+        greedy=greedy, temperature=1.0 if greedy else temperature, top_k=max(top_k, 0),
         top_p=0.0 if top_p >= 1.0 or top_k > 0 else top_p, seed=seed, repetition_penalty=penalty,
     )
     stopping = pb.StoppingParams(max_new_tokens=max_tokens, stop=_stops(doc), ignore_eos=ignore_eos)
@@ -352,8 +336,12 @@ class Tokenize(_Base):
 class Detokenize(_Base):
     def post(self):
         doc = json_body()
-        ids = doc.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        ids = token_ids(doc.get("tokens"), "tokens")
+        if ids is None:
             raise HTTPError(400, "tokens must be a list of token ids", "tokens")
+        vocab = self.pool.model_info().vocab_size
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise HTTPError(400, f"tokens: token id {bad} is outside the vocabulary (0..{vocab - 1})", "tokens")
         resp = self.pool.unary("Detokenize", pb.DetokenizeRequest(ids=ids), timeout_s=30.0)
         return json_response({"prompt": resp.text})

@@ -1,4 +1,5 @@
-"""WebSocket streaming as PAI-EAS / BladeLLM clients expect it (``GET /ws``, upgraded).
+"""WebSocket streaming as PAI-EAS / BladeLLM clients expect it (``GET /ws``, upgraded; also at
+``/api/predict/<service_name>``, the URL form EAS clients are configured with).
 
 The client connects (with ``Authorization: <key>`` or ``Bearer <key>`` when the gateway has API keys),
 sends one JSON message per prompt and reads messages until ``is_end``::
@@ -10,7 +11,7 @@ sends one JSON message per prompt and reads messages until ``is_end``::
 
 ``text`` is the new piece since the previous message. Several prompts may follow on one connection, one
 at a time. A bad message gets ``{"error": {"message", "field", "code": 400}, "is_end": true}`` and the
-connection stays open; a client that leaves mid-stream frees its engine slot at once.
+connection stays open (so does every other error, 5xx included); a client that leaves mid-stream frees its engine slot at once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flask_sock import ConnectionClosed, Sock
 
 from protos.textgen.v1 import textgen_pb2 as pb
 from services.gateway import metrics as M
+from services.gateway.fields import INT64_MAX, integer, number, sampling_is_greedy
 from services.gateway.http import HTTPError
 from shared.errors import ServiceError, http_status
 
@@ -40,6 +42,12 @@ def register(app, pool) -> None:
     def ws(conn) -> None:  # noqa: ANN001 - simple_websocket.Server
         serve(conn, pool)
 
+    @sock.route("/api/predict/<service_name>")
+    def eas(conn, service_name: str) -> None:  # noqa: ANN001
+        # PAI-EAS clients are configured with ws://HOST/api/predict/<service_name>: same protocol as /ws
+        logger.info("EAS WebSocket client for service %r", service_name)
+        serve(conn, pool)
+
 
 def parse(raw: Any) -> pb.GenerateStreamRequest:
     if isinstance(raw, bytes):
@@ -53,6 +61,8 @@ def parse(raw: Any) -> pb.GenerateStreamRequest:
         doc = json.loads(raw)
     except json.JSONDecodeError as e:
         raise HTTPError(400, f"message is not JSON ({e.msg} at column {e.colno})", "message") from None
+    except RecursionError:
+        raise HTTPError(400, "message is nested too deeply", "message") from None
     if not isinstance(doc, dict):
         raise HTTPError(400, "message must be a JSON object with a prompt", "message")
     unknown = sorted(set(doc) - IGNORED - {"prompt", "max_new_tokens", "max_tokens", "tokens_to_generate", "temperature", "top_k",
@@ -65,37 +75,21 @@ def parse(raw: Any) -> pb.GenerateStreamRequest:
     length_keys = [k for k in ("max_new_tokens", "max_tokens", "tokens_to_generate") if k in doc]
     if len(length_keys) > 1:
         raise HTTPError(400, f"give one of {', '.join(length_keys)}", length_keys[1])
-    max_new = _int(doc, length_keys[0] if length_keys else "max_new_tokens", 256, 1)
-    temperature = _num(doc, "temperature", 1.0, 0.0, 100.0)
-    top_k = _int(doc, "top_k", 0, 0)
-    top_p = _num(doc, "top_p", 0.0, 0.0, 1.0)
-    penalty = _num(doc, "repetition_penalty", 1.0, 0.0, 100.0)
-    if penalty <= 0:
-        raise HTTPError(400, "repetition_penalty must be > 0", "repetition_penalty")
-    seed = _int(doc, "seed", 0, 0) if "seed" in doc else -1
+    max_new = integer(doc, length_keys[0] if length_keys else "max_new_tokens", 256, 1)
+    temperature = number(doc, "temperature", 1.0, 0.0, 100.0)
+    top_k = integer(doc, "top_k", 0, 0)
+    top_p = number(doc, "top_p", 0.0, 0.0, 1.0)
+    penalty = number(doc, "repetition_penalty", 1.0, 0.0, 100.0, lo_open=True)
+    seed = integer(doc, "seed", -1, 0, INT64_MAX)
     stop = doc.get("stop", [])
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise HTTPError(400, "stop must be a string or a list of non-empty strings", "stop")
-    greedy = temperature == 0.0 or top_k == 1
-    sampling = pb.SamplingParams(greedy=greedy, temperature=temperature if temperature > 0 else 1.0, top_k=top_k,
+    greedy = sampling_is_greedy(temperature, top_k, top_p)
+    sampling = pb.SamplingParams(greedy=greedy, temperature=1.0 if greedy else temperature, top_k=top_k,
                                  top_p=0.0 if top_p >= 1.0 else top_p, seed=seed, repetition_penalty=penalty)
     params = pb.GenerationParams(sampling=sampling, stopping=pb.StoppingParams(max_new_tokens=max_new, stop=stop))
     return pb.GenerateStreamRequest(prompts=[pb.Prompt(text=prompt)], params=params)
-
-
-def _int(doc: dict, key: str, default: int, lo: int) -> int:
-    v = doc.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise HTTPError(400, f"{key} must be an integer >= {lo}", key)
-    return v
-
-
-def _num(doc: dict, key: str, default: float, lo: float, hi: float) -> float:
-    v = doc.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-        raise HTTPError(400, f"{key} must be a number in [{lo:g}, {hi:g}]", key)
-    return float(v)
 
 
 def serve(conn, pool) -> None:  # noqa: ANN001
@@ -113,7 +107,15 @@ def serve(conn, pool) -> None:  # noqa: ANN001
                 request = parse(raw)
             except HTTPError as e:
                 M.WS_ERRORS.labels("bad_request").inc()
-                _send(conn, {"error": {"message": e.message, "field": e.field, "code": e.status}, "is_end": True})
+                if not _send(conn, {"error": {"message": e.message, "field": e.field, "code": e.status}, "is_end": True}):
+                    return
+                continue
+            except Exception:  # noqa: BLE001 - a message the parser did not foresee: answer, keep the connection
+                logger.exception("could not read a WebSocket message")
+                M.WS_ERRORS.labels("internal").inc()
+                if not _send(conn, {"error": {"message": "internal error reading the message", "field": None, "code": 500},
+                                    "is_end": True}):
+                    return
                 continue
             if not _relay(conn, pool, request):
                 return
@@ -139,6 +141,10 @@ def _relay(conn, pool, request: pb.GenerateStreamRequest) -> bool:  # noqa: ANN0
     except ServiceError as e:
         M.WS_ERRORS.labels(e.code.name.lower()).inc()
         return _send(conn, {"error": {"message": e.message, "field": e.field, "code": http_status(e.code)}, "is_end": True})
+    except Exception:  # noqa: BLE001 - never drop the connection on our own fault
+        logger.exception("WebSocket relay failed")
+        M.WS_ERRORS.labels("internal").inc()
+        return _send(conn, {"error": {"message": "internal error", "field": None, "code": 500}, "is_end": True})
     finally:
         events.close()  # cancels the textgen call if it is still running
 
@@ -147,5 +153,5 @@ def _send(conn, doc: dict) -> bool:  # noqa: ANN001
     try:
         conn.send(json.dumps(doc, ensure_ascii=False))
         return True
-    except ConnectionClosed:
+    except (ConnectionClosed, OSError):
         return False

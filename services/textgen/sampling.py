@@ -30,10 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.limits import MIN_TEMPERATURE
+
 Tensor = torch.Tensor
 
-MIN_TEMPERATURE = 1e-5
-"""Temperatures below this (and 0) mean greedy decoding: ``logits / 1e-5`` is still finite in float32."""
+__all__ = ["MIN_TEMPERATURE", "SamplingError", "SamplingSpec", "apply_repetition_penalty", "make_generator",
+           "next_top_p", "sample_row", "top_k_filter", "top_p_filter"]
 
 
 class SamplingError(ValueError):

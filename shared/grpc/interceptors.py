@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from shared.errors import ServiceError
+from shared.errors import ERROR_FIELD_KEY, ServiceError
 from shared.logging import REQUEST_ID, REQUEST_ID_KEY, new_request_id
 from shared.metrics import RPC_DURATION, RPC_REQUESTS
 
@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 def _abort(context: grpc.ServicerContext, err: BaseException, rid: str) -> grpc.StatusCode:
     if isinstance(err, ServiceError):
+        if err.field:  # the request field at fault travels too: the gateway's 400 names it
+            context.set_trailing_metadata(((REQUEST_ID_KEY, rid), (ERROR_FIELD_KEY, err.field)))
         context.abort(err.code, err.message)
     logger.error("unhandled error", exc_info=err)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id={rid})")

@@ -49,7 +49,8 @@ CASES = [
     ({"prompts": ["a"], "no_log": "x"}, "no_log must be a boolean value"),
     ({"prompts": ["a"], "stop_token": "x"}, "stop_token must be an integer"),
     ({"prompts": ["a"], "length_penalty": 1}, "length_penalty must be a float"),
-    ({"prompts": ["a"], "repetition_penalty": 0}, "repetition_penalty must be a positive number"),
+    ({"prompts": ["a"], "repetition_penalty": 0}, "repetition_penalty must be a positive number less than or equal to 100.0"),
+    ({"prompts": ["a"], "repetition_penalty": 1e300}, "repetition_penalty must be a positive number less than or equal to 100.0"),
     ({"prompts": ["a " * 200], "tokens_to_generate": 10}, "Length of prompt + tokens_to_generate longer than allowed"),
 ]
 

@@ -1,0 +1,60 @@
+"""Typed reads of request fields, shared by every gateway dialect (Megatron, OpenAI, WebSocket, tokenizer routes).
+
+Each reader returns the value or raises HTTPError(400) naming the field. Integers are bounded by the
+proto field they travel in (``shared.limits``), floats must be finite: the protobuf runtime would
+otherwise raise on ``2**35`` or ``2**64`` and the client would see a 500.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from services.gateway.http import HTTPError
+from shared.limits import INT32_MAX, INT64_MAX, MIN_TEMPERATURE, MIN_TOP_P
+
+__all__ = ["INT32_MAX", "INT64_MAX", "integer", "is_int", "number", "sampling_is_greedy", "token_ids"]
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(doc: dict[str, Any], key: str, default: Any, lo: int, hi: int = INT32_MAX, message: str | None = None) -> Any:
+    """``doc[key]`` as an int in [lo, hi]; ``default`` when absent or null."""
+    value = doc.get(key)
+    if value is None:
+        return default
+    if not is_int(value) or not lo <= value <= hi:
+        raise HTTPError(400, message or f"{key} must be an integer in [{lo}, {hi}]", key)
+    return value
+
+
+def number(doc: dict[str, Any], key: str, default: float, lo: float, hi: float, *, lo_open: bool = False,
+           message: str | None = None) -> float:
+    """``doc[key]`` as a finite number in [lo, hi] (or (lo, hi]); ``default`` when absent or null."""
+    value = doc.get(key)
+    if value is None:
+        return default
+    ok = type(value) in (int, float) and math.isfinite(value) and lo <= value <= hi and not (lo_open and value == lo)
+    if not ok:
+        bound = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+        raise HTTPError(400, message or f"{key} must be a number in {bound}", key)
+    return float(value)
+
+
+def token_ids(value: Any, key: str) -> list[int] | None:
+    """A list of token ids (each in [0, 2**31-1]) or None when ``value`` is not a list of ints; 400 when an
+    id does not fit."""
+    if not isinstance(value, list) or not all(is_int(t) for t in value):
+        return None
+    bad = next((t for t in value if not 0 <= t <= INT32_MAX), None)
+    if bad is not None:
+        raise HTTPError(400, f"{key}: token id {bad} is out of range (0..{INT32_MAX})", key)
+    return value
+
+
+def sampling_is_greedy(temperature: float, top_k: int, top_p: float) -> bool:
+    """The one greedy rule of every dialect: temperature below MIN_TEMPERATURE (0 included), top_k == 1,
+    or a top_p in (0, MIN_TOP_P), which keeps only the best token."""
+    return temperature < MIN_TEMPERATURE or top_k == 1 or 0.0 < top_p < MIN_TOP_P
