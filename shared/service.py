@@ -76,6 +76,10 @@ def run_service(service: str, config_cls: type[C], build: Callable[[C], ServiceP
     except StartupError as e:
         _shutdown(parts, server, 0)
         fail(service, str(e))
+    except Exception as e:  # noqa: BLE001 - an unforeseen start-up failure is still one line, not a traceback
+        logger.debug("start-up failed", exc_info=e)
+        _shutdown(parts, server, 0)
+        fail(service, f"start-up failed: {type(e).__name__}: {e} (set {env_prefix(service)}LOG_LEVEL=DEBUG for the traceback)")
     logger.info("%s serving gRPC on %s, metrics on http://%s:%d/metrics", service, server.address, cfg.host, metrics_port)
     if parts.main_loop is not None:
         try:

@@ -4,7 +4,7 @@
     -> converter: HF -> megatron-core torch_dist, TP=3 (with logits parity)
     -> trainer: continued pretraining on a local Ray head, PP=2 (the checkpoint is resharded at load)
     -> converter: the trained torch_dist checkpoint -> HF (with logits parity)
-    -> textgen + gateway serve it; Megatron's text_generation_cli asks it a question over PUT /api
+    -> textgen + gateway serve it; `megastack generate` asks it a question over PUT /api
     -> evaluator: the offline suite on the trained model (through textgen) and the original (lm-eval hf)
     -> a summary table
 
@@ -181,16 +181,15 @@ class Demo:
         return save_dir
 
     def generate(self, url: str) -> None:
-        host = url.removeprefix("http://")
-        cli = REPO_ROOT / "tools" / "text_generation_cli.py"
-        self.step("generate through the gateway with Megatron's text_generation_cli (PUT /api)",
-                  f"python tools/text_generation_cli.py {host}")
+        self.step("generate through the gateway with `megastack generate` (Megatron's PUT /api)",
+                  f"megastack generate --url {url} -n 24 --greedy -p {PROMPT!r}")
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, str(cli), host], input=f"{PROMPT}\n24\n", capture_output=True, text=True, timeout=300)
-        text = out.stdout.split("Megatron Response:", 1)[-1].split("Enter prompt:", 1)[0].strip()
-        if out.returncode != 0 or "Megatron Response:" not in out.stdout:
-            raise RuntimeError(f"text_generation_cli failed:\n{out.stdout}{out.stderr}")
-        print(f"   Enter prompt: {PROMPT}\n   Enter number of tokens to generate: 24\n   Megatron Response:\n   {text!r}")
+        out = subprocess.run([sys.executable, "-m", "tools.cli.main", "generate", "--url", url, "-n", "24", "--greedy",
+                              "-p", PROMPT], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+        text = out.stdout.strip()
+        if out.returncode != 0 or not text.startswith(PROMPT):
+            raise RuntimeError(f"megastack generate failed:\n{out.stdout}{out.stderr}")
+        print(f"   {text!r}")
         self.row("serve", "PUT /api (24 tokens)", f"{time.perf_counter() - t:.1f}s end to end: {text[:60]!r}...")
 
     def evaluate(self, address: str, textgen: str, base_model: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from services.textgen.config import TextgenConfig
 from services.textgen.engine import Engine, EngineConfig, TokenizerInfo
-from services.textgen.modeling import DecoderLM, KVCache
+from services.textgen.modeling import DecoderLM, KVCache, UnsupportedModel
 from shared.checkpoints import open_checkpoint
 from shared.devices import dtype_name, resolve_device, resolve_dtype
 from shared.errors import ServiceError, StartupError
@@ -45,6 +45,28 @@ def tokenizer_info(tok: Tokenizer) -> TokenizerInfo:
     )
 
 
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _allocate_cache(cfg: TextgenConfig, arch: ArchConfig, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+    """The KV cache, or a StartupError naming the settings that size it when it cannot fit."""
+    need = KVCache.bytes_needed(arch, num_slots=cfg.max_batch_size, max_len=max_len, dtype=dtype)
+    free = _free_bytes(device)
+    hint = (f"the KV cache for MEGASTACK_TEXTGEN_MAX_BATCH_SIZE={cfg.max_batch_size} sequences x "
+            f"MEGASTACK_TEXTGEN_MAX_CONTEXT_TOKENS={max_len} tokens needs {need / 2**30:.2f} GiB")
+    if need > 0.9 * free:
+        raise StartupError(f"{hint} but {free / 2**30:.2f} GiB are free on {device}; lower one of them")
+    try:
+        return KVCache(arch, num_slots=cfg.max_batch_size, max_len=max_len, dtype=dtype, device=device)
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+        raise StartupError(f"{hint} and could not be allocated on {device} ({type(e).__name__}); lower one of them") from None
+
+
 def load_served_model(cfg: TextgenConfig) -> ServedModel:
     path = Path(cfg.model_dir)
     if not path.exists():
@@ -67,7 +89,9 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
         model = DecoderLM(reader.arch, reader.canonical_tensors(), dtype=dtype, device=device, max_len=max_len)
     except ServiceError as e:
         raise StartupError(f"cannot load {path}: {e.message}") from None
-    cache = KVCache(reader.arch, num_slots=cfg.max_batch_size, max_len=max_len, dtype=dtype, device=device)
+    except UnsupportedModel as e:
+        raise StartupError(f"cannot serve {path}: {e}; serve another checkpoint (MEGASTACK_TEXTGEN_MODEL_DIR)") from None
+    cache = _allocate_cache(cfg, reader.arch, max_len, dtype, device)
     engine = Engine(
         model, cache, tokenizer_info(tokenizer),
         EngineConfig(cfg.max_batch_size, cfg.max_queue_size, cfg.max_prefill_tokens),

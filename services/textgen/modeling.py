@@ -21,6 +21,14 @@ import torch.nn.functional as F
 from shared.models.base import ArchConfig, split_qkv
 
 Tensor = torch.Tensor
+ROPE_SCALING = ("default", "linear", "llama3")
+LAYER_TENSORS = ("self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
+                 "self_attention.linear_proj.weight", "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight",
+                 "mlp.linear_fc2.weight")
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint cannot be served by this engine (a setting or tensor it does not know, or lacks)."""
 
 
 @dataclass
@@ -41,6 +49,11 @@ class LayerWeights:
 
 class KVCache:
     """Per layer, keys and values for ``num_slots`` sequences of up to ``max_len`` tokens: [slots, g, L, d]."""
+
+    @staticmethod
+    def bytes_needed(arch: ArchConfig, *, num_slots: int, max_len: int, dtype: torch.dtype) -> int:
+        per_layer = num_slots * arch.num_query_groups * max_len * arch.head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * arch.num_layers * per_layer
 
     def __init__(self, arch: ArchConfig, *, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (num_slots, arch.num_query_groups, max_len, arch.head_dim)
@@ -72,7 +85,8 @@ def _inv_freq(arch: ArchConfig, device: torch.device) -> Tensor:
         mid = (1 - smooth) * inv / factor + smooth * inv
         inv = torch.where((wavelen <= low_wl) & (wavelen >= high_wl), mid, scaled)
     elif kind not in (None, "default"):
-        raise ValueError(f"rope scaling {kind!r} is not supported by the textgen engine")
+        raise UnsupportedModel(f"rope_scaling type {kind!r} in the model's config is not supported by the textgen engine "
+                               f"(supported: {', '.join(ROPE_SCALING)})")
     return inv
 
 
@@ -102,6 +116,11 @@ class DecoderLM:
         self.device = device
         self.max_len = max_len
         w = {name: t.to(device=device, dtype=dtype) for name, t in tensors}
+        missing = [n for n in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight") if n not in w]
+        missing += [f"decoder.layers.{i}.{n}" for i in range(arch.num_layers) for n in LAYER_TENSORS
+                    if f"decoder.layers.{i}.{n}" not in w]
+        if missing:
+            raise UnsupportedModel(f"the checkpoint lacks {len(missing)} tensor(s) {arch.architecture} needs, e.g. {missing[0]!r}")
         self.word_emb = w.pop("embedding.word_embeddings.weight")
         self.pos_emb = w.pop("embedding.position_embeddings.weight", None)
         self.out_w = w.pop("output_layer.weight", None)
@@ -111,7 +130,8 @@ class DecoderLM:
         self.final_b = w.pop("decoder.final_layernorm.bias", None)
         self.layers = [self._layer(w, i) for i in range(arch.num_layers)]
         if w:
-            raise ValueError(f"unexpected tensors for {arch.architecture}: {sorted(w)[:5]}")
+            raise UnsupportedModel(f"the checkpoint has {len(w)} tensor(s) the {arch.architecture} layout does not use, "
+                                   f"e.g. {sorted(w)[0]!r}")
         self.rope = Rope(arch, max_len, dtype, device) if arch.position_embedding == "rope" else None
         self.q_size = arch.num_attention_heads * arch.head_dim
         self.kv_size = arch.num_query_groups * arch.head_dim

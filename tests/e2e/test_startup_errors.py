@@ -54,3 +54,50 @@ def test_gateway_bad_setting():
     out = run_service("services.gateway", {"MEGASTACK_GATEWAY_TEXTGEN_ADDRS": ""})
     assert out.returncode == 2
     assert error_lines(out.stderr) == ["megastack-gateway: error: invalid MEGASTACK_GATEWAY_* settings: textgen_addrs must name at least one replica"]
+
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _textgen(model_dir, **env) -> subprocess.CompletedProcess:
+    return run_service("services.textgen", {"MEGASTACK_TEXTGEN_PORT": "0", "MEGASTACK_TEXTGEN_METRICS_PORT": "0",
+                                            "MEGASTACK_TEXTGEN_MODEL_DIR": str(model_dir), **env})
+
+
+def test_unsupported_rope_scaling_is_one_line(tiny_models, tmp_path):
+    import json
+
+    model = _copy_model(tiny_models["llama"], tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0], "long_factor": [1.0]}
+    cfg.pop("rope_parameters", None)
+    (model / "config.json").write_text(json.dumps(cfg))
+    out = _textgen(model)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    [line] = error_lines(out.stderr)
+    assert "rope_scaling type 'longrope'" in line and "MEGASTACK_TEXTGEN_MODEL_DIR" in line, line
+
+
+def test_missing_tensors_are_one_line(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy_model(tiny_models["llama"], tmp_path / "m")
+    [st] = list(model.glob("*.safetensors"))
+    tensors = load_file(st)
+    tensors.pop(next(k for k in tensors if "layers.0.mlp.down_proj" in k))
+    save_file(tensors, st, metadata={"format": "pt"})
+    out = _textgen(model)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    [line] = error_lines(out.stderr)
+    assert "tensors missing" in line and "mlp.down_proj" in line, line
+
+
+def test_kv_cache_larger_than_memory_is_one_line_naming_the_settings(tiny_models):
+    out = _textgen(tiny_models["llama"], MEGASTACK_TEXTGEN_MAX_BATCH_SIZE="50000000", MEGASTACK_TEXTGEN_MAX_QUEUE_SIZE="50000000")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    [line] = error_lines(out.stderr)
+    assert "MEGASTACK_TEXTGEN_MAX_BATCH_SIZE=50000000" in line and "MEGASTACK_TEXTGEN_MAX_CONTEXT_TOKENS" in line and "GiB" in line, line

@@ -1,4 +1,5 @@
-"""`megastack generate`: generate through the gateway (Megatron PUT /api, or SSE streaming)."""
+"""`megastack generate`: generate through the gateway (Megatron PUT /api, SSE streaming, or an interactive
+prompt loop with streaming)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ def run(a: argparse.Namespace) -> int:
         from tools.cli.batch_generate import run as run_batch
 
         return run_batch(a)
+    if a.interactive:
+        if a.prompt:
+            print("megastack generate: --interactive reads its prompts at the prompt, not from --prompt", file=sys.stderr)
+            return 2
+        return _interactive(a)
     prompts = a.prompt or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
     if not prompts:
         print("megastack generate: give --prompt (or pipe a prompt on stdin)", file=sys.stderr)
@@ -64,7 +70,8 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def _stream(a: argparse.Namespace, prompts: list[str]) -> int:
+def _stream(a: argparse.Namespace, prompts: list[str], session: requests.Session | None = None) -> int:
+    """Stream the completion of ``prompts[0]`` to stdout (prompt first) through /v1/completions."""
     body = {"prompt": prompts[0], "max_tokens": a.tokens_to_generate, "temperature": 0.0 if a.greedy else a.temperature,
             "stream": True, "repetition_penalty": a.repetition_penalty}
     if a.top_k:
@@ -75,25 +82,53 @@ def _stream(a: argparse.Namespace, prompts: list[str]) -> int:
         body["seed"] = a.seed
     if a.logprobs:
         body["logprobs"] = 1
-    with requests.post(f"{a.url}/v1/completions", json=body, headers=_headers(a.api_key), stream=True, timeout=a.timeout) as resp:
+    with (session or requests).post(f"{a.url}/v1/completions", json=body, headers=_headers(a.api_key), stream=True,
+                                    timeout=a.timeout) as resp:
         if resp.status_code != 200:
             return _fail(resp)
         sys.stdout.write(prompts[0])
-        for line in resp.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                break
-            doc = json.loads(data)
-            if "error" in doc:
-                print(f"\nerror: {doc['error']['message']}", file=sys.stderr)
-                return 1
-            for ch in doc.get("choices", []):
-                sys.stdout.write(ch.get("text", ""))
-                sys.stdout.flush()
-        sys.stdout.write("\n")
+        try:
+            for line in resp.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                doc = json.loads(data)
+                if "error" in doc:
+                    print(f"\nerror: {doc['error']['message']}", file=sys.stderr)
+                    return 1
+                for ch in doc.get("choices", []):
+                    sys.stdout.write(ch.get("text", ""))
+                    sys.stdout.flush()
+        finally:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     return 0
+
+
+def _interactive(a: argparse.Namespace) -> int:
+    """Our own prompt loop: each prompt's completion streams as it is generated. Ctrl-C stops the current
+    generation (the gateway frees its slot at once), Ctrl-D or an empty input stream ends the loop."""
+    session = requests.Session()
+    print(f"megastack generate: {a.url}, {a.tokens_to_generate} tokens per prompt "
+          f"({'greedy' if a.greedy else f'temperature {a.temperature}'}); Ctrl-C stops a generation, Ctrl-D quits",
+          file=sys.stderr)
+    while True:
+        try:
+            prompt = input("prompt> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not prompt.strip():
+            continue
+        try:
+            _stream(a, [prompt], session)
+        except KeyboardInterrupt:
+            print("[stopped]", file=sys.stderr)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -113,6 +148,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add-bos", action="store_true", help="prepend the BOS token")
     p.add_argument("--logprobs", action="store_true", help="print the log-probability of every token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (first prompt)")
+    p.add_argument("--interactive", "-i", action="store_true",
+                   help="a prompt loop: type a prompt, its completion streams back; Ctrl-D quits")
     p.add_argument("--api-key", default=None, help="API key when the gateway requires one")
     p.add_argument("--timeout", type=float, default=600.0)
     b = p.add_argument_group("batch generation from a file")

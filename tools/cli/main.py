@@ -34,12 +34,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unreachable(e: Exception) -> str:
+    """One line for an HTTP call that never got an answer: which gateway, why, what to do."""
+    from urllib.parse import urlsplit
+
+    import requests
+
+    url = getattr(getattr(e, "request", None), "url", None) or ""
+    parts = urlsplit(url)
+    base = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "the gateway"
+    text = str(e)
+    if isinstance(e, requests.Timeout):
+        why = "no answer in time; raise --timeout"
+    elif "Connection refused" in text:
+        why = "connection refused"
+    elif "Name or service not known" in text or "nodename nor servname" in text or "Temporary failure in name resolution" in text:
+        why = "unknown host"
+    else:
+        why = type(e).__name__
+    return f"cannot reach the gateway at {base} ({why}); is the stack up? make up"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import requests
+
     from shared.errors import ServiceError
 
     try:
@@ -47,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceError as e:
         print(f"megastack: error: {e.message}", file=sys.stderr)
         return 2
+    except (requests.ConnectionError, requests.Timeout) as e:
+        print(f"megastack: {unreachable(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
