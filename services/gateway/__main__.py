@@ -1,18 +1,16 @@
-"""python -m services.gateway: the HTTP front door (Megatron PUT /api, OpenAI routes, /metrics)."""
+"""python -m services.gateway: the HTTP front door (Megatron PUT /api, OpenAI routes, /metrics), served by gunicorn
+(services/gateway/server.py: one process, many threads, read timeouts, graceful SIGTERM)."""
 
 from __future__ import annotations
 
 import errno
 import logging
-import signal
 import socket
-import threading
-
-from werkzeug.serving import make_server
 
 from services.gateway.app import create_app
 from services.gateway.clients import TextgenPool
 from services.gateway.config import GatewayConfig
+from services.gateway.server import GatewayServer
 from shared.logging import configure_logging
 from shared.metrics import set_build_info
 from shared.service import fail, load_config
@@ -21,7 +19,7 @@ logger = logging.getLogger("services.gateway")
 
 
 def _port_problem(host: str, port: int) -> str | None:
-    """Why host:port cannot be bound, checked up front (werkzeug would print a multi-line notice)."""
+    """Why host:port cannot be bound, checked up front (gunicorn would retry and print a multi-line notice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -35,28 +33,21 @@ def main() -> None:
     cfg = load_config("gateway", GatewayConfig)
     configure_logging("gateway", cfg.log_level, cfg.log_json)
     set_build_info("gateway")
-    pool = TextgenPool(cfg.textgen_addrs, health_interval_s=cfg.health_interval_s, timeout_s=cfg.request_timeout_s)
-    app = create_app(cfg, pool)
     problem = _port_problem(cfg.host, cfg.port)
     if problem:
-        pool.close()
         fail("gateway", f"cannot listen on {cfg.host}:{cfg.port}: {problem}")
-    server = make_server(cfg.host, cfg.port, app, threaded=True)
-    server.daemon_threads = True
-    pool.start()
-    stop = threading.Event()
 
-    def _signal(*_):
-        if not stop.is_set():
-            stop.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
+    def make_app():
+        # in the worker process: the pool's health thread and channels live where the requests are served
+        pool = TextgenPool(cfg.textgen_addrs, health_interval_s=cfg.health_interval_s, timeout_s=cfg.request_timeout_s)
+        app = create_app(cfg, pool)
+        app.extensions["megastack_pool"] = pool
+        pool.start()
+        logger.info("gateway serving on http://%s:%d with %d threads (textgen replicas: %s)", cfg.host, cfg.port,
+                    cfg.threads, ", ".join(cfg.textgen_addrs))
+        return app
 
-    signal.signal(signal.SIGTERM, _signal)
-    signal.signal(signal.SIGINT, _signal)
-    logger.info("gateway listening on http://%s:%d (textgen replicas: %s)", cfg.host, server.server_port, ", ".join(cfg.textgen_addrs))
-    server.serve_forever()
-    pool.close()
-    app.extensions["megastack_jobs"].close()
+    GatewayServer(cfg, make_app).run()
     logger.info("gateway stopped")
 
 

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 from services.gateway import metrics as M
 from services.gateway.config import GatewayConfig
 from services.gateway.health import Health, Metrics, Ready
-from services.gateway.http import HTTPError, error_body, json_response
+from services.gateway.http import HTTPError, error_body, json_response, release_websocket
 from services.gateway.megatron_api import MegatronGenerate
 from services.gateway.openai_api import (
     ChatCompletions,
@@ -99,6 +99,8 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
 
     @app.before_request
     def _begin():
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            release_websocket(request.environ)
         g.request_id = _request_id(request.headers.get("X-Request-Id"))
         g.token = REQUEST_ID.set(g.request_id)
         g.start = time.perf_counter()

@@ -20,6 +20,11 @@ class GatewayConfig:
     request_timeout_s: float = setting(600.0, help="Deadline of one generation call to textgen.")
     health_interval_s: float = setting(1.0, help="Seconds between gRPC health checks of each replica.")
     ready_timeout_s: float = setting(30.0, help="Deadline of the 1-token generation behind GET /ready.")
+    threads: int = setting(64, help="Threads of the one gateway process: requests, SSE streams and WebSockets served at once (see README: one process, many threads).")
+    max_connections: int = setting(1000, help="Open client connections (kept-alive and waiting ones included); more wait in the listen backlog.")
+    keepalive_s: float = setting(5.0, help="How long an idle kept-alive connection stays open.")
+    read_timeout_s: float = setting(30.0, help="Longest wait for each read of a request head or body and each write of a response; a slower client is dropped (WebSockets exempt once upgraded).")
+    graceful_timeout_s: float = setting(30.0, help="On SIGTERM: stop accepting, let in-flight requests and streams finish for up to this long, then exit.")
     log_level: str = setting("INFO", help="Logging level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_json: bool = setting(False, help="Log JSON lines instead of text.")
 
@@ -30,3 +35,10 @@ class GatewayConfig:
             raise ValueError("textgen_addrs must name at least one replica")
         if self.max_body_bytes <= 0:
             raise ValueError("max_body_bytes must be > 0")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.max_connections <= self.threads:
+            raise ValueError(f"max_connections ({self.max_connections}) must be > threads ({self.threads})")
+        for name in ("keepalive_s", "read_timeout_s", "graceful_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 from flask import Response, g, request
@@ -74,3 +75,11 @@ def sse(doc: Any) -> str:
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def release_websocket(environ: dict) -> None:
+    """An upgraded WebSocket may idle between prompts: lift the read timeout the production server puts on
+    client sockets (services/gateway/server.py), before flask-sock starts reading it."""
+    sock = environ.get("gunicorn.socket")
+    if isinstance(sock, socket.socket):
+        socket.socket.settimeout(sock, None)

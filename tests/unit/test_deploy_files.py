@@ -73,6 +73,10 @@ def test_service_manifests_run_real_modules_with_matching_ports_and_probes():
         assert port in {p["port"] for p in service["spec"]["ports"]}
         if svc == "gateway":
             assert c["readinessProbe"]["httpGet"]["path"] == "/ready" and c["livenessProbe"]["httpGet"]["path"] == "/health"
+            # SIGTERM drains in-flight streams for graceful_timeout_s: Kubernetes must wait longer before SIGKILL
+            pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+            graceful = float(env.get("MEGASTACK_GATEWAY_GRACEFUL_TIMEOUT_S") or known["MEGASTACK_GATEWAY_GRACEFUL_TIMEOUT_S"].default)
+            assert pod["terminationGracePeriodSeconds"] > graceful
             for name, value in env.items():
                 if name.endswith("_ADDR") and value:
                     target = value.split(":")[0]
