@@ -65,6 +65,23 @@ def _request_id(given: str | None) -> str:
     return rid
 
 
+def _discard_unread_body(limit: int) -> None:
+    """Read what the client sent and the route did not (a 405, 401 or 404 is answered before the body).
+
+    gunicorn drains at most 64 KiB of an unread body and otherwise closes the connection after a response
+    that announced keep-alive, so the client's next request on it would be dropped unanswered. Bounded
+    by max_body_bytes (a larger body is a 413) and by the read timeout on the socket.
+    """
+    n = request.content_length or 0
+    if not 0 < n <= limit:
+        return
+    try:
+        while request.stream.read(1 << 16):
+            pass
+    except Exception:  # noqa: BLE001 - the client left or stalled: the server closes that connection
+        logger.debug("could not read the rest of a request body", exc_info=True)
+
+
 class JsonApi(Api):
     def handle_error(self, e):  # flask-restful's hook: keep one error shape for every route
         return error_response(e)
@@ -112,6 +129,7 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
 
     @app.after_request
     def _end(resp):
+        _discard_unread_body(cfg.max_body_bytes)
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         elapsed = time.perf_counter() - g.get("start", time.perf_counter())
         M.HTTP_REQUESTS.labels(route, request.method, str(resp.status_code)).inc()

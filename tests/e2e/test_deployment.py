@@ -219,19 +219,62 @@ FIELDS = ["prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "log
           "top_p_decay", "top_p_bound", "length_penalty", "prevent_newline_after_colon", "repetition_penalty", "user", "spec", "labels", "reason"]
 
 
+ROUTES = [("PUT", "/api"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
+          ("POST", "/detokenize"), ("POST", "/api"), ("GET", "/v1/models"), ("POST", "/v1/jobs/conversions"),
+          ("POST", "/v1/jobs/training"), ("POST", "/v1/jobs/evaluations"), ("POST", "/v1/jobs/training/train-x/cancel")]
+WS_FIELDS = ["prompt", "max_new_tokens", "max_tokens", "tokens_to_generate", "temperature", "top_k", "top_p", "repetition_penalty",
+             "seed", "stop", "history", "stream"]
+
+
+def _values():
+    from hypothesis import strategies as st
+
+    extreme_floats = st.sampled_from([1e-300, 1e300, 5e-324, -5e-324, 2.2250738585072014e-308, -0.0, 1e-40, -1e300,
+                                      float("nan"), float("inf"), float("-inf")])
+    ints = st.integers(-(2**70), 2**70) | st.sampled_from([2**31, 2**31 - 1, 2**32, 2**63, 2**63 - 1, 2**64, -(2**63) - 1])
+    strings = st.text(max_size=20) | st.sampled_from(["x" * 2**20, "\u00e9" * 1000, "\x00\x01", "\ud7ff" * 10])
+    scalars = st.none() | st.booleans() | ints | st.floats() | extreme_floats | strings
+    return st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                        max_leaves=8)
+
+
+def _resources(pid: int) -> tuple[int, int]:
+    """(open file descriptors, threads) of a process."""
+    import psutil
+
+    p = psutil.Process(pid)
+    return p.num_fds(), p.num_threads()
+
+
+def _gateway_worker(stack) -> int:
+    import psutil
+
+    master = psutil.Process(stack.proc("gateway").pid)
+    [worker] = master.children()  # one gunicorn worker: the process that serves requests
+    return worker.pid
+
+
+def _settle(check, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ok, detail = check()
+        if ok or time.monotonic() > deadline:
+            return ok, detail
+        time.sleep(0.5)
+
+
 def test_random_and_malformed_bodies_get_4xx_and_the_gateway_keeps_serving(stack):
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, given, seed, settings
     from hypothesis import strategies as st
 
     url = stack.endpoint("gateway", "http")
+    worker = _gateway_worker(stack)
+    api(url, "warm up")
+    fds_before, _ = _resources(worker)
     session = requests.Session()
-    scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
-    values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=8)
+    values = _values()
     bodies = st.dictionaries(st.sampled_from(FIELDS), values, max_size=6) | values
-    routes = st.sampled_from([("PUT", "/api"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                              ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", "/api"), ("GET", "/v1/models"),
-                              ("POST", "/v1/jobs/conversions"), ("POST", "/v1/jobs/training"), ("POST", "/v1/jobs/evaluations"),
-                              ("POST", "/v1/jobs/training/train-x/cancel")])
+    routes = st.sampled_from(ROUTES)
     seen: Counter = Counter()
 
     def check(method: str, path: str, r: requests.Response) -> None:
@@ -241,6 +284,7 @@ def test_random_and_malformed_bodies_get_4xx_and_the_gateway_keeps_serving(stack
             body = r.json()
             assert body["message"] and body["error"]["code"] == r.status_code, body
 
+    @seed(20261202)
     @settings(max_examples=2400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(routes, bodies)
     def json_bodies(route, body):
@@ -248,6 +292,7 @@ def test_random_and_malformed_bodies_get_4xx_and_the_gateway_keeps_serving(stack
         check(method, path, session.request(method, url + path, data=json.dumps(body), headers={"Content-Type": "application/json"},
                                             timeout=120))
 
+    @seed(20261203)
     @settings(max_examples=600, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(routes, st.binary(max_size=200), st.sampled_from(["application/json", "text/plain", "", "application/x-www-form-urlencoded"]))
     def raw_bodies(route, raw, ctype):
@@ -256,6 +301,89 @@ def test_random_and_malformed_bodies_get_4xx_and_the_gateway_keeps_serving(stack
 
     json_bodies()
     raw_bodies()
+    for method, path in ROUTES:  # nesting past the parser's recursion limit, on every route
+        for deep in ("[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
+            check(method, path, session.request(method, url + path, data=deep, headers={"Content-Type": "application/json"},
+                                                timeout=120))
     assert sum(seen.values()) >= 2500 and seen[4] > 1500, seen  # a few thousand bodies
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
+    assert requests.get(f"{url}/ready", timeout=60).status_code == 200
     assert api(url, "still serving").status_code == 200
+    session.close()
+    _assert_nothing_leaks(stack, worker, fds_before)
+
+
+def test_websocket_messages_fuzzed_on_one_connection(stack):
+    """Every message gets an answer on the same open connection: a 4xx error, or a generation."""
+    import websocket
+    from hypothesis import HealthCheck, given, seed, settings
+    from hypothesis import strategies as st
+
+    url = stack.endpoint("gateway", "http")
+    worker = _gateway_worker(stack)
+    fds_before, _ = _resources(worker)
+    values = _values()
+    bodies = st.dictionaries(st.sampled_from(WS_FIELDS), values, max_size=6) | values
+    # prompts that generate (a few tokens) with extreme sampling values next to them
+    small = st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=20), "max_new_tokens": st.integers(1, 4)},
+                                  optional={"temperature": st.floats() | st.sampled_from([1e-300, 5e-324, 1e-40, 0.5]),
+                                            "top_k": st.integers(-(2**70), 2**70) | st.integers(0, 50),
+                                            "top_p": st.floats() | st.sampled_from([1e-300, 5e-324, 0.9]),
+                                            "repetition_penalty": st.sampled_from([1e-300, 5e-324, 1e-40, 100.0]),
+                                            "seed": st.integers(-(2**70), 2**70)})
+    conn = websocket.create_connection(url.replace("http://", "ws://") + "/api/predict/fuzz", timeout=120)
+    codes: Counter = Counter()
+
+    def exchange(text: str) -> None:
+        conn.send(text)
+        while True:
+            msg = json.loads(conn.recv())
+            if "error" in msg:
+                assert msg["is_end"] and msg["error"]["code"] < 500, msg
+                codes[msg["error"]["code"]] += 1
+                return
+            if msg["is_end"]:
+                codes["generated"] += 1
+                return
+
+    @seed(20261204)
+    @settings(max_examples=500, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(bodies, small))
+    def messages(body):
+        exchange(json.dumps(body))
+
+    try:
+        messages()
+        exchange("[" * 100_000 + "]" * 100_000)
+        exchange("not json at all")
+        exchange(json.dumps({"prompt": "still here", "max_new_tokens": 2}))
+    finally:
+        conn.close()
+    assert codes[400] > 100 and codes["generated"] > 10, codes
+    _assert_nothing_leaks(stack, worker, fds_before)
+
+
+def _assert_nothing_leaks(stack, worker: int, fds_before: int) -> None:
+    """After a fuzz run: no sequence left in any engine, every KV slot free, the gateway's descriptors back
+    to where they were and its threads within the configured pool."""
+    def idle():
+        busy = {}
+        for m in textgen_metrics(stack):
+            sample = metrics_of(m)
+            for name in ("megastack_textgen_num_requests_running", "megastack_textgen_num_requests_waiting",
+                         "megastack_textgen_kv_cache_usage_ratio"):
+                if sample.get(name, 0) != 0:
+                    busy[(m, name)] = sample[name]
+        return not busy, busy
+
+    ok, busy = _settle(idle)
+    assert ok, busy
+
+    def descriptors():
+        fds, threads = _resources(worker)
+        return fds <= fds_before + 4, (fds, fds_before, threads)
+
+    ok, detail = _settle(descriptors)
+    assert ok, f"gateway file descriptors (now, before, threads): {detail}"
+    _, threads = _resources(worker)
+    assert threads <= 64 + 16, threads  # MEGASTACK_GATEWAY_THREADS (64) + gRPC and health threads

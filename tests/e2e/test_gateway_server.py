@@ -167,3 +167,16 @@ def test_sigterm_lets_a_running_stream_finish(slow_textgen):
         slow_textgen.slow.clear()
         out = stop(proc)
     assert "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/api"), ("GET", "/v1/models"), ("POST", "/nope"),
+                                         ("PUT", "/tokenize")])
+def test_a_large_body_the_route_did_not_read_keeps_the_connection_usable(gateway, method, path):
+    """A 1 MB body answered before it was read (405, 404, ...): the next request on the same kept-alive
+    connection is answered (gunicorn alone would close it after announcing keep-alive)."""
+    with requests.Session() as s:
+        r = s.request(method, gateway + path, data=json.dumps({"prompts": ["x" * 2**20]}),
+                      headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code < 500 and r.headers.get("Connection") != "close"
+        for _ in range(3):
+            assert s.put(f"{gateway}/api", json={"prompts": ["hi"], "tokens_to_generate": 1}, timeout=60).status_code == 200
