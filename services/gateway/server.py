@@ -38,33 +38,24 @@ class TimedSocket(socket.socket):
     read_timeout_s: float | None = None
     timed_out = False
 
-    def recv(self, *args: Any) -> bytes:
+    def _io(self, op: Any, *args: Any) -> Any:
         try:
-            return super().recv(*args)
+            return op(self, *args)
         except TimeoutError:
-            self.timed_out = True
+            self.timed_out = True  # the worker closes this connection at once (TimedThreadWorker.finish_request)
             raise
+
+    def recv(self, *args: Any) -> bytes:
+        return self._io(socket.socket.recv, *args)
 
     def recv_into(self, *args: Any) -> int:
-        try:
-            return super().recv_into(*args)
-        except TimeoutError:
-            self.timed_out = True
-            raise
+        return self._io(socket.socket.recv_into, *args)
 
     def send(self, *args: Any) -> int:
-        try:
-            return super().send(*args)
-        except TimeoutError:
-            self.timed_out = True
-            raise
+        return self._io(socket.socket.send, *args)
 
     def sendall(self, *args: Any) -> None:
-        try:
-            return super().sendall(*args)
-        except TimeoutError:
-            self.timed_out = True
-            raise
+        return self._io(socket.socket.sendall, *args)
 
     def setblocking(self, flag: bool) -> None:
         if flag and self.read_timeout_s:

@@ -383,12 +383,7 @@ class Engine:
             self._finish(s, ERROR, error=f"generation failed in {stage} (request_id={s.request_id}): {type(e).__name__}")
         except Exception:  # noqa: BLE001 - the handle's queue itself failed: at least give the slot back
             logger.exception("request_id=%s: could not report the failure", s.request_id)
-            s.done = True
-            if s in self._running:
-                self._running.remove(s)
-            if s.slot >= 0:
-                heapq.heappush(self._free_slots, s.slot)
-                s.slot = -1
+            self._release(s)
 
     def _batched(self, group: list[_Seq], forward: Callable[[list[_Seq]], list], stage: str) -> list[tuple[_Seq, object]]:
         """``forward(group)`` -> one output per sequence. When it raises for the whole group, each
@@ -600,15 +595,19 @@ class Engine:
             return LENGTH, ""
         return None, ""
 
-    def _finish(self, s: _Seq, reason: str, *, error: str | None = None, stop_sequence: str = "") -> None:
-        if s.done:
-            return
+    def _release(self, s: _Seq) -> None:
+        """``s`` leaves the batch: done, out of the running list, its KV slot free."""
         s.done = True
         if s in self._running:
             self._running.remove(s)
         if s.slot >= 0:
             heapq.heappush(self._free_slots, s.slot)
             s.slot = -1
+
+    def _finish(self, s: _Seq, reason: str, *, error: str | None = None, stop_sequence: str = "") -> None:
+        if s.done:
+            return
+        self._release(s)
         now = time.monotonic()
         self.last_progress_at = now
         if reason == CANCELLED:
