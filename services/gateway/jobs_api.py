@@ -162,9 +162,13 @@ class JobList(Resource):
 
 
 def _field_of(message: str) -> str | None:
-    """The field json_format names: 'Failed to parse spec field: ...' / 'Message type ... has no field named "x"'."""
-    m = re.search(r'no field named "([^"]+)"', message) or re.search(r"Failed to parse (\w+) field", message)
-    return m.group(1) if m else None
+    """The field json_format names: 'Failed to parse spec field: Failed to parse x field: ...' (x) /
+    'Message type ... has no field named "x"'."""
+    m = re.search(r'no field named "([^"]+)"', message)
+    if m:
+        return m.group(1)
+    nested = re.findall(r"Failed to parse (\w+) field", message)  # outermost first: the innermost is at fault
+    return nested[-1] if nested else None
 
 
 class JobItem(Resource):

@@ -190,3 +190,15 @@ def test_textgen_validation_errors_name_their_field_through_the_gateway(gateway)
     assert r.json()["field"] == "tokens_to_generate"
     assert_400(requests.post(f"{gateway.url}/v1/completions", json={"prompt": [10**6]}, timeout=60), "prompt")
     assert_400(requests.post(f"{gateway.url}/detokenize", json={"tokens": [10**6]}, timeout=60), "tokens")
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/jobs/training", {"spec": {"parallel": {"tensor_parallel": 2**70}}}, "tensor_parallel"),
+    ("/v1/jobs/training", {"spec": {"parallel": {"pipeline_parallel": -(2**40)}}}, "pipeline_parallel"),
+    ("/v1/jobs/conversions", {"spec": {"target_tensor_parallel_size": 2**35}}, "target_tensor_parallel_size"),
+    ("/v1/jobs/conversions", {"spec": {"num_layer_list": [1, 2**64]}}, "num_layer_list"),
+])
+def test_job_bodies_with_integers_past_the_wire_are_400(gateway, path, body, field):
+    r = requests.post(gateway.url + path, json=body, timeout=60)
+    assert_400(r, field)
+    assert r.json()["message"].startswith("bad ") and "out of range" in r.json()["message"]
