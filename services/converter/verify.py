@@ -58,6 +58,9 @@ def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
     if fmt == "mcore":
         from megatron.core import dist_checkpointing
 
+        from shared.checkpoints.safe_pickle import check_dcp_checkpoint
+
+        check_dcp_checkpoint(reader.iter_dir)
         state = dist_checkpointing.load(model.sharded_state_dict(), str(reader.iter_dir))
         # a training checkpoint also carries optimizer, scheduler and step entries (common.pt): not weights
         wanted = model.state_dict().keys()

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from shared.atomic import write_text_atomic
 from shared.checkpoints.megatron import TRACKER
+from shared.checkpoints.safe_pickle import check_dcp_checkpoint
 
 logger = logging.getLogger(__name__)
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -135,6 +136,7 @@ def load(save_dir: Path, iteration: int, *, models: list, optimizer, scheduler) 
     state = model_sharded_state(models)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=SHARDING)
     state["rng_state"] = _rng_object(is_loading=True)
+    check_dcp_checkpoint(Path(save_dir) / iter_name(iteration))
     loaded = dist_checkpointing.load(state, str(Path(save_dir) / iter_name(iteration)))
     keys = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     for m, k in zip(models, keys):
@@ -157,6 +159,7 @@ def load_weights(init_from: Path, models: list) -> None:
 
     d = iteration_dir(Path(init_from))
     state = model_sharded_state(models)
+    check_dcp_checkpoint(d)
     loaded = dist_checkpointing.load(state, str(d))
     keys = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     for m, k in zip(models, keys):

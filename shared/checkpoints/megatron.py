@@ -5,8 +5,8 @@ padding removed), one tensor at a time:
 
 - legacy: ``iter_XXXXXXX/mp_rank_XX[_YYY]/model_optim_rng.pt`` loaded with ``weights_only=True`` and
   ``mmap=True`` (a pickle that is not plain weights is refused, and nothing is read until used);
-- torch_dist: the DCP ``.metadata`` index, then each chunk read straight from its ``.distcp`` byte
-  range, so a layer is read without loading the others.
+- torch_dist: the DCP ``.metadata`` index (read with an allow-listed unpickler, ``safe_pickle``), then
+  each chunk read straight from its ``.distcp`` byte range, so a layer is read without loading the others.
 
 Checkpoints written by megastack carry ``megastack.json`` (architecture, HF config, layout) and a
 ``tokenizer/`` folder; others are described from their Megatron ``args``.
@@ -219,13 +219,10 @@ class _DistSource:
     """A torch_dist (DCP) checkpoint folder, read chunk by chunk from the .distcp byte ranges."""
 
     def __init__(self, iter_dir: Path) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
+        from shared.checkpoints.safe_pickle import read_dcp_metadata
 
         self.dir = iter_dir
-        try:
-            md = FileSystemReader(str(iter_dir)).read_metadata()
-        except Exception as e:  # noqa: BLE001
-            raise InvalidArgument(f"{iter_dir}: unreadable torch_dist metadata ({type(e).__name__}: {e})", field="load_dir") from None
+        md = read_dcp_metadata(iter_dir)  # an allow-listed unpickler: reading never runs code
         self.sizes: dict[str, torch.Size] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self.chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], Any]]] = {}

@@ -1,0 +1,71 @@
+"""Reading torch_dist (DCP) metadata without executing code.
+
+``torch.distributed.checkpoint.FileSystemReader.read_metadata()`` is a plain ``pickle.load`` of the
+``.metadata`` file, and megatron-core's ``dist_checkpointing.load`` calls it: a checkpoint folder from
+anywhere could run any code in the converter, trainer or textgen process. Here the same file is read by
+an unpickler that resolves only the classes DCP metadata is made of (listed below, taken from the
+``.metadata`` files megatron-core and our converter write). Every one of them is a plain constructor (a
+dataclass, an enum, ``torch.Size``, a dtype or layout lookup), so nothing else can run while loading.
+:func:`check_dcp_checkpoint` is the gate in front of megatron-core's loader.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.errors import InvalidArgument
+
+_DCP = "torch.distributed.checkpoint"
+ALLOWED: dict[str, frozenset[str]] = {
+    "torch": frozenset({"Size"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    f"{_DCP}.metadata": frozenset({"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                                   "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"}),
+    f"{_DCP}.filesystem": frozenset({"_StorageInfo"}),
+    f"{_DCP}.planner": frozenset({"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"}),
+    "collections": frozenset({"OrderedDict"}),
+}
+METADATA_FILE = ".metadata"
+
+
+class UnsafePickle(pickle.UnpicklingError):
+    """The pickle names something outside the allow-list."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if name in ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise UnsafePickle(f"{module}.{name} is not a class torch_dist metadata is made of")
+
+
+def read_dcp_metadata(ckpt_dir: Path) -> Any:
+    """The DCP ``Metadata`` of a torch_dist folder, read with the allow-list; InvalidArgument otherwise."""
+    import torch.distributed.checkpoint  # noqa: F401 - the allowed classes live there
+
+    path = Path(ckpt_dir) / METADATA_FILE
+    try:
+        with path.open("rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except UnsafePickle as e:
+        raise InvalidArgument(f"{path}: refused to load: {e} (a checkpoint that would run code when read)",
+                              field="load_dir") from None
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not a pickle
+        raise InvalidArgument(f"{path}: unreadable torch_dist metadata ({type(e).__name__}: {e})", field="load_dir") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(md, Metadata):
+        raise InvalidArgument(f"{path}: not torch_dist metadata (a {type(md).__name__})", field="load_dir")
+    return md
+
+
+def check_dcp_checkpoint(ckpt_dir: Path) -> None:
+    """Call before megatron-core's ``dist_checkpointing.load``: its unrestricted unpickling of ``.metadata``
+    then meets only what :func:`read_dcp_metadata` accepted."""
+    read_dcp_metadata(ckpt_dir)
