@@ -6,28 +6,62 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from shared.errors import AlreadyExists
+from shared.errors import AlreadyExists, InvalidArgument
 
 TMP_MARK = ".tmp-"
+OUTPUT_MARKER = ".megastack-output"  # in every folder atomic_dir writes: only such a folder may be replaced
+
+
+def check_target(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool = False, field: str = "save_dir") -> Path:
+    """The resolved ``target`` of a job, or an error before anything is read or written.
+
+    Refused: a target that equals, contains or is inside an input (symlinks and ``..`` resolved first); a
+    file; a filesystem root or the home directory; an existing folder unless ``overwrite``, and then only
+    one that megastack wrote (it holds ``.megastack-output``), so an overwrite never deletes a user's files.
+    """
+    t = Path(target).expanduser().resolve()
+    for given in inputs:
+        i = Path(given).expanduser().resolve()
+        if t == i or t in i.parents or i in t.parents:
+            what = "the same folder as" if t == i else "inside" if i in t.parents else "a folder that contains"
+            raise InvalidArgument(f"{field} {t} is {what} the input {i}: a job never writes over its inputs", field=field)
+    if t.parent == t or t == Path.home().resolve():
+        raise InvalidArgument(f"{field} {t} is a filesystem root or the home directory; name a new folder", field=field)
+    if t.exists() and not t.is_dir():
+        raise InvalidArgument(f"{field} {t} is a file, not a folder", field=field)
+    if t.exists():
+        if not overwrite:
+            raise AlreadyExists(f"{t} already exists (pass --overwrite to replace it)", field=field)
+        if not (t / OUTPUT_MARKER).is_file():
+            raise InvalidArgument(
+                f"{field} {t} exists and was not written by megastack (no {OUTPUT_MARKER} in it): --overwrite replaces "
+                "only megastack's own outputs; move it away or name a new folder", field=field)
+    return t
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(target: Path, *, overwrite: bool = False, inputs: Iterable[Path] = (), owned: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
 
-    On any exception (or KeyboardInterrupt) the temporary folder is removed and ``target`` is untouched.
+    ``target`` is checked first (:func:`check_target`; ``owned=True`` skips the marker rule for a folder the
+    caller owns, e.g. the repository's default model). The result holds ``.megastack-output``. On any
+    exception (or KeyboardInterrupt) the temporary folder is removed and ``target`` is untouched.
     """
     target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise AlreadyExists(f"{target} already exists (pass --overwrite to replace it)", field="save_dir")
+    if owned:
+        if target.exists() and not overwrite:
+            raise AlreadyExists(f"{target} already exists (pass --overwrite to replace it)", field="save_dir")
+    else:
+        check_target(target, inputs=inputs, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}{target.name}-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text('{"written_by": "megastack"}\n')
         _fsync_dir(tmp)
         if target.exists():
             old = target.with_name(f"{TMP_MARK}{target.name}-old-{os.getpid()}")

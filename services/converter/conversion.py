@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from services.converter.writers import TorchDistWriter, legacy_rank_dir, megatron_args, write_megatron_extras
-from shared.atomic import atomic_dir
+from shared.atomic import atomic_dir, check_target
 from shared.checkpoints import CheckpointReader, detect_format, open_checkpoint
 from shared.checkpoints import layout as L
 from shared.checkpoints.hf import TOKENIZER_FILES, write_hf_checkpoint
 from shared.devices import dtype_name, resolve_dtype
-from shared.errors import AlreadyExists, InvalidArgument
+from shared.errors import InvalidArgument
 from shared.mcore.model import padded_vocab_size
 from shared.models.base import MappedView, megatron_names
 
@@ -65,17 +65,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _inputs(spec: ConvertSpec) -> list[Path]:
+    return [Path(spec.load_dir)] + ([Path(spec.lora_dir)] if spec.lora_dir is not None else [])
+
+
 def validate(spec: ConvertSpec) -> CheckpointReader:
     """Every check that can fail before anything is written; returns the opened source."""
     if spec.target_format not in FORMATS:
         raise InvalidArgument(f"target format must be one of {', '.join(FORMATS)}, got {spec.target_format!r}", field="target_format")
     if spec.source_format is not None and spec.source_format not in FORMATS:
         raise InvalidArgument(f"source format must be one of {', '.join(FORMATS)}", field="source_format")
-    load, save = Path(spec.load_dir).absolute(), Path(spec.save_dir).absolute()
-    if load == save or load in save.parents:
-        raise InvalidArgument(f"save_dir {save} must not be the source folder or inside it", field="save_dir")
-    if save.exists() and not spec.overwrite:
-        raise AlreadyExists(f"{save} already exists (pass --overwrite to replace it)", field="save_dir")
+    load = Path(spec.load_dir).absolute()
+    check_target(Path(spec.save_dir), inputs=_inputs(spec), overwrite=spec.overwrite)
     detected = detect_format(load)
     if spec.source_format is not None and spec.source_format != detected:
         raise InvalidArgument(f"{load} is a {detected} checkpoint, not {spec.source_format}", field="source_format")
@@ -121,7 +122,7 @@ def convert(spec: ConvertSpec, progress: Progress = lambda done, total, msg: Non
     result = ConvertResult(save_dir=str(Path(spec.save_dir).absolute()))
     logger.info("converting %s (%s, %s) -> %s (%s, TP=%d PP=%d, %s)", spec.load_dir, reader.format, arch.architecture,
                 spec.save_dir, spec.target_format, spec.tp, spec.pp, dtype_name(dtype))
-    with atomic_dir(Path(spec.save_dir), overwrite=spec.overwrite) as tmp:
+    with atomic_dir(Path(spec.save_dir), overwrite=spec.overwrite, inputs=_inputs(spec)) as tmp:
         if spec.target_format == "hf":
             result.num_tensors, result.bytes_written = _write_hf(reader, get, tmp, dtype, progress)
         elif spec.target_format == "mcore":

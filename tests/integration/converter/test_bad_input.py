@@ -86,13 +86,14 @@ def test_legacy_pickle_that_is_not_weights_is_refused(tmp_path, tiny_models):
 
 def test_existing_target_is_not_overwritten_unless_asked(tmp_path, tiny_models):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    convert(ConvertSpec(load_dir=tiny_models["llama"], save_dir=out, target_format="hf"))  # megastack's own output
+    before = (out / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(AlreadyExists, match="pass --overwrite"):
         convert(ConvertSpec(load_dir=tiny_models["llama"], save_dir=out, target_format="hf"))
-    assert (out / "keep.txt").read_text() == "precious"
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    (out / "stale.txt").write_text("left by a previous run")
     convert(ConvertSpec(load_dir=tiny_models["llama"], save_dir=out, target_format="hf", overwrite=True))
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file() and (out / ".megastack-output").is_file()
 
 
 def test_failure_midway_leaves_no_partial_checkpoint(tmp_path, tiny_models, monkeypatch):
