@@ -15,12 +15,14 @@ TMP_MARK = ".tmp-"
 OUTPUT_MARKER = ".megastack-output"  # in every folder atomic_dir writes: only such a folder may be replaced
 
 
-def check_target(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool = False, field: str = "save_dir") -> Path:
+def check_target(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool = False, field: str = "save_dir",
+                 owned: bool = False) -> Path:
     """The resolved ``target`` of a job, or an error before anything is read or written.
 
     Refused: a target that equals, contains or is inside an input (symlinks and ``..`` resolved first); a
     file; a filesystem root or the home directory; an existing folder unless ``overwrite``, and then only
-    one that megastack wrote (it holds ``.megastack-output``), so an overwrite never deletes a user's files.
+    one that megastack wrote (it holds ``.megastack-output``), so an overwrite never deletes a user's files;
+    ``owned=True`` lifts that last rule for a folder the caller owns (the repository's default model).
     """
     t = Path(target).expanduser().resolve()
     for given in inputs:
@@ -35,7 +37,7 @@ def check_target(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool =
     if t.exists():
         if not overwrite:
             raise AlreadyExists(f"{t} already exists (pass --overwrite to replace it)", field=field)
-        if not (t / OUTPUT_MARKER).is_file():
+        if not owned and not (t / OUTPUT_MARKER).is_file():
             raise InvalidArgument(
                 f"{field} {t} exists and was not written by megastack (no {OUTPUT_MARKER} in it): --overwrite replaces "
                 "only megastack's own outputs; move it away or name a new folder", field=field)
@@ -46,16 +48,11 @@ def check_target(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool =
 def atomic_dir(target: Path, *, overwrite: bool = False, inputs: Iterable[Path] = (), owned: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
 
-    ``target`` is checked first (:func:`check_target`; ``owned=True`` skips the marker rule for a folder the
-    caller owns, e.g. the repository's default model). The result holds ``.megastack-output``. On any
+    ``target`` is checked first (:func:`check_target`). The result holds ``.megastack-output``. On any
     exception (or KeyboardInterrupt) the temporary folder is removed and ``target`` is untouched.
     """
     target = Path(target).absolute()
-    if owned:
-        if target.exists() and not overwrite:
-            raise AlreadyExists(f"{target} already exists (pass --overwrite to replace it)", field="save_dir")
-    else:
-        check_target(target, inputs=inputs, overwrite=overwrite)
+    check_target(target, inputs=inputs, overwrite=overwrite, owned=owned)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}{target.name}-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder

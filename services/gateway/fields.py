@@ -11,27 +11,24 @@ import math
 from typing import Any
 
 from services.gateway.http import HTTPError
-from shared.limits import INT32_MAX, INT64_MAX, MIN_TEMPERATURE, MIN_TOP_P
-
-__all__ = ["INT32_MAX", "INT64_MAX", "integer", "is_int", "number", "sampling_is_greedy", "token_ids"]
+from shared.limits import INT32_MAX, MIN_TEMPERATURE, MIN_TOP_P
 
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def integer(doc: dict[str, Any], key: str, default: Any, lo: int, hi: int = INT32_MAX, message: str | None = None) -> Any:
+def integer(doc: dict[str, Any], key: str, default: Any, lo: int, hi: int = INT32_MAX) -> Any:
     """``doc[key]`` as an int in [lo, hi]; ``default`` when absent or null."""
     value = doc.get(key)
     if value is None:
         return default
     if not is_int(value) or not lo <= value <= hi:
-        raise HTTPError(400, message or f"{key} must be an integer in [{lo}, {hi}]", key)
+        raise HTTPError(400, f"{key} must be an integer in [{lo}, {hi}]", key)
     return value
 
 
-def number(doc: dict[str, Any], key: str, default: float, lo: float, hi: float, *, lo_open: bool = False,
-           message: str | None = None) -> float:
+def number(doc: dict[str, Any], key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
     """``doc[key]`` as a finite number in [lo, hi] (or (lo, hi]); ``default`` when absent or null."""
     value = doc.get(key)
     if value is None:
@@ -39,7 +36,7 @@ def number(doc: dict[str, Any], key: str, default: float, lo: float, hi: float, 
     ok = type(value) in (int, float) and math.isfinite(value) and lo <= value <= hi and not (lo_open and value == lo)
     if not ok:
         bound = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
-        raise HTTPError(400, message or f"{key} must be a number in {bound}", key)
+        raise HTTPError(400, f"{key} must be a number in {bound}", key)
     return float(value)
 
 

@@ -13,8 +13,9 @@ from typing import Any
 from flask_restful import Resource
 
 from protos.textgen.v1 import textgen_pb2 as pb
-from services.gateway.fields import INT32_MAX, INT64_MAX, sampling_is_greedy
+from services.gateway.fields import sampling_is_greedy
 from services.gateway.http import HTTPError, json_body, json_response
+from shared.limits import INT32_MAX, INT64_MAX
 
 MAX_PROMPTS = 128
 

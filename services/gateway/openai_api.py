@@ -18,9 +18,10 @@ from flask import Response, stream_with_context
 from flask_restful import Resource
 
 from protos.textgen.v1 import textgen_pb2 as pb
-from services.gateway.fields import INT64_MAX, integer, number, sampling_is_greedy, token_ids
+from services.gateway.fields import integer, number, sampling_is_greedy, token_ids
 from services.gateway.http import SSE_DONE, SSE_HEADERS, HTTPError, json_body, json_response, sse
 from shared.errors import ServiceError
+from shared.limits import INT64_MAX
 
 FINISH = {
     pb.FINISH_REASON_LENGTH: "length",

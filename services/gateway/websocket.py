@@ -24,9 +24,10 @@ from flask_sock import ConnectionClosed, Sock
 
 from protos.textgen.v1 import textgen_pb2 as pb
 from services.gateway import metrics as M
-from services.gateway.fields import INT64_MAX, integer, number, sampling_is_greedy
+from services.gateway.fields import integer, number, sampling_is_greedy
 from services.gateway.http import HTTPError
 from shared.errors import ServiceError, http_status
+from shared.limits import INT64_MAX
 
 logger = logging.getLogger(__name__)
 

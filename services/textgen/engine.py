@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,130 +29,30 @@ import torch
 from services.textgen import metrics as M
 from services.textgen.modeling import DecoderLM, KVCache
 from services.textgen.sampling import (
-    SamplingSpec,
     apply_repetition_penalty,
     make_generator,
     next_top_p,
     sample_row,
 )
+from services.textgen.sequences import (
+    CANCELLED,
+    EOL,
+    EOS,
+    ERROR,
+    LENGTH,
+    STOP_SEQUENCE,
+    EngineConfig,
+    SequenceHandle,
+    SequenceRequest,
+    SequenceResult,
+    TokenEvent,
+    TokenizerInfo,
+    TopK,
+)
 from shared.errors import InvalidArgument, ResourceExhausted
 from shared.logging import REQUEST_ID
 
 logger = logging.getLogger(__name__)
-
-LENGTH, EOS, STOP_SEQUENCE, EOL, CANCELLED, ERROR = "length", "eos", "stop_sequence", "eol", "cancelled", "error"
-
-
-@dataclass(frozen=True)
-class StopSpec:
-    max_new_tokens: int
-    stop: tuple[str, ...] = ()
-    stop_on_eol: bool = False
-    stop_on_double_eol: bool = False
-    prevent_newline_after_colon: bool = False
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class SequenceRequest:
-    prompt_ids: tuple[int, ...]
-    sampling: SamplingSpec
-    stopping: StopSpec
-    prompt_logprobs: bool = False
-    logprobs: bool = False
-    top_logprobs: int = 0
-    prompt_logprobs_from: int = 0  # score prompt positions max(1, this)..n-1
-
-    @property
-    def scored_from(self) -> int:
-        return max(1, self.prompt_logprobs_from)
-
-
-@dataclass(frozen=True)
-class TopK:
-    ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    logprob: float | None
-    top: TopK | None
-
-
-@dataclass
-class SequenceResult:
-    prompt_ids: list[int]
-    token_ids: list[int]
-    prompt_logprobs: list[float] | None
-    prompt_top: list[TopK] | None
-    logprobs: list[float] | None
-    top: list[TopK] | None
-    finish_reason: str
-    stop_sequence: str = ""
-    queue_s: float = 0.0
-    first_token_s: float = 0.0
-    total_s: float = 0.0
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class TokenizerInfo:
-    """What the engine needs from the tokenizer: special ids and a decoder for stop strings."""
-
-    eos_id: int | None
-    newline_id: int | None
-    double_newline_id: int | None
-    colon_id: int | None
-    vocab_size: int
-    decode: Callable[[list[int]], str]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int
-    max_queue_size: int
-    max_prefill_tokens: int
-
-
-class SequenceHandle:
-    """The caller's side of one sequence.
-
-    Events go to the handle's own queue, or, when several handles share a ``sink``, to that queue as
-    ``(index, event)`` pairs so one reader can follow all of them (streaming several prompts).
-    """
-
-    def __init__(self, engine: Engine, index: int, sink: queue.SimpleQueue | None = None) -> None:
-        self._engine = engine
-        self.index = index
-        self._sink = sink
-        self._events: queue.SimpleQueue = sink if sink is not None else queue.SimpleQueue()
-        self.cancelled = False
-
-    def _put(self, ev: TokenEvent | SequenceResult) -> None:
-        self._events.put((self.index, ev) if self._sink is not None else ev)
-
-    def cancel(self) -> None:
-        if not self.cancelled:
-            self.cancelled = True
-            self._engine._wake()
-
-    def events(self) -> Iterator[TokenEvent | SequenceResult]:
-        """Token events as they are produced, then the SequenceResult (always last). Not with a sink."""
-        assert self._sink is None, "read the shared sink instead"
-        while True:
-            ev = self._events.get()
-            yield ev
-            if isinstance(ev, SequenceResult):
-                return
-
-    def result(self) -> SequenceResult:
-        for ev in self.events():
-            if isinstance(ev, SequenceResult):
-                return ev
-        raise AssertionError("unreachable")
-
 
 def token_logprobs(row: torch.Tensor, token: int, k: int) -> tuple[float, TopK | None]:
     """Log-probability of ``token`` under the model's distribution (log-softmax of the raw row [V]),
@@ -211,7 +111,6 @@ class Engine:
         self._stopping = False
         self._loop_active = False
         self._thread: threading.Thread | None = None
-        self.last_step_at = time.monotonic()
         self.last_progress_at = time.monotonic()  # a token accepted or a sequence finished
         self.steps = 0
 
@@ -327,7 +226,6 @@ class Engine:
             logger.exception("engine step failed outside a sequence's work; failing %d running sequences", len(self._running))
             for seq in [*admitted, *self._running]:
                 self._fail(seq, "step", e)
-        self.last_step_at = time.monotonic()
         self.steps += 1
         self._update_gauges()
 
@@ -439,7 +337,8 @@ class Engine:
             self._guarded(s, "scoring", lambda s=s, rep=rep: self._follow(s, rep, outs[id(rep)][2]))
         for s in compute:
             if id(s) in outs:
-                self._guarded(s, "sampling", lambda s=s: self._after_prefill(s, *outs[id(s)]))
+                row, pick, _ = outs[id(s)]
+                self._guarded(s, "sampling", lambda s=s, row=row, pick=pick: self._after_prefill(s, row, pick))
         self._running.sort(key=lambda x: x.slot)
 
     def _prefill_forward(self, compute: list[_Seq]) -> list[tuple]:
@@ -481,7 +380,7 @@ class Engine:
         M.REQUEST_PROMPT_TOKENS.observe(s.next_pos)
         self._finish(s, LENGTH)
 
-    def _after_prefill(self, s: _Seq, row: torch.Tensor | None, pick: int | None, _score_row) -> None:
+    def _after_prefill(self, s: _Seq, row: torch.Tensor | None, pick: int | None) -> None:
         s.next_pos = len(s.req.prompt_ids)
         M.REQUEST_PROMPT_TOKENS.observe(s.next_pos)
         if s.req.stopping.max_new_tokens == 0:

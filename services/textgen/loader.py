@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from services.textgen.config import TextgenConfig
-from services.textgen.engine import Engine, EngineConfig, TokenizerInfo
+from services.textgen.engine import Engine
 from services.textgen.modeling import DecoderLM, KVCache, UnsupportedModel
+from services.textgen.sequences import EngineConfig, TokenizerInfo
 from shared.checkpoints import open_checkpoint
 from shared.devices import dtype_name, resolve_device, resolve_dtype
 from shared.errors import ServiceError, StartupError

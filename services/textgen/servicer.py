@@ -12,8 +12,8 @@ import grpc
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from services.textgen import wire
-from services.textgen.engine import ERROR, SequenceHandle, SequenceResult, TokenEvent
 from services.textgen.loader import ServedModel
+from services.textgen.sequences import ERROR, SequenceHandle, SequenceResult, TokenEvent
 from shared.errors import Internal, InvalidArgument
 
 logger = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from services.textgen.engine import ERROR, SequenceRequest, StopSpec
 from services.textgen.loader import ServedModel
 from services.textgen.sampling import SamplingSpec
+from services.textgen.sequences import ERROR, SequenceRequest, StopSpec
 from shared.errors import StartupError
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from protos.textgen.v1 import textgen_pb2 as pb
-from services.textgen.engine import (
+from services.textgen.sampling import SamplingSpec
+from services.textgen.sequences import (
     EOL,
     EOS,
     LENGTH,
@@ -15,7 +16,6 @@ from services.textgen.engine import (
     StopSpec,
     TopK,
 )
-from services.textgen.sampling import SamplingSpec
 from shared.errors import InvalidArgument
 from shared.tokenizers import Tokenizer
 

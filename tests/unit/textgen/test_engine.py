@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from services.textgen.config import TextgenConfig
-from services.textgen.engine import (
+from services.textgen.loader import load_served_model
+from services.textgen.sampling import SamplingSpec
+from services.textgen.sequences import (
     CANCELLED,
     EOS,
     LENGTH,
@@ -17,8 +19,6 @@ from services.textgen.engine import (
     StopSpec,
     TokenEvent,
 )
-from services.textgen.loader import load_served_model
-from services.textgen.sampling import SamplingSpec
 from services.textgen.wire import generated_text
 from shared.errors import InvalidArgument, ResourceExhausted
 from tests.fixtures.tiny import FAMILIES, load_hf

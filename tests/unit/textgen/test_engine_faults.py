@@ -16,9 +16,9 @@ import pytest
 
 import services.textgen.engine as engine_mod
 from services.textgen.config import TextgenConfig
-from services.textgen.engine import ERROR, LENGTH, SequenceRequest, StopSpec
 from services.textgen.loader import load_served_model
 from services.textgen.sampling import SamplingSpec
+from services.textgen.sequences import ERROR, LENGTH, SequenceRequest, StopSpec
 from services.textgen.servicer import Watchdog
 from shared.logging import REQUEST_ID
 

@@ -1,0 +1,127 @@
+"""What callers of the engine see: a sequence's request, its events and result, and the handle to follow
+or cancel it. The engine loop that produces them is ``services.textgen.engine``."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from services.textgen.sampling import SamplingSpec
+
+if TYPE_CHECKING:
+    from services.textgen.engine import Engine
+
+LENGTH, EOS, STOP_SEQUENCE, EOL, CANCELLED, ERROR = "length", "eos", "stop_sequence", "eol", "cancelled", "error"
+
+
+@dataclass(frozen=True)
+class StopSpec:
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    stop_on_eol: bool = False
+    stop_on_double_eol: bool = False
+    prevent_newline_after_colon: bool = False
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    stopping: StopSpec
+    prompt_logprobs: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs_from: int = 0  # score prompt positions max(1, this)..n-1
+
+    @property
+    def scored_from(self) -> int:
+        return max(1, self.prompt_logprobs_from)
+
+
+@dataclass(frozen=True)
+class TopK:
+    ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: float | None
+    top: TopK | None
+
+
+@dataclass
+class SequenceResult:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    prompt_logprobs: list[float] | None
+    prompt_top: list[TopK] | None
+    logprobs: list[float] | None
+    top: list[TopK] | None
+    finish_reason: str
+    stop_sequence: str = ""
+    queue_s: float = 0.0
+    first_token_s: float = 0.0
+    total_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the engine needs from the tokenizer: special ids and a decoder for stop strings."""
+
+    eos_id: int | None
+    newline_id: int | None
+    double_newline_id: int | None
+    colon_id: int | None
+    vocab_size: int
+    decode: Callable[[list[int]], str]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int
+    max_queue_size: int
+    max_prefill_tokens: int
+
+
+class SequenceHandle:
+    """The caller's side of one sequence.
+
+    Events go to the handle's own queue, or, when several handles share a ``sink``, to that queue as
+    ``(index, event)`` pairs so one reader can follow all of them (streaming several prompts).
+    """
+
+    def __init__(self, engine: Engine, index: int, sink: queue.SimpleQueue | None = None) -> None:
+        self._engine = engine
+        self.index = index
+        self._sink = sink
+        self._events: queue.SimpleQueue = sink if sink is not None else queue.SimpleQueue()
+        self.cancelled = False
+
+    def _put(self, ev: TokenEvent | SequenceResult) -> None:
+        self._events.put((self.index, ev) if self._sink is not None else ev)
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._engine._wake()
+
+    def events(self) -> Iterator[TokenEvent | SequenceResult]:
+        """Token events as they are produced, then the SequenceResult (always last). Not with a sink."""
+        assert self._sink is None, "read the shared sink instead"
+        while True:
+            ev = self._events.get()
+            yield ev
+            if isinstance(ev, SequenceResult):
+                return
+
+    def result(self) -> SequenceResult:
+        for ev in self.events():
+            if isinstance(ev, SequenceResult):
+                return ev
+        raise AssertionError("unreachable")
