@@ -26,3 +26,29 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); CPU for a module that holds neither."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(batch, device: torch.device | str):
+    """``batch`` with every tensor in it (dicts, lists and tuples walked) on ``device``; other values as they are.
+
+    The one place batches cross to the model's device: the trainer's forward step, converter verify and
+    gpu_check call it, so no path feeds CPU tensors to a model on a GPU.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [to_device(v, device) for v in batch]
+    if isinstance(batch, tuple):
+        return tuple(to_device(v, device) for v in batch)
+    return batch

@@ -16,6 +16,7 @@ import torch
 
 from shared.checkpoints import layout as L
 from shared.checkpoints import open_checkpoint
+from shared.devices import module_device, to_device
 from shared.models.base import ArchConfig
 
 logger = logging.getLogger(__name__)
@@ -29,12 +30,13 @@ def sample_tokens(reader, arch: ArchConfig, length: int = 32) -> torch.Tensor:
         from shared.tokenizers import Tokenizer
 
         ids = [i for i in Tokenizer.load(tok_dir).encode(SAMPLE * 3) if i < arch.vocab_size][:length]
+    cpu = torch.device("cpu")  # the sample is drawn on the CPU (the same tokens on every machine), then moved
     if len(ids) < length:
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, arch.vocab_size, (length,), generator=g).tolist()
-    g = torch.Generator().manual_seed(1)
-    second = torch.randint(0, arch.vocab_size, (length,), generator=g)
-    return torch.stack([torch.tensor(ids), second])
+        g = torch.Generator(device=cpu).manual_seed(0)
+        ids = torch.randint(0, arch.vocab_size, (length,), generator=g, device=cpu).tolist()
+    g = torch.Generator(device=cpu).manual_seed(1)
+    second = torch.randint(0, arch.vocab_size, (length,), generator=g, device=cpu)
+    return torch.stack([torch.tensor(ids, device=cpu), second])
 
 
 def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -42,34 +44,37 @@ def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(tokens).logits.float()
+        return model(to_device(tokens, module_device(model))).logits.float().cpu()
 
 
 def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
     from shared.mcore import dist as mdist
-    from shared.mcore.model import build_gpt_model, padded_vocab_size, transformer_config
+    from shared.mcore.model import (
+        build_gpt_model,
+        load_distributed,
+        load_module_state,
+        padded_vocab_size,
+        transformer_config,
+    )
 
     reader = open_checkpoint(path, fmt)
     arch = reader.arch
     mdist.init()
     padded = int(reader.meta.get("padded_vocab_size") or padded_vocab_size(arch.vocab_size))
-    model = build_gpt_model(arch, transformer_config(arch), vocab_size=padded).eval()
+    # legacy files hold the local spec's names; torch_dist keys load under either spec
+    impl = "auto" if fmt == "mcore" else "local"
+    model = build_gpt_model(arch, transformer_config(arch), vocab_size=padded, impl=impl).eval()
     legacy_single = fmt == "legacy" and reader.parallel_layout()["tensor_parallel"] == 1 and reader.parallel_layout()["pipeline_parallel"] == 1
     if fmt == "mcore":
-        from megatron.core import dist_checkpointing
-
-        from shared.checkpoints.safe_pickle import check_dcp_checkpoint
-
-        check_dcp_checkpoint(reader.iter_dir)
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(reader.iter_dir))
+        state = load_distributed(model.sharded_state_dict(), reader.iter_dir)
         # a training checkpoint also carries optimizer, scheduler and step entries (common.pt): not weights
         wanted = model.state_dict().keys()
-        model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
+        load_module_state(model, {k: v for k, v in state.items() if k in wanted})
     elif legacy_single:
         from shared.checkpoints.megatron import load_weights_pickle
 
         sd = load_weights_pickle(reader.iter_dir / "mp_rank_00" / "model_optim_rng.pt")["model"]
-        model.load_state_dict({k: v.float() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}, strict=True)
+        load_module_state(model, {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in sd.items()})
     else:
         sd = {}
         for name in reader.names():
@@ -78,16 +83,15 @@ def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
                 t = L.pad_vocab(t, padded)
             layer, sub = (name.split(".", 3)[2], name.split(".", 3)[3]) if name.startswith("decoder.layers.") else (None, name)
             sd[f"decoder.layers.{layer}.{L.to_local(sub)}" if layer is not None else name] = t
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        bad = [k for k in missing if not k.endswith("_extra_state")]
-        if bad or unexpected:
-            raise RuntimeError(f"state dict mismatch: missing {bad[:3]}, unexpected {unexpected[:3]}")
+        load_module_state(model, sd)
     model.float()
+    device = module_device(model)
+    tokens = to_device(tokens, device)
     b, s = tokens.shape
-    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
     with torch.no_grad():
         logits = model(tokens, position_ids, None)
-    return logits[..., : arch.vocab_size].float()
+    return logits[..., : arch.vocab_size].float().cpu()
 
 
 def logits_of(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:

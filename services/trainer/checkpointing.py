@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from shared.atomic import write_text_atomic
 from shared.checkpoints.megatron import TRACKER
-from shared.checkpoints.safe_pickle import check_dcp_checkpoint
 
 logger = logging.getLogger(__name__)
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -130,17 +129,16 @@ def init_optimizer_state(optimizer) -> None:
 
 def load(save_dir: Path, iteration: int, *, models: list, optimizer, scheduler) -> tuple[int, int]:
     """Restore everything saved by :func:`save`; returns (iteration, consumed_samples)."""
-    from megatron.core import dist_checkpointing
+    from shared.mcore.model import load_distributed, load_module_state
 
     init_optimizer_state(optimizer)
     state = model_sharded_state(models)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=SHARDING)
     state["rng_state"] = _rng_object(is_loading=True)
-    check_dcp_checkpoint(Path(save_dir) / iter_name(iteration))
-    loaded = dist_checkpointing.load(state, str(Path(save_dir) / iter_name(iteration)))
+    loaded = load_distributed(state, Path(save_dir) / iter_name(iteration))
     keys = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     for m, k in zip(models, keys):
-        m.load_state_dict(loaded[k])
+        load_module_state(m, loaded[k])
     with torch.no_grad():
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
@@ -153,14 +151,10 @@ def load(save_dir: Path, iteration: int, *, models: list, optimizer, scheduler) 
 
 def load_weights(init_from: Path, models: list) -> None:
     """Initialise from a converter checkpoint (model only, any TP/PP)."""
-    from megatron.core import dist_checkpointing
-
     from shared.checkpoints.megatron import iteration_dir
+    from shared.mcore.model import load_distributed, load_module_state
 
-    d = iteration_dir(Path(init_from))
-    state = model_sharded_state(models)
-    check_dcp_checkpoint(d)
-    loaded = dist_checkpointing.load(state, str(d))
+    loaded = load_distributed(model_sharded_state(models), iteration_dir(Path(init_from)))
     keys = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     for m, k in zip(models, keys):
-        m.load_state_dict(loaded[k])
+        load_module_state(m, loaded[k])

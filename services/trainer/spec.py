@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import InvalidArgument
+from shared.mcore import TRANSFORMER_IMPLS as IMPLS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE = ("none", "full", "selective")
@@ -57,6 +58,7 @@ class TrainSpec:
     seed: int = 1234
     precision: str = "fp32"
     recompute: str = "none"
+    transformer_impl: str = "auto"              # auto | local | transformer_engine (shared.mcore.model.resolve_impl)
     log_interval: int = 1
     eval_interval: int = 0
     eval_iters: int = 0
@@ -135,6 +137,8 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         raise _bad(f"training.precision must be one of {', '.join(PRECISIONS)}", "training.precision")
     if spec.recompute not in RECOMPUTE:
         raise _bad(f"training.recompute must be one of {', '.join(RECOMPUTE)}", "training.recompute")
+    if spec.transformer_impl not in IMPLS:
+        raise _bad(f"training.transformer_impl must be one of {', '.join(IMPLS)}", "training.transformer_impl")
     if spec.lr_decay_style not in DECAY_STYLES:
         raise _bad(f"optimizer.lr_decay_style must be one of {', '.join(DECAY_STYLES)}", "optimizer.lr_decay_style")
     if not spec.save_dir:

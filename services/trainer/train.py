@@ -24,6 +24,7 @@ from services.trainer import checkpointing as ckpt
 from services.trainer.data import batches, build_datasets
 from services.trainer.spec import TrainSpec, resolve_arch
 from shared.atomic import write_text_atomic
+from shared.devices import module_device, to_device
 
 logger = logging.getLogger("services.trainer.train")
 STATUS_FILE = "megastack-status.json"
@@ -72,13 +73,19 @@ def build(spec: TrainSpec):
     for v in range(spec.vpp):
         vp = v if spec.vpp > 1 else None
         chunks.append(build_gpt_model(
-            arch, config, vocab_size=vocab, vp_stage=vp, max_sequence_length=max(spec.seq_length, arch.max_position_embeddings),
+            arch, config, vocab_size=vocab, vp_stage=vp, impl=spec.transformer_impl, max_sequence_length=max(spec.seq_length, arch.max_position_embeddings),
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)))
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=spec.distributed_optimizer,
                                                overlap_grad_reduce=False)
+    if spec.precision != "fp32":  # Megatron's get_model: the half-precision copy, inputs cast in, outputs cast out
+        from megatron.core.transformer.module import Float16Module
+
+        wrapped = [Float16Module(config, m) for m in chunks]
+    else:
+        wrapped = chunks
     ddp = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
-           for i, m in enumerate(chunks)]
+           for i, m in enumerate(wrapped)]
     opt_config = OptimizerConfig(
         optimizer="adam", lr=spec.lr, min_lr=spec.min_lr, weight_decay=spec.weight_decay, adam_beta1=spec.adam_beta1,
         adam_beta2=spec.adam_beta2, adam_eps=spec.adam_eps, clip_grad=spec.clip_grad, bf16=spec.precision == "bf16",
@@ -99,7 +106,7 @@ def build(spec: TrainSpec):
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator), module_device(model))  # the loader yields CPU tensors
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     mask = batch["loss_mask"].float()
 
@@ -151,7 +158,9 @@ def _mean_loss(losses: list[dict]) -> torch.Tensor | None:
 
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    value = torch.stack([x["lm loss"] for x in losses]).mean() if losses else torch.zeros(())
+    from shared.mcore.model import megatron_device
+
+    value = torch.stack([x["lm loss"] for x in losses]).mean() if losses else torch.zeros((), device=megatron_device())
     value = value.clone().float()
     dist.all_reduce(value, group=ps.get_data_parallel_group())
     return value / ps.get_data_parallel_world_size()

@@ -125,7 +125,6 @@ def _patch_tensor_type() -> None:
 def _patch_megatron() -> None:
     import megatron.core.fusions.fused_softmax as fused_softmax
     import megatron.core.tensor_parallel.random as tp_random
-    import megatron.core.transformer.torch_norm as torch_norm
     import megatron.core.transformer.utils as tutils
 
     # tensor_parallel/random.py: CUDA RNG tracker states -> the CPU generator.
@@ -138,18 +137,6 @@ def _patch_megatron() -> None:
 
     tutils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
-
-    # transformer/torch_norm.py:32 refuses sequence parallelism without apex/TE; allow it and tag the
-    # params so finalize_model_grads all-reduces their grads over the TP group.
-    def norm_new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
-                 normalization="LayerNorm"):
-        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
-        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
-        for p in norm.parameters():
-            p.sequence_parallel = config.sequence_parallel
-        return norm
-
-    torch_norm.WrappedTorchNorm.__new__ = norm_new
 
     # inference/communication_utils.py:31 asserts tensor.is_cuda before PP sends.
     with contextlib.suppress(ImportError):

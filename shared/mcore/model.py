@@ -1,13 +1,25 @@
-"""Build a megatron-core ``GPTModel`` (local spec: runs on CPU and GPU) from an :class:`ArchConfig`."""
+"""Build a megatron-core ``GPTModel`` from an :class:`ArchConfig`, on the device megatron-core computes on.
+
+The layer spec fits the machine: Transformer Engine's (fused and flash attention, fused norm + linear)
+when ``transformer_engine`` imports on a CUDA machine, else megatron-core's local spec with torch norms
+that allow sequence parallelism (their weights are tagged ``sequence_parallel`` so
+``finalize_model_grads`` all-reduces their gradients over the tensor-parallel group). Both specs store
+the same torch_dist keys (the local spec maps its norm names onto TE's).
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from shared.mcore import TRANSFORMER_IMPLS as IMPLS
 from shared.models.base import ArchConfig
+
+logger = logging.getLogger(__name__)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -54,13 +66,90 @@ def transformer_config(arch: ArchConfig, *, tp: int = 1, pp: int = 1, vpp: int |
     return TransformerConfig(**kw)
 
 
+def megatron_device() -> torch.device:
+    """Where megatron-core computes: the current CUDA device when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@functools.cache
+def transformer_engine_status() -> tuple[bool, str]:
+    """(usable, why): Transformer Engine is used when CUDA is present and ``transformer_engine.pytorch`` imports."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # ImportError, or a TE build that does not match this torch/CUDA
+        return False, f"transformer_engine does not import ({type(e).__name__}: {str(e)[:120]})"
+    return True, "transformer_engine imports"
+
+
+def resolve_impl(impl: str = "auto") -> str:
+    """The layer spec a build will use: ``transformer_engine`` or ``local``. ``auto`` picks TE when usable and
+    says once (a warning on a CUDA machine) when it falls back to the local spec."""
+    if impl not in IMPLS:
+        raise ValueError(f"transformer_impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    usable, why = transformer_engine_status()
+    if impl == "transformer_engine" and not usable:
+        raise ValueError(f"transformer_impl=transformer_engine but {why}")
+    if impl == "auto":
+        impl = "transformer_engine" if usable else "local"
+        if impl == "local":
+            _fallback_note(why)
+    return impl
+
+
+@functools.cache
+def _fallback_note(why: str) -> None:
+    msg = "megatron-core local layer spec (unfused attention, torch norms): %s"
+    (logger.warning if torch.cuda.is_available() else logger.info)(msg, why)
+
+
+class SequenceParallelNorm:
+    """megatron-core's local-spec norm (torch LayerNorm / RMSNorm) that also works under sequence parallelism.
+
+    megatron-core's ``WrappedTorchNorm`` refuses ``sequence_parallel``; the norm itself needs nothing
+    special (each rank normalises its own tokens over the full hidden size), only its weight gradients
+    must be summed over the tensor-parallel group, which ``finalize_model_grads`` does for parameters
+    tagged ``sequence_parallel``.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+        if config.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"normalization {config.normalization!r} is not supported (LayerNorm, RMSNorm)")
+        norm_cls = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
+        norm = norm_cls(hidden_size, eps=eps)  # float32 like WrappedTorchNorm; Float16Module casts for bf16/fp16
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def layer_spec(arch: ArchConfig, config, *, impl: str = "auto", vp_stage: int | None = None):
+    """The decoder block spec for ``impl`` (see :func:`resolve_impl`)."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if resolve_impl(impl) == "transformer_engine":
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = specs.get_gpt_layer_local_spec(normalization=arch.normalization)
+    norm = ModuleSpec(module=SequenceParallelNorm)
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=SequenceParallelNorm)
+
+
 def build_gpt_model(arch: ArchConfig, config, *, vocab_size: int, pre_process: bool = True, post_process: bool = True,
-                    vp_stage: int | None = None, max_sequence_length: int | None = None):
+                    vp_stage: int | None = None, max_sequence_length: int | None = None, impl: str = "auto"):
+    """A GPTModel on :func:`megatron_device` (every parameter and buffer, torch norms included)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     scaling = dict(arch.rope_scaling)
-    spec = get_gpt_layer_local_spec(normalization=arch.normalization)
+    spec = layer_spec(arch, config, impl=impl, vp_stage=vp_stage)
     kwargs: dict[str, Any] = {}
     if scaling.get("rope_type") == "llama3":
         kwargs.update(rope_scaling=True, rope_scaling_factor=float(scaling.get("factor", 8.0)))
@@ -76,4 +165,47 @@ def build_gpt_model(arch: ArchConfig, config, *, vocab_size: int, pre_process: b
         rotary_base=int(arch.rope_theta) if arch.rope_theta == int(arch.rope_theta) else arch.rope_theta,
         vp_stage=vp_stage,
         **kwargs,
-    )
+    ).to(megatron_device())
+
+
+def without_absent_extra_state(sharded_state: dict, stored_keys: set[str]) -> dict:
+    """``sharded_state`` less the ``_extra_state`` objects the checkpoint does not hold.
+
+    Layers of the two specs carry different ``_extra_state`` objects (TE's attention keeps one, the local
+    spec's does not), and a checkpoint written under one spec loads under the other; weights are never
+    dropped here, only these per-module metadata objects, which a fresh module fills itself.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    def keep(v) -> bool:
+        if isinstance(v, ShardedObject) and v.key.endswith("_extra_state"):
+            return any(k == v.key or k.startswith(v.key + "/") for k in stored_keys)
+        return True
+
+    def walk(d):
+        if isinstance(d, dict):
+            return {k: walk(v) for k, v in d.items() if keep(v)}
+        if isinstance(d, list):
+            return [walk(v) for v in d if keep(v)]
+        return d
+
+    return walk(sharded_state)
+
+
+def load_module_state(module: torch.nn.Module, state: dict) -> None:
+    """``load_state_dict`` that tolerates only absent ``_extra_state`` entries (see above)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.endswith("_extra_state")]
+    if bad or unexpected:
+        raise RuntimeError(f"state dict mismatch: missing {bad[:3]}, unexpected {list(unexpected)[:3]}")
+
+
+def load_distributed(sharded_state: dict, iter_dir) -> dict:
+    """megatron-core's ``dist_checkpointing.load`` after the safety check of the folder's metadata, asking only
+    for the ``_extra_state`` objects the checkpoint holds."""
+    from megatron.core import dist_checkpointing
+
+    from shared.checkpoints.safe_pickle import read_dcp_metadata
+
+    stored = set(read_dcp_metadata(iter_dir).state_dict_metadata)  # refuses metadata that would run code
+    return dist_checkpointing.load(without_absent_extra_state(sharded_state, stored), str(iter_dir))
