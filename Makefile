@@ -54,6 +54,7 @@ bench: setup
 lint: setup
 	@$(VENV)/bin/ruff check protos shared services tools tests
 	@$(PY) tools/check_imports.py
+	@$(PY) tools/check_devices.py
 
 clean: down
 	rm -rf .run bench-results .pytest_cache

@@ -345,12 +345,12 @@ class Engine:
         """Prefill ``compute`` into their slots. Per sequence: (last logits row or None, pick, score row)."""
         lengths = [len(s.req.prompt_ids) for s in compute]
         T = max(lengths)
-        tokens = torch.zeros((len(compute), T), dtype=torch.long)  # (B, T)
-        for j, s in enumerate(compute):
-            tokens[j, : lengths[j]] = torch.tensor(s.req.prompt_ids, dtype=torch.long)
-        slots = torch.tensor([s.slot for s in compute], dtype=torch.long)  # (B,)
+        dev = self.model.device
+        padded = [list(s.req.prompt_ids) + [0] * (T - n) for s, n in zip(compute, lengths)]
+        tokens = torch.tensor(padded, dtype=torch.long, device=dev)  # (B, T), one copy to the device
+        slots = torch.tensor([s.slot for s in compute], dtype=torch.long, device=dev)  # (B,)
         t0 = time.perf_counter()
-        hidden = self.model.prefill(tokens.to(self.model.device), slots.to(self.model.device), self.cache)  # (B, T, H)
+        hidden = self.model.prefill(tokens, slots, self.cache)  # (B, T, H)
         decoding = [j for j, s in enumerate(compute) if s.req.stopping.max_new_tokens > 0]
         rows: list[torch.Tensor | None] = [None] * len(compute)
         picks: list[int | None] = [None] * len(compute)

@@ -52,7 +52,7 @@ class KVCache:
 
     @staticmethod
     def bytes_needed(arch: ArchConfig, *, num_slots: int, max_len: int, dtype: torch.dtype) -> int:
-        per_layer = num_slots * arch.num_query_groups * max_len * arch.head_dim * torch.empty((), dtype=dtype).element_size()
+        per_layer = num_slots * arch.num_query_groups * max_len * arch.head_dim * torch.empty((), dtype=dtype, device="cpu").element_size()
         return 2 * arch.num_layers * per_layer
 
     def __init__(self, arch: ArchConfig, *, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
