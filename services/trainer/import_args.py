@@ -47,6 +47,35 @@ def _bad(message: str) -> InvalidArgument:
     return InvalidArgument(message, field="args")
 
 
+def _te_where() -> str:
+    """What a job with ``transformer_impl: auto`` will do, said for the training nodes and for this machine."""
+    import importlib.util
+
+    here = "importable" if importlib.util.find_spec("transformer_engine") else "not installed"
+    return (f"(training nodes: Transformer Engine spec where transformer_engine imports with CUDA, else megatron-core's "
+            f"local spec with unfused attention, said in the job log; on this machine TE is {here})")
+
+
+def _attention_flags(imp: Imported, seen: dict[str, list[str]]) -> None:
+    """--transformer-impl, --use-flash-attn, --attention-backend: all decide the attention kernels."""
+    impl = _one("transformer-impl", seen.pop("transformer-impl"), str) if "transformer-impl" in seen else None
+    if impl is not None:
+        if impl not in ("transformer_engine", "local"):
+            raise _bad(f"--transformer-impl {impl}: Megatron accepts transformer_engine or local")
+        imp.set("training.transformer_impl", "auto" if impl == "transformer_engine" else "local", f"--transformer-impl {impl}")
+        imp.mapped[-1] = (imp.mapped[-1][0], f"{imp.mapped[-1][1]} {_te_where()}")
+    local = impl == "local"
+    if "use-flash-attn" in seen:
+        seen.pop("use-flash-attn")
+        imp.mapped.append(("--use-flash-attn", "flash attention comes with the Transformer Engine spec: "
+                           + ("not used (--transformer-impl local)" if local else f"used where TE imports {_te_where()}")))
+    if "attention-backend" in seen:
+        v = _one("attention-backend", seen.pop("attention-backend"), str)
+        (imp.mapped if v in ("auto", "flash", "fused") else imp.unmapped).append(
+            (f"--attention-backend {v}", "Transformer Engine picks flash or fused attention itself" if v in ("auto", "flash", "fused")
+             else "megastack does not pin TE's attention backend (it picks flash or fused where it can)"))
+
+
 # -- Megatron flag lists ---------------------------------------------------------------------------
 LAUNCHERS = {"torchrun", "python", "python3", "deepspeed"}
 TORCHRUN = {"nproc_per_node", "nproc-per-node", "nnodes", "node_rank", "node-rank", "master_addr", "master-addr",
@@ -64,9 +93,6 @@ BOOL_FLAGS = {
     "reset-position-ids", "reset-attention-mask", "standalone", "no-create-attention-mask-in-dataloader", "use-legacy-models",
 }
 NO_EFFECT = {
-    "use-flash-attn": "attention kernels are megatron-core's choice for the device",
-    "transformer-impl": "megastack builds the megatron-core local/TE spec that fits the machine",
-    "attention-backend": "attention kernels are megatron-core's choice for the device",
     "use-mcore-models": "megastack always trains megatron-core models",
     "no-masked-softmax-fusion": "kernel fusion setting", "no-bias-swiglu-fusion": "kernel fusion setting",
     "no-bias-dropout-fusion": "kernel fusion setting", "no-rope-fusion": "kernel fusion setting",
@@ -246,6 +272,7 @@ def import_megatron(tokens: list[str], *, name: str = "", world_size: int = 0) -
         v = _one("rotary-percent", seen.pop("rotary-percent"), float)
         (imp.mapped if v == 1.0 else imp.unmapped).append((f"--rotary-percent {v}", "full rotary embeddings" if v == 1.0 else
                                                             "partial rotary embeddings are not supported"))
+    _attention_flags(imp, seen)
     for flag in list(seen):
         values = seen.pop(flag)
         item = f"--{flag} {' '.join(values)}".strip()
@@ -397,9 +424,12 @@ def import_pai(tokens: list[str], layout: str, *, name: str = "", world_size: in
     else:
         imp.no_effect.append((f"SP={a['SP']}", "sequence parallelism needs TP > 1 (the script drops it too)"))
     imp.set("parallel.distributed_optimizer", _bool("DO", a["DO"]), f"DO={a['DO']}")
-    imp.no_effect.append((f"FL={a['FL']}", "attention kernels are megatron-core's choice for the device"))
+    te = _bool("TE", a["TE"]) if "TE" in a else True
     if "TE" in a:
-        imp.no_effect.append((f"TE={a['TE']}", "megastack builds the megatron-core spec that fits the machine"))
+        imp.set("training.transformer_impl", "auto" if te else "local", f"TE={a['TE']}")
+        imp.mapped[-1] = (imp.mapped[-1][0], f"{imp.mapped[-1][1]} {_te_where()}")
+    imp.mapped.append((f"FL={a['FL']}", f"flash/fused attention comes with the Transformer Engine spec: "
+                       f"{'used' if te else 'not used (TE=false)'}; {_te_where()}"))
     ac = a["AC"]
     if ac in ("full", "sel", "none"):
         imp.set("training.recompute", {"full": "full", "sel": "selective", "none": "none"}[ac], f"AC={ac}")

@@ -53,6 +53,17 @@ def test_every_item_is_accounted_for(bpe, tmp_path):
     reported = " ".join(i for i, _ in imp.mapped + imp.no_effect + imp.unmapped)
     assert all(f in reported for f in flags), flags - {f for f in flags if f in reported}
     assert [i for i, _ in imp.unmapped] == ["--init-method-std 0.006", "--frobnicate 3"]
+    assert "Transformer Engine" in dict(imp.mapped)["--use-flash-attn"]
+
+
+@pytest.mark.parametrize("impl, expected", [("transformer_engine", "auto"), ("local", "local")])
+def test_transformer_impl_says_what_the_training_nodes_will_run(bpe, tmp_path, impl, expected):
+    tokens = split_command_text(GPT2_345M.format(data="d", bpe=bpe, save=tmp_path)) + ["--transformer-impl", impl]
+    imp = import_args(tokens)
+    assert imp.doc["training"]["transformer_impl"] == expected
+    why = dict(imp.mapped)[f"--transformer-impl {impl}"]
+    assert "training nodes" in why and "on this machine TE is" in why
+    assert not any("transformer-impl" in i for i, _ in imp.no_effect)
 
 
 @pytest.mark.parametrize("extra,fragment", [
@@ -131,7 +142,12 @@ def test_pai_llama2_positional_arguments(tmp_path):
     assert imp.source == "pai-llama2" and d["model"]["init_from"] == "/data/llama2-7b-mcore"
     assert d["parallel"]["tensor_parallel"] == 2 and d["parallel"]["sequence_parallel"] is True
     assert d["training"]["train_iters"] == 10000000000 // 8 // 2048 and d["optimizer"]["lr_decay_style"] == "linear"
-    assert {i for i, _ in imp.no_effect} >= {"TE=false", "FL=true", "EXTRA_VOCAB_SIZE=0"}
+    assert {i for i, _ in imp.no_effect} >= {"EXTRA_VOCAB_SIZE=0"}
+    # attention kernels are never "no effect": TE=false means the local spec, so FL=true cannot apply
+    assert d["training"]["transformer_impl"] == "local"
+    said = dict(imp.mapped)
+    assert "training.transformer_impl: local" in said["TE=false"] and "not used (TE=false)" in said["FL=true"]
+    assert not {i for i, _ in imp.no_effect} & {"TE=false", "FL=true"}
     assert not imp.unmapped
 
 
