@@ -10,10 +10,10 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup protos model up down status demo test test-unit test-integration test-e2e bench lint clean help
+.PHONY: setup protos model up down status demo test test-unit test-integration test-e2e bench lint gpu-check gpu-wheels clean help
 
 help:
-	@echo "make demo | test | setup | up | down | status | protos | bench | lint | clean"
+	@echo "make demo | test | setup | up | down | status | protos | bench | lint | gpu-check | gpu-wheels | clean"
 
 setup:
 	@tools/setup.sh
@@ -50,6 +50,14 @@ test-e2e: setup
 
 bench: setup
 	@$(PY) tools/bench/run_all.py
+
+# tools/gpu_check.py: the GPU code paths in one run (here on the CPU; on a GPU machine see docs/gpu.md)
+gpu-check: setup
+	@$(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+# the wheels gpu_check needs on a GPU machine that lacks them, into .whl/ (git-ignored)
+gpu-wheels: setup
+	@tools/gpu_wheels.sh
 
 lint: setup
 	@$(VENV)/bin/ruff check protos shared services tools tests

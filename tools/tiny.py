@@ -1,0 +1,100 @@
+"""Tiny random models and a tiny tokenizer, built from configs offline (never the hub): the test suite's
+fixtures and gpu_check use them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def corpus_lines(limit: int | None = None) -> list[str]:
+    from tools.assets import ensure_asset
+
+    doc = json.loads(ensure_asset("markov-corpus").read_text())
+    lines = [b["text"] for d in doc for b in d["blocks"] if b["text"].strip()]
+    return lines[:limit] if limit else lines
+
+
+def synthetic_lines(n: int = 2000, seed: int = 0) -> list[str]:
+    """Prose-shaped lines from a fixed word list (no asset needed: gpu_check runs where nothing can be fetched)."""
+    import random
+
+    words = ("the old man river bridge winter said would not last another looked at and he she it was "
+             "of to in a house road light dark water stone tree long short came went saw knew").split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 18))).capitalize() + "." for _ in range(n)]
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 512, lines: list[str] | None = None) -> Path:
+    """A byte-level BPE tokenizer trained in well under a second on ``lines`` (default: the shipped prose corpus)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lines if lines is not None else corpus_lines(2000), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out_dir))
+    return out_dir
+
+
+FAMILIES = ("llama", "qwen2", "gpt2")
+
+
+def hf_config(family: str, vocab_size: int, **over):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
+    if family == "llama":
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                          initializer_range=0.1, rms_norm_eps=1e-5, **common)
+    elif family == "qwen2":
+        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                          initializer_range=0.1, rms_norm_eps=1e-5, **common)
+    elif family == "gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    else:
+        raise ValueError(family)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_tiny_hf(family: str, out_dir: Path, tok_dir: Path, *, seed: int = 0, **over) -> Path:
+    """Save a random tiny model of ``family`` with the tokenizer of ``tok_dir`` to ``out_dir``."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, len(tok), **over)).eval()
+    if family == "qwen2":  # random q/k/v biases, so a dropped bias cannot go unnoticed
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    model.save_pretrained(str(out_dir))
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def load_hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
