@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from shared.errors import AlreadyExists, InvalidArgument
@@ -24,6 +24,19 @@ def check_target(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool =
     one that megastack wrote (it holds ``.megastack-output``), so an overwrite never deletes a user's files;
     ``owned=True`` lifts that last rule for a folder the caller owns (the repository's default model).
     """
+    t = _checked_place(target, inputs, field)
+    if t.exists():
+        if not overwrite:
+            raise AlreadyExists(f"{t} already exists (pass --overwrite to replace it)", field=field)
+        if not owned and not (t / OUTPUT_MARKER).is_file():
+            raise InvalidArgument(
+                f"{field} {t} exists and was not written by megastack (no {OUTPUT_MARKER} in it): --overwrite replaces "
+                "only megastack's own outputs; move it away or name a new folder", field=field)
+    return t
+
+
+def _checked_place(target: Path, inputs: Iterable[Path], field: str) -> Path:
+    """``target`` resolved (symlinks, ``..``, ``~``), refused when it overlaps an input, is a root, home or a file."""
     t = Path(target).expanduser().resolve()
     for given in inputs:
         i = Path(given).expanduser().resolve()
@@ -34,13 +47,44 @@ def check_target(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool =
         raise InvalidArgument(f"{field} {t} is a filesystem root or the home directory; name a new folder", field=field)
     if t.exists() and not t.is_dir():
         raise InvalidArgument(f"{field} {t} is a file, not a folder", field=field)
+    return t
+
+
+def is_megastack_output(folder: Path) -> bool:
+    return (Path(folder) / OUTPUT_MARKER).is_file()
+
+
+def mark_output(folder: Path) -> None:
+    """Say that megastack wrote ``folder`` (so it may later replace or clean it)."""
+    marker = Path(folder) / OUTPUT_MARKER
+    if not marker.is_file():
+        marker.write_text('{"written_by": "megastack"}\n')
+
+
+def check_output_folder(target: Path, *, inputs: Iterable[Path] = (), field: str = "save_dir",
+                        owned: Callable[[Path], bool] | None = None) -> Path:
+    """A folder a job writes into and comes back to (a training ``save_dir``, the demo's folders), resolved.
+
+    Refused like :func:`check_target` (overlap with an input, a root, home, a file), and when it exists, holds
+    anything, and is not megastack's (no ``.megastack-output``, and ``owned`` does not vouch for it): the job
+    would mix its files with, or clean up, files that are not its own.
+    """
+    t = _checked_place(target, inputs, field)
+    if t.is_dir() and any(t.iterdir()) and not is_megastack_output(t) and not (owned and owned(t)):
+        raise InvalidArgument(
+            f"{field} {t} already holds files that megastack did not write (no {OUTPUT_MARKER} in it); name a new or "
+            "empty folder", field=field)
+    return t
+
+
+def reset_output_folder(target: Path, *, inputs: Iterable[Path] = (), field: str = "work_dir",
+                        owned: Callable[[Path], bool] | None = None) -> Path:
+    """Empty (or create) a folder megastack owns, after :func:`check_output_folder`; it is marked as megastack's."""
+    t = check_output_folder(target, inputs=inputs, field=field, owned=owned)
     if t.exists():
-        if not overwrite:
-            raise AlreadyExists(f"{t} already exists (pass --overwrite to replace it)", field=field)
-        if not owned and not (t / OUTPUT_MARKER).is_file():
-            raise InvalidArgument(
-                f"{field} {t} exists and was not written by megastack (no {OUTPUT_MARKER} in it): --overwrite replaces "
-                "only megastack's own outputs; move it away or name a new folder", field=field)
+        shutil.rmtree(t)
+    t.mkdir(parents=True)
+    mark_output(t)
     return t
 
 
@@ -58,7 +102,7 @@ def atomic_dir(target: Path, *, overwrite: bool = False, inputs: Iterable[Path] 
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
     try:
         yield tmp
-        (tmp / OUTPUT_MARKER).write_text('{"written_by": "megastack"}\n')
+        mark_output(tmp)
         _fsync_dir(tmp)
         if target.exists():
             old = target.with_name(f"{TMP_MARK}{target.name}-old-{os.getpid()}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import socket
 import statistics
 import subprocess
@@ -25,10 +24,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.atomic import check_output_folder, reset_output_folder
+from shared.errors import InvalidArgument
 from shared.paths import DEFAULT_MODEL_DIR, REPO_ROOT, RUN_DIR
 from tools.stack import StackOptions, down, free_port, up
 
 PROMPT = "The capital of France is"
+
+
+DEFAULT_WORK, DEFAULT_RUN = REPO_ROOT / "runs" / "demo", RUN_DIR / "demo"
+
+
+def _default_folder(p: Path) -> bool:
+    """The demo's own default folders (made by demos before the output marker existed)."""
+    return p in (DEFAULT_WORK.resolve(), DEFAULT_RUN.resolve())
 
 
 class Demo:
@@ -54,11 +63,14 @@ class Demo:
     # -- the job -----------------------------------------------------------------------------------
     def run(self) -> int:
         a = self.a
+        # both folders are emptied: only when new, empty or megastack's own, and never one holding the model
+        folders = ((self.state, "--run-dir"), (self.work, "--work-dir"))
+        for d, flag in folders:
+            check_output_folder(d, inputs=[a.model_dir], field=flag, owned=_default_folder)
         for d in (self.state / "jobs", self.state / "serve"):
             down(d)
-        shutil.rmtree(self.state, ignore_errors=True)
-        shutil.rmtree(self.work, ignore_errors=True)
-        self.work.mkdir(parents=True)
+        for d, flag in folders:
+            reset_output_folder(d, inputs=[a.model_dir], field=flag, owned=_default_folder)
         print(f"megastack demo on {a.model_dir} (artifacts in {self.work}, logs in {self.state})")
         jobs = serve = None
         try:
@@ -264,6 +276,9 @@ def run(a: argparse.Namespace) -> int:
         a.precision = "bf16" if torch.cuda.is_available() else "fp32"
     try:
         return Demo(a).run()
+    except InvalidArgument as e:
+        print(f"megastack demo: error: {e.message}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         print(f"megastack demo: error: {e}", file=sys.stderr)
         return 1
@@ -273,8 +288,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole lifecycle end to end on the default model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
-    p.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "demo", help="artifacts (default runs/demo)")
-    p.add_argument("--run-dir", type=Path, default=RUN_DIR / "demo", help="service state and logs (default .run/demo)")
+    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK,
+                   help="artifacts (default runs/demo); emptied first, so it must be new, empty or an earlier demo's")
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN,
+                   help="service state and logs (default .run/demo); emptied first, like --work-dir")
     p.add_argument("--train-iters", type=int, default=10, help="continued-pretraining steps (default %(default)s)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--port", type=int, default=5000, help="gateway port (a free one if it is taken)")

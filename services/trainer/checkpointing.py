@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shared.atomic import write_text_atomic
+from shared.atomic import mark_output, write_text_atomic
 from shared.checkpoints.megatron import TRACKER
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def describe(save_dir: Path, spec, arch, tok_dir: Path | None, padded_vocab: int
     }
     files = sorted(p for p in Path(tok_dir).iterdir() if p.is_file()) if tok_dir and Path(tok_dir).is_dir() else []
     write_description(Path(save_dir), meta, files)
+    mark_output(Path(save_dir))  # megastack's folder: resumes and cleanups of old iterations may touch it
 
 
 def save(save_dir: Path, iteration: int, *, models: list, optimizer, scheduler, consumed_samples: int, keep_last: int) -> float:

@@ -127,6 +127,31 @@ def resolve_arch(spec: TrainSpec):
     return arch_from_hf_config(json.loads(cfg_file.read_text()), str(cfg_file)), None, tok
 
 
+def trainer_owned(folder: Path) -> bool:
+    """A save folder an earlier megastack trainer wrote (before the output marker existed)."""
+    try:
+        return json.loads((Path(folder) / "megastack.json").read_text()).get("created_by") == "megastack trainer"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def job_inputs(spec: TrainSpec) -> list[Path]:
+    """Every path the job reads: the save folder may not equal, contain or sit inside any of them."""
+    out = [Path(p) for p in (spec.init_from, spec.architecture, spec.tokenizer) if p]
+    for prefix in dataset_prefixes(spec):
+        out += [Path(prefix + ".bin"), Path(prefix + ".idx")]
+    return out
+
+
+def check_save_dir(spec: TrainSpec) -> Path:
+    """The resolved save folder, or InvalidArgument: it must be new, empty, or one megastack's trainer wrote
+    (resume), and never overlap an input; the trainer cleans old ``iter_*`` folders and rewrites ``tokenizer/``
+    there, so it must not hold anything else."""
+    from shared.atomic import check_output_folder
+
+    return check_output_folder(Path(spec.save_dir), inputs=job_inputs(spec), field="checkpoint.save_dir", owned=trainer_owned)
+
+
 def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     if spec.kind not in ("pretrain", "sft"):
         raise _bad("kind must be pretrain or sft", "kind")
@@ -143,6 +168,7 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         raise _bad(f"optimizer.lr_decay_style must be one of {', '.join(DECAY_STYLES)}", "optimizer.lr_decay_style")
     if not spec.save_dir:
         raise _bad("checkpoint.save_dir is required", "checkpoint.save_dir")
+    check_save_dir(spec)
     if spec.global_batch_size % (spec.micro_batch_size * spec.dp):
         raise _bad(f"training.global_batch_size {spec.global_batch_size} must be a multiple of micro_batch_size x data_parallel "
                    f"= {spec.micro_batch_size} x {spec.dp}", "training.global_batch_size")

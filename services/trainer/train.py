@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from services.trainer import checkpointing as ckpt
 from services.trainer.data import batches, build_datasets
-from services.trainer.spec import TrainSpec, resolve_arch
+from services.trainer.spec import TrainSpec, check_save_dir, resolve_arch
 from shared.atomic import write_text_atomic
 from shared.devices import module_device, to_device
 
@@ -179,6 +179,7 @@ def run(spec: TrainSpec) -> int:
     arch, tok_dir, chunks, ddp, optimizer, scheduler = build(spec)
     save_dir = Path(spec.save_dir)
     if dist.get_rank() == 0:
+        check_save_dir(spec)  # again here: the folder may have changed since the job was submitted
         save_dir.mkdir(parents=True, exist_ok=True)
         from shared.mcore.model import padded_vocab_size
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from shared.paths import REPO_ROOT
 from tools.stack import free_port
 
@@ -29,6 +31,7 @@ def _service_processes() -> dict[str, str]:
 def test_demo_runs_the_whole_lifecycle_and_cleans_up(tmp_path):
     work, run = tmp_path / "work", tmp_path / "state"
     work.mkdir()
+    (work / ".megastack-output").write_text("{}")  # an earlier demo's folder: the demo may empty it
     (work / "stale-file").write_text("from an earlier run")
     cmd = [str(REPO_ROOT / ".venv" / "bin" / "megastack") if (REPO_ROOT / ".venv" / "bin" / "megastack").exists() else sys.executable,
            "demo", "--work-dir", str(work), "--run-dir", str(run), "--train-iters", "2", "--port", str(free_port())]
@@ -55,3 +58,22 @@ def test_demo_runs_the_whole_lifecycle_and_cleans_up(tmp_path):
     # every process it started is gone
     left = {p: c for p, c in _service_processes().items() if p not in before}
     assert not left, left
+
+
+@pytest.mark.parametrize("which", ["--work-dir", "--run-dir"])
+def test_demo_never_empties_a_folder_that_is_not_its_own(tmp_path, which):
+    """The demo empties its folders first: a folder holding a user's files is refused (exit 2), byte for byte intact."""
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("years of work")
+    other = tmp_path / "fresh"
+    args = {"--work-dir": str(other), "--run-dir": str(other.with_name("fresh-run")), which: str(mine)}
+    out = subprocess.run([sys.executable, "-m", "tools.cli.main", "demo", *[x for kv in args.items() for x in kv]],
+                         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert out.returncode == 2 and f"{which} {mine}" in out.stderr and "did not write" in out.stderr, out.stderr[-2000:]
+    assert (mine / "chapter1.tex").read_text() == "years of work" and sorted(p.name for p in mine.iterdir()) == ["chapter1.tex"]
+    # nor one that holds the model it would read
+    out = subprocess.run([sys.executable, "-m", "tools.cli.main", "demo", "--work-dir", str(REPO_ROOT / "models")],
+                         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert out.returncode == 2 and "a folder that contains the input" in out.stderr, out.stderr[-2000:]
+

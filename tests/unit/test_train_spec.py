@@ -81,3 +81,45 @@ def test_split_documents_as_megatron_core_rounds_them():
     assert split_documents("98,1,1", 1000) == [980, 10, 10]
     assert split_documents("1,1,1", 10) == [3, 4, 3]
     assert sum(split_documents("7,2,1", 37)) == 37
+
+
+def _tree(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where, fragment", [
+    (lambda r, t: r, "a folder that contains the input"),                  # the folder holding the data and the model
+    (lambda r, t: r / "mc", "the same folder as the input"),               # the init checkpoint itself
+    (lambda r, t: r / "mc" / "release" / "run", "inside the input"),       # inside it
+    (lambda r, t: r / "mc" / ".." / "mc", "the same folder as the input"),  # .. resolved
+    (lambda r, t: t / "link-to-mc", "the same folder as the input"),      # a symlink resolved
+    (lambda r, t: t / "notes", "already holds files that megastack did not write"),
+    (lambda r, t: t / "notes" / "a.txt", "is a file"),
+    (lambda r, t: r.anchor, "filesystem root|a folder that contains the input"),
+    (lambda r, t: "~", "home directory"),
+])
+def test_save_dir_never_endangers_inputs_or_foreign_files(assets, tmp_path, where, fragment):
+    (tmp_path / "link-to-mc").symlink_to(assets / "mc")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    before, mine = _tree(assets), _tree(tmp_path / "notes")
+    with pytest.raises(InvalidArgument, match=fragment) as e:
+        validate(spec_from_dict(doc(assets, checkpoint={"save_dir": str(where(assets, tmp_path))})))
+    assert e.value.field == "checkpoint.save_dir"
+    assert _tree(assets) == before and _tree(tmp_path / "notes") == mine
+
+
+def test_save_dir_may_be_new_empty_or_the_trainers_own(assets, tmp_path):
+    for d in (tmp_path / "new", tmp_path / "empty"):
+        validate(spec_from_dict(doc(assets, checkpoint={"save_dir": str(d)})))
+    (tmp_path / "empty").mkdir()
+    validate(spec_from_dict(doc(assets, checkpoint={"save_dir": str(tmp_path / "empty")})))
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / "iter_0000005").mkdir()
+    (marked / ".megastack-output").write_text("{}")
+    validate(spec_from_dict(doc(assets, checkpoint={"save_dir": str(marked)})))
+    older = tmp_path / "older"  # a save folder from before the marker: its megastack.json says who wrote it
+    older.mkdir()
+    (older / "megastack.json").write_text(json.dumps({"created_by": "megastack trainer"}))
+    validate(spec_from_dict(doc(assets, checkpoint={"save_dir": str(older)})))
