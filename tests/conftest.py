@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Jobs may name paths only under the data roots and call only allowed endpoints (shared/roots.py): the
+# tests' own folders (the repository, the temporary folders) and the services they start on 127.0.0.1.
+# The hostile tests of that confinement set narrower values themselves.
+import tempfile  # noqa: E402
 
-from pathlib import Path  # noqa: E402
+os.environ.setdefault("MEGASTACK_DATA_ROOTS", f"{Path(__file__).resolve().parents[1]}:{Path(tempfile.gettempdir()).resolve()}")
+os.environ.setdefault("MEGASTACK_ALLOWED_ENDPOINTS", "127.0.0.1,localhost")
+
 
 import pytest  # noqa: E402
 

@@ -27,6 +27,7 @@ from typing import Any
 from shared.atomic import check_output_folder, reset_output_folder
 from shared.errors import InvalidArgument
 from shared.paths import DEFAULT_MODEL_DIR, REPO_ROOT, RUN_DIR
+from shared.roots import ENDPOINTS_ENV
 from tools.stack import StackOptions, down, free_port, up
 
 PROMPT = "The capital of France is"
@@ -76,7 +77,9 @@ class Demo:
         try:
             self.step("start the job services: converter, trainer (with a local Ray head), evaluator", "megastack up")
             jobs = up(StackOptions(run_dir=self.state / "jobs", model_dir=a.model_dir, free_ports=True,
-                                   services=("converter", "trainer", "evaluator")), log=lambda s: print(" " + s))
+                                   services=("converter", "trainer", "evaluator"), data_roots=(self.work, a.model_dir),
+                                   extra_env={ENDPOINTS_ENV: "127.0.0.1"}),  # the model is served later, on a free port
+                      log=lambda s: print(" " + s))
             data_prefix = self.preprocess()
             mcore = self.convert(jobs.endpoint("converter", "grpc"), a.model_dir, self.work / "mcore", "mcore", tp=3,
                                  title="convert HF -> megatron-core torch_dist, TP=3")

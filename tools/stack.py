@@ -23,6 +23,7 @@ from pathlib import Path
 
 from shared.net import free_port  # noqa: F401 - re-exported
 from shared.paths import DEFAULT_MODEL_DIR, REPO_ROOT, RUN_DIR
+from shared.roots import ENDPOINTS_ENV, ROOTS_ENV, allowed_endpoints, data_roots
 
 STATE_FILE = "stack.json"
 
@@ -52,6 +53,7 @@ class StackOptions:
     textgen_env: dict[str, str] = field(default_factory=dict)
     gateway_port: int = 5000
     prometheus: bool = False      # also start a real Prometheus scraping every service (needs `prometheus` on PATH)
+    data_roots: tuple[Path, ...] = ()  # folders jobs may use besides MEGASTACK_DATA_ROOTS (or its local default)
 
 
 BASE_PORTS = {"textgen": 50051, "converter": 50052, "trainer": 50053, "evaluator": 50054}
@@ -125,6 +127,11 @@ def plan(opts: StackOptions) -> list[Proc]:
         url = f"http://127.0.0.1:{hp}"
         procs.append(Proc("gateway", py + ["services.gateway"], env, f"http:{url}/ready",
                           {"http": url, "metrics": f"{url}/metrics"}, stage=1))
+    for p in procs:  # an evaluation may call the stack's own model endpoints (and those the operator allows)
+        if p.name == "evaluator":
+            ours = [*textgen_addrs, *(q.endpoints["http"].removeprefix("http://") for q in procs if q.name == "gateway")]
+            given = opts.extra_env.get(ENDPOINTS_ENV)
+            p.env[ENDPOINTS_ENV] = ",".join(dict.fromkeys([*ours, *(given.split(",") if given else allowed_endpoints())]))
     if opts.prometheus:
         procs.append(prometheus_proc(opts.run_dir, procs, port(PROMETHEUS_PORT)))
     return procs
@@ -295,6 +302,10 @@ def up(opts: StackOptions, *, timeout_s: float = 180.0, log: Callable[[str], Non
     for p in stack.procs:
         p.env = {**opts.extra_env, **p.env}
     base_env = _base_env()
+    # jobs may name paths under the data roots only: the operator's setting, or the repository's runs/ and
+    # models/ and the folder the stack is started from; plus what the caller adds (the demo's folders)
+    roots = [os.environ.get(ROOTS_ENV) or ":".join(map(str, data_roots())), *map(str, opts.data_roots)]
+    base_env[ROOTS_ENV] = ":".join(r for r in roots if r)
     stages = sorted({p.stage for p in stack.procs})
     try:
         # Back-end services (and Ray) start together; the gateway once they are all healthy.

@@ -14,6 +14,7 @@ from services.converter.conversion import validate
 from services.converter.wire import conversion_pb, spec_from_pb, spec_to_json
 from shared.jobs import JobRecord, JobStore, ProcessRunner
 from shared.jobs_wire import state_filter
+from shared.roots import under_roots
 
 
 class ConverterServicer(pb_grpc.ConverterServiceServicer):
@@ -41,6 +42,9 @@ class ConverterServicer(pb_grpc.ConverterServiceServicer):
 
     def SubmitConversion(self, request: pb.SubmitConversionRequest, context: grpc.ServicerContext) -> pb.SubmitConversionResponse:
         spec = spec_from_pb(request.spec)
+        for attr, field in (("load_dir", "load_dir"), ("save_dir", "save_dir"), ("lora_dir", "lora_load")):
+            if getattr(spec, attr) is not None:  # before anything is read: only under the data roots
+                under_roots(getattr(spec, attr), field)
         validate(spec)  # bad input is refused here, before anything runs or is written
         rec, new = self.store.create(spec_to_json(spec), labels=dict(request.labels), request_id=request.request_id)
         if new:

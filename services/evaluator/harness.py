@@ -169,6 +169,21 @@ def check_data(tm, tasks: tuple[str, ...]) -> None:
             field="tasks")
 
 
+def check_confined(spec: EvalSpec) -> None:
+    """A submitted evaluation reads task folders and checkpoints only under the data roots (task YAMLs can
+    import Python with ``!function``) and calls only allowed model endpoints (shared/roots.py)."""
+    from shared.roots import check_endpoint, under_roots
+
+    for path in spec.include_paths:
+        under_roots(path, "include_paths")
+    if spec.hf_checkpoint:
+        under_roots(spec.hf_checkpoint, "hf_checkpoint")
+    if spec.textgen_address:
+        check_endpoint(spec.textgen_address, "textgen_address")
+    if spec.completions_url:
+        check_endpoint(spec.completions_url, "completions_url")
+
+
 def check_reachable(spec: EvalSpec) -> None:
     """The model must answer before a job exists (no run that only fails later)."""
     import requests

@@ -3,7 +3,8 @@
 Building lm-eval's ``TaskManager`` parses every task YAML that lm-eval ships (about 14,000 files): 10-20 s on
 2 cores. The evaluator pays it at start, for every submission that brings its own include paths, and in the worker
 process of every run. The index of lm-eval's own task folder depends only on the files in that folder, so it is
-pickled under ``.cache/lm-eval-index/`` (written by this process only, atomically) and loaded in about a second.
+pickled under ``.cache/lm-eval-index/`` (written by this process only, atomically) and loaded in about a second,
+through an unpickler that resolves only the classes the index is made of (a planted file is rebuilt, never run).
 The key is a fingerprint of the lm-eval version and of the path, size and mtime of every file in the folder, so an
 edited, added or removed task file (templates without ``.yaml`` included) builds it afresh. Other folders (the
 offline suite, users' include paths) are small and always parsed, exactly as lm-eval does.
@@ -22,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from shared.atomic import atomic_file
+from shared.checkpoints.safe_pickle import AllowListUnpickler
 from shared.paths import CACHE_DIR
 
 logger = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = CACHE_DIR / "lm-eval-index"
 SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints"}
+# what lm-eval's TaskIndex.build returns is made of: its Entry records, their Kind, paths (and builtins)
+INDEX_CLASSES = {"lm_eval.tasks._index": frozenset({"Entry", "Kind"}), "pathlib": frozenset({"PosixPath", "PurePosixPath"})}
 
 
 def fingerprint(root: Path) -> str:
@@ -50,9 +54,9 @@ def load_or_build(root: Path, cache_dir: Path = DEFAULT_CACHE_DIR, *, resolve_in
     path = Path(cache_dir) / f"{key}-{int(resolve_includes)}.pkl"
     if path.is_file():
         try:
-            with path.open("rb") as f:
-                return pickle.load(f)
-        except Exception as e:  # a torn or foreign file: rebuild it
+            with path.open("rb") as f:  # an allow-listed unpickler: a planted file cannot run code, only be rebuilt
+                return AllowListUnpickler(f, INDEX_CLASSES, "lm-eval's task index").load()
+        except Exception as e:  # a torn, foreign or hostile file: rebuild it
             logger.warning("lm-eval task index cache %s unreadable (%s); rebuilding", path, e)
     index = _parse([root], resolve_includes)
     try:

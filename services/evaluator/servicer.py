@@ -11,7 +11,14 @@ import grpc
 from protos.evaluator.v1 import evaluator_pb2 as pb
 from protos.evaluator.v1 import evaluator_pb2_grpc as pb_grpc
 from services.evaluator import metrics as M
-from services.evaluator.harness import check_data, check_reachable, check_spec, offline_env, task_manager
+from services.evaluator.harness import (
+    check_confined,
+    check_data,
+    check_reachable,
+    check_spec,
+    offline_env,
+    task_manager,
+)
 from services.evaluator.wire import evaluation_pb, spec_from_pb
 from shared.errors import InvalidArgument
 from shared.jobs import JobRecord, JobStore, ProcessRunner
@@ -66,6 +73,7 @@ class EvaluatorServicer(pb_grpc.EvaluatorServiceServicer):
         if request.spec.WhichOneof("model") is None:
             raise InvalidArgument("give a model: textgen_address, hf_checkpoint or completions_url", field="model")
         spec = spec_from_pb(request.spec, dict(request.labels))
+        check_confined(spec)  # before any task folder is read or any model called
         tm = self.index.manager(spec.include_paths)
         check_spec(spec, list(tm.all_tasks))
         check_data(tm, spec.tasks)

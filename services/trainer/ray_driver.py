@@ -24,8 +24,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from services.trainer.spec import TrainSpec
-from shared.atomic import write_text_atomic
+from services.trainer.spec import TrainSpec, check_save_dir
+from shared.atomic import mark_output, write_text_atomic
 
 logger = logging.getLogger("services.trainer.ray_driver")
 ATTEMPT_FILE = "megastack-attempt.json"
@@ -159,11 +159,13 @@ def main(argv: list[str]) -> int:
 
     try:
         spec = load_spec(Path(argv[0]))
+        check_save_dir(spec)  # again: the folder may have changed since the job was submitted
     except ServiceError as e:
         logger.error("%s", e.message)
         return 2
     spec_json = spec.to_json()
     Path(spec.save_dir).mkdir(parents=True, exist_ok=True)
+    mark_output(Path(spec.save_dir))  # the job's folder from now on (its attempt file goes in first)
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level=logging.WARNING)
     why = wait_for_resources(rank_bundle(spec), spec.world_size, float(os.environ.get(RESOURCE_WAIT_ENV) or 0))
     if why:  # retrying cannot help

@@ -9,7 +9,7 @@ import grpc
 from protos.trainer.v1 import trainer_pb2 as pb
 from protos.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from services.trainer.launcher import RayLauncher
-from services.trainer.spec import absolutize, validate
+from services.trainer.spec import absolutize, check_roots, validate
 from services.trainer.wire import job_pb, spec_from_pb
 from shared.jobs import JobStore
 from shared.jobs_wire import state_filter
@@ -22,6 +22,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     def SubmitTrainJob(self, request: pb.SubmitTrainJobRequest, context: grpc.ServicerContext) -> pb.SubmitTrainJobResponse:
         spec = absolutize(spec_from_pb(request.spec))  # relative paths: against the service's folder
+        check_roots(spec)  # before anything is read: only under the data roots
         validate(spec)  # a bad spec is refused here, before anything reaches the cluster
         _ = self.launcher.client  # the cluster must be reachable before a record exists
         rec, new = self.store.create({"json": spec.to_json()}, labels=dict(request.labels), request_id=request.request_id)

@@ -143,6 +143,17 @@ def job_inputs(spec: TrainSpec) -> list[Path]:
     return out
 
 
+def check_roots(spec: TrainSpec) -> None:
+    """Every path of a submitted job under the data roots (shared/roots.py), each refusal naming its field."""
+    from shared.roots import under_roots
+
+    for value, name in ((spec.init_from, "model.init_from"), (spec.architecture, "model.architecture"),
+                         (spec.tokenizer, "model.tokenizer"), (spec.save_dir, "checkpoint.save_dir"),
+                         (spec.data_cache_dir, "data.cache_dir"), *((p, "data.paths") for p, _ in spec.data_paths)):
+        if value:
+            under_roots(value, name)
+
+
 def check_save_dir(spec: TrainSpec) -> Path:
     """The resolved save folder, or InvalidArgument: it must be new, empty, or one megastack's trainer wrote
     (resume), and never overlap an input; the trainer cleans old ``iter_*`` folders and rewrites ``tokenizer/``

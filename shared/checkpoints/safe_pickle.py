@@ -36,6 +36,19 @@ class UnsafePickle(pickle.UnpicklingError):
     """The pickle names something outside the allow-list."""
 
 
+class AllowListUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only ``allowed`` (module -> names); anything else is :class:`UnsafePickle`."""
+
+    def __init__(self, file, allowed: dict[str, frozenset[str]], what: str) -> None:
+        super().__init__(file)
+        self.allowed, self.what = allowed, what
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in self.allowed.get(module, ()):
+            return super().find_class(module, name)
+        raise UnsafePickle(f"{module}.{name} is not a class {self.what} is made of")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -65,7 +78,42 @@ def read_dcp_metadata(ckpt_dir: Path) -> Any:
     return md
 
 
-def check_dcp_checkpoint(ckpt_dir: Path) -> None:
+def _numpy_globals() -> list:
+    import numpy as np
+
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))]
+
+
+def check_byte_entries(ckpt_dir: Path, md: Any) -> None:
+    """Every non-tensor entry of a torch_dist folder (``_extra_state`` objects, the RNG state, ...), which DCP's
+    planner would ``torch.load(weights_only=False)``, must load with torch's weights-only unpickler (plus
+    numpy's array reconstruction, which the RNG state needs)."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    byte_keys = {k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    for idx, info in md.storage_data.items():
+        if idx.fqn not in byte_keys:
+            continue
+        path = (Path(ckpt_dir) / info.relative_path).resolve()
+        if Path(ckpt_dir).resolve() not in path.parents:
+            raise InvalidArgument(f"{ckpt_dir}: entry {idx.fqn} points outside the checkpoint folder", field="load_dir")
+        with path.open("rb") as f:
+            f.seek(info.offset)
+            raw = f.read(info.length)
+        try:
+            with torch.serialization.safe_globals(_numpy_globals()):
+                torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - whatever it is, it is not plain data
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidArgument(f"{ckpt_dir}: refused to load entry {idx.fqn}: it is not plain data ({reason[:200]}) "
+                                  "(a checkpoint that would run code when read)", field="load_dir") from None
+
+
+def check_dcp_checkpoint(ckpt_dir: Path) -> Any:
     """Call before megatron-core's ``dist_checkpointing.load``: its unrestricted unpickling of ``.metadata``
-    then meets only what :func:`read_dcp_metadata` accepted."""
-    read_dcp_metadata(ckpt_dir)
+    and of every byte entry then meets only what was checked here. Returns the metadata."""
+    md = read_dcp_metadata(ckpt_dir)
+    check_byte_entries(ckpt_dir, md)
+    return md

@@ -205,7 +205,7 @@ def load_distributed(sharded_state: dict, iter_dir) -> dict:
     for the ``_extra_state`` objects the checkpoint holds."""
     from megatron.core import dist_checkpointing
 
-    from shared.checkpoints.safe_pickle import read_dcp_metadata
+    from shared.checkpoints.safe_pickle import check_dcp_checkpoint
 
-    stored = set(read_dcp_metadata(iter_dir).state_dict_metadata)  # refuses metadata that would run code
+    stored = set(check_dcp_checkpoint(iter_dir).state_dict_metadata)  # refuses metadata or entries that would run code
     return dist_checkpointing.load(without_absent_extra_state(sharded_state, stored), str(iter_dir))

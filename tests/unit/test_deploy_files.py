@@ -12,11 +12,15 @@ import yaml
 
 from shared.config import env_name
 from shared.paths import REPO_ROOT
+from shared.roots import ENDPOINTS_ENV, ROOTS_ENV
 from tools.gen_docs import CONFIGS
 
 DEPLOY = REPO_ROOT / "deploy"
 MANIFESTS = sorted([*DEPLOY.glob("k8s/*.yaml"), *DEPLOY.glob("kuberay/*.yaml"), *DEPLOY.glob("ray/*.yaml")])
 SERVICE_NAMES = {svc: importlib.import_module(f"services.{svc}.__main__").SERVICE for svc in ("textgen", "converter", "trainer", "evaluator")}
+
+
+SHARED_SETTINGS = {ROOTS_ENV, ENDPOINTS_ENV}  # shared/roots.py, read by every job service
 
 
 def _settings() -> dict[str, object]:
@@ -56,7 +60,7 @@ def test_manifest_parses_and_names_only_real_settings(path):
         for c in _containers(doc):
             for e in c.get("env", []):
                 if e["name"].startswith("MEGASTACK_"):
-                    assert e["name"] in known, f"{path.name}: {e['name']} is not a setting"
+                    assert e["name"] in known or e["name"] in SHARED_SETTINGS, f"{path.name}: {e['name']} is not a setting"
 
 
 def test_service_manifests_run_real_modules_with_matching_ports_and_probes():
@@ -131,3 +135,13 @@ def test_prometheus_layout_matches_what_the_stack_renders():
     rendered = scrape_targets(plan(StackOptions(services=("textgen", "converter", "trainer", "evaluator", "gateway"))))
     assert jobs == rendered
     assert shipped["rule_files"] == ["alerts.yml"]
+
+
+def test_job_services_are_confined_to_the_shared_volume():
+    """Issue 17: on k8s a job may name paths only on the /data volume, and the evaluator calls only the stack's models."""
+    for svc in ("converter", "trainer", "evaluator"):
+        env = {e["name"]: e.get("value") for d in _docs(DEPLOY / "k8s" / f"{svc}.yaml") for c in _containers(d) for e in c.get("env", [])}
+        assert env.get("MEGASTACK_DATA_ROOTS") == "/data", svc
+        if svc == "evaluator":
+            assert set(env["MEGASTACK_ALLOWED_ENDPOINTS"].split(",")) == {"textgen:50051", "gateway:5000"}
+

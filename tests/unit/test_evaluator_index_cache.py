@@ -93,3 +93,30 @@ def test_task_managers_read_lm_evals_folder_from_the_cache_and_parse_the_rest(tm
         assert len(tm.all_tasks) > 10_000
     assert tms[0].task_index == tms[1].task_index
     assert index_cache.install() is True  # idempotent
+
+
+class _Planted:
+    """A pickle that would run a command when loaded by plain pickle.load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_cache_file_never_runs_and_is_rebuilt(tmp_path, parses, caplog):
+    import pickle
+
+    root, cache = _tree(tmp_path / "tasks"), tmp_path / "cache"
+    index_cache.load_or_build(root, cache)
+    (pkl,) = cache.glob("*.pkl")
+    marker = tmp_path / "pwned"
+    pkl.write_bytes(pickle.dumps({"tiny_a": _Planted(marker)}))
+    with caplog.at_level(logging.WARNING, logger=index_cache.__name__):
+        index = index_cache.load_or_build(root, cache)
+    assert not marker.exists(), "the planted pickle ran"
+    assert "posix.system is not a class" in caplog.text or "os.system is not a class" in caplog.text, caplog.text
+    assert len(parses) == 2 and set(index) == {"tiny_a", "tiny_b", "tiny_group", "tiny_tag"}

@@ -82,3 +82,37 @@ def test_textgen_refuses_to_serve_it(poisoned):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "refused to load" in out.stderr
     assert not marker.exists()
+
+
+def test_a_byte_entry_that_would_run_code_is_refused_before_megatron_reads_it(train_assets, tmp_path):
+    """DCP's planner torch.loads byte entries (_extra_state, RNG state) with weights_only=False; megastack checks
+    each one with the weights-only unpickler first. The entry here is planted by pointing an _extra_state
+    object at a pickle appended to the data file (the .metadata itself stays plain)."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    ckpt = tmp_path / "poisoned-entry"
+    shutil.copytree(train_assets["mcore"], ckpt)
+    it = iteration_dir(ckpt)
+    md = read_dcp_metadata(it)
+    marker = tmp_path / "pwned"
+    idx = next(i for i in md.storage_data if isinstance(md.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    info = md.storage_data[idx]
+    data = it / info.relative_path
+    blob = io.BytesIO()
+    torch.save(_Exploit(marker), blob)
+    offset = data.stat().st_size
+    with data.open("ab") as f:
+        f.write(blob.getvalue())
+    info.offset, info.length = offset, len(blob.getvalue())
+    with (it / ".metadata").open("wb") as f:
+        pickle.dump(md, f)
+    read_dcp_metadata(it)  # the metadata alone is clean
+    with pytest.raises(InvalidArgument, match=rf"refused to load entry {idx.fqn}: it is not plain data"):
+        check_dcp_checkpoint(it)
+    assert not marker.exists()
+    # and the planted entry is real: DCP's own way of reading it runs the command
+    torch.load(io.BytesIO(blob.getvalue()), weights_only=False)
+    assert marker.exists()

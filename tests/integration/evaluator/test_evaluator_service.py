@@ -243,3 +243,29 @@ def test_named_suites_without_local_data_are_refused_naming_where_it_was_looked_
     assert f"the data of {suite} is not on this machine" in msg and dataset in msg
     assert all(str(p) in msg for p in dataset_locations(dataset)) and "HF_HOME" in msg
     assert len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations) == before
+
+
+@pytest.mark.parametrize("spec, field", [
+    (dict(include_paths=["/"]), "include_paths"),                       # walk the disk, import any !function
+    (dict(include_paths=["{root}/../outside"]), "include_paths"),       # .. resolved
+    (dict(include_paths=["{root}/link"]), "include_paths"),             # a symlink out of the roots
+    (dict(hf_checkpoint="/etc"), "hf_checkpoint"),
+    (dict(completions_url="http://169.254.169.254/v1/completions"), "completions_url"),
+    (dict(completions_url="http://10.1.2.3:5000/v1/completions"), "completions_url"),
+    (dict(textgen_address="db.internal:5432"), "textgen_address"),
+])
+def test_jobs_read_only_under_the_data_roots_and_call_only_allowed_endpoints(stub, tmp_path, monkeypatch, spec, field):
+    root = tmp_path / "root"
+    (root / "tasks").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    monkeypatch.setenv("MEGASTACK_DATA_ROOTS", str(root))  # read by the in-process service at each call
+    spec = {k: [x.format(root=root) for x in v] if isinstance(v, list) else v for k, v in spec.items()}
+    model = {} if {"hf_checkpoint", "completions_url", "textgen_address"} & set(spec) else {"textgen_address": "127.0.0.1:1"}
+    before = len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations)
+    with pytest.raises(grpc.RpcError) as e:
+        submit(stub, tasks=["megastack_capitals"], **model, **spec)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert dict(e.value.trailing_metadata()).get("x-error-field") == field
+    assert "data roots" in e.value.details() or "allowed model endpoint" in e.value.details()
+    assert len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations) == before

@@ -66,7 +66,7 @@ def test_submit_follow_get_list_a_conversion(gateway, tiny_models, tmp_path):
     ("POST", "/v1/jobs/conversions", {"spec": {"load_dirr": "/x"}}, 400, "load_dirr", "load_dirr"),
     ("POST", "/v1/jobs/conversions", {"spec": {"target_format": "NOT_A_FORMAT"}}, 400, "NOT_A_FORMAT", None),
     ("POST", "/v1/jobs/conversions", {"labels": {}}, 400, "'spec'", "spec"),
-    ("POST", "/v1/jobs/conversions", {"spec": {"load_dir": "/nowhere", "save_dir": "/tmp/x", "target_format": "CHECKPOINT_FORMAT_MCORE"}},
+    ("POST", "/v1/jobs/conversions", {"spec": {"load_dir": "/tmp/nowhere-megastack", "save_dir": "/tmp/x", "target_format": "CHECKPOINT_FORMAT_MCORE"}},
      404, "does not exist", None),
     ("POST", "/v1/jobs/conversions", {"spec": {"load_dir": "/x", "save_dir": "/tmp/x"}}, 400, "target_format", None),
     ("GET", "/v1/jobs/conversions/conv-nope", None, 404, "conv-nope", None),
@@ -85,3 +85,35 @@ def test_bad_requests_are_4xx_or_503_naming_what_is_wrong(gateway, method, path,
     assert fragment in doc["message"], doc
     if field:
         assert doc["field"] == field, doc
+
+
+def _tree(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"save_dir": "{outside}", "overwrite": True}, "save_dir"),           # the reviewer's reproduction
+    ({"save_dir": "{root}/../outside", "overwrite": True}, "save_dir"),   # .. resolved
+    ({"save_dir": "{root}/link", "overwrite": True}, "save_dir"),         # a symlink resolved
+    ({"load_dir": "{outside}"}, "load_dir"),
+    ({"lora_load": "/etc"}, "lora_load"),
+])
+def test_job_paths_outside_the_data_roots_are_refused_and_nothing_changes(gateway, tiny_models, tmp_path, monkeypatch, spec, field):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / ".megastack-output").write_text("{}")  # even a folder megastack once wrote, when outside the roots
+    (outside / "precious.txt").write_text("keep me")
+    (root / "link").symlink_to(outside)
+    model = root / "model"
+    import shutil
+
+    shutil.copytree(tiny_models["gpt2"], model)
+    monkeypatch.setenv("MEGASTACK_DATA_ROOTS", str(root))
+    body = {"load_dir": str(model), "save_dir": str(root / "out"), "target_format": "CHECKPOINT_FORMAT_MCORE"}
+    body.update({k: v.format(root=root, outside=outside) if isinstance(v, str) else v for k, v in spec.items()})
+    before = _tree(tmp_path)
+    r = requests.post(f"{gateway.url}/v1/jobs/conversions", json={"spec": body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == field and "data roots" in r.json()["message"], r.json()
+    assert _tree(tmp_path) == before and not (root / "out").exists()
