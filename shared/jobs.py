@@ -9,6 +9,7 @@ and any other line goes to the job's log.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.atomic import write_text_atomic
-from shared.errors import FailedPrecondition, NotFound
+from shared.errors import FailedPrecondition, NotFound, ResourceExhausted
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,35 @@ class JobRecord:
         return self.state in TERMINAL
 
 
+class WatchSlots:
+    """At most ``limit`` long-lived watch streams at once; one more is refused at once (RESOURCE_EXHAUSTED, HTTP
+    429) instead of holding a handler thread that a submission may need."""
+
+    def __init__(self, limit: int, setting: str) -> None:
+        self.limit, self.setting = limit, setting
+        self._lock = threading.Lock()
+        self.open = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._lock:
+            if self.open >= self.limit:
+                raise ResourceExhausted(f"{self.limit} watch streams are open already ({self.setting}); retry later",
+                                        field="job_id")
+            self.open += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.open -= 1
+
+
 class JobStore:
-    def __init__(self, root: Path, kind: str) -> None:
+    def __init__(self, root: Path, kind: str, *, max_watchers: int = 32, watchers_setting: str = "max_watchers") -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.kind = kind
+        self.watchers = WatchSlots(max_watchers, watchers_setting)
         self._cv = threading.Condition()
         self._jobs: dict[str, JobRecord] = {}
         self._version: dict[str, int] = {}
@@ -154,8 +179,13 @@ class JobStore:
 
     # -- watching --------------------------------------------------------------------------------
     def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> Iterator[tuple[JobRecord, list[str]]]:
-        """The record and new log lines on every change, until the job is terminal (then once more)."""
+        """The record and new log lines on every change, until the job is terminal (then once more). Counts
+        against :attr:`watchers` while it lasts."""
         self.get(job_id)
+        with self.watchers.hold():
+            yield from self._watch(job_id, is_active, poll_s)
+
+    def _watch(self, job_id: str, is_active: Callable[[], bool], poll_s: float) -> Iterator[tuple[JobRecord, list[str]]]:
         seen, offset = -1, 0
         while is_active():
             with self._cv:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import time
@@ -12,6 +11,7 @@ from flask_restful import Api
 from werkzeug.exceptions import HTTPException
 
 from services.gateway import metrics as M
+from services.gateway.auth import authorize, parse_keys
 from services.gateway.config import GatewayConfig
 from services.gateway.health import Health, Metrics, Ready
 from services.gateway.http import HTTPError, error_body, json_response, release_websocket
@@ -29,7 +29,6 @@ from shared.limits import MAX_REQUEST_ID_CHARS
 from shared.logging import REQUEST_ID, new_request_id
 
 logger = logging.getLogger(__name__)
-OPEN_PATHS = ("/health", "/ready", "/metrics")
 
 
 def error_response(e: BaseException):
@@ -107,12 +106,13 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
     from services.gateway.websocket import register as register_websocket
 
     app.extensions["megastack_jobs"] = clients = JobClients(
-        {"converter": cfg.converter_addr, "trainer": cfg.trainer_addr, "evaluator": cfg.evaluator_addr})
+        {"converter": cfg.converter_addr, "trainer": cfg.trainer_addr, "evaluator": cfg.evaluator_addr},
+        max_watchers=cfg.max_watchers)
     register_jobs(api, clients)
 
     register_websocket(app, pool)
     app.register_error_handler(Exception, error_response)
-    keys = [k.encode() for k in cfg.api_keys]
+    keys = parse_keys(cfg.api_keys, cfg.api_keys_file or None)
 
     @app.before_request
     def _begin():
@@ -121,11 +121,9 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
         g.request_id = _request_id(request.headers.get("X-Request-Id"))
         g.token = REQUEST_ID.set(g.request_id)
         g.start = time.perf_counter()
-        if keys and request.path not in OPEN_PATHS:
-            # "Bearer <key>" (OpenAI clients) or the bare key (PAI-EAS clients send their token as is)
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
-            if not given or not any(hmac.compare_digest(given, k) for k in keys):
-                raise HTTPError(401, "missing or invalid API key (send Authorization: Bearer <key>)", "Authorization")
+        refused = authorize(keys, request.headers.get("Authorization", ""), request.path)
+        if refused is not None:
+            raise HTTPError(refused[0], refused[1], "Authorization")
 
     @app.after_request
     def _end(resp):

@@ -32,8 +32,9 @@ from protos.converter.v1 import converter_pb2, converter_pb2_grpc
 from protos.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from protos.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.gateway.http import SSE_HEADERS, HTTPError, json_body, json_response, sse
-from shared.errors import from_rpc_error
+from shared.errors import ResourceExhausted, from_rpc_error
 from shared.grpc.channel import call_metadata, make_channel
+from shared.jobs import WatchSlots
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,10 @@ def to_json(msg) -> dict[str, Any]:
 class JobClients:
     """One channel per job service, opened on first use (a service that is not deployed costs nothing)."""
 
-    def __init__(self, addresses: dict[str, str], timeout_s: float = 30.0) -> None:
+    def __init__(self, addresses: dict[str, str], timeout_s: float = 30.0, max_watchers: int = 16) -> None:
         self.addresses = addresses
         self.timeout_s = timeout_s
+        self.watchers = WatchSlots(max_watchers, "MEGASTACK_GATEWAY_MAX_WATCHERS")  # SSE event streams held open
         self._stubs: dict[str, Any] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
@@ -206,13 +208,22 @@ class JobEvents(Resource):
     def get(self, kind: str, job_id: str):
         k = _kind(kind)
         stub = self.clients.stub(k)
-        call = getattr(stub, f"Watch{k.noun}")(getattr(k.module, f"Watch{k.noun}Request")(job_id=job_id), metadata=call_metadata())
-        try:  # the first event is read here so that an unknown job is a 404, not a broken stream
-            first = next(call)
-        except StopIteration:
-            first = None
-        except grpc.RpcError as err:
-            raise HTTPError.from_service_error(_named(from_rpc_error(err), k)) from None
+        slot = self.clients.watchers.hold()  # one gateway thread per open stream: bounded, 429 beyond
+        try:
+            slot.__enter__()
+        except ResourceExhausted as e:
+            raise HTTPError.from_service_error(e) from None
+        try:
+            call = getattr(stub, f"Watch{k.noun}")(getattr(k.module, f"Watch{k.noun}Request")(job_id=job_id), metadata=call_metadata())
+            try:  # the first event is read here so that an unknown job is a 404, not a broken stream
+                first = next(call)
+            except StopIteration:
+                first = None
+            except grpc.RpcError as err:
+                raise HTTPError.from_service_error(_named(from_rpc_error(err), k)) from None
+        except BaseException:
+            slot.__exit__(None, None, None)
+            raise
 
         def events() -> Iterator[str]:
             try:
@@ -225,6 +236,7 @@ class JobEvents(Resource):
                 yield sse({"error": {"message": e.message, "code": e.code.name}})
             finally:
                 call.cancel()  # the HTTP client left: stop watching
+                slot.__exit__(None, None, None)
 
         return Response(stream_with_context(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
 

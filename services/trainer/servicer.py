@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import grpc
@@ -49,6 +50,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         return pb.ListTrainJobsResponse(jobs=[job_pb(r) for r in self.store.list(state_filter(request.state), request.limit)])
 
     def GetTrainJobLogs(self, request: pb.GetTrainJobLogsRequest, context: grpc.ServicerContext):
+        self.store.get(request.job_id)
+        with self.store.watchers.hold() if request.follow else contextlib.nullcontext():  # following is a watch
+            yield from self._logs(request, context)
+
+    def _logs(self, request: pb.GetTrainJobLogsRequest, context: grpc.ServicerContext):
         sent = 0
         while True:
             lines = self.launcher.logs(request.job_id)

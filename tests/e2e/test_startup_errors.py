@@ -56,6 +56,17 @@ def test_gateway_bad_setting():
     assert error_lines(out.stderr) == ["megastack-gateway: error: invalid MEGASTACK_GATEWAY_* settings: textgen_addrs must name at least one replica"]
 
 
+def test_gateway_refuses_to_serve_open_beyond_loopback(tmp_path):
+    out = run_service("services.gateway", {"MEGASTACK_GATEWAY_HOST": "0.0.0.0", "MEGASTACK_GATEWAY_PORT": "0"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = error_lines(out.stderr)
+    assert "refusing to serve on 0.0.0.0 without API keys" in line and "MEGASTACK_GATEWAY_ALLOW_OPEN=1" in line
+    bad = tmp_path / "keys"
+    bad.write_text("secret-key:generate+root\n")
+    out = run_service("services.gateway", {"MEGASTACK_GATEWAY_API_KEYS_FILE": str(bad), "MEGASTACK_GATEWAY_PORT": "0"})
+    assert out.returncode == 2 and "unknown scopes ['root']" in out.stderr and "secret-key" not in out.stderr
+
+
 def _copy_model(src, dst):
     import shutil
 

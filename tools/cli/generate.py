@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import requests
@@ -150,7 +151,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (first prompt)")
     p.add_argument("--interactive", "-i", action="store_true",
                    help="a prompt loop: type a prompt, its completion streams back; Ctrl-D quits")
-    p.add_argument("--api-key", default=None, help="API key when the gateway requires one")
+    p.add_argument("--api-key", default=os.environ.get("MEGASTACK_API_KEY") or None,
+                   help="API key when the gateway requires one; default $MEGASTACK_API_KEY (prefer it: a flag shows in ps)")
     p.add_argument("--timeout", type=float, default=600.0)
     b = p.add_argument_group("batch generation from a file")
     b.add_argument("--input-file", help="jsonl (prompt/text/query/instruction+input, or strings) or text, one sample per line")
