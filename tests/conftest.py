@@ -15,6 +15,15 @@ import tempfile  # noqa: E402
 
 os.environ.setdefault("MEGASTACK_DATA_ROOTS", f"{Path(__file__).resolve().parents[1]}:{Path(tempfile.gettempdir()).resolve()}")
 os.environ.setdefault("MEGASTACK_ALLOWED_ENDPOINTS", "127.0.0.1,localhost")
+# Ray heads run with token authentication (tools/stack.py); the tests share one token, set before Ray is
+# imported (Ray reads its auth mode once per process), so in-process job clients can talk to them.
+if "RAY_AUTH_TOKEN_PATH" not in os.environ:
+    import secrets
+
+    _token = Path(tempfile.mkdtemp(prefix="megastack-test-ray-")) / "token"
+    _token.write_text(secrets.token_hex(32))
+    _token.chmod(0o600)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(_token))
 
 
 import pytest  # noqa: E402

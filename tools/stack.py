@@ -65,6 +65,23 @@ PROMETHEUS_PORT = 9090
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
 
 
+def ray_auth_env(run_dir: Path) -> dict[str, str]:
+    """RAY_AUTH_MODE=token and the path of this stack's token: the operator's (RAY_AUTH_TOKEN_PATH), or one made
+    on first use in ``run_dir`` (0600; the token itself never goes into an environment)."""
+    import secrets
+
+    given = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if given and Path(given).is_file():
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(Path(given).resolve())}
+    path = Path(run_dir) / "ray-auth-token"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path.resolve())}
+
+
 def ray_head(run_dir: Path, *, free_ports: bool, num_cpus: int) -> Proc:
     """A local Ray head in the foreground (`--block`), so stopping its process group stops all of Ray."""
     gcs, dash, metrics = (free_port(), free_port(), free_port()) if free_ports else (RAY_GCS_PORT, RAY_DASHBOARD_PORT, RAY_METRICS_PORT)
@@ -77,11 +94,11 @@ def ray_head(run_dir: Path, *, free_ports: bool, num_cpus: int) -> Proc:
             "--disable-usage-stats", f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
             f"--metrics-export-port={metrics}"]
     url = f"http://127.0.0.1:{dash}"
-    # A loopback-only development head: no token authentication (Ray turns it on by itself as soon
-    # as ~/.ray/auth_token exists, which would make the stack depend on that file).
+    # Token authentication on (Ray's Jobs API runs code): a fresh token per head in <run_dir>/ray-auth-token
+    # (mode 0600); the trainer and the jobs' drivers read it through RAY_AUTH_TOKEN_PATH (see ray_auth_env).
     # Fewer wake-ups: no idle workers prestarted (every job's processes have their own runtime env, so
     # none would be reused), and the log monitor globs for new log files every 5 s, not every 0.1 s.
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "REPORTER_UPDATE_INTERVAL_MS": "30000",
+    env = {"RAY_USAGE_STATS_ENABLED": "0", **ray_auth_env(run_dir), "REPORTER_UPDATE_INTERVAL_MS": "30000",
            "METRICS_RECORD_INTERVAL_S": "30", "RAY_DASHBOARD_AGENT_LOOP_MONITOR_INTERVAL_S": "5",
            "SCAN_EVENT_DIR_INTERVAL_SECONDS": "10", "RAY_task_events_report_interval_ms": "10000",
            "RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0",
@@ -116,6 +133,7 @@ def plan(opts: StackOptions) -> list[Proc]:
                f"MEGASTACK_{svc.upper()}_JOBS_DIR": str(opts.run_dir / svc)}
         if svc == "trainer" and procs and procs[0].name == "ray":
             env["MEGASTACK_TRAINER_RAY_ADDRESS"] = procs[0].endpoints["dashboard"]
+            env.update(ray_auth_env(opts.run_dir))  # the head's token: the trainer's job client sends it
         procs.append(Proc(svc, py + [f"services.{svc}"], env, f"grpc:127.0.0.1:{gp}",
                           {"grpc": f"127.0.0.1:{gp}", "metrics": f"http://127.0.0.1:{mp}/metrics"}))
     if "gateway" in opts.services:
@@ -189,7 +207,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _healthy(check: str) -> bool:
+def _healthy(check: str, env: dict[str, str] | None = None) -> bool:
     if check.startswith("grpc:"):
         from shared.grpc.channel import check_health, make_channel
 
@@ -197,8 +215,12 @@ def _healthy(check: str) -> bool:
             return check_health(ch, timeout_s=1.0)
     import urllib.request
 
+    req = urllib.request.Request(check[5:])
+    token_path = (env or {}).get("RAY_AUTH_TOKEN_PATH")
+    if token_path:  # a Ray head with token authentication answers only with its token
+        req.add_header("Authorization", "Bearer " + Path(token_path).read_text().strip())
     try:
-        with urllib.request.urlopen(check[5:], timeout=1.0) as r:
+        with urllib.request.urlopen(req, timeout=1.0) as r:
             return r.status == 200
     except OSError:
         return False
@@ -250,7 +272,7 @@ class Stack:
         while time.monotonic() < deadline:
             if not _alive(p.pid):
                 raise RuntimeError(f"{p.name} exited during start-up; last log lines:\n{_tail(p.log)}")
-            if _healthy(p.health):
+            if _healthy(p.health, p.env):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"{p.name} did not become healthy within {timeout_s:.0f}s; last log lines:\n{_tail(p.log)}")
@@ -364,7 +386,7 @@ def _cmd_status(a: argparse.Namespace) -> int:
     rc = 0
     for p in stack.procs:
         alive = _alive(p.pid)
-        ok = alive and _healthy(p.health)
+        ok = alive and _healthy(p.health, p.env)
         rc |= 0 if ok else 1
         print(f"{p.name:<10} pid {p.pid:<7} {'healthy' if ok else 'running, unhealthy' if alive else 'dead'}  log {p.log}")
     return rc

@@ -108,7 +108,7 @@ def test_rayjob_runs_the_driver_on_a_spec_that_parses():
     assert spec.world_size == 8 and spec.gpus_per_worker == 1 and spec.precision == "bf16"
     assert spec.global_batch_size % (spec.micro_batch_size * spec.dp) == 0
     cluster = _docs(DEPLOY / "kuberay" / "raycluster.yaml")[0]
-    trainer_env = {e["name"]: e["value"] for c in _containers(_docs(DEPLOY / "k8s" / "trainer.yaml")[1]) for e in c["env"]}
+    trainer_env = {e["name"]: e.get("value") for c in _containers(_docs(DEPLOY / "k8s" / "trainer.yaml")[1]) for e in c["env"]}
     assert trainer_env["MEGASTACK_TRAINER_RAY_ADDRESS"] == f"http://{cluster['metadata']['name']}-head-svc:8265"
 
 
@@ -145,3 +145,87 @@ def test_job_services_are_confined_to_the_shared_volume():
         if svc == "evaluator":
             assert set(env["MEGASTACK_ALLOWED_ENDPOINTS"].split(",")) == {"textgen:50051", "gateway:5000"}
 
+
+
+# -- closed by default (issue 17, item 5) -------------------------------------------------------------
+def _pod_specs(node):
+    if isinstance(node, dict):
+        if "containers" in node and isinstance(node["containers"], list):
+            yield node
+        for v in node.values():
+            yield from _pod_specs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _pod_specs(v)
+
+
+def _env(container) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_only_the_gateway_reaches_the_services():
+    docs = {d["metadata"]["name"]: d for d in _docs(DEPLOY / "k8s" / "networkpolicy.yaml")}
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert "networkpolicy.yaml" in kustomization["resources"]
+    deny = docs["default-deny-ingress"]["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    allowed = {"textgen": ({"gateway", "evaluator"}, 50051), "converter": ({"gateway"}, 50052),
+               "trainer": ({"gateway"}, 50053), "evaluator": ({"gateway"}, 50054)}
+    for svc, (callers, port) in allowed.items():
+        (policy,) = [d for d in docs.values() if d["spec"]["podSelector"].get("matchLabels") == {"app": svc}]
+        rules = policy["spec"]["ingress"]
+        to_grpc = [r for r in rules if any(p["port"] == port for p in r.get("ports", []))]
+        assert to_grpc and all("from" in r for r in to_grpc), svc  # never open to everyone
+        assert {f["podSelector"]["matchLabels"]["app"] for r in to_grpc for f in r["from"]} == callers, svc
+        open_rules = [r for r in rules if "from" not in r]  # open to any pod: only the metrics port
+        assert all(p["port"] in range(9401, 9405) for r in open_rules for p in r["ports"]), svc
+
+
+def test_gateway_keys_are_required_and_come_from_a_file():
+    (dep,) = [d for d in _docs(DEPLOY / "k8s" / "gateway.yaml") if d["kind"] == "Deployment"]
+    text = (DEPLOY / "k8s" / "gateway.yaml").read_text()
+    assert "optional: true" not in text
+    (c,) = list(_containers(dep))
+    env = _env(c)
+    assert env["MEGASTACK_GATEWAY_HOST"]["value"] == "0.0.0.0" and "MEGASTACK_GATEWAY_ALLOW_OPEN" not in env
+    assert "MEGASTACK_GATEWAY_API_KEYS" not in env  # keys never in the environment
+    path = env["MEGASTACK_GATEWAY_API_KEYS_FILE"]["value"]
+    (vol,) = dep["spec"]["template"]["spec"]["volumes"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == vol["name"])
+    assert path.startswith(mount["mountPath"] + "/") and vol["secret"]["optional"] is False and mount["readOnly"]
+
+
+def test_ray_needs_its_token_everywhere_and_its_dashboard_stays_inside():
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        for doc in _docs(DEPLOY / "kuberay" / name):
+            text = yaml.safe_dump(doc)
+            assert "LoadBalancer" not in text and "NodePort" not in text, name
+            for c in _containers(doc):
+                env = _env(c)
+                assert env["RAY_AUTH_MODE"]["value"] == "token", (name, c["name"])
+                assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "megastack-ray-token", (name, c["name"])
+    (head,) = [d for d in _docs(DEPLOY / "kuberay" / "raycluster.yaml")]
+    assert head["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+    (trainer,) = [c for d in _docs(DEPLOY / "k8s" / "trainer.yaml") for c in _containers(d)]
+    assert _env(trainer)["RAY_AUTH_MODE"]["value"] == "token" and "RAY_AUTH_TOKEN" in _env(trainer)
+    ray_up = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
+    starts = [c for c in ray_up["head_start_ray_commands"] + ray_up["worker_start_ray_commands"] if "ray start" in c]
+    assert starts and all("RAY_AUTH_MODE=token" in c for c in starts)
+    import tempfile
+
+    from tools.stack import ray_head
+
+    with tempfile.TemporaryDirectory() as d:  # the local head too (its token file: see tests/conftest.py)
+        env = ray_head(Path(d), free_ports=True, num_cpus=1).env
+        assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]).is_file()
+
+
+def test_everything_runs_as_a_non_root_user():
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1] not in ("root", "0")
+    for path in [*DEPLOY.glob("k8s/*.yaml"), *DEPLOY.glob("kuberay/raycluster.yaml"), *DEPLOY.glob("kuberay/rayjob.yaml")]:
+        for doc in _docs(path):
+            for pod in _pod_specs(doc):
+                sc = pod.get("securityContext", {})
+                assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0, (path.name, sc)

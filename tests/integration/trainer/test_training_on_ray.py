@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import grpc
 import pytest
@@ -137,3 +138,17 @@ def test_logs_list_and_a_restarted_launcher_keeps_following(trainer, train_asset
     assert job_id in [j.status.job_id for j in listed]
     ray_jobs = {j.submission_id: j.metadata for j in launcher.client.list_jobs()}
     assert ray_jobs[job_id]["megastack_job_id"] == job_id and ray_jobs[job_id]["megastack_parallel"].startswith("tp=2")
+
+
+def test_the_ray_head_runs_nothing_for_callers_without_its_token(ray_head):
+    """Ray's Jobs API runs any command: the head the stack starts answers only callers with its token."""
+    import requests
+
+    from tools.stack import ray_auth_env
+
+    body = {"entrypoint": "touch /tmp/megastack-should-not-exist"}
+    r = requests.post(f"{ray_head}/api/jobs/", json=body, timeout=30)
+    assert r.status_code in (401, 403), r.text
+    assert requests.get(f"{ray_head}/api/jobs/", timeout=30).status_code in (401, 403)
+    token = open(ray_auth_env(Path("/nonexistent"))["RAY_AUTH_TOKEN_PATH"]).read().strip()
+    assert requests.get(f"{ray_head}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code == 200
