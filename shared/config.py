@@ -128,6 +128,10 @@ def markdown_table(cls: type, prefix: str) -> str:
     return "\n".join(lines)
 
 
+JOB_WATCHERS_HELP = ("Job watch and log-follow streams open at once; one more gets RESOURCE_EXHAUSTED (HTTP 429), so "
+                     "submissions always find a handler thread. Must be below max_workers.")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServiceConfig:
     """Settings every gRPC service has. Service configs subclass this."""
@@ -138,7 +142,6 @@ class ServiceConfig:
     log_level: str = setting("INFO", help="Logging level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_json: bool = setting(False, help="Log JSON lines (for log shippers) instead of text.")
     max_workers: int = setting(64, help="gRPC handler threads (concurrent RPCs, streams included).")
-    max_watchers: int = setting(32, help="Job watch and log-follow streams open at once (job services); one more gets RESOURCE_EXHAUSTED (HTTP 429), so submissions always find a handler thread. Must be below max_workers.")
     grace_s: float = setting(5.0, help="Seconds in-flight RPCs get to finish on SIGTERM.")
 
     def __post_init__(self) -> None:
@@ -148,5 +151,6 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be in 0..65535, got {value}")
         if self.max_workers <= 0:
             raise ValueError(f"max_workers must be > 0, got {self.max_workers}")
-        if not 0 < self.max_watchers < self.max_workers:
-            raise ValueError(f"max_watchers must be > 0 and below max_workers ({self.max_workers}), got {self.max_watchers}")
+        watchers = getattr(self, "max_watchers", None)  # the job services' setting (JOB_WATCHERS_HELP)
+        if watchers is not None and not 0 < watchers < self.max_workers:
+            raise ValueError(f"max_watchers must be > 0 and below max_workers ({self.max_workers}), got {watchers}")
