@@ -19,6 +19,9 @@ from shared.errors import InvalidArgument
 from shared.mcore import TRANSFORMER_IMPLS as IMPLS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# shared.checkpoints.layout speaks the converter's field names; a training spec has its own
+LAYOUT_FIELDS = {"num_layer_list": "parallel.num_layer_list", "target_pipeline_parallel_size": "parallel.pipeline_parallel",
+                 "num_layers_per_virtual_pipeline_stage": "parallel.virtual_pipeline"}
 RECOMPUTE = ("none", "full", "selective")
 DECAY_STYLES = ("cosine", "linear", "constant")
 
@@ -227,8 +230,19 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     from shared.mcore.model import padded_vocab_size
 
     L.check_tp(arch, spec.tp)
-    L.PipelineLayout.build(arch.num_layers, spec.pp, num_layer_list=list(spec.num_layer_list) or None,
-                           layers_per_virtual_stage=(arch.num_layers // spec.pp // spec.vpp) if spec.vpp > 1 else 0)
+    try:
+        L.PipelineLayout.build(arch.num_layers, spec.pp, num_layer_list=list(spec.num_layer_list) or None,
+                               layers_per_virtual_stage=(arch.num_layers // spec.pp // spec.vpp) if spec.vpp > 1 else 0)
+    except InvalidArgument as e:  # the layout's own words, with the spec's field names
+        raise _bad(e.message.replace("--num-layer-list", "parallel.num_layer_list"), LAYOUT_FIELDS.get(e.field, "parallel")) from None
+    if spec.num_layer_list:
+        if spec.pp < 2:
+            raise _bad("parallel.num_layer_list needs pipeline_parallel >= 2", "parallel.num_layer_list")
+        middle = spec.num_layer_list[1:-1]
+        if len(set(middle)) > 1:  # megatron-core sets the first and last stage; the others share the rest evenly
+            raise _bad(f"parallel.num_layer_list {list(spec.num_layer_list)}: the stages between the first and the last "
+                       f"must have equal layer counts (megatron-core splits them evenly), got {list(middle)}",
+                       "parallel.num_layer_list")
     if spec.vpp > 1 and arch.num_layers % (spec.pp * spec.vpp):
         raise _bad(f"{arch.num_layers} layers do not split into pipeline_parallel x virtual_pipeline = {spec.pp * spec.vpp} chunks",
                    "parallel.virtual_pipeline")

@@ -46,10 +46,8 @@ def _config(spec: TrainSpec, arch):
         extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif spec.recompute == "selective":
         extra.update(recompute_granularity="selective")
-    if spec.num_layer_list:
-        if spec.pp != 2:
-            raise ValueError("training supports uneven pipeline splits for PP=2 (first/last stage sizes)")
-        extra.update(num_layers_in_first_pipeline_stage=spec.num_layer_list[0], num_layers_in_last_pipeline_stage=spec.num_layer_list[1])
+    if spec.num_layer_list:  # validate() checked the shape: the middle stages share the other layers evenly
+        extra.update(num_layers_in_first_pipeline_stage=spec.num_layer_list[0], num_layers_in_last_pipeline_stage=spec.num_layer_list[-1])
     return transformer_config(arch, tp=spec.tp, pp=spec.pp, vpp=spec.vpp if spec.vpp > 1 else None,
                               params_dtype=DTYPES[spec.precision], sequence_parallel=spec.sequence_parallel, **extra)
 

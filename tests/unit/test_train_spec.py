@@ -44,7 +44,7 @@ def test_a_good_spec_passes_and_defaults_apply(assets):
     ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel", "needs tensor_parallel >= 2"),
     ({"data": {"seq_length": 4096}}, "data.seq_length", "exceeds the model's 256 positions"),
     ({"training": {"precision": "fp8"}}, "training.precision", "must be one of fp32, bf16, fp16"),
-    ({"parallel": {"pipeline_parallel": 3}}, "target_pipeline_parallel_size", "PP=3 does not divide 2 layers"),
+    ({"parallel": {"pipeline_parallel": 3}}, "parallel.pipeline_parallel", "PP=3 does not divide 2 layers"),
     ({"checkpoint": {"save_dir": ""}}, "checkpoint.save_dir", "is required"),
     ({"data": {"split": "90,10"}}, "data.split", "three non-negative weights"),
     ({"optimizer": {"lr_warmup_iters": 10**6}}, "optimizer.lr_warmup_iters", "must be >= 0 and below the decay steps"),
@@ -123,3 +123,33 @@ def test_save_dir_may_be_new_empty_or_the_trainers_own(assets, tmp_path):
     older.mkdir()
     (older / "megastack.json").write_text(json.dumps({"created_by": "megastack trainer"}))
     validate(spec_from_dict(doc(assets, checkpoint={"save_dir": str(older)})))
+
+
+@pytest.fixture
+def six_layers(tiny_models, tmp_path):
+    cfg = json.loads((tiny_models["llama"] / "config.json").read_text())
+    cfg["num_hidden_layers"] = 6
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return {"architecture": str(tmp_path / "config.json"), "tokenizer": str(tiny_models["llama"])}
+
+
+@pytest.mark.parametrize("parallel, fragment", [
+    ({"pipeline_parallel": 3, "num_layer_list": [1, 5]}, "has 2 entries for PP=3"),
+    ({"pipeline_parallel": 2, "num_layer_list": [2, 3]}, "must be positive and sum to 6"),
+    ({"pipeline_parallel": 4, "num_layer_list": [1, 2, 1, 2]}, "must have equal layer counts"),
+    ({"num_layer_list": [6]}, "needs pipeline_parallel >= 2"),
+    ({"pipeline_parallel": 2, "virtual_pipeline": 3, "num_layer_list": [3, 3]}, "cannot be combined with a virtual pipeline"),
+])
+def test_uneven_pipelines_that_megatron_core_cannot_build_are_refused_at_submit(assets, six_layers, parallel, fragment):
+    d = doc(assets, model=six_layers, parallel=parallel, training={"global_batch_size": 12})
+    d["model"].pop("init_from")
+    with pytest.raises(InvalidArgument, match=fragment) as e:
+        validate(spec_from_dict(d))
+    assert e.value.field == "parallel.num_layer_list"
+
+
+def test_uneven_pipelines_megatron_core_can_build_pass(assets, six_layers):
+    for parallel in ({"pipeline_parallel": 2, "num_layer_list": [2, 4]}, {"pipeline_parallel": 4, "num_layer_list": [1, 2, 2, 1]}):
+        d = doc(assets, model=six_layers, parallel=parallel, training={"global_batch_size": 12})
+        d["model"].pop("init_from")
+        validate(spec_from_dict(d))
