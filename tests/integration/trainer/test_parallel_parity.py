@@ -39,7 +39,11 @@ def reference(train_assets, tmp_path_factory):
     {"tensor_parallel": 2, "sequence_parallel": True},
     {"tensor_parallel": 1, "pipeline_parallel": 2, "num_layer_list": [1, 3]},
     {"tensor_parallel": 1, "pipeline_parallel": 3, "num_layer_list": [1, 2, 1]},
-], ids=["tp2-sp", "pp2-uneven-1-3", "pp3-uneven-1-2-1"])
+    {"tensor_parallel": 1, "pipeline_parallel": 2, "virtual_pipeline": 2},
+    {"tensor_parallel": 1, "data_parallel": 2},
+    {"tensor_parallel": 1, "data_parallel": 2, "distributed_optimizer": True},
+    {"tensor_parallel": 2, "data_parallel": 2},
+], ids=["tp2-sp", "pp2-uneven-1-3", "pp3-uneven-1-2-1", "pp2-vpp2", "dp2", "dp2-distopt", "tp2-dp2"])
 def test_layout_matches_the_single_process_run(train_assets, reference, tmp_path, parallel):
     got = train(train_assets, tmp_path / "run", parallel)
     assert [x["step"] for x in got] == [x["step"] for x in reference] == list(range(1, STEPS + 1))
