@@ -7,6 +7,7 @@ reads its own batches; tensor-parallel peers read identical ones.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from services.trainer.spec import TrainSpec
 
 IGNORE = -100
+logger = logging.getLogger(__name__)
 
 
 class ResumableSampler:
@@ -34,15 +36,59 @@ class ResumableSampler:
             start += step
 
 
-class SFTDataset(Dataset):
-    """``{prefix}_packed_{input_ids,labels}_document`` samples (from `megastack preprocess`), causal-LM ready."""
+class SFTOrder:
+    """(dataset, sample) of draw ``n``, for ``total`` draws: blended by ``weights`` with megatron-core's rule (its C++
+    ``build_blending_indices``: each draw goes to the dataset furthest behind its share), each dataset's samples in a
+    seeded shuffle drawn afresh every epoch, from the ``part`` (0 train, 1 valid, 2 test) of each dataset that
+    ``split`` cuts as megatron-core cuts documents (None: the whole dataset). Deterministic, so a resumed job
+    continues the same order; nothing per draw is materialised for a single dataset."""
 
-    def __init__(self, prefixes: list[str], seq_length: int, pad_id: int) -> None:
+    def __init__(self, sizes: list[int], weights: list[float], total: int, seed: int, *, split: str | None = None,
+                 part: int = 0) -> None:
+        self.total, self.seed, self.part = total, seed, part
+        self.ranges = []
+        for n in sizes:
+            counts = split_documents(split, n) if split is not None else [n, 0, 0]
+            start = sum(counts[:part])
+            self.ranges.append((start, start + counts[part]))
+        self.dataset_index = self.sample_index = None
+        if len(sizes) > 1:
+            from megatron.core.datasets import helpers
+
+            w = np.asarray(weights, dtype=np.float64)
+            self.dataset_index = np.zeros(total, dtype=np.int16)
+            self.sample_index = np.zeros(total, dtype=np.int64)
+            helpers.build_blending_indices(self.dataset_index, self.sample_index, w / w.sum(), len(sizes), total, False)
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, n: int) -> tuple[int, int]:
+        d, k = (0, n) if self.dataset_index is None else (int(self.dataset_index[n]), int(self.sample_index[n]))
+        a, b = self.ranges[d]
+        epoch, pos = divmod(k, b - a)
+        perm = self._perms.get((d, epoch))
+        if perm is None:
+            if len(self._perms) >= 8:
+                self._perms.pop(next(iter(self._perms)))
+            perm = self._perms[(d, epoch)] = np.random.default_rng([self.seed, d, epoch, self.part]).permutation(b - a)
+        return d, a + int(perm[pos])
+
+
+class SFTDataset(Dataset):
+    """``{prefix}_packed_{input_ids,labels}_document`` samples (from `megastack preprocess`), causal-LM ready,
+    in the order :class:`SFTOrder` gives (blend weights, seeded shuffle, the split's part)."""
+
+    def __init__(self, prefixes: list[str], seq_length: int, pad_id: int, *, weights: list[float] | None = None,
+                 total: int | None = None, seed: int = 1234, split: str | None = None, part: int = 0) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.pairs = [(IndexedDataset(f"{p}_packed_input_ids_document"), IndexedDataset(f"{p}_packed_labels_document"))
                       for p in prefixes]
-        self.index = [(d, i) for d, (ids, _) in enumerate(self.pairs) for i in range(len(ids))]
+        sizes = [len(ids) for ids, _ in self.pairs]
+        total = total if total is not None else sum(split_documents(split, n)[part] if split else n for n in sizes)
+        self.index = SFTOrder(sizes, weights or [1.0] * len(sizes), total, seed, split=split, part=part)
         self.seq_length, self.pad_id = seq_length, pad_id
 
     def __len__(self) -> int:
@@ -109,8 +155,21 @@ def build_datasets(spec: TrainSpec, tokenizer_dir: Path, pad_id: int):
     train_samples = spec.train_iters * spec.global_batch_size
     evals = (spec.train_iters // spec.eval_interval + 1) * spec.eval_iters * spec.global_batch_size if spec.eval_interval else 0
     if spec.kind == "sft":
-        ds = SFTDataset([p for p, _ in spec.data_paths], spec.seq_length, pad_id)
-        return ds, (ds if evals else None)
+        prefixes, weights = [p for p, _ in spec.data_paths], [w for _, w in spec.data_paths]
+        held_out = not spec.valid_data_paths
+        train = SFTDataset(prefixes, spec.seq_length, pad_id, weights=weights, total=train_samples, seed=spec.seed,
+                           split=spec.split if held_out else None, part=0)
+        if not evals:
+            return train, None
+        if held_out:
+            valid = SFTDataset(prefixes, spec.seq_length, pad_id, weights=weights, total=evals, seed=spec.seed,
+                               split=spec.split, part=1)
+            logger.info("SFT validation: part 2 of data.split %s of data.paths, never trained on", spec.split)
+        else:
+            valid = SFTDataset([p for p, _ in spec.valid_data_paths], spec.seq_length, pad_id,
+                               weights=[w for _, w in spec.valid_data_paths], total=evals, seed=spec.seed)
+            logger.info("SFT validation: data.valid_paths (%d datasets)", len(spec.valid_data_paths))
+        return train, valid
     train, valid, _ = _gpt_datasets(spec, tokenizer_dir, [train_samples, evals, 0])
     return train, valid
 

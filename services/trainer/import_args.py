@@ -450,7 +450,12 @@ def import_pai(tokens: list[str], layout: str, *, name: str = "", world_size: in
     imp.set("data.paths", [{"prefix": data, "weight": 1.0}], f"DATASET_PATH={data}")
     imp.set("data.split", "99,1,0", "the script's --split 99,1,0")
     if "VALID_DATASET_PATH" in a:
-        imp.no_effect.append((f"VALID_DATASET_PATH={a['VALID_DATASET_PATH']}", "indexed datasets are split by data.split (99,1,0)"))
+        valid = a["VALID_DATASET_PATH"]
+        if sft:  # SFT validates on its own set; without one megastack holds out data.split's valid part
+            imp.set("data.valid_paths", [{"prefix": valid, "weight": 1.0}], f"VALID_DATASET_PATH={valid}")
+        else:
+            imp.no_effect.append((f"VALID_DATASET_PATH={valid}", "pretraining validates on the data.split (99,1,0) part of "
+                                  "DATASET_PATH that it never trains on; validation sets are for SFT"))
     ckpt = a["PRETRAIN_CHECKPOINT_PATH"]
     size = a["MODEL_SIZE"]
     if ckpt != "none":

@@ -34,6 +34,7 @@ class TrainSpec:
     train_iters: int
     save_dir: str
     data_paths: tuple[tuple[str, float], ...]   # (prefix, weight)
+    valid_data_paths: tuple[tuple[str, float], ...] = ()  # SFT: validation sets; empty = held out of data_paths by split
     init_from: str = ""                         # mcore torch_dist checkpoint (converter output)
     architecture: str = ""                      # HF config folder / config.json when training from scratch
     tokenizer: str = ""
@@ -90,6 +91,7 @@ class TrainSpec:
     def from_json(cls, text: str) -> TrainSpec:
         d = json.loads(text)
         d["data_paths"] = tuple(tuple(x) for x in d["data_paths"])
+        d["valid_data_paths"] = tuple(tuple(x) for x in d.get("valid_data_paths", ()))
         d["num_layer_list"] = tuple(d["num_layer_list"])
         return cls(**d)
 
@@ -100,9 +102,13 @@ def _bad(message: str, field: str) -> InvalidArgument:
 
 def dataset_prefixes(spec: TrainSpec) -> list[str]:
     """The indexed-dataset prefixes the job reads (SFT: the input_ids/labels/attention_mask trio)."""
-    if spec.kind == "sft":
-        return [f"{p}_packed_{k}_document" for p, _ in spec.data_paths for k in ("input_ids", "labels", "attention_mask")]
-    return [p for p, _ in spec.data_paths]
+    return _prefixes(spec.kind, [*spec.data_paths, *spec.valid_data_paths])
+
+
+def _prefixes(kind: str, paths) -> list[str]:
+    if kind == "sft":
+        return [f"{p}_packed_{k}_document" for p, _ in paths for k in ("input_ids", "labels", "attention_mask")]
+    return [p for p, _ in paths]
 
 
 def resolve_arch(spec: TrainSpec):
@@ -152,7 +158,8 @@ def check_roots(spec: TrainSpec) -> None:
 
     for value, name in ((spec.init_from, "model.init_from"), (spec.architecture, "model.architecture"),
                          (spec.tokenizer, "model.tokenizer"), (spec.save_dir, "checkpoint.save_dir"),
-                         (spec.data_cache_dir, "data.cache_dir"), *((p, "data.paths") for p, _ in spec.data_paths)):
+                         (spec.data_cache_dir, "data.cache_dir"), *((p, "data.paths") for p, _ in spec.data_paths),
+                         *((p, "data.valid_paths") for p, _ in spec.valid_data_paths)):
         if value:
             under_roots(value, name)
 
@@ -208,23 +215,29 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     parts = spec.split.split(",")
     if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts) or sum(map(float, parts)) <= 0:
         raise _bad(f"data.split {spec.split!r} must be three non-negative weights like '98,1,1'", "data.split")
-    for prefix in dataset_prefixes(spec):
-        for ext in (".bin", ".idx"):
-            if not Path(prefix + ext).is_file():
-                raise _bad(f"data path {prefix}{ext} does not exist", "data.paths")
-    if spec.kind == "pretrain":
-        from services.trainer.data import split_documents
-        from shared.indexed_dataset import IndexedDatasetReader
+    if spec.valid_data_paths and spec.kind != "sft":
+        raise _bad("data.valid_paths is for SFT; pretraining validates on the data.split part of data.paths", "data.valid_paths")
+    if any(w <= 0 for _, w in spec.valid_data_paths):
+        raise _bad("data.valid_paths weights must be > 0", "data.valid_paths")
+    for field_name, paths in (("data.paths", spec.data_paths), ("data.valid_paths", spec.valid_data_paths)):
+        for prefix in _prefixes(spec.kind, paths):
+            for ext in (".bin", ".idx"):
+                if not Path(prefix + ext).is_file():
+                    raise _bad(f"data path {prefix}{ext} does not exist", field_name)
+    from services.trainer.data import split_documents
+    from shared.indexed_dataset import IndexedDatasetReader
 
-        for prefix in dataset_prefixes(spec):
-            docs = IndexedDatasetReader(prefix).num_documents
-            train, valid, _ = split_documents(spec.split, docs)
-            if train == 0:
-                raise _bad(f"data.split {spec.split} leaves no training documents of the {docs} in {prefix}", "data.split")
-            if spec.eval_interval and valid == 0:
-                raise _bad(f"data.split {spec.split} leaves no validation documents of the {docs} in {prefix}, but "
-                           "training.eval_interval asks for evaluation (give the valid split more weight, or eval_interval 0)",
-                           "data.split")
+    held_out = not spec.valid_data_paths  # validation on a part of data.paths that training never reads
+    for p, _ in spec.data_paths:
+        prefix = f"{p}_packed_input_ids_document" if spec.kind == "sft" else p
+        docs = IndexedDatasetReader(prefix).num_documents
+        train, valid, _ = split_documents(spec.split, docs) if held_out else (docs, 0, 0)
+        if train == 0:
+            raise _bad(f"data.split {spec.split} leaves no training documents of the {docs} in {prefix}", "data.split")
+        if spec.eval_interval and held_out and valid == 0:
+            raise _bad(f"data.split {spec.split} leaves no validation documents of the {docs} in {prefix}, but "
+                       "training.eval_interval asks for evaluation (give the valid split more weight, or eval_interval 0)",
+                       "data.split")
     arch, padded, tok = resolve_arch(spec)
     from shared.checkpoints import layout as L
     from shared.mcore.model import padded_vocab_size
@@ -246,6 +259,9 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     if spec.vpp > 1 and arch.num_layers % (spec.pp * spec.vpp):
         raise _bad(f"{arch.num_layers} layers do not split into pipeline_parallel x virtual_pipeline = {spec.pp * spec.vpp} chunks",
                    "parallel.virtual_pipeline")
+    if spec.sequence_parallel and spec.seq_length % spec.tp:  # megatron-core splits the sequence over the TP ranks
+        raise _bad(f"data.seq_length {spec.seq_length} must be a multiple of tensor_parallel={spec.tp} with sequence "
+                   "parallelism", "data.seq_length")
     if spec.seq_length > arch.max_position_embeddings:
         raise _bad(f"data.seq_length {spec.seq_length} exceeds the model's {arch.max_position_embeddings} positions", "data.seq_length")
     if padded is not None and padded != padded_vocab_size(arch.vocab_size, 128, spec.tp):
@@ -288,7 +304,8 @@ def absolutize(spec: TrainSpec, base: Path | None = None) -> TrainSpec:
     return dataclasses.replace(
         spec, init_from=fix(spec.init_from), architecture=fix(spec.architecture), tokenizer=fix(spec.tokenizer),
         save_dir=fix(spec.save_dir), data_cache_dir=fix(spec.data_cache_dir),
-        data_paths=tuple((fix(p), w) for p, w in spec.data_paths))
+        data_paths=tuple((fix(p), w) for p, w in spec.data_paths),
+        valid_data_paths=tuple((fix(p), w) for p, w in spec.valid_data_paths))
 
 
 def load_yaml(path: Path) -> TrainSpec:

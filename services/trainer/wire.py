@@ -23,6 +23,7 @@ def spec_from_pb(s: pb.TrainJobSpec) -> TrainSpec:
     return TrainSpec(
         name=s.name or "train", kind=KINDS.get(s.kind, "pretrain"), seq_length=d.seq_length, train_iters=t.train_iters,
         save_dir=c.save_dir, data_paths=tuple((x.prefix, x.weight or 1.0) for x in d.paths),
+        valid_data_paths=tuple((x.prefix, x.weight or 1.0) for x in d.valid_paths),
         init_from=s.model.init_from, architecture=s.model.architecture, tokenizer=s.model.tokenizer,
         split=d.split or "98,1,1", data_cache_dir=d.cache_dir, tp=tp, pp=pp, vpp=max(1, p.virtual_pipeline), dp=dp,
         sequence_parallel=p.sequence_parallel, distributed_optimizer=p.distributed_optimizer,
@@ -43,7 +44,8 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
         name=s.name, kind=KINDS_PB[s.kind],
         model=pb.ModelSpec(init_from=s.init_from, architecture=s.architecture, tokenizer=s.tokenizer),
         data=pb.DataSpec(paths=[pb.DataPath(prefix=p, weight=w) for p, w in s.data_paths], split=s.split,
-                         seq_length=s.seq_length, cache_dir=s.data_cache_dir),
+                         seq_length=s.seq_length, cache_dir=s.data_cache_dir,
+                         valid_paths=[pb.DataPath(prefix=p, weight=w) for p, w in s.valid_data_paths]),
         parallel=pb.ParallelSpec(tensor_parallel=s.tp, pipeline_parallel=s.pp, virtual_pipeline=s.vpp, data_parallel=s.dp,
                                  sequence_parallel=s.sequence_parallel, distributed_optimizer=s.distributed_optimizer,
                                  num_layer_list=s.num_layer_list),

@@ -121,6 +121,9 @@ def test_pai_qwen25_positional_arguments(tiny_tokenizer, tmp_path):
     sft = import_args(QWEN.replace(" false false sel", " false true sel").format(data="/x/q", out=tmp_path).split(),
                       tokenizer=str(tiny_tokenizer))
     assert sft.doc["kind"] == "sft" and sft.doc["training"]["train_iters"] == 1024000 and sft.doc["optimizer"]["lr_decay_iters"] == 1024000 - 10240
+    # SFT validates on the script's VALID_DATASET_PATH; pretraining says why it does not
+    assert sft.doc["data"]["valid_paths"] == [{"prefix": "/x/q", "weight": 1.0}]
+    assert "valid_paths" not in d["data"] and any(i.startswith("VALID_DATASET_PATH=") for i, _ in imp.no_effect)
 
 
 def test_pai_layouts_refuse_what_they_cannot_run(tiny_tokenizer, tmp_path):

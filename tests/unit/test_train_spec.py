@@ -148,6 +148,15 @@ def test_uneven_pipelines_that_megatron_core_cannot_build_are_refused_at_submit(
     assert e.value.field == "parallel.num_layer_list"
 
 
+def test_sequence_parallel_needs_a_sequence_that_splits_over_the_tp_ranks(train_assets, tmp_path):
+    from tests.fixtures.training import spec_doc
+
+    d = spec_doc(train_assets, tmp_path / "run", parallel={"tensor_parallel": 2, "sequence_parallel": True}, data={"seq_length": 63})
+    with pytest.raises(InvalidArgument, match="multiple of tensor_parallel=2") as e:
+        validate(spec_from_dict(d))
+    assert e.value.field == "data.seq_length"
+
+
 def test_uneven_pipelines_megatron_core_can_build_pass(assets, six_layers):
     for parallel in ({"pipeline_parallel": 2, "num_layer_list": [2, 4]}, {"pipeline_parallel": 4, "num_layer_list": [1, 2, 2, 1]}):
         d = doc(assets, model=six_layers, parallel=parallel, training={"global_batch_size": 12})
