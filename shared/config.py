@@ -129,7 +129,7 @@ def markdown_table(cls: type, prefix: str) -> str:
 
 
 JOB_WATCHERS_HELP = ("Job watch and log-follow streams open at once; one more gets RESOURCE_EXHAUSTED (HTTP 429), so "
-                     "submissions always find a handler thread. Must be below max_workers.")
+                     "submissions always find a handler thread. 0 = half of max_workers; else below max_workers.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,6 +151,10 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be in 0..65535, got {value}")
         if self.max_workers <= 0:
             raise ValueError(f"max_workers must be > 0, got {self.max_workers}")
-        watchers = getattr(self, "max_watchers", None)  # the job services' setting (JOB_WATCHERS_HELP)
-        if watchers is not None and not 0 < watchers < self.max_workers:
-            raise ValueError(f"max_watchers must be > 0 and below max_workers ({self.max_workers}), got {watchers}")
+        watchers = getattr(self, "max_watchers", 0)  # the job services' setting (JOB_WATCHERS_HELP)
+        if watchers < 0 or (watchers and watchers >= self.max_workers):
+            raise ValueError(f"max_watchers must be 0 (half of max_workers) or below max_workers ({self.max_workers}), got {watchers}")
+
+    @property
+    def watchers_limit(self) -> int:
+        return getattr(self, "max_watchers", 0) or max(1, self.max_workers // 2)

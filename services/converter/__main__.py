@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def build(cfg: ConverterConfig) -> ServiceParts:
-    store = JobStore(cfg.jobs_dir, "convert", max_watchers=cfg.max_watchers, watchers_setting="MEGASTACK_CONVERTER_MAX_WATCHERS")
+    store = JobStore(cfg.jobs_dir, "convert", max_watchers=cfg.watchers_limit, watchers_setting="MEGASTACK_CONVERTER_MAX_WATCHERS")
     lost = store.recover("the converter restarted while this conversion was running; its partial output was discarded")
     if lost:
         logger.warning("marked %d interrupted conversions as failed", len(lost))

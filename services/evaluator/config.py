@@ -13,7 +13,7 @@ from shared.paths import RUN_DIR
 class EvaluatorConfig(ServiceConfig):
     port: int = setting(50054, help="gRPC port; 0 picks a free port.")
     metrics_port: int = setting(9404, help="Prometheus /metrics port; 0 picks a free port.")
-    max_watchers: int = setting(32, help=JOB_WATCHERS_HELP)
+    max_watchers: int = setting(0, help=JOB_WATCHERS_HELP)
     jobs_dir: Path = setting(RUN_DIR / "evaluator", help="Evaluation records, lm-eval results and logs (survive restarts).")
     max_concurrent: int = setting(1, help="Evaluations running at once (each is its own process).")
     include_paths: tuple[str, ...] = setting((), help="Extra folders of lm-eval task YAMLs available to every run.")

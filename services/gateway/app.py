@@ -107,7 +107,7 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
 
     app.extensions["megastack_jobs"] = clients = JobClients(
         {"converter": cfg.converter_addr, "trainer": cfg.trainer_addr, "evaluator": cfg.evaluator_addr},
-        max_watchers=cfg.max_watchers)
+        max_watchers=cfg.watchers_limit)
     register_jobs(api, clients)
 
     register_websocket(app, pool)

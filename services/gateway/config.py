@@ -24,7 +24,7 @@ class GatewayConfig:
     ready_timeout_s: float = setting(30.0, help="Deadline of the 1-token generation behind GET /ready.")
     threads: int = setting(64, help="Threads of the one gateway process: requests, SSE streams and WebSockets served at once (see README: one process, many threads).")
     max_connections: int = setting(1000, help="Open client connections (kept-alive and waiting ones included); more wait in the listen backlog.")
-    max_watchers: int = setting(16, help="Job event streams (`/v1/jobs/.../events`) open at once; one more gets 429, so other requests always find a thread. Must be below threads.")
+    max_watchers: int = setting(0, help="Job event streams (`/v1/jobs/.../events`) open at once; one more gets 429, so other requests always find a thread. 0 = half of threads; else below threads.")
     keepalive_s: float = setting(5.0, help="How long an idle kept-alive connection stays open.")
     read_timeout_s: float = setting(30.0, help="Longest wait for each read of a request head or body and each write of a response; a slower client is dropped (WebSockets exempt once upgraded).")
     graceful_timeout_s: float = setting(30.0, help="On SIGTERM: stop accepting, let in-flight requests and streams finish for up to this long, then exit.")
@@ -40,8 +40,8 @@ class GatewayConfig:
             raise ValueError("max_body_bytes must be > 0")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if not 0 < self.max_watchers < self.threads:
-            raise ValueError(f"max_watchers must be > 0 and below threads ({self.threads}), got {self.max_watchers}")
+        if self.max_watchers < 0 or (self.max_watchers and self.max_watchers >= self.threads):
+            raise ValueError(f"max_watchers must be 0 (half of threads) or below threads ({self.threads}), got {self.max_watchers}")
         if self.max_connections <= self.threads:
             raise ValueError(f"max_connections ({self.max_connections}) must be > threads ({self.threads})")
         for name in ("keepalive_s", "read_timeout_s", "graceful_timeout_s"):
@@ -54,3 +54,7 @@ class GatewayConfig:
             raise ValueError(
                 f"refusing to serve on {self.host} without API keys: anyone who can reach it could generate and run jobs; "
                 "set MEGASTACK_GATEWAY_API_KEYS_FILE (or MEGASTACK_GATEWAY_API_KEYS), or MEGASTACK_GATEWAY_ALLOW_OPEN=1 to serve open on purpose")
+
+    @property
+    def watchers_limit(self) -> int:
+        return self.max_watchers or max(1, self.threads // 2)

@@ -13,7 +13,7 @@ from shared.paths import RUN_DIR
 class TrainerConfig(ServiceConfig):
     port: int = setting(50053, help="gRPC port; 0 picks a free port.")
     metrics_port: int = setting(9403, help="Prometheus /metrics port; 0 picks a free port.")
-    max_watchers: int = setting(32, help=JOB_WATCHERS_HELP)
+    max_watchers: int = setting(0, help=JOB_WATCHERS_HELP)
     ray_address: str = setting("http://127.0.0.1:8265", help="Ray dashboard (Jobs API) address of the cluster; `make up` starts a local head there.")
     jobs_dir: Path = setting(RUN_DIR / "trainer", help="Job records, specs and logs (survive restarts).")
     python: str = setting("", help="Python the Ray job runs on the cluster; empty = this service's interpreter.")

@@ -165,7 +165,7 @@ class RayLauncher:
                 M.LOSS.set(metrics["loss"])
         if attempt and attempt.get("started_unix_s", 0) >= rec.created_unix_s and attempt["attempt"] != rec.attempt:
             changes["attempt"] = attempt["attempt"]
-            M.RESTARTS.inc(max(0, attempt["attempt"] - rec.attempt))
+            M.RESTARTS.labels(attempt.get("restart_reason", "rank_failed")).inc(max(0, attempt["attempt"] - rec.attempt))
         if state != rec.state:
             changes["state"] = state
             if state == FAILED:

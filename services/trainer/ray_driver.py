@@ -24,6 +24,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from services.trainer import heartbeat
 from services.trainer.spec import TrainSpec, check_save_dir
 from shared.atomic import mark_output, write_text_atomic
 
@@ -107,7 +108,11 @@ def rank_bundle(spec: TrainSpec) -> dict[str, float]:
     return {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}
 
 
-def attempt_once(spec: TrainSpec, spec_json: str, attempt: int) -> tuple[bool, str]:
+def restart_reason(why: str) -> str:
+    return "hang" if why.startswith("hang:") else "rank_failed"
+
+
+def attempt_once(spec: TrainSpec, spec_json: str, attempt: int, previous: str = "") -> tuple[bool, str]:
     world = spec.world_size
     bundle = rank_bundle(spec)
     pg = placement_group([bundle] * world, strategy="PACK", name=f"megastack-{spec.name}-{attempt}")
@@ -122,10 +127,19 @@ def attempt_once(spec: TrainSpec, spec_json: str, attempt: int) -> tuple[bool, s
         addr, port = ray.get(actors[0].address.remote())
         pids = ray.get([a.pid.remote() for a in actors])
         write_text_atomic(Path(spec.save_dir) / ATTEMPT_FILE,
-                          json.dumps({"attempt": attempt, "max_retries": spec.max_retries, "pids": pids, "started_unix_s": time.time()}))
+                          json.dumps({"attempt": attempt, "max_retries": spec.max_retries, "pids": pids, "started_unix_s": time.time(),
+                                      **({"restart_reason": restart_reason(previous), "previous_failure": previous} if previous else {})}))
+        started = time.time()
         pending = [a.run.remote(spec_json, rank, world, addr, port) for rank, a in enumerate(actors)]
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=min(10.0, spec.hang_timeout_s / 4))
+            if not done:
+                stale = heartbeat.stale_ranks(spec.save_dir, world, spec.hang_timeout_s, since=started)
+                if stale:
+                    rank, silent = stale[0]
+                    return False, (f"hang: rank {rank} made no progress for {silent:.0f}s "
+                                   f"(resources.hang_timeout_s={spec.hang_timeout_s:g})")
+                continue
             try:
                 code = ray.get(done[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
@@ -171,10 +185,11 @@ def main(argv: list[str]) -> int:
     if why:  # retrying cannot help
         logger.error("%s", why)
         return 1
+    why = ""
     for attempt in range(1, spec.max_retries + 2):
         logger.info("attempt %d of %d: %d ranks (TP=%d PP=%d DP=%d)", attempt, spec.max_retries + 1, spec.world_size,
                     spec.tp, spec.pp, spec.dp)
-        ok, why = attempt_once(spec, spec_json, attempt)
+        ok, why = attempt_once(spec, spec_json, attempt, previous=why if attempt > 1 else "")
         if ok:
             logger.info("training finished")
             return 0

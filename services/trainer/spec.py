@@ -74,6 +74,7 @@ class TrainSpec:
     max_retries: int = 0
     backend: str = ""                           # "" = nccl with GPUs, else gloo
     num_threads: int = 0                        # 0 = cpus_per_worker
+    hang_timeout_s: float = 600.0               # no heartbeat from a rank this long: the attempt is restarted
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -206,6 +207,8 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     if not 0 <= spec.lr_warmup_iters < decay:
         raise _bad(f"optimizer.lr_warmup_iters ({spec.lr_warmup_iters}) must be >= 0 and below the decay steps ({decay}: "
                    "optimizer.lr_decay_iters, or training.train_iters when unset)", "optimizer.lr_warmup_iters")
+    if not spec.hang_timeout_s > 0:
+        raise _bad("resources.hang_timeout_s must be > 0", "resources.hang_timeout_s")
     if spec.max_retries < 0:
         raise _bad("resources.max_retries must be >= 0", "resources.max_retries")
     if not spec.data_paths:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from services.trainer import checkpointing as ckpt
+from services.trainer import heartbeat
 from services.trainer.data import batches, build_datasets
 from services.trainer.spec import TrainSpec, check_save_dir, resolve_arch
 from shared.atomic import write_text_atomic
@@ -174,6 +175,7 @@ def run(spec: TrainSpec) -> int:
     mdist.init(mdist.Parallelism(tp=spec.tp, pp=spec.pp, vpp=spec.vpp if spec.vpp > 1 else None),
                backend=spec.backend or None, seed=spec.seed)
     torch.manual_seed(spec.seed)
+    rank = dist.get_rank()
     arch, tok_dir, chunks, ddp, optimizer, scheduler = build(spec)
     save_dir = Path(spec.save_dir)
     if dist.get_rank() == 0:
@@ -183,6 +185,7 @@ def run(spec: TrainSpec) -> int:
 
         ckpt.describe(save_dir, spec, arch, tok_dir, padded_vocab_size(arch.vocab_size, 128, spec.tp))
     dist.barrier()
+    heartbeat.beat(spec.save_dir, rank)  # the driver's hang watch counts from here (and from the attempt's start)
     iteration, consumed = 0, 0
     latest = None if spec.no_resume else ckpt.latest_iteration(save_dir)
     if latest is not None:
@@ -205,6 +208,7 @@ def run(spec: TrainSpec) -> int:
         return its if len(its) > 1 else its[0]
 
     data = iterators(train_ds, consumed)
+    heartbeat.beat(spec.save_dir, rank)
     fb = get_forward_backward_func()
     reporter = Reporter(spec, ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                         and dp_rank == 0)
@@ -224,6 +228,7 @@ def run(spec: TrainSpec) -> int:
         iteration += 1
         consumed += spec.global_batch_size
         loss = _mean_loss(losses)
+        heartbeat.beat(spec.save_dir, rank)
         dt = time.perf_counter() - t0
         metrics = {"step": iteration, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
                    "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "tflops": per_token * tokens_per_step / dt / 1e12,
@@ -235,8 +240,10 @@ def run(spec: TrainSpec) -> int:
         if iteration % spec.log_interval == 0 or iteration == spec.train_iters:
             reporter.step(metrics)
         if (spec.save_interval and iteration % spec.save_interval == 0) or iteration == spec.train_iters:
+            heartbeat.beat(spec.save_dir, rank)
             took = ckpt.save(save_dir, iteration, models=chunks, optimizer=optimizer, scheduler=scheduler,
                              consumed_samples=consumed, keep_last=spec.keep_last)
+            heartbeat.beat(spec.save_dir, rank)
             reporter.last_checkpoint = iteration
             logger.info("saved checkpoint %s in %.1fs", ckpt.iter_name(iteration), took)
     reporter.step({**metrics, "done": True})

@@ -36,6 +36,7 @@ def spec_from_pb(s: pb.TrainJobSpec) -> TrainSpec:
         log_interval=_or(t.log_interval, 1), eval_interval=t.eval_interval, eval_iters=t.eval_iters,
         save_interval=c.save_interval, no_resume=c.no_resume, cpus_per_worker=_or(r.cpus_per_worker, 1.0),
         gpus_per_worker=r.gpus_per_worker, max_retries=r.max_retries, backend=r.backend, num_threads=r.num_threads,
+        hang_timeout_s=_or(r.hang_timeout_s, 600.0),
     )
 
 
@@ -58,7 +59,8 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
                                  transformer_impl=s.transformer_impl),
         checkpoint=pb.CheckpointSpec(save_dir=s.save_dir, save_interval=s.save_interval, no_resume=s.no_resume),
         resources=pb.ResourceSpec(cpus_per_worker=s.cpus_per_worker, gpus_per_worker=s.gpus_per_worker,
-                                  max_retries=s.max_retries, backend=s.backend, num_threads=s.num_threads),
+                                  max_retries=s.max_retries, backend=s.backend, num_threads=s.num_threads,
+                                  hang_timeout_s=s.hang_timeout_s),
     )
 
 

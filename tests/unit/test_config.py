@@ -57,3 +57,15 @@ def test_config_is_frozen():
 def test_describe_lists_every_setting():
     names = [row[0] for row in describe(Demo, P)]
     assert P + "MODEL_DIR" in names and P + "MAX_WORKERS" in names and len(names) == len(set(names))
+
+
+def test_watch_bounds_follow_the_thread_counts():
+    """0 (the default) is half the threads, so a smaller thread count never makes the defaults invalid."""
+    from services.converter.config import ConverterConfig
+    from services.gateway.config import GatewayConfig
+
+    assert GatewayConfig(threads=2).watchers_limit == 1 and GatewayConfig().watchers_limit == 32
+    assert ConverterConfig(max_workers=4).watchers_limit == 2 and ConverterConfig(max_watchers=3).watchers_limit == 3
+    for bad in (GatewayConfig, ConverterConfig):
+        with pytest.raises(ValueError, match="max_watchers must be 0"):
+            bad(**({"threads": 8} if bad is GatewayConfig else {"max_workers": 8}), max_watchers=8)

@@ -56,10 +56,18 @@ def test_trains_20_steps_and_the_loss_goes_down(trainer, train_assets, tmp_path,
     assert (tmp_path / "hf" / "config.json").is_file() and list((tmp_path / "hf").glob("tokenizer*"))
 
 
-def test_a_killed_rank_resumes_from_its_checkpoint_with_the_same_curve(trainer, train_assets, tmp_path):
+@pytest.fixture(scope="module")
+def steady_curve(trainer, train_assets, tmp_path_factory):
+    """The uninterrupted run the faulted ones must reproduce."""
     stub, _, _ = trainer
-    steady = follow(stub, submit(stub, train_assets, tmp_path / "steady"))
+    d = tmp_path_factory.mktemp("steady") / "run"
+    steady = follow(stub, submit(stub, train_assets, d))
     assert steady.status.state == common_pb2.JOB_STATE_SUCCEEDED, steady.status.error
+    return curve(d)
+
+
+def test_a_killed_rank_resumes_from_its_checkpoint_with_the_same_curve(trainer, train_assets, tmp_path, steady_curve):
+    stub, _, _ = trainer
     job_id = submit(stub, train_assets, tmp_path / "killed", resources={"max_retries": 1})
     status = tmp_path / "killed" / "megastack-status.json"
     wait_for(lambda: status.is_file() and json.loads(status.read_text())["step"] >= 8, 300, "step 8")
@@ -68,9 +76,40 @@ def test_a_killed_rank_resumes_from_its_checkpoint_with_the_same_curve(trainer, 
     job = follow(stub, job_id)
     assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.error
     assert job.status.attempt == 2
-    a, b = curve(tmp_path / "steady"), curve(tmp_path / "killed")
+    a, b = steady_curve, curve(tmp_path / "killed")
     assert sorted(b) == list(range(1, 21))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5, {s: (a[s], b[s]) for s in a}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def test_a_stopped_rank_is_a_hang_and_the_job_resumes_with_the_same_curve(trainer, train_assets, tmp_path, steady_curve):
+    """A rank that stops making progress (SIGSTOP: a deadlock, a stuck filesystem) is not a dead rank: only its
+    heartbeat tells. After resources.hang_timeout_s the attempt restarts from the last checkpoint."""
+    from services.trainer import metrics as M
+
+    stub, _, _ = trainer
+    hangs = M.RESTARTS.labels("hang")._value.get()
+    job_id = submit(stub, train_assets, tmp_path / "stopped", resources={"max_retries": 1, "hang_timeout_s": 20})
+    status = tmp_path / "stopped" / "megastack-status.json"
+    wait_for(lambda: status.is_file() and json.loads(status.read_text())["step"] >= 8, 300, "step 8")
+    actor = json.loads((tmp_path / "stopped" / "megastack-attempt.json").read_text())["pids"][1]
+    (rank,) = _children(actor)  # the training process the actor runs
+    os.kill(rank, signal.SIGSTOP)
+    job = follow(stub, job_id)
+    assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.error
+    assert job.status.attempt == 2
+    attempt = json.loads((tmp_path / "stopped" / "megastack-attempt.json").read_text())
+    assert attempt["restart_reason"] == "hang" and "made no progress" in attempt["previous_failure"]
+    assert M.RESTARTS.labels("hang")._value.get() == hangs + 1
+    b = curve(tmp_path / "stopped")
+    assert sorted(b) == list(range(1, 21))
+    assert max(abs(steady_curve[s] - b[s]) for s in steady_curve) < 1e-5
 
 
 def test_cancel_stops_every_rank(trainer, train_assets, tmp_path):
