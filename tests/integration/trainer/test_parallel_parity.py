@@ -1,7 +1,8 @@
-"""Parallel layouts train like a single process: the same data and init, 4 steps, under torchrun.
+"""Parallel layouts train like a single process: the same data and init, 6 steps, under torchrun.
 
-Each layout's loss and grad norm per step must equal the TP=1/PP=1 run's (fp32; rel 1e-5 for the loss,
-1e-4 for the grad norm, which sums squares in another order). Sequence parallelism: the norm weights'
+Each layout's loss and grad norm per step must equal the TP=1/PP=1/DP=1 run's (fp32; rel 1e-5 for the loss,
+1e-4 for the grad norm, which sums squares in another order), and so must its final weights, read back from
+its torch_dist checkpoint at whatever TP/PP it was saved (every tensor within 1e-5 of its largest value). Sequence parallelism: the norm weights'
 gradients are partial sums on each TP rank; without their all-reduce the grad norm differs (the test then
 fails). Uneven pipelines: megatron-core's first/last stage sizes with the middle stages even.
 """
@@ -16,7 +17,14 @@ from services.trainer.spec import spec_from_dict, validate
 from services.trainer.torchrun import run_local
 from tests.fixtures.training import spec_doc
 
-STEPS = 4
+STEPS = 6
+
+
+def weights(save_dir):
+    from shared.checkpoints import open_checkpoint
+
+    reader = open_checkpoint(save_dir)
+    return {name: reader.get(name).float() for name in reader.names()}
 
 
 def train(assets, save_dir, parallel) -> list[dict]:
@@ -32,7 +40,8 @@ def train(assets, save_dir, parallel) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(train_assets, tmp_path_factory):
-    return train(train_assets, tmp_path_factory.mktemp("tp1") / "run", {"tensor_parallel": 1})
+    d = tmp_path_factory.mktemp("tp1") / "run"
+    return train(train_assets, d, {"tensor_parallel": 1}), weights(d)
 
 
 @pytest.mark.parametrize("parallel", [
@@ -45,9 +54,16 @@ def reference(train_assets, tmp_path_factory):
     {"tensor_parallel": 2, "data_parallel": 2},
 ], ids=["tp2-sp", "pp2-uneven-1-3", "pp3-uneven-1-2-1", "pp2-vpp2", "dp2", "dp2-distopt", "tp2-dp2"])
 def test_layout_matches_the_single_process_run(train_assets, reference, tmp_path, parallel):
+    reference, final = reference
     got = train(train_assets, tmp_path / "run", parallel)
     assert [x["step"] for x in got] == [x["step"] for x in reference] == list(range(1, STEPS + 1))
     for a, b in zip(reference, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
     assert reference[-1]["loss"] != reference[0]["loss"]  # the steps did update the weights
+    mine = weights(tmp_path / "run")
+    assert mine.keys() == final.keys()
+    for name, ref in final.items():
+        scale = float(ref.abs().max()) or 1.0
+        diff = float((mine[name] - ref).abs().max())
+        assert diff <= 1e-5 * scale, (name, diff, scale)
