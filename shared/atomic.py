@@ -28,7 +28,7 @@ def check_target(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool =
     if t.exists():
         if not overwrite:
             raise AlreadyExists(f"{t} already exists (pass --overwrite to replace it)", field=field)
-        if not owned and not (t / OUTPUT_MARKER).is_file():
+        if not owned and not is_megastack_output(t):
             raise InvalidArgument(
                 f"{field} {t} exists and was not written by megastack (no {OUTPUT_MARKER} in it): --overwrite replaces "
                 "only megastack's own outputs; move it away or name a new folder", field=field)

@@ -128,8 +128,12 @@ def markdown_table(cls: type, prefix: str) -> str:
     return "\n".join(lines)
 
 
-JOB_WATCHERS_HELP = ("Job watch and log-follow streams open at once; one more gets RESOURCE_EXHAUSTED (HTTP 429), so "
-                     "submissions always find a handler thread. 0 = half of max_workers; else below max_workers.")
+def watch_limit(max_watchers: int, threads: int, threads_name: str) -> int:
+    """The bound on long-lived watch streams a server holds: ``max_watchers``, or half of its ``threads`` when 0;
+    below ``threads`` so that other requests always find one. ValueError otherwise."""
+    if max_watchers < 0 or (max_watchers and max_watchers >= threads):
+        raise ValueError(f"max_watchers must be 0 (half of {threads_name}) or below {threads_name} ({threads}), got {max_watchers}")
+    return max_watchers or max(1, threads // 2)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,10 +155,20 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be in 0..65535, got {value}")
         if self.max_workers <= 0:
             raise ValueError(f"max_workers must be > 0, got {self.max_workers}")
-        watchers = getattr(self, "max_watchers", 0)  # the job services' setting (JOB_WATCHERS_HELP)
-        if watchers < 0 or (watchers and watchers >= self.max_workers):
-            raise ValueError(f"max_watchers must be 0 (half of max_workers) or below max_workers ({self.max_workers}), got {watchers}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobServiceConfig(ServiceConfig):
+    """Settings the job services (converter, trainer, evaluator) add: their watch streams are bounded."""
+
+    max_watchers: int = setting(0, help="Job watch and log-follow streams open at once; one more gets RESOURCE_EXHAUSTED "
+                                         "(HTTP 429), so submissions always find a handler thread. 0 = half of max_workers; "
+                                         "else below max_workers.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.watchers_limit  # noqa: B018 - validates
 
     @property
     def watchers_limit(self) -> int:
-        return getattr(self, "max_watchers", 0) or max(1, self.max_workers // 2)
+        return watch_limit(self.max_watchers, self.max_workers, "max_workers")

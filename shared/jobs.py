@@ -65,18 +65,24 @@ class WatchSlots:
         self._lock = threading.Lock()
         self.open = 0
 
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
+    def acquire(self) -> None:
         with self._lock:
             if self.open >= self.limit:
                 raise ResourceExhausted(f"{self.limit} watch streams are open already ({self.setting}); retry later",
                                         field="job_id")
             self.open += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self.acquire()
         try:
             yield
         finally:
-            with self._lock:
-                self.open -= 1
+            self.release()
 
 
 class JobStore:

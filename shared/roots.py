@@ -39,8 +39,7 @@ def under_roots(path: str | Path, field: str) -> Path:
     """``path`` resolved, or InvalidArgument naming ``field`` and the roots when it lies outside all of them."""
     if not str(path).strip():
         return Path(path)
-    p = Path(path).expanduser()
-    p = p.resolve() if p.is_absolute() else (Path.cwd() / p).resolve()
+    p = Path(path).expanduser().resolve()  # a relative path resolves against the service's folder
     roots = data_roots()
     if not any(p == r or r in p.parents for r in roots):
         raise InvalidArgument(f"{field} {p} is outside the data roots ({', '.join(map(str, roots))}); jobs read and "

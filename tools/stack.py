@@ -326,8 +326,7 @@ def up(opts: StackOptions, *, timeout_s: float = 180.0, log: Callable[[str], Non
     base_env = _base_env()
     # jobs may name paths under the data roots only: the operator's setting, or the repository's runs/ and
     # models/ and the folder the stack is started from; plus what the caller adds (the demo's folders)
-    roots = [os.environ.get(ROOTS_ENV) or ":".join(map(str, data_roots())), *map(str, opts.data_roots)]
-    base_env[ROOTS_ENV] = ":".join(r for r in roots if r)
+    base_env[ROOTS_ENV] = ":".join(str(r) for r in (*data_roots(), *opts.data_roots))
     stages = sorted({p.stage for p in stack.procs})
     try:
         # Back-end services (and Ray) start together; the gateway once they are all healthy.

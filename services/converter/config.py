@@ -5,15 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import JOB_WATCHERS_HELP, ServiceConfig, setting
+from shared.config import JobServiceConfig, setting
 from shared.paths import RUN_DIR
 
 
 @dataclass(frozen=True, kw_only=True)
-class ConverterConfig(ServiceConfig):
+class ConverterConfig(JobServiceConfig):
     port: int = setting(50052, help="gRPC port; 0 picks a free port.")
     metrics_port: int = setting(9402, help="Prometheus /metrics port; 0 picks a free port.")
-    max_watchers: int = setting(0, help=JOB_WATCHERS_HELP)
     jobs_dir: Path = setting(RUN_DIR / "converter", help="Where job records and logs are kept (survive restarts).")
     max_concurrent: int = setting(1, help="Conversions running at once (each is its own process).")
     cancel_grace_s: float = setting(10.0, help="Seconds a cancelled conversion gets to clean up before SIGKILL.")

@@ -5,15 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import JOB_WATCHERS_HELP, ServiceConfig, setting
+from shared.config import JobServiceConfig, setting
 from shared.paths import RUN_DIR
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluatorConfig(ServiceConfig):
+class EvaluatorConfig(JobServiceConfig):
     port: int = setting(50054, help="gRPC port; 0 picks a free port.")
     metrics_port: int = setting(9404, help="Prometheus /metrics port; 0 picks a free port.")
-    max_watchers: int = setting(0, help=JOB_WATCHERS_HELP)
     jobs_dir: Path = setting(RUN_DIR / "evaluator", help="Evaluation records, lm-eval results and logs (survive restarts).")
     max_concurrent: int = setting(1, help="Evaluations running at once (each is its own process).")
     include_paths: tuple[str, ...] = setting((), help="Extra folders of lm-eval task YAMLs available to every run.")

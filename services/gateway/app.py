@@ -11,7 +11,7 @@ from flask_restful import Api
 from werkzeug.exceptions import HTTPException
 
 from services.gateway import metrics as M
-from services.gateway.auth import authorize, parse_keys
+from services.gateway.auth import authorize
 from services.gateway.config import GatewayConfig
 from services.gateway.health import Health, Metrics, Ready
 from services.gateway.http import HTTPError, error_body, json_response, release_websocket
@@ -112,7 +112,7 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
 
     register_websocket(app, pool)
     app.register_error_handler(Exception, error_response)
-    keys = parse_keys(cfg.api_keys, cfg.api_keys_file or None)
+    keys = cfg.key_scopes
 
     @app.before_request
     def _begin():

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-from shared.config import setting
+from shared.config import setting, watch_limit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,16 +41,15 @@ class GatewayConfig:
             raise ValueError("max_body_bytes must be > 0")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.max_watchers < 0 or (self.max_watchers and self.max_watchers >= self.threads):
-            raise ValueError(f"max_watchers must be 0 (half of threads) or below threads ({self.threads}), got {self.max_watchers}")
+        self.watchers_limit  # noqa: B018 - validates
         if self.max_connections <= self.threads:
             raise ValueError(f"max_connections ({self.max_connections}) must be > threads ({self.threads})")
         for name in ("keepalive_s", "read_timeout_s", "graceful_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        from services.gateway.auth import is_loopback, parse_keys
+        from services.gateway.auth import is_loopback
 
-        keys = parse_keys(self.api_keys, self.api_keys_file or None)  # bad entries and unreadable files stop the start
+        keys = self.key_scopes  # bad entries and unreadable files stop the start
         if not keys and not is_loopback(self.host) and not self.allow_open:
             raise ValueError(
                 f"refusing to serve on {self.host} without API keys: anyone who can reach it could generate and run jobs; "
@@ -57,4 +57,11 @@ class GatewayConfig:
 
     @property
     def watchers_limit(self) -> int:
-        return self.max_watchers or max(1, self.threads // 2)
+        return watch_limit(self.max_watchers, self.threads, "threads")
+
+    @functools.cached_property
+    def key_scopes(self) -> dict[bytes, frozenset[str]]:
+        """API key -> scopes (services/gateway/auth.py), parsed once: at start-up, where a bad entry stops it."""
+        from services.gateway.auth import parse_keys
+
+        return parse_keys(self.api_keys, self.api_keys_file or None)

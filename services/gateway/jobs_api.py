@@ -208,9 +208,9 @@ class JobEvents(Resource):
     def get(self, kind: str, job_id: str):
         k = _kind(kind)
         stub = self.clients.stub(k)
-        slot = self.clients.watchers.hold()  # one gateway thread per open stream: bounded, 429 beyond
+        watchers = self.clients.watchers  # one gateway thread per open stream: bounded, 429 beyond
         try:
-            slot.__enter__()
+            watchers.acquire()
         except ResourceExhausted as e:
             raise HTTPError.from_service_error(e) from None
         try:
@@ -222,7 +222,7 @@ class JobEvents(Resource):
             except grpc.RpcError as err:
                 raise HTTPError.from_service_error(_named(from_rpc_error(err), k)) from None
         except BaseException:
-            slot.__exit__(None, None, None)
+            watchers.release()
             raise
 
         def events() -> Iterator[str]:
@@ -236,7 +236,7 @@ class JobEvents(Resource):
                 yield sse({"error": {"message": e.message, "code": e.code.name}})
             finally:
                 call.cancel()  # the HTTP client left: stop watching
-                slot.__exit__(None, None, None)
+                watchers.release()
 
         return Response(stream_with_context(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import JOB_WATCHERS_HELP, ServiceConfig, setting
+from shared.config import JobServiceConfig, setting
 from shared.paths import RUN_DIR
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainerConfig(ServiceConfig):
+class TrainerConfig(JobServiceConfig):
     port: int = setting(50053, help="gRPC port; 0 picks a free port.")
     metrics_port: int = setting(9403, help="Prometheus /metrics port; 0 picks a free port.")
-    max_watchers: int = setting(0, help=JOB_WATCHERS_HELP)
     ray_address: str = setting("http://127.0.0.1:8265", help="Ray dashboard (Jobs API) address of the cluster; `make up` starts a local head there.")
     jobs_dir: Path = setting(RUN_DIR / "trainer", help="Job records, specs and logs (survive restarts).")
     python: str = setting("", help="Python the Ray job runs on the cluster; empty = this service's interpreter.")

@@ -12,9 +12,17 @@ import time
 from pathlib import Path
 
 DIR = ".megastack-heartbeat"
+EVERY_S = 1.0  # beats closer together than this are skipped: a step is often far shorter, the timeout minutes long
+_last: dict[tuple[str, int], float] = {}
 
 
-def beat(save_dir: str | Path, rank: int) -> None:
+def beat(save_dir: str | Path, rank: int, *, force: bool = False) -> None:
+    """Record that ``rank`` is making progress (at most once per :data:`EVERY_S` unless ``force``)."""
+    now = time.monotonic()
+    key = (str(save_dir), rank)
+    if not force and now - _last.get(key, -EVERY_S) < EVERY_S:
+        return
+    _last[key] = now
     d = Path(save_dir) / DIR
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".rank-{rank}.tmp"

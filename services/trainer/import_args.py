@@ -34,13 +34,13 @@ class Imported:
     unmapped: list[tuple[str, str]] = field(default_factory=list)    # (item, why not)
     hf_config: dict[str, Any] | None = None         # architecture to write next to the spec (training from scratch)
 
-    def set(self, path: str, value: Any, item: str) -> None:
+    def set(self, path: str, value: Any, item: str, note: str = "") -> None:
         section, _, key = path.rpartition(".")
         target = self.doc
         for part in section.split(".") if section else []:
             target = target.setdefault(part, {})
         target[key] = value
-        self.mapped.append((item, f"{path}: {value}"))
+        self.mapped.append((item, f"{path}: {value}" + (f" {note}" if note else "")))
 
 
 def _bad(message: str) -> InvalidArgument:
@@ -62,8 +62,8 @@ def _attention_flags(imp: Imported, seen: dict[str, list[str]]) -> None:
     if impl is not None:
         if impl not in ("transformer_engine", "local"):
             raise _bad(f"--transformer-impl {impl}: Megatron accepts transformer_engine or local")
-        imp.set("training.transformer_impl", "auto" if impl == "transformer_engine" else "local", f"--transformer-impl {impl}")
-        imp.mapped[-1] = (imp.mapped[-1][0], f"{imp.mapped[-1][1]} {_te_where()}")
+        imp.set("training.transformer_impl", "auto" if impl == "transformer_engine" else "local", f"--transformer-impl {impl}",
+                note=_te_where())
     local = impl == "local"
     if "use-flash-attn" in seen:
         seen.pop("use-flash-attn")
@@ -426,8 +426,7 @@ def import_pai(tokens: list[str], layout: str, *, name: str = "", world_size: in
     imp.set("parallel.distributed_optimizer", _bool("DO", a["DO"]), f"DO={a['DO']}")
     te = _bool("TE", a["TE"]) if "TE" in a else True
     if "TE" in a:
-        imp.set("training.transformer_impl", "auto" if te else "local", f"TE={a['TE']}")
-        imp.mapped[-1] = (imp.mapped[-1][0], f"{imp.mapped[-1][1]} {_te_where()}")
+        imp.set("training.transformer_impl", "auto" if te else "local", f"TE={a['TE']}", note=_te_where())
     imp.mapped.append((f"FL={a['FL']}", f"flash/fused attention comes with the Transformer Engine spec: "
                        f"{'used' if te else 'not used (TE=false)'}; {_te_where()}"))
     ac = a["AC"]

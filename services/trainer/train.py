@@ -178,14 +178,14 @@ def run(spec: TrainSpec) -> int:
     rank = dist.get_rank()
     arch, tok_dir, chunks, ddp, optimizer, scheduler = build(spec)
     save_dir = Path(spec.save_dir)
-    if dist.get_rank() == 0:
+    if rank == 0:
         check_save_dir(spec)  # again here: the folder may have changed since the job was submitted
         save_dir.mkdir(parents=True, exist_ok=True)
         from shared.mcore.model import padded_vocab_size
 
         ckpt.describe(save_dir, spec, arch, tok_dir, padded_vocab_size(arch.vocab_size, 128, spec.tp))
     dist.barrier()
-    heartbeat.beat(spec.save_dir, rank)  # the driver's hang watch counts from here (and from the attempt's start)
+    heartbeat.beat(spec.save_dir, rank, force=True)  # the driver's hang watch counts from here (and from the attempt's start)
     iteration, consumed = 0, 0
     latest = None if spec.no_resume else ckpt.latest_iteration(save_dir)
     if latest is not None:
@@ -208,7 +208,7 @@ def run(spec: TrainSpec) -> int:
         return its if len(its) > 1 else its[0]
 
     data = iterators(train_ds, consumed)
-    heartbeat.beat(spec.save_dir, rank)
+    heartbeat.beat(spec.save_dir, rank, force=True)
     fb = get_forward_backward_func()
     reporter = Reporter(spec, ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                         and dp_rank == 0)
@@ -240,10 +240,10 @@ def run(spec: TrainSpec) -> int:
         if iteration % spec.log_interval == 0 or iteration == spec.train_iters:
             reporter.step(metrics)
         if (spec.save_interval and iteration % spec.save_interval == 0) or iteration == spec.train_iters:
-            heartbeat.beat(spec.save_dir, rank)
+            heartbeat.beat(spec.save_dir, rank, force=True)
             took = ckpt.save(save_dir, iteration, models=chunks, optimizer=optimizer, scheduler=scheduler,
                              consumed_samples=consumed, keep_last=spec.keep_last)
-            heartbeat.beat(spec.save_dir, rank)
+            heartbeat.beat(spec.save_dir, rank, force=True)
             reporter.last_checkpoint = iteration
             logger.info("saved checkpoint %s in %.1fs", ckpt.iter_name(iteration), took)
     reporter.step({**metrics, "done": True})

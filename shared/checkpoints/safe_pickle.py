@@ -49,13 +49,16 @@ class AllowListUnpickler(pickle.Unpickler):
         raise UnsafePickle(f"{module}.{name} is not a class {self.what} is made of")
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(AllowListUnpickler):
+    """:data:`ALLOWED`, plus torch dtypes (``torch.float32`` and the like, looked up by name)."""
+
+    def __init__(self, file) -> None:
+        super().__init__(file, ALLOWED, "torch_dist metadata")
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if name in ALLOWED.get(module, ()):
-            return super().find_class(module, name)
-        raise UnsafePickle(f"{module}.{name} is not a class torch_dist metadata is made of")
+        return super().find_class(module, name)
 
 
 def read_dcp_metadata(ckpt_dir: Path) -> Any:
