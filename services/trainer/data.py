@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from services.trainer.spec import TrainSpec
+from shared.mcore.packing import segment_positions
 
 IGNORE = -100
 logger = logging.getLogger(__name__)
@@ -76,6 +77,18 @@ class SFTOrder:
         return d, a + int(perm[pos])
 
 
+def neat_packed(prefixes: list[str]) -> bool:
+    """Whether SFT data holds neat packs (several samples per row, to be kept apart), judged from the first rows
+    of each dataset's attention-mask file (`megastack preprocess --neat-pack` writes every row that way)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for p in prefixes:
+        masks = IndexedDataset(f"{p}_packed_attention_mask_document")
+        if any(int(np.max(np.asarray(masks[i]), initial=0)) > 1 for i in range(min(16, len(masks)))):
+            return True
+    return False
+
+
 class SFTDataset(Dataset):
     """``{prefix}_packed_{input_ids,labels}_document`` samples (from `megastack preprocess`), causal-LM ready,
     in the order :class:`SFTOrder` gives (blend weights, seeded shuffle, the split's part)."""
@@ -84,9 +97,9 @@ class SFTDataset(Dataset):
                  total: int | None = None, seed: int = 1234, split: str | None = None, part: int = 0) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-        self.pairs = [(IndexedDataset(f"{p}_packed_input_ids_document"), IndexedDataset(f"{p}_packed_labels_document"))
-                      for p in prefixes]
-        sizes = [len(ids) for ids, _ in self.pairs]
+        self.triples = [(IndexedDataset(f"{p}_packed_input_ids_document"), IndexedDataset(f"{p}_packed_labels_document"),
+                         IndexedDataset(f"{p}_packed_attention_mask_document")) for p in prefixes]
+        sizes = [len(ids) for ids, _, _ in self.triples]
         total = total if total is not None else sum(split_documents(split, n)[part] if split else n for n in sizes)
         self.index = SFTOrder(sizes, weights or [1.0] * len(sizes), total, seed, split=split, part=part)
         self.seq_length, self.pad_id = seq_length, pad_id
@@ -95,19 +108,27 @@ class SFTDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        """Tokens, next-token labels and loss mask, and the pack layout: ``segment_ids`` (which sample each token
+        is, ModelLink's attention-mask values; 0 = padding) and ``position_ids`` restarting at each sample."""
         d, i = self.index[idx % len(self.index)]
-        ids_ds, labels_ds = self.pairs[d]
-        ids = np.asarray(ids_ds[i], dtype=np.int64)[: self.seq_length]
-        labels = np.asarray(labels_ds[i], dtype=np.int64)[: self.seq_length]
+        ids_ds, labels_ds, mask_ds = self.triples[d]
         s = self.seq_length
+        ids = np.asarray(ids_ds[i], dtype=np.int64)[:s]
+        labels = np.asarray(labels_ds[i], dtype=np.int64)[:s]
         tokens = np.full(s, self.pad_id, dtype=np.int64)
         tokens[: len(ids)] = ids
-        # next-token targets: position t predicts labels[t + 1]; masked positions carry IGNORE
+        segments = np.zeros(s, dtype=np.int64)
+        raw = np.asarray(mask_ds[i], dtype=np.int64)[: len(ids)]
+        segments[: len(raw)] = raw
+        # next-token targets: position t predicts labels[t + 1], within its own sample only (the last token of a
+        # sample in a pack must not learn the first token of the next); masked positions carry IGNORE
         target = np.full(s, IGNORE, dtype=np.int64)
         target[: max(0, len(labels) - 1)] = labels[1:]
+        target[:-1][segments[:-1] != segments[1:]] = IGNORE
         mask = target != IGNORE
         return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(np.where(mask, target, 0)),
-                "loss_mask": torch.from_numpy(mask.astype(np.float32)), "position_ids": torch.arange(s)}
+                "loss_mask": torch.from_numpy(mask.astype(np.float32)),
+                "position_ids": torch.from_numpy(segment_positions(segments)), "segment_ids": torch.from_numpy(segments)}
 
 
 class DatasetTokenizer:
@@ -175,7 +196,8 @@ def build_datasets(spec: TrainSpec, tokenizer_dir: Path, pad_id: int):
 
 
 def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    batch = {k: torch.stack([torch.as_tensor(x[k]) for x in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    keys = ("tokens", "labels", "loss_mask", "position_ids") + (("segment_ids",) if "segment_ids" in items[0] else ())
+    batch = {k: torch.stack([torch.as_tensor(x[k]) for x in items]) for k in keys}
     batch["tokens"] = batch["tokens"].long()
     batch["labels"] = batch["labels"].long()
     return batch

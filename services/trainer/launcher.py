@@ -32,6 +32,7 @@ from shared.paths import REPO_ROOT
 
 logger = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+NO_AGENT = "No available agent"  # Ray's answer while the head's job agent is not registered yet
 RAY_STATES = {"PENDING": PENDING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED, "STOPPED": CANCELLED}
 
 
@@ -41,7 +42,8 @@ def clean_log(text: str) -> list[str]:
 
 class RayLauncher:
     def __init__(self, store: JobStore, *, ray_address: str, python: str = "", runtime_env: dict[str, Any] | None = None,
-                 poll_interval_s: float = 1.0, resource_wait_s: float = 0.0, ray_poll_interval_s: float = 5.0) -> None:
+                 poll_interval_s: float = 1.0, resource_wait_s: float = 0.0, ray_poll_interval_s: float = 5.0,
+                 agent_wait_s: float = 60.0) -> None:
         self.store = store
         self.address = ray_address
         self.python = python or sys.executable
@@ -50,6 +52,7 @@ class RayLauncher:
         self.ray_poll_interval_s = ray_poll_interval_s
         self._ray_polled: dict[str, float] = {}  # job id -> monotonic time of the last Ray state query
         self.resource_wait_s = resource_wait_s
+        self.agent_wait_s = agent_wait_s
         self._client = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow_loop, name="trainer-follow", daemon=True)
@@ -83,13 +86,22 @@ class RayLauncher:
         metadata = {"megastack_job_id": rec.job_id, "megastack_name": spec.name, "megastack_kind": spec.kind,
                     "megastack_parallel": f"tp={spec.tp},pp={spec.pp},dp={spec.dp},vpp={spec.vpp}",
                     "megastack_save_dir": spec.save_dir, "megastack_spec": str(spec_path)}
-        try:
-            sid = self.client.submit_job(entrypoint=f"{self.python} -m services.trainer.ray_driver {spec_path}",
-                                         submission_id=submission_id, runtime_env={**env, "env_vars": env_vars}, metadata=metadata)
-        except Unavailable:
-            raise
-        except Exception as e:  # noqa: BLE001 - the Jobs API refused it
-            raise Unavailable(f"Ray refused the job: {e}") from None
+        deadline = time.monotonic() + self.agent_wait_s
+        while True:
+            try:
+                sid = self.client.submit_job(entrypoint=f"{self.python} -m services.trainer.ray_driver {spec_path}",
+                                             submission_id=submission_id, runtime_env={**env, "env_vars": env_vars}, metadata=metadata)
+                break
+            except Unavailable:
+                raise
+            except Exception as e:  # noqa: BLE001 - the Jobs API refused it
+                # A head that has just started answers HTTP before its job agent has registered, and says so
+                # ("please try again later"); nothing was submitted, so asking again is safe.
+                if NO_AGENT in str(e) and time.monotonic() < deadline:
+                    logger.info("Ray's job agent is not up yet; submitting %s again in 1 s", rec.job_id)
+                    time.sleep(1.0)
+                    continue
+                raise Unavailable(f"Ray refused the job: {e}") from None
         self.store.update(rec.job_id, extra={**rec.extra, "submission_id": sid, "ray_address": self.address})
         M.SUBMITTED.inc()
         return sid

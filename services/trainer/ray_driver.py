@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from services.trainer import heartbeat
 from services.trainer.spec import TrainSpec, check_save_dir
 from shared.atomic import mark_output, write_text_atomic
+from shared.net import free_port
 
 logger = logging.getLogger("services.trainer.ray_driver")
 ATTEMPT_FILE = "megastack-attempt.json"
@@ -58,26 +58,23 @@ class RankWorker:
     """
 
     def address(self) -> tuple[str, int]:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        # Not an ephemeral port (see shared.net): an outgoing connection could take it before rank 0 binds it.
+        return ray.util.get_node_ip_address(), free_port("")
 
     def pid(self) -> int:
         return os.getpid()
 
     def run(self, spec_json: str, rank: int, world: int, master_addr: str, master_port: int) -> int:
         import subprocess
-        import tempfile
 
-        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix=f"megastack-rank{rank}-", delete=False) as f:
-            f.write(spec_json)
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0",
                "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "PYTHONUNBUFFERED": "1"}
-        try:
-            return subprocess.call([sys.executable, "-m", "services.trainer.train", f.name], env=env, preexec_fn=_child_setup)
-        finally:
-            os.unlink(f.name)
+        # The spec goes through a pipe: a spec file in /tmp was left behind whenever the actor was killed.
+        with subprocess.Popen([sys.executable, "-m", "services.trainer.train", "-"], env=env, stdin=subprocess.PIPE,
+                              text=True, preexec_fn=_child_setup) as child:
+            child.stdin.write(spec_json)
+            child.stdin.close()
+            return child.wait()
 
 
 def unfit_reason(bundle: dict[str, float], world: int, cluster: dict[str, float]) -> str:

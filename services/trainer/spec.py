@@ -97,6 +97,10 @@ class TrainSpec:
         return cls(**d)
 
 
+NEAT_PACK_TE = ("neat-packed SFT data (several samples per row, kept apart) trains on megatron-core's local layer spec: "
+                "set training.transformer_impl to auto or local (Transformer Engine's packed-sequence path is not wired yet)")
+
+
 def _bad(message: str, field: str) -> InvalidArgument:
     return InvalidArgument(message, field=field)
 
@@ -241,6 +245,11 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
             raise _bad(f"data.split {spec.split} leaves no validation documents of the {docs} in {prefix}, but "
                        "training.eval_interval asks for evaluation (give the valid split more weight, or eval_interval 0)",
                        "data.split")
+    if spec.kind == "sft" and spec.transformer_impl == "transformer_engine":
+        from services.trainer.data import neat_packed
+
+        if neat_packed([p for p, _ in (*spec.data_paths, *spec.valid_data_paths)]):
+            raise _bad(NEAT_PACK_TE, "training.transformer_impl")
     arch, padded, tok = resolve_arch(spec)
     from shared.checkpoints import layout as L
     from shared.mcore.model import padded_vocab_size

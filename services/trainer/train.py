@@ -23,9 +23,10 @@ import torch.distributed as dist
 from services.trainer import checkpointing as ckpt
 from services.trainer import heartbeat
 from services.trainer.data import batches, build_datasets
-from services.trainer.spec import TrainSpec, check_save_dir, resolve_arch
+from services.trainer.spec import NEAT_PACK_TE, TrainSpec, check_save_dir, resolve_arch
 from shared.atomic import write_text_atomic
 from shared.devices import module_device, to_device
+from shared.mcore.packing import block_causal_mask, follow_positions, has_isolated_samples, set_positions
 
 logger = logging.getLogger("services.trainer.train")
 STATUS_FILE = "megastack-status.json"
@@ -53,6 +54,21 @@ def _config(spec: TrainSpec, arch):
                               params_dtype=DTYPES[spec.precision], sequence_parallel=spec.sequence_parallel, **extra)
 
 
+def packed_impl(spec: TrainSpec) -> str:
+    """The transformer implementation for this job's data: neat-packed SFT needs the explicit block-diagonal mask,
+    which megatron-core's local spec applies; TE's attention would ignore it under its causal mask type (its
+    packed-sequence path is not wired here yet), so ``auto`` picks the local spec and ``transformer_engine`` is
+    refused (at submit too: spec.check_packing)."""
+    from services.trainer.data import neat_packed
+
+    if spec.kind != "sft" or not neat_packed([p for p, _ in (*spec.data_paths, *spec.valid_data_paths)]):
+        return spec.transformer_impl
+    if spec.transformer_impl == "transformer_engine":
+        raise ValueError(NEAT_PACK_TE)
+    logger.info("neat-packed SFT data: samples kept apart by an explicit mask on megatron-core's local layer spec")
+    return "local"
+
+
 def build(spec: TrainSpec):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
@@ -67,14 +83,17 @@ def build(spec: TrainSpec):
 
     arch, _, tok_dir = resolve_arch(spec)
     config = _config(spec, arch)
+    impl = packed_impl(spec)
     vocab = padded_vocab_size(arch.vocab_size, 128, spec.tp)
     chunks = []
     for v in range(spec.vpp):
         vp = v if spec.vpp > 1 else None
         chunks.append(build_gpt_model(
-            arch, config, vocab_size=vocab, vp_stage=vp, impl=spec.transformer_impl, max_sequence_length=max(spec.seq_length, arch.max_position_embeddings),
+            arch, config, vocab_size=vocab, vp_stage=vp, impl=impl, max_sequence_length=max(spec.seq_length, arch.max_position_embeddings),
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)))
+    for m in chunks:
+        follow_positions(m)  # RoPE at the per-sample positions of neat packs
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=spec.distributed_optimizer,
                                                overlap_grad_reduce=False)
     if spec.precision != "fp32":  # Megatron's get_model: the half-precision copy, inputs cast in, outputs cast out
@@ -106,7 +125,14 @@ def build(spec: TrainSpec):
 
 def _forward_step(data_iterator, model):
     batch = to_device(next(data_iterator), module_device(model))  # the loader yields CPU tensors
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    segments = batch.get("segment_ids")
+    if segments is not None and has_isolated_samples(segments):  # neat packs: each sample sees only itself
+        attention_mask = block_causal_mask(segments)
+        set_positions(model, batch["position_ids"])
+    else:
+        attention_mask = None
+        set_positions(model, None)
+    output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
     mask = batch["loss_mask"].float()
 
     def loss_func(output_tensor: torch.Tensor):
@@ -276,7 +302,8 @@ def main(argv: list[str]) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    spec = TrainSpec.from_json(Path(argv[0]).read_text())
+    # "-": the spec comes on stdin (the Ray rank actor pipes it, so a killed actor leaves no file behind)
+    spec = TrainSpec.from_json(sys.stdin.read() if argv[0] == "-" else Path(argv[0]).read_text())
     return run(spec)
 
 

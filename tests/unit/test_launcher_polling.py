@@ -84,3 +84,46 @@ def test_zero_interval_asks_ray_at_every_poll(tmp_path):
     write_status(status, 1)
     launcher.poll(job_id)
     assert fake.calls == 2
+
+
+class Refusing:
+    """A Jobs API that refuses ``refusals`` submissions with ``text`` first."""
+
+    def __init__(self, refusals: int, text: str) -> None:
+        self.refusals, self.text, self.calls = refusals, text, 0
+
+    def submit_job(self, **kw):
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise RuntimeError(f"Request failed with status code 500: {self.text}")
+        return kw["submission_id"]
+
+
+def submit_with(tmp_path, client, agent_wait_s: float):
+    store = JobStore(tmp_path / "jobs", "train")
+    spec = TrainSpec(name="t", kind="pretrain", seq_length=8, train_iters=10, save_dir=str(tmp_path / "run"),
+                     data_paths=(("x", 1.0),))
+    rec, _ = store.create({"json": spec.to_json()})
+    launcher = RayLauncher(store, ray_address="http://127.0.0.1:1", agent_wait_s=agent_wait_s)
+    launcher._client = client
+    return launcher.submit(rec, spec), store.get(rec.job_id)
+
+
+def test_a_head_whose_job_agent_is_not_up_yet_is_asked_again(tmp_path):
+    client = Refusing(2, "No available agent to submit job, please try again later.")
+    sid, rec = submit_with(tmp_path, client, agent_wait_s=30)
+    assert client.calls == 3 and rec.extra["submission_id"] == sid
+
+
+def test_other_refusals_and_an_agent_that_never_comes_fail_at_once(tmp_path):
+    from shared.errors import Unavailable
+
+    client = Refusing(5, "runtime_env is invalid")
+    with pytest.raises(Unavailable, match="runtime_env is invalid"):
+        submit_with(tmp_path, client, agent_wait_s=30)
+    assert client.calls == 1
+    never = Refusing(100, "No available agent to submit job, please try again later.")
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="No available agent"):
+        submit_with(tmp_path / "b", never, agent_wait_s=1.5)
+    assert never.calls >= 2 and time.monotonic() - t0 < 10

@@ -76,7 +76,7 @@ def test_sft_validation_is_held_out_of_training_or_its_own_set(train_assets, sft
     train, valid = build_datasets(own, train_assets["hf"], 0)
     trained = {train.index[i][1] for i in range(len(train))}  # 40 draws from all 60 (no part held out)
     assert len(trained) == 40 and max(trained) >= 48
-    assert valid.pairs[0][0] is not train.pairs[0][0] and len({valid.index[i][1] for i in range(len(valid))}) <= 10
+    assert valid.triples[0][0] is not train.triples[0][0] and len({valid.index[i][1] for i in range(len(valid))}) <= 10
 
 
 def test_a_resumed_job_reads_the_samples_an_uninterrupted_one_reads(train_assets, sft_data, tmp_path):
