@@ -2,13 +2,16 @@
 
 Every rank writes its shards into ``<save_dir>/.tmp-iter_XXXXXXX``; rank 0 then renames it to
 ``iter_XXXXXXX`` and updates ``latest_checkpointed_iteration.txt`` (atomically), so a job killed while
-saving resumes from the previous complete checkpoint. The layout is Megatron-LM's: the model under
+saving resumes from the previous complete checkpoint. With ``checkpoint.async_save`` the shards are written
+in the background (:class:`Saver`) and published the same way once all ranks are done. The layout is Megatron-LM's: the model under
 ``model`` (``model0``, ``model1``, ... for a virtual pipeline), so Megatron tools read it too.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -24,6 +27,7 @@ from shared.checkpoints.megatron import TRACKER
 
 logger = logging.getLogger(__name__)
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+SAVES_FILE = "megastack-saves.jsonl"  # one line per published checkpoint: blocked_s (the step loop's cost), written_s
 
 
 def iter_name(iteration: int) -> str:
@@ -83,32 +87,151 @@ def describe(save_dir: Path, spec, arch, tok_dir: Path | None, padded_vocab: int
     mark_output(Path(save_dir))  # megastack's folder: resumes and cleanups of old iterations may touch it
 
 
-def save(save_dir: Path, iteration: int, *, models: list, optimizer, scheduler, consumed_samples: int, keep_last: int) -> float:
-    from megatron.core import dist_checkpointing
+def _publish(save_dir: Path, iteration: int, keep_last: int) -> None:
+    """Rank 0, once every rank's shards are written: the temporary folder becomes ``iter_XXXXXXX``, the tracker
+    names it (atomically), old iterations beyond ``keep_last`` go. Until then the previous one is the latest."""
+    final, tmp = save_dir / iter_name(iteration), save_dir / f".tmp-{iter_name(iteration)}"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    write_text_atomic(save_dir / TRACKER, str(iteration))
+    done = sorted(int(p.name[5:]) for p in save_dir.glob("iter_*") if p.name[5:].isdigit())
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(save_dir / iter_name(old), ignore_errors=True)
 
-    t0 = time.perf_counter()
-    save_dir = Path(save_dir)
-    final = save_dir / iter_name(iteration)
-    tmp = save_dir / f".tmp-{iter_name(iteration)}"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    state = model_sharded_state(models)
-    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=SHARDING)
-    state.update(iteration=iteration, consumed_samples=consumed_samples, opt_param_scheduler=scheduler.state_dict(),
-                 checkpoint_version=3.0, rng_state=_rng_object())
-    dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        write_text_atomic(save_dir / TRACKER, str(iteration))
-        done = sorted(int(p.name[5:]) for p in save_dir.glob("iter_*") if p.name[5:].isdigit())
-        for old in done[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(save_dir / iter_name(old), ignore_errors=True)
-    dist.barrier()
-    return time.perf_counter() - t0
+
+def discard_partial(save_dir: Path) -> list[str]:
+    """Remove the ``.tmp-iter_*`` folders of saves that never completed (rank 0, before training starts: their
+    writers died with the attempt that started them). Only megastack's own temporary names are touched."""
+    gone = []
+    for p in sorted(Path(save_dir).glob(".tmp-iter_*")):
+        if p.is_dir() and p.name[len(".tmp-iter_"):].isdigit():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone
+
+
+def _die_with_parent() -> None:
+    """In a process forked from a rank (megatron-core's background checkpoint writer): be SIGKILLed when the rank
+    dies, so no orphan goes on writing into a folder that the next attempt reuses."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: orphans finish their write and exit
+        pass
+
+
+_FORK_HOOK = []
+
+
+def _writer_results_queue_dies_with_rank() -> None:
+    """megatron-core's checkpoint writer reports through a queue served by a ``multiprocessing`` Manager, a
+    spawned process made on the first save that outlives a rank killed by SIGKILL (an orphan per killed rank,
+    holding the rank's stdout). Made here first, with the same spawn context, its server process is SIGKILLed
+    with the rank instead (megatron-core then finds the queue in place and uses it)."""
+    import multiprocessing as mp
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:  # pragma: no cover - megatron-core is a dependency
+        return
+    if getattr(fa, "_results_queue", "absent") is not None:  # made already, or a megatron-core without it
+        return
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    fa._results_queue = manager.Queue()
+    _MANAGERS.append(manager)  # alive as long as the rank
+
+
+_MANAGERS: list = []
+
+
+class Saver:
+    """Writes torch_dist checkpoints, in the step loop (sync) or in the background (``checkpoint.async_save``).
+
+    Async: megatron-core's async save; the step loop blocks while the state dict is built and a writer process
+    is forked with the tensors (a copy from the GPU first, on a GPU), then goes on; every step asks (one small
+    all-reduce) whether all ranks' writers are done, and the checkpoint is published (renamed, tracker updated)
+    only then. One save is in flight at a time: the next save, and the end of training, wait for it. A job
+    killed meanwhile leaves ``.tmp-iter_*`` behind and resumes from the previous checkpoint.
+    """
+
+    def __init__(self, save_dir: Path, *, keep_last: int, async_save: bool) -> None:
+        self.save_dir, self.keep_last, self.async_save = Path(save_dir), keep_last, async_save
+        self._queue = None
+        _writer_results_queue_dies_with_rank()
+        self._started: dict[int, float] = {}  # iteration -> perf_counter when its save started
+        self.completed: list[tuple[int, float]] = []  # (iteration, seconds from start to published)
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue(persistent=False)
+            if not _FORK_HOOK:
+                os.register_at_fork(after_in_child=_die_with_parent)
+                _FORK_HOOK.append(True)
+
+    def save(self, iteration: int, *, models: list, optimizer, scheduler, consumed_samples: int) -> float:
+        """Save ``iteration``; returns the seconds the caller was blocked."""
+        from megatron.core import dist_checkpointing
+
+        self.wait()  # one in flight at a time
+        t0 = time.perf_counter()
+        tmp = self.save_dir / f".tmp-{iter_name(iteration)}"
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = model_sharded_state(models)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=SHARDING)
+        state.update(iteration=iteration, consumed_samples=consumed_samples, opt_param_scheduler=scheduler.state_dict(),
+                     checkpoint_version=3.0, rng_state=_rng_object())
+        self._started[iteration] = t0
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
+        if request is None:
+            blocked = time.perf_counter() - t0
+            self._finish(iteration, blocked)
+            return blocked
+        cost: dict[str, float] = {}
+        request.add_finalize_fn(lambda: self._finish(iteration, cost["blocked"]))  # run once every rank's writer is done
+        self._queue.schedule_async_request(request)
+        cost["blocked"] = time.perf_counter() - t0
+        return cost["blocked"]
+
+    def _finish(self, iteration: int, blocked_s: float) -> None:  # every rank
+        dist.barrier()
+        took = time.perf_counter() - self._started.pop(iteration)
+        if dist.get_rank() == 0:
+            _publish(self.save_dir, iteration, self.keep_last)
+            with open(self.save_dir / SAVES_FILE, "a") as f:  # what each save cost the step loop, and in all
+                f.write(json.dumps({"iteration": iteration, "async": self.async_save, "blocked_s": blocked_s,
+                                    "written_s": took, "unix_s": time.time()}) + "\n")
+        dist.barrier()
+        self.completed.append((iteration, took))
+        if self.async_save:
+            logger.info("checkpoint %s written in the background in %.1fs", iter_name(iteration), took)
+
+    def poll(self) -> None:
+        """Publish the background saves that are done (every rank, at the same steps: a collective)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until every background save is written and published (every rank)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    @property
+    def in_flight(self) -> int:
+        return self._queue.get_num_unfinalized_calls() if self._queue is not None else 0
+
+
+def save(save_dir: Path, iteration: int, *, models: list, optimizer, scheduler, consumed_samples: int, keep_last: int) -> float:
+    """A synchronous save (see :class:`Saver`); returns its seconds."""
+    return Saver(save_dir, keep_last=keep_last, async_save=False).save(
+        iteration, models=models, optimizer=optimizer, scheduler=scheduler, consumed_samples=consumed_samples)
 
 
 def init_optimizer_state(optimizer) -> None:

@@ -91,6 +91,7 @@ BOOL_FLAGS = {
     "apply-query-key-layer-scaling", "no-save-optim", "no-save-rng", "mock-data", "qk-layernorm", "use-checkpoint-args",
     "exit-on-missing-checkpoint", "no-async-tensor-model-parallel-allreduce", "calculate-per-token-loss", "eod-mask-loss",
     "reset-position-ids", "reset-attention-mask", "standalone", "no-create-attention-mask-in-dataloader", "use-legacy-models",
+    "async-save",
 }
 NO_EFFECT = {
     "use-mcore-models": "megastack always trains megatron-core models",
@@ -221,9 +222,10 @@ def import_megatron(tokens: list[str], *, name: str = "", world_size: int = 0) -
     for f in ("recompute-method", "recompute-num-layers"):
         if f in seen:
             imp.no_effect.append((f"--{f} {' '.join(seen.pop(f))}", "megastack recomputes every layer uniformly with recompute: full"))
-    for f, key in (("sequence-parallel", "sequence_parallel"), ("use-distributed-optimizer", "distributed_optimizer")):
+    for f, key in (("sequence-parallel", "parallel.sequence_parallel"), ("use-distributed-optimizer", "parallel.distributed_optimizer"),
+                   ("async-save", "checkpoint.async_save")):
         if seen.pop(f, None) is not None:
-            imp.set(f"parallel.{key}", True, f"--{f}")
+            imp.set(key, True, f"--{f}")
     if "num-layers-per-virtual-pipeline-stage" in seen:
         per = _one("num-layers-per-virtual-pipeline-stage", seen.pop("num-layers-per-virtual-pipeline-stage"), int)
         pp = imp.doc.get("parallel", {}).get("pipeline_parallel", 1)

@@ -168,9 +168,11 @@ class RayLauncher:
         extra = dict(rec.extra)
         if status and status.get("updated_unix_s", 0) >= rec.created_unix_s:
             extra["metrics"] = status
-            metrics = {k: float(status[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "step_time_s") if k in status}
+            metrics = {k: float(status[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "step_time_s", "mfu", "loss_scale")
+                       if k in status}
             changes["progress"] = {"done": status.get("step", 0), "total": spec.train_iters, "unit": "steps",
                                    "message": f"step {status.get('step', 0)}/{spec.train_iters}", "metrics": metrics}
+            M.set_job(job_id, spec.name, status)
             M.STEP_TIME.set(metrics.get("step_time_s", 0.0))
             M.TOKENS.set(metrics.get("tokens_per_s", 0.0))
             if "loss" in metrics:
@@ -192,6 +194,7 @@ class RayLauncher:
             self.store.update(job_id, **changes)
         if state in (SUCCEEDED, FAILED, CANCELLED):
             self._ray_polled.pop(job_id, None)
+            M.drop_job(job_id, spec.name)
 
     def _failure_reason(self, rec: JobRecord, info: Any) -> str:
         try:

@@ -69,12 +69,14 @@ class TrainSpec:
     save_interval: int = 0                      # 0 = only at the end
     no_resume: bool = False
     keep_last: int = 2
+    async_save: bool = False                    # checkpoints written in the background (checkpointing.Saver)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_retries: int = 0
     backend: str = ""                           # "" = nccl with GPUs, else gloo
     num_threads: int = 0                        # 0 = cpus_per_worker
     hang_timeout_s: float = 600.0               # no heartbeat from a rank this long: the attempt is restarted
+    peak_tflops_per_worker: float = 0.0         # one rank's peak for MFU; 0 = each rank measures its device at start
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -211,6 +213,8 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     if not 0 <= spec.lr_warmup_iters < decay:
         raise _bad(f"optimizer.lr_warmup_iters ({spec.lr_warmup_iters}) must be >= 0 and below the decay steps ({decay}: "
                    "optimizer.lr_decay_iters, or training.train_iters when unset)", "optimizer.lr_warmup_iters")
+    if not spec.peak_tflops_per_worker >= 0:
+        raise _bad("resources.peak_tflops_per_worker must be >= 0 (0 = measured at start)", "resources.peak_tflops_per_worker")
     if not spec.hang_timeout_s > 0:
         raise _bad("resources.hang_timeout_s must be > 0", "resources.hang_timeout_s")
     if spec.max_retries < 0:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from services.trainer import checkpointing as ckpt
 from services.trainer import heartbeat
 from services.trainer.data import batches, build_datasets
+from services.trainer.perf import flops_per_token, job_peak_tflops, rank_step_times
 from services.trainer.spec import NEAT_PACK_TE, TrainSpec, check_save_dir, resolve_arch
 from shared.atomic import write_text_atomic
 from shared.devices import module_device, to_device
@@ -31,13 +32,6 @@ from shared.mcore.packing import block_causal_mask, follow_positions, has_isolat
 logger = logging.getLogger("services.trainer.train")
 STATUS_FILE = "megastack-status.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def flops_per_token(arch, seq_length: int) -> float:
-    """Model FLOPs (forward + backward) per token: 6 N plus the attention score/value products."""
-    n = arch.num_parameters() - (arch.max_position_embeddings * arch.hidden_size if arch.position_embedding == "learned_absolute" else 0)
-    attention = 12 * arch.num_layers * seq_length * arch.num_attention_heads * arch.head_dim
-    return 6.0 * n + attention
 
 
 def _config(spec: TrainSpec, arch):
@@ -172,9 +166,12 @@ class Reporter:
             step = metrics["step"]
             for tag, key in (("lm-loss", "loss"), ("learning-rate", "lr"), ("grad-norm", "grad_norm"),
                              ("throughput/tokens_per_s", "tokens_per_s"), ("throughput/tflops", "tflops"),
+                             ("throughput/mfu", "mfu"), ("loss-scale", "loss_scale"),
                              ("time/step_s", "step_time_s"), ("validation/lm-loss", "valid_loss")):
                 if key in metrics:
                     self.tb.add_scalar(tag, metrics[key], step)
+            for r, seconds in enumerate(metrics.get("rank_step_time_s", ())):
+                self.tb.add_scalar(f"time/step_s/rank{r}", seconds, step)
             self.tb.flush()
 
 
@@ -207,6 +204,8 @@ def run(spec: TrainSpec) -> int:
     if rank == 0:
         check_save_dir(spec)  # again here: the folder may have changed since the job was submitted
         save_dir.mkdir(parents=True, exist_ok=True)
+        for name in ckpt.discard_partial(save_dir):
+            logger.info("removed %s, a checkpoint an earlier attempt did not finish", name)
         from shared.mcore.model import padded_vocab_size
 
         ckpt.describe(save_dir, spec, arch, tok_dir, padded_vocab_size(arch.vocab_size, 128, spec.tp))
@@ -239,8 +238,15 @@ def run(spec: TrainSpec) -> int:
     reporter = Reporter(spec, ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                         and dp_rank == 0)
     reporter.last_checkpoint = latest or 0
+    saver = ckpt.Saver(save_dir, keep_last=spec.keep_last, async_save=spec.async_save)
     per_token = flops_per_token(arch, spec.seq_length)
     tokens_per_step = spec.global_batch_size * spec.seq_length
+    from shared.mcore.model import megatron_device
+
+    device = megatron_device()
+    peak = job_peak_tflops(spec.peak_tflops_per_worker, DTYPES[spec.precision], device)
+    logger.info("MFU is measured against %.3g TFLOP/s for the job (%s)", peak,
+                "resources.peak_tflops_per_worker" if spec.peak_tflops_per_worker else "GEMM peak each rank measured")
     while iteration < spec.train_iters:
         t0 = time.perf_counter()
         for m in ddp:
@@ -256,22 +262,31 @@ def run(spec: TrainSpec) -> int:
         loss = _mean_loss(losses)
         heartbeat.beat(spec.save_dir, rank)
         dt = time.perf_counter() - t0
+        tflops = per_token * tokens_per_step / dt / 1e12
         metrics = {"step": iteration, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
-                   "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "tflops": per_token * tokens_per_step / dt / 1e12,
-                   "skipped": not ok}
+                   "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "tflops": tflops, "mfu": tflops / peak,
+                   "peak_tflops": peak, "loss_scale": float(optimizer.get_loss_scale()), "skipped": not ok}
+        if iteration % spec.log_interval == 0 or iteration == spec.train_iters:  # every rank: a collective
+            metrics["rank_step_time_s"] = rank_step_times(dt, device)
         if loss is not None:
             metrics["loss"] = float(loss)
         if spec.eval_interval and valid_ds is not None and iteration % spec.eval_interval == 0:
             metrics["valid_loss"] = _evaluate(spec, fb, ddp, valid_ds, dp_rank, dp_size)
         if iteration % spec.log_interval == 0 or iteration == spec.train_iters:
             reporter.step(metrics)
+        saver.poll()  # publishes background saves that are done (a collective: every rank, every step)
         if (spec.save_interval and iteration % spec.save_interval == 0) or iteration == spec.train_iters:
             heartbeat.beat(spec.save_dir, rank, force=True)
-            took = ckpt.save(save_dir, iteration, models=chunks, optimizer=optimizer, scheduler=scheduler,
-                             consumed_samples=consumed, keep_last=spec.keep_last)
+            took = saver.save(iteration, models=chunks, optimizer=optimizer, scheduler=scheduler, consumed_samples=consumed)
             heartbeat.beat(spec.save_dir, rank, force=True)
-            reporter.last_checkpoint = iteration
-            logger.info("saved checkpoint %s in %.1fs", ckpt.iter_name(iteration), took)
+            logger.info("%s checkpoint %s: the step loop waited %.2fs", "scheduled" if spec.async_save else "saved",
+                        ckpt.iter_name(iteration), took)
+        if saver.completed:
+            reporter.last_checkpoint = saver.completed[-1][0]
+    saver.wait()
+    heartbeat.beat(spec.save_dir, rank, force=True)
+    if saver.completed:
+        reporter.last_checkpoint = saver.completed[-1][0]
     reporter.step({**metrics, "done": True})
     mdist.shutdown()
     return 0

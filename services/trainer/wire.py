@@ -34,9 +34,9 @@ def spec_from_pb(s: pb.TrainJobSpec) -> TrainSpec:
         seed=_or(t.seed, 1234), precision=t.precision or "fp32", recompute=t.recompute or "none",
         transformer_impl=t.transformer_impl or "auto",
         log_interval=_or(t.log_interval, 1), eval_interval=t.eval_interval, eval_iters=t.eval_iters,
-        save_interval=c.save_interval, no_resume=c.no_resume, cpus_per_worker=_or(r.cpus_per_worker, 1.0),
+        save_interval=c.save_interval, no_resume=c.no_resume, async_save=c.async_save, cpus_per_worker=_or(r.cpus_per_worker, 1.0),
         gpus_per_worker=r.gpus_per_worker, max_retries=r.max_retries, backend=r.backend, num_threads=r.num_threads,
-        hang_timeout_s=_or(r.hang_timeout_s, 600.0),
+        hang_timeout_s=_or(r.hang_timeout_s, 600.0), peak_tflops_per_worker=r.peak_tflops_per_worker,
     )
 
 
@@ -57,10 +57,11 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
                                  train_iters=s.train_iters, seed=s.seed, precision=s.precision, recompute=s.recompute,
                                  log_interval=s.log_interval, eval_interval=s.eval_interval, eval_iters=s.eval_iters,
                                  transformer_impl=s.transformer_impl),
-        checkpoint=pb.CheckpointSpec(save_dir=s.save_dir, save_interval=s.save_interval, no_resume=s.no_resume),
+        checkpoint=pb.CheckpointSpec(save_dir=s.save_dir, save_interval=s.save_interval, no_resume=s.no_resume,
+                                     async_save=s.async_save),
         resources=pb.ResourceSpec(cpus_per_worker=s.cpus_per_worker, gpus_per_worker=s.gpus_per_worker,
                                   max_retries=s.max_retries, backend=s.backend, num_threads=s.num_threads,
-                                  hang_timeout_s=s.hang_timeout_s),
+                                  hang_timeout_s=s.hang_timeout_s, peak_tflops_per_worker=s.peak_tflops_per_worker),
     )
 
 
@@ -71,6 +72,7 @@ def job_pb(rec: JobRecord) -> pb.TrainJob:
         metrics=pb.TrainMetrics(step=int(m.get("step", 0)), loss=m.get("loss", 0.0), lr=m.get("lr", 0.0),
                                 grad_norm=m.get("grad_norm", 0.0), tokens_per_s=m.get("tokens_per_s", 0.0),
                                 tflops=m.get("tflops", 0.0), step_time_s=m.get("step_time_s", 0.0),
-                                last_checkpoint_step=int(m.get("last_checkpoint_step", 0))),
+                                last_checkpoint_step=int(m.get("last_checkpoint_step", 0)), mfu=m.get("mfu", 0.0),
+                                loss_scale=m.get("loss_scale", 0.0), rank_step_time_s=m.get("rank_step_time_s", [])),
         ray_submission_id=rec.extra.get("submission_id", ""), ray_address=rec.extra.get("ray_address", ""),
     )

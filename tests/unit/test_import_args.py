@@ -174,3 +174,8 @@ def test_a_cluster_that_cannot_hold_the_job_is_named_not_waited_for():
     assert "resources.cpus_per_worker" in unfit_reason({"CPU": 1}, 4, cpu_only)
     assert unfit_reason({"CPU": 1}, 2, cpu_only) == ""
     assert unfit_reason({"CPU": 1, "GPU": 1}, 8, {"CPU": 64, "GPU": 8}) == ""
+
+
+def test_async_save_maps_to_the_spec(bpe, tmp_path):
+    imp = import_args(split_command_text(GPT2_345M.format(data="d", bpe=bpe, save=tmp_path)) + ["--async-save"])
+    assert imp.doc["checkpoint"]["async_save"] is True and "--async-save" in dict(imp.mapped)

@@ -127,3 +127,28 @@ def test_other_refusals_and_an_agent_that_never_comes_fail_at_once(tmp_path):
     with pytest.raises(Unavailable, match="No available agent"):
         submit_with(tmp_path / "b", never, agent_wait_s=1.5)
     assert never.calls >= 2 and time.monotonic() - t0 < 10
+
+
+def test_each_running_job_has_its_own_series_and_they_go_when_it_ends(tmp_path):
+    from prometheus_client import REGISTRY
+
+    launcher, store, job_id, status, fake = launcher_with_job(tmp_path)
+    launcher.poll(job_id)
+    status.write_text(json.dumps({"step": 3, "loss": 4.5, "lr": 1e-3, "grad_norm": 0.7, "tokens_per_s": 900.0, "tflops": 0.02,
+                                  "mfu": 0.125, "loss_scale": 65536.0, "step_time_s": 1.5, "rank_step_time_s": [1.5, 1.2],
+                                  "updated_unix_s": time.time()}))
+    launcher.poll(job_id)
+    labels = {"job_id": job_id, "name": "t"}
+
+    def value(name, **extra):
+        return REGISTRY.get_sample_value(name, {**labels, **extra})
+
+    assert value("megastack_trainer_job_loss") == 4.5 and value("megastack_trainer_job_mfu") == 0.125
+    assert value("megastack_trainer_job_loss_scale") == 65536.0 and value("megastack_trainer_job_learning_rate") == 1e-3
+    assert value("megastack_trainer_job_tokens_per_second") == 900.0 and value("megastack_trainer_job_step") == 3
+    assert value("megastack_trainer_job_rank_step_time_seconds", rank="1") == 1.2
+    job = store.get(job_id)
+    assert job.progress["metrics"]["mfu"] == 0.125
+    fake.status = "SUCCEEDED"
+    launcher.poll(job_id, force=True)
+    assert value("megastack_trainer_job_loss") is None and value("megastack_trainer_job_rank_step_time_seconds", rank="1") is None

@@ -50,6 +50,7 @@ def test_a_good_spec_passes_and_defaults_apply(assets):
     ({"optimizer": {"lr_warmup_iters": 10**6}}, "optimizer.lr_warmup_iters", "must be >= 0 and below the decay steps"),
     ({"data": {"split": "100,0,0"}, "training": {"eval_interval": 5, "eval_iters": 1}}, "data.split", "leaves no validation documents"),
     ({"data": {"split": "0,100,0"}}, "data.split", "leaves no training documents"),
+    ({"resources": {"peak_tflops_per_worker": -1}}, "resources.peak_tflops_per_worker", "must be >= 0"),
 ])
 def test_bad_specs_name_the_field(assets, over, field, fragment):
     with pytest.raises(InvalidArgument, match=fragment) as e:

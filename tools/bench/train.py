@@ -1,6 +1,6 @@
-"""Training benchmark: megastack on Ray vs. the same training script under torchrun; MFU on this CPU.
+"""Training benchmark: megastack on Ray vs. the same training script under torchrun; MFU on this CPU; async vs sync saves.
 
-    python tools/bench/train.py [--iters 14] [--rounds 3]
+    python tools/bench/train.py [--iters 14] [--rounds 3] [--saves 4] [--part all|launcher|checkpoint]
 
 Model: the anchor of baselines-measured.md section 5, a ~21M-parameter Llama (vocab 49152 tied,
 hidden 256, ffn 1024, 8 layers, 4 heads), sequence 512, micro batch 4 (2048 tokens a step), fp32, one
@@ -11,7 +11,10 @@ torchrun beside the idle head after the first Ray run. Step times: the steps aft
 metrics.jsonl); the overhead is the median of the per-round ratios. Also sampled: how long the rank's
 compute threads wait runnable while other processes hold the CPU (schedstat). Model FLOPs per
 token = 6 N + 12 L S h; MFU = achieved FLOP/s / the fp32 matmul peak measured here (torch.mm 2048^2).
-Targets: Ray launch overhead < 5% of step time at steady state; report MFU.
+Checkpoints: the same job (save every 2 steps) with synchronous and asynchronous saves, alternating, in
+the same run; the figure is what a save blocks the step loop (median over the saves after each run's
+first). Targets: Ray launch overhead < 5% of step time at steady state; report MFU; an async save blocks
+at most 25% of a sync one.
 """
 
 from __future__ import annotations
@@ -177,10 +180,52 @@ def run_ray(s, work: Path, beside=None) -> tuple[float, float | None, Any]:
         stack.stop_one(head)
 
 
+def bench_checkpoints(assets: dict, work: Path, saves: int) -> dict:
+    """Sync and async checkpoints of the same job in the same run: what each save blocks the step loop (model,
+    Adam state and the rest; ``<save_dir>/megastack-saves.jsonl``), alternating sync / async twice."""
+    import dataclasses
+
+    from services.trainer.checkpointing import SAVES_FILE
+
+    out: dict[str, list[dict]] = {"sync": [], "async": []}
+    for r in range(2):
+        for mode in ("sync", "async"):
+            name = f"ckpt-{mode}{r}"
+            s = dataclasses.replace(spec(assets, work / name, 2 * saves), save_interval=2, async_save=mode == "async", keep_last=1)
+            path = work / f"{name}.json"
+            path.write_text(s.to_json())
+            print(f"checkpoints, round {r + 1}/2: {mode} ...", flush=True)
+            run_torchrun(s, path)
+            out[mode] += [json.loads(x) for x in (work / name / SAVES_FILE).read_text().splitlines()]
+            shutil.rmtree(work / name, ignore_errors=True)
+    return out
+
+
+def report_checkpoints(ck: dict, arch) -> dict:
+    def med(mode: str, key: str, later: bool) -> float:
+        rows = [x for x in ck[mode] if not later or x["iteration"] > 2]  # iteration 2: the first save of a run
+        return statistics.median(x[key] for x in rows)
+
+    sync_b, async_b = med("sync", "blocked_s", True), med("async", "blocked_s", True)
+    rows = [[mode, f"{med(mode, 'blocked_s', False):.2f}", f"{med(mode, 'blocked_s', True):.2f}", f"{med(mode, 'written_s', True):.2f}"]
+            for mode in ("sync", "async")]
+    state_mb = arch.num_parameters() * 4 * 3 / 1e6  # fp32 weights + Adam's two moments
+    print(f"\ncheckpoints: {arch.num_parameters() / 1e6:.1f}M params, ~{state_mb:.0f} MB of model and optimizer state per save, "
+          f"{len(ck['sync'])} saves per mode over 2 alternating runs")
+    print(table(["save", "blocked s (all saves)", "blocked s (after the first)", "published after s"], rows))
+    ratio = async_b / sync_b
+    print(f"async saves block the step loop {100 * ratio:.0f}% of a sync save (target <= 25%): {'met' if ratio <= 0.25 else 'NOT met'}")
+    return {"saves": ck, "sync_blocked_s": sync_b, "async_blocked_s": async_b, "async_over_sync": ratio, "target_met": ratio <= 0.25,
+            "state_mb": state_mb}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=14, help=f"steps per run (the first {WARMUP} are warm-up)")
     ap.add_argument("--rounds", type=int, default=3, help="torchrun / Ray pairs, interleaved (the host drifts by minutes)")
+    ap.add_argument("--saves", type=int, default=4, help="checkpoints per run in the sync / async comparison")
+    ap.add_argument("--part", choices=("all", "launcher", "checkpoint"), default="all",
+                    help="launcher: Ray vs torchrun and MFU; checkpoint: async vs sync saves")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     rounds = []
@@ -194,6 +239,11 @@ def main() -> int:
             return s, work / f"{name}.json"
 
         arch = resolve_arch(prepared("probe")[0])[0]
+        if a.part in ("all", "checkpoint"):
+            checkpoints = report_checkpoints(bench_checkpoints(assets, work, a.saves), arch)
+            if a.part == "checkpoint":
+                save("train", {"checkpoint": checkpoints})
+                return 0
         peak = matmul_peak()
         print(f"fp32 matmul peak (2048^2, 2 threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
         for r in range(a.rounds):
@@ -213,7 +263,7 @@ def main() -> int:
                   f"({100 * (med['ray'] / med['torchrun'] - 1):+.1f}%)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from services.trainer.train import flops_per_token
+    from services.trainer.perf import flops_per_token
 
     tokens = MICRO_BATCH * SEQ
     per_token = flops_per_token(arch, SEQ)
@@ -257,7 +307,7 @@ def main() -> int:
                    "ray": {"median_step_s": med["ray"], "mfu": per_token * tokens / med["ray"] / peak, "runqueue_ms_per_s": rq["ray"]},
                    "torchrun_beside_idle_ray_head": {"median_step_s": med["beside"], "runqueue_ms_per_s": rq["beside"]},
                    "ray_overhead_ratio_per_round": paired, "torchrun_spread_between_rounds": noise, "ray_overhead_ratio": overhead, "ray_daemons_presence_ratio": daemons,
-                   "target_met": overhead < 0.05,
+                   "target_met": overhead < 0.05, **({"checkpoint": checkpoints} if a.part == "all" else {}),
                    "hf_anchor": {"step_s": 2.179, "tokens_per_s": 940, "mfu_6n": 0.517}})
     return 0
 

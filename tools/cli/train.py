@@ -27,7 +27,7 @@ def _line(job) -> str:
     m = job.metrics
     parts = [f"{job.status.job_id}  {_state(job):<9}  {job.spec.name}", f"step {m.step}/{job.spec.training.train_iters}"]
     if m.step:
-        parts += [f"loss {m.loss:.4f}", f"lr {m.lr:.3g}", f"{m.tokens_per_s:,.0f} tok/s", f"{m.tflops * 1000:.2f} GFLOP/s"]
+        parts += [f"loss {m.loss:.4f}", f"lr {m.lr:.3g}", f"{m.tokens_per_s:,.0f} tok/s", f"{m.tflops * 1000:.2f} GFLOP/s", f"MFU {m.mfu:.1%}"]
     if job.status.attempt > 1:
         parts.append(f"attempt {job.status.attempt}")
     if job.status.error:

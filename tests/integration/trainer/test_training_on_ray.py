@@ -43,6 +43,13 @@ def test_trains_20_steps_and_the_loss_goes_down(trainer, train_assets, tmp_path,
     job = follow(stub, job_id)
     assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.error
     assert job.metrics.step == 20 and job.metrics.tokens_per_s > 0 and job.metrics.last_checkpoint_step == 20
+    # MFU against the GEMM peak the ranks measured, fp32's loss scale of 1, both ranks' step times
+    assert 0 < job.metrics.mfu < 10 and job.metrics.loss_scale == 1.0 and len(job.metrics.rank_step_time_s) == 2
+    assert all(t > 0 for t in job.metrics.rank_step_time_s)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"lm-loss", "throughput/mfu", "loss-scale", "time/step_s/rank0", "time/step_s/rank1"} <= set(tags), tags
     losses = curve(tmp_path / "run")
     assert sorted(losses) == list(range(1, 21)) and falls(losses), losses
     assert (tmp_path / "run" / "iter_0000020").is_dir() and (tmp_path / "run" / "tensorboard").is_dir()
