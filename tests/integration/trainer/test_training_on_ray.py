@@ -64,16 +64,30 @@ def test_trains_20_steps_and_the_loss_goes_down(trainer, train_assets, tmp_path,
 
 
 @pytest.fixture(scope="module")
-def steady_curve(trainer, train_assets, tmp_path_factory):
+def steady_run(trainer, train_assets, tmp_path_factory):
     """The uninterrupted run the faulted ones must reproduce."""
     stub, _, _ = trainer
     d = tmp_path_factory.mktemp("steady") / "run"
     steady = follow(stub, submit(stub, train_assets, d))
     assert steady.status.state == common_pb2.JOB_STATE_SUCCEEDED, steady.status.error
-    return curve(d)
+    return curve(d), d
 
 
-def test_a_killed_rank_resumes_from_its_checkpoint_with_the_same_curve(trainer, train_assets, tmp_path, steady_curve):
+def same_as_steady(steady, save_dir) -> None:
+    """Bit for bit: every step's loss, and every tensor of the final checkpoint."""
+    from shared.checkpoints import open_checkpoint
+
+    ref, ref_dir = steady
+    got = curve(save_dir)
+    assert sorted(got) == list(range(1, 21))
+    assert all(got[s] == ref[s] for s in ref), {s: (ref[s], got[s]) for s in ref if got[s] != ref[s]}
+    a, b = open_checkpoint(ref_dir), open_checkpoint(save_dir)
+    assert a.names() == b.names()
+    for name in a.names():
+        assert (a.get(name) == b.get(name)).all(), name
+
+
+def test_a_killed_rank_resumes_from_its_checkpoint_bit_for_bit(trainer, train_assets, tmp_path, steady_run):
     stub, _, _ = trainer
     job_id = submit(stub, train_assets, tmp_path / "killed", resources={"max_retries": 1})
     status = tmp_path / "killed" / "megastack-status.json"
@@ -83,9 +97,7 @@ def test_a_killed_rank_resumes_from_its_checkpoint_with_the_same_curve(trainer, 
     job = follow(stub, job_id)
     assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.error
     assert job.status.attempt == 2
-    a, b = steady_curve, curve(tmp_path / "killed")
-    assert sorted(b) == list(range(1, 21))
-    assert max(abs(a[s] - b[s]) for s in a) < 1e-5, {s: (a[s], b[s]) for s in a}
+    same_as_steady(steady_run, tmp_path / "killed")
 
 
 def _children(pid: int) -> list[int]:
@@ -95,7 +107,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_a_stopped_rank_is_a_hang_and_the_job_resumes_with_the_same_curve(trainer, train_assets, tmp_path, steady_curve):
+def test_a_stopped_rank_is_a_hang_and_the_job_resumes_bit_for_bit(trainer, train_assets, tmp_path, steady_run):
     """A rank that stops making progress (SIGSTOP: a deadlock, a stuck filesystem) is not a dead rank: only its
     heartbeat tells. After resources.hang_timeout_s the attempt restarts from the last checkpoint."""
     from services.trainer import metrics as M
@@ -114,9 +126,7 @@ def test_a_stopped_rank_is_a_hang_and_the_job_resumes_with_the_same_curve(traine
     attempt = json.loads((tmp_path / "stopped" / "megastack-attempt.json").read_text())
     assert attempt["restart_reason"] == "hang" and "made no progress" in attempt["previous_failure"]
     assert M.RESTARTS.labels("hang")._value.get() == hangs + 1
-    b = curve(tmp_path / "stopped")
-    assert sorted(b) == list(range(1, 21))
-    assert max(abs(steady_curve[s] - b[s]) for s in steady_curve) < 1e-5
+    same_as_steady(steady_run, tmp_path / "stopped")
 
 
 def test_cancel_stops_every_rank(trainer, train_assets, tmp_path):
