@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from services.trainer.jobfiles import SAVES_FILE
 from shared.atomic import mark_output, write_text_atomic
 from shared.checkpoints.megatron import TRACKER
 
 logger = logging.getLogger(__name__)
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
-SAVES_FILE = "megastack-saves.jsonl"  # one line per published checkpoint: blocked_s (the step loop's cost), written_s
 
 
 def iter_name(iteration: int) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-DIR = ".megastack-heartbeat"
+from services.trainer.jobfiles import HEARTBEAT_DIR
+
+DIR = HEARTBEAT_DIR
 EVERY_S = 1.0  # beats closer together than this are skipped: a step is often far shorter, the timeout minutes long
 _last: dict[tuple[str, int], float] = {}
 

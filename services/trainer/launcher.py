@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from services.trainer import metrics as M
-from services.trainer.ray_driver import ATTEMPT_FILE, RESOURCE_WAIT_ENV
+from services.trainer.jobfiles import ATTEMPT_FILE, RESOURCE_WAIT_ENV, STATUS_FILE
 from services.trainer.spec import TrainSpec
-from services.trainer.train import STATUS_FILE
 from shared.errors import FailedPrecondition, Unavailable
 from shared.jobs import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, JobRecord, JobStore
 from shared.paths import REPO_ROOT

@@ -24,13 +24,12 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from services.trainer import heartbeat
+from services.trainer.jobfiles import ATTEMPT_FILE, RESOURCE_WAIT_ENV
 from services.trainer.spec import TrainSpec, check_save_dir
 from shared.atomic import mark_output, write_text_atomic
 from shared.net import free_port
 
 logger = logging.getLogger("services.trainer.ray_driver")
-ATTEMPT_FILE = "megastack-attempt.json"
-RESOURCE_WAIT_ENV = "MEGASTACK_RESOURCE_WAIT_S"  # set by the launcher from MEGASTACK_TRAINER_RESOURCE_WAIT_S
 
 
 def _child_setup() -> None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from services.trainer import checkpointing as ckpt
 from services.trainer import heartbeat
 from services.trainer.data import batches, build_datasets
+from services.trainer.jobfiles import METRICS_FILE, STATUS_FILE
 from services.trainer.perf import flops_per_token, job_peak_tflops, rank_step_times
 from services.trainer.spec import NEAT_PACK_TE, TrainSpec, check_save_dir, resolve_arch
 from shared.atomic import write_text_atomic
@@ -30,7 +31,6 @@ from shared.devices import module_device, to_device
 from shared.mcore.packing import block_causal_mask, follow_positions, has_isolated_samples, set_positions
 
 logger = logging.getLogger("services.trainer.train")
-STATUS_FILE = "megastack-status.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -160,7 +160,7 @@ class Reporter:
                    "updated_unix_s": time.time()}
         print("@@metrics " + json.dumps(metrics), flush=True)  # noqa: T201 - the job log carries the curve
         write_text_atomic(self.path, json.dumps(metrics))
-        with open(self.path.with_name("metrics.jsonl"), "a") as f:  # the whole curve, across restarts
+        with open(self.path.with_name(METRICS_FILE), "a") as f:  # the whole curve, across restarts
             f.write(json.dumps(metrics) + "\n")
         if self.tb is not None:
             step = metrics["step"]

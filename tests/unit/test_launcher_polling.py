@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from services.trainer.jobfiles import STATUS_FILE
 from services.trainer.launcher import RayLauncher
 from services.trainer.spec import TrainSpec
-from services.trainer.train import STATUS_FILE
 from shared.jobs import RUNNING, SUCCEEDED, JobStore
 
 pytestmark = pytest.mark.unit

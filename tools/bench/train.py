@@ -185,7 +185,7 @@ def bench_checkpoints(assets: dict, work: Path, saves: int) -> dict:
     Adam state and the rest; ``<save_dir>/megastack-saves.jsonl``), alternating sync / async twice."""
     import dataclasses
 
-    from services.trainer.checkpointing import SAVES_FILE
+    from services.trainer.jobfiles import SAVES_FILE
 
     out: dict[str, list[dict]] = {"sync": [], "async": []}
     for r in range(2):

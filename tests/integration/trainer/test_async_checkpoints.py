@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from services.trainer.checkpointing import SAVES_FILE, latest_iteration
+from services.trainer.checkpointing import latest_iteration
+from services.trainer.jobfiles import SAVES_FILE
 from services.trainer.spec import spec_from_dict, validate
 from services.trainer.torchrun import run_local
 from shared.paths import REPO_ROOT
