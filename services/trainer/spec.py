@@ -258,7 +258,10 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     from shared.checkpoints import layout as L
     from shared.mcore.model import padded_vocab_size
 
-    L.check_tp(arch, spec.tp)
+    try:
+        L.check_tp(arch, spec.tp)
+    except InvalidArgument as e:  # the converter's field name, said in the spec's
+        raise _bad(e.message, "parallel.tensor_parallel") from None
     try:
         L.PipelineLayout.build(arch.num_layers, spec.pp, num_layer_list=list(spec.num_layer_list) or None,
                                layers_per_virtual_stage=(arch.num_layers // spec.pp // spec.vpp) if spec.vpp > 1 else 0)

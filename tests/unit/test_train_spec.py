@@ -38,7 +38,7 @@ def test_a_good_spec_passes_and_defaults_apply(assets):
 
 
 @pytest.mark.parametrize("over,field,fragment", [
-    ({"parallel": {"tensor_parallel": 3}}, "target_tensor_parallel_size", "TP=3 does not divide the 4 attention heads"),
+    ({"parallel": {"tensor_parallel": 3}}, "parallel.tensor_parallel", "TP=3 does not divide the 4 attention heads"),
     ({"training": {"global_batch_size": 5}}, "training.global_batch_size", "must be a multiple of micro_batch_size x data_parallel"),
     ({"data": {"paths": [{"prefix": "/nope/d"}], "seq_length": 32}}, "data.paths", "data path /nope/d.bin does not exist"),
     ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel", "needs tensor_parallel >= 2"),
