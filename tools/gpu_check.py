@@ -15,7 +15,7 @@ and on the default SmolLM2 when ``models/`` holds it. Checks:
 - ``converter_verify``: ``convert --verify`` HF -> torch_dist, the Megatron side built on megatron-core's device.
 - ``training``: megatron-core under ``torchrun --nproc_per_node 1`` (bf16 on a GPU): the loss falls over
   ``--steps`` steps; a run resumed from the middle checkpoint repeats the second half of the curve; one
-  packed-SFT step; the Transformer Engine spec when ``transformer_engine`` imports (else reported as skipped).
+  neat-packed SFT step (explicit mask, per-sample RoPE positions); the Transformer Engine spec when ``transformer_engine`` imports (else reported as skipped).
 - ``evaluator_scores``: the prompt log-probs the evaluator asks for (``max_new_tokens=0``,
   ``prompt_logprobs_from``) computed on the device equal the CPU float32 scores within 1e-3.
 
@@ -254,24 +254,20 @@ def training_assets(assets: dict, work: Path) -> dict[str, Any]:
     sft = work / "sft.jsonl"
     sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run(Options(input=sft, output_prefix=str(work / "sft"), tokenizer_name_or_path=assets["tok"],
-                handler_name="AlpacaStyleInstructionHandler", seq_length=128, pack=True))
+                handler_name="AlpacaStyleInstructionHandler", seq_length=128, pack=True, neat_pack=True))
     return {"mcore": mcore, "data": str(work / "data_text_document"), "sft": str(work / "sft")}
 
 
 def _spec(t: dict, save_dir: Path, device: str, steps: int, precision: str, **over):
-    from services.trainer.spec import spec_from_dict, validate
+    """A TrainSpec built directly (no generated protobuf code is needed on the GPU machine), validated."""
+    from services.trainer.spec import TrainSpec, validate
 
     gpu = device.startswith("cuda")
-    doc = {"name": "gpu-check", "kind": "pretrain", "model": {"init_from": str(t["mcore"])},
-           "data": {"paths": [{"prefix": t["data"], "weight": 1.0}], "seq_length": 128},
-           "optimizer": {"lr": 0.003, "lr_warmup_iters": min(2, steps - 1), "lr_decay_iters": steps},
-           "training": {"micro_batch_size": 4, "global_batch_size": 8, "train_iters": steps, "log_interval": 1,
-                        "precision": precision},
-           "checkpoint": {"save_dir": str(save_dir), "save_interval": steps // 2},
-           "resources": {"gpus_per_worker": 1 if gpu else 0, "cpus_per_worker": 2}}
-    for k, v in over.items():
-        doc[k] = {**doc.get(k, {}), **v} if isinstance(v, dict) else v
-    spec = spec_from_dict(doc)
+    fields = dict(name="gpu-check", kind="pretrain", init_from=str(t["mcore"]), data_paths=((t["data"], 1.0),), seq_length=128,
+                  lr=0.003, lr_warmup_iters=min(2, steps - 1), lr_decay_iters=steps, micro_batch_size=4, global_batch_size=8,
+                  train_iters=steps, log_interval=1, precision=precision, save_dir=str(save_dir), save_interval=steps // 2,
+                  gpus_per_worker=1 if gpu else 0, cpus_per_worker=2)
+    spec = TrainSpec(**{**fields, **over})
     validate(spec)
     return spec
 
@@ -312,15 +308,13 @@ def check_training(c: Check, assets: dict, work: Path, device: str, steps: int, 
     c.expect(sorted(b) == list(range(half + 1, steps + 1)) and max(diffs) <= tol,
              f"the resumed curve differs (max rel {max(diffs) if diffs else None}, tolerance {tol})")
     # one packed-SFT step
-    sft = _train(_spec(t, work / "run-sft", device, 2, precision, kind="sft", data={"paths": [{"prefix": t["sft"], "weight": 1.0}]},
-                       checkpoint={"save_interval": 0}))
+    sft = _train(_spec(t, work / "run-sft", device, 2, precision, kind="sft", data_paths=((t["sft"], 1.0),), save_interval=0))
     c.figures["sft_loss"] = round(sft[2]["loss"], 4)
-    c.expect(sorted(sft) == [1, 2] and sft[2]["loss"] == sft[2]["loss"], "packed SFT steps did not run")
+    c.expect(sorted(sft) == [1, 2] and sft[2]["loss"] == sft[2]["loss"], "neat-packed SFT steps did not run")
     usable, why = transformer_engine_status()
     c.figures["transformer_engine"] = why
     if usable:
-        te = _train(_spec(t, work / "run-te", device, 10, precision, training={"transformer_impl": "transformer_engine"},
-                          checkpoint={"save_interval": 0}))
+        te = _train(_spec(t, work / "run-te", device, 10, precision, transformer_impl="transformer_engine", save_interval=0))
         c.figures["te_loss_first_last"] = [round(te[1]["loss"], 4), round(te[10]["loss"], 4)]
         c.expect(te[10]["loss"] < te[1]["loss"], "the Transformer Engine run's loss did not fall")
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from services.trainer.datafiles import split_documents
 from services.trainer.spec import TrainSpec
 from shared.mcore.packing import segment_positions
 
@@ -75,18 +76,6 @@ class SFTOrder:
                 self._perms.pop(next(iter(self._perms)))
             perm = self._perms[(d, epoch)] = np.random.default_rng([self.seed, d, epoch, self.part]).permutation(b - a)
         return d, a + int(perm[pos])
-
-
-def neat_packed(prefixes: list[str]) -> bool:
-    """Whether SFT data holds neat packs (several samples per row, to be kept apart), judged from the first rows
-    of each dataset's attention-mask file (`megastack preprocess --neat-pack` writes every row that way)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    for p in prefixes:
-        masks = IndexedDataset(f"{p}_packed_attention_mask_document")
-        if any(int(np.max(np.asarray(masks[i]), initial=0)) > 1 for i in range(min(16, len(masks)))):
-            return True
-    return False
 
 
 class SFTDataset(Dataset):
@@ -206,12 +195,3 @@ def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
 def batches(ds, *, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int, total: int | None = None) -> Iterator[dict]:
     sampler = ResumableSampler(total or len(ds), consumed, micro_batch_size, dp_rank, dp_size)
     return iter(DataLoader(ds, batch_sampler=sampler, collate_fn=_collate, num_workers=0))
-
-
-def split_documents(split: str, num_documents: int) -> list[int]:
-    """Documents per train/valid/test split, as megatron-core's builder cuts them (rounded cumulative bounds)."""
-    weights = [float(x) for x in split.split(",")]
-    total = sum(weights)
-    cum = [sum(weights[:i]) / total for i in range(len(weights) + 1)]
-    bounds = [int(round(c * float(num_documents))) for c in cum]
-    return [b - a for a, b in zip(bounds, bounds[1:])]

@@ -152,7 +152,8 @@ def attempt_once(spec: TrainSpec, spec_json: str, attempt: int, previous: str = 
 def load_spec(path: Path) -> TrainSpec:
     """The trainer service's JSON, or a TrainJobSpec YAML as `megastack train submit` takes (validated here)."""
     if path.suffix in (".yaml", ".yml"):
-        from services.trainer.spec import load_yaml, validate
+        from services.trainer.spec import validate
+        from services.trainer.wire import load_yaml
 
         spec = load_yaml(path)
         validate(spec)

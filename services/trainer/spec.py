@@ -13,7 +13,6 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from shared.errors import InvalidArgument
 from shared.mcore import TRANSFORMER_IMPLS as IMPLS
@@ -235,7 +234,7 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
             for ext in (".bin", ".idx"):
                 if not Path(prefix + ext).is_file():
                     raise _bad(f"data path {prefix}{ext} does not exist", field_name)
-    from services.trainer.data import split_documents
+    from services.trainer.datafiles import split_documents
     from shared.indexed_dataset import IndexedDatasetReader
 
     held_out = not spec.valid_data_paths  # validation on a part of data.paths that training never reads
@@ -250,7 +249,7 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
                        "training.eval_interval asks for evaluation (give the valid split more weight, or eval_interval 0)",
                        "data.split")
     if spec.kind == "sft" and spec.transformer_impl == "transformer_engine":
-        from services.trainer.data import neat_packed
+        from services.trainer.datafiles import neat_packed
 
         if neat_packed([p for p, _ in (*spec.data_paths, *spec.valid_data_paths)]):
             raise _bad(NEAT_PACK_TE, "training.transformer_impl")
@@ -290,26 +289,6 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         raise _bad("no tokenizer: set model.tokenizer (the init checkpoint carries none)", "model.tokenizer")
 
 
-# -- YAML / dict form (mirrors the proto) ------------------------------------------------------------
-
-def spec_from_dict(doc: dict[str, Any]) -> TrainSpec:
-    """A YAML document -> TrainSpec, through the proto so unknown keys are refused by name."""
-    from google.protobuf import json_format
-
-    from protos.trainer.v1 import trainer_pb2 as pb
-    from services.trainer.wire import spec_from_pb
-
-    doc = dict(doc)
-    if isinstance(doc.get("kind"), str) and not doc["kind"].startswith("TRAIN_JOB_KIND_"):
-        doc["kind"] = "TRAIN_JOB_KIND_" + doc["kind"].upper()
-    msg = pb.TrainJobSpec()
-    try:
-        json_format.ParseDict(doc, msg)
-    except json_format.ParseError as e:
-        raise InvalidArgument(f"spec: {e}", field="spec") from None
-    return spec_from_pb(msg)
-
-
 def absolutize(spec: TrainSpec, base: Path | None = None) -> TrainSpec:
     """Relative paths of a spec made absolute (against ``base``, default the current folder): the ranks run
     wherever Ray starts them, so a spec must not depend on the submitter's working directory."""
@@ -325,17 +304,3 @@ def absolutize(spec: TrainSpec, base: Path | None = None) -> TrainSpec:
         save_dir=fix(spec.save_dir), data_cache_dir=fix(spec.data_cache_dir),
         data_paths=tuple((fix(p), w) for p, w in spec.data_paths),
         valid_data_paths=tuple((fix(p), w) for p, w in spec.valid_data_paths))
-
-
-def load_yaml(path: Path) -> TrainSpec:
-    import yaml
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise InvalidArgument(f"spec file {path} does not exist", field="spec") from None
-    except yaml.YAMLError as e:
-        raise InvalidArgument(f"{path}: not valid YAML ({e})", field="spec") from None
-    if not isinstance(doc, dict):
-        raise InvalidArgument(f"{path}: a spec must be a mapping of sections", field="spec")
-    return absolutize(spec_from_dict(doc))

@@ -53,7 +53,7 @@ def packed_impl(spec: TrainSpec) -> str:
     which megatron-core's local spec applies; TE's attention would ignore it under its causal mask type (its
     packed-sequence path is not wired here yet), so ``auto`` picks the local spec and ``transformer_engine`` is
     refused (at submit too: spec.check_packing)."""
-    from services.trainer.data import neat_packed
+    from services.trainer.datafiles import neat_packed
 
     if spec.kind != "sft" or not neat_packed([p for p, _ in (*spec.data_paths, *spec.valid_data_paths)]):
         return spec.transformer_impl

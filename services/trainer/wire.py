@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from protos.trainer.v1 import trainer_pb2 as pb
-from services.trainer.spec import TrainSpec
+from services.trainer.spec import TrainSpec, absolutize
+from shared.errors import InvalidArgument
 from shared.jobs import JobRecord
 from shared.jobs_wire import status_pb
 
@@ -76,3 +80,34 @@ def job_pb(rec: JobRecord) -> pb.TrainJob:
                                 loss_scale=m.get("loss_scale", 0.0), rank_step_time_s=m.get("rank_step_time_s", [])),
         ray_submission_id=rec.extra.get("submission_id", ""), ray_address=rec.extra.get("ray_address", ""),
     )
+
+
+# -- YAML / dict form (mirrors the proto) ------------------------------------------------------------
+
+def spec_from_dict(doc: dict[str, Any]) -> TrainSpec:
+    """A YAML document -> TrainSpec, through the proto so unknown keys are refused by name."""
+    from google.protobuf import json_format
+
+    doc = dict(doc)
+    if isinstance(doc.get("kind"), str) and not doc["kind"].startswith("TRAIN_JOB_KIND_"):
+        doc["kind"] = "TRAIN_JOB_KIND_" + doc["kind"].upper()
+    msg = pb.TrainJobSpec()
+    try:
+        json_format.ParseDict(doc, msg)
+    except json_format.ParseError as e:
+        raise InvalidArgument(f"spec: {e}", field="spec") from None
+    return spec_from_pb(msg)
+
+
+def load_yaml(path: Path) -> TrainSpec:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"spec file {path} does not exist", field="spec") from None
+    except yaml.YAMLError as e:
+        raise InvalidArgument(f"{path}: not valid YAML ({e})", field="spec") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"{path}: a spec must be a mapping of sections", field="spec")
+    return absolutize(spec_from_dict(doc))

@@ -185,8 +185,7 @@ def test_killed_trainer_launcher_keeps_its_job_after_restart(stack, train_assets
 
     from protos.trainer.v1 import trainer_pb2 as pb
     from protos.trainer.v1 import trainer_pb2_grpc as pb_grpc
-    from services.trainer.spec import spec_from_dict
-    from services.trainer.wire import spec_to_pb
+    from services.trainer.wire import spec_from_dict, spec_to_pb
     from shared.grpc.channel import make_channel
 
     addr, gateway = stack.endpoint("trainer", "grpc"), stack.endpoint("gateway", "http")

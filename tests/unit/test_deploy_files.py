@@ -99,7 +99,7 @@ def test_kustomization_lists_every_manifest():
 
 
 def test_rayjob_runs_the_driver_on_a_spec_that_parses():
-    from services.trainer.spec import spec_from_dict
+    from services.trainer.wire import spec_from_dict
 
     job = _docs(DEPLOY / "kuberay" / "rayjob.yaml")[0]
     m = re.fullmatch(r"python -m services\.trainer\.ray_driver /specs/(\S+\.yaml)", job["spec"]["entrypoint"])

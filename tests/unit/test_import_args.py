@@ -7,9 +7,10 @@ import json
 import pytest
 import yaml
 
-from services.trainer.import_args import import_args, split_command_text
-from services.trainer.spec import spec_from_dict, validate
+from services.trainer.spec import validate
+from services.trainer.wire import spec_from_dict
 from shared.errors import InvalidArgument
+from tools.cli.import_args import import_args, split_command_text
 from tools.cli.main import main
 
 GPT2_345M = """

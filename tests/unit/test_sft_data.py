@@ -9,8 +9,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from services.trainer.data import SFTOrder, batches, build_datasets, split_documents
-from services.trainer.spec import spec_from_dict, validate
+from services.trainer.data import SFTOrder, batches, build_datasets
+from services.trainer.datafiles import split_documents
+from services.trainer.spec import validate
+from services.trainer.wire import spec_from_dict
 
 
 def test_the_held_out_part_is_never_trained_on_and_each_epoch_covers_the_train_part_once():

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from services.trainer.spec import spec_from_dict, validate
+from services.trainer.spec import validate
+from services.trainer.wire import spec_from_dict
 from shared.errors import InvalidArgument
 
 
@@ -69,14 +70,14 @@ def test_unknown_yaml_key_is_refused_by_name(assets, tmp_path):
     with pytest.raises(InvalidArgument, match='has no field named "trian_iters"'):
         spec_from_dict(d)
     (tmp_path / "s.yaml").write_text("name: [unclosed")
-    from services.trainer.spec import load_yaml
+    from services.trainer.wire import load_yaml
 
     with pytest.raises(InvalidArgument, match="not valid YAML"):
         load_yaml(tmp_path / "s.yaml")
 
 
 def test_split_documents_as_megatron_core_rounds_them():
-    from services.trainer.data import split_documents
+    from services.trainer.datafiles import split_documents
 
     assert split_documents("949,50,1", 12) == [11, 1, 0]
     assert split_documents("98,1,1", 1000) == [980, 10, 10]

@@ -100,7 +100,7 @@ def done_lines(out: Path, samples: list[Sample]) -> int:
 def run(a: Any) -> int:
     from tqdm import tqdm
 
-    from tools.cli.generate import _headers
+    from tools.cli.endpoints import auth_headers
 
     inp, out = Path(a.input_file), Path(a.output_file)
     if not inp.is_file():
@@ -122,7 +122,7 @@ def run(a: Any) -> int:
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     session = requests.Session()
-    session.headers.update(_headers(a.api_key))
+    session.headers.update(auth_headers(a.api_key))
     params = {"max_tokens": a.tokens_to_generate, "temperature": 0.0 if a.greedy else a.temperature,
               "repetition_penalty": a.repetition_penalty}
     if a.top_k and not a.greedy:

@@ -16,3 +16,11 @@ def endpoint(service: str) -> str:
 def client_env(addresses: dict[str, str]) -> dict[str, str]:
     """The environment that points the CLI at the given services."""
     return {f"MEGASTACK_CLIENT_{k.upper()}": v for k, v in addresses.items()}
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """JSON content type, and the gateway key as a Bearer token when one is given."""
+    h = {"Content-Type": "application/json"}
+    if api_key:
+        h["Authorization"] = f"Bearer {api_key}"
+    return h

@@ -10,14 +10,7 @@ import sys
 
 import requests
 
-from tools.cli.endpoints import endpoint
-
-
-def _headers(api_key: str | None) -> dict[str, str]:
-    h = {"Content-Type": "application/json"}
-    if api_key:
-        h["Authorization"] = f"Bearer {api_key}"
-    return h
+from tools.cli.endpoints import auth_headers, endpoint
 
 
 def _fail(resp: requests.Response) -> int:
@@ -56,7 +49,7 @@ def run(a: argparse.Namespace) -> int:
             "add_BOS": a.add_bos, "repetition_penalty": a.repetition_penalty}
     if a.seed is not None:
         body["random_seed"] = a.seed
-    resp = requests.put(f"{a.url}/api", data=json.dumps(body), headers=_headers(a.api_key), timeout=a.timeout)
+    resp = requests.put(f"{a.url}/api", data=json.dumps(body), headers=auth_headers(a.api_key), timeout=a.timeout)
     if resp.status_code != 200:
         return _fail(resp)
     out = resp.json()
@@ -83,7 +76,7 @@ def _stream(a: argparse.Namespace, prompts: list[str], session: requests.Session
         body["seed"] = a.seed
     if a.logprobs:
         body["logprobs"] = 1
-    with (session or requests).post(f"{a.url}/v1/completions", json=body, headers=_headers(a.api_key), stream=True,
+    with (session or requests).post(f"{a.url}/v1/completions", json=body, headers=auth_headers(a.api_key), stream=True,
                                     timeout=a.timeout) as resp:
         if resp.status_code != 200:
             return _fail(resp)

@@ -37,8 +37,8 @@ def _line(job) -> str:
 
 def submit(a: argparse.Namespace) -> int:
     from protos.trainer.v1 import trainer_pb2 as pb
-    from services.trainer.spec import load_yaml, validate
-    from services.trainer.wire import spec_to_pb
+    from services.trainer.spec import validate
+    from services.trainer.wire import load_yaml, spec_to_pb
     from tools.cli.rpc import rpc
 
     spec = load_yaml(a.spec)
@@ -104,9 +104,10 @@ def list_jobs(a: argparse.Namespace) -> int:
 def import_args(a: argparse.Namespace) -> int:
     import sys
 
-    from services.trainer.import_args import import_args as do_import
-    from services.trainer.import_args import render_yaml, split_command_text
-    from services.trainer.spec import spec_from_dict, validate
+    from services.trainer.spec import validate
+    from services.trainer.wire import spec_from_dict
+    from tools.cli.import_args import import_args as do_import
+    from tools.cli.import_args import render_yaml, split_command_text
 
     if a.from_file:
         tokens = split_command_text(Path(a.from_file).read_text())

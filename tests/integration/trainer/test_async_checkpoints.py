@@ -15,8 +15,9 @@ import pytest
 
 from services.trainer.checkpointing import latest_iteration
 from services.trainer.jobfiles import SAVES_FILE
-from services.trainer.spec import spec_from_dict, validate
+from services.trainer.spec import validate
 from services.trainer.torchrun import run_local
+from services.trainer.wire import spec_from_dict
 from shared.paths import REPO_ROOT
 from tests.fixtures.training import curve, spec_doc
 

@@ -54,7 +54,8 @@ def test_a_neat_pack_of_three_samples_computes_what_each_computes_alone(packed_d
 
 
 def test_the_dataset_restarts_positions_and_never_scores_across_samples(packed_data, tiny_models):
-    from services.trainer.data import SFTDataset, neat_packed
+    from services.trainer.data import SFTDataset
+    from services.trainer.datafiles import neat_packed
 
     assert neat_packed([str(packed_data / "neat")]) and not neat_packed([str(packed_data / "plain")])
     item = SFTDataset([str(packed_data / "neat")], SEQ, 0)[0]
@@ -71,7 +72,8 @@ def test_the_dataset_restarts_positions_and_never_scores_across_samples(packed_d
 
 
 def test_transformer_engine_is_refused_at_submit_for_neat_packs(packed_data, train_assets, tmp_path):
-    from services.trainer.spec import spec_from_dict, validate
+    from services.trainer.spec import validate
+    from services.trainer.wire import spec_from_dict
     from shared.errors import InvalidArgument
     from tests.fixtures.training import spec_doc
 
@@ -95,8 +97,9 @@ def neat_corpus(tiny_models, tmp_path_factory):
 
 
 def _train_neat(assets, corpus, save_dir, parallel) -> list[dict]:
-    from services.trainer.spec import spec_from_dict, validate
+    from services.trainer.spec import validate
     from services.trainer.torchrun import run_local
+    from services.trainer.wire import spec_from_dict
     from tests.fixtures.training import spec_doc
 
     spec = spec_from_dict(spec_doc(assets, save_dir, kind="sft", parallel=parallel,

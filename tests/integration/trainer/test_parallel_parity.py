@@ -13,8 +13,9 @@ import json
 
 import pytest
 
-from services.trainer.spec import spec_from_dict, validate
+from services.trainer.spec import validate
 from services.trainer.torchrun import run_local
+from services.trainer.wire import spec_from_dict
 from tests.fixtures.training import spec_doc
 
 STEPS = 6

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.trainer.spec import spec_from_dict, validate
+from services.trainer.spec import validate
 from services.trainer.torchrun import run_local
+from services.trainer.wire import spec_from_dict
 from shared.errors import InvalidArgument
 from tests.fixtures.training import spec_doc
 

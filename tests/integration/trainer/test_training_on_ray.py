@@ -12,8 +12,7 @@ import pytest
 
 from protos.common.v1 import common_pb2
 from protos.trainer.v1 import trainer_pb2 as pb
-from services.trainer.spec import spec_from_dict
-from services.trainer.wire import spec_to_pb
+from services.trainer.wire import spec_from_dict, spec_to_pb
 from tests.fixtures.training import curve, spec_doc, wait_for
 
 
