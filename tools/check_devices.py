@@ -1,5 +1,5 @@
 """Device rules (run by `make lint`) for the modules whose tensors meet a model that may sit on a GPU:
-the serving engine, the trainer's step, converter verify, shared/mcore and gpu_check.
+the serving engine, the trainer's step, converter verify, llm/mcore and gpu_check.
 
 1. ``torch.Generator(...)`` names its device (a CPU generator cannot draw for CUDA tensors).
 2. Tensor factories (``torch.tensor``, ``zeros``, ``ones``, ``empty``, ``full``, ``arange``, ``rand*``, ...)
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = (
     "services/textgen/engine.py", "services/textgen/sampling.py", "services/textgen/modeling.py",
-    "services/trainer/train.py", "services/converter/verify.py", "shared/mcore/model.py", "shared/devices.py",
+    "services/trainer/train.py", "services/converter/verify.py", "llm/mcore/model.py", "llm/devices.py",
     "tools/gpu_check.py",
 )
 FACTORIES = {"tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint", "randperm",

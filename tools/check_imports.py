@@ -1,9 +1,10 @@
 """Import rules (run by `make lint`):
 
-1. A service never imports another service (services talk gRPC; shared code lives in shared/).
-2. shared/ never imports services/ or tools/.
-3. The gateway never imports torch, transformers or megatron (directly or through shared/).
-4. No import cycles among the modules of services/, shared/ and tools/ (lazy imports inside functions count;
+1. A service never imports another service (services talk gRPC; shared code lives in shared/ or llm/).
+2. shared/ (infrastructure) never imports llm/, services/ or tools/, nor torch, transformers or megatron;
+   llm/ (the domain library) never imports services/ or tools/.
+3. The gateway never imports torch, transformers or megatron, nor llm/ (directly or through shared/).
+4. No import cycles among the modules of services/, shared/, llm/ and tools/ (lazy imports inside functions count;
    ``if TYPE_CHECKING:`` blocks do not): a cycle means two modules that cannot be read, or moved, one without
    the other.
 5. The trainer service's head (servicer, launcher, wire) loads no rank-side code: no torch, megatron-core or Ray
@@ -51,7 +52,7 @@ def imports_of(path: Path, *, with_names: bool = False) -> set[str]:
 def module_graph() -> dict[str, set[str]]:
     """Module -> the modules of this repository it imports (a ``from pkg import sub`` edge goes to the submodule)."""
     files = {}
-    for base in ("services", "shared", "tools"):
+    for base in ("services", "shared", "llm", "tools"):
         for f in (ROOT / base).rglob("*.py"):
             parts = f.relative_to(ROOT).with_suffix("").parts
             files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
@@ -119,10 +120,21 @@ def main() -> int:
                     problems.append(f"{f.relative_to(ROOT)} imports {mod}: services must not depend on tools/")
     for f in (ROOT / "shared").rglob("*.py"):
         for mod in imports_of(f):
+            top = mod.split(".")[0]
+            if top in ("services", "tools", "llm"):
+                problems.append(f"{f.relative_to(ROOT)} imports {mod}: shared/ is infrastructure, below llm/, services and tools")
+            if top in ("torch", "transformers", "megatron"):
+                problems.append(f"{f.relative_to(ROOT)} imports {mod}: shared/ is infrastructure; ML code belongs in llm/")
+    for f in (ROOT / "llm").rglob("*.py"):
+        for mod in imports_of(f):
             if mod.split(".")[0] in ("services", "tools"):
-                problems.append(f"{f.relative_to(ROOT)} imports {mod}: shared/ is below services and tools")
+                problems.append(f"{f.relative_to(ROOT)} imports {mod}: llm/ is below services and tools")
+    for f in (ROOT / "services" / "gateway").rglob("*.py"):
+        for mod in imports_of(f):
+            if mod.split(".")[0] in ("llm", "torch", "transformers", "megatron"):
+                problems.append(f"{f.relative_to(ROOT)} imports {mod}: the gateway stays light (no ML code)")
     probe = ("import sys, services.gateway.app, services.gateway.__main__; "
-             "bad = [m for m in ('torch', 'transformers', 'megatron') if m in sys.modules]; print(','.join(bad))")
+             "bad = [m for m in ('torch', 'transformers', 'megatron', 'llm') if m in sys.modules]; print(','.join(bad))")
     heavy = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     if heavy:
         problems.append(f"the gateway imports {heavy}; it must stay light (no torch)")

@@ -111,7 +111,7 @@ class Demo:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
         if out.returncode != 0:
             raise RuntimeError(f"preprocess failed:\n{out.stdout}{out.stderr}")
-        from shared.indexed_dataset import IndexedDatasetReader
+        from llm.indexed_dataset import IndexedDatasetReader
 
         tokens = int(IndexedDatasetReader(str(prefix) + "_text_document").lengths.sum())
         self.row("preprocess", "corpus", f"{docs} documents, {corpus.stat().st_size / 1e6:.1f} MB -> {tokens:,} tokens "

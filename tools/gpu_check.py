@@ -137,9 +137,9 @@ def compare_greedy(ours: list[list[int]], theirs: list[tuple[list[int], list[flo
 
 
 def check_textgen(c: Check, assets: dict, device: str, dtype: str) -> None:
+    from llm.devices import resolve_dtype
     from services.textgen.sampling import SamplingSpec
     from services.textgen.sequences import CANCELLED, ERROR, LENGTH, SequenceRequest, StopSpec
-    from shared.devices import resolve_dtype
 
     s = _served(assets["llama"], device, dtype)
     try:
@@ -229,8 +229,8 @@ def check_smollm2(c: Check, device: str) -> str | None:
 
 # -- converter --------------------------------------------------------------------------------------
 def check_converter(c: Check, assets: dict, work: Path) -> None:
+    from llm.mcore.model import megatron_device
     from services.converter.conversion import ConvertSpec, convert
-    from shared.mcore.model import megatron_device
 
     r = convert(ConvertSpec(load_dir=assets["llama"], save_dir=work / "conv-mcore", target_format="mcore", verify=True))
     c.figures.update(megatron_device=str(megatron_device()), **{k: r.parity.get(k) for k in
@@ -283,7 +283,7 @@ def _train(spec, timeout_s: float = 300) -> dict[int, dict]:
 
 
 def check_training(c: Check, assets: dict, work: Path, device: str, steps: int, precision: str) -> None:
-    from shared.mcore.model import transformer_engine_status
+    from llm.mcore.model import transformer_engine_status
 
     t = training_assets(assets, work)
     spec = _spec(t, work / "run-a", device, steps, precision)

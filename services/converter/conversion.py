@@ -17,15 +17,15 @@ from typing import Any
 
 import torch
 
+from llm.checkpoints import CheckpointReader, detect_format, open_checkpoint
+from llm.checkpoints import layout as L
+from llm.checkpoints.hf import TOKENIZER_FILES, write_hf_checkpoint
+from llm.devices import dtype_name, resolve_dtype
+from llm.mcore.model import padded_vocab_size
+from llm.models.base import MappedView, megatron_names
 from services.converter.writers import TorchDistWriter, legacy_rank_dir, megatron_args, write_megatron_extras
 from shared.atomic import atomic_dir, check_target
-from shared.checkpoints import CheckpointReader, detect_format, open_checkpoint
-from shared.checkpoints import layout as L
-from shared.checkpoints.hf import TOKENIZER_FILES, write_hf_checkpoint
-from shared.devices import dtype_name, resolve_dtype
 from shared.errors import InvalidArgument
-from shared.mcore.model import padded_vocab_size
-from shared.models.base import MappedView, megatron_names
 
 logger = logging.getLogger(__name__)
 FORMATS = ("hf", "mcore", "legacy")

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from llm.models.base import MappedView
 from shared.errors import InvalidArgument, NotFound
-from shared.models.base import MappedView
 
 PREFIX = "base_model.model."
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from shared.checkpoints import layout as L
-from shared.checkpoints import open_checkpoint
-from shared.devices import module_device, to_device
-from shared.models.base import ArchConfig
+from llm.checkpoints import layout as L
+from llm.checkpoints import open_checkpoint
+from llm.devices import module_device, to_device
+from llm.models.base import ArchConfig
 
 logger = logging.getLogger(__name__)
 SAMPLE = "The old man looked at the river and said that the bridge would not last another winter."
@@ -27,7 +27,7 @@ def sample_tokens(reader, arch: ArchConfig, length: int = 32) -> torch.Tensor:
     ids: list[int] = []
     tok_dir = reader.tokenizer_dir()
     if tok_dir is not None:
-        from shared.tokenizers import Tokenizer
+        from llm.tokenizers import Tokenizer
 
         ids = [i for i in Tokenizer.load(tok_dir).encode(SAMPLE * 3) if i < arch.vocab_size][:length]
     cpu = torch.device("cpu")  # the sample is drawn on the CPU (the same tokens on every machine), then moved
@@ -48,8 +48,8 @@ def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
-    from shared.mcore import dist as mdist
-    from shared.mcore.model import (
+    from llm.mcore import dist as mdist
+    from llm.mcore.model import (
         build_gpt_model,
         load_distributed,
         load_module_state,
@@ -71,7 +71,7 @@ def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
         wanted = model.state_dict().keys()
         load_module_state(model, {k: v for k, v in state.items() if k in wanted})
     elif legacy_single:
-        from shared.checkpoints.megatron import load_weights_pickle
+        from llm.checkpoints.megatron import load_weights_pickle
 
         sd = load_weights_pickle(reader.iter_dir / "mp_rank_00" / "model_optim_rng.pt")["model"]
         load_module_state(model, {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in sd.items()})

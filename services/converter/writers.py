@@ -21,9 +21,9 @@ from torch.distributed.checkpoint.metadata import (
     MetadataIndex,
 )
 
-from shared.checkpoints import layout as L
-from shared.checkpoints.megatron import TRACKER, write_description
-from shared.models.base import ArchConfig, megatron_layer_of
+from llm.checkpoints import layout as L
+from llm.checkpoints.megatron import TRACKER, write_description
+from llm.models.base import ArchConfig, megatron_layer_of
 
 DATA_FILE = "__0_0.distcp"
 DIST_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}

@@ -215,7 +215,7 @@ def _model(spec: EvalSpec, progress: Progress):
     from lm_eval.api.registry import get_model
 
     if spec.hf_checkpoint:
-        from shared.devices import resolve_device
+        from llm.devices import resolve_device
 
         name, args = "hf", {"pretrained": spec.hf_checkpoint, "dtype": "float32", "device": str(resolve_device("auto"))}
     else:

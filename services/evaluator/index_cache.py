@@ -22,8 +22,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from llm.checkpoints.safe_pickle import AllowListUnpickler
 from shared.atomic import atomic_file
-from shared.checkpoints.safe_pickle import AllowListUnpickler
 from shared.paths import CACHE_DIR
 
 logger = logging.getLogger(__name__)

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
+from llm.checkpoints import open_checkpoint
+from llm.devices import dtype_name, resolve_device, resolve_dtype
+from llm.models.base import ArchConfig
+from llm.tokenizers import Tokenizer
 from services.textgen.config import TextgenConfig
 from services.textgen.engine import Engine
 from services.textgen.modeling import DecoderLM, KVCache, UnsupportedModel
 from services.textgen.sequences import EngineConfig, TokenizerInfo
-from shared.checkpoints import open_checkpoint
-from shared.devices import dtype_name, resolve_device, resolve_dtype
 from shared.errors import ServiceError, StartupError
-from shared.models.base import ArchConfig
-from shared.tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 

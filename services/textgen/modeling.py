@@ -1,6 +1,6 @@
 """The inference model: a Megatron-layout decoder (GPT-2, Llama, Qwen2) with a slot-based KV cache.
 
-Weights arrive in the Megatron canonical layout (``shared.models``), whatever the checkpoint format,
+Weights arrive in the Megatron canonical layout (``llm.models``), whatever the checkpoint format,
 so one implementation serves HF and Megatron checkpoints alike. The KV cache is preallocated per
 *slot*; a sequence keeps its slot from prefill to finish, so sequences can join and leave the running
 batch between decode steps (continuous batching) without moving any cache.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shared.models.base import ArchConfig, split_qkv
+from llm.models.base import ArchConfig, split_qkv
 
 Tensor = torch.Tensor
 ROPE_SCALING = ("default", "linear", "llama3")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from llm.tokenizers import Tokenizer
 from protos.textgen.v1 import textgen_pb2 as pb
 from services.textgen.sampling import SamplingSpec
 from services.textgen.sequences import (
@@ -17,7 +18,6 @@ from services.textgen.sequences import (
     TopK,
 )
 from shared.errors import InvalidArgument
-from shared.tokenizers import Tokenizer
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from llm.checkpoints.megatron import TRACKER
 from services.trainer.jobfiles import SAVES_FILE
 from shared.atomic import mark_output, write_text_atomic
-from shared.checkpoints.megatron import TRACKER
 
 logger = logging.getLogger(__name__)
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -68,8 +68,8 @@ def describe(save_dir: Path, spec, arch, tok_dir: Path | None, padded_vocab: int
     iterations back into HF on its own (rank 0, before the first save)."""
     import json
 
-    from shared.checkpoints import open_checkpoint
-    from shared.checkpoints.megatron import write_description
+    from llm.checkpoints import open_checkpoint
+    from llm.checkpoints.megatron import write_description
 
     if spec.init_from:
         hf_config = open_checkpoint(Path(spec.init_from)).hf_config
@@ -253,7 +253,7 @@ def init_optimizer_state(optimizer) -> None:
 
 def load(save_dir: Path, iteration: int, *, models: list, optimizer, scheduler) -> tuple[int, int]:
     """Restore everything saved by :func:`save`; returns (iteration, consumed_samples)."""
-    from shared.mcore.model import load_distributed, load_module_state
+    from llm.mcore.model import load_distributed, load_module_state
 
     init_optimizer_state(optimizer)
     state = model_sharded_state(models)
@@ -275,8 +275,8 @@ def load(save_dir: Path, iteration: int, *, models: list, optimizer, scheduler) 
 
 def load_weights(init_from: Path, models: list) -> None:
     """Initialise from a converter checkpoint (model only, any TP/PP)."""
-    from shared.checkpoints.megatron import iteration_dir
-    from shared.mcore.model import load_distributed, load_module_state
+    from llm.checkpoints.megatron import iteration_dir
+    from llm.mcore.model import load_distributed, load_module_state
 
     loaded = load_distributed(model_sharded_state(models), iteration_dir(Path(init_from)))
     keys = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]

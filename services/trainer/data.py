@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from llm.mcore.packing import segment_positions
 from services.trainer.datafiles import split_documents
 from services.trainer.spec import TrainSpec
-from shared.mcore.packing import segment_positions
 
 IGNORE = -100
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class DatasetTokenizer:
     tokenizer folder megastack reads: HF ``tokenizer.json`` or GPT-2 BPE ``vocab.json`` + ``merges.txt``."""
 
     def __init__(self, tokenizer_dir: Path) -> None:
-        from shared.tokenizers import FastTokenizer
+        from llm.tokenizers import FastTokenizer
 
         tok = FastTokenizer.from_dir(tokenizer_dir)
         self.vocab_size = tok.vocab_size

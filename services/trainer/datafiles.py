@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.indexed_dataset import IndexedDatasetReader
+from llm.indexed_dataset import IndexedDatasetReader
 
 
 def neat_packed(prefixes: list[str]) -> bool:

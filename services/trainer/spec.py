@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llm.mcore import TRANSFORMER_IMPLS as IMPLS
 from shared.errors import InvalidArgument
-from shared.mcore import TRANSFORMER_IMPLS as IMPLS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-# shared.checkpoints.layout speaks the converter's field names; a training spec has its own
+# llm.checkpoints.layout speaks the converter's field names; a training spec has its own
 LAYOUT_FIELDS = {"num_layer_list": "parallel.num_layer_list", "target_pipeline_parallel_size": "parallel.pipeline_parallel",
                  "num_layers_per_virtual_pipeline_stage": "parallel.virtual_pipeline"}
 RECOMPUTE = ("none", "full", "selective")
@@ -61,7 +61,7 @@ class TrainSpec:
     seed: int = 1234
     precision: str = "fp32"
     recompute: str = "none"
-    transformer_impl: str = "auto"              # auto | local | transformer_engine (shared.mcore.model.resolve_impl)
+    transformer_impl: str = "auto"              # auto | local | transformer_engine (llm.mcore.model.resolve_impl)
     log_interval: int = 1
     eval_interval: int = 0
     eval_iters: int = 0
@@ -119,8 +119,8 @@ def _prefixes(kind: str, paths) -> list[str]:
 
 def resolve_arch(spec: TrainSpec):
     """(ArchConfig, padded vocab of the init checkpoint or None, tokenizer folder) for the spec."""
-    from shared.checkpoints import open_checkpoint
-    from shared.models.registry import arch_from_hf_config
+    from llm.checkpoints import open_checkpoint
+    from llm.models.registry import arch_from_hf_config
 
     if spec.init_from:
         path = Path(spec.init_from)
@@ -234,8 +234,8 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
             for ext in (".bin", ".idx"):
                 if not Path(prefix + ext).is_file():
                     raise _bad(f"data path {prefix}{ext} does not exist", field_name)
+    from llm.indexed_dataset import IndexedDatasetReader
     from services.trainer.datafiles import split_documents
-    from shared.indexed_dataset import IndexedDatasetReader
 
     held_out = not spec.valid_data_paths  # validation on a part of data.paths that training never reads
     for p, _ in spec.data_paths:
@@ -254,8 +254,8 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         if neat_packed([p for p, _ in (*spec.data_paths, *spec.valid_data_paths)]):
             raise _bad(NEAT_PACK_TE, "training.transformer_impl")
     arch, padded, tok = resolve_arch(spec)
-    from shared.checkpoints import layout as L
-    from shared.mcore.model import padded_vocab_size
+    from llm.checkpoints import layout as L
+    from llm.mcore.model import padded_vocab_size
 
     try:
         L.check_tp(arch, spec.tp)

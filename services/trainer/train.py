@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llm.devices import module_device, to_device
+from llm.mcore.packing import block_causal_mask, follow_positions, has_isolated_samples, set_positions
 from services.trainer import checkpointing as ckpt
 from services.trainer import heartbeat
 from services.trainer.data import batches, build_datasets
@@ -27,15 +29,13 @@ from services.trainer.jobfiles import METRICS_FILE, STATUS_FILE
 from services.trainer.perf import flops_per_token, job_peak_tflops, rank_step_times
 from services.trainer.spec import NEAT_PACK_TE, TrainSpec, check_save_dir, resolve_arch
 from shared.atomic import write_text_atomic
-from shared.devices import module_device, to_device
-from shared.mcore.packing import block_causal_mask, follow_positions, has_isolated_samples, set_positions
 
 logger = logging.getLogger("services.trainer.train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _config(spec: TrainSpec, arch):
-    from shared.mcore.model import transformer_config
+    from llm.mcore.model import transformer_config
 
     extra = {}
     if spec.recompute == "full":
@@ -73,7 +73,7 @@ def build(spec: TrainSpec):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from shared.mcore.model import build_gpt_model, padded_vocab_size
+    from llm.mcore.model import build_gpt_model, padded_vocab_size
 
     arch, _, tok_dir = resolve_arch(spec)
     config = _config(spec, arch)
@@ -180,7 +180,7 @@ def _mean_loss(losses: list[dict]) -> torch.Tensor | None:
 
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    from shared.mcore.model import megatron_device
+    from llm.mcore.model import megatron_device
 
     value = torch.stack([x["lm loss"] for x in losses]).mean() if losses else torch.zeros((), device=megatron_device())
     value = value.clone().float()
@@ -192,7 +192,7 @@ def run(spec: TrainSpec) -> int:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from shared.mcore import dist as mdist
+    from llm.mcore import dist as mdist
 
     torch.set_num_threads(spec.num_threads or max(1, int(spec.cpus_per_worker)))
     mdist.init(mdist.Parallelism(tp=spec.tp, pp=spec.pp, vpp=spec.vpp if spec.vpp > 1 else None),
@@ -206,7 +206,7 @@ def run(spec: TrainSpec) -> int:
         save_dir.mkdir(parents=True, exist_ok=True)
         for name in ckpt.discard_partial(save_dir):
             logger.info("removed %s, a checkpoint an earlier attempt did not finish", name)
-        from shared.mcore.model import padded_vocab_size
+        from llm.mcore.model import padded_vocab_size
 
         ckpt.describe(save_dir, spec, arch, tok_dir, padded_vocab_size(arch.vocab_size, 128, spec.tp))
     dist.barrier()
@@ -219,7 +219,7 @@ def run(spec: TrainSpec) -> int:
     elif spec.init_from:
         ckpt.load_weights(Path(spec.init_from), chunks)
         logger.info("initialised from %s", spec.init_from)
-    from shared.tokenizers import FastTokenizer
+    from llm.tokenizers import FastTokenizer
 
     tok = FastTokenizer.from_dir(tok_dir)
     pad = tok.pad_id if tok.pad_id is not None else tok.eod_id
@@ -241,7 +241,7 @@ def run(spec: TrainSpec) -> int:
     saver = ckpt.Saver(save_dir, keep_last=spec.keep_last, async_save=spec.async_save)
     per_token = flops_per_token(arch, spec.seq_length)
     tokens_per_step = spec.global_batch_size * spec.seq_length
-    from shared.mcore.model import megatron_device
+    from llm.mcore.model import megatron_device
 
     device = megatron_device()
     peak = job_peak_tflops(spec.peak_tflops_per_worker, DTYPES[spec.precision], device)

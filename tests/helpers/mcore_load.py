@@ -28,9 +28,9 @@ def main() -> int:
     a = ap.parse_args()
     from megatron.core import parallel_state as ps
 
-    from shared.checkpoints.megatron import MegatronCheckpoint, load_weights_pickle
-    from shared.mcore import dist as mdist
-    from shared.mcore.model import build_gpt_model, transformer_config
+    from llm.checkpoints.megatron import MegatronCheckpoint, load_weights_pickle
+    from llm.mcore import dist as mdist
+    from llm.mcore.model import build_gpt_model, transformer_config
 
     mdist.init(mdist.Parallelism(tp=a.tp, pp=a.pp))
     reader = MegatronCheckpoint(a.ckpt, a.format)

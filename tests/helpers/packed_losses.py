@@ -32,12 +32,12 @@ def main() -> int:
     ap.add_argument("--single", required=True)
     ap.add_argument("--seq-length", type=int, required=True)
     a = ap.parse_args()
+    from llm.mcore import dist as mdist
+    from llm.mcore.model import build_gpt_model, padded_vocab_size, transformer_config
+    from llm.mcore.packing import follow_positions
+    from llm.models.registry import arch_from_hf_config
+    from llm.tokenizers import FastTokenizer
     from services.trainer.data import SFTDataset, _collate
-    from shared.mcore import dist as mdist
-    from shared.mcore.model import build_gpt_model, padded_vocab_size, transformer_config
-    from shared.mcore.packing import follow_positions
-    from shared.models.registry import arch_from_hf_config
-    from shared.tokenizers import FastTokenizer
 
     mdist.init(mdist.Parallelism(), seed=7)
     arch = arch_from_hf_config(json.load(open(f"{a.arch}/config.json")), a.arch)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from shared.indexed_dataset import IndexedDatasetReader, IndexedDatasetWriter, data_path, index_path
+from llm.indexed_dataset import IndexedDatasetReader, IndexedDatasetWriter, data_path, index_path
 
 # megatron-contract.md Appendix A: doc 0 = [5,6,7]; doc 1 = sentences [8,9] and [10]; uint16.
 APPENDIX_IDX = bytes.fromhex(

@@ -1,4 +1,4 @@
-"""shared/mcore/model.py: which layer spec a build uses, what moves batches to the model, and which
+"""llm/mcore/model.py: which layer spec a build uses, what moves batches to the model, and which
 _extra_state objects a load asks for. The Transformer Engine side is exercised by gpu_check on a GPU;
 here its selection logic is checked with TE's availability stubbed."""
 
@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-from shared.devices import module_device, to_device
-from shared.mcore import model as M
+from llm.devices import module_device, to_device
+from llm.mcore import model as M
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_auto_uses_transformer_engine_when_it_imports(te):
 
 def test_auto_falls_back_to_local_and_says_so_once(te, caplog):
     te(False, "transformer_engine does not import (ModuleNotFoundError: x)")
-    with caplog.at_level(logging.INFO, logger="shared.mcore.model"):
+    with caplog.at_level(logging.INFO, logger="llm.mcore.model"):
         assert M.resolve_impl("auto") == "local"
         assert M.resolve_impl("auto") == "local"
     lines = [r.getMessage() for r in caplog.records if "local layer spec" in r.getMessage()]
@@ -48,7 +48,7 @@ def test_layer_spec_is_tes_or_ours(te, monkeypatch):
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer import transformer_block
 
-    from shared.models.base import ArchConfig
+    from llm.models.base import ArchConfig
 
     sentinel = object()
     # no parallel state in a unit test: a world of one builds every layer

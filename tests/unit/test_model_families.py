@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from shared.checkpoints.hf import HFCheckpoint
+from llm.checkpoints.hf import HFCheckpoint
+from llm.models.base import fuse_qkv, split_qkv
+from llm.models.registry import BY_ARCHITECTURE, family_for_architecture
 from shared.errors import InvalidArgument
-from shared.models.base import fuse_qkv, split_qkv
-from shared.models.registry import BY_ARCHITECTURE, family_for_architecture
 from tests.fixtures.tiny import FAMILIES
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.mcore.packing import (
+from llm.mcore.packing import (
     block_causal_mask,
     follow_positions,
     has_isolated_samples,
@@ -37,7 +37,7 @@ def test_the_mask_is_causal_within_a_sample_and_closed_between_samples():
 def test_rope_takes_the_positions_of_the_batch():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from shared.mcore import cpu_compat
+    from llm.mcore import cpu_compat
 
     cpu_compat.apply()  # megatron-core's RoPE asks for the current CUDA device; on CPU that is the CPU
     holder = torch.nn.Module()

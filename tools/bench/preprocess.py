@@ -61,7 +61,7 @@ def raw_tokenizer_run(path: Path, threads: int) -> dict:
     code = f"""
 import json, os, sys, time
 os.environ["RAYON_NUM_THREADS"] = "{threads}"
-from shared.tokenizers import FastTokenizer
+from llm.tokenizers import FastTokenizer
 tok = FastTokenizer.gpt2_bpe("{ASSETS_DIR / 'gpt2-bpe' / 'vocab.json'}", "{ASSETS_DIR / 'gpt2-bpe' / 'merges.txt'}")
 texts = [json.loads(l)["text"] for l in open("{path}")]
 nbytes = sum(len(t.encode()) for t in texts)

@@ -37,7 +37,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def make_prompts(model_dir: Path, n: int, length: int = 32) -> list[list[int]]:
-    from shared.tokenizers import Tokenizer
+    from llm.tokenizers import Tokenizer
     from tools.assets import ensure_asset
 
     tok = Tokenizer.load(model_dir)

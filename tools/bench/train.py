@@ -166,7 +166,7 @@ class RunQueueSampler:
 
 
 def run_torchrun(s, spec_path: Path) -> tuple[float, float | None]:
-    from shared.mcore.dist import free_port
+    from llm.mcore.dist import free_port
 
     sampler = RunQueueSampler(Path(s.save_dir))
     t0 = time.perf_counter()

@@ -327,8 +327,8 @@ def _tokenizer_flags(imp: Imported, seen: dict[str, list[str]]) -> None:
 
 
 def _hf_config(ns: dict[str, Any], imp: Imported) -> dict[str, Any]:
-    from shared.checkpoints.megatron import arch_from_args
-    from shared.models.registry import family
+    from llm.checkpoints.megatron import arch_from_args
+    from llm.models.registry import family
 
     missing = [f"--{k}" for k in ("num-layers", "hidden-size", "num-attention-heads") if k.replace("-", "_") not in ns]
     if missing:
@@ -351,7 +351,7 @@ def _hf_config(ns: dict[str, Any], imp: Imported) -> dict[str, Any]:
 def _tokenizer_vocab(path: str | None) -> int:
     if not path or not Path(path).exists():
         return 0
-    from shared.tokenizers import FastTokenizer
+    from llm.tokenizers import FastTokenizer
 
     return FastTokenizer.from_dir(path).vocab_size
 
@@ -494,8 +494,8 @@ def import_pai(tokens: list[str], layout: str, *, name: str = "", world_size: in
 
 
 def _pai_arch(layout: str, size: str, seq: int, tokenizer: str) -> dict[str, Any]:
-    from shared.models.base import ArchConfig
-    from shared.models.registry import family
+    from llm.models.base import ArchConfig
+    from llm.models.registry import family
 
     table = QWEN25 if layout == "pai-qwen2.5" else LLAMA2
     if size not in table:

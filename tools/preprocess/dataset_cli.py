@@ -14,7 +14,7 @@ def _strip(prefix: str) -> str:
 
 
 def inspect(a: argparse.Namespace) -> int:
-    from shared.indexed_dataset import IndexedDatasetReader
+    from llm.indexed_dataset import IndexedDatasetReader
 
     prefix = _strip(a.prefix)
     try:
@@ -51,7 +51,7 @@ def inspect(a: argparse.Namespace) -> int:
 
 
 def _tokenizer(a: argparse.Namespace):
-    from shared.tokenizers import FastTokenizer
+    from llm.tokenizers import FastTokenizer
 
     if a.tokenizer:
         return FastTokenizer.from_dir(a.tokenizer)
@@ -61,7 +61,7 @@ def _tokenizer(a: argparse.Namespace):
 
 
 def verify(a: argparse.Namespace) -> int:
-    from shared.indexed_dataset import IndexedDatasetReader
+    from llm.indexed_dataset import IndexedDatasetReader
 
     prefix = _strip(a.prefix)
     try:

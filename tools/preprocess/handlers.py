@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.chat_template import render
+from llm.chat_template import render
+from llm.tokenizers import FastTokenizer
 from shared.errors import InvalidArgument
-from shared.tokenizers import FastTokenizer
 from tools.preprocess.readers import InputError
 
 IGNORE = -100

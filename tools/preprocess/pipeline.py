@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.indexed_dataset import IndexedDatasetWriter, optimal_dtype
+from llm.indexed_dataset import IndexedDatasetWriter, optimal_dtype
 from tools.preprocess.handlers import HANDLERS, Packer, SFTEncoder, split_sentences, text_of
 from tools.preprocess.readers import InputError, Record, iter_records, list_inputs
 
@@ -78,7 +78,7 @@ Progress = Callable[[int, int], None]  # (input bytes done, documents done)
 
 
 def load_tokenizer(o: Options):
-    from shared.tokenizers import FastTokenizer
+    from llm.tokenizers import FastTokenizer
 
     if o.tokenizer_type == "GPT2BPETokenizer":
         if not (o.vocab_file and o.merge_file):
@@ -372,7 +372,7 @@ def _run_partitions(o: Options, plan, names: list[str], progress: Progress | Non
             summary.dtype = s.dtype
         summary.output_bytes = 0
         for j, name in enumerate(names):  # merge in input order (Megatron's add_index)
-            from shared.indexed_dataset import IndexedDatasetReader
+            from llm.indexed_dataset import IndexedDatasetReader
 
             writer = IndexedDatasetWriter(name, IndexedDatasetReader(parts[0][j]).dtype.type)
             try:

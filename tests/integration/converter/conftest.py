@@ -25,7 +25,7 @@ def hf_reference(model_dir: Path, out: Path) -> Path:
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
-    from shared.mcore.dist import free_port
+    from llm.mcore.dist import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            str(REPO_ROOT / "tests" / "helpers" / "mcore_load.py"), *args]

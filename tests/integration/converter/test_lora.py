@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from llm.checkpoints.hf import HFCheckpoint
 from services.converter.conversion import ConvertSpec, convert
-from shared.checkpoints.hf import HFCheckpoint
 from shared.errors import InvalidArgument
 
 

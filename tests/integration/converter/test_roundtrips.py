@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llm.checkpoints import open_checkpoint
+from llm.checkpoints.hf import HFCheckpoint
 from services.converter.conversion import ConvertSpec, convert
-from shared.checkpoints import open_checkpoint
-from shared.checkpoints.hf import HFCheckpoint
 from tests.fixtures.tiny import FAMILIES
 from tests.integration.converter.conftest import hf_reference, torchrun
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.checkpoints.megatron import iteration_dir
-from shared.checkpoints.safe_pickle import check_dcp_checkpoint, read_dcp_metadata
+from llm.checkpoints.megatron import iteration_dir
+from llm.checkpoints.safe_pickle import check_dcp_checkpoint, read_dcp_metadata
 from shared.errors import InvalidArgument
 from shared.paths import REPO_ROOT
 
@@ -52,7 +52,7 @@ def test_the_exploit_would_run_under_plain_pickle(poisoned):
 
 
 def test_readers_refuse_it_and_nothing_runs(poisoned):
-    from shared.checkpoints import open_checkpoint
+    from llm.checkpoints import open_checkpoint
 
     ckpt, marker = poisoned
     with pytest.raises(InvalidArgument, match=r"refused to load: posix\.system is not a class torch_dist metadata"):

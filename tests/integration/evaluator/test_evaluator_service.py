@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llm.mcore.dist import free_port
 from protos.common.v1 import common_pb2
 from protos.evaluator.v1 import evaluator_pb2 as pb
 from protos.evaluator.v1 import evaluator_pb2_grpc as pb_grpc
@@ -17,7 +18,6 @@ from services.evaluator.servicer import EvaluatorServicer
 from shared.grpc.channel import make_channel
 from shared.grpc.server import Registration, build_server
 from shared.jobs import JobStore
-from shared.mcore.dist import free_port
 from tests.fixtures.servers import start_gateway, start_textgen
 
 SUCCEEDED, FAILED, CANCELLED = common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED

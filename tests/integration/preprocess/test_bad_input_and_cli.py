@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shared.indexed_dataset import IndexedDatasetReader, data_path, index_path
+from llm.indexed_dataset import IndexedDatasetReader, data_path, index_path
 from shared.paths import REPO_ROOT
 from tests.integration.preprocess.conftest import GPT2
 from tools.preprocess.pipeline import Options, run
@@ -57,7 +57,7 @@ def test_unknown_extension_is_refused(tmp_path):
 
 
 def test_interrupted_run_leaves_no_pair(tmp_path, jsonl, monkeypatch):
-    import shared.indexed_dataset as ids
+    import llm.indexed_dataset as ids
 
     big = tmp_path / "big" / "in.jsonl"
     big.parent.mkdir()

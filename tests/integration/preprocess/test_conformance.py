@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.indexed_dataset import data_path, index_path
+from llm.indexed_dataset import data_path, index_path
 from tests.integration.preprocess.conftest import GPT2
 from tools.preprocess.pipeline import Options, run
 
@@ -58,7 +58,7 @@ def test_bytes_identical_to_megatrons_preprocess(tmp_path, jsonl, texts):
 def test_megatron_indexed_dataset_reads_exactly_what_we_wrote(tmp_path, jsonl, tiny_models):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from shared.tokenizers import FastTokenizer
+    from llm.tokenizers import FastTokenizer
 
     tok_dir = tiny_models["llama"]
     run(Options(input=jsonl, output_prefix=str(tmp_path / "ds"), tokenizer_name_or_path=tok_dir, append_eod=True,
@@ -80,7 +80,7 @@ def test_gpt_dataset_builds_samples(tmp_path, jsonl, tiny_models):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.tokenizers import MegatronTokenizer
 
-    from shared.mcore import dist as mdist
+    from llm.mcore import dist as mdist
 
     mdist.init()  # the builder synchronises ranks, even a world of one
     run(Options(input=jsonl, output_prefix=str(tmp_path / "ds"), tokenizer_name_or_path=tiny_models["qwen2"], append_eod=True))

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from shared.indexed_dataset import IndexedDatasetReader
-from shared.tokenizers import FastTokenizer
+from llm.indexed_dataset import IndexedDatasetReader
+from llm.tokenizers import FastTokenizer
 from tests.integration.preprocess.conftest import GPT2
 from tools.preprocess.handlers import IGNORE
 from tools.preprocess.pipeline import Options, run

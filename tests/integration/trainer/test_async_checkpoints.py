@@ -38,7 +38,7 @@ def train(assets, save_dir, *, iters: int, async_save: bool) -> str:
 
 
 def weights(save_dir):
-    from shared.checkpoints import open_checkpoint
+    from llm.checkpoints import open_checkpoint
 
     reader = open_checkpoint(save_dir)
     return {name: reader.get(name).float() for name in reader.names()}

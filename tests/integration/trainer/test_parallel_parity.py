@@ -22,7 +22,7 @@ STEPS = 6
 
 
 def weights(save_dir):
-    from shared.checkpoints import open_checkpoint
+    from llm.checkpoints import open_checkpoint
 
     reader = open_checkpoint(save_dir)
     return {name: reader.get(name).float() for name in reader.names()}

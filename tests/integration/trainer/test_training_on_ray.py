@@ -74,7 +74,7 @@ def steady_run(trainer, train_assets, tmp_path_factory):
 
 def same_as_steady(steady, save_dir) -> None:
     """Bit for bit: every step's loss, and every tensor of the final checkpoint."""
-    from shared.checkpoints import open_checkpoint
+    from llm.checkpoints import open_checkpoint
 
     ref, ref_dir = steady
     got = curve(save_dir)

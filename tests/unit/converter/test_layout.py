@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shared.checkpoints import layout as L
+from llm.checkpoints import layout as L
 from shared.errors import InvalidArgument
 
 

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
+from llm.checkpoints import open_checkpoint
 from services.textgen.modeling import DecoderLM, UnsupportedModel
-from shared.checkpoints import open_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from shared.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from llm.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from llm.models.base import ArchConfig, ModelFamily
+from llm.models.registry import arch_from_hf_config, family
 from shared.errors import InvalidArgument, NotFound
-from shared.models.base import ArchConfig, ModelFamily
-from shared.models.registry import arch_from_hf_config, family
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ anywhere could run any code in the converter, trainer or textgen process. Here t
 an unpickler that resolves only the classes DCP metadata is made of (listed below, taken from the
 ``.metadata`` files megatron-core and our converter write). Every one of them is a plain constructor (a
 dataclass, an enum, ``torch.Size``, a dtype or layout lookup), so nothing else can run while loading.
-:func:`check_dcp_checkpoint` (and :func:`shared.mcore.model.load_distributed`, which reads the metadata the same way) is the gate in front of megatron-core's loader.
+:func:`check_dcp_checkpoint` (and :func:`llm.mcore.model.load_distributed`, which reads the metadata the same way) is the gate in front of megatron-core's loader.
 """
 
 from __future__ import annotations

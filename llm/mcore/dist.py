@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from shared.mcore import cpu_compat
+from llm.mcore import cpu_compat
 from shared.net import free_port  # noqa: F401 - re-exported
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from llm.models.base import ArchConfig, ModelFamily
+from llm.models.gpt2 import GPT2Family
+from llm.models.llama import LlamaFamily
+from llm.models.qwen2 import Qwen2Family
 from shared.errors import InvalidArgument
-from shared.models.base import ArchConfig, ModelFamily
-from shared.models.gpt2 import GPT2Family
-from shared.models.llama import LlamaFamily
-from shared.models.qwen2 import Qwen2Family
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LlamaFamily(), Qwen2Family(), GPT2Family())}
 BY_ARCHITECTURE: dict[str, ModelFamily] = {a: f for f in FAMILIES.values() for a in f.hf_architectures}

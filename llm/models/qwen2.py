@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.models.base import ArchConfig
-from shared.models.llama import LlamaFamily
+from llm.models.base import ArchConfig
+from llm.models.llama import LlamaFamily
 
 
 class Qwen2Family(LlamaFamily):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from shared.models.base import (
+from llm.models.base import (
     ArchConfig,
     GetTensor,
     ModelFamily,

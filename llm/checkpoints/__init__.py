@@ -1,7 +1,7 @@
 """Checkpoint readers shared by the converter and textgen.
 
 :func:`open_checkpoint` detects the layout of a folder and returns a reader whose
-``canonical_tensors()`` yields the weights in the Megatron canonical layout (see ``shared.models``).
+``canonical_tensors()`` yields the weights in the Megatron canonical layout (see ``llm.models``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Protocol
 
 import torch
 
+from llm.models.base import ArchConfig
 from shared.errors import InvalidArgument, NotFound
-from shared.models.base import ArchConfig
 
 
 class CheckpointReader(Protocol):
@@ -31,7 +31,7 @@ class CheckpointReader(Protocol):
 
 
 def detect_format(path: Path) -> str:
-    from shared.checkpoints import megatron
+    from llm.checkpoints import megatron
 
     path = Path(path)
     if not path.exists():
@@ -51,8 +51,8 @@ def detect_format(path: Path) -> str:
 
 
 def open_checkpoint(path: Path | str, fmt: str | None = None) -> CheckpointReader:
-    from shared.checkpoints.hf import HFCheckpoint
-    from shared.checkpoints.megatron import MegatronCheckpoint
+    from llm.checkpoints.hf import HFCheckpoint
+    from llm.checkpoints.megatron import MegatronCheckpoint
 
     path = Path(path)
     fmt = fmt or detect_format(path)
@@ -67,7 +67,7 @@ class _HFReader:
     format = "hf"
 
     def __init__(self, ckpt) -> None:
-        from shared.models.base import MappedView
+        from llm.models.base import MappedView
 
         self.ckpt = ckpt
         self.path = ckpt.path
@@ -77,7 +77,7 @@ class _HFReader:
         self._view = MappedView(ckpt.family, ckpt.arch, ckpt.get, to="megatron")
 
     def names(self) -> list[str]:
-        from shared.models.base import megatron_names
+        from llm.models.base import megatron_names
 
         return megatron_names(self.arch, None) + [n for i in range(self.arch.num_layers) for n in megatron_names(self.arch, i)]
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from shared.mcore import TRANSFORMER_IMPLS as IMPLS
-from shared.models.base import ArchConfig
+from llm.mcore import TRANSFORMER_IMPLS as IMPLS
+from llm.models.base import ArchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def load_distributed(sharded_state: dict, iter_dir) -> dict:
     for the ``_extra_state`` objects the checkpoint holds."""
     from megatron.core import dist_checkpointing
 
-    from shared.checkpoints.safe_pickle import check_dcp_checkpoint
+    from llm.checkpoints.safe_pickle import check_dcp_checkpoint
 
     stored = set(check_dcp_checkpoint(iter_dir).state_dict_metadata)  # refuses metadata or entries that would run code
     return dist_checkpointing.load(without_absent_extra_state(sharded_state, stored), str(iter_dir))

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from shared.checkpoints import layout as L
+from llm.checkpoints import layout as L
+from llm.models.base import ArchConfig, megatron_layer_of, megatron_names
+from llm.models.registry import family
 from shared.errors import InvalidArgument
-from shared.models.base import ArchConfig, megatron_layer_of, megatron_names
-from shared.models.registry import family
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META_FILE = "megastack.json"
@@ -219,7 +219,7 @@ class _DistSource:
     """A torch_dist (DCP) checkpoint folder, read chunk by chunk from the .distcp byte ranges."""
 
     def __init__(self, iter_dir: Path) -> None:
-        from shared.checkpoints.safe_pickle import read_dcp_metadata
+        from llm.checkpoints.safe_pickle import read_dcp_metadata
 
         self.dir = iter_dir
         md = read_dcp_metadata(iter_dir)  # an allow-listed unpickler: reading never runs code

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llm.models.base import ArchConfig
 from shared.errors import InvalidArgument
-from shared.models.base import ArchConfig
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
 _COLUMN = ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias",
