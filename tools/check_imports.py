@@ -9,6 +9,7 @@
    the other.
 5. The trainer service's head (servicer, launcher, wire) loads no rank-side code: no torch, megatron-core or Ray
    placement code; what jobs write and the head reads is in services/trainer/jobfiles.py.
+6. tools/ reaches a service only through its public module ``services/<svc>/api.py`` (lazy re-exports).
 """
 
 from __future__ import annotations
@@ -138,6 +139,11 @@ def main() -> int:
     heavy = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     if heavy:
         problems.append(f"the gateway imports {heavy}; it must stay light (no torch)")
+    for f in (ROOT / "tools").rglob("*.py"):
+        for mod in imports_of(f):
+            parts = mod.split(".")
+            if parts[0] == "services" and len(parts) > 2 and parts[2] != "api":
+                problems.append(f"{f.relative_to(ROOT)} imports {mod}: tools/ use services/{parts[1]}/api.py")
     for group in cycles(module_graph()):
         problems.append(f"import cycle: {' <-> '.join(group)}")
     probe = ("import sys, services.trainer.servicer, services.trainer.launcher, services.trainer.wire; "

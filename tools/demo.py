@@ -151,8 +151,7 @@ class Demo:
         from protos.common.v1 import common_pb2
         from protos.trainer.v1 import trainer_pb2 as pb
         from protos.trainer.v1 import trainer_pb2_grpc as pb_grpc
-        from services.trainer.spec import validate
-        from services.trainer.wire import spec_from_dict, spec_to_pb
+        from services.trainer.api import spec_from_dict, spec_to_pb, validate
         from shared.grpc.channel import make_channel
         from tools.cli.rpc import rpc
 

@@ -83,8 +83,7 @@ def make_assets(root: Path) -> dict[str, Path]:
 
 # -- textgen ----------------------------------------------------------------------------------------
 def _served(model_dir: Path, device: str, dtype: str, batch: int = 16):
-    from services.textgen.config import TextgenConfig
-    from services.textgen.loader import load_served_model
+    from services.textgen.api import TextgenConfig, load_served_model
 
     s = load_served_model(TextgenConfig(model_dir=model_dir, device=device, dtype=dtype, max_batch_size=batch,
                                         max_queue_size=64, max_prompts_per_request=32, max_context_tokens=256,
@@ -94,8 +93,7 @@ def _served(model_dir: Path, device: str, dtype: str, batch: int = 16):
 
 
 def _greedy(ids, n: int, **kw):
-    from services.textgen.sampling import SamplingSpec
-    from services.textgen.sequences import SequenceRequest, StopSpec
+    from services.textgen.api import SamplingSpec, SequenceRequest, StopSpec
 
     return SequenceRequest(prompt_ids=tuple(ids), sampling=SamplingSpec(greedy=True),
                            stopping=StopSpec(max_new_tokens=n, ignore_eos=True), **kw)
@@ -138,8 +136,7 @@ def compare_greedy(ours: list[list[int]], theirs: list[tuple[list[int], list[flo
 
 def check_textgen(c: Check, assets: dict, device: str, dtype: str) -> None:
     from llm.devices import resolve_dtype
-    from services.textgen.sampling import SamplingSpec
-    from services.textgen.sequences import CANCELLED, ERROR, LENGTH, SequenceRequest, StopSpec
+    from services.textgen.api import CANCELLED, ERROR, LENGTH, SamplingSpec, SequenceRequest, StopSpec
 
     s = _served(assets["llama"], device, dtype)
     try:
@@ -230,7 +227,7 @@ def check_smollm2(c: Check, device: str) -> str | None:
 # -- converter --------------------------------------------------------------------------------------
 def check_converter(c: Check, assets: dict, work: Path) -> None:
     from llm.mcore.model import megatron_device
-    from services.converter.conversion import ConvertSpec, convert
+    from services.converter.api import ConvertSpec, convert
 
     r = convert(ConvertSpec(load_dir=assets["llama"], save_dir=work / "conv-mcore", target_format="mcore", verify=True))
     c.figures.update(megatron_device=str(megatron_device()), **{k: r.parity.get(k) for k in
@@ -240,7 +237,7 @@ def check_converter(c: Check, assets: dict, work: Path) -> None:
 
 # -- training ---------------------------------------------------------------------------------------
 def training_assets(assets: dict, work: Path) -> dict[str, Any]:
-    from services.converter.conversion import ConvertSpec, convert
+    from services.converter.api import ConvertSpec, convert
     from tools.preprocess.pipeline import Options, run
     from tools.tiny import synthetic_lines
 
@@ -260,7 +257,7 @@ def training_assets(assets: dict, work: Path) -> dict[str, Any]:
 
 def _spec(t: dict, save_dir: Path, device: str, steps: int, precision: str, **over):
     """A TrainSpec built directly (no generated protobuf code is needed on the GPU machine), validated."""
-    from services.trainer.spec import TrainSpec, validate
+    from services.trainer.api import TrainSpec, validate
 
     gpu = device.startswith("cuda")
     fields = dict(name="gpu-check", kind="pretrain", init_from=str(t["mcore"]), data_paths=((t["data"], 1.0),), seq_length=128,
@@ -273,7 +270,7 @@ def _spec(t: dict, save_dir: Path, device: str, steps: int, precision: str, **ov
 
 
 def _train(spec, timeout_s: float = 300) -> dict[int, dict]:
-    from services.trainer.torchrun import run_local
+    from services.trainer.api import run_local
 
     r = run_local(spec, 1, timeout_s=timeout_s)
     if r.returncode:

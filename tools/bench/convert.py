@@ -99,7 +99,7 @@ PARITY = """
 import json, sys, warnings
 warnings.filterwarnings("ignore")
 from pathlib import Path
-from services.converter.conversion import ConvertSpec, convert
+from services.converter.api import ConvertSpec, convert
 r = convert(ConvertSpec(load_dir=Path(sys.argv[1]), save_dir=Path(sys.argv[2]), target_format=sys.argv[3], verify=True))
 print(json.dumps(r.parity))
 """

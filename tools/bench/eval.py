@@ -48,13 +48,13 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     a = ap.parse_args()
-    from services.evaluator.harness import offline_env, task_manager
+    from services.evaluator.api import offline_env, task_manager
 
     offline_env()
     import lm_eval.models  # noqa: F401
     from lm_eval.models.huggingface import HFLM
 
-    from services.evaluator.lm import TextgenLM
+    from services.evaluator.api import TextgenLM
     from tools.stack import StackOptions, up
 
     tm = task_manager()

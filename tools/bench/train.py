@@ -99,7 +99,7 @@ def build_assets(root: Path) -> dict:
 
 
 def spec(assets: dict, save_dir: Path, iters: int):
-    from services.trainer.spec import TrainSpec, validate
+    from services.trainer.api import TrainSpec, validate
 
     s = TrainSpec(name="bench", kind="pretrain", seq_length=SEQ, train_iters=iters, save_dir=str(save_dir),
                   data_paths=((assets["data"], 1.0),), architecture=assets["arch"], tokenizer=assets["tokenizer"],
@@ -180,7 +180,7 @@ def run_torchrun(s, spec_path: Path) -> tuple[float, float | None]:
 
 def run_ray(s, work: Path, beside=None) -> tuple[float, float | None, Any]:
     """The job through the trainer's Ray launcher; then ``beside()`` while the (now idle) head still runs."""
-    from services.trainer.launcher import RayLauncher
+    from services.trainer.api import RayLauncher
     from shared.jobs import JobStore
     from tools.stack import Stack, ray_head
 
@@ -211,7 +211,7 @@ def bench_checkpoints(assets: dict, work: Path, saves: int) -> dict:
     Adam state and the rest; ``<save_dir>/megastack-saves.jsonl``), alternating sync / async twice."""
     import dataclasses
 
-    from services.trainer.jobfiles import SAVES_FILE
+    from services.trainer.api import SAVES_FILE
 
     out: dict[str, list[dict]] = {"sync": [], "async": []}
     for r in range(2):
@@ -283,7 +283,7 @@ def main() -> int:
     rounds = []
     try:
         assets = build_assets(work)
-        from services.trainer.spec import resolve_arch
+        from services.trainer.api import resolve_arch
 
         def prepared(name: str):
             s = spec(assets, work / name, a.iters)
@@ -322,7 +322,7 @@ def main() -> int:
                   f"({100 * (med['ray'] / med['torchrun'] - 1):+.1f}%)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from services.trainer.perf import flops_per_token
+    from services.trainer.api import flops_per_token
 
     tokens = MICRO_BATCH * SEQ
     per_token = flops_per_token(arch, SEQ)

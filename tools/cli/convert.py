@@ -49,7 +49,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def run(a: argparse.Namespace) -> int:
-    from services.converter.conversion import ConvertSpec
+    from services.converter.api import ConvertSpec
 
     spec = ConvertSpec(
         load_dir=a.load_dir, save_dir=a.save_dir, target_format=a.target_format, source_format=a.source_format,
@@ -64,7 +64,7 @@ def run(a: argparse.Namespace) -> int:
 def _local(spec, a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from services.converter.conversion import convert
+    from services.converter.api import convert
 
     bars: list[tqdm] = []  # created on the first progress report: nothing is drawn for refused input
 
@@ -92,7 +92,7 @@ def _remote(spec, a: argparse.Namespace) -> int:
     from protos.common.v1 import common_pb2
     from protos.converter.v1 import converter_pb2 as pb
     from protos.converter.v1 import converter_pb2_grpc as pb_grpc
-    from services.converter.wire import DTYPE_TO_PB, FORMAT_TO_PB
+    from services.converter.api import DTYPE_TO_PB, FORMAT_TO_PB
     from shared.grpc.channel import make_channel
     from tools.cli.rpc import rpc
 

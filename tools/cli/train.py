@@ -37,8 +37,7 @@ def _line(job) -> str:
 
 def submit(a: argparse.Namespace) -> int:
     from protos.trainer.v1 import trainer_pb2 as pb
-    from services.trainer.spec import validate
-    from services.trainer.wire import load_yaml, spec_to_pb
+    from services.trainer.api import load_yaml, spec_to_pb, validate
     from tools.cli.rpc import rpc
 
     spec = load_yaml(a.spec)
@@ -104,8 +103,7 @@ def list_jobs(a: argparse.Namespace) -> int:
 def import_args(a: argparse.Namespace) -> int:
     import sys
 
-    from services.trainer.spec import validate
-    from services.trainer.wire import spec_from_dict
+    from services.trainer.api import spec_from_dict, validate
     from tools.cli.import_args import import_args as do_import
     from tools.cli.import_args import render_yaml, split_command_text
 
