@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from protos.textgen.v1 import textgen_pb2 as pb
 from services.gateway.http import HTTPError
 from shared.limits import INT32_MAX, MIN_TEMPERATURE, MIN_TOP_P
 
@@ -55,3 +56,17 @@ def sampling_is_greedy(temperature: float, top_k: int, top_p: float) -> bool:
     """The one greedy rule of every dialect: temperature below MIN_TEMPERATURE (0 included), top_k == 1,
     or a top_p in (0, MIN_TOP_P), which keeps only the best token."""
     return temperature < MIN_TEMPERATURE or top_k == 1 or 0.0 < top_p < MIN_TOP_P
+
+
+# The one table of finish-reason names (OpenAI's words) for every dialect that reports one.
+FINISH_NAMES = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_EOS: "stop",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop",
+    pb.FINISH_REASON_EOL: "stop",
+    pb.FINISH_REASON_CANCELLED: "abort",
+}
+
+
+def finish_name(reason: int) -> str:
+    return FINISH_NAMES.get(reason, "stop")

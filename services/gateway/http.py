@@ -6,7 +6,7 @@ import json
 import socket
 from typing import Any
 
-from flask import Response, g, request
+from flask import Response, g, has_app_context, request
 
 from shared.errors import ServiceError, http_status
 
@@ -37,11 +37,19 @@ def error_body(status: int, message: str, field: str | None = None) -> dict[str,
     body: dict[str, Any] = {
         "message": message,
         "error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": field, "code": status},
-        "request_id": getattr(g, "request_id", None),
+        "request_id": getattr(g, "request_id", None) if has_app_context() else None,
     }
     if field:
         body["field"] = field
     return body
+
+
+def stream_error(err: ServiceError | HTTPError) -> dict[str, Any]:
+    """The one error event of every stream (the SSE of /v1/* and of job watches, WebSocket messages): the same
+    body as a non-streamed error of the status the error maps to."""
+    if isinstance(err, HTTPError):
+        return error_body(err.status, err.message, err.field)
+    return error_body(http_status(err.code), err.message, err.field)
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

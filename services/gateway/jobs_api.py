@@ -31,7 +31,7 @@ from protos.common.v1 import common_pb2
 from protos.converter.v1 import converter_pb2, converter_pb2_grpc
 from protos.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from protos.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from services.gateway.http import SSE_HEADERS, HTTPError, json_body, json_response, sse
+from services.gateway.http import SSE_HEADERS, HTTPError, json_body, json_response, sse, stream_error
 from shared.errors import ResourceExhausted, from_rpc_error
 from shared.grpc.channel import call_metadata, make_channel
 from shared.jobs import WatchSlots
@@ -233,7 +233,7 @@ class JobEvents(Resource):
                     yield sse({"kind": kind, **to_json(getattr(ev, k.field))})
             except grpc.RpcError as err:
                 e = from_rpc_error(err)
-                yield sse({"error": {"message": e.message, "code": e.code.name}})
+                yield sse(stream_error(e))
             finally:
                 call.cancel()  # the HTTP client left: stop watching
                 watchers.release()

@@ -18,18 +18,19 @@ from flask import Response, stream_with_context
 from flask_restful import Resource
 
 from protos.textgen.v1 import textgen_pb2 as pb
-from services.gateway.fields import integer, number, sampling_is_greedy, token_ids
-from services.gateway.http import SSE_DONE, SSE_HEADERS, HTTPError, json_body, json_response, sse
+from services.gateway.fields import finish_name, integer, number, sampling_is_greedy, token_ids
+from services.gateway.http import (
+    SSE_DONE,
+    SSE_HEADERS,
+    HTTPError,
+    json_body,
+    json_response,
+    sse,
+    stream_error,
+)
 from shared.errors import ServiceError
 from shared.limits import INT64_MAX
 
-FINISH = {
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_EOS: "stop",
-    pb.FINISH_REASON_STOP_SEQUENCE: "stop",
-    pb.FINISH_REASON_EOL: "stop",
-    pb.FINISH_REASON_CANCELLED: "abort",
-}
 MAX_LOGPROBS = 20
 
 
@@ -180,7 +181,7 @@ class _Base(Resource):
                 yield from render(None)
                 yield SSE_DONE
             except ServiceError as e:
-                yield sse({"error": {"message": e.message, "type": "server_error", "code": e.code.name}})
+                yield sse(stream_error(e))
             finally:
                 events.close()
 
@@ -201,7 +202,7 @@ class Completions(_Base):
         for c in resp.completions:
             text = (c.prompt_text + c.text) if opts.echo else c.text
             choices.append({
-                "index": c.index, "text": text, "finish_reason": FINISH.get(c.finish_reason, "stop"),
+                "index": c.index, "text": text, "finish_reason": finish_name(c.finish_reason),
                 "logprobs": completion_logprobs(c, opts.echo, opts.logprobs or 0) if opts.logprobs is not None else None,
             })
         return json_response({
@@ -225,7 +226,7 @@ class Completions(_Base):
                 return
             if msg.finished:
                 done.append(msg.completion)
-                yield chunk(msg.index, msg.text, FINISH.get(msg.completion.finish_reason, "stop"))
+                yield chunk(msg.index, msg.text, finish_name(msg.completion.finish_reason))
             elif msg.text or opts.logprobs is not None:
                 lp = None
                 if opts.logprobs is not None:
@@ -263,7 +264,7 @@ class ChatCompletions(_Base):
         c = resp.completions[0]
         choice: dict[str, Any] = {
             "index": 0, "message": {"role": "assistant", "content": c.text},
-            "finish_reason": FINISH.get(c.finish_reason, "stop"), "logprobs": None,
+            "finish_reason": finish_name(c.finish_reason), "logprobs": None,
         }
         if opts.logprobs is not None:
             choice["logprobs"] = {"content": [
@@ -294,7 +295,7 @@ class ChatCompletions(_Base):
                 yield chunk({"role": "assistant", "content": ""}, None)
             if msg.finished:
                 state["done"].append(msg.completion)
-                yield chunk({"content": msg.text} if msg.text else {}, FINISH.get(msg.completion.finish_reason, "stop"))
+                yield chunk({"content": msg.text} if msg.text else {}, finish_name(msg.completion.finish_reason))
             elif msg.text:
                 yield chunk({"content": msg.text}, None)
 

@@ -10,7 +10,8 @@ sends one JSON message per prompt and reads messages until ``is_end``::
     <- {"is_end": true, "finish_reason": "length", "usage": {...}}
 
 ``text`` is the new piece since the previous message. Several prompts may follow on one connection, one
-at a time. A bad message gets ``{"error": {"message", "field", "code": 400}, "is_end": true}`` and the
+at a time. An error is the gateway's one error body (as a non-streamed error and the SSE error events:
+``{"message", "field", "error": {"message", "type", "param", "code"}}``) plus ``"is_end": true``, and the
 connection stays open (so does every other error, 5xx included); a client that leaves mid-stream frees its engine slot at once.
 """
 
@@ -24,16 +25,15 @@ from flask_sock import ConnectionClosed, Sock
 
 from protos.textgen.v1 import textgen_pb2 as pb
 from services.gateway import metrics as M
-from services.gateway.fields import integer, number, sampling_is_greedy
-from services.gateway.http import HTTPError
-from shared.errors import ServiceError, http_status
+from services.gateway.fields import finish_name, integer, number, sampling_is_greedy
+from services.gateway.http import HTTPError, error_body, stream_error
+from shared.errors import ServiceError
 from shared.limits import INT64_MAX
 
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1 << 20
 IGNORED = {"history", "use_stream_chat", "stream"}  # sent by EAS chat clients; nothing to do with them here
-FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_EOS: "stop", pb.FINISH_REASON_STOP_SEQUENCE: "stop"}
 
 
 def register(app, pool) -> None:
@@ -108,14 +108,13 @@ def serve(conn, pool) -> None:  # noqa: ANN001
                 request = parse(raw)
             except HTTPError as e:
                 M.WS_ERRORS.labels("bad_request").inc()
-                if not _send(conn, {"error": {"message": e.message, "field": e.field, "code": e.status}, "is_end": True}):
+                if not _send(conn, {**stream_error(e), "is_end": True}):
                     return
                 continue
             except Exception:  # noqa: BLE001 - a message the parser did not foresee: answer, keep the connection
                 logger.exception("could not read a WebSocket message")
                 M.WS_ERRORS.labels("internal").inc()
-                if not _send(conn, {"error": {"message": "internal error reading the message", "field": None, "code": 500},
-                                    "is_end": True}):
+                if not _send(conn, {**error_body(500, "internal error reading the message"), "is_end": True}):
                     return
                 continue
             if not _relay(conn, pool, request):
@@ -133,7 +132,7 @@ def _relay(conn, pool, request: pb.GenerateStreamRequest) -> bool:  # noqa: ANN0
                 conn.send(json.dumps({"text": msg.text, "is_end": False}, ensure_ascii=False))
             if msg.finished:
                 c = msg.completion
-                conn.send(json.dumps({"is_end": True, "finish_reason": FINISH.get(c.finish_reason, "stop"),
+                conn.send(json.dumps({"is_end": True, "finish_reason": finish_name(c.finish_reason),
                                       "usage": {"prompt_tokens": len(c.prompt_token_ids), "completion_tokens": len(c.token_ids)}}))
         return True
     except ConnectionClosed:
@@ -141,11 +140,11 @@ def _relay(conn, pool, request: pb.GenerateStreamRequest) -> bool:  # noqa: ANN0
         return False
     except ServiceError as e:
         M.WS_ERRORS.labels(e.code.name.lower()).inc()
-        return _send(conn, {"error": {"message": e.message, "field": e.field, "code": http_status(e.code)}, "is_end": True})
+        return _send(conn, {**stream_error(e), "is_end": True})
     except Exception:  # noqa: BLE001 - never drop the connection on our own fault
         logger.exception("WebSocket relay failed")
         M.WS_ERRORS.labels("internal").inc()
-        return _send(conn, {"error": {"message": "internal error", "field": None, "code": 500}, "is_end": True})
+        return _send(conn, {**error_body(500, "internal error"), "is_end": True})
     finally:
         events.close()  # cancels the textgen call if it is still running
 

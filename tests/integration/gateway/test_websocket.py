@@ -72,7 +72,7 @@ def test_garbage_gets_a_clear_error_and_the_connection_keeps_serving(gateway, me
     ws = websocket.create_connection(ws_url(gateway), header={"Authorization": KEY}, timeout=30)
     ws.send(message)
     err = json.loads(ws.recv())
-    assert err["is_end"] is True and err["error"]["field"] == field and err["error"]["code"] == 400 and err["error"]["message"]
+    assert err["is_end"] is True and err["field"] == field and err["error"]["param"] == field and err["error"]["code"] == 400 and err["error"]["message"]
     ws.send(json.dumps({"prompt": "still here", "max_new_tokens": 3}))
     msgs = [json.loads(ws.recv())]
     while not msgs[-1]["is_end"]:
