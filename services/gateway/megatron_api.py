@@ -17,7 +17,7 @@ from services.gateway.fields import sampling_is_greedy
 from services.gateway.http import HTTPError, json_body, json_response
 from shared.limits import INT32_MAX, INT64_MAX
 
-MAX_PROMPTS = 128
+MAX_PROMPTS = 128  # Megatron's limit; the served replica's own (textgen's max_prompts_per_request) wins when known
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _bool(doc: dict[str, Any], key: str) -> bool:
     return value
 
 
-def parse(doc: dict[str, Any]) -> MegatronRequest:  # noqa: C901 - one check per Megatron rule, in order
+def parse(doc: dict[str, Any], max_prompts: int = MAX_PROMPTS) -> MegatronRequest:  # noqa: C901 - one check per rule, in order
     if "prompts" not in doc:
         raise _bad("prompts argument required", "prompts")
     if "max_len" in doc:
@@ -63,8 +63,8 @@ def parse(doc: dict[str, Any]) -> MegatronRequest:  # noqa: C901 - one check per
         raise _bad("prompts is not a list of strings", "prompts")
     if len(prompts) == 0:
         raise _bad("prompts is empty", "prompts")
-    if len(prompts) > MAX_PROMPTS:
-        raise _bad(f"Maximum number of prompts is {MAX_PROMPTS}", "prompts")
+    if len(prompts) > max_prompts:
+        raise _bad(f"Maximum number of prompts is {max_prompts}", "prompts")
 
     tokens = doc.get("tokens_to_generate", 64)
     if not isinstance(tokens, int):  # bool is an int, as in Megatron
@@ -180,6 +180,7 @@ class MegatronGenerate(Resource):
         self.pool = pool
 
     def put(self):
-        req = parse(json_body())
+        # the limit textgen enforces (GetModelInfo, cached): the two cannot drift apart
+        req = parse(json_body(), self.pool.model_info().max_prompts_per_request or MAX_PROMPTS)
         resp = self.pool.unary("Generate", to_grpc(req))
         return json_response(from_grpc(resp, req.logprobs))
