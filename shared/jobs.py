@@ -9,6 +9,7 @@ and any other line goes to the job's log.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import json
@@ -167,7 +168,7 @@ class JobStore:
             self._version[job_id] = self._version.get(job_id, 0) + 1
             self._cv.notify_all()
 
-    def read_log(self, job_id: str, offset: int = 0) -> tuple[list[str], int]:
+    def read_log(self, job_id: str, offset: int = 0) -> tuple[builtins.list[str], int]:
         path = self.log_path(job_id)
         if not path.is_file():
             return [], offset
@@ -176,7 +177,7 @@ class JobStore:
             data = f.read()
             return data.splitlines(), f.tell()
 
-    def recover(self, reason: str) -> list[str]:
+    def recover(self, reason: str) -> builtins.list[str]:
         """Mark jobs left pending/running by a previous process as failed; returns their ids."""
         lost = [r.job_id for r in self.list() if not r.terminal]
         for job_id in lost:
@@ -184,14 +185,14 @@ class JobStore:
         return lost
 
     # -- watching --------------------------------------------------------------------------------
-    def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> Iterator[tuple[JobRecord, list[str]]]:
+    def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> Iterator[tuple[JobRecord, builtins.list[str]]]:
         """The record and new log lines on every change, until the job is terminal (then once more). Counts
         against :attr:`watchers` while it lasts."""
         self.get(job_id)
         with self.watchers.hold():
             yield from self._watch(job_id, is_active, poll_s)
 
-    def _watch(self, job_id: str, is_active: Callable[[], bool], poll_s: float) -> Iterator[tuple[JobRecord, list[str]]]:
+    def _watch(self, job_id: str, is_active: Callable[[], bool], poll_s: float) -> Iterator[tuple[JobRecord, builtins.list[str]]]:
         seen, offset = -1, 0
         while is_active():
             with self._cv:

@@ -8,7 +8,7 @@ from shared.jobs import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, JobRecor
 STATE_TO_PB = {PENDING: common_pb2.JOB_STATE_PENDING, RUNNING: common_pb2.JOB_STATE_RUNNING,
                SUCCEEDED: common_pb2.JOB_STATE_SUCCEEDED, FAILED: common_pb2.JOB_STATE_FAILED,
                CANCELLED: common_pb2.JOB_STATE_CANCELLED}
-PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
+PB_TO_STATE: dict[int, str] = {int(v): k for k, v in STATE_TO_PB.items()}
 
 
 def status_pb(rec: JobRecord) -> common_pb2.JobStatus:

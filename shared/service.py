@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from shared.config import ConfigError, ServiceConfig, from_env
 from shared.errors import StartupError
@@ -40,7 +40,7 @@ def env_prefix(service: str) -> str:
     return f"MEGASTACK_{service.upper()}_"
 
 
-def fail(service: str, message: str, code: int = 1) -> None:
+def fail(service: str, message: str, code: int = 1) -> NoReturn:
     print(f"megastack-{service}: error: {message}", file=sys.stderr, flush=True)  # noqa: T201 - the one start-up line
     sys.exit(code)
 
@@ -80,6 +80,7 @@ def run_service(service: str, config_cls: type[C], build: Callable[[C], ServiceP
         logger.debug("start-up failed", exc_info=e)
         _shutdown(parts, server, 0)
         fail(service, f"start-up failed: {type(e).__name__}: {e} (set {env_prefix(service)}LOG_LEVEL=DEBUG for the traceback)")
+    assert server is not None and parts is not None  # every failure above has exited
     logger.info("%s serving gRPC on %s, metrics on http://%s:%d/metrics", service, server.address, cfg.host, metrics_port)
     if parts.main_loop is not None:
         try:
