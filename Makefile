@@ -63,7 +63,7 @@ lint: setup
 	@$(VENV)/bin/ruff check protos shared llm services tools tests
 	@$(PY) tools/check_imports.py
 	@$(PY) tools/check_devices.py
-	@$(VENV)/bin/mypy shared
+	@$(VENV)/bin/mypy shared llm services/*/wire.py services/*/config.py
 
 clean: down
 	rm -rf .run bench-results .pytest_cache

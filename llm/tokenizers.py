@@ -30,7 +30,7 @@ class Tokenizer:
         if not path.is_dir():
             raise NotFound(f"tokenizer folder {path} does not exist", field="tokenizer")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from transformers import AutoTokenizer, GPT2TokenizerFast
+        from transformers import AutoTokenizer, GPT2TokenizerFast  # type: ignore[attr-defined]  # a lazy attribute
 
         try:
             if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():

@@ -84,7 +84,8 @@ def read_dcp_metadata(ckpt_dir: Path) -> Any:
 def _numpy_globals() -> list:
     import numpy as np
 
-    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))]
+    reconstruct = np._core.multiarray._reconstruct  # type: ignore[attr-defined]  # numpy 2's pickles name np._core
+    return [reconstruct, np.ndarray, np.dtype, *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))]
 
 
 def check_byte_entries(ckpt_dir: Path, md: Any) -> None:

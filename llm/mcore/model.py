@@ -120,7 +120,7 @@ class SequenceParallelNorm:
         norm_cls = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
         norm = norm_cls(hidden_size, eps=eps)  # float32 like WrappedTorchNorm; Float16Module casts for bf16/fp16
         for p in norm.parameters():
-            p.sequence_parallel = config.sequence_parallel
+            setattr(p, "sequence_parallel", config.sequence_parallel)  # noqa: B010 - megatron-core reads this tag
         return norm
 
 

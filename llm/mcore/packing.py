@@ -14,6 +14,8 @@ positions of the micro-batch set by :func:`set_positions` instead, one angle tab
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -42,9 +44,10 @@ def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
 
 
 def _gpt(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):  # DDP, Float16Module
-        model = model.module
-    return model
+    inner: Any = model
+    while hasattr(inner, "module"):  # DDP, Float16Module
+        inner = inner.module
+    return inner
 
 
 def follow_positions(model: torch.nn.Module) -> None:

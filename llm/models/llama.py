@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -43,7 +43,7 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]]:
 
 class LlamaFamily(ModelFamily):
     name = "llama"
-    hf_architectures = ("LlamaForCausalLM", "MistralForCausalLM")
+    hf_architectures: ClassVar[tuple[str, ...]] = ("LlamaForCausalLM", "MistralForCausalLM")
     hf_layer_prefix = "model.layers."
     qkv_bias = False
 

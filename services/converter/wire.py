@@ -60,10 +60,10 @@ def conversion_pb(rec: JobRecord) -> pb.Conversion:
     d, r = rec.spec, rec.result
     spec = pb.ConversionSpec(
         load_dir=d["load_dir"], save_dir=d["save_dir"], target_format=FORMAT_TO_PB[d["target_format"]],
-        source_format=FORMAT_TO_PB.get(d["source_format"] or "", 0), target_tensor_parallel_size=d["tp"],
+        source_format=FORMAT_TO_PB.get(d["source_format"] or "", common_pb2.CHECKPOINT_FORMAT_UNSPECIFIED), target_tensor_parallel_size=d["tp"],
         target_pipeline_parallel_size=d["pp"], num_layer_list=d["num_layer_list"],
         num_layers_per_virtual_pipeline_stage=d["layers_per_virtual_stage"],
-        params_dtype=DTYPE_TO_PB.get(d["params_dtype"] or "", 0), make_vocab_size_divisible_by=d["divisible_by"],
+        params_dtype=DTYPE_TO_PB.get(d["params_dtype"] or "", common_pb2.DTYPE_UNSPECIFIED), make_vocab_size_divisible_by=d["divisible_by"],
         lora_load=d["lora_dir"] or "", verify=d["verify"], overwrite=d["overwrite"], iteration=d["iteration"],
     )
     result = pb.ConversionResult()
