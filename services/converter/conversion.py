@@ -94,9 +94,9 @@ def validate(spec: ConvertSpec) -> CheckpointReader:
     if spec.divisible_by < 1:
         raise InvalidArgument("make_vocab_size_divisible_by must be >= 1", field="make_vocab_size_divisible_by")
     if spec.lora_dir is not None:
-        from services.converter.lora import LoraAdapter
+        from services.converter.lora import check_adapter
 
-        LoraAdapter(spec.lora_dir)  # refuses a folder that is not a PEFT LoRA adapter
+        check_adapter(spec.lora_dir)  # refuses a folder that is not a PEFT LoRA adapter; its weights are read once, in convert
     return reader
 
 

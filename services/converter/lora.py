@@ -22,28 +22,44 @@ from shared.errors import InvalidArgument, NotFound
 PREFIX = "base_model.model."
 
 
+def check_adapter(path: Path | str) -> tuple[dict, Path]:
+    """(adapter_config.json, the weights file) of a PEFT LoRA folder, without reading the weights: what the
+    service checks at submit; the worker then reads the weights once (:class:`LoraAdapter`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NotFound(f"LoRA folder {path} does not exist", field="lora_load")
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise InvalidArgument(f"{path}: no adapter_config.json (not a PEFT LoRA adapter)", field="lora_load")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"{cfg_file}: not valid JSON ({e})", field="lora_load") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
+        raise InvalidArgument(f"{cfg_file}: peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r} is not LORA",
+                              field="lora_load")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+        raise InvalidArgument(f"{cfg_file}: r must be a positive integer", field="lora_load")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (path / name).is_file():
+            return cfg, path / name
+    raise InvalidArgument(f"{path}: no adapter_model.safetensors or adapter_model.bin", field="lora_load")
+
+
 class LoraAdapter:
+    """A PEFT LoRA adapter's A and B matrices, read once (in the conversion worker)."""
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise NotFound(f"LoRA folder {self.path} does not exist", field="lora_load")
-        cfg_file = self.path / "adapter_config.json"
-        if not cfg_file.is_file():
-            raise InvalidArgument(f"{self.path}: no adapter_config.json (not a PEFT LoRA adapter)", field="lora_load")
-        cfg = json.loads(cfg_file.read_text())
-        if cfg.get("peft_type", "LORA") != "LORA":
-            raise InvalidArgument(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not LORA", field="lora_load")
+        cfg, weights = check_adapter(self.path)
         self.r = int(cfg["r"])
         alpha = float(cfg.get("lora_alpha", self.r))
         self.scale = alpha / math.sqrt(self.r) if cfg.get("use_rslora") else alpha / self.r
         self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-        weights = self.path / "adapter_model.safetensors"
-        if weights.is_file():
+        if weights.suffix == ".safetensors":
             state = load_file(str(weights))
-        elif (self.path / "adapter_model.bin").is_file():
-            state = torch.load(self.path / "adapter_model.bin", map_location="cpu", weights_only=True)
         else:
-            raise InvalidArgument(f"{self.path}: no adapter_model.safetensors or adapter_model.bin", field="lora_load")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
         for name, t in state.items():
@@ -55,6 +71,7 @@ class LoraAdapter:
             raise InvalidArgument(f"{self.path}: LoRA A and B matrices do not pair up", field="lora_load")
 
     def delta(self, weight_name: str) -> torch.Tensor | None:
+        """The update (alpha / r) B @ A of an HF weight, or None when the adapter does not touch it."""
         module = weight_name.removesuffix(".weight")
         if not weight_name.endswith(".weight") or module not in self.a:
             return None

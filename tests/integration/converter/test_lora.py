@@ -58,3 +58,18 @@ def test_adapter_that_does_not_fit_is_refused(tmp_path, tiny_models):
     (tmp_path / "notlora").mkdir()
     with pytest.raises(InvalidArgument, match="no adapter_config.json"):
         convert(ConvertSpec(load_dir=tiny_models["llama"], save_dir=tmp_path / "out", target_format="hf", lora_dir=tmp_path / "notlora"))
+
+
+def test_the_adapter_weights_are_read_once_per_conversion_and_not_at_validation(tmp_path, tiny_models, monkeypatch):
+    import services.converter.lora as lora
+    from services.converter.conversion import validate
+
+    write_adapter(tmp_path / "lora", {"model.layers.0.self_attn.q_proj": (64, 64)})
+    reads = []
+    real = lora.load_file
+    monkeypatch.setattr(lora, "load_file", lambda p: reads.append(p) or real(p))
+    spec = ConvertSpec(load_dir=tiny_models["llama"], save_dir=tmp_path / "hf", target_format="hf", lora_dir=tmp_path / "lora")
+    validate(spec)  # what the service runs on its gRPC thread: the config and the files, not the weights
+    assert reads == []
+    convert(spec)
+    assert len(reads) == 1
