@@ -34,13 +34,13 @@ def sampling_spec(s: pb.SamplingParams) -> SamplingSpec:
     temperature = s.temperature or 1.0
     if not s.greedy:
         if not 0.0 < temperature <= 100.0:
-            raise InvalidArgument("temperature must be a positive number less than or equal to 100.0", field="temperature")
+            raise InvalidArgument("temperature must be in (0, 100]", field="temperature")
         if s.top_k < 0:
             raise InvalidArgument("top_k must be >= 0", field="top_k")
         if not 0.0 <= s.top_p <= 1.0:
             raise InvalidArgument("top_p must be in [0, 1]", field="top_p")
         if s.top_k > 0 and s.top_p > 0:
-            raise InvalidArgument("cannot set both top-k and top-p samplings.", field="top_p")
+            raise InvalidArgument("top_k and top_p are exclusive: set one of them", field="top_p")
         if not 0.0 <= s.top_p_decay <= 1.0:
             raise InvalidArgument("top_p_decay must be in [0, 1]", field="top_p_decay")
         if s.top_p_bound < 0 or s.top_p_bound > max(s.top_p, 0.0):
@@ -81,7 +81,7 @@ def sequence_requests(
     if not prompts:
         raise InvalidArgument("prompts is empty", field="prompts")
     if len(prompts) > max_prompts:
-        raise InvalidArgument(f"Maximum number of prompts is {max_prompts}", field="prompts")
+        raise InvalidArgument(f"at most {max_prompts} prompts per request (max_prompts_per_request)", field="prompts")
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}", field="top_logprobs")
     if params.prompt_logprobs_from < 0:
