@@ -3,7 +3,6 @@ epoch, and the same order after a resume."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np
@@ -45,16 +44,12 @@ def test_the_order_is_deterministic_and_seeded():
 
 @pytest.fixture(scope="module")
 def sft_data(tiny_models, tmp_path_factory):
-    from tools.preprocess.pipeline import Options, run
+    from tests.fixtures.training import sft_prefix
 
     root = tmp_path_factory.mktemp("sft")
     rows = [{"instruction": f"Repeat {i}", "input": "", "output": f"{i} {i}"} for i in range(60)]
-    (root / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run(Options(input=root / "a.jsonl", output_prefix=str(root / "a"), tokenizer_name_or_path=tiny_models["llama"],
-                handler_name="AlpacaStyleInstructionHandler"))
-    (root / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
-    run(Options(input=root / "v.jsonl", output_prefix=str(root / "v"), tokenizer_name_or_path=tiny_models["llama"],
-                handler_name="AlpacaStyleInstructionHandler"))
+    sft_prefix(root, "a", rows, tiny_models["llama"])
+    sft_prefix(root, "v", rows[:10], tiny_models["llama"])
     return root
 
 

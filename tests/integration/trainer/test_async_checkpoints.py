@@ -92,15 +92,10 @@ def test_a_killed_sft_job_reads_the_same_samples_as_an_uninterrupted_one(train_a
     in the same order (a different sample changes the loss)."""
     import dataclasses
 
-    from tools.preprocess.pipeline import Options, run
+    from tests.fixtures.training import sft_prefix
 
-    prefixes = []
-    for name, n in (("a", 30), ("b", 20)):
-        rows = [{"instruction": f"Say {name} {i}.", "input": "", "output": f"{name} {i} {i * 7}"} for i in range(n)]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        run(Options(input=tmp_path / f"{name}.jsonl", output_prefix=str(tmp_path / name), tokenizer_name_or_path=tiny_models["llama"],
-                    handler_name="AlpacaStyleInstructionHandler"))
-        prefixes.append(str(tmp_path / name))
+    prefixes = [sft_prefix(tmp_path, name, [{"instruction": f"Say {name} {i}.", "input": "", "output": f"{name} {i} {i * 7}"}
+                                            for i in range(n)], tiny_models["llama"]) for name, n in (("a", 30), ("b", 20))]
 
     def sft(save_dir):
         s = make_spec(train_assets, save_dir, iters=6, async_save=True)

@@ -25,15 +25,12 @@ ROWS = [{"instruction": "Name a colour.", "input": "", "output": "Blue, like the
 
 @pytest.fixture(scope="module")
 def packed_data(tiny_models, tmp_path_factory):
-    from tools.preprocess.pipeline import Options, run
+    from tests.fixtures.training import sft_prefix
 
     root = tmp_path_factory.mktemp("packed")
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    common = dict(input=root / "rows.jsonl", tokenizer_name_or_path=tiny_models["llama"], handler_name="AlpacaStyleInstructionHandler",
-                  seq_length=SEQ)
-    run(Options(output_prefix=str(root / "neat"), pack=True, neat_pack=True, **common))
-    run(Options(output_prefix=str(root / "plain"), pack=True, **common))
-    run(Options(output_prefix=str(root / "single"), **common))
+    sft_prefix(root, "neat", ROWS, tiny_models["llama"], seq_length=SEQ, pack=True, neat_pack=True)
+    sft_prefix(root, "plain", ROWS, tiny_models["llama"], seq_length=SEQ, pack=True)
+    sft_prefix(root, "single", ROWS, tiny_models["llama"], seq_length=SEQ)
     return root
 
 
@@ -86,14 +83,11 @@ def test_transformer_engine_is_refused_at_submit_for_neat_packs(packed_data, tra
 
 @pytest.fixture(scope="module")
 def neat_corpus(tiny_models, tmp_path_factory):
-    from tools.preprocess.pipeline import Options, run
+    from tests.fixtures.training import sft_prefix
 
-    root = tmp_path_factory.mktemp("neat-corpus")
     rows = [{"instruction": f"Repeat the number {i} twice.", "input": "", "output": f"{i} {i}"} for i in range(40)]
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run(Options(input=root / "rows.jsonl", output_prefix=str(root / "neat"), tokenizer_name_or_path=tiny_models["llama"],
-                handler_name="AlpacaStyleInstructionHandler", seq_length=SEQ, pack=True, neat_pack=True))
-    return root / "neat"
+    return sft_prefix(tmp_path_factory.mktemp("neat-corpus"), "neat", rows, tiny_models["llama"], seq_length=SEQ, pack=True,
+                      neat_pack=True)
 
 
 def _train_neat(assets, corpus, save_dir, parallel) -> list[dict]:
