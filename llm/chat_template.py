@@ -24,6 +24,7 @@ def _compile(template: str):
 
 
 def render(template: str, messages: list[dict[str, str]], *, add_generation_prompt: bool, **special_tokens: Any) -> str:
+    """``messages`` laid out by a chat ``template`` (sandboxed Jinja); 400 naming prompt_type when there is none or it fails."""
     if not template:
         raise InvalidArgument("the tokenizer has no chat template", field="prompt_type")
     try:

@@ -9,6 +9,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU) or the named device; ValueError for CUDA without CUDA."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -18,6 +19,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
+    """float32, bfloat16 or float16 by name; ValueError otherwise."""
     try:
         return DTYPES[name]
     except KeyError:
@@ -25,6 +27,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``."""
     return str(dtype).removeprefix("torch.")
 
 

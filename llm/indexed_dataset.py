@@ -36,10 +36,12 @@ def optimal_dtype(vocab_size: int | None) -> type:
 
 
 def data_path(prefix: str | Path) -> Path:
+    """``{prefix}.bin``."""
     return Path(f"{prefix}.bin")
 
 
 def index_path(prefix: str | Path) -> Path:
+    """``{prefix}.idx``."""
     return Path(f"{prefix}.idx")
 
 
@@ -100,6 +102,7 @@ class IndexedDatasetWriter:
         self.num_tokens += int(np.asarray(other.lengths, dtype=np.int64).sum())
 
     def finish(self) -> tuple[Path, Path]:
+        """Flush, write the index, and move both files into place (.idx last, so a reader never sees half a pair)."""
         for f in (self._bin, self._lengths, self._docs):
             f.flush()
             os.fsync(f.fileno())
@@ -142,6 +145,7 @@ class IndexedDatasetWriter:
             os.fsync(out.fileno())
 
     def abort(self) -> None:
+        """Drop the partial output (the temporary folder); nothing is left at the prefix."""
         if self._done:
             return
         for f in (self._bin, self._lengths, self._docs):
@@ -188,6 +192,7 @@ class IndexedDatasetReader:
 
     @property
     def num_documents(self) -> int:
+        """Documents in the dataset."""
         return self.num_documents_plus_one - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
@@ -195,6 +200,7 @@ class IndexedDatasetReader:
         return np.asarray(self._bin[start : start + int(self.lengths[i])])
 
     def document(self, j: int) -> list[np.ndarray]:
+        """The sequences of document ``j``."""
         return [self[i] for i in range(int(self.document_indices[j]), int(self.document_indices[j + 1]))]
 
     def verify(self) -> list[str]:

@@ -26,6 +26,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: Path | str) -> Tokenizer:
+        """The HF tokenizer of a folder (404 naming tokenizer when it does not exist)."""
         path = Path(path)
         if not path.is_dir():
             raise NotFound(f"tokenizer folder {path} does not exist", field="tokenizer")
@@ -67,22 +68,27 @@ class Tokenizer:
     # -- properties ----------------------------------------------------------------------------
     @cached_property
     def vocab_size(self) -> int:
+        """Tokens in the vocabulary, added tokens included."""
         return len(self.hf)
 
     @property
     def eos_id(self) -> int | None:
+        """The end-of-sequence id, or None."""
         return self.hf.eos_token_id
 
     @property
     def eos_token(self) -> str:
+        """The end-of-sequence token text ('' when none)."""
         return self.hf.eos_token or ""
 
     @property
     def bos_id(self) -> int | None:
+        """The beginning-of-sequence id, or None."""
         return self.hf.bos_token_id
 
     @property
     def bos_token(self) -> str:
+        """The beginning-of-sequence token text ('' when none)."""
         return self.hf.bos_token or ""
 
     @property
@@ -94,25 +100,31 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str:
+        """The chat template ('' when the tokenizer has none)."""
         template = getattr(self.hf, "chat_template", None)
         return template if isinstance(template, str) else ""
 
     @property
     def has_chat_template(self) -> bool:
+        """Whether a chat template is set."""
         return bool(self.chat_template)
 
     def single_token_id(self, text: str) -> int | None:
+        """The id when ``text`` encodes to exactly one token, else None."""
         ids = self.encode(text)
         return ids[0] if len(ids) == 1 else None
 
     # -- operations ----------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``."""
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """Token ids of each text."""
         return [list(x) for x in self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (no clean-up of spaces, so pieces concatenate exactly)."""
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def token_texts(self, ids: list[int]) -> list[str]:
@@ -120,11 +132,13 @@ class Tokenizer:
         return [self.decode([i]) for i in ids]
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """``messages`` as prompt text through the chat template (400 naming messages without one)."""
         if not self.has_chat_template:
             raise InvalidArgument("the served tokenizer has no chat template", field="messages")
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def save(self, out_dir: Path) -> None:
+        """Write the tokenizer files into ``out_dir``."""
         self.hf.save_pretrained(str(out_dir))
 
 
@@ -152,6 +166,7 @@ class FastTokenizer:
 
     @classmethod
     def from_dir(cls, path: Path | str) -> FastTokenizer:
+        """The tokenizer of a folder: tokenizer.json, or GPT-2 BPE vocab.json + merges.txt."""
         import json
 
         from tokenizers import Tokenizer as RawTokenizer
@@ -192,15 +207,19 @@ class FastTokenizer:
 
     @property
     def eod_id(self) -> int:
+        """The end-of-document id (EOS); 400 naming tokenizer when there is none."""
         if self.eos_id is None:
             raise InvalidArgument("the tokenizer has no end-of-document (EOS) token", field="tokenizer")
         return int(self.eos_id)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens, in parallel."""
         return [e.ids for e in self.raw.encode_batch_fast(texts, add_special_tokens=False)]
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without special tokens."""
         return self.raw.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``."""
         return self.raw.decode(list(ids), skip_special_tokens=False)

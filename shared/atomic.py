@@ -51,6 +51,7 @@ def _checked_place(target: Path, inputs: Iterable[Path], field: str) -> Path:
 
 
 def is_megastack_output(folder: Path) -> bool:
+    """Whether ``folder`` carries megastack's output marker (megastack wrote it)."""
     return (Path(folder) / OUTPUT_MARKER).is_file()
 
 
@@ -136,6 +137,7 @@ def atomic_file(target: Path, mode: str = "wb") -> Iterator:
 
 
 def write_text_atomic(target: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``target``, fsync, then rename over it."""
     with atomic_file(target, "w") as f:
         f.write(text)
 

@@ -31,6 +31,7 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, choices: tuple[str
 
 
 def env_name(prefix: str, field_name: str) -> str:
+    """The environment variable of a setting: ``{prefix}{FIELD}``."""
     return f"{prefix}{field_name.upper()}"
 
 
@@ -122,6 +123,7 @@ def describe(cls: type, prefix: str) -> list[tuple[str, str, str]]:
 
 
 def markdown_table(cls: type, prefix: str) -> str:
+    """The settings of a config class as a Markdown table (variable, default, meaning)."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for var, default, help_ in describe(cls, prefix):
         lines.append(f"| `{var}` | `{default}` | {help_} |")
@@ -171,4 +173,5 @@ class JobServiceConfig(ServiceConfig):
 
     @property
     def watchers_limit(self) -> int:
+        """Concurrent watch streams: max_watchers, or half of max_workers when 0."""
         return watch_limit(self.max_watchers, self.max_workers, "max_workers")

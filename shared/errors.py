@@ -100,6 +100,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
 
 
 def http_status(code: grpc.StatusCode) -> int:
+    """The HTTP status of a gRPC status code (500 when unmapped)."""
     return GRPC_TO_HTTP.get(code, 500)
 
 

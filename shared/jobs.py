@@ -54,6 +54,7 @@ class JobRecord:
 
     @property
     def terminal(self) -> bool:
+        """Whether the job has ended (succeeded, failed or cancelled)."""
         return self.state in TERMINAL
 
 
@@ -67,6 +68,7 @@ class WatchSlots:
         self.open = 0
 
     def acquire(self) -> None:
+        """Take a watch slot, or 429 (ResourceExhausted) naming the setting when all are taken."""
         with self._lock:
             if self.open >= self.limit:
                 raise ResourceExhausted(f"{self.limit} watch streams are open already ({self.setting}); retry later",
@@ -74,11 +76,13 @@ class WatchSlots:
             self.open += 1
 
     def release(self) -> None:
+        """Give a slot back."""
         with self._lock:
             self.open -= 1
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
+        """A slot for the duration of a ``with`` block."""
         self.acquire()
         try:
             yield
@@ -106,9 +110,11 @@ class JobStore:
 
     # -- records ---------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
+        """The folder of a job's record and log."""
         return self.root / job_id
 
     def log_path(self, job_id: str) -> Path:
+        """The job's log file."""
         return self.job_dir(job_id) / "job.log"
 
     def _save(self, rec: JobRecord) -> None:
@@ -132,6 +138,7 @@ class JobStore:
             return rec, True
 
     def get(self, job_id: str) -> JobRecord:
+        """A copy of the record (404 naming job_id when unknown)."""
         with self._cv:
             rec = self._jobs.get(job_id)
             if rec is None:
@@ -139,12 +146,14 @@ class JobStore:
             return dataclasses.replace(rec)
 
     def list(self, state: str | None = None, limit: int = 0) -> list[JobRecord]:
+        """Records, newest first, optionally of one state, at most ``limit`` (0 = all)."""
         with self._cv:
             recs = sorted(self._jobs.values(), key=lambda r: r.created_unix_s, reverse=True)
         recs = [dataclasses.replace(r) for r in recs if state is None or r.state == state]
         return recs[:limit] if limit > 0 else recs
 
     def update(self, job_id: str, **changes: Any) -> JobRecord:
+        """Change fields of a record (written atomically) and wake its watchers; returns the new record."""
         with self._cv:
             rec = self._jobs[job_id]
             for k, v in changes.items():
@@ -162,6 +171,7 @@ class JobStore:
             return dataclasses.replace(rec)
 
     def append_log(self, job_id: str, line: str) -> None:
+        """Append a line to the job's log and wake its watchers."""
         with open(self.log_path(job_id), "a", encoding="utf-8") as f:
             f.write(line.rstrip("\n") + "\n")
         with self._cv:
@@ -169,6 +179,7 @@ class JobStore:
             self._cv.notify_all()
 
     def read_log(self, job_id: str, offset: int = 0) -> tuple[builtins.list[str], int]:
+        """Log lines from byte ``offset``, and the offset to read from next."""
         path = self.log_path(job_id)
         if not path.is_file():
             return [], offset
@@ -221,6 +232,7 @@ class Reporter:
         self.stream.flush()
 
     def progress(self, done: float, total: float, unit: str = "", message: str = "", force: bool = False, **metrics: float) -> None:
+        """Record progress (at most 5 updates a second unless ``force``)."""
         now = time.monotonic()
         if not force and done < total and now - self._last < 0.2:
             return  # at most 5 updates a second
@@ -228,9 +240,11 @@ class Reporter:
         self._emit("progress", json.dumps({"done": done, "total": total, "unit": unit, "message": message, "metrics": metrics}))
 
     def result(self, doc: dict[str, Any]) -> None:
+        """Record the job's result document."""
         self._emit("result", json.dumps(doc))
 
     def error(self, message: str) -> None:
+        """Record why the job failed."""
         self._emit("error", json.dumps(message))
 
 
@@ -251,9 +265,11 @@ class ProcessRunner:
         self._lock = threading.Lock()
 
     def submit(self, rec: JobRecord) -> None:
+        """Queue the job; it starts when a slot is free."""
         threading.Thread(target=self._run, args=(rec.job_id,), name=f"job-{rec.job_id}", daemon=True).start()
 
     def cancel(self, job_id: str, reason: str) -> JobRecord:
+        """Cancel a queued or running job (its process group gets SIGTERM, then SIGKILL after the grace); FailedPrecondition when it has ended."""
         rec = self.store.get(job_id)
         if rec.terminal:
             raise FailedPrecondition(f"job {job_id} already {rec.state}", field="job_id")
@@ -269,6 +285,7 @@ class ProcessRunner:
         return self.store.get(job_id)
 
     def shutdown(self) -> None:
+        """Stop starting jobs and end the running ones."""
         with self._lock:
             procs = list(self._procs.items())
         for job_id, proc in procs:

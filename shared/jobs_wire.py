@@ -12,6 +12,7 @@ PB_TO_STATE: dict[int, str] = {int(v): k for k, v in STATE_TO_PB.items()}
 
 
 def status_pb(rec: JobRecord) -> common_pb2.JobStatus:
+    """A job record as the common JobStatus message."""
     p = rec.progress
     return common_pb2.JobStatus(
         job_id=rec.job_id, state=STATE_TO_PB[rec.state], error=rec.error,
@@ -23,4 +24,5 @@ def status_pb(rec: JobRecord) -> common_pb2.JobStatus:
 
 
 def state_filter(state: int) -> str | None:
+    """The record state a JobState filter stands for (None = all)."""
     return PB_TO_STATE.get(state)

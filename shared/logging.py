@@ -18,6 +18,7 @@ REQUEST_ID_KEY = "x-request-id"
 
 
 def new_request_id() -> str:
+    """A fresh 16-hex-digit request id."""
     return uuid.uuid4().hex[:16]
 
 

@@ -31,6 +31,7 @@ BUILD_INFO = Info("megastack_build", "megastack version and runtime of this proc
 
 
 def set_build_info(service: str) -> None:
+    """Publish the build-info metric of ``service`` (megastack version, Python version)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

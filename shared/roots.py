@@ -30,6 +30,7 @@ DEFAULT_ENDPOINTS = ("127.0.0.1:50051", "localhost:50051", "127.0.0.1:5000", "lo
 
 
 def data_roots() -> tuple[Path, ...]:
+    """The folders job paths must lie under: MEGASTACK_DATA_ROOTS, else runs/, models/ and the working folder."""
     raw = os.environ.get(ROOTS_ENV, "")
     roots = [Path(x.strip()) for x in re.split(r"[:,]", raw) if x.strip()] if raw.strip() else [REPO_ROOT / "runs", REPO_ROOT / "models", Path.cwd()]
     return tuple(dict.fromkeys(r.expanduser().resolve() for r in roots))
@@ -48,6 +49,7 @@ def under_roots(path: str | Path, field: str) -> Path:
 
 
 def allowed_endpoints() -> tuple[str, ...]:
+    """Host:port pairs that model endpoints in job specs may name: MEGASTACK_ALLOWED_ENDPOINTS, else the local textgen and gateway (127.0.0.1/localhost on 50051 and 5000)."""
     raw = os.environ.get(ENDPOINTS_ENV, "")
     return tuple(x.strip().lower() for x in raw.split(",") if x.strip()) if raw.strip() else DEFAULT_ENDPOINTS
 

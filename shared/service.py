@@ -37,15 +37,18 @@ class ServiceParts:
 
 
 def env_prefix(service: str) -> str:
+    """``MEGASTACK_{SERVICE}_``."""
     return f"MEGASTACK_{service.upper()}_"
 
 
 def fail(service: str, message: str, code: int = 1) -> NoReturn:
+    """Print one error line for the service and exit with ``code``."""
     print(f"megastack-{service}: error: {message}", file=sys.stderr, flush=True)  # noqa: T201 - the one start-up line
     sys.exit(code)
 
 
 def load_config(service: str, config_cls: type[C]) -> C:
+    """The service's config from its environment, or one error line and exit 2."""
     try:
         return from_env(config_cls, env_prefix(service))
     except ConfigError as e:
@@ -54,6 +57,7 @@ def load_config(service: str, config_cls: type[C]) -> C:
 
 
 def run_service(service: str, config_cls: type[C], build: Callable[[C], ServiceParts]) -> None:
+    """Start a service (config, logging, metrics, gRPC server, health) and serve until SIGTERM/SIGINT."""
     cfg = load_config(service, config_cls)
     configure_logging(service, cfg.log_level, cfg.log_json)
     set_build_info(service)

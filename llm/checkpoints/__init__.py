@@ -21,16 +21,21 @@ class CheckpointReader(Protocol):
     format: str  # hf | mcore | legacy
     hf_config: dict
 
-    def names(self) -> list[str]: ...  # canonical names: globals, then layer by layer
+    def names(self) -> list[str]:
+        """Canonical tensor names: the globals, then layer by layer."""
 
-    def get(self, name: str) -> torch.Tensor: ...  # one canonical tensor, unsharded and unpadded
+    def get(self, name: str) -> torch.Tensor:
+        """One canonical tensor, unsharded and unpadded."""
 
-    def canonical_tensors(self): ...  # Iterator[tuple[str, torch.Tensor]]
+    def canonical_tensors(self):
+        """(name, tensor) for every canonical tensor, in :meth:`names` order."""
 
-    def tokenizer_dir(self) -> Path | None: ...
+    def tokenizer_dir(self) -> Path | None:
+        """The tokenizer folder that travels with the checkpoint, or None."""
 
 
 def detect_format(path: Path) -> str:
+    """``hf``, ``mcore`` or ``legacy``, from the files in ``path``; 404/400 naming load_dir otherwise."""
     from llm.checkpoints import megatron
 
     path = Path(path)
@@ -51,6 +56,7 @@ def detect_format(path: Path) -> str:
 
 
 def open_checkpoint(path: Path | str, fmt: str | None = None) -> CheckpointReader:
+    """A :class:`CheckpointReader` over ``path`` in ``fmt`` (detected when None)."""
     from llm.checkpoints.hf import HFCheckpoint
     from llm.checkpoints.megatron import MegatronCheckpoint
 

@@ -24,6 +24,7 @@ TOKENIZER_FILES = (
 
 
 def is_hf_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds an HF model (its config.json)."""
     return (Path(path) / "config.json").is_file()
 
 
@@ -82,9 +83,11 @@ class HFCheckpoint:
         return self._handles[f]
 
     def names(self) -> set[str]:
+        """The HF tensor names stored in the checkpoint."""
         return set(self._torch_state) if self._torch_state is not None else set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
+        """One HF tensor, read from its shard (400 naming load_dir when it is missing)."""
         if self._torch_state is not None:
             if name not in self._torch_state:
                 raise InvalidArgument(f"{self.path}: tensor {name} is missing", field="load_dir")
@@ -108,9 +111,11 @@ class HFCheckpoint:
         yield from self.family.hf_to_megatron(self.arch, self.get)
 
     def tokenizer_files(self) -> list[Path]:
+        """The tokenizer files present beside the weights."""
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
 
     def total_bytes(self) -> int:
+        """Bytes of the weight files on disk."""
         return sum(f.stat().st_size for f in set(self._where.values())) if self._where else 0
 
 

@@ -24,6 +24,7 @@ VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def tp_rule(name: str) -> str:
+    """How a canonical tensor splits over TP ranks: column, row, vocabulary or replicated."""
     if name.endswith("layer_norm_weight") or name.endswith("layer_norm_bias"):
         return REPLICATED
     if name.endswith(_COLUMN):
@@ -69,6 +70,7 @@ def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
 
 
 def check_tp(arch: ArchConfig, tp: int) -> None:
+    """Refuses (400) a TP size that does not divide the heads, query groups or FFN size of ``arch``."""
     if tp < 1:
         raise InvalidArgument(f"tensor parallel size must be >= 1, got {tp}", field="target_tensor_parallel_size")
     for what, n in (("attention heads", arch.num_attention_heads), ("query groups", arch.num_query_groups),
@@ -86,19 +88,23 @@ class PipelineLayout:
 
     @property
     def pp(self) -> int:
+        """Pipeline stages."""
         return len(self.counts)
 
     @property
     def vpp(self) -> int:
+        """Model chunks per stage (virtual pipeline)."""
         return len(self.counts[0])
 
     @property
     def num_layers(self) -> int:
+        """Layers over all stages and chunks."""
         return sum(sum(c) for c in self.counts)
 
     @classmethod
     def build(cls, num_layers: int, pp: int = 1, *, num_layer_list: list[int] | None = None,
               layers_per_virtual_stage: int = 0) -> PipelineLayout:
+        """The layout of ``num_layers`` over ``pp`` stages: even, Megatron's ``--num-layer-list``, or virtual chunks of ``layers_per_virtual_stage``; 400 naming the field when it cannot be built."""
         if pp < 1:
             raise InvalidArgument(f"pipeline parallel size must be >= 1, got {pp}", field="target_pipeline_parallel_size")
         if num_layer_list:
@@ -173,6 +179,7 @@ LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "ml
 
 
 def to_local(sub: str) -> str:
+    """A layer tensor's name in megatron-core's local spec (TE fuses norms into the linear layers)."""
     return LOCAL_NAMES.get(sub, sub)
 
 

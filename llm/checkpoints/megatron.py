@@ -51,6 +51,7 @@ def iteration_dir(path: Path) -> Path | None:
 
 
 def detect_megatron_format(path: Path) -> str | None:
+    """``mcore`` (torch_dist) or ``legacy`` (mp_rank_XX) for a Megatron save folder or iteration, or None."""
     d = iteration_dir(path)
     if d is None:
         return None
@@ -313,23 +314,28 @@ class MegatronCheckpoint:
         return megatron_names(self.arch, None) + [n for i in range(self.arch.num_layers) for n in megatron_names(self.arch, i)]
 
     def get(self, name: str) -> torch.Tensor:
+        """One canonical tensor, merged over TP/PP shards, with the vocabulary padding removed."""
         t = self._src.get(name, self.arch.gated)
         if name in L.VOCAB_TENSORS and t.shape[0] > self.arch.vocab_size:
             t = t[: self.arch.vocab_size]
         return t
 
     def canonical_tensors(self):
+        """(name, tensor) for every canonical tensor."""
         for name in self.names():
             yield name, self.get(name)
 
     def tokenizer_dir(self) -> Path | None:
+        """The save folder's tokenizer/ (written by megastack), or None."""
         d = self.path / TOKENIZER_DIR
         return d if d.is_dir() else None
 
     def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in."""
         return self.get("decoder.final_layernorm.weight").dtype
 
     def parallel_layout(self) -> dict[str, Any]:
+        """TP, PP and layers per stage of a legacy checkpoint (None for torch_dist, which is layout-free)."""
         if isinstance(self._src, _LegacySource):
             return {"tensor_parallel": self._src.tp, "pipeline_parallel": self._src.pp, "layers": self._src.layout.counts}
         return {"tensor_parallel": None, "pipeline_parallel": None}

@@ -44,6 +44,7 @@ class AllowListUnpickler(pickle.Unpickler):
         self.allowed, self.what = allowed, what
 
     def find_class(self, module: str, name: str) -> Any:
+        """The class, only when it is on the allow-list; UnsafePickle otherwise (nothing else can be constructed)."""
         if name in self.allowed.get(module, ()):
             return super().find_class(module, name)
         raise UnsafePickle(f"{module}.{name} is not a class {self.what} is made of")

@@ -20,6 +20,7 @@ class Parallelism:
 
 
 def default_backend() -> str:
+    """``nccl`` with CUDA, else ``gloo``."""
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
@@ -50,6 +51,7 @@ def init(par: Parallelism = Parallelism(), *, backend: str | None = None, seed: 
 
 
 def shutdown() -> None:
+    """Tear down megatron-core's parallel state and the process group (when they exist)."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():

@@ -35,6 +35,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> 
 
 def transformer_config(arch: ArchConfig, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
                        params_dtype: torch.dtype = torch.float32, **overrides: Any):
+    """megatron-core's TransformerConfig for ``arch`` at this TP/PP/VPP and dtype (``overrides`` win)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kw: dict[str, Any] = dict(

@@ -49,29 +49,35 @@ class ArchConfig:
 
     @property
     def gated(self) -> bool:
+        """Whether the MLP is gated (SwiGLU)."""
         return self.activation == "swiglu"
 
     @property
     def queries_per_group(self) -> int:
+        """Attention heads per key/value group."""
         return self.num_attention_heads // self.num_query_groups
 
     @property
     def qkv_out_features(self) -> int:
+        """Output features of the fused QKV projection."""
         return (self.num_attention_heads + 2 * self.num_query_groups) * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (rope_scaling as a mapping)."""
         d = dataclasses.asdict(self)
         d["rope_scaling"] = dict(self.rope_scaling)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchConfig:
+        """The inverse of :meth:`to_dict`; unknown keys are ignored."""
         d = dict(d)
         d["rope_scaling"] = tuple(sorted((d.get("rope_scaling") or {}).items()))
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def num_parameters(self) -> int:
+        """Parameters of the model (a tied embedding counted once)."""
         h, L, f = self.hidden_size, self.num_layers, self.ffn_hidden_size
         norm = h * (2 if self.normalization == "LayerNorm" else 1)
         per_layer = (
@@ -114,6 +120,7 @@ def split_qkv(qkv: Tensor, *, num_heads: int, num_groups: int, head_dim: int) ->
 
 
 def layer_prefix(i: int) -> str:
+    """Megatron's name prefix of layer ``i``."""
     return f"decoder.layers.{i}."
 
 
@@ -130,9 +137,11 @@ class ModelFamily:
     hf_layer_prefix: ClassVar[str]  # e.g. "model.layers." (the layer index follows)
 
     def arch_from_hf_config(self, cfg: dict[str, Any]) -> ArchConfig:
+        """The ArchConfig an HF config.json describes (400 naming a missing key)."""
         raise NotImplementedError
 
     def hf_config_from_arch(self, arch: ArchConfig) -> dict[str, Any]:
+        """The HF config.json for ``arch``."""
         raise NotImplementedError
 
     def hf_names(self, arch: ArchConfig, layer: int | None) -> list[str]:
@@ -149,6 +158,7 @@ class ModelFamily:
 
     # -- derived -----------------------------------------------------------------------------------
     def hf_tensor_names(self, arch: ArchConfig) -> list[str]:
+        """Every HF tensor name of ``arch``."""
         names = self.hf_names(arch, None)
         for i in range(arch.num_layers):
             names += self.hf_names(arch, i)
@@ -160,10 +170,12 @@ class ModelFamily:
             yield from self.to_megatron(arch, group, get).items()
 
     def megatron_to_hf(self, arch: ArchConfig, get: GetTensor) -> Iterator[tuple[str, Tensor]]:
+        """(HF name, tensor) for all of ``arch``, reading canonical tensors through ``get``, group by group."""
         for group in [None, *range(arch.num_layers)]:
             yield from self.to_hf(arch, group, get).items()
 
     def hf_layer_of(self, name: str) -> int | None:
+        """The layer index in an HF tensor name, or None for a global tensor."""
         return _layer_index(name, self.hf_layer_prefix)
 
     def megatron_tensor_names(self, arch: ArchConfig) -> list[str]:
@@ -179,6 +191,7 @@ def _layer_index(name: str, prefix: str) -> int | None:
 
 
 def megatron_layer_of(name: str) -> int | None:
+    """The layer index in a Megatron tensor name, or None for a global tensor."""
     return _layer_index(name, "decoder.layers.")
 
 
@@ -232,9 +245,11 @@ class MappedView:
         self._cache: dict[str, Tensor] = {}
 
     def group_of(self, name: str) -> int | None:
+        """The group (layer, or None for globals) of a name in the target naming."""
         return megatron_layer_of(name) if self.to == "megatron" else self.family.hf_layer_of(name)
 
     def get(self, name: str) -> Tensor:
+        """One tensor in the target naming, its group mapped once and cached."""
         group = self.group_of(name)
         if group != self._group:
             self._cache = {}  # drop the previous group first: one group in memory
@@ -248,6 +263,7 @@ class MappedView:
 
 
 def require(cfg: dict[str, Any], key: str, source: str) -> Any:
+    """``cfg[key]``, or 400 naming ``key`` and the file it is missing from."""
     if key not in cfg or cfg[key] is None:
         raise InvalidArgument(f"{source}: config is missing '{key}'", field=key)
     return cfg[key]

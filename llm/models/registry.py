@@ -15,6 +15,7 @@ BY_ARCHITECTURE: dict[str, ModelFamily] = {a: f for f in FAMILIES.values() for a
 
 
 def family_for_architecture(architecture: str) -> ModelFamily:
+    """The family of an HF ``architectures[0]`` (400 listing the supported ones otherwise)."""
     try:
         return BY_ARCHITECTURE[architecture]
     except KeyError:
@@ -25,6 +26,7 @@ def family_for_architecture(architecture: str) -> ModelFamily:
 
 
 def family(name: str) -> ModelFamily:
+    """A family by name (llama, qwen2, gpt2); 400 otherwise."""
     try:
         return FAMILIES[name]
     except KeyError:
@@ -32,6 +34,7 @@ def family(name: str) -> ModelFamily:
 
 
 def arch_from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
+    """The ArchConfig of an HF config.json, through its family."""
     archs = cfg.get("architectures") or []
     if not archs:
         raise InvalidArgument(f"{source}: no 'architectures' entry; cannot tell the model family", field="architectures")

@@ -37,18 +37,22 @@ class GrpcServer:
     service_names: list[str] = field(default_factory=list)
 
     def start(self) -> None:
+        """Start serving."""
         self.server.start()
 
     def set_serving(self, serving: bool) -> None:
+        """Set the health service's answer (SERVING or NOT_SERVING)."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             self.health.set(name, status)
 
     def stop(self, grace_s: float | None) -> None:
+        """Stop, letting calls in flight finish for ``grace_s`` seconds."""
         self.set_serving(False)
         self.server.stop(grace_s).wait()
 
     def wait(self) -> None:
+        """Block until the server stops."""
         self.server.wait_for_termination()
 
 

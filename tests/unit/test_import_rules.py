@@ -29,3 +29,12 @@ def test_the_repository_has_no_cycles_now():
     graph = module_graph()
     assert "services.trainer.datafiles" in graph["services.trainer.spec"]  # edges are there to be checked
     assert cycles(graph) == []
+
+
+def test_the_docstring_rule_finds_public_functions_without_one(tmp_path, monkeypatch):
+    import check_docstrings
+
+    monkeypatch.setattr(check_docstrings, "ROOT", tmp_path)
+    f = tmp_path / "m.py"
+    f.write_text('def a():\n    """Says."""\n\n\ndef b():\n    pass\n\n\ndef _c():\n    pass\n\n\nclass K:\n    def d(self):\n        return 1\n')
+    assert check_docstrings.undocumented(f) == ["m.py:5 b", "m.py:14 K.d"]
