@@ -24,7 +24,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     def SubmitTrainJob(self, request: pb.SubmitTrainJobRequest, context: grpc.ServicerContext) -> pb.SubmitTrainJobResponse:
         spec = absolutize(spec_from_pb(request.spec))  # relative paths: against the service's folder
         check_roots(spec)  # before anything is read: only under the data roots
-        validate(spec)  # a bad spec is refused here, before anything reaches the cluster
+        validate(spec)  # a bad spec is refused here, before anything reaches the cluster (the one place it is checked)
+        if request.validate_only:  # the CLI's --dry-run
+            return pb.SubmitTrainJobResponse(job_id="")
         _ = self.launcher.client  # the cluster must be reachable before a record exists
         rec, new = self.store.create({"json": spec.to_json()}, labels=dict(request.labels), request_id=request.request_id)
         if new:

@@ -37,13 +37,16 @@ def _line(job) -> str:
 
 def submit(a: argparse.Namespace) -> int:
     from protos.trainer.v1 import trainer_pb2 as pb
-    from services.trainer.api import load_yaml, spec_to_pb, validate
+    from services.trainer.api import load_yaml, spec_to_pb
     from tools.cli.rpc import rpc
 
-    spec = load_yaml(a.spec)
-    validate(spec)  # fail here, with the field named, before anything is sent
+    spec = load_yaml(a.spec)  # YAML -> the proto's fields (unknown keys refused by name); the service validates
     channel, stub = _stub(a.server)
     with channel:
+        if a.dry_run:
+            rpc(stub.SubmitTrainJob, pb.SubmitTrainJobRequest(spec=spec_to_pb(spec), validate_only=True))
+            print(f"{a.spec}: valid (checked by the trainer service; nothing submitted)")
+            return 0
         job_id = rpc(stub.SubmitTrainJob, pb.SubmitTrainJobRequest(spec=spec_to_pb(spec))).job_id
         print(job_id)
         if not a.follow:
@@ -162,8 +165,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="submit and follow megatron-core training jobs on Ray")
     p.add_argument("--server", default=endpoint("trainer"), help="trainer service address (default %(default)s)")
     tsub = p.add_subparsers(dest="train_cmd", required=True)
-    s = tsub.add_parser("submit", help="validate a TrainJobSpec YAML and submit it")
+    s = tsub.add_parser("submit", help="submit a TrainJobSpec YAML (the trainer service validates it)")
     s.add_argument("spec", type=Path)
+    s.add_argument("--dry-run", action="store_true", help="have the service check the spec as a submit would; submit nothing")
     s.add_argument("--follow", "-f", action="store_true", help="follow progress until the job ends")
     s.set_defaults(func=submit)
     st = tsub.add_parser("status", help="one job's state and latest metrics")

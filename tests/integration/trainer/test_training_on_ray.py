@@ -162,6 +162,19 @@ def test_bad_spec_is_rejected_before_anything_is_submitted(trainer, train_assets
     assert len(launcher.client.list_jobs()) == before
 
 
+def test_validate_only_checks_like_a_submit_and_creates_nothing(trainer, train_assets, tmp_path):
+    """The CLI's --dry-run: the service is the one place a spec is checked."""
+    stub, store, _ = trainer
+    records = len(store.list())
+    good = spec_to_pb(spec_from_dict(spec_doc(train_assets, tmp_path / "run")))
+    assert stub.SubmitTrainJob(pb.SubmitTrainJobRequest(spec=good, validate_only=True)).job_id == ""
+    bad = spec_to_pb(spec_from_dict(spec_doc(train_assets, tmp_path / "run", training={"global_batch_size": 7})))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SubmitTrainJob(pb.SubmitTrainJobRequest(spec=bad, validate_only=True))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "global_batch_size" in e.value.details()
+    assert len(store.list()) == records and not (tmp_path / "run").exists()
+
+
 def test_a_job_asking_gpus_of_a_cpu_cluster_fails_at_once_naming_the_field(trainer, train_assets, tmp_path):
     stub, _, _ = trainer
     job_id = submit(stub, train_assets, tmp_path / "run", resources={"gpus_per_worker": 1})
