@@ -46,6 +46,8 @@ class ConverterServicer(pb_grpc.ConverterServiceServicer):
             if getattr(spec, attr) is not None:  # before anything is read: only under the data roots
                 under_roots(getattr(spec, attr), field)
         validate(spec)  # bad input is refused here, before anything runs or is written
+        if request.validate_only:
+            return pb.SubmitConversionResponse(job_id="")
         rec, new = self.store.create(spec_to_json(spec), labels=dict(request.labels), request_id=request.request_id)
         if new:
             self.runner.submit(rec)

@@ -68,6 +68,17 @@ def test_bad_specs_are_refused_before_a_job_exists(stub, tiny_models, tmp_path, 
     assert len(stub.ListConversions(pb.ListConversionsRequest()).conversions) == before
 
 
+def test_validate_only_checks_like_a_submit_and_creates_nothing(stub, tiny_models, tmp_path):
+    before = len(stub.ListConversions(pb.ListConversionsRequest()).conversions)
+    ok = stub.SubmitConversion(pb.SubmitConversionRequest(spec=spec(tiny_models["llama"], tmp_path / "o"), validate_only=True))
+    assert ok.job_id == "" and not (tmp_path / "o").exists()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SubmitConversion(pb.SubmitConversionRequest(spec=spec(tiny_models["llama"], tmp_path / "o", target_tensor_parallel_size=3),
+                                                         validate_only=True))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "TP=3 does not divide" in e.value.details()
+    assert len(stub.ListConversions(pb.ListConversionsRequest()).conversions) == before
+
+
 def test_same_request_id_returns_the_same_job(stub, tiny_models, tmp_path):
     req = pb.SubmitConversionRequest(spec=spec(tiny_models["qwen2"], tmp_path / "o", fmt=common_pb2.CHECKPOINT_FORMAT_LEGACY), request_id="abc-1")
     a = stub.SubmitConversion(req).job_id
