@@ -25,6 +25,7 @@ import torch.distributed as dist
 from llm.checkpoints.megatron import TRACKER
 from services.trainer.jobfiles import SAVES_FILE
 from shared.atomic import mark_output, write_text_atomic
+from shared.proc import die_with_parent
 
 logger = logging.getLogger(__name__)
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -110,18 +111,6 @@ def discard_partial(save_dir: Path) -> list[str]:
     return gone
 
 
-def _die_with_parent() -> None:
-    """In a process forked from a rank (megatron-core's background checkpoint writer): be SIGKILLed when the rank
-    dies, so no orphan goes on writing into a folder that the next attempt reuses."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: orphans finish their write and exit
-        pass
-
-
 _FORK_HOOK = []
 
 
@@ -141,7 +130,7 @@ def _writer_results_queue_dies_with_rank() -> None:
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=_die_with_parent)
+    manager.start(initializer=die_with_parent)
     fa._results_queue = manager.Queue()
     _MANAGERS.append(manager)  # alive as long as the rank
 
@@ -170,7 +159,7 @@ class Saver:
 
             self._queue = AsyncCallsQueue(persistent=False)
             if not _FORK_HOOK:
-                os.register_at_fork(after_in_child=_die_with_parent)
+                os.register_at_fork(after_in_child=die_with_parent)  # the background writers die with the rank
                 _FORK_HOOK.append(True)
 
     def save(self, iteration: int, *, models: list, optimizer, scheduler, consumed_samples: int) -> float:
@@ -224,14 +213,13 @@ class Saver:
             self._queue.maybe_finalize_async_calls(blocking=True)
 
     @property
+    def last_published(self) -> int | None:
+        """The iteration of the newest checkpoint published by this saver, or None."""
+        return self.completed[-1][0] if self.completed else None
+
+    @property
     def in_flight(self) -> int:
         return self._queue.get_num_unfinalized_calls() if self._queue is not None else 0
-
-
-def save(save_dir: Path, iteration: int, *, models: list, optimizer, scheduler, consumed_samples: int, keep_last: int) -> float:
-    """A synchronous save (see :class:`Saver`); returns its seconds."""
-    return Saver(save_dir, keep_last=keep_last, async_save=False).save(
-        iteration, models=models, optimizer=optimizer, scheduler=scheduler, consumed_samples=consumed_samples)
 
 
 def init_optimizer_state(optimizer) -> None:

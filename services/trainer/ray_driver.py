@@ -28,6 +28,7 @@ from services.trainer.jobfiles import ATTEMPT_FILE, RESOURCE_WAIT_ENV
 from services.trainer.spec import TrainSpec, check_save_dir
 from shared.atomic import mark_output, write_text_atomic
 from shared.net import free_port
+from shared.proc import die_with_parent
 
 logger = logging.getLogger("services.trainer.ray_driver")
 
@@ -38,10 +39,7 @@ def _child_setup() -> None:
     Ray starts workers at nice 15, which makes a training rank yield the CPU to every other
     process; where permitted, the rank goes back to nice 0.
     """
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent()
     try:
         os.setpriority(os.PRIO_PROCESS, 0, 0)
     except PermissionError:

@@ -118,10 +118,12 @@ def build(spec: TrainSpec):
 
 
 def _forward_step(data_iterator, model):
-    batch = to_device(next(data_iterator), module_device(model))  # the loader yields CPU tensors
-    segments = batch.get("segment_ids")
-    if segments is not None and has_isolated_samples(segments):  # neat packs: each sample sees only itself
-        attention_mask = block_causal_mask(segments)
+    batch = next(data_iterator)
+    # decided on the loader's CPU tensors: on the device, reading the max would stall every micro-batch on a sync
+    isolate = "segment_ids" in batch and has_isolated_samples(batch["segment_ids"])
+    batch = to_device(batch, module_device(model))
+    if isolate:  # neat packs: each sample sees only itself
+        attention_mask = block_causal_mask(batch["segment_ids"])
         set_positions(model, batch["position_ids"])
     else:
         attention_mask = None
@@ -281,12 +283,10 @@ def run(spec: TrainSpec) -> int:
             heartbeat.beat(spec.save_dir, rank, force=True)
             logger.info("%s checkpoint %s: the step loop waited %.2fs", "scheduled" if spec.async_save else "saved",
                         ckpt.iter_name(iteration), took)
-        if saver.completed:
-            reporter.last_checkpoint = saver.completed[-1][0]
+        reporter.last_checkpoint = saver.last_published or reporter.last_checkpoint
     saver.wait()
     heartbeat.beat(spec.save_dir, rank, force=True)
-    if saver.completed:
-        reporter.last_checkpoint = saver.completed[-1][0]
+    reporter.last_checkpoint = saver.last_published or reporter.last_checkpoint
     reporter.step({**metrics, "done": True})
     mdist.shutdown()
     return 0
