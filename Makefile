@@ -60,6 +60,7 @@ gpu-wheels: setup
 	@tools/gpu_wheels.sh
 
 lint: setup
+	@$(VENV)/bin/ruff format --check --quiet protos shared llm services tools tests
 	@$(VENV)/bin/ruff check protos shared llm services tools tests
 	@$(PY) tools/check_imports.py
 	@$(PY) tools/check_devices.py

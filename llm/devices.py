@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -41,7 +47,8 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 
 def to_device(batch, device: torch.device | str):
-    """``batch`` with every tensor in it (dicts, lists and tuples walked) on ``device``; other values as they are.
+    """``batch`` with every tensor in it (dicts, lists and tuples walked) on ``device``; other values as they
+    are.
 
     The one place batches cross to the model's device: the trainer's forward step, converter verify and
     gpu_check call it, so no path feeds CPU tensors to a model on a GPU.

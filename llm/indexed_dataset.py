@@ -25,7 +25,16 @@ import numpy as np
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
-DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8}
+DTYPE_CODES = {
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
+}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 HEADER_BYTES = 34
 
@@ -72,7 +81,9 @@ class IndexedDatasetWriter:
             self._bin.write(arr.tobytes())
             self.num_tokens += arr.size
         if sequences:
-            self._lengths.write(np.fromiter((len(s) for s in sequences), dtype=np.int32, count=len(sequences)).tobytes())
+            self._lengths.write(
+                np.fromiter((len(s) for s in sequences), dtype=np.int32, count=len(sequences)).tobytes()
+            )
         self.num_sequences += len(sequences)
         self.num_documents += 1
         self._docs.write(struct.pack("<q", self.num_sequences))
@@ -82,7 +93,9 @@ class IndexedDatasetWriter:
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
         self._lengths.write(np.asarray(lengths, dtype=np.int32).tobytes())
         n = len(lengths)
-        self._docs.write(np.arange(self.num_sequences + 1, self.num_sequences + n + 1, dtype=np.int64).tobytes())
+        self._docs.write(
+            np.arange(self.num_sequences + 1, self.num_sequences + n + 1, dtype=np.int64).tobytes()
+        )
         self.num_sequences += n
         self.num_documents += n
         self.num_tokens += int(np.asarray(lengths).sum())
@@ -102,7 +115,8 @@ class IndexedDatasetWriter:
         self.num_tokens += int(np.asarray(other.lengths, dtype=np.int64).sum())
 
     def finish(self) -> tuple[Path, Path]:
-        """Flush, write the index, and move both files into place (.idx last, so a reader never sees half a pair)."""
+        """Flush, write the index, and move both files into place (.idx last, so a reader never sees half a
+        pair)."""
         for f in (self._bin, self._lengths, self._docs):
             f.flush()
             os.fsync(f.fileno())
@@ -179,13 +193,17 @@ class IndexedDatasetReader:
         expected = HEADER_BYTES + 12 * n + 8 * d
         size = idx.stat().st_size
         if size != expected:
-            raise ValueError(f"{idx}: {size} bytes, expected {expected} for {n} sequences and {d} document boundaries")
+            raise ValueError(
+                f"{idx}: {size} bytes, expected {expected} for {n} sequences and {d} document boundaries"
+            )
         mm = np.memmap(idx, mode="r", dtype=np.uint8)
         self.lengths = np.frombuffer(mm, dtype=np.int32, count=n, offset=HEADER_BYTES)
         self.pointers = np.frombuffer(mm, dtype=np.int64, count=n, offset=HEADER_BYTES + 4 * n)
         self.document_indices = np.frombuffer(mm, dtype=np.int64, count=d, offset=HEADER_BYTES + 12 * n)
         binf = data_path(prefix)
-        self._bin = np.memmap(binf, mode="r", dtype=self.dtype) if binf.stat().st_size else np.zeros(0, self.dtype)
+        self._bin = (
+            np.memmap(binf, mode="r", dtype=self.dtype) if binf.stat().st_size else np.zeros(0, self.dtype)
+        )
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -215,7 +233,10 @@ class IndexedDatasetReader:
             np.cumsum(self.lengths[:-1].astype(np.int64) * itemsize, out=expected[1:])
             bad = np.nonzero(self.pointers != expected)[0]
             if bad.size:
-                problems.append(f"pointer of sequence {int(bad[0])} is {int(self.pointers[bad[0]])}, expected {int(expected[bad[0]])}")
+                problems.append(
+                    f"pointer of sequence {int(bad[0])} is {int(self.pointers[bad[0]])}, expected "
+                    f"{int(expected[bad[0]])}"
+                )
         docs = self.document_indices
         if docs.size == 0 or docs[0] != 0:
             problems.append("document indices must start at 0")

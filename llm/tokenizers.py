@@ -40,12 +40,15 @@ class Tokenizer:
                 hf = GPT2TokenizerFast.from_pretrained(str(path), local_files_only=True)
             else:
                 raise InvalidArgument(
-                    f"{path}: no tokenizer.json, tokenizer_config.json or vocab.json+merges.txt", field="tokenizer"
+                    f"{path}: no tokenizer.json, tokenizer_config.json or vocab.json+merges.txt",
+                    field="tokenizer",
                 )
         except InvalidArgument:
             raise
         except Exception as e:  # noqa: BLE001 - surface as a clear input error
-            raise InvalidArgument(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})", field="tokenizer") from None
+            raise InvalidArgument(
+                f"{path}: cannot load tokenizer ({type(e).__name__}: {e})", field="tokenizer"
+            ) from None
         return cls(hf, path)
 
     @classmethod
@@ -62,7 +65,9 @@ class Tokenizer:
         raw = RawTokenizer(bpe)
         raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         raw.decoder = decoders.ByteLevel()
-        hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+        )
         return cls(hf, Path(vocab_file).parent)
 
     # -- properties ----------------------------------------------------------------------------
@@ -125,7 +130,9 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (no clean-up of spaces, so pieces concatenate exactly)."""
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+        return self.hf.decode(
+            ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """The text of each token on its own (Megatron's ``segments``)."""
@@ -135,7 +142,9 @@ class Tokenizer:
         """``messages`` as prompt text through the chat template (400 naming messages without one)."""
         if not self.has_chat_template:
             raise InvalidArgument("the served tokenizer has no chat template", field="messages")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def save(self, out_dir: Path) -> None:
         """Write the tokenizer files into ``out_dir``."""
@@ -149,8 +158,16 @@ class FastTokenizer:
     ``tokenizers.Tokenizer``); special tokens and the chat template come from tokenizer_config.json.
     """
 
-    def __init__(self, raw: Any, *, eos_token: str | None, bos_token: str | None, pad_token: str | None,
-                 chat_template: str = "", path: Path | None = None) -> None:
+    def __init__(
+        self,
+        raw: Any,
+        *,
+        eos_token: str | None,
+        bos_token: str | None,
+        pad_token: str | None,
+        chat_template: str = "",
+        path: Path | None = None,
+    ) -> None:
         self.raw = raw
         self.path = path
         self.eos_token, self.bos_token, self.pad_token = eos_token, bos_token, pad_token
@@ -176,7 +193,9 @@ class FastTokenizer:
         if not tj.is_file():
             if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
                 return cls.gpt2_bpe(path / "vocab.json", path / "merges.txt")
-            raise InvalidArgument(f"{path}: no tokenizer.json (or vocab.json + merges.txt)", field="tokenizer")
+            raise InvalidArgument(
+                f"{path}: no tokenizer.json (or vocab.json + merges.txt)", field="tokenizer"
+            )
         cfg: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (path / name).is_file():
@@ -184,9 +203,14 @@ class FastTokenizer:
         template = cfg.get("chat_template") or ""
         if (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text()
-        return cls(RawTokenizer.from_file(str(tj)), eos_token=cls._token(cfg.get("eos_token")),
-                   bos_token=cls._token(cfg.get("bos_token")), pad_token=cls._token(cfg.get("pad_token")),
-                   chat_template=template if isinstance(template, str) else "", path=path)
+        return cls(
+            RawTokenizer.from_file(str(tj)),
+            eos_token=cls._token(cfg.get("eos_token")),
+            bos_token=cls._token(cfg.get("bos_token")),
+            pad_token=cls._token(cfg.get("pad_token")),
+            chat_template=template if isinstance(template, str) else "",
+            path=path,
+        )
 
     @classmethod
     def gpt2_bpe(cls, vocab_file: Path | str, merge_file: Path | str) -> FastTokenizer:

@@ -15,8 +15,14 @@ TMP_MARK = ".tmp-"
 OUTPUT_MARKER = ".megastack-output"  # in every folder atomic_dir writes: only such a folder may be replaced
 
 
-def check_target(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool = False, field: str = "save_dir",
-                 owned: bool = False) -> Path:
+def check_target(
+    target: Path,
+    *,
+    inputs: Iterable[Path] = (),
+    overwrite: bool = False,
+    field: str = "save_dir",
+    owned: bool = False,
+) -> Path:
     """The resolved ``target`` of a job, or an error before anything is read or written.
 
     Refused: a target that equals, contains or is inside an input (symlinks and ``..`` resolved first); a
@@ -30,21 +36,31 @@ def check_target(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool =
             raise AlreadyExists(f"{t} already exists (pass --overwrite to replace it)", field=field)
         if not owned and not is_megastack_output(t):
             raise InvalidArgument(
-                f"{field} {t} exists and was not written by megastack (no {OUTPUT_MARKER} in it): --overwrite replaces "
-                "only megastack's own outputs; move it away or name a new folder", field=field)
+                f"{field} {t} exists and was not written by megastack (no {OUTPUT_MARKER} in it): "
+                "--overwrite replaces "
+                "only megastack's own outputs; move it away or name a new folder",
+                field=field,
+            )
     return t
 
 
 def _checked_place(target: Path, inputs: Iterable[Path], field: str) -> Path:
-    """``target`` resolved (symlinks, ``..``, ``~``), refused when it overlaps an input, is a root, home or a file."""
+    """``target`` resolved (symlinks, ``..``, ``~``), refused when it overlaps an input, is a root, home or a
+    file."""
     t = Path(target).expanduser().resolve()
     for given in inputs:
         i = Path(given).expanduser().resolve()
         if t == i or t in i.parents or i in t.parents:
-            what = "the same folder as" if t == i else "inside" if i in t.parents else "a folder that contains"
-            raise InvalidArgument(f"{field} {t} is {what} the input {i}: a job never writes over its inputs", field=field)
+            what = (
+                "the same folder as" if t == i else "inside" if i in t.parents else "a folder that contains"
+            )
+            raise InvalidArgument(
+                f"{field} {t} is {what} the input {i}: a job never writes over its inputs", field=field
+            )
     if t.parent == t or t == Path.home().resolve():
-        raise InvalidArgument(f"{field} {t} is a filesystem root or the home directory; name a new folder", field=field)
+        raise InvalidArgument(
+            f"{field} {t} is a filesystem root or the home directory; name a new folder", field=field
+        )
     if t.exists() and not t.is_dir():
         raise InvalidArgument(f"{field} {t} is a file, not a folder", field=field)
     return t
@@ -62,8 +78,13 @@ def mark_output(folder: Path) -> None:
         marker.write_text('{"written_by": "megastack"}\n')
 
 
-def check_output_folder(target: Path, *, inputs: Iterable[Path] = (), field: str = "save_dir",
-                        owned: Callable[[Path], bool] | None = None) -> Path:
+def check_output_folder(
+    target: Path,
+    *,
+    inputs: Iterable[Path] = (),
+    field: str = "save_dir",
+    owned: Callable[[Path], bool] | None = None,
+) -> Path:
     """A folder a job writes into and comes back to (a training ``save_dir``, the demo's folders), resolved.
 
     Refused like :func:`check_target` (overlap with an input, a root, home, a file), and when it exists, holds
@@ -73,14 +94,23 @@ def check_output_folder(target: Path, *, inputs: Iterable[Path] = (), field: str
     t = _checked_place(target, inputs, field)
     if t.is_dir() and any(t.iterdir()) and not is_megastack_output(t) and not (owned and owned(t)):
         raise InvalidArgument(
-            f"{field} {t} already holds files that megastack did not write (no {OUTPUT_MARKER} in it); name a new or "
-            "empty folder", field=field)
+            f"{field} {t} already holds files that megastack did not write (no {OUTPUT_MARKER} in it); name "
+            "a new or "
+            "empty folder",
+            field=field,
+        )
     return t
 
 
-def reset_output_folder(target: Path, *, inputs: Iterable[Path] = (), field: str = "work_dir",
-                        owned: Callable[[Path], bool] | None = None) -> Path:
-    """Empty (or create) a folder megastack owns, after :func:`check_output_folder`; it is marked as megastack's."""
+def reset_output_folder(
+    target: Path,
+    *,
+    inputs: Iterable[Path] = (),
+    field: str = "work_dir",
+    owned: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Empty (or create) a folder megastack owns, after :func:`check_output_folder`; it is marked as
+    megastack's."""
     t = check_output_folder(target, inputs=inputs, field=field, owned=owned)
     if t.exists():
         shutil.rmtree(t)
@@ -90,7 +120,9 @@ def reset_output_folder(target: Path, *, inputs: Iterable[Path] = (), field: str
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path, *, overwrite: bool = False, inputs: Iterable[Path] = (), owned: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    target: Path, *, overwrite: bool = False, inputs: Iterable[Path] = (), owned: bool = False
+) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
 
     ``target`` is checked first (:func:`check_target`). The result holds ``.megastack-output``. On any

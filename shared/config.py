@@ -131,10 +131,14 @@ def markdown_table(cls: type, prefix: str) -> str:
 
 
 def watch_limit(max_watchers: int, threads: int, threads_name: str) -> int:
-    """The bound on long-lived watch streams a server holds: ``max_watchers``, or half of its ``threads`` when 0;
+    """The bound on long-lived watch streams a server holds: ``max_watchers``, or half of its ``threads``
+    when 0;
     below ``threads`` so that other requests always find one. ValueError otherwise."""
     if max_watchers < 0 or (max_watchers and max_watchers >= threads):
-        raise ValueError(f"max_watchers must be 0 (half of {threads_name}) or below {threads_name} ({threads}), got {max_watchers}")
+        raise ValueError(
+            f"max_watchers must be 0 (half of {threads_name}) or below {threads_name} ({threads}), got "
+            f"{max_watchers}"
+        )
     return max_watchers or max(1, threads // 2)
 
 
@@ -142,7 +146,9 @@ def watch_limit(max_watchers: int, threads: int, threads_name: str) -> int:
 class ServiceConfig:
     """Settings every gRPC service has. Service configs subclass this."""
 
-    host: str = setting("127.0.0.1", help="Address the gRPC server binds to (127.0.0.1 unless told otherwise).")
+    host: str = setting(
+        "127.0.0.1", help="Address the gRPC server binds to (127.0.0.1 unless told otherwise)."
+    )
     port: int = setting(help="gRPC port; 0 picks a free port (it is logged).")
     metrics_port: int = setting(help="Port of the Prometheus /metrics endpoint; 0 picks a free port.")
     log_level: str = setting("INFO", help="Logging level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -163,9 +169,12 @@ class ServiceConfig:
 class JobServiceConfig(ServiceConfig):
     """Settings the job services (converter, trainer, evaluator) add: their watch streams are bounded."""
 
-    max_watchers: int = setting(0, help="Job watch and log-follow streams open at once; one more gets RESOURCE_EXHAUSTED "
-                                         "(HTTP 429), so submissions always find a handler thread. 0 = half of max_workers; "
-                                         "else below max_workers.")
+    max_watchers: int = setting(
+        0,
+        help="Job watch and log-follow streams open at once; one more gets RESOURCE_EXHAUSTED "
+        "(HTTP 429), so submissions always find a handler thread. 0 = half of max_workers; "
+        "else below max_workers.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

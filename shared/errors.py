@@ -93,8 +93,17 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
 _BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
     cls.code: cls
     for cls in (
-        InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, OutOfRange, ResourceExhausted,
-        Unavailable, DeadlineExceeded, Cancelled, Unauthenticated, Internal,
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        OutOfRange,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Unauthenticated,
+        Internal,
     )
 }
 

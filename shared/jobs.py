@@ -41,7 +41,9 @@ class JobRecord:
     kind: str
     spec: dict[str, Any]
     state: str = PENDING
-    progress: dict[str, Any] = field(default_factory=lambda: {"done": 0.0, "total": 0.0, "unit": "", "message": "", "metrics": {}})
+    progress: dict[str, Any] = field(
+        default_factory=lambda: {"done": 0.0, "total": 0.0, "unit": "", "message": "", "metrics": {}}
+    )
     result: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     created_unix_s: float = 0.0
@@ -59,7 +61,8 @@ class JobRecord:
 
 
 class WatchSlots:
-    """At most ``limit`` long-lived watch streams at once; one more is refused at once (RESOURCE_EXHAUSTED, HTTP
+    """At most ``limit`` long-lived watch streams at once; one more is refused at once (RESOURCE_EXHAUSTED,
+    HTTP
     429) instead of holding a handler thread that a submission may need."""
 
     def __init__(self, limit: int, setting: str) -> None:
@@ -71,8 +74,10 @@ class WatchSlots:
         """Take a watch slot, or 429 (ResourceExhausted) naming the setting when all are taken."""
         with self._lock:
             if self.open >= self.limit:
-                raise ResourceExhausted(f"{self.limit} watch streams are open already ({self.setting}); retry later",
-                                        field="job_id")
+                raise ResourceExhausted(
+                    f"{self.limit} watch streams are open already ({self.setting}); retry later",
+                    field="job_id",
+                )
             self.open += 1
 
     def release(self) -> None:
@@ -91,7 +96,9 @@ class WatchSlots:
 
 
 class JobStore:
-    def __init__(self, root: Path, kind: str, *, max_watchers: int = 32, watchers_setting: str = "max_watchers") -> None:
+    def __init__(
+        self, root: Path, kind: str, *, max_watchers: int = 32, watchers_setting: str = "max_watchers"
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.kind = kind
@@ -118,9 +125,13 @@ class JobStore:
         return self.job_dir(job_id) / "job.log"
 
     def _save(self, rec: JobRecord) -> None:
-        write_text_atomic(self.job_dir(rec.job_id) / "job.json", json.dumps(dataclasses.asdict(rec), indent=1))
+        write_text_atomic(
+            self.job_dir(rec.job_id) / "job.json", json.dumps(dataclasses.asdict(rec), indent=1)
+        )
 
-    def create(self, spec: dict[str, Any], *, labels: dict[str, str] | None = None, request_id: str = "") -> tuple[JobRecord, bool]:
+    def create(
+        self, spec: dict[str, Any], *, labels: dict[str, str] | None = None, request_id: str = ""
+    ) -> tuple[JobRecord, bool]:
         """A new pending job, or the existing one with the same request id (idempotent submit)."""
         with self._cv:
             if request_id:
@@ -128,8 +139,14 @@ class JobStore:
                     if rec.request_id == request_id:
                         return rec, False
             job_id = f"{self.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-            rec = JobRecord(job_id=job_id, kind=self.kind, spec=spec, created_unix_s=time.time(),
-                            labels=dict(labels or {}), request_id=request_id)
+            rec = JobRecord(
+                job_id=job_id,
+                kind=self.kind,
+                spec=spec,
+                created_unix_s=time.time(),
+                labels=dict(labels or {}),
+                request_id=request_id,
+            )
             self.job_dir(job_id).mkdir(parents=True, exist_ok=True)
             self._jobs[job_id] = rec
             self._version[job_id] = 1
@@ -196,14 +213,18 @@ class JobStore:
         return lost
 
     # -- watching --------------------------------------------------------------------------------
-    def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> Iterator[tuple[JobRecord, builtins.list[str]]]:
+    def watch(
+        self, job_id: str, is_active: Callable[[], bool] = lambda: True, poll_s: float = 1.0
+    ) -> Iterator[tuple[JobRecord, builtins.list[str]]]:
         """The record and new log lines on every change, until the job is terminal (then once more). Counts
         against :attr:`watchers` while it lasts."""
         self.get(job_id)
         with self.watchers.hold():
             yield from self._watch(job_id, is_active, poll_s)
 
-    def _watch(self, job_id: str, is_active: Callable[[], bool], poll_s: float) -> Iterator[tuple[JobRecord, builtins.list[str]]]:
+    def _watch(
+        self, job_id: str, is_active: Callable[[], bool], poll_s: float
+    ) -> Iterator[tuple[JobRecord, builtins.list[str]]]:
         seen, offset = -1, 0
         while is_active():
             with self._cv:
@@ -231,13 +252,24 @@ class Reporter:
         self.stream.write(f"@@{tag} {payload}\n")
         self.stream.flush()
 
-    def progress(self, done: float, total: float, unit: str = "", message: str = "", force: bool = False, **metrics: float) -> None:
+    def progress(
+        self,
+        done: float,
+        total: float,
+        unit: str = "",
+        message: str = "",
+        force: bool = False,
+        **metrics: float,
+    ) -> None:
         """Record progress (at most 5 updates a second unless ``force``)."""
         now = time.monotonic()
         if not force and done < total and now - self._last < 0.2:
             return  # at most 5 updates a second
         self._last = now
-        self._emit("progress", json.dumps({"done": done, "total": total, "unit": unit, "message": message, "metrics": metrics}))
+        self._emit(
+            "progress",
+            json.dumps({"done": done, "total": total, "unit": unit, "message": message, "metrics": metrics}),
+        )
 
     def result(self, doc: dict[str, Any]) -> None:
         """Record the job's result document."""
@@ -249,11 +281,19 @@ class Reporter:
 
 
 class ProcessRunner:
-    """Runs jobs as child processes: ``argv_for(record)`` is the command, at most ``max_concurrent`` at once."""
+    """Runs jobs as child processes: ``argv_for(record)`` is the command, at most ``max_concurrent`` at
+    once."""
 
-    def __init__(self, store: JobStore, argv_for: Callable[[JobRecord], list[str]], *, max_concurrent: int = 1,
-                 env: dict[str, str] | None = None, on_end: Callable[[JobRecord], None] | None = None,
-                 cancel_grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        argv_for: Callable[[JobRecord], list[str]],
+        *,
+        max_concurrent: int = 1,
+        env: dict[str, str] | None = None,
+        on_end: Callable[[JobRecord], None] | None = None,
+        cancel_grace_s: float = 10.0,
+    ) -> None:
         self.store = store
         self.argv_for = argv_for
         self.env = env or {}
@@ -269,7 +309,8 @@ class ProcessRunner:
         threading.Thread(target=self._run, args=(rec.job_id,), name=f"job-{rec.job_id}", daemon=True).start()
 
     def cancel(self, job_id: str, reason: str) -> JobRecord:
-        """Cancel a queued or running job (its process group gets SIGTERM, then SIGKILL after the grace); FailedPrecondition when it has ended."""
+        """Cancel a queued or running job (its process group gets SIGTERM, then SIGKILL after the grace);
+        FailedPrecondition when it has ended."""
         rec = self.store.get(job_id)
         if rec.terminal:
             raise FailedPrecondition(f"job {job_id} already {rec.state}", field="job_id")
@@ -299,8 +340,16 @@ class ProcessRunner:
                     return
                 rec = self.store.update(job_id, state=RUNNING, progress={"message": "starting"})
                 argv = self.argv_for(rec)
-                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                        start_new_session=True, env={**os.environ, **self.env}, stdin=subprocess.DEVNULL)
+                proc = subprocess.Popen(
+                    argv,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    bufsize=1,
+                    start_new_session=True,
+                    env={**os.environ, **self.env},
+                    stdin=subprocess.DEVNULL,
+                )
                 self._procs[job_id] = proc
             error = ""
             result: dict[str, Any] = {}

@@ -30,26 +30,36 @@ DEFAULT_ENDPOINTS = ("127.0.0.1:50051", "localhost:50051", "127.0.0.1:5000", "lo
 
 
 def data_roots() -> tuple[Path, ...]:
-    """The folders job paths must lie under: MEGASTACK_DATA_ROOTS, else runs/, models/ and the working folder."""
+    """The folders job paths must lie under: MEGASTACK_DATA_ROOTS, else runs/, models/ and the working
+    folder."""
     raw = os.environ.get(ROOTS_ENV, "")
-    roots = [Path(x.strip()) for x in re.split(r"[:,]", raw) if x.strip()] if raw.strip() else [REPO_ROOT / "runs", REPO_ROOT / "models", Path.cwd()]
+    roots = (
+        [Path(x.strip()) for x in re.split(r"[:,]", raw) if x.strip()]
+        if raw.strip()
+        else [REPO_ROOT / "runs", REPO_ROOT / "models", Path.cwd()]
+    )
     return tuple(dict.fromkeys(r.expanduser().resolve() for r in roots))
 
 
 def under_roots(path: str | Path, field: str) -> Path:
-    """``path`` resolved, or InvalidArgument naming ``field`` and the roots when it lies outside all of them."""
+    """``path`` resolved, or InvalidArgument naming ``field`` and the roots when it lies outside all of
+    them."""
     if not str(path).strip():
         return Path(path)
     p = Path(path).expanduser().resolve()  # a relative path resolves against the service's folder
     roots = data_roots()
     if not any(p == r or r in p.parents for r in roots):
-        raise InvalidArgument(f"{field} {p} is outside the data roots ({', '.join(map(str, roots))}); jobs read and "
-                              f"write only there (the service's {ROOTS_ENV} setting)", field=field)
+        raise InvalidArgument(
+            f"{field} {p} is outside the data roots ({', '.join(map(str, roots))}); jobs read and "
+            f"write only there (the service's {ROOTS_ENV} setting)",
+            field=field,
+        )
     return p
 
 
 def allowed_endpoints() -> tuple[str, ...]:
-    """Host:port pairs that model endpoints in job specs may name: MEGASTACK_ALLOWED_ENDPOINTS, else the local textgen and gateway (127.0.0.1/localhost on 50051 and 5000)."""
+    """Host:port pairs that model endpoints in job specs may name: MEGASTACK_ALLOWED_ENDPOINTS, else the
+    local textgen and gateway (127.0.0.1/localhost on 50051 and 5000)."""
     raw = os.environ.get(ENDPOINTS_ENV, "")
     return tuple(x.strip().lower() for x in raw.split(",") if x.strip()) if raw.strip() else DEFAULT_ENDPOINTS
 
@@ -57,11 +67,16 @@ def allowed_endpoints() -> tuple[str, ...]:
 def check_endpoint(address: str, field: str) -> None:
     """``address`` (``host:port`` or a URL) must match an allowed ``host`` or ``host:port`` entry."""
     netloc = urlsplit(address).netloc if "://" in address else address
-    host, _, port = netloc.rpartition(":") if netloc.count(":") == 1 or netloc.startswith("[") else (netloc, "", "")
+    host, _, port = (
+        netloc.rpartition(":") if netloc.count(":") == 1 or netloc.startswith("[") else (netloc, "", "")
+    )
     host = (host or netloc).lower()
     if "://" in address and not port:
         port = "443" if address.lower().startswith("https") else "80"
     allowed = allowed_endpoints()
     if host not in allowed and f"{host}:{port}" not in allowed:
-        raise InvalidArgument(f"{field} {address!r} is not an allowed model endpoint ({', '.join(allowed)}); the "
-                              f"evaluator calls only those (the service's {ENDPOINTS_ENV} setting)", field=field)
+        raise InvalidArgument(
+            f"{field} {address!r} is not an allowed model endpoint ({', '.join(allowed)}); the "
+            f"evaluator calls only those (the service's {ENDPOINTS_ENV} setting)",
+            field=field,
+        )

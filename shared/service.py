@@ -70,7 +70,10 @@ def run_service(service: str, config_cls: type[C], build: Callable[[C], ServiceP
         metrics_port = start_metrics_server(cfg.host, cfg.metrics_port)
         parts = build(cfg)
         server = build_server(
-            service=service, registrations=parts.registrations, host=cfg.host, port=cfg.port,
+            service=service,
+            registrations=parts.registrations,
+            host=cfg.host,
+            port=cfg.port,
             max_workers=cfg.max_workers,
         )
         server.start()
@@ -83,9 +86,19 @@ def run_service(service: str, config_cls: type[C], build: Callable[[C], ServiceP
     except Exception as e:  # noqa: BLE001 - an unforeseen start-up failure is still one line, not a traceback
         logger.debug("start-up failed", exc_info=e)
         _shutdown(parts, server, 0)
-        fail(service, f"start-up failed: {type(e).__name__}: {e} (set {env_prefix(service)}LOG_LEVEL=DEBUG for the traceback)")
+        fail(
+            service,
+            f"start-up failed: {type(e).__name__}: {e} (set {env_prefix(service)}LOG_LEVEL=DEBUG for the "
+            "traceback)",
+        )
     assert server is not None and parts is not None  # every failure above has exited
-    logger.info("%s serving gRPC on %s, metrics on http://%s:%d/metrics", service, server.address, cfg.host, metrics_port)
+    logger.info(
+        "%s serving gRPC on %s, metrics on http://%s:%d/metrics",
+        service,
+        server.address,
+        cfg.host,
+        metrics_port,
+    )
     if parts.main_loop is not None:
         try:
             parts.main_loop(stop)
@@ -107,5 +120,3 @@ def _shutdown(parts: ServiceParts | None, server: GrpcServer | None, grace_s: fl
             hook()
         except Exception:  # noqa: BLE001 - keep closing the rest
             logger.exception("error during shutdown")
-
-

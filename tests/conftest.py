@@ -13,7 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The hostile tests of that confinement set narrower values themselves.
 import tempfile  # noqa: E402
 
-os.environ.setdefault("MEGASTACK_DATA_ROOTS", f"{Path(__file__).resolve().parents[1]}:{Path(tempfile.gettempdir()).resolve()}")
+os.environ.setdefault(
+    "MEGASTACK_DATA_ROOTS", f"{Path(__file__).resolve().parents[1]}:{Path(tempfile.gettempdir()).resolve()}"
+)
 os.environ.setdefault("MEGASTACK_ALLOWED_ENDPOINTS", "127.0.0.1,localhost")
 # Ray heads run with token authentication (tools/stack.py); the tests share one token, set before Ray is
 # imported (Ray reads its auth mode once per process), so in-process job clients can talk to them.

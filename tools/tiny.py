@@ -23,26 +23,40 @@ def corpus_lines(limit: int | None = None) -> list[str]:
 
 
 def synthetic_lines(n: int = 2000, seed: int = 0) -> list[str]:
-    """Prose-shaped lines from a fixed word list (no asset needed: gpu_check runs where nothing can be fetched)."""
+    """Prose-shaped lines from a fixed word list (no asset needed: gpu_check runs where nothing can be
+    fetched)."""
     import random
 
-    words = ("the old man river bridge winter said would not last another looked at and he she it was "
-             "of to in a house road light dark water stone tree long short came went saw knew").split()
+    words = (
+        "the old man river bridge winter said would not last another looked at and he she it was "
+        "of to in a house road light dark water stone tree long short came went saw knew"
+    ).split()
     rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 18))).capitalize() + "." for _ in range(n)]
+    return [
+        " ".join(rng.choice(words) for _ in range(rng.randint(6, 18))).capitalize() + "." for _ in range(n)
+    ]
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 512, lines: list[str] | None = None) -> Path:
-    """A byte-level BPE tokenizer trained in well under a second on ``lines`` (default: the shipped prose corpus)."""
+    """A byte-level BPE tokenizer trained in well under a second on ``lines`` (default: the shipped prose
+    corpus)."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     out_dir.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(lines if lines is not None else corpus_lines(2000), vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    bpe.train_from_iterator(
+        lines if lines is not None else corpus_lines(2000),
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(out_dir))
     return out_dir
@@ -56,16 +70,43 @@ def hf_config(family: str, vocab_size: int, **over):
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
     if family == "llama":
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-                          initializer_range=0.1, rms_norm_eps=1e-5, **common)
+        cfg = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            initializer_range=0.1,
+            rms_norm_eps=1e-5,
+            **common,
+        )
     elif family == "qwen2":
-        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-                          initializer_range=0.1, rms_norm_eps=1e-5, **common)
+        cfg = Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            initializer_range=0.1,
+            rms_norm_eps=1e-5,
+            **common,
+        )
     elif family == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        cfg = GPT2Config(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            initializer_range=0.1,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
     else:
         raise ValueError(family)
     for k, v in over.items():

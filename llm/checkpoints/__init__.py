@@ -85,7 +85,9 @@ class _HFReader:
     def names(self) -> list[str]:
         from llm.models.base import megatron_names
 
-        return megatron_names(self.arch, None) + [n for i in range(self.arch.num_layers) for n in megatron_names(self.arch, i)]
+        return megatron_names(self.arch, None) + [
+            n for i in range(self.arch.num_layers) for n in megatron_names(self.arch, i)
+        ]
 
     def get(self, name: str) -> torch.Tensor:
         return self._view.get(name)

@@ -18,8 +18,15 @@ from shared.errors import InvalidArgument, NotFound
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
 )
 
 
@@ -62,15 +69,21 @@ class HFCheckpoint:
             return
         bins = sorted(self.path.glob("pytorch_model*.bin"))
         if not bins:
-            raise InvalidArgument(f"{self.path}: no *.safetensors or pytorch_model.bin weights", field="load_dir")
+            raise InvalidArgument(
+                f"{self.path}: no *.safetensors or pytorch_model.bin weights", field="load_dir"
+            )
         state: dict[str, torch.Tensor] = {}
         for f in bins:
             try:
                 part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - a pickle that is not plain weights
-                raise InvalidArgument(f"{f}: cannot load as weights ({type(e).__name__}: {e})", field="load_dir") from None
+                raise InvalidArgument(
+                    f"{f}: cannot load as weights ({type(e).__name__}: {e})", field="load_dir"
+                ) from None
             if not isinstance(part, dict):
-                raise InvalidArgument(f"{f}: expected a state dict, got {type(part).__name__}", field="load_dir")
+                raise InvalidArgument(
+                    f"{f}: expected a state dict, got {type(part).__name__}", field="load_dir"
+                )
             state.update(part)
         self._torch_state = state
 
@@ -79,7 +92,9 @@ class HFCheckpoint:
             try:
                 self._handles[f] = SafetensorsFile(f)
             except Exception as e:  # noqa: BLE001 - truncated or corrupt file
-                raise InvalidArgument(f"{f}: not a readable safetensors file ({e})", field="load_dir") from None
+                raise InvalidArgument(
+                    f"{f}: not a readable safetensors file ({e})", field="load_dir"
+                ) from None
         return self._handles[f]
 
     def names(self) -> set[str]:
@@ -105,7 +120,8 @@ class HFCheckpoint:
         missing = [n for n in self.family.hf_tensor_names(self.arch) if n not in self.names()]
         if missing:
             raise InvalidArgument(
-                f"{self.path}: {len(missing)} tensors missing for {self.arch.architecture}, first: {missing[0]}",
+                f"{self.path}: {len(missing)} tensors missing for {self.arch.architecture}, first: "
+                f"{missing[0]}",
                 field="load_dir",
             )
         yield from self.family.hf_to_megatron(self.arch, self.get)
@@ -127,7 +143,8 @@ def write_hf_checkpoint(
     dtype: torch.dtype | None = None,
     extra_files: Iterable[Path] = (),
 ) -> int:
-    """Write config.json, model.safetensors (streamed) and copies of ``extra_files``; returns bytes written."""
+    """Write config.json, model.safetensors (streamed) and copies of ``extra_files``; returns bytes
+    written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = dict(config)

@@ -17,8 +17,14 @@ from llm.models.base import ArchConfig
 from shared.errors import InvalidArgument
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
-_COLUMN = ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias",
-           "linear_fc1.weight", "linear_fc1.bias")
+_COLUMN = (
+    "word_embeddings.weight",
+    "output_layer.weight",
+    "linear_qkv.weight",
+    "linear_qkv.bias",
+    "linear_fc1.weight",
+    "linear_fc1.bias",
+)
 _ROW = ("linear_proj.weight", "linear_fc2.weight")
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -72,12 +78,19 @@ def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
 def check_tp(arch: ArchConfig, tp: int) -> None:
     """Refuses (400) a TP size that does not divide the heads, query groups or FFN size of ``arch``."""
     if tp < 1:
-        raise InvalidArgument(f"tensor parallel size must be >= 1, got {tp}", field="target_tensor_parallel_size")
-    for what, n in (("attention heads", arch.num_attention_heads), ("query groups", arch.num_query_groups),
-                    ("ffn hidden size", arch.ffn_hidden_size)):
+        raise InvalidArgument(
+            f"tensor parallel size must be >= 1, got {tp}", field="target_tensor_parallel_size"
+        )
+    for what, n in (
+        ("attention heads", arch.num_attention_heads),
+        ("query groups", arch.num_query_groups),
+        ("ffn hidden size", arch.ffn_hidden_size),
+    ):
         if n % tp:
-            raise InvalidArgument(f"TP={tp} does not divide the {n} {what} of {arch.architecture}",
-                                  field="target_tensor_parallel_size")
+            raise InvalidArgument(
+                f"TP={tp} does not divide the {n} {what} of {arch.architecture}",
+                field="target_tensor_parallel_size",
+            )
 
 
 @dataclass(frozen=True)
@@ -102,28 +115,48 @@ class PipelineLayout:
         return sum(sum(c) for c in self.counts)
 
     @classmethod
-    def build(cls, num_layers: int, pp: int = 1, *, num_layer_list: list[int] | None = None,
-              layers_per_virtual_stage: int = 0) -> PipelineLayout:
-        """The layout of ``num_layers`` over ``pp`` stages: even, Megatron's ``--num-layer-list``, or virtual chunks of ``layers_per_virtual_stage``; 400 naming the field when it cannot be built."""
+    def build(
+        cls,
+        num_layers: int,
+        pp: int = 1,
+        *,
+        num_layer_list: list[int] | None = None,
+        layers_per_virtual_stage: int = 0,
+    ) -> PipelineLayout:
+        """The layout of ``num_layers`` over ``pp`` stages: even, Megatron's ``--num-layer-list``, or virtual
+        chunks of ``layers_per_virtual_stage``; 400 naming the field when it cannot be built."""
         if pp < 1:
-            raise InvalidArgument(f"pipeline parallel size must be >= 1, got {pp}", field="target_pipeline_parallel_size")
+            raise InvalidArgument(
+                f"pipeline parallel size must be >= 1, got {pp}", field="target_pipeline_parallel_size"
+            )
         if num_layer_list:
             if layers_per_virtual_stage:
-                raise InvalidArgument("--num-layer-list cannot be combined with a virtual pipeline", field="num_layer_list")
+                raise InvalidArgument(
+                    "--num-layer-list cannot be combined with a virtual pipeline", field="num_layer_list"
+                )
             if len(num_layer_list) != pp:
-                raise InvalidArgument(f"--num-layer-list has {len(num_layer_list)} entries for PP={pp}", field="num_layer_list")
+                raise InvalidArgument(
+                    f"--num-layer-list has {len(num_layer_list)} entries for PP={pp}", field="num_layer_list"
+                )
             if sum(num_layer_list) != num_layers or min(num_layer_list) < 1:
-                raise InvalidArgument(f"--num-layer-list {num_layer_list} must be positive and sum to {num_layers} layers",
-                                      field="num_layer_list")
+                raise InvalidArgument(
+                    f"--num-layer-list {num_layer_list} must be positive and sum to {num_layers} layers",
+                    field="num_layer_list",
+                )
             return cls(tuple((n,) for n in num_layer_list))
         if num_layers % pp:
-            raise InvalidArgument(f"PP={pp} does not divide {num_layers} layers (use --num-layer-list)",
-                                  field="target_pipeline_parallel_size")
+            raise InvalidArgument(
+                f"PP={pp} does not divide {num_layers} layers (use --num-layer-list)",
+                field="target_pipeline_parallel_size",
+            )
         per_stage = num_layers // pp
         if layers_per_virtual_stage:
             if pp < 2 or per_stage % layers_per_virtual_stage:
-                raise InvalidArgument(f"a virtual pipeline needs PP >= 2 and {layers_per_virtual_stage} to divide "
-                                      f"{per_stage} layers per stage", field="num_layers_per_virtual_pipeline_stage")
+                raise InvalidArgument(
+                    f"a virtual pipeline needs PP >= 2 and {layers_per_virtual_stage} to divide "
+                    f"{per_stage} layers per stage",
+                    field="num_layers_per_virtual_pipeline_stage",
+                )
             vpp = per_stage // layers_per_virtual_stage
             return cls(tuple((layers_per_virtual_stage,) * vpp for _ in range(pp)))
         return cls(tuple((per_stage,) for _ in range(pp)))
@@ -175,7 +208,12 @@ OLD_GLOBAL_NAMES = {
     "language_model.encoder.final_norm.bias": "decoder.final_layernorm.bias",
     "language_model.output_layer.weight": "output_layer.weight",
 }
-LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+LINEAR_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
 
 
 def to_local(sub: str) -> str:
@@ -191,7 +229,7 @@ def from_stored(name: str) -> tuple[int | None, str] | None:
         return None, OLD_GLOBAL_NAMES[name]
     for prefix, table in (("decoder.layers.", None), ("language_model.encoder.layers.", OLD_LAYER_NAMES)):
         if name.startswith(prefix):
-            idx, sub = name[len(prefix):].split(".", 1)
+            idx, sub = name[len(prefix) :].split(".", 1)
             if table is not None:
                 sub = table.get(sub, sub)
             inverse = {v: k for k, v in LOCAL_NAMES.items()}

@@ -69,7 +69,9 @@ def load_weights_pickle(path: Path) -> dict[str, Any]:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - a truncated file or a pickle that is not weights
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InvalidArgument(f"{path}: not a loadable weights file ({reason[:300]})", field="load_dir") from None
+        raise InvalidArgument(
+            f"{path}: not a loadable weights file ({reason[:300]})", field="load_dir"
+        ) from None
     if not isinstance(obj, dict):
         raise InvalidArgument(f"{path}: expected a dict, got {type(obj).__name__}", field="load_dir")
     return obj
@@ -107,19 +109,24 @@ def release_pages(t: torch.Tensor) -> None:
 
 def arch_from_args(args: Any, source: str) -> ArchConfig:
     """Describe a Megatron checkpoint that carries no megastack.json from its training args."""
+
     def a(name: str, default: Any = None) -> Any:
         return getattr(args, name, default)
 
     if a("num_layers") is None or a("hidden_size") is None:
-        raise InvalidArgument(f"{source}: no megastack.json and no usable Megatron args; cannot tell the architecture",
-                              field="load_dir")
+        raise InvalidArgument(
+            f"{source}: no megastack.json and no usable Megatron args; cannot tell the architecture",
+            field="load_dir",
+        )
     learned = a("position_embedding_type", "learned_absolute") == "learned_absolute"
     qkv_bias = bool(a("add_qkv_bias", False)) or bool(a("add_bias_linear", not learned))
     fam = "gpt2" if learned else "qwen2" if a("add_qkv_bias", False) else "llama"
     heads = int(a("num_attention_heads"))
     return ArchConfig(
         family=fam,
-        architecture={"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[fam],
+        architecture={"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[
+            fam
+        ],
         vocab_size=int(a("true_vocab_size") or a("padded_vocab_size")),
         hidden_size=int(a("hidden_size")),
         num_layers=int(a("num_layers")),
@@ -171,7 +178,9 @@ class _LegacySource:
                 raise InvalidArgument(f"{files[(0, p)]}: no 'model' state dict inside", field="load_dir")
             stage = []
             for key in keys:
-                layers = [parsed[0] for n in sd[key] if (parsed := L.from_stored(n)) and parsed[0] is not None]
+                layers = [
+                    parsed[0] for n in sd[key] if (parsed := L.from_stored(n)) and parsed[0] is not None
+                ]
                 stage.append(max(layers) + 1 if layers else 0)
             counts.append((keys, stage))
         self.layout = L.PipelineLayout(tuple(tuple(c) for _, c in counts))
@@ -231,8 +240,11 @@ class _DistSource:
             if hasattr(meta, "size"):
                 self.sizes[fqn] = meta.size
                 self.dtypes[fqn] = meta.properties.dtype
-        sizes_by_offset = {(fqn, tuple(c.offsets)): tuple(c.sizes)
-                           for fqn, meta in md.state_dict_metadata.items() for c in getattr(meta, "chunks", [])}
+        sizes_by_offset = {
+            (fqn, tuple(c.offsets)): tuple(c.sizes)
+            for fqn, meta in md.state_dict_metadata.items()
+            for c in getattr(meta, "chunks", [])
+        }
         for idx, info in md.storage_data.items():
             if idx.offset is None or idx.fqn not in self.sizes:
                 continue
@@ -260,7 +272,9 @@ class _DistSource:
             f.seek(info.offset)
             raw = f.read(info.length)
         if len(raw) != info.length:
-            raise InvalidArgument(f"{self.dir / info.relative_path}: truncated (chunk at byte {info.offset})", field="load_dir")
+            raise InvalidArgument(
+                f"{self.dir / info.relative_path}: truncated (chunk at byte {info.offset})", field="load_dir"
+            )
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
     def get(self, name: str, gated: bool) -> torch.Tensor:
@@ -280,7 +294,9 @@ class _DistSource:
             out[region] = data
             covered += data.numel()
         if covered != out.numel():
-            raise InvalidArgument(f"{self.dir}: chunks of {key} cover {covered} of {out.numel()} values", field="load_dir")
+            raise InvalidArgument(
+                f"{self.dir}: chunks of {key} cover {covered} of {out.numel()} values", field="load_dir"
+            )
         return out
 
 
@@ -302,16 +318,23 @@ class MegatronCheckpoint:
         else:
             self.arch = arch_from_args(self._src.args(), str(self.path))
         self.family = family(self.arch.family)
-        self.hf_config: dict[str, Any] = self.meta.get("hf_config") or self.family.hf_config_from_arch(self.arch)
+        self.hf_config: dict[str, Any] = self.meta.get("hf_config") or self.family.hf_config_from_arch(
+            self.arch
+        )
         names = self.names()
         missing = [n for n in names if not self._src.has(n)]
         if missing:
-            raise InvalidArgument(f"{self.path}: {len(missing)} tensors missing for {self.arch.architecture}, first: {missing[0]}",
-                                  field="load_dir")
+            raise InvalidArgument(
+                f"{self.path}: {len(missing)} tensors missing for {self.arch.architecture}, first: "
+                f"{missing[0]}",
+                field="load_dir",
+            )
 
     def names(self) -> list[str]:
         """Canonical names: the globals, then layer by layer."""
-        return megatron_names(self.arch, None) + [n for i in range(self.arch.num_layers) for n in megatron_names(self.arch, i)]
+        return megatron_names(self.arch, None) + [
+            n for i in range(self.arch.num_layers) for n in megatron_names(self.arch, i)
+        ]
 
     def get(self, name: str) -> torch.Tensor:
         """One canonical tensor, merged over TP/PP shards, with the vocabulary padding removed."""
@@ -337,7 +360,11 @@ class MegatronCheckpoint:
     def parallel_layout(self) -> dict[str, Any]:
         """TP, PP and layers per stage of a legacy checkpoint (None for torch_dist, which is layout-free)."""
         if isinstance(self._src, _LegacySource):
-            return {"tensor_parallel": self._src.tp, "pipeline_parallel": self._src.pp, "layers": self._src.layout.counts}
+            return {
+                "tensor_parallel": self._src.tp,
+                "pipeline_parallel": self._src.pp,
+                "layers": self._src.layout.counts,
+            }
         return {"tensor_parallel": None, "pipeline_parallel": None}
 
 

@@ -6,7 +6,8 @@ anywhere could run any code in the converter, trainer or textgen process. Here t
 an unpickler that resolves only the classes DCP metadata is made of (listed below, taken from the
 ``.metadata`` files megatron-core and our converter write). Every one of them is a plain constructor (a
 dataclass, an enum, ``torch.Size``, a dtype or layout lookup), so nothing else can run while loading.
-:func:`check_dcp_checkpoint` (and :func:`llm.mcore.model.load_distributed`, which reads the metadata the same way) is the gate in front of megatron-core's loader.
+:func:`check_dcp_checkpoint` (and :func:`llm.mcore.model.load_distributed`, which reads the metadata the same
+way) is the gate in front of megatron-core's loader.
 """
 
 from __future__ import annotations
@@ -23,8 +24,18 @@ _DCP = "torch.distributed.checkpoint"
 ALLOWED: dict[str, frozenset[str]] = {
     "torch": frozenset({"Size"}),
     "torch.serialization": frozenset({"_get_layout"}),
-    f"{_DCP}.metadata": frozenset({"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                                   "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"}),
+    f"{_DCP}.metadata": frozenset(
+        {
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        }
+    ),
     f"{_DCP}.filesystem": frozenset({"_StorageInfo"}),
     f"{_DCP}.planner": frozenset({"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"}),
     "collections": frozenset({"OrderedDict"}),
@@ -37,14 +48,16 @@ class UnsafePickle(pickle.UnpicklingError):
 
 
 class AllowListUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only ``allowed`` (module -> names); anything else is :class:`UnsafePickle`."""
+    """An unpickler that resolves only ``allowed`` (module -> names); anything else is
+    :class:`UnsafePickle`."""
 
     def __init__(self, file, allowed: dict[str, frozenset[str]], what: str) -> None:
         super().__init__(file)
         self.allowed, self.what = allowed, what
 
     def find_class(self, module: str, name: str) -> Any:
-        """The class, only when it is on the allow-list; UnsafePickle otherwise (nothing else can be constructed)."""
+        """The class, only when it is on the allow-list; UnsafePickle otherwise (nothing else can be
+        constructed)."""
         if name in self.allowed.get(module, ()):
             return super().find_class(module, name)
         raise UnsafePickle(f"{module}.{name} is not a class {self.what} is made of")
@@ -71,10 +84,13 @@ def read_dcp_metadata(ckpt_dir: Path) -> Any:
         with path.open("rb") as f:
             md = _MetadataUnpickler(f).load()
     except UnsafePickle as e:
-        raise InvalidArgument(f"{path}: refused to load: {e} (a checkpoint that would run code when read)",
-                              field="load_dir") from None
+        raise InvalidArgument(
+            f"{path}: refused to load: {e} (a checkpoint that would run code when read)", field="load_dir"
+        ) from None
     except Exception as e:  # noqa: BLE001 - missing, truncated or not a pickle
-        raise InvalidArgument(f"{path}: unreadable torch_dist metadata ({type(e).__name__}: {e})", field="load_dir") from None
+        raise InvalidArgument(
+            f"{path}: unreadable torch_dist metadata ({type(e).__name__}: {e})", field="load_dir"
+        ) from None
     from torch.distributed.checkpoint.metadata import Metadata
 
     if not isinstance(md, Metadata):
@@ -86,11 +102,17 @@ def _numpy_globals() -> list:
     import numpy as np
 
     reconstruct = np._core.multiarray._reconstruct  # type: ignore[attr-defined]  # numpy 2's pickles name np._core
-    return [reconstruct, np.ndarray, np.dtype, *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))]
+    return [
+        reconstruct,
+        np.ndarray,
+        np.dtype,
+        *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")),
+    ]
 
 
 def check_byte_entries(ckpt_dir: Path, md: Any) -> None:
-    """Every non-tensor entry of a torch_dist folder (``_extra_state`` objects, the RNG state, ...), which DCP's
+    """Every non-tensor entry of a torch_dist folder (``_extra_state`` objects, the RNG state, ...), which
+    DCP's
     planner would ``torch.load(weights_only=False)``, must load with torch's weights-only unpickler (plus
     numpy's array reconstruction, which the RNG state needs)."""
     import io
@@ -103,7 +125,9 @@ def check_byte_entries(ckpt_dir: Path, md: Any) -> None:
             continue
         path = (Path(ckpt_dir) / info.relative_path).resolve()
         if Path(ckpt_dir).resolve() not in path.parents:
-            raise InvalidArgument(f"{ckpt_dir}: entry {idx.fqn} points outside the checkpoint folder", field="load_dir")
+            raise InvalidArgument(
+                f"{ckpt_dir}: entry {idx.fqn} points outside the checkpoint folder", field="load_dir"
+            )
         with path.open("rb") as f:
             f.seek(info.offset)
             raw = f.read(info.length)
@@ -112,8 +136,11 @@ def check_byte_entries(ckpt_dir: Path, md: Any) -> None:
                 torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - whatever it is, it is not plain data
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InvalidArgument(f"{ckpt_dir}: refused to load entry {idx.fqn}: it is not plain data ({reason[:200]}) "
-                                  "(a checkpoint that would run code when read)", field="load_dir") from None
+            raise InvalidArgument(
+                f"{ckpt_dir}: refused to load entry {idx.fqn}: it is not plain data ({reason[:200]}) "
+                "(a checkpoint that would run code when read)",
+                field="load_dir",
+            ) from None
 
 
 def check_dcp_checkpoint(ckpt_dir: Path) -> Any:

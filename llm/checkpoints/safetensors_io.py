@@ -41,7 +41,9 @@ class SafetensorsFile:
         for name, e in header.items():
             begin, end = e["data_offsets"]
             if self.base + end > size:
-                raise ValueError(f"tensor {name} ends at byte {self.base + end} but the file has {size} (truncated?)")
+                raise ValueError(
+                    f"tensor {name} ends at byte {self.base + end} but the file has {size} (truncated?)"
+                )
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -89,7 +91,9 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy().data)
 
 
-def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> int:
+def write_safetensors(
+    path: Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> int:
     """Write ``tensors`` to ``path``; returns the file size. Names must be unique."""
     path = Path(path)
     spool = path.with_name(path.name + ".data")

@@ -41,7 +41,12 @@ class _CudaToCpu(torch.overrides.TorchFunctionMode):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.cuda:
             return args[0]
-        if func is torch.Tensor.to and len(args) > 1 and not isinstance(args[1], int) and _is_cuda_device(args[1]):
+        if (
+            func is torch.Tensor.to
+            and len(args) > 1
+            and not isinstance(args[1], int)
+            and _is_cuda_device(args[1])
+        ):
             args = (args[0], "cpu", *args[2:])
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
@@ -117,7 +122,7 @@ def _patch_tensor_type() -> None:
         if dtype is None and not kw:
             t = orig(self)
             if self.device.type == "cpu" and t.startswith("torch.") and not t.startswith("torch.cuda."):
-                return "torch.cuda." + t[len("torch."):]
+                return "torch.cuda." + t[len("torch.") :]
             return t
         return orig(self, dtype, non_blocking, **kw)
 
@@ -130,7 +135,9 @@ def _patch_megatron() -> None:
     import megatron.core.transformer.utils as tutils
 
     # tensor_parallel/random.py: CUDA RNG tracker states -> the CPU generator.
-    tp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    tp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
+        new_state
+    )
 
     # transformer/utils.py get_default_causal_mask: device="cuda".
     @functools.lru_cache

@@ -36,15 +36,20 @@ def init(par: Parallelism = Parallelism(), *, backend: str | None = None, seed: 
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "RANK" in os.environ:  # launched by torchrun / Ray with the usual variables
-            dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+            dist.init_process_group(
+                backend=backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+            )
         else:  # a world of one; leave the environment alone so child processes do not inherit it
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+            dist.init_process_group(
+                backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+            )
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=par.tp, pipeline_model_parallel_size=par.pp,
+            tensor_model_parallel_size=par.tp,
+            pipeline_model_parallel_size=par.pp,
             virtual_pipeline_model_parallel_size=par.vpp,
         )
     model_parallel_cuda_manual_seed(seed)

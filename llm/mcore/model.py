@@ -33,8 +33,15 @@ def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> 
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def transformer_config(arch: ArchConfig, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                       params_dtype: torch.dtype = torch.float32, **overrides: Any):
+def transformer_config(
+    arch: ArchConfig,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+):
     """megatron-core's TransformerConfig for ``arch`` at this TP/PP/VPP and dtype (``overrides`` win)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -69,12 +76,17 @@ def transformer_config(arch: ArchConfig, *, tp: int = 1, pp: int = 1, vpp: int |
 
 def megatron_device() -> torch.device:
     """Where megatron-core computes: the current CUDA device when there is one, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 @functools.cache
 def transformer_engine_status() -> tuple[bool, str]:
-    """(usable, why): Transformer Engine is used when CUDA is present and ``transformer_engine.pytorch`` imports."""
+    """(usable, why): Transformer Engine is used when CUDA is present and ``transformer_engine.pytorch``
+    imports."""
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     try:
@@ -114,12 +126,21 @@ class SequenceParallelNorm:
     tagged ``sequence_parallel``.
     """
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
-                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+    def __new__(
+        cls,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ):
         if config.normalization not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"normalization {config.normalization!r} is not supported (LayerNorm, RMSNorm)")
         norm_cls = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
-        norm = norm_cls(hidden_size, eps=eps)  # float32 like WrappedTorchNorm; Float16Module casts for bf16/fp16
+        norm = norm_cls(
+            hidden_size, eps=eps
+        )  # float32 like WrappedTorchNorm; Float16Module casts for bf16/fp16
         for p in norm.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)  # noqa: B010 - megatron-core reads this tag
         return norm
@@ -140,12 +161,23 @@ def layer_spec(arch: ArchConfig, config, *, impl: str = "auto", vp_stage: int | 
     norm = ModuleSpec(module=SequenceParallelNorm)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
-                                      layer_norm=SequenceParallelNorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=SequenceParallelNorm,
+    )
 
 
-def build_gpt_model(arch: ArchConfig, config, *, vocab_size: int, pre_process: bool = True, post_process: bool = True,
-                    vp_stage: int | None = None, max_sequence_length: int | None = None, impl: str = "auto"):
+def build_gpt_model(
+    arch: ArchConfig,
+    config,
+    *,
+    vocab_size: int,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    max_sequence_length: int | None = None,
+    impl: str = "auto",
+):
     """A GPTModel on :func:`megatron_device` (every parameter and buffer, torch norms included)."""
     from megatron.core.models.gpt import GPTModel
 
@@ -202,11 +234,14 @@ def load_module_state(module: torch.nn.Module, state: dict) -> None:
 
 
 def load_distributed(sharded_state: dict, iter_dir) -> dict:
-    """megatron-core's ``dist_checkpointing.load`` after the safety check of the folder's metadata, asking only
+    """megatron-core's ``dist_checkpointing.load`` after the safety check of the folder's metadata, asking
+    only
     for the ``_extra_state`` objects the checkpoint holds."""
     from megatron.core import dist_checkpointing
 
     from llm.checkpoints.safe_pickle import check_dcp_checkpoint
 
-    stored = set(check_dcp_checkpoint(iter_dir).state_dict_metadata)  # refuses metadata or entries that would run code
+    stored = set(
+        check_dcp_checkpoint(iter_dir).state_dict_metadata
+    )  # refuses metadata or entries that would run code
     return dist_checkpointing.load(without_absent_extra_state(sharded_state, stored), str(iter_dir))

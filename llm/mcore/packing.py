@@ -1,6 +1,8 @@
-"""Packed SFT samples kept apart: per-sample positions, a block-diagonal causal mask, and RoPE that follows them.
+"""Packed SFT samples kept apart: per-sample positions, a block-diagonal causal mask, and RoPE that follows
+them.
 
-A pack is one row of ``seq_length`` tokens holding several samples. Its ``segments`` row says which sample each
+A pack is one row of ``seq_length`` tokens holding several samples. Its ``segments`` row says which sample
+each
 token belongs to, as ModelLink writes ``{prefix}_packed_attention_mask_document``: with ``--neat-pack`` the
 1-based index of the sample in the pack, with plain ``--pack`` 1 for every real token (ModelLink then trains
 the pack as one sequence), 0 for padding. As ModelLink's fine-tuning does, a token attends to the earlier
@@ -21,7 +23,8 @@ import torch
 
 
 def segment_positions(segments: np.ndarray) -> np.ndarray:
-    """Positions that restart at 0 where a new sample starts; padding (segment 0) runs on from the sample before."""
+    """Positions that restart at 0 where a new sample starts; padding (segment 0) runs on from the sample
+    before."""
     s = len(segments)
     idx = np.arange(s)
     starts = np.ones(s, dtype=bool)
@@ -63,7 +66,9 @@ def follow_positions(model: torch.nn.Module) -> None:
         if positions is None:
             return table_for(max_seq_len, *args, **kwargs)
         table = table_for(int(positions.max()) + 1, *args, **kwargs)
-        return table[positions.t()].squeeze(2)  # [s, b, 1, dim]: broadcasts over heads like the [s, 1, 1, dim] table
+        return table[positions.t()].squeeze(
+            2
+        )  # [s, b, 1, dim]: broadcasts over heads like the [s, 1, 1, dim] table
 
     rope.forward = forward
     rope.megastack_follows_positions = True

@@ -25,24 +25,24 @@ GetTensor = Callable[[str], Tensor]
 class ArchConfig:
     """A decoder-only transformer, independent of any checkpoint naming."""
 
-    family: str                   # registry key: llama | qwen2 | gpt2
-    architecture: str             # HF architectures[0]
-    vocab_size: int               # real (unpadded) vocabulary
+    family: str  # registry key: llama | qwen2 | gpt2
+    architecture: str  # HF architectures[0]
+    vocab_size: int  # real (unpadded) vocabulary
     hidden_size: int
     num_layers: int
     num_attention_heads: int
-    num_query_groups: int         # KV heads (== num_attention_heads without GQA)
+    num_query_groups: int  # KV heads (== num_attention_heads without GQA)
     head_dim: int
     ffn_hidden_size: int
     max_position_embeddings: int
-    normalization: str            # RMSNorm | LayerNorm
+    normalization: str  # RMSNorm | LayerNorm
     norm_eps: float
-    activation: str               # swiglu | gelu_tanh
-    position_embedding: str       # rope | learned_absolute
+    activation: str  # swiglu | gelu_tanh
+    position_embedding: str  # rope | learned_absolute
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # HF rope_scaling as sorted items (hashable)
     qkv_bias: bool = False
-    linear_bias: bool = False     # biases on linear_proj and the MLP (GPT-2)
+    linear_bias: bool = False  # biases on linear_proj and the MLP (GPT-2)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -82,9 +82,11 @@ class ArchConfig:
         norm = h * (2 if self.normalization == "LayerNorm" else 1)
         per_layer = (
             2 * norm
-            + h * self.qkv_out_features + (self.qkv_out_features if self.qkv_bias else 0)
+            + h * self.qkv_out_features
+            + (self.qkv_out_features if self.qkv_bias else 0)
             + self.num_attention_heads * self.head_dim * h
-            + (2 if self.gated else 1) * f * h + f * h
+            + (2 if self.gated else 1) * f * h
+            + f * h
             + ((h + (2 if self.gated else 1) * f + h) if self.linear_bias else 0)
         )
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
@@ -106,7 +108,9 @@ def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, *, num_groups: int, head_dim: int)
     ).reshape(-1, *tail)
 
 
-def split_qkv(qkv: Tensor, *, num_heads: int, num_groups: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+def split_qkv(
+    qkv: Tensor, *, num_heads: int, num_groups: int, head_dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Inverse of :func:`fuse_qkv`."""
     tail = qkv.shape[1:]
     qpg = num_heads // num_groups
@@ -170,7 +174,8 @@ class ModelFamily:
             yield from self.to_megatron(arch, group, get).items()
 
     def megatron_to_hf(self, arch: ArchConfig, get: GetTensor) -> Iterator[tuple[str, Tensor]]:
-        """(HF name, tensor) for all of ``arch``, reading canonical tensors through ``get``, group by group."""
+        """(HF name, tensor) for all of ``arch``, reading canonical tensors through ``get``, group by
+        group."""
         for group in [None, *range(arch.num_layers)]:
             yield from self.to_hf(arch, group, get).items()
 
@@ -180,13 +185,15 @@ class ModelFamily:
 
     def megatron_tensor_names(self, arch: ArchConfig) -> list[str]:
         """Every canonical name :meth:`hf_to_megatron` yields."""
-        return megatron_names(arch, None) + [n for i in range(arch.num_layers) for n in megatron_names(arch, i)]
+        return megatron_names(arch, None) + [
+            n for i in range(arch.num_layers) for n in megatron_names(arch, i)
+        ]
 
 
 def _layer_index(name: str, prefix: str) -> int | None:
     if not name.startswith(prefix):
         return None
-    head = name[len(prefix):].split(".", 1)[0]
+    head = name[len(prefix) :].split(".", 1)[0]
     return int(head) if head.isdigit() else None
 
 

@@ -131,8 +131,12 @@ class GPT2Family(ModelFamily):
         for dst, (src, transpose) in LAYER_MAP.items():
             t = get(mc + src)
             out[hf + dst] = _t(t) if transpose else t
-        q, k, v = split_qkv(get(mc + "self_attention.linear_qkv.weight"), num_heads=nh, num_groups=nh, head_dim=d)
+        q, k, v = split_qkv(
+            get(mc + "self_attention.linear_qkv.weight"), num_heads=nh, num_groups=nh, head_dim=d
+        )
         out[hf + "attn.c_attn.weight"] = torch.cat([q, k, v], dim=0).t().contiguous()
-        qb, kb, vb = split_qkv(get(mc + "self_attention.linear_qkv.bias"), num_heads=nh, num_groups=nh, head_dim=d)
+        qb, kb, vb = split_qkv(
+            get(mc + "self_attention.linear_qkv.bias"), num_heads=nh, num_groups=nh, head_dim=d
+        )
         out[hf + "attn.c_attn.bias"] = torch.cat([qb, kb, vb], dim=0)
         return out

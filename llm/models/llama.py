@@ -103,7 +103,9 @@ class LlamaFamily(ModelFamily):
 
     def hf_names(self, arch: ArchConfig, layer: int | None) -> list[str]:
         if layer is None:
-            return ["model.embed_tokens.weight", "model.norm.weight"] + ([] if arch.tie_word_embeddings else ["lm_head.weight"])
+            return ["model.embed_tokens.weight", "model.norm.weight"] + (
+                [] if arch.tie_word_embeddings else ["lm_head.weight"]
+            )
         p = f"model.layers.{layer}."
         names = [p + k for k in LAYER_MAP] + [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
         if arch.qkv_bias:
@@ -112,7 +114,11 @@ class LlamaFamily(ModelFamily):
 
     def to_megatron(self, arch: ArchConfig, layer: int | None, get: GetTensor) -> dict[str, Tensor]:
         if layer is None:
-            return {mc: get(hf) for hf, mc in GLOBAL_MAP.items() if hf != "lm_head.weight" or not arch.tie_word_embeddings}
+            return {
+                mc: get(hf)
+                for hf, mc in GLOBAL_MAP.items()
+                if hf != "lm_head.weight" or not arch.tie_word_embeddings
+            }
         ng, d = arch.num_query_groups, arch.head_dim
         hf, mc = f"model.layers.{layer}.", layer_prefix(layer)
         out = {mc + dst: get(hf + src) for src, dst in LAYER_MAP.items()}
@@ -121,20 +127,42 @@ class LlamaFamily(ModelFamily):
         if arch.qkv_bias:
             qb, kb, vb = (get(hf + f"self_attn.{x}_proj.bias") for x in "qkv")
             out[mc + "self_attention.linear_qkv.bias"] = fuse_qkv(qb, kb, vb, num_groups=ng, head_dim=d)
-        out[mc + "mlp.linear_fc1.weight"] = torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], dim=0)
+        out[mc + "mlp.linear_fc1.weight"] = torch.cat(
+            [get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], dim=0
+        )
         return out
 
     def to_hf(self, arch: ArchConfig, layer: int | None, get: GetTensor) -> dict[str, Tensor]:
         if layer is None:
-            return {hf: get(mc) for hf, mc in GLOBAL_MAP.items() if hf != "lm_head.weight" or not arch.tie_word_embeddings}
+            return {
+                hf: get(mc)
+                for hf, mc in GLOBAL_MAP.items()
+                if hf != "lm_head.weight" or not arch.tie_word_embeddings
+            }
         nh, ng, d = arch.num_attention_heads, arch.num_query_groups, arch.head_dim
         hf, mc = f"model.layers.{layer}.", layer_prefix(layer)
         out = {hf + dst: get(mc + src) for dst, src in LAYER_MAP.items()}
-        q, k, v = split_qkv(get(mc + "self_attention.linear_qkv.weight"), num_heads=nh, num_groups=ng, head_dim=d)
-        out.update({hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k, hf + "self_attn.v_proj.weight": v})
+        q, k, v = split_qkv(
+            get(mc + "self_attention.linear_qkv.weight"), num_heads=nh, num_groups=ng, head_dim=d
+        )
+        out.update(
+            {
+                hf + "self_attn.q_proj.weight": q,
+                hf + "self_attn.k_proj.weight": k,
+                hf + "self_attn.v_proj.weight": v,
+            }
+        )
         if arch.qkv_bias:
-            qb, kb, vb = split_qkv(get(mc + "self_attention.linear_qkv.bias"), num_heads=nh, num_groups=ng, head_dim=d)
-            out.update({hf + "self_attn.q_proj.bias": qb, hf + "self_attn.k_proj.bias": kb, hf + "self_attn.v_proj.bias": vb})
+            qb, kb, vb = split_qkv(
+                get(mc + "self_attention.linear_qkv.bias"), num_heads=nh, num_groups=ng, head_dim=d
+            )
+            out.update(
+                {
+                    hf + "self_attn.q_proj.bias": qb,
+                    hf + "self_attn.k_proj.bias": kb,
+                    hf + "self_attn.v_proj.bias": vb,
+                }
+            )
         gate, up = torch.chunk(get(mc + "mlp.linear_fc1.weight"), 2, dim=0)
         out[hf + "mlp.gate_proj.weight"] = gate.contiguous()
         out[hf + "mlp.up_proj.weight"] = up.contiguous()

@@ -1,4 +1,5 @@
-"""Family registry keyed by the HF ``architectures`` name. Adding a family is one new file plus a line here."""
+"""Family registry keyed by the HF ``architectures`` name. Adding a family is one new file plus a line
+here."""
 
 from __future__ import annotations
 
@@ -37,5 +38,7 @@ def arch_from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> Arc
     """The ArchConfig of an HF config.json, through its family."""
     archs = cfg.get("architectures") or []
     if not archs:
-        raise InvalidArgument(f"{source}: no 'architectures' entry; cannot tell the model family", field="architectures")
+        raise InvalidArgument(
+            f"{source}: no 'architectures' entry; cannot tell the model family", field="architectures"
+        )
     return family_for_architecture(archs[0]).arch_from_hf_config(cfg)

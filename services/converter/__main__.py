@@ -16,8 +16,15 @@ logger = logging.getLogger(__name__)
 
 
 def build(cfg: ConverterConfig) -> ServiceParts:
-    store = JobStore(cfg.jobs_dir, "convert", max_watchers=cfg.watchers_limit, watchers_setting="MEGASTACK_CONVERTER_MAX_WATCHERS")
-    lost = store.recover("the converter restarted while this conversion was running; its partial output was discarded")
+    store = JobStore(
+        cfg.jobs_dir,
+        "convert",
+        max_watchers=cfg.watchers_limit,
+        watchers_setting="MEGASTACK_CONVERTER_MAX_WATCHERS",
+    )
+    lost = store.recover(
+        "the converter restarted while this conversion was running; its partial output was discarded"
+    )
     if lost:
         logger.warning("marked %d interrupted conversions as failed", len(lost))
     servicer = ConverterServicer(store, max_concurrent=cfg.max_concurrent, cancel_grace_s=cfg.cancel_grace_s)

@@ -1,9 +1,15 @@
-"""The converter's public surface for tools/ (CLI, benchmarks, gpu_check); tools/check_imports.py allows tools/
+"""The converter's public surface for tools/ (CLI, benchmarks, gpu_check); tools/check_imports.py allows
+tools/
 no other module of this service. Names resolve lazily (shared/lazy.py)."""
 
 from shared.lazy import lazy_exports
 
-__getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "ConvertSpec": "services.converter.conversion", "convert": "services.converter.conversion",
-    "DTYPE_TO_PB": "services.converter.wire", "FORMAT_TO_PB": "services.converter.wire",
-})
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "ConvertSpec": "services.converter.conversion",
+        "convert": "services.converter.conversion",
+        "DTYPE_TO_PB": "services.converter.wire",
+        "FORMAT_TO_PB": "services.converter.wire",
+    },
+)

@@ -37,17 +37,17 @@ class ConvertSpec:
     load_dir: Path
     save_dir: Path
     target_format: str
-    source_format: str | None = None      # None: detect
+    source_format: str | None = None  # None: detect
     tp: int = 1
     pp: int = 1
     num_layer_list: tuple[int, ...] = ()
     layers_per_virtual_stage: int = 0
-    params_dtype: str | None = None       # None: keep the source dtype
+    params_dtype: str | None = None  # None: keep the source dtype
     divisible_by: int = 128
     lora_dir: Path | None = None
     verify: bool = False
     overwrite: bool = False
-    iteration: int = 0                    # Megatron targets: 0 = "release"
+    iteration: int = 0  # Megatron targets: 0 = "release"
 
 
 @dataclass
@@ -72,31 +72,49 @@ def _inputs(spec: ConvertSpec) -> list[Path]:
 def validate(spec: ConvertSpec) -> CheckpointReader:
     """Every check that can fail before anything is written; returns the opened source."""
     if spec.target_format not in FORMATS:
-        raise InvalidArgument(f"target format must be one of {', '.join(FORMATS)}, got {spec.target_format!r}", field="target_format")
+        raise InvalidArgument(
+            f"target format must be one of {', '.join(FORMATS)}, got {spec.target_format!r}",
+            field="target_format",
+        )
     if spec.source_format is not None and spec.source_format not in FORMATS:
         raise InvalidArgument(f"source format must be one of {', '.join(FORMATS)}", field="source_format")
     load = Path(spec.load_dir).absolute()
     check_target(Path(spec.save_dir), inputs=_inputs(spec), overwrite=spec.overwrite)
     detected = detect_format(load)
     if spec.source_format is not None and spec.source_format != detected:
-        raise InvalidArgument(f"{load} is a {detected} checkpoint, not {spec.source_format}", field="source_format")
+        raise InvalidArgument(
+            f"{load} is a {detected} checkpoint, not {spec.source_format}", field="source_format"
+        )
     reader = open_checkpoint(load, detected)
-    if spec.target_format == "hf" and (spec.tp != 1 or spec.pp != 1 or spec.num_layer_list or spec.layers_per_virtual_stage):
-        raise InvalidArgument("HF checkpoints are not split: use TP=1, PP=1 for an hf target", field="target_tensor_parallel_size")
+    if spec.target_format == "hf" and (
+        spec.tp != 1 or spec.pp != 1 or spec.num_layer_list or spec.layers_per_virtual_stage
+    ):
+        raise InvalidArgument(
+            "HF checkpoints are not split: use TP=1, PP=1 for an hf target",
+            field="target_tensor_parallel_size",
+        )
     L.check_tp(reader.arch, spec.tp)
-    L.PipelineLayout.build(reader.arch.num_layers, spec.pp, num_layer_list=list(spec.num_layer_list) or None,
-                           layers_per_virtual_stage=spec.layers_per_virtual_stage)
+    L.PipelineLayout.build(
+        reader.arch.num_layers,
+        spec.pp,
+        num_layer_list=list(spec.num_layer_list) or None,
+        layers_per_virtual_stage=spec.layers_per_virtual_stage,
+    )
     if spec.params_dtype is not None:
         try:
             resolve_dtype(spec.params_dtype)
         except ValueError as e:
             raise InvalidArgument(str(e), field="params_dtype") from None
     if spec.divisible_by < 1:
-        raise InvalidArgument("make_vocab_size_divisible_by must be >= 1", field="make_vocab_size_divisible_by")
+        raise InvalidArgument(
+            "make_vocab_size_divisible_by must be >= 1", field="make_vocab_size_divisible_by"
+        )
     if spec.lora_dir is not None:
         from services.converter.lora import check_adapter
 
-        check_adapter(spec.lora_dir)  # refuses a folder that is not a PEFT LoRA adapter; its weights are read once, in convert
+        check_adapter(
+            spec.lora_dir
+        )  # refuses a folder that is not a PEFT LoRA adapter; its weights are read once, in convert
     return reader
 
 
@@ -118,10 +136,23 @@ def convert(spec: ConvertSpec, progress: Progress = lambda done, total, msg: Non
     reader = validate(spec)
     arch = reader.arch
     get = _source_getter(reader, spec)
-    dtype = resolve_dtype(spec.params_dtype) if spec.params_dtype else reader.get("decoder.final_layernorm.weight").dtype
+    dtype = (
+        resolve_dtype(spec.params_dtype)
+        if spec.params_dtype
+        else reader.get("decoder.final_layernorm.weight").dtype
+    )
     result = ConvertResult(save_dir=str(Path(spec.save_dir).absolute()))
-    logger.info("converting %s (%s, %s) -> %s (%s, TP=%d PP=%d, %s)", spec.load_dir, reader.format, arch.architecture,
-                spec.save_dir, spec.target_format, spec.tp, spec.pp, dtype_name(dtype))
+    logger.info(
+        "converting %s (%s, %s) -> %s (%s, TP=%d PP=%d, %s)",
+        spec.load_dir,
+        reader.format,
+        arch.architecture,
+        spec.save_dir,
+        spec.target_format,
+        spec.tp,
+        spec.pp,
+        dtype_name(dtype),
+    )
     with atomic_dir(Path(spec.save_dir), overwrite=spec.overwrite, inputs=_inputs(spec)) as tmp:
         if spec.target_format == "hf":
             result.num_tensors, result.bytes_written = _write_hf(reader, get, tmp, dtype, progress)
@@ -134,19 +165,25 @@ def convert(spec: ConvertSpec, progress: Progress = lambda done, total, msg: Non
         if spec.verify:  # on the finished files, before they appear at the target
             from services.converter.verify import parity
 
-            progress(result.num_tensors, result.num_tensors, "verifying: running both models on the same tokens")
+            progress(
+                result.num_tensors, result.num_tensors, "verifying: running both models on the same tokens"
+            )
             result.parity = parity(spec, reader, tmp, dtype)
     result.summary = summary(spec, reader, result, dtype)
     return result
 
 
-def _counted(items: Iterator[tuple[str, torch.Tensor]], total: int, progress: Progress, verb: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _counted(
+    items: Iterator[tuple[str, torch.Tensor]], total: int, progress: Progress, verb: str
+) -> Iterator[tuple[str, torch.Tensor]]:
     for i, (name, t) in enumerate(items, 1):
         yield name, t
         progress(i, total, f"{verb} {name}")
 
 
-def _write_hf(reader: CheckpointReader, get, out: Path, dtype: torch.dtype, progress: Progress) -> tuple[int, int]:
+def _write_hf(
+    reader: CheckpointReader, get, out: Path, dtype: torch.dtype, progress: Progress
+) -> tuple[int, int]:
     arch, fam = reader.arch, reader.family
     view = MappedView(fam, arch, get, to="hf")
     names = fam.hf_tensor_names(arch)
@@ -156,15 +193,29 @@ def _write_hf(reader: CheckpointReader, get, out: Path, dtype: torch.dtype, prog
     return len(names), size
 
 
-def _meta(reader: CheckpointReader, spec: ConvertSpec, fmt: str, dtype: torch.dtype, padded: int,
-          layout: L.PipelineLayout | None) -> dict[str, Any]:
+def _meta(
+    reader: CheckpointReader,
+    spec: ConvertSpec,
+    fmt: str,
+    dtype: torch.dtype,
+    padded: int,
+    layout: L.PipelineLayout | None,
+) -> dict[str, Any]:
     return {
-        "format": fmt, "created_by": "megastack", "created_unix_s": time.time(), "source": str(Path(spec.load_dir).absolute()),
-        "arch": reader.arch.to_dict(), "hf_config": {**reader.hf_config, "vocab_size": reader.arch.vocab_size},
-        "padded_vocab_size": padded, "make_vocab_size_divisible_by": spec.divisible_by,
-        "tensor_parallel": spec.tp, "pipeline_parallel": spec.pp, "params_dtype": dtype_name(dtype),
+        "format": fmt,
+        "created_by": "megastack",
+        "created_unix_s": time.time(),
+        "source": str(Path(spec.load_dir).absolute()),
+        "arch": reader.arch.to_dict(),
+        "hf_config": {**reader.hf_config, "vocab_size": reader.arch.vocab_size},
+        "padded_vocab_size": padded,
+        "make_vocab_size_divisible_by": spec.divisible_by,
+        "tensor_parallel": spec.tp,
+        "pipeline_parallel": spec.pp,
+        "params_dtype": dtype_name(dtype),
         "layers_per_stage": [list(c) for c in layout.counts] if layout else None,
-        "iteration": spec.iteration or "release", "lora": str(spec.lora_dir) if spec.lora_dir else None,
+        "iteration": spec.iteration or "release",
+        "lora": str(spec.lora_dir) if spec.lora_dir else None,
     }
 
 
@@ -188,18 +239,34 @@ def _write_mcore(reader, get, out: Path, dtype, spec: ConvertSpec, progress: Pro
     except BaseException:
         writer.abort()
         raise
-    write_megatron_extras(out, iteration=spec.iteration, meta=_meta(reader, spec, "mcore", dtype, padded, None),
-                          tokenizer_files=_tokenizer_files(reader))
+    write_megatron_extras(
+        out,
+        iteration=spec.iteration,
+        meta=_meta(reader, spec, "mcore", dtype, padded, None),
+        tokenizer_files=_tokenizer_files(reader),
+    )
     return len(names), writer.bytes_written
 
 
 def _write_legacy(reader, get, out: Path, dtype, spec: ConvertSpec, progress: Progress) -> tuple[int, int]:
     arch, tp, pp = reader.arch, spec.tp, spec.pp
-    layout = L.PipelineLayout.build(arch.num_layers, pp, num_layer_list=list(spec.num_layer_list) or None,
-                                    layers_per_virtual_stage=spec.layers_per_virtual_stage)
+    layout = L.PipelineLayout.build(
+        arch.num_layers,
+        pp,
+        num_layer_list=list(spec.num_layer_list) or None,
+        layers_per_virtual_stage=spec.layers_per_virtual_stage,
+    )
     padded = padded_vocab_size(arch.vocab_size, spec.divisible_by, tp)
-    args = megatron_args(arch, tp=tp, pp=pp, padded_vocab=padded, divisible_by=spec.divisible_by, dtype=dtype,
-                         layout=layout, iteration=spec.iteration)
+    args = megatron_args(
+        arch,
+        tp=tp,
+        pp=pp,
+        padded_vocab=padded,
+        divisible_by=spec.divisible_by,
+        dtype=dtype,
+        layout=layout,
+        iteration=spec.iteration,
+    )
     chunks = layout.chunks()
     total = len(reader.names()) * tp
     done, size, n_written = 0, 0, 0
@@ -244,18 +311,34 @@ def _write_legacy(reader, get, out: Path, dtype, spec: ConvertSpec, progress: Pr
                 models["model" if layout.vpp == 1 else f"model{v}"] = sd
             path = it_dir / legacy_rank_dir(r, p, pp) / "model_optim_rng.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"args": args, "checkpoint_version": 3.0, "iteration": spec.iteration, **models,
-                        "num_floating_point_operations_so_far": 0}, path)
+            torch.save(
+                {
+                    "args": args,
+                    "checkpoint_version": 3.0,
+                    "iteration": spec.iteration,
+                    **models,
+                    "num_floating_point_operations_so_far": 0,
+                },
+                path,
+            )
             size += path.stat().st_size
             del models
-    write_megatron_extras(out, iteration=spec.iteration, meta=_meta(reader, spec, "legacy", dtype, padded, layout),
-                          tokenizer_files=_tokenizer_files(reader))
+    write_megatron_extras(
+        out,
+        iteration=spec.iteration,
+        meta=_meta(reader, spec, "legacy", dtype, padded, layout),
+        tokenizer_files=_tokenizer_files(reader),
+    )
     return n_written, size
 
 
 def summary(spec: ConvertSpec, reader: CheckpointReader, r: ConvertResult, dtype: torch.dtype) -> str:
     rows = [
-        ("source", f"{spec.load_dir} ({reader.format}, {reader.arch.architecture}, {reader.arch.num_parameters() / 1e6:.1f}M params)"),
+        (
+            "source",
+            f"{spec.load_dir} ({reader.format}, {reader.arch.architecture}, "
+            f"{reader.arch.num_parameters() / 1e6:.1f}M params)",
+        ),
         ("target", f"{spec.save_dir} ({spec.target_format}, TP={spec.tp} PP={spec.pp}, {dtype_name(dtype)})"),
         ("tensors", str(r.num_tensors)),
         ("bytes written", f"{r.bytes_written / 1e6:.1f} MB"),
@@ -266,8 +349,12 @@ def summary(spec: ConvertSpec, reader: CheckpointReader, r: ConvertResult, dtype
         rows.append(("LoRA merged", str(spec.lora_dir)))
     if r.parity:
         p = r.parity
-        rows.append(("logits max |diff|", f"{p['max_abs_logit_diff']:.3g} (mean {p['mean_abs_logit_diff']:.3g})"))
-        rows.append(("top-1 agreement", f"{100 * p['top1_agreement']:.2f}% of {p['num_positions']} positions"))
+        rows.append(
+            ("logits max |diff|", f"{p['max_abs_logit_diff']:.3g} (mean {p['mean_abs_logit_diff']:.3g})")
+        )
+        rows.append(
+            ("top-1 agreement", f"{100 * p['top1_agreement']:.2f}% of {p['num_positions']} positions")
+        )
         if p.get("weights_exact") is not None:
             rows.append(("weights exact", "yes" if p["weights_exact"] else "no"))
     width = max(len(k) for k, _ in rows)

@@ -36,8 +36,10 @@ def check_adapter(path: Path | str) -> tuple[dict, Path]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidArgument(f"{cfg_file}: not valid JSON ({e})", field="lora_load") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
-        raise InvalidArgument(f"{cfg_file}: peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r} is not LORA",
-                              field="lora_load")
+        raise InvalidArgument(
+            f"{cfg_file}: peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r} is not LORA",
+            field="lora_load",
+        )
     if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
         raise InvalidArgument(f"{cfg_file}: r must be a positive integer", field="lora_load")
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
@@ -78,13 +80,17 @@ class LoraAdapter:
         d = self.scale * (self.b[module].float() @ self.a[module].float())
         return d.t() if self.fan_in_fan_out else d
 
+
 def merged_canonical_getter(reader, adapter: LoraAdapter) -> Callable[[str], torch.Tensor]:
     """A canonical-name getter whose weights include the adapter's updates."""
     fam, arch = reader.family, reader.arch
     names = set(fam.hf_tensor_names(arch))
     missing = [m for m in adapter.a if m + ".weight" not in names]
     if missing:
-        raise InvalidArgument(f"{adapter.path}: LoRA module {missing[0]} matches no tensor of {arch.architecture}", field="lora_load")
+        raise InvalidArgument(
+            f"{adapter.path}: LoRA module {missing[0]} matches no tensor of {arch.architecture}",
+            field="lora_load",
+        )
     hf_get = reader.ckpt.get if reader.format == "hf" else MappedView(fam, arch, reader.get, to="hf").get
 
     def merged(name: str) -> torch.Tensor:

@@ -64,7 +64,11 @@ def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
     # legacy files hold the local spec's names; torch_dist keys load under either spec
     impl = "auto" if fmt == "mcore" else "local"
     model = build_gpt_model(arch, transformer_config(arch), vocab_size=padded, impl=impl).eval()
-    legacy_single = fmt == "legacy" and reader.parallel_layout()["tensor_parallel"] == 1 and reader.parallel_layout()["pipeline_parallel"] == 1
+    legacy_single = (
+        fmt == "legacy"
+        and reader.parallel_layout()["tensor_parallel"] == 1
+        and reader.parallel_layout()["pipeline_parallel"] == 1
+    )
     if fmt == "mcore":
         state = load_distributed(model.sharded_state_dict(), reader.iter_dir)
         # a training checkpoint also carries optimizer, scheduler and step entries (common.pt): not weights
@@ -81,7 +85,11 @@ def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
             t = reader.get(name).float()
             if name in L.VOCAB_TENSORS:
                 t = L.pad_vocab(t, padded)
-            layer, sub = (name.split(".", 3)[2], name.split(".", 3)[3]) if name.startswith("decoder.layers.") else (None, name)
+            layer, sub = (
+                (name.split(".", 3)[2], name.split(".", 3)[3])
+                if name.startswith("decoder.layers.")
+                else (None, name)
+            )
             sd[f"decoder.layers.{layer}.{L.to_local(sub)}" if layer is not None else name] = t
         load_module_state(model, sd)
     model.float()
@@ -124,7 +132,10 @@ def parity(spec, reader, out_dir: Path, dtype: torch.dtype) -> dict[str, Any]:
     }
     if spec.lora_dir is None:
         target = open_checkpoint(out_dir, spec.target_format)
-        same_dtype = target.get("decoder.final_layernorm.weight").dtype == reader.get("decoder.final_layernorm.weight").dtype
+        same_dtype = (
+            target.get("decoder.final_layernorm.weight").dtype
+            == reader.get("decoder.final_layernorm.weight").dtype
+        )
         if same_dtype:
             out["weights_exact"] = weights_exact(reader, target)
     return out

@@ -12,10 +12,17 @@ from shared.errors import InvalidArgument
 from shared.jobs import JobRecord
 from shared.jobs_wire import status_pb
 
-FORMAT_TO_PB = {"hf": common_pb2.CHECKPOINT_FORMAT_HF, "mcore": common_pb2.CHECKPOINT_FORMAT_MCORE,
-                "legacy": common_pb2.CHECKPOINT_FORMAT_LEGACY}
+FORMAT_TO_PB = {
+    "hf": common_pb2.CHECKPOINT_FORMAT_HF,
+    "mcore": common_pb2.CHECKPOINT_FORMAT_MCORE,
+    "legacy": common_pb2.CHECKPOINT_FORMAT_LEGACY,
+}
 PB_TO_FORMAT = {v: k for k, v in FORMAT_TO_PB.items()}
-DTYPE_FROM_PB = {common_pb2.DTYPE_FLOAT32: "float32", common_pb2.DTYPE_BFLOAT16: "bfloat16", common_pb2.DTYPE_FLOAT16: "float16"}
+DTYPE_FROM_PB = {
+    common_pb2.DTYPE_FLOAT32: "float32",
+    common_pb2.DTYPE_BFLOAT16: "bfloat16",
+    common_pb2.DTYPE_FLOAT16: "float16",
+}
 DTYPE_TO_PB = {v: k for k, v in DTYPE_FROM_PB.items()}
 
 
@@ -26,54 +33,108 @@ def spec_from_pb(s: pb.ConversionSpec) -> ConvertSpec:
         raise InvalidArgument("save_dir is required", field="save_dir")
     if s.target_format not in PB_TO_FORMAT:
         raise InvalidArgument("target_format is required (hf, mcore or legacy)", field="target_format")
-    for name in ("target_tensor_parallel_size", "target_pipeline_parallel_size", "num_layers_per_virtual_pipeline_stage",
-                 "make_vocab_size_divisible_by", "iteration"):
+    for name in (
+        "target_tensor_parallel_size",
+        "target_pipeline_parallel_size",
+        "num_layers_per_virtual_pipeline_stage",
+        "make_vocab_size_divisible_by",
+        "iteration",
+    ):
         if getattr(s, name) < 0:
             raise InvalidArgument(f"{name} must be >= 0", field=name)
     return ConvertSpec(
-        load_dir=Path(s.load_dir), save_dir=Path(s.save_dir), target_format=PB_TO_FORMAT[s.target_format],
-        source_format=PB_TO_FORMAT.get(s.source_format), tp=s.target_tensor_parallel_size or 1,
-        pp=s.target_pipeline_parallel_size or 1, num_layer_list=tuple(s.num_layer_list),
-        layers_per_virtual_stage=s.num_layers_per_virtual_pipeline_stage, params_dtype=DTYPE_FROM_PB.get(s.params_dtype),
-        divisible_by=s.make_vocab_size_divisible_by or 128, lora_dir=Path(s.lora_load) if s.lora_load else None,
-        verify=s.verify, overwrite=s.overwrite, iteration=s.iteration,
+        load_dir=Path(s.load_dir),
+        save_dir=Path(s.save_dir),
+        target_format=PB_TO_FORMAT[s.target_format],
+        source_format=PB_TO_FORMAT.get(s.source_format),
+        tp=s.target_tensor_parallel_size or 1,
+        pp=s.target_pipeline_parallel_size or 1,
+        num_layer_list=tuple(s.num_layer_list),
+        layers_per_virtual_stage=s.num_layers_per_virtual_pipeline_stage,
+        params_dtype=DTYPE_FROM_PB.get(s.params_dtype),
+        divisible_by=s.make_vocab_size_divisible_by or 128,
+        lora_dir=Path(s.lora_load) if s.lora_load else None,
+        verify=s.verify,
+        overwrite=s.overwrite,
+        iteration=s.iteration,
     )
 
 
 def spec_to_json(spec: ConvertSpec) -> dict[str, Any]:
-    return {"load_dir": str(spec.load_dir), "save_dir": str(spec.save_dir), "target_format": spec.target_format,
-            "source_format": spec.source_format, "tp": spec.tp, "pp": spec.pp, "num_layer_list": list(spec.num_layer_list),
-            "layers_per_virtual_stage": spec.layers_per_virtual_stage, "params_dtype": spec.params_dtype,
-            "divisible_by": spec.divisible_by, "lora_dir": str(spec.lora_dir) if spec.lora_dir else None,
-            "verify": spec.verify, "overwrite": spec.overwrite, "iteration": spec.iteration}
+    return {
+        "load_dir": str(spec.load_dir),
+        "save_dir": str(spec.save_dir),
+        "target_format": spec.target_format,
+        "source_format": spec.source_format,
+        "tp": spec.tp,
+        "pp": spec.pp,
+        "num_layer_list": list(spec.num_layer_list),
+        "layers_per_virtual_stage": spec.layers_per_virtual_stage,
+        "params_dtype": spec.params_dtype,
+        "divisible_by": spec.divisible_by,
+        "lora_dir": str(spec.lora_dir) if spec.lora_dir else None,
+        "verify": spec.verify,
+        "overwrite": spec.overwrite,
+        "iteration": spec.iteration,
+    }
 
 
 def spec_from_json(d: dict[str, Any]) -> ConvertSpec:
-    return ConvertSpec(load_dir=Path(d["load_dir"]), save_dir=Path(d["save_dir"]), target_format=d["target_format"],
-                       source_format=d["source_format"], tp=d["tp"], pp=d["pp"], num_layer_list=tuple(d["num_layer_list"]),
-                       layers_per_virtual_stage=d["layers_per_virtual_stage"], params_dtype=d["params_dtype"],
-                       divisible_by=d["divisible_by"], lora_dir=Path(d["lora_dir"]) if d["lora_dir"] else None,
-                       verify=d["verify"], overwrite=d["overwrite"], iteration=d["iteration"])
+    return ConvertSpec(
+        load_dir=Path(d["load_dir"]),
+        save_dir=Path(d["save_dir"]),
+        target_format=d["target_format"],
+        source_format=d["source_format"],
+        tp=d["tp"],
+        pp=d["pp"],
+        num_layer_list=tuple(d["num_layer_list"]),
+        layers_per_virtual_stage=d["layers_per_virtual_stage"],
+        params_dtype=d["params_dtype"],
+        divisible_by=d["divisible_by"],
+        lora_dir=Path(d["lora_dir"]) if d["lora_dir"] else None,
+        verify=d["verify"],
+        overwrite=d["overwrite"],
+        iteration=d["iteration"],
+    )
 
 
 def conversion_pb(rec: JobRecord) -> pb.Conversion:
     d, r = rec.spec, rec.result
     spec = pb.ConversionSpec(
-        load_dir=d["load_dir"], save_dir=d["save_dir"], target_format=FORMAT_TO_PB[d["target_format"]],
-        source_format=FORMAT_TO_PB.get(d["source_format"] or "", common_pb2.CHECKPOINT_FORMAT_UNSPECIFIED), target_tensor_parallel_size=d["tp"],
-        target_pipeline_parallel_size=d["pp"], num_layer_list=d["num_layer_list"],
+        load_dir=d["load_dir"],
+        save_dir=d["save_dir"],
+        target_format=FORMAT_TO_PB[d["target_format"]],
+        source_format=FORMAT_TO_PB.get(d["source_format"] or "", common_pb2.CHECKPOINT_FORMAT_UNSPECIFIED),
+        target_tensor_parallel_size=d["tp"],
+        target_pipeline_parallel_size=d["pp"],
+        num_layer_list=d["num_layer_list"],
         num_layers_per_virtual_pipeline_stage=d["layers_per_virtual_stage"],
-        params_dtype=DTYPE_TO_PB.get(d["params_dtype"] or "", common_pb2.DTYPE_UNSPECIFIED), make_vocab_size_divisible_by=d["divisible_by"],
-        lora_load=d["lora_dir"] or "", verify=d["verify"], overwrite=d["overwrite"], iteration=d["iteration"],
+        params_dtype=DTYPE_TO_PB.get(d["params_dtype"] or "", common_pb2.DTYPE_UNSPECIFIED),
+        make_vocab_size_divisible_by=d["divisible_by"],
+        lora_load=d["lora_dir"] or "",
+        verify=d["verify"],
+        overwrite=d["overwrite"],
+        iteration=d["iteration"],
     )
     result = pb.ConversionResult()
     if r:
-        result = pb.ConversionResult(save_dir=r.get("save_dir", ""), num_tensors=r.get("num_tensors", 0),
-                                     bytes_written=r.get("bytes_written", 0), seconds=r.get("seconds", 0.0),
-                                     peak_rss_bytes=r.get("peak_rss_bytes", 0), summary=r.get("summary", ""))
+        result = pb.ConversionResult(
+            save_dir=r.get("save_dir", ""),
+            num_tensors=r.get("num_tensors", 0),
+            bytes_written=r.get("bytes_written", 0),
+            seconds=r.get("seconds", 0.0),
+            peak_rss_bytes=r.get("peak_rss_bytes", 0),
+            summary=r.get("summary", ""),
+        )
         p = r.get("parity") or {}
         if p:
-            result.parity.CopyFrom(pb.ParityReport(
-                max_abs_logit_diff=p["max_abs_logit_diff"], mean_abs_logit_diff=p["mean_abs_logit_diff"],
-                top1_agreement=p["top1_agreement"], num_positions=p["num_positions"], weights_exact=bool(p.get("weights_exact"))))
+            result.parity.CopyFrom(
+                pb.ParityReport(
+                    max_abs_logit_diff=p["max_abs_logit_diff"],
+                    mean_abs_logit_diff=p["mean_abs_logit_diff"],
+                    top1_agreement=p["top1_agreement"],
+                    num_positions=p["num_positions"],
+                    weights_exact=bool(p.get("weights_exact")),
+                )
+            )
     return pb.Conversion(status=status_pb(rec), spec=spec, result=result)

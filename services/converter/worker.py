@@ -29,7 +29,9 @@ def _on_sigterm(*_):
 
 
 def main(path: str) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     signal.signal(signal.SIGTERM, _on_sigterm)
     rep = Reporter()
     spec = spec_from_json(json.loads(open(path).read()))

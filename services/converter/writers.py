@@ -26,7 +26,12 @@ from llm.checkpoints.megatron import TRACKER, write_description
 from llm.models.base import ArchConfig, megatron_layer_of
 
 DATA_FILE = "__0_0.distcp"
-DIST_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
+DIST_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 
 
 def _storage_info(relative_path: str, offset: int, length: int) -> Any:
@@ -77,13 +82,18 @@ class TorchDistWriter:
         torch.save(chunk, self._f)  # straight into the data file, as DCP's own writer does
         length = self._f.tell() - offset
         dcp = self.dcp
-        meta = self._meta.setdefault(key, dcp.TensorStorageMetadata(dcp.TensorProperties(dtype=t.dtype), torch.Size(size), []))
-        meta.chunks.append(dcp.ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(chunk.shape)))
+        meta = self._meta.setdefault(
+            key, dcp.TensorStorageMetadata(dcp.TensorProperties(dtype=t.dtype), torch.Size(size), [])
+        )
+        meta.chunks.append(
+            dcp.ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(chunk.shape))
+        )
         self._storage[dcp.MetadataIndex(key, torch.Size(offsets))] = _storage_info(DATA_FILE, offset, length)
         self.bytes_written += length
 
     def _extra_states(self) -> None:
-        # megatron-core's local-spec linears carry an (empty) _extra_state, saved as a ShardedObject per layer.
+        # megatron-core's local-spec linears carry an (empty) _extra_state, saved as a ShardedObject per
+        # layer.
         blob = _saved([None])
         n = self.arch.num_layers
         for module in L.LINEAR_MODULES:
@@ -99,8 +109,12 @@ class TorchDistWriter:
         self._extra_states()
         self._f.flush()
         self._f.close()
-        md = self.dcp.Metadata(state_dict_metadata=self._meta, planner_data=None, storage_data=self._storage,
-                               storage_meta=self.dcp.StorageMeta(checkpoint_id=str(self.dir), save_id=str(uuid.uuid4())))
+        md = self.dcp.Metadata(
+            state_dict_metadata=self._meta,
+            planner_data=None,
+            storage_data=self._storage,
+            storage_meta=self.dcp.StorageMeta(checkpoint_id=str(self.dir), save_id=str(uuid.uuid4())),
+        )
         with open(self.dir / ".metadata", "wb") as f:
             pickle.dump(md, f)
         (self.dir / "metadata.json").write_text(json.dumps(DIST_METADATA))
@@ -111,23 +125,49 @@ class TorchDistWriter:
             self._f.close()
 
 
-def megatron_args(arch: ArchConfig, *, tp: int, pp: int, padded_vocab: int, divisible_by: int, dtype: torch.dtype,
-                  layout: L.PipelineLayout, iteration: int) -> argparse.Namespace:
+def megatron_args(
+    arch: ArchConfig,
+    *,
+    tp: int,
+    pp: int,
+    padded_vocab: int,
+    divisible_by: int,
+    dtype: torch.dtype,
+    layout: L.PipelineLayout,
+    iteration: int,
+) -> argparse.Namespace:
     """The training args Megatron stores in legacy checkpoints (and reads back with check_checkpoint_args)."""
     return argparse.Namespace(
-        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
-        group_query_attention=arch.num_query_groups != arch.num_attention_heads, kv_channels=arch.head_dim,
-        max_position_embeddings=arch.max_position_embeddings, padded_vocab_size=padded_vocab, true_vocab_size=arch.vocab_size,
-        make_vocab_size_divisible_by=divisible_by, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        group_query_attention=arch.num_query_groups != arch.num_attention_heads,
+        kv_channels=arch.head_dim,
+        max_position_embeddings=arch.max_position_embeddings,
+        padded_vocab_size=padded_vocab,
+        true_vocab_size=arch.vocab_size,
+        make_vocab_size_divisible_by=divisible_by,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         num_layer_list=",".join(str(sum(c)) for c in layout.counts),
-        normalization=arch.normalization, norm_epsilon=arch.norm_eps, swiglu=arch.gated,
-        add_bias_linear=arch.linear_bias, add_qkv_bias=arch.qkv_bias,
+        normalization=arch.normalization,
+        norm_epsilon=arch.norm_eps,
+        swiglu=arch.gated,
+        add_bias_linear=arch.linear_bias,
+        add_qkv_bias=arch.qkv_bias,
         untie_embeddings_and_output_weights=not arch.tie_word_embeddings,
-        position_embedding_type=arch.position_embedding, rotary_base=arch.rope_theta,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        tokenizer_type="HuggingFaceTokenizer", iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
+        position_embedding_type=arch.position_embedding,
+        rotary_base=arch.rope_theta,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tokenizer_type="HuggingFaceTokenizer",
+        iteration=iteration,
+        consumed_train_samples=0,
+        consumed_valid_samples=0,
     )
 
 
@@ -135,7 +175,9 @@ def legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
     return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
 
 
-def write_megatron_extras(out: Path, *, iteration: int, meta: dict[str, Any], tokenizer_files: list[Path]) -> None:
+def write_megatron_extras(
+    out: Path, *, iteration: int, meta: dict[str, Any], tokenizer_files: list[Path]
+) -> None:
     """Tracker file, megastack.json and the tokenizer: what makes the folder self-describing."""
     (out / TRACKER).write_text(str(iteration) if iteration else "release")
     write_description(out, meta, tokenizer_files)

@@ -16,8 +16,16 @@ logger = logging.getLogger(__name__)
 
 
 def build(cfg: EvaluatorConfig) -> ServiceParts:
-    store = JobStore(cfg.jobs_dir, "eval", max_watchers=cfg.watchers_limit, watchers_setting="MEGASTACK_EVALUATOR_MAX_WATCHERS")
-    lost = store.recover("the evaluator restarted while this run was going; its progress and log are kept; submit it again to rerun")
+    store = JobStore(
+        cfg.jobs_dir,
+        "eval",
+        max_watchers=cfg.watchers_limit,
+        watchers_setting="MEGASTACK_EVALUATOR_MAX_WATCHERS",
+    )
+    lost = store.recover(
+        "the evaluator restarted while this run was going; its progress and log are kept; submit it again "
+        "to rerun"
+    )
     if lost:
         logger.warning("marked %d interrupted evaluations as failed", len(lost))
     servicer = EvaluatorServicer(store, max_concurrent=cfg.max_concurrent, include_paths=cfg.include_paths)

@@ -13,9 +13,13 @@ from shared.paths import RUN_DIR
 class EvaluatorConfig(JobServiceConfig):
     port: int = setting(50054, help="gRPC port; 0 picks a free port.")
     metrics_port: int = setting(9404, help="Prometheus /metrics port; 0 picks a free port.")
-    jobs_dir: Path = setting(RUN_DIR / "evaluator", help="Evaluation records, lm-eval results and logs (survive restarts).")
+    jobs_dir: Path = setting(
+        RUN_DIR / "evaluator", help="Evaluation records, lm-eval results and logs (survive restarts)."
+    )
     max_concurrent: int = setting(1, help="Evaluations running at once (each is its own process).")
-    include_paths: tuple[str, ...] = setting((), help="Extra folders of lm-eval task YAMLs available to every run.")
+    include_paths: tuple[str, ...] = setting(
+        (), help="Extra folders of lm-eval task YAMLs available to every run."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -31,8 +31,8 @@ class EvalSpec:
     textgen_address: str = ""
     hf_checkpoint: str = ""
     completions_url: str = ""
-    num_fewshot: int = -1          # -1 = the task's default
-    limit: int = 0                 # 0 = every document
+    num_fewshot: int = -1  # -1 = the task's default
+    limit: int = 0  # 0 = every document
     batch_size: int = 16
     seed: int = 1234
     include_paths: tuple[str, ...] = ()
@@ -43,7 +43,9 @@ class EvalSpec:
     def model_kind(self) -> str:
         kinds = [k for k in ("textgen_address", "hf_checkpoint", "completions_url") if getattr(self, k)]
         if len(kinds) != 1:
-            raise InvalidArgument("give exactly one model: textgen_address, hf_checkpoint or completions_url", field="model")
+            raise InvalidArgument(
+                "give exactly one model: textgen_address, hf_checkpoint or completions_url", field="model"
+            )
         return kinds[0]
 
     def to_json(self) -> dict[str, Any]:
@@ -94,7 +96,9 @@ def check_spec(spec: EvalSpec, known: list[str]) -> None:
     if spec.batch_size < 1:
         raise InvalidArgument("batch_size must be >= 1", field="batch_size")
     if kind == "hf_checkpoint" and not (Path(spec.hf_checkpoint) / "config.json").is_file():
-        raise InvalidArgument(f"hf_checkpoint {spec.hf_checkpoint} is not an HF folder (no config.json)", field="hf_checkpoint")
+        raise InvalidArgument(
+            f"hf_checkpoint {spec.hf_checkpoint} is not an HF folder (no config.json)", field="hf_checkpoint"
+        )
     check_tasks(spec.tasks, known)
 
 
@@ -130,7 +134,14 @@ def task_datasets(tm, name: str, _depth: int = 0) -> list[tuple[str, str | None,
             if isinstance(sub_name, str):
                 out += task_datasets(tm, sub_name, _depth + 1)
         return out
-    return [(name, cfg.get("dataset_path"), cfg.get("dataset_name"), (cfg.get("dataset_kwargs") or {}).get("data_files"))]
+    return [
+        (
+            name,
+            cfg.get("dataset_path"),
+            cfg.get("dataset_name"),
+            (cfg.get("dataset_kwargs") or {}).get("data_files"),
+        )
+    ]
 
 
 def dataset_locations(path: str) -> list[Path]:
@@ -138,8 +149,10 @@ def dataset_locations(path: str) -> list[Path]:
     from datasets import config as ds_config
     from huggingface_hub import constants as hub_constants
 
-    return [Path(hub_constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}",
-            Path(ds_config.HF_DATASETS_CACHE) / path.replace("/", "___")]
+    return [
+        Path(hub_constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}",
+        Path(ds_config.HF_DATASETS_CACHE) / path.replace("/", "___"),
+    ]
 
 
 def check_data(tm, tasks: tuple[str, ...]) -> None:
@@ -149,10 +162,20 @@ def check_data(tm, tasks: tuple[str, ...]) -> None:
         for sub, path, _name, files in task_datasets(tm, task):
             if not path or path in LOCAL_BUILDERS or Path(path).exists():
                 if path in LOCAL_BUILDERS and files:
-                    listed = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
-                    absent = [f for f in listed if isinstance(f, str) and "*" not in f and not Path(f).exists()]
+                    listed = (
+                        files.values()
+                        if isinstance(files, dict)
+                        else [files]
+                        if isinstance(files, str)
+                        else files
+                    )
+                    absent = [
+                        f for f in listed if isinstance(f, str) and "*" not in f and not Path(f).exists()
+                    ]
                     if absent:
-                        raise FailedPrecondition(f"{sub}: data file {absent[0]} does not exist", field="tasks")
+                        raise FailedPrecondition(
+                            f"{sub}: data file {absent[0]} does not exist", field="tasks"
+                        )
                 continue
             if not any(p.is_dir() for p in dataset_locations(path)):
                 missing.setdefault(path, []).append(sub)
@@ -160,13 +183,20 @@ def check_data(tm, tasks: tuple[str, ...]) -> None:
         parts = []
         for path, subs in missing.items():
             where = " or ".join(str(p) for p in dataset_locations(path))
-            parts.append(f"{path} (needed by {subs[0]}{f' and {len(subs) - 1} more' if len(subs) > 1 else ''}; looked in {where})")
+            parts.append(
+                f"{path} (needed by {subs[0]}{f' and {len(subs) - 1} more' if len(subs) > 1 else ''}; "
+                f"looked in {where})"
+            )
         first = next(iter(missing))
         raise FailedPrecondition(
-            f"the data of {', '.join(tasks)} is not on this machine: {'; '.join(parts)}. On a connected machine load it once "
-            f"(e.g. python -c \"import datasets; datasets.load_dataset('{first}', <config>)\") and copy its HF cache "
-            f"(~/.cache/huggingface) here or point HF_HOME at a copy; or define the task on local files (include_paths)",
-            field="tasks")
+            f"the data of {', '.join(tasks)} is not on this machine: {'; '.join(parts)}. On a connected "
+            "machine load it once "
+            f"(e.g. python -c \"import datasets; datasets.load_dataset('{first}', <config>)\") and copy its "
+            "HF cache "
+            "(~/.cache/huggingface) here or point HF_HOME at a copy; or define the task on local files "
+            "(include_paths)",
+            field="tasks",
+        )
 
 
 def check_confined(spec: EvalSpec) -> None:
@@ -193,7 +223,10 @@ def check_reachable(spec: EvalSpec) -> None:
     if spec.textgen_address:
         with make_channel(spec.textgen_address) as ch:
             if not check_health(ch, "megastack.textgen.v1.TextGenService", timeout_s=3):
-                raise FailedPrecondition(f"textgen at {spec.textgen_address} is not reachable or not serving", field="textgen_address")
+                raise FailedPrecondition(
+                    f"textgen at {spec.textgen_address} is not reachable or not serving",
+                    field="textgen_address",
+                )
     elif spec.completions_url:
         base = spec.completions_url.split("/v1/")[0]
         try:
@@ -201,7 +234,10 @@ def check_reachable(spec: EvalSpec) -> None:
         except requests.RequestException:
             ok = False
         if not ok:
-            raise FailedPrecondition(f"{spec.completions_url} is not reachable (GET {base}/v1/models failed)", field="completions_url")
+            raise FailedPrecondition(
+                f"{spec.completions_url} is not reachable (GET {base}/v1/models failed)",
+                field="completions_url",
+            )
 
 
 def _model(spec: EvalSpec, progress: Progress):
@@ -217,15 +253,29 @@ def _model(spec: EvalSpec, progress: Progress):
     if spec.hf_checkpoint:
         from llm.devices import resolve_device
 
-        name, args = "hf", {"pretrained": spec.hf_checkpoint, "dtype": "float32", "device": str(resolve_device("auto"))}
+        name, args = (
+            "hf",
+            {"pretrained": spec.hf_checkpoint, "dtype": "float32", "device": str(resolve_device("auto"))},
+        )
     else:
         import requests
 
         base = spec.completions_url.split("/v1/")[0]
         model_name = requests.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
-        name, args = "local-completions", {"model": model_name, "base_url": spec.completions_url, "tokenizer_backend": "remote",
-                                           "num_concurrent": 1, "max_retries": 1, "tokenized_requests": True}
-    lm = get_model(name).create_from_arg_obj(args, {"batch_size": spec.batch_size, "max_batch_size": None, "device": None})
+        name, args = (
+            "local-completions",
+            {
+                "model": model_name,
+                "base_url": spec.completions_url,
+                "tokenizer_backend": "remote",
+                "num_concurrent": 1,
+                "max_retries": 1,
+                "tokenized_requests": True,
+            },
+        )
+    lm = get_model(name).create_from_arg_obj(
+        args, {"batch_size": spec.batch_size, "max_batch_size": None, "device": None}
+    )
     return _counted(lm, progress), args
 
 
@@ -254,15 +304,28 @@ def _counted(lm, progress: Progress):
 
 def _dataset_hint(e: BaseException, tasks: tuple[str, ...]) -> FailedPrecondition | None:
     text = f"{type(e).__name__}: {e}"
-    markers = ("offline", "Couldn't reach", "ConnectionError", "LocalEntryNotFoundError", "HF_HUB_OFFLINE", "not found on the Hub",
-               "DatasetNotFoundError", "FileNotFoundError")
+    markers = (
+        "offline",
+        "Couldn't reach",
+        "ConnectionError",
+        "LocalEntryNotFoundError",
+        "HF_HUB_OFFLINE",
+        "not found on the Hub",
+        "DatasetNotFoundError",
+        "FileNotFoundError",
+    )
     if not any(m in text for m in markers):
         return None
-    cache = os.environ.get("HF_DATASETS_CACHE") or str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "datasets")
+    cache = os.environ.get("HF_DATASETS_CACHE") or str(
+        Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "datasets"
+    )
     return FailedPrecondition(
-        f"the data of {', '.join(tasks)} is not available offline: put the dataset in the HF datasets cache ({cache}) "
+        f"the data of {', '.join(tasks)} is not available offline: put the dataset in the HF datasets cache "
+        f"({cache}) "
         f"with `datasets` on a connected machine and copy it here, or define the task with local data files "
-        f"(include_paths). Loader said: {text.splitlines()[0][:300]}", field="tasks")
+        f"(include_paths). Loader said: {text.splitlines()[0][:300]}",
+        field="tasks",
+    )
 
 
 def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: None) -> dict[str, Any]:
@@ -280,10 +343,21 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         results = lm_eval.simple_evaluate(
-            model=model, model_args=model_args, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot if spec.num_fewshot >= 0 else None,
-            limit=spec.limit or None, batch_size=spec.batch_size, task_manager=tm, bootstrap_iters=0, log_samples=False,
-            use_cache=str(work_dir / "lm-cache"), random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
-            fewshot_random_seed=spec.seed, apply_chat_template=spec.apply_chat_template,
+            model=model,
+            model_args=model_args,
+            tasks=list(spec.tasks),
+            num_fewshot=spec.num_fewshot if spec.num_fewshot >= 0 else None,
+            limit=spec.limit or None,
+            batch_size=spec.batch_size,
+            task_manager=tm,
+            bootstrap_iters=0,
+            log_samples=False,
+            use_cache=str(work_dir / "lm-cache"),
+            random_seed=spec.seed,
+            numpy_random_seed=spec.seed,
+            torch_random_seed=spec.seed,
+            fewshot_random_seed=spec.seed,
+            apply_chat_template=spec.apply_chat_template,
         )
     except Exception as e:
         hint = _dataset_hint(e, spec.tasks)
@@ -297,7 +371,22 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
     (work_dir / "summary.md").write_text(summary)
     tasks = []
     for task, metrics in results["results"].items():
-        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k and k not in ("alias", "sample_len")}
-        tasks.append({"task": task, "metrics": values, "num_samples": int(results.get("n-samples", {}).get(task, {}).get("effective", 0))})
-    return {"tasks": tasks, "results_path": str(results_path), "summary": summary, "seconds": seconds,
-            "num_requests": int(model._total)}
+        values = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and "stderr" not in k and k not in ("alias", "sample_len")
+        }
+        tasks.append(
+            {
+                "task": task,
+                "metrics": values,
+                "num_samples": int(results.get("n-samples", {}).get(task, {}).get("effective", 0)),
+            }
+        )
+    return {
+        "tasks": tasks,
+        "results_path": str(results_path),
+        "summary": summary,
+        "seconds": seconds,
+        "num_requests": int(model._total),
+    }

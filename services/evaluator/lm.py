@@ -30,8 +30,16 @@ Progress = Callable[[int, int, str], None]
 
 @register_model("megastack-textgen")
 class TextgenLM(TemplateLM):
-    def __init__(self, address: str = "127.0.0.1:50051", batch_size: int | str = 16, max_length: int = 2048,
-                 max_gen_toks: int = 256, timeout_s: float = 600.0, progress: Progress | None = None, **_: object) -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        batch_size: int | str = 16,
+        max_length: int = 2048,
+        max_gen_toks: int = 256,
+        timeout_s: float = 600.0,
+        progress: Progress | None = None,
+        **_: object,
+    ) -> None:
         super().__init__()
         self.address = address
         self.channel = make_channel(address)
@@ -44,7 +52,9 @@ class TextgenLM(TemplateLM):
         try:
             self.info = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
         except grpc.RpcError as e:
-            raise Unavailable(f"textgen at {address} is unreachable ({e.code().name}: {e.details()})") from None
+            raise Unavailable(
+                f"textgen at {address} is unreachable ({e.code().name}: {e.details()})"
+            ) from None
         self._max_length = min(max_length, self.info.max_context_tokens)
         self.max_gen_toks = max_gen_toks
         self._encodings: dict[str, tuple[int, ...]] = {}
@@ -90,7 +100,9 @@ class TextgenLM(TemplateLM):
             return future.result()
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
-                raise Unavailable(f"textgen at {self.address} went away during the evaluation ({e.details()})") from None
+                raise Unavailable(
+                    f"textgen at {self.address} went away during the evaluation ({e.details()})"
+                ) from None
             raise from_rpc_error(e) from None
 
     def _phase(self, n: int, what: str) -> None:
@@ -101,7 +113,9 @@ class TextgenLM(TemplateLM):
         if self._progress is not None:
             self._progress(self._done, self._total, what)
 
-    def _score(self, prompts: list[list[int]], starts: list[int], what: str) -> list[tuple[list[float], list[pb.TopLogprobs]]]:
+    def _score(
+        self, prompts: list[list[int]], starts: list[int], what: str
+    ) -> list[tuple[list[float], list[pb.TopLogprobs]]]:
         """Log-probs (and top-1) of ``prompts[k][starts[k]:]`` given what precedes, ``batch_size`` forward
         passes per call. Prompts go in order of length and content, so the answers of one question (equal
         but for the last token) travel in the same call, where the engine scores them with one forward pass,
@@ -120,9 +134,16 @@ class TextgenLM(TemplateLM):
 
         for chunk in self._chunks(order, prompts):
             first = max(1, min(starts[k] for k in chunk))
-            params = pb.GenerationParams(sampling=pb.SamplingParams(greedy=True), stopping=pb.StoppingParams(max_new_tokens=0),
-                                         prompt_logprobs=True, top_logprobs=1, prompt_logprobs_from=first)
-            request = pb.GenerateRequest(prompts=[pb.Prompt(tokens=pb.TokenIds(ids=prompts[k])) for k in chunk], params=params)
+            params = pb.GenerationParams(
+                sampling=pb.SamplingParams(greedy=True),
+                stopping=pb.StoppingParams(max_new_tokens=0),
+                prompt_logprobs=True,
+                top_logprobs=1,
+                prompt_logprobs_from=first,
+            )
+            request = pb.GenerateRequest(
+                prompts=[pb.Prompt(tokens=pb.TokenIds(ids=prompts[k])) for k in chunk], params=params
+            )
             in_flight.append((chunk, first, self.stub.Generate.future(request, timeout=self.timeout_s)))
             if len(in_flight) == 2:
                 collect()
@@ -137,7 +158,10 @@ class TextgenLM(TemplateLM):
         keys: set[tuple[int, ...]] = set()
         for k in order:
             key = tuple(prompts[k][:-1])
-            if chunk and ((key not in keys and len(keys) == self.batch_size_per_call) or len(chunk) == self.info.max_prompts_per_request):
+            if chunk and (
+                (key not in keys and len(keys) == self.batch_size_per_call)
+                or len(chunk) == self.info.max_prompts_per_request
+            ):
                 yield chunk
                 chunk, keys = [], set()
             chunk.append(k)
@@ -163,17 +187,21 @@ class TextgenLM(TemplateLM):
         self._encode_many(texts)
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, override_bs=None
+    ) -> list[tuple[float, bool]]:
         inputs, starts = [], []
         for _, context_enc, continuation_enc in requests:
             whole = context_enc + continuation_enc
-            inp = whole[-self.max_length:]
+            inp = whole[-self.max_length :]
             inputs.append(inp)
             # the continuation is inp[start:]; token 0 has no prediction, so it is never scored
             starts.append(max(1, len(context_enc) - max(0, len(whole) - self.max_length)))
         self._phase(len(inputs), "loglikelihood")
         results = []
-        for (key, _, _), inp, start, (lps, tops) in zip(requests, inputs, starts, self._score(inputs, starts, "loglikelihood")):
+        for (key, _, _), inp, start, (lps, tops) in zip(
+            requests, inputs, starts, self._score(inputs, starts, "loglikelihood")
+        ):
             targets = inp[start:]
             answer = (float(sum(lps)), all(t.token_ids[0] == tok for t, tok in zip(tops, targets)))
             results.append(answer)
@@ -185,8 +213,18 @@ class TextgenLM(TemplateLM):
         self._encode_many([req.args[0] for req in requests])
         out = []
         for (string,) in [req.args for req in requests]:
-            windows = [(None,) + w for w in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length - 1, context_len=1))]
+            windows = [
+                (None,) + w
+                for w in map(
+                    utils.make_disjoint_window,
+                    utils.get_rolling_token_windows(
+                        token_list=self.tok_encode(string),
+                        prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length - 1,
+                        context_len=1,
+                    ),
+                )
+            ]
             total = sum(x[0] for x in self._loglikelihood_tokens(windows))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
             out.append(total)
@@ -201,8 +239,11 @@ class TextgenLM(TemplateLM):
         sample = bool(kw.pop("do_sample", False)) and temperature > 0
         top_p = float(kw.pop("top_p", 0.0) or 0.0) if sample else 0.0
         params = pb.GenerationParams(
-            sampling=pb.SamplingParams(greedy=not sample, temperature=temperature if sample else 1.0, top_p=top_p, seed=1234),
-            stopping=pb.StoppingParams(max_new_tokens=max_new, stop=until))
+            sampling=pb.SamplingParams(
+                greedy=not sample, temperature=temperature if sample else 1.0, top_p=top_p, seed=1234
+            ),
+            stopping=pb.StoppingParams(max_new_tokens=max_new, stop=until),
+        )
         return (tuple(until), max_new, sample, temperature, top_p), params
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -221,7 +262,10 @@ class TextgenLM(TemplateLM):
             room = self.max_length - params.stopping.max_new_tokens
             for j in range(0, len(idxs), self.batch_size_per_call):
                 chunk = idxs[j : j + self.batch_size_per_call]
-                prompts = [pb.Prompt(tokens=pb.TokenIds(ids=self.tok_encode(requests[i].args[0])[-room:])) for i in chunk]
+                prompts = [
+                    pb.Prompt(tokens=pb.TokenIds(ids=self.tok_encode(requests[i].args[0])[-room:]))
+                    for i in chunk
+                ]
                 resp = self._call(self.stub.Generate, pb.GenerateRequest(prompts=prompts, params=params))
                 for i, c in zip(chunk, resp.completions):
                     out[i] = c.text

@@ -1,4 +1,5 @@
-"""EvaluatorService: validate (tasks exist, model reachable), run lm-eval in a worker process, keep results."""
+"""EvaluatorService: validate (tasks exist, model reachable), run lm-eval in a worker process, keep
+results."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from shared.jobs_wire import state_filter
 
 
 class TaskIndex:
-    """lm-eval's task index (about 15,000 names; 10-20 s to parse, ~1 s from index_cache), built once in the background."""
+    """lm-eval's task index (about 15,000 names; 10-20 s to parse, ~1 s from index_cache), built once in the
+    background."""
 
     def __init__(self, include_paths: tuple[str, ...]) -> None:
         self.include_paths = include_paths
@@ -69,29 +71,47 @@ class EvaluatorServicer(pb_grpc.EvaluatorServiceServicer):
                 for metric, value in t["metrics"].items():
                     M.SCORE.labels(t["task"], metric).set(value)
 
-    def SubmitEvaluation(self, request: pb.SubmitEvaluationRequest, context: grpc.ServicerContext) -> pb.SubmitEvaluationResponse:
+    def SubmitEvaluation(
+        self, request: pb.SubmitEvaluationRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitEvaluationResponse:
         if request.spec.WhichOneof("model") is None:
-            raise InvalidArgument("give a model: textgen_address, hf_checkpoint or completions_url", field="model")
+            raise InvalidArgument(
+                "give a model: textgen_address, hf_checkpoint or completions_url", field="model"
+            )
         spec = spec_from_pb(request.spec, dict(request.labels))
         check_confined(spec)  # before any task folder is read or any model called
         tm = self.index.manager(spec.include_paths)
         check_spec(spec, list(tm.all_tasks))
         check_data(tm, spec.tasks)
         check_reachable(spec)
-        rec, new = self.store.create(spec.to_json(), labels=dict(request.labels), request_id=request.request_id)
+        rec, new = self.store.create(
+            spec.to_json(), labels=dict(request.labels), request_id=request.request_id
+        )
         if new:
             self.runner.submit(rec)
         return pb.SubmitEvaluationResponse(job_id=rec.job_id)
 
-    def GetEvaluation(self, request: pb.GetEvaluationRequest, context: grpc.ServicerContext) -> pb.GetEvaluationResponse:
+    def GetEvaluation(
+        self, request: pb.GetEvaluationRequest, context: grpc.ServicerContext
+    ) -> pb.GetEvaluationResponse:
         return pb.GetEvaluationResponse(evaluation=evaluation_pb(self.store.get(request.job_id)))
 
     def WatchEvaluation(self, request: pb.WatchEvaluationRequest, context: grpc.ServicerContext):
         for rec, lines in self.store.watch(request.job_id, context.is_active):
             yield pb.WatchEvaluationResponse(evaluation=evaluation_pb(rec), log_lines=lines)
 
-    def CancelEvaluation(self, request: pb.CancelEvaluationRequest, context: grpc.ServicerContext) -> pb.CancelEvaluationResponse:
-        return pb.CancelEvaluationResponse(evaluation=evaluation_pb(self.runner.cancel(request.job_id, request.reason)))
+    def CancelEvaluation(
+        self, request: pb.CancelEvaluationRequest, context: grpc.ServicerContext
+    ) -> pb.CancelEvaluationResponse:
+        return pb.CancelEvaluationResponse(
+            evaluation=evaluation_pb(self.runner.cancel(request.job_id, request.reason))
+        )
 
-    def ListEvaluations(self, request: pb.ListEvaluationsRequest, context: grpc.ServicerContext) -> pb.ListEvaluationsResponse:
-        return pb.ListEvaluationsResponse(evaluations=[evaluation_pb(r) for r in self.store.list(state_filter(request.state), request.limit)])
+    def ListEvaluations(
+        self, request: pb.ListEvaluationsRequest, context: grpc.ServicerContext
+    ) -> pb.ListEvaluationsResponse:
+        return pb.ListEvaluationsResponse(
+            evaluations=[
+                evaluation_pb(r) for r in self.store.list(state_filter(request.state), request.limit)
+            ]
+        )

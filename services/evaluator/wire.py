@@ -10,16 +10,32 @@ from shared.jobs_wire import status_pb
 
 def spec_from_pb(s: pb.EvaluationSpec, labels: dict[str, str]) -> EvalSpec:
     return EvalSpec(
-        tasks=tuple(s.tasks), textgen_address=s.textgen_address, hf_checkpoint=s.hf_checkpoint, completions_url=s.completions_url,
-        num_fewshot=s.num_fewshot, limit=s.limit, batch_size=s.batch_size or 16,
-        seed=s.seed or 1234, include_paths=tuple(s.include_paths), name=s.name, apply_chat_template=s.apply_chat_template,
+        tasks=tuple(s.tasks),
+        textgen_address=s.textgen_address,
+        hf_checkpoint=s.hf_checkpoint,
+        completions_url=s.completions_url,
+        num_fewshot=s.num_fewshot,
+        limit=s.limit,
+        batch_size=s.batch_size or 16,
+        seed=s.seed or 1234,
+        include_paths=tuple(s.include_paths),
+        name=s.name,
+        apply_chat_template=s.apply_chat_template,
         labels=labels,
     )
 
 
 def spec_to_pb(s: EvalSpec) -> pb.EvaluationSpec:
-    out = pb.EvaluationSpec(tasks=s.tasks, num_fewshot=s.num_fewshot, limit=s.limit, batch_size=s.batch_size, seed=s.seed,
-                            include_paths=s.include_paths, name=s.name, apply_chat_template=s.apply_chat_template)
+    out = pb.EvaluationSpec(
+        tasks=s.tasks,
+        num_fewshot=s.num_fewshot,
+        limit=s.limit,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        include_paths=s.include_paths,
+        name=s.name,
+        apply_chat_template=s.apply_chat_template,
+    )
     if s.textgen_address:
         out.textgen_address = s.textgen_address
     elif s.hf_checkpoint:
@@ -32,8 +48,13 @@ def spec_to_pb(s: EvalSpec) -> pb.EvaluationSpec:
 def evaluation_pb(rec: JobRecord) -> pb.Evaluation:
     r = rec.result or {}
     result = pb.EvaluationResult(
-        tasks=[pb.TaskScores(task=t["task"], metrics=t["metrics"], num_samples=t["num_samples"]) for t in r.get("tasks", [])],
-        results_path=r.get("results_path", ""), summary=r.get("summary", ""), num_requests=r.get("num_requests", 0),
+        tasks=[
+            pb.TaskScores(task=t["task"], metrics=t["metrics"], num_samples=t["num_samples"])
+            for t in r.get("tasks", [])
+        ],
+        results_path=r.get("results_path", ""),
+        summary=r.get("summary", ""),
+        num_requests=r.get("num_requests", 0),
         seconds=r.get("seconds", 0.0),
     )
     return pb.Evaluation(status=status_pb(rec), spec=spec_to_pb(EvalSpec.from_json(rec.spec)), result=result)

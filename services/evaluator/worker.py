@@ -16,12 +16,16 @@ logger = logging.getLogger("services.evaluator.worker")
 
 
 def main(spec_path: str, work_dir: str) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rep = Reporter()
     spec = EvalSpec.from_json(json.loads(Path(spec_path).read_text()))
     try:
-        result = run(spec, Path(work_dir), lambda done, total, what: rep.progress(done, total, "requests", what))
+        result = run(
+            spec, Path(work_dir), lambda done, total, what: rep.progress(done, total, "requests", what)
+        )
     except ServiceError as e:
         rep.error(e.message)
         return 1

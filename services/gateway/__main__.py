@@ -1,4 +1,5 @@
-"""python -m services.gateway: the HTTP front door (Megatron PUT /api, OpenAI routes, /metrics), served by gunicorn
+"""python -m services.gateway: the HTTP front door (Megatron PUT /api, OpenAI routes, /metrics), served by
+gunicorn
 (services/gateway/server.py: one process, many threads, read timeouts, graceful SIGTERM)."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ logger = logging.getLogger("services.gateway")
 
 
 def _port_problem(host: str, port: int) -> str | None:
-    """Why host:port cannot be bound, checked up front (gunicorn would retry and print a multi-line notice)."""
+    """Why host:port cannot be bound, checked up front (gunicorn would retry and print a multi-line
+    notice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -39,12 +41,19 @@ def main() -> None:
 
     def make_app():
         # in the worker process: the pool's health thread and channels live where the requests are served
-        pool = TextgenPool(cfg.textgen_addrs, health_interval_s=cfg.health_interval_s, timeout_s=cfg.request_timeout_s)
+        pool = TextgenPool(
+            cfg.textgen_addrs, health_interval_s=cfg.health_interval_s, timeout_s=cfg.request_timeout_s
+        )
         app = create_app(cfg, pool)
         app.extensions["megastack_pool"] = pool
         pool.start()
-        logger.info("gateway serving on http://%s:%d with %d threads (textgen replicas: %s)", cfg.host, cfg.port,
-                    cfg.threads, ", ".join(cfg.textgen_addrs))
+        logger.info(
+            "gateway serving on http://%s:%d with %d threads (textgen replicas: %s)",
+            cfg.host,
+            cfg.port,
+            cfg.threads,
+            ", ".join(cfg.textgen_addrs),
+        )
         return app
 
     GatewayServer(cfg, make_app).run()

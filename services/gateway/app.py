@@ -38,9 +38,11 @@ def error_response(e: BaseException):
     elif isinstance(e, ServiceError):
         err = HTTPError.from_service_error(e)
     elif isinstance(e, HTTPException):
-        message = {404: "not found: " + request.path,
-                   405: "The method is not allowed for the requested URL.",
-                   413: "request body is too large"}.get(e.code or 500, e.description or e.name)
+        message = {
+            404: "not found: " + request.path,
+            405: "The method is not allowed for the requested URL.",
+            413: "request body is too large",
+        }.get(e.code or 500, e.description or e.name)
         err = HTTPError(e.code or 500, message)
     else:
         logger.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
@@ -59,8 +61,12 @@ def _request_id(given: str | None) -> str:
     if _REQUEST_ID.fullmatch(given):
         return given
     rid = new_request_id()
-    logger.warning("X-Request-Id %r is not printable ASCII of at most %d characters; using %s",
-                   given[:64], MAX_REQUEST_ID_CHARS, rid)
+    logger.warning(
+        "X-Request-Id %r is not printable ASCII of at most %d characters; using %s",
+        given[:64],
+        MAX_REQUEST_ID_CHARS,
+        rid,
+    )
     return rid
 
 
@@ -107,7 +113,8 @@ def create_app(cfg: GatewayConfig, pool) -> Flask:
 
     app.extensions["megastack_jobs"] = clients = JobClients(
         {"converter": cfg.converter_addr, "trainer": cfg.trainer_addr, "evaluator": cfg.evaluator_addr},
-        max_watchers=cfg.watchers_limit)
+        max_watchers=cfg.watchers_limit,
+    )
     register_jobs(api, clients)
 
     register_websocket(app, pool)

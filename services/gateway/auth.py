@@ -31,11 +31,16 @@ def parse_keys(entries: Iterable[str], keys_file: str | Path | None = None) -> d
     out: dict[bytes, frozenset[str]] = {}
     for n, line in enumerate(x for x in lines if x):
         key, _, scopes = line.partition(":")
-        granted = frozenset(s.strip() for s in scopes.split("+") if s.strip()) if scopes else frozenset(SCOPES)
+        granted = (
+            frozenset(s.strip() for s in scopes.split("+") if s.strip()) if scopes else frozenset(SCOPES)
+        )
         unknown = granted - set(SCOPES)
         if not key.strip() or unknown:
             why = "an empty key" if not key.strip() else f"unknown scopes {sorted(unknown)}"
-            raise ValueError(f"API key entry {n + 1} has {why} (entries are <key> or <key>:<scope>+<scope>; scopes: {', '.join(SCOPES)})")
+            raise ValueError(
+                f"API key entry {n + 1} has {why} (entries are <key> or <key>:<scope>+<scope>; scopes: "
+                f"{', '.join(SCOPES)})"
+            )
         out[key.strip().encode()] = granted
     return out
 
@@ -48,11 +53,14 @@ def scope_of(path: str) -> str | None:
 
 
 def authorize(keys: dict[bytes, frozenset[str]], header: str, path: str) -> tuple[int, str] | None:
-    """None when the request may go on, else (status, message): 401 without a known key, 403 without the scope."""
+    """None when the request may go on, else (status, message): 401 without a known key, 403 without the
+    scope."""
     need = scope_of(path)
     if not keys or need is None:
         return None
-    given = header.removeprefix("Bearer ").strip().encode()  # "Bearer <key>" (OpenAI) or the bare key (PAI-EAS)
+    given = (
+        header.removeprefix("Bearer ").strip().encode()
+    )  # "Bearer <key>" (OpenAI) or the bare key (PAI-EAS)
     granted = None
     for k, scopes in keys.items():  # compare against every key: the time taken does not tell which matched
         if given and hmac.compare_digest(given, k):

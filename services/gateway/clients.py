@@ -39,7 +39,12 @@ class Replica:
 
     def set_healthy(self, ok: bool, why: str = "") -> None:
         if ok != self.healthy:
-            logger.warning("replica %s is %s%s", self.address, "healthy" if ok else "unhealthy", f": {why}" if why else "")
+            logger.warning(
+                "replica %s is %s%s",
+                self.address,
+                "healthy" if ok else "unhealthy",
+                f": {why}" if why else "",
+            )
         self.healthy = ok
         M.REPLICA_UP.labels(self.address).set(1 if ok else 0)
 
@@ -116,14 +121,18 @@ class TextgenPool:
         while True:
             with self._using(exclude) as r:
                 try:
-                    return getattr(r.stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=call_metadata())
+                    return getattr(r.stub, method)(
+                        request, timeout=timeout_s or self.timeout_s, metadata=call_metadata()
+                    )
                 except grpc.RpcError as err:
                     if err.code() == grpc.StatusCode.UNAVAILABLE:
                         self._on_unavailable(r, err, exclude)
                         continue
                     raise from_rpc_error(err) from None
 
-    def stream(self, request: pb.GenerateStreamRequest, on_call: Callable[[Any], None] | None = None) -> Iterator[pb.GenerateStreamResponse]:
+    def stream(
+        self, request: pb.GenerateStreamRequest, on_call: Callable[[Any], None] | None = None
+    ) -> Iterator[pb.GenerateStreamResponse]:
         """GenerateStream with retry until the first message arrives; later errors are raised."""
         exclude: set[str] = set()
         while True:

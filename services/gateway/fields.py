@@ -1,4 +1,5 @@
-"""Typed reads of request fields, shared by every gateway dialect (Megatron, OpenAI, WebSocket, tokenizer routes).
+"""Typed reads of request fields, shared by every gateway dialect (Megatron, OpenAI, WebSocket, tokenizer
+routes).
 
 Each reader returns the value or raises HTTPError(400) naming the field. Integers are bounded by the
 proto field they travel in (``shared.limits``), floats must be finite: the protobuf runtime would
@@ -29,12 +30,19 @@ def integer(doc: dict[str, Any], key: str, default: Any, lo: int, hi: int = INT3
     return value
 
 
-def number(doc: dict[str, Any], key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+def number(
+    doc: dict[str, Any], key: str, default: float, lo: float, hi: float, *, lo_open: bool = False
+) -> float:
     """``doc[key]`` as a finite number in [lo, hi] (or (lo, hi]); ``default`` when absent or null."""
     value = doc.get(key)
     if value is None:
         return default
-    ok = type(value) in (int, float) and math.isfinite(value) and lo <= value <= hi and not (lo_open and value == lo)
+    ok = (
+        type(value) in (int, float)
+        and math.isfinite(value)
+        and lo <= value <= hi
+        and not (lo_open and value == lo)
+    )
     if not ok:
         bound = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
         raise HTTPError(400, f"{key} must be a number in {bound}", key)

@@ -34,8 +34,10 @@ class Ready(Resource):
             return json_response({"status": "not ready", "reason": "no healthy textgen replica"}, 503)
         req = pb.GenerateRequest(
             prompts=[pb.Prompt(text="ready")],
-            params=pb.GenerationParams(sampling=pb.SamplingParams(greedy=True),
-                                       stopping=pb.StoppingParams(max_new_tokens=1, ignore_eos=True)),
+            params=pb.GenerationParams(
+                sampling=pb.SamplingParams(greedy=True),
+                stopping=pb.StoppingParams(max_new_tokens=1, ignore_eos=True),
+            ),
         )
         try:
             info = self.pool.model_info()
@@ -43,8 +45,12 @@ class Ready(Resource):
         except ServiceError as e:
             return json_response({"status": "not ready", "reason": e.message}, 503)
         ok = len(resp.completions) == 1 and len(resp.completions[0].token_ids) == 1
-        body = {"status": "ready" if ok else "not ready", "model": info.name,
-                "replicas_healthy": len(self.pool.healthy()), "replicas": len(self.pool.replicas)}
+        body = {
+            "status": "ready" if ok else "not ready",
+            "model": info.name,
+            "replicas_healthy": len(self.pool.healthy()),
+            "replicas": len(self.pool.replicas),
+        }
         return json_response(body, 200 if ok else 503)
 
 

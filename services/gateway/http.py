@@ -10,15 +10,25 @@ from flask import Response, g, has_app_context, request
 
 from shared.errors import ServiceError, http_status
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               499: "cancelled", 503: "service_unavailable", 504: "timeout"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    503: "service_unavailable",
+    504: "timeout",
+}
 
 
 class HTTPError(Exception):
     """An error answered to the client: status, message (shown as-is) and the field at fault."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -36,7 +46,12 @@ def error_body(status: int, message: str, field: str | None = None) -> dict[str,
     """``message`` at the top (Megatron's CLI prints it), ``error`` in OpenAI's shape, the field named."""
     body: dict[str, Any] = {
         "message": message,
-        "error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": field, "code": status},
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "server_error"),
+            "param": field,
+            "code": status,
+        },
         "request_id": getattr(g, "request_id", None) if has_app_context() else None,
     }
     if field:
@@ -69,7 +84,9 @@ def json_body() -> dict[str, Any]:
     except UnicodeDecodeError:
         raise HTTPError(400, "request body is not UTF-8 encoded") from None
     except json.JSONDecodeError as e:
-        raise HTTPError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise HTTPError(
+            400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
     except RecursionError:
         raise HTTPError(400, "request body is nested too deeply") from None
     if not isinstance(doc, dict):

@@ -6,7 +6,8 @@ what the gRPC API takes, HTTP takes, and the services validate it (their INVALID
 field, becomes a 400):
 
     GET  /v1/jobs                          every kind's jobs, newest first (?limit=, ?state=)
-    GET  /v1/jobs/<kind>                   one kind's jobs            kind: conversions | training | evaluations
+    GET  /v1/jobs/<kind>                   one kind's jobs            kind: conversions | training |
+evaluations
     POST /v1/jobs/<kind>                   submit {"spec": {...}, "labels": {...}} -> 201 {"job_id"}
     GET  /v1/jobs/<kind>/<id>              one job
     POST /v1/jobs/<kind>/<id>/cancel       {"reason": "..."} (optional)
@@ -39,23 +40,41 @@ from shared.jobs import WatchSlots
 
 @dataclass(frozen=True)
 class JobKind:
-    service: str        # the config field naming its address, and the word used in messages
+    service: str  # the config field naming its address, and the word used in messages
     stub: type
-    module: Any         # the *_pb2 module
-    noun: str           # Submit<noun>, Get<noun>, Watch<noun>, Cancel<noun>
-    plural: str         # List<plural>
-    field: str          # the job message's field in Get/Watch/Cancel responses
-    list_field: str     # the repeated field of the List response
+    module: Any  # the *_pb2 module
+    noun: str  # Submit<noun>, Get<noun>, Watch<noun>, Cancel<noun>
+    plural: str  # List<plural>
+    field: str  # the job message's field in Get/Watch/Cancel responses
+    list_field: str  # the repeated field of the List response
 
 
 KINDS = {
-    "conversions": JobKind("converter", converter_pb2_grpc.ConverterServiceStub, converter_pb2, "Conversion", "Conversions",
-                           "conversion", "conversions"),
-    "training": JobKind("trainer", trainer_pb2_grpc.TrainerServiceStub, trainer_pb2, "TrainJob", "TrainJobs", "job", "jobs"),
-    "evaluations": JobKind("evaluator", evaluator_pb2_grpc.EvaluatorServiceStub, evaluator_pb2, "Evaluation", "Evaluations",
-                           "evaluation", "evaluations"),
+    "conversions": JobKind(
+        "converter",
+        converter_pb2_grpc.ConverterServiceStub,
+        converter_pb2,
+        "Conversion",
+        "Conversions",
+        "conversion",
+        "conversions",
+    ),
+    "training": JobKind(
+        "trainer", trainer_pb2_grpc.TrainerServiceStub, trainer_pb2, "TrainJob", "TrainJobs", "job", "jobs"
+    ),
+    "evaluations": JobKind(
+        "evaluator",
+        evaluator_pb2_grpc.EvaluatorServiceStub,
+        evaluator_pb2,
+        "Evaluation",
+        "Evaluations",
+        "evaluation",
+        "evaluations",
+    ),
 }
-STATES = {name.removeprefix("JOB_STATE_").lower(): value for name, value in common_pb2.JobState.items() if value}
+STATES = {
+    name.removeprefix("JOB_STATE_").lower(): value for name, value in common_pb2.JobState.items() if value
+}
 
 
 def to_json(msg) -> dict[str, Any]:
@@ -68,7 +87,9 @@ class JobClients:
     def __init__(self, addresses: dict[str, str], timeout_s: float = 30.0, max_watchers: int = 16) -> None:
         self.addresses = addresses
         self.timeout_s = timeout_s
-        self.watchers = WatchSlots(max_watchers, "MEGASTACK_GATEWAY_MAX_WATCHERS")  # SSE event streams held open
+        self.watchers = WatchSlots(
+            max_watchers, "MEGASTACK_GATEWAY_MAX_WATCHERS"
+        )  # SSE event streams held open
         self._stubs: dict[str, Any] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
@@ -76,8 +97,11 @@ class JobClients:
     def stub(self, kind: JobKind):
         address = self.addresses.get(kind.service, "")
         if not address:
-            raise HTTPError(503, f"the gateway has no {kind.service} service configured "
-                                 f"(MEGASTACK_GATEWAY_{kind.service.upper()}_ADDR)")
+            raise HTTPError(
+                503,
+                f"the gateway has no {kind.service} service configured "
+                f"(MEGASTACK_GATEWAY_{kind.service.upper()}_ADDR)",
+            )
         with self._lock:
             if kind.service not in self._stubs:
                 channel = make_channel(address)
@@ -87,7 +111,9 @@ class JobClients:
 
     def call(self, kind: JobKind, method: str, req, *, timeout_s: float | None = None):
         try:
-            return getattr(self.stub(kind), method)(req, timeout=timeout_s or self.timeout_s, metadata=call_metadata())
+            return getattr(self.stub(kind), method)(
+                req, timeout=timeout_s or self.timeout_s, metadata=call_metadata()
+            )
         except grpc.RpcError as err:
             raise HTTPError.from_service_error(_named(from_rpc_error(err), kind)) from None
 
@@ -153,14 +179,18 @@ class JobList(Resource):
         k = _kind(kind)
         doc = json_body()
         if "spec" not in doc:
-            raise HTTPError(400, f"body must have a 'spec' object (the {k.noun} spec in the protos' JSON mapping)", "spec")
+            raise HTTPError(
+                400, f"body must have a 'spec' object (the {k.noun} spec in the protos' JSON mapping)", "spec"
+            )
         req = getattr(k.module, f"Submit{k.noun}Request")()
         try:
             json_format.ParseDict(doc, req)
         except json_format.ParseError as e:
             raise HTTPError(400, f"bad {kind} request: {e}", _field_of(str(e))) from None
         resp = self.clients.call(k, f"Submit{k.noun}", req)
-        return json_response({"kind": kind, "job_id": resp.job_id}, 201, {"Location": f"/v1/jobs/{kind}/{resp.job_id}"})
+        return json_response(
+            {"kind": kind, "job_id": resp.job_id}, 201, {"Location": f"/v1/jobs/{kind}/{resp.job_id}"}
+        )
 
 
 def _field_of(message: str) -> str | None:
@@ -195,12 +225,15 @@ class JobCancel(Resource):
             if not isinstance(given, str):
                 raise HTTPError(400, "reason must be a string", "reason")
             reason = given or reason
-        resp = self.clients.call(k, f"Cancel{k.noun}", getattr(k.module, f"Cancel{k.noun}Request")(job_id=job_id, reason=reason))
+        resp = self.clients.call(
+            k, f"Cancel{k.noun}", getattr(k.module, f"Cancel{k.noun}Request")(job_id=job_id, reason=reason)
+        )
         return json_response({"kind": kind, **to_json(getattr(resp, k.field))})
 
 
 class JobEvents(Resource):
-    """Server-sent events: one `data:` line with the job each time it changes; the stream ends with the job."""
+    """Server-sent events: one `data:` line with the job each time it changes; the stream ends with the
+    job."""
 
     def __init__(self, clients: JobClients) -> None:
         self.clients = clients
@@ -214,7 +247,9 @@ class JobEvents(Resource):
         except ResourceExhausted as e:
             raise HTTPError.from_service_error(e) from None
         try:
-            call = getattr(stub, f"Watch{k.noun}")(getattr(k.module, f"Watch{k.noun}Request")(job_id=job_id), metadata=call_metadata())
+            call = getattr(stub, f"Watch{k.noun}")(
+                getattr(k.module, f"Watch{k.noun}Request")(job_id=job_id), metadata=call_metadata()
+            )
             try:  # the first event is read here so that an unknown job is a 404, not a broken stream
                 first = next(call)
             except StopIteration:
@@ -249,9 +284,15 @@ class TrainingLogs(Resource):
         k = KINDS["training"]
         stub = self.clients.stub(k)
         try:
-            lines = [line for chunk in stub.GetTrainJobLogs(trainer_pb2.GetTrainJobLogsRequest(job_id=job_id, follow=False),
-                                                            timeout=self.clients.timeout_s, metadata=call_metadata())
-                     for line in chunk.lines]
+            lines = [
+                line
+                for chunk in stub.GetTrainJobLogs(
+                    trainer_pb2.GetTrainJobLogsRequest(job_id=job_id, follow=False),
+                    timeout=self.clients.timeout_s,
+                    metadata=call_metadata(),
+                )
+                for line in chunk.lines
+            ]
         except grpc.RpcError as err:
             raise HTTPError.from_service_error(_named(from_rpc_error(err), k)) from None
         if request.args.get("format") == "text":

@@ -17,7 +17,9 @@ from services.gateway.fields import sampling_is_greedy
 from services.gateway.http import HTTPError, json_body, json_response
 from shared.limits import INT32_MAX, INT64_MAX
 
-MAX_PROMPTS = 128  # Megatron's limit; the served replica's own (textgen's max_prompts_per_request) wins when known
+MAX_PROMPTS = (
+    128  # Megatron's limit; the served replica's own (textgen's max_prompts_per_request) wins when known
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ def parse(doc: dict[str, Any], max_prompts: int = MAX_PROMPTS) -> MegatronReques
     if tokens < 0:
         raise _bad("tokens_to_generate must be an integer greater than or equal to 0", "tokens_to_generate")
     if tokens > INT32_MAX:
-        raise _bad(f"tokens_to_generate must be an integer less than or equal to {INT32_MAX}", "tokens_to_generate")
+        raise _bad(
+            f"tokens_to_generate must be an integer less than or equal to {INT32_MAX}", "tokens_to_generate"
+        )
 
     logprobs = _bool(doc, "logprobs")
     if tokens == 0 and not logprobs:
@@ -84,7 +88,9 @@ def parse(doc: dict[str, Any], max_prompts: int = MAX_PROMPTS) -> MegatronReques
 
     top_k = doc.get("top_k", 0)
     if type(top_k) is not int:
-        raise _bad("top_k must be an integer equal to or greater than 0 and less than or equal to 1000", "top_k")
+        raise _bad(
+            "top_k must be an integer equal to or greater than 0 and less than or equal to 1000", "top_k"
+        )
     if not 0 <= top_k <= 1000:
         raise _bad("top_k must be equal to or greater than 0 and less than or equal to 1000", "top_k")
 
@@ -131,35 +137,61 @@ def parse(doc: dict[str, Any], max_prompts: int = MAX_PROMPTS) -> MegatronReques
             raise _bad(f"random_seed must be less than or equal to {INT64_MAX}", "random_seed")
     if "no_log" in doc:
         _bool(doc, "no_log")
-    if "stop_token" in doc and (not isinstance(doc["stop_token"], int) or isinstance(doc["stop_token"], bool)):
+    if "stop_token" in doc and (
+        not isinstance(doc["stop_token"], int) or isinstance(doc["stop_token"], bool)
+    ):
         raise _bad("stop_token must be an integer", "stop_token")
     if "length_penalty" in doc and type(doc["length_penalty"]) is not float:
         raise _bad("length_penalty must be a float", "length_penalty")
 
     penalty = doc.get("repetition_penalty", 1.0)
     if type(penalty) not in (int, float) or not 0 < penalty <= 100.0:
-        raise _bad("repetition_penalty must be a positive number less than or equal to 100.0", "repetition_penalty")
+        raise _bad(
+            "repetition_penalty must be a positive number less than or equal to 100.0", "repetition_penalty"
+        )
 
     return MegatronRequest(
-        prompts=prompts, tokens_to_generate=tokens, logprobs=logprobs, temperature=float(temperature), top_k=top_k,
-        top_p=top_p, top_p_decay=top_p_decay, top_p_bound=top_p_bound, add_BOS=add_bos,
-        stop_on_double_eol=stop_on_double_eol, stop_on_eol=stop_on_eol,
-        prevent_newline_after_colon=prevent_newline_after_colon, random_seed=random_seed,
+        prompts=prompts,
+        tokens_to_generate=tokens,
+        logprobs=logprobs,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=top_p,
+        top_p_decay=top_p_decay,
+        top_p_bound=top_p_bound,
+        add_BOS=add_bos,
+        stop_on_double_eol=stop_on_double_eol,
+        stop_on_eol=stop_on_eol,
+        prevent_newline_after_colon=prevent_newline_after_colon,
+        random_seed=random_seed,
         repetition_penalty=float(penalty),
     )
 
 
 def to_grpc(r: MegatronRequest) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(
-        greedy=sampling_is_greedy(r.temperature, r.top_k, r.top_p), temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, top_p_decay=r.top_p_decay,
-        top_p_bound=r.top_p_bound, seed=r.random_seed, repetition_penalty=r.repetition_penalty,
+        greedy=sampling_is_greedy(r.temperature, r.top_k, r.top_p),
+        temperature=r.temperature,
+        top_k=r.top_k,
+        top_p=r.top_p,
+        top_p_decay=r.top_p_decay,
+        top_p_bound=r.top_p_bound,
+        seed=r.random_seed,
+        repetition_penalty=r.repetition_penalty,
     )
     stopping = pb.StoppingParams(
-        max_new_tokens=r.tokens_to_generate, stop_on_eol=r.stop_on_eol, stop_on_double_eol=r.stop_on_double_eol,
+        max_new_tokens=r.tokens_to_generate,
+        stop_on_eol=r.stop_on_eol,
+        stop_on_double_eol=r.stop_on_double_eol,
         prevent_newline_after_colon=r.prevent_newline_after_colon,
     )
     params = pb.GenerationParams(
-        sampling=sampling, stopping=stopping, add_bos=r.add_BOS, prompt_logprobs=r.logprobs, logprobs=r.logprobs, echo=True,
+        sampling=sampling,
+        stopping=stopping,
+        add_bos=r.add_BOS,
+        prompt_logprobs=r.logprobs,
+        logprobs=r.logprobs,
+        echo=True,
     )
     return pb.GenerateRequest(prompts=[pb.Prompt(text=p) for p in r.prompts], params=params)
 

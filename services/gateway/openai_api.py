@@ -73,7 +73,11 @@ def _prompts(doc: dict[str, Any]) -> list[pb.Prompt]:
         lists = [token_ids(x, "prompt") if x else None for x in p]
         if all(x is not None for x in lists):
             return [pb.Prompt(tokens=pb.TokenIds(ids=x)) for x in lists]
-    raise HTTPError(400, "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists", "prompt")
+    raise HTTPError(
+        400,
+        "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
+        "prompt",
+    )
 
 
 @dataclass
@@ -87,7 +91,12 @@ class Options:
 
 def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
     _check_unsupported(doc)
-    max_tokens = integer(doc, "max_completion_tokens" if chat and "max_completion_tokens" in doc else "max_tokens", 16 if not chat else 256, 0)
+    max_tokens = integer(
+        doc,
+        "max_completion_tokens" if chat and "max_completion_tokens" in doc else "max_tokens",
+        16 if not chat else 256,
+        0,
+    )
     temperature = number(doc, "temperature", 1.0, 0.0, 100.0)
     top_p = number(doc, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     top_k = integer(doc, "top_k", 0, -1) or 0
@@ -115,15 +124,29 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
         raise HTTPError(400, "stream_options must be an object", "stream_options")
     greedy = sampling_is_greedy(temperature, top_k, top_p)
     sampling = pb.SamplingParams(
-        greedy=greedy, temperature=1.0 if greedy else temperature, top_k=max(top_k, 0),
-        top_p=0.0 if top_p >= 1.0 or top_k > 0 else top_p, seed=seed, repetition_penalty=penalty,
+        greedy=greedy,
+        temperature=1.0 if greedy else temperature,
+        top_k=max(top_k, 0),
+        top_p=0.0 if top_p >= 1.0 or top_k > 0 else top_p,
+        seed=seed,
+        repetition_penalty=penalty,
     )
     stopping = pb.StoppingParams(max_new_tokens=max_tokens, stop=_stops(doc), ignore_eos=ignore_eos)
     params = pb.GenerationParams(
-        sampling=sampling, stopping=stopping, echo=echo,
-        prompt_logprobs=echo and logprobs is not None, logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+        sampling=sampling,
+        stopping=stopping,
+        echo=echo,
+        prompt_logprobs=echo and logprobs is not None,
+        logprobs=logprobs is not None,
+        top_logprobs=logprobs or 0,
     )
-    return Options(stream=stream, echo=echo, logprobs=logprobs, include_usage=bool(stream_options.get("include_usage")), params=params)
+    return Options(
+        stream=stream,
+        echo=echo,
+        logprobs=logprobs,
+        include_usage=bool(stream_options.get("include_usage")),
+        params=params,
+    )
 
 
 def _top_dict(t: pb.TopLogprobs) -> dict[str, float]:
@@ -144,7 +167,12 @@ def completion_logprobs(c: pb.Completion, echo: bool, n: int) -> dict[str, Any]:
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops if n else None, "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": lps,
+        "top_logprobs": tops if n else None,
+        "text_offset": offsets,
+    }
 
 
 def usage(completions: list[pb.Completion]) -> dict[str, int]:
@@ -196,33 +224,65 @@ class Completions(_Base):
         prompts = _prompts(doc)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if opts.stream:
-            return self._stream(pb.GenerateStreamRequest(prompts=prompts, params=opts.params), self._renderer(cid, created, model, opts))
+            return self._stream(
+                pb.GenerateStreamRequest(prompts=prompts, params=opts.params),
+                self._renderer(cid, created, model, opts),
+            )
         resp = self.pool.unary("Generate", pb.GenerateRequest(prompts=prompts, params=opts.params))
         choices = []
         for c in resp.completions:
             text = (c.prompt_text + c.text) if opts.echo else c.text
-            choices.append({
-                "index": c.index, "text": text, "finish_reason": finish_name(c.finish_reason),
-                "logprobs": completion_logprobs(c, opts.echo, opts.logprobs or 0) if opts.logprobs is not None else None,
-            })
-        return json_response({
-            "id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": usage(list(resp.completions)),
-        })
+            choices.append(
+                {
+                    "index": c.index,
+                    "text": text,
+                    "finish_reason": finish_name(c.finish_reason),
+                    "logprobs": completion_logprobs(c, opts.echo, opts.logprobs or 0)
+                    if opts.logprobs is not None
+                    else None,
+                }
+            )
+        return json_response(
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": choices,
+                "usage": usage(list(resp.completions)),
+            }
+        )
 
     @staticmethod
     def _renderer(cid: str, created: int, model: str, opts: Options):
         done: list[pb.Completion] = []
 
         def chunk(index: int, text: str, finish: str | None, logprobs: Any = None) -> str:
-            return sse({"id": cid, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+            return sse(
+                {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+                    ],
+                }
+            )
 
         def render(msg: pb.GenerateStreamResponse | None) -> Iterator[str]:
             if msg is None:
                 if opts.include_usage:
-                    yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
-                               "choices": [], "usage": usage(done)})
+                    yield sse(
+                        {
+                            "id": cid,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": usage(done),
+                        }
+                    )
                 return
             if msg.finished:
                 done.append(msg.completion)
@@ -230,8 +290,11 @@ class Completions(_Base):
             elif msg.text or opts.logprobs is not None:
                 lp = None
                 if opts.logprobs is not None:
-                    lp = {"tokens": [t.text for t in msg.tokens], "token_logprobs": [t.logprob for t in msg.tokens],
-                          "top_logprobs": [_top_dict(t.top) for t in msg.tokens] if opts.logprobs else None}
+                    lp = {
+                        "tokens": [t.text for t in msg.tokens],
+                        "token_logprobs": [t.logprob for t in msg.tokens],
+                        "top_logprobs": [_top_dict(t.top) for t in msg.tokens] if opts.logprobs else None,
+                    }
                 yield chunk(msg.index, msg.text, None, lp)
 
         return render
@@ -243,8 +306,14 @@ def _messages(doc: dict[str, Any]) -> list[pb.ChatMessage]:
         raise HTTPError(400, "messages must be a non-empty list", "messages")
     out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise HTTPError(400, f"messages[{i}] must be {{'role': system|user|assistant, 'content': string}}", "messages")
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("system", "user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
+            raise HTTPError(
+                400, f"messages[{i}] must be {{'role': system|user|assistant, 'content': string}}", "messages"
+            )
         out.append(pb.ChatMessage(role=m["role"], content=m["content"]))
     return out
 
@@ -255,47 +324,87 @@ class ChatCompletions(_Base):
         model = self._model(doc)
         opts = parse_options(doc, chat=True)
         msgs = _messages(doc)
-        templ = self.pool.unary("ApplyChatTemplate", pb.ApplyChatTemplateRequest(messages=msgs, add_generation_prompt=True))
+        templ = self.pool.unary(
+            "ApplyChatTemplate", pb.ApplyChatTemplateRequest(messages=msgs, add_generation_prompt=True)
+        )
         prompts = [pb.Prompt(text=templ.prompt)]
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if opts.stream:
-            return self._stream(pb.GenerateStreamRequest(prompts=prompts, params=opts.params), self._renderer(cid, created, model, opts))
+            return self._stream(
+                pb.GenerateStreamRequest(prompts=prompts, params=opts.params),
+                self._renderer(cid, created, model, opts),
+            )
         resp = self.pool.unary("Generate", pb.GenerateRequest(prompts=prompts, params=opts.params))
         c = resp.completions[0]
         choice: dict[str, Any] = {
-            "index": 0, "message": {"role": "assistant", "content": c.text},
-            "finish_reason": finish_name(c.finish_reason), "logprobs": None,
+            "index": 0,
+            "message": {"role": "assistant", "content": c.text},
+            "finish_reason": finish_name(c.finish_reason),
+            "logprobs": None,
         }
         if opts.logprobs is not None:
-            choice["logprobs"] = {"content": [
-                {"token": t, "logprob": lp, "top_logprobs": [{"token": a, "logprob": b} for a, b in zip(top.tokens, top.logprobs)] if opts.logprobs else []}
-                for t, lp, top in zip(c.tokens, c.logprobs, list(c.top_logprobs) or [pb.TopLogprobs()] * len(c.tokens))
-            ]}
-        return json_response({
-            "id": cid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
-            "usage": usage([c]),
-        })
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": t,
+                        "logprob": lp,
+                        "top_logprobs": [{"token": a, "logprob": b} for a, b in zip(top.tokens, top.logprobs)]
+                        if opts.logprobs
+                        else [],
+                    }
+                    for t, lp, top in zip(
+                        c.tokens, c.logprobs, list(c.top_logprobs) or [pb.TopLogprobs()] * len(c.tokens)
+                    )
+                ]
+            }
+        return json_response(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "usage": usage([c]),
+            }
+        )
 
     @staticmethod
     def _renderer(cid: str, created: int, model: str, opts: Options):
         state = {"started": False, "done": []}
 
         def chunk(delta: dict[str, Any], finish: str | None) -> str:
-            return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            return sse(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+            )
 
         def render(msg: pb.GenerateStreamResponse | None) -> Iterator[str]:
             if msg is None:
                 if opts.include_usage:
-                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [], "usage": usage(state["done"])})
+                    yield sse(
+                        {
+                            "id": cid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": usage(state["done"]),
+                        }
+                    )
                 return
             if not state["started"]:
                 state["started"] = True
                 yield chunk({"role": "assistant", "content": ""}, None)
             if msg.finished:
                 state["done"].append(msg.completion)
-                yield chunk({"content": msg.text} if msg.text else {}, finish_name(msg.completion.finish_reason))
+                yield chunk(
+                    {"content": msg.text} if msg.text else {}, finish_name(msg.completion.finish_reason)
+                )
             elif msg.text:
                 yield chunk({"content": msg.text}, None)
 
@@ -305,17 +414,31 @@ class ChatCompletions(_Base):
 class Models(_Base):
     def get(self):
         info = self.pool.model_info()
-        return json_response({"object": "list", "data": [{
-            "id": info.name, "object": "model", "created": 0, "owned_by": "megastack",
-            "max_model_len": info.max_context_tokens,
-        }]})
+        return json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": info.name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "megastack",
+                        "max_model_len": info.max_context_tokens,
+                    }
+                ],
+            }
+        )
 
 
 class TokenizerInfo(_Base):
     def get(self):
         info = self.pool.model_info()
-        body: dict[str, Any] = {"eos_token": info.eos_token, "bos_token": info.bos_token or None,
-                                "pad_token": None, "model_max_length": info.max_context_tokens}
+        body: dict[str, Any] = {
+            "eos_token": info.eos_token,
+            "bos_token": info.bos_token or None,
+            "pad_token": None,
+            "model_max_length": info.max_context_tokens,
+        }
         if info.chat_template:
             body["chat_template"] = info.chat_template
         return json_response(body)
@@ -330,9 +453,16 @@ class Tokenize(_Base):
         add = doc.get("add_special_tokens", False)
         if not isinstance(add, bool):
             raise HTTPError(400, "add_special_tokens must be a boolean", "add_special_tokens")
-        resp = self.pool.unary("Tokenize", pb.TokenizeRequest(text=text, add_special_tokens=add), timeout_s=30.0)
-        return json_response({"tokens": list(resp.ids), "count": len(resp.ids),
-                              "max_model_len": self.pool.model_info().max_context_tokens})
+        resp = self.pool.unary(
+            "Tokenize", pb.TokenizeRequest(text=text, add_special_tokens=add), timeout_s=30.0
+        )
+        return json_response(
+            {
+                "tokens": list(resp.ids),
+                "count": len(resp.ids),
+                "max_model_len": self.pool.model_info().max_context_tokens,
+            }
+        )
 
 
 class Detokenize(_Base):
@@ -344,6 +474,8 @@ class Detokenize(_Base):
         vocab = self.pool.model_info().vocab_size
         bad = next((t for t in ids if t >= vocab), None)
         if bad is not None:
-            raise HTTPError(400, f"tokens: token id {bad} is outside the vocabulary (0..{vocab - 1})", "tokens")
+            raise HTTPError(
+                400, f"tokens: token id {bad} is outside the vocabulary (0..{vocab - 1})", "tokens"
+            )
         resp = self.pool.unary("Detokenize", pb.DetokenizeRequest(ids=ids), timeout_s=30.0)
         return json_response({"prompt": resp.text})

@@ -42,7 +42,9 @@ class TimedSocket(socket.socket):
         try:
             return op(self, *args)
         except TimeoutError:
-            self.timed_out = True  # the worker closes this connection at once (TimedThreadWorker.finish_request)
+            self.timed_out = (
+                True  # the worker closes this connection at once (TimedThreadWorker.finish_request)
+            )
             raise
 
     def recv(self, *args: Any) -> bytes:
@@ -95,7 +97,10 @@ class _SlowClientFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], TimeoutError):
             record.msg, record.args, record.exc_info = (
-                "dropped a client that sent or read nothing for read_timeout_s (%gs)", (_read_timeout_s,), None)
+                "dropped a client that sent or read nothing for read_timeout_s (%gs)",
+                (_read_timeout_s,),
+                None,
+            )
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
@@ -145,7 +150,9 @@ class GatewayServer(BaseApplication):
             "worker_connections": c.max_connections,
             "keepalive": max(1, math.ceil(c.keepalive_s)),  # gunicorn takes whole seconds
             "graceful_timeout": max(1, math.ceil(c.graceful_timeout_s)),
-            "timeout": max(30, math.ceil(c.graceful_timeout_s) + 5),  # worker heartbeat, not a request deadline
+            "timeout": max(
+                30, math.ceil(c.graceful_timeout_s) + 5
+            ),  # worker heartbeat, not a request deadline
             "limit_request_line": 8190,
             "limit_request_fields": 100,
             "limit_request_field_size": 16384,

@@ -12,7 +12,8 @@ sends one JSON message per prompt and reads messages until ``is_end``::
 ``text`` is the new piece since the previous message. Several prompts may follow on one connection, one
 at a time. An error is the gateway's one error body (as a non-streamed error and the SSE error events:
 ``{"message", "field", "error": {"message", "type", "param", "code"}}``) plus ``"is_end": true``, and the
-connection stays open (so does every other error, 5xx included); a client that leaves mid-stream frees its engine slot at once.
+connection stays open (so does every other error, 5xx included); a client that leaves mid-stream frees its
+engine slot at once.
 """
 
 from __future__ import annotations
@@ -66,8 +67,22 @@ def parse(raw: Any) -> pb.GenerateStreamRequest:
         raise HTTPError(400, "message is nested too deeply", "message") from None
     if not isinstance(doc, dict):
         raise HTTPError(400, "message must be a JSON object with a prompt", "message")
-    unknown = sorted(set(doc) - IGNORED - {"prompt", "max_new_tokens", "max_tokens", "tokens_to_generate", "temperature", "top_k",
-                                           "top_p", "repetition_penalty", "seed", "stop"})
+    unknown = sorted(
+        set(doc)
+        - IGNORED
+        - {
+            "prompt",
+            "max_new_tokens",
+            "max_tokens",
+            "tokens_to_generate",
+            "temperature",
+            "top_k",
+            "top_p",
+            "repetition_penalty",
+            "seed",
+            "stop",
+        }
+    )
     if unknown:
         raise HTTPError(400, f"unknown field {unknown[0]!r}", unknown[0])
     prompt = doc.get("prompt")
@@ -87,9 +102,17 @@ def parse(raw: Any) -> pb.GenerateStreamRequest:
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise HTTPError(400, "stop must be a string or a list of non-empty strings", "stop")
     greedy = sampling_is_greedy(temperature, top_k, top_p)
-    sampling = pb.SamplingParams(greedy=greedy, temperature=1.0 if greedy else temperature, top_k=top_k,
-                                 top_p=0.0 if top_p >= 1.0 else top_p, seed=seed, repetition_penalty=penalty)
-    params = pb.GenerationParams(sampling=sampling, stopping=pb.StoppingParams(max_new_tokens=max_new, stop=stop))
+    sampling = pb.SamplingParams(
+        greedy=greedy,
+        temperature=1.0 if greedy else temperature,
+        top_k=top_k,
+        top_p=0.0 if top_p >= 1.0 else top_p,
+        seed=seed,
+        repetition_penalty=penalty,
+    )
+    params = pb.GenerationParams(
+        sampling=sampling, stopping=pb.StoppingParams(max_new_tokens=max_new, stop=stop)
+    )
     return pb.GenerateStreamRequest(prompts=[pb.Prompt(text=prompt)], params=params)
 
 
@@ -132,8 +155,18 @@ def _relay(conn, pool, request: pb.GenerateStreamRequest) -> bool:  # noqa: ANN0
                 conn.send(json.dumps({"text": msg.text, "is_end": False}, ensure_ascii=False))
             if msg.finished:
                 c = msg.completion
-                conn.send(json.dumps({"is_end": True, "finish_reason": finish_name(c.finish_reason),
-                                      "usage": {"prompt_tokens": len(c.prompt_token_ids), "completion_tokens": len(c.token_ids)}}))
+                conn.send(
+                    json.dumps(
+                        {
+                            "is_end": True,
+                            "finish_reason": finish_name(c.finish_reason),
+                            "usage": {
+                                "prompt_tokens": len(c.prompt_token_ids),
+                                "completion_tokens": len(c.token_ids),
+                            },
+                        }
+                    )
+                )
         return True
     except ConnectionClosed:
         M.WS_ERRORS.labels("client_gone").inc()

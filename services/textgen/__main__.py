@@ -21,7 +21,9 @@ def build(cfg: TextgenConfig) -> ServiceParts:
     served = load_served_model(cfg)
     warmup(served)
     servicer = TextGenServicer(
-        served, max_prompts=cfg.max_prompts_per_request, max_queue_size=cfg.max_queue_size,
+        served,
+        max_prompts=cfg.max_prompts_per_request,
+        max_queue_size=cfg.max_queue_size,
         max_batch_size=cfg.max_batch_size,
     )
     parts = ServiceParts(

@@ -13,21 +13,43 @@ from shared.paths import DEFAULT_MODEL_DIR
 class TextgenConfig(ServiceConfig):
     port: int = setting(50051, help="gRPC port; 0 picks a free port.")
     metrics_port: int = setting(9401, help="Prometheus /metrics port; 0 picks a free port.")
-    model_dir: Path = setting(DEFAULT_MODEL_DIR, help="Checkpoint to serve: an HF folder or a Megatron (mcore/legacy) checkpoint.")
-    model_name: str = setting("", help="Name clients use for the model (OpenAI `model`); empty = the folder name.")
-    dtype: str = setting("float32", help="Weights and activations dtype.", choices=("float32", "bfloat16", "float16"))
+    model_dir: Path = setting(
+        DEFAULT_MODEL_DIR, help="Checkpoint to serve: an HF folder or a Megatron (mcore/legacy) checkpoint."
+    )
+    model_name: str = setting(
+        "", help="Name clients use for the model (OpenAI `model`); empty = the folder name."
+    )
+    dtype: str = setting(
+        "float32", help="Weights and activations dtype.", choices=("float32", "bfloat16", "float16")
+    )
     device: str = setting("auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
     max_batch_size: int = setting(16, help="Sequences decoded together (KV-cache slots).")
-    max_queue_size: int = setting(256, help="Sequences waiting for a slot before new ones get RESOURCE_EXHAUSTED (HTTP 429).")
-    max_context_tokens: int = setting(2048, help="Prompt + generation limit per sequence (capped by the model's max_position_embeddings).")
-    max_prefill_tokens: int = setting(4096, help="Padded prompt tokens prefilled together in one engine step.")
+    max_queue_size: int = setting(
+        256, help="Sequences waiting for a slot before new ones get RESOURCE_EXHAUSTED (HTTP 429)."
+    )
+    max_context_tokens: int = setting(
+        2048, help="Prompt + generation limit per sequence (capped by the model's max_position_embeddings)."
+    )
+    max_prefill_tokens: int = setting(
+        4096, help="Padded prompt tokens prefilled together in one engine step."
+    )
     max_prompts_per_request: int = setting(128, help="Prompts accepted in one Generate call (Megatron: 128).")
     num_threads: int = setting(0, help="torch intra-op threads; 0 = all cores.")
-    watchdog_s: float = setting(60.0, help="Health turns NOT_SERVING (gateway /ready 503, routed around) when a busy engine accepts no token and finishes no sequence for this long.")
+    watchdog_s: float = setting(
+        60.0,
+        help="Health turns NOT_SERVING (gateway /ready 503, routed around) when a busy engine accepts no "
+        "token and finishes no sequence for this long.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("max_batch_size", "max_queue_size", "max_context_tokens", "max_prefill_tokens", "max_prompts_per_request"):
+        for name in (
+            "max_batch_size",
+            "max_queue_size",
+            "max_context_tokens",
+            "max_prefill_tokens",
+            "max_prompts_per_request",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_queue_size < self.max_prompts_per_request:

@@ -54,6 +54,7 @@ from shared.logging import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
+
 def token_logprobs(row: torch.Tensor, token: int, k: int) -> tuple[float, TopK | None]:
     """Log-probability of ``token`` under the model's distribution (log-softmax of the raw row [V]),
     and its top-``k`` alternatives when ``k > 0``."""
@@ -162,13 +163,24 @@ class Engine:
             raise InvalidArgument("prompt is empty (set add_BOS or give at least one token)", field="prompts")
         if n + req.stopping.max_new_tokens > self.max_len:
             # Megatron's exact message; the numbers go to the log.
-            logger.info("rejected: prompt %d + tokens_to_generate %d > %d", n, req.stopping.max_new_tokens, self.max_len)
-            raise InvalidArgument("Length of prompt + tokens_to_generate longer than allowed", field="tokens_to_generate")
+            logger.info(
+                "rejected: prompt %d + tokens_to_generate %d > %d",
+                n,
+                req.stopping.max_new_tokens,
+                self.max_len,
+            )
+            raise InvalidArgument(
+                "Length of prompt + tokens_to_generate longer than allowed", field="tokens_to_generate"
+            )
         bad = [t for t in req.prompt_ids if not 0 <= t < self.tok.vocab_size]
         if bad:
-            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{self.tok.vocab_size - 1})", field="prompt")
+            raise InvalidArgument(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.tok.vocab_size - 1})", field="prompt"
+            )
 
-    def submit(self, reqs: list[SequenceRequest], sink: queue.SimpleQueue | None = None) -> list[SequenceHandle]:
+    def submit(
+        self, reqs: list[SequenceRequest], sink: queue.SimpleQueue | None = None
+    ) -> list[SequenceHandle]:
         """Queue sequences (all or none). Raises InvalidArgument or ResourceExhausted."""
         for r in reqs:
             self.validate(r)
@@ -183,15 +195,23 @@ class Engine:
             if len(self._waiting) + len(reqs) > self.cfg.max_queue_size:
                 M.FAILURE.labels("overloaded").inc(len(reqs))
                 raise ResourceExhausted(
-                    f"queue full: {len(self._waiting)} sequences waiting (limit {self.cfg.max_queue_size}); retry later"
+                    f"queue full: {len(self._waiting)} sequences waiting (limit {self.cfg.max_queue_size}); "
+                    "retry later"
                 )
             for index, r in enumerate(reqs):
                 h = SequenceHandle(self, index, sink)
                 s = r.sampling
                 window = 2 * max((len(x) for x in r.stopping.stop), default=0) + 8 if r.stopping.stop else 0
                 self._waiting.append(
-                    _Seq(handle=h, req=r, submitted_at=now, top_p=s.top_p, stop_window=window, request_id=rid,
-                         generator=None if s.is_greedy else make_generator(s.seed, self.model.device))
+                    _Seq(
+                        handle=h,
+                        req=r,
+                        submitted_at=now,
+                        top_p=s.top_p,
+                        stop_window=window,
+                        request_id=rid,
+                        generator=None if s.is_greedy else make_generator(s.seed, self.model.device),
+                    )
                 )
                 handles.append(h)
             M.NUM_WAITING.set(len(self._waiting))
@@ -223,7 +243,10 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - last line of defence: the loop never dies, nothing stays stuck
             # The per-stage guards below catch every fault of a sequence's work; reaching here means the
             # engine's own bookkeeping failed, so nothing it holds can be trusted to advance.
-            logger.exception("engine step failed outside a sequence's work; failing %d running sequences", len(self._running))
+            logger.exception(
+                "engine step failed outside a sequence's work; failing %d running sequences",
+                len(self._running),
+            )
             for seq in [*admitted, *self._running]:
                 self._fail(seq, "step", e)
         self.steps += 1
@@ -275,15 +298,27 @@ class Engine:
         """End ``s`` with an error naming its request; its slot is freed. Never raises."""
         if s.done:
             return
-        logger.error("request_id=%s: %s failed: %s: %s", s.request_id, stage, type(e).__name__, e,
-                     exc_info=(type(e), e, e.__traceback__))
+        logger.error(
+            "request_id=%s: %s failed: %s: %s",
+            s.request_id,
+            stage,
+            type(e).__name__,
+            e,
+            exc_info=(type(e), e, e.__traceback__),
+        )
         try:
-            self._finish(s, ERROR, error=f"generation failed in {stage} (request_id={s.request_id}): {type(e).__name__}")
+            self._finish(
+                s,
+                ERROR,
+                error=f"generation failed in {stage} (request_id={s.request_id}): {type(e).__name__}",
+            )
         except Exception:  # noqa: BLE001 - the handle's queue itself failed: at least give the slot back
             logger.exception("request_id=%s: could not report the failure", s.request_id)
             self._release(s)
 
-    def _batched(self, group: list[_Seq], forward: Callable[[list[_Seq]], list], stage: str) -> list[tuple[_Seq, object]]:
+    def _batched(
+        self, group: list[_Seq], forward: Callable[[list[_Seq]], list], stage: str
+    ) -> list[tuple[_Seq, object]]:
         """``forward(group)`` -> one output per sequence. When it raises for the whole group, each
         sequence is run alone, so a fault fails exactly the sequences that fail on their own and the
         rest get the outputs they would have had (the forward passes only write their own KV slots)."""
@@ -293,7 +328,13 @@ class Engine:
             if len(group) == 1:
                 self._fail(group[0], stage, e)
                 return []
-            logger.warning("%s failed for %d sequences (%s: %s); running each alone", stage, len(group), type(e).__name__, e)
+            logger.warning(
+                "%s failed for %d sequences (%s: %s); running each alone",
+                stage,
+                len(group),
+                type(e).__name__,
+                e,
+            )
         out: list[tuple[_Seq, object]] = []
         for s in group:
             try:
@@ -338,7 +379,9 @@ class Engine:
         for s in compute:
             if id(s) in outs:
                 row, pick, _ = outs[id(s)]
-                self._guarded(s, "sampling", lambda s=s, row=row, pick=pick: self._after_prefill(s, row, pick))
+                self._guarded(
+                    s, "sampling", lambda s=s, row=row, pick=pick: self._after_prefill(s, row, pick)
+                )
         self._running.sort(key=lambda x: x.slot)
 
     def _prefill_forward(self, compute: list[_Seq]) -> list[tuple]:
@@ -355,7 +398,9 @@ class Engine:
         rows: list[torch.Tensor | None] = [None] * len(compute)
         picks: list[int | None] = [None] * len(compute)
         if decoding:
-            last_logits = self.model.logits(torch.stack([hidden[j, lengths[j] - 1] for j in decoding]))  # (D, V)
+            last_logits = self.model.logits(
+                torch.stack([hidden[j, lengths[j] - 1] for j in decoding])
+            )  # (D, V)
             for j, row, pick in zip(decoding, last_logits, self._argmax_rows(last_logits)):
                 rows[j], picks[j] = row, pick
         score_rows: list[torch.Tensor | None] = [None] * len(compute)
@@ -363,7 +408,9 @@ class Engine:
         if scoring:
             # one lm-head matmul for every scored position of the group (not one per sequence)
             spans = [(compute[j].req.scored_from - 1, lengths[j] - 1) for j in scoring]
-            flat = torch.cat([hidden[j, a:b] for j, (a, b) in zip(scoring, spans) if b > a] or [hidden[0, :0]])  # (N, H)
+            flat = torch.cat(
+                [hidden[j, a:b] for j, (a, b) in zip(scoring, spans) if b > a] or [hidden[0, :0]]
+            )  # (N, H)
             logp = torch.log_softmax(self.model.logits(flat).float(), dim=-1) if len(flat) else None  # (N, V)
             start = 0
             for j, (a, b) in zip(scoring, spans):
@@ -417,7 +464,9 @@ class Engine:
         slot_list = [s.slot for s in seqs]
         slots = torch.tensor(slot_list, dtype=torch.long, device=dev)  # (B,)
         t0 = time.perf_counter()
-        hidden = self.model.decode(tokens, positions, slots, self.cache, contiguous=slot_list == list(range(len(seqs))))
+        hidden = self.model.decode(
+            tokens, positions, slots, self.cache, contiguous=slot_list == list(range(len(seqs)))
+        )
         logits = self.model.logits(hidden)  # (B, V)
         picks = self._argmax_rows(logits)
         M.FORWARD_TIME.labels("decode").observe(time.perf_counter() - t0)
@@ -439,11 +488,19 @@ class Engine:
         if st.is_greedy and st.repetition_penalty in (0.0, 1.0) and not stopping.prevent_newline_after_colon:
             t = pick
         else:
-            x = row[: self.tok.vocab_size]  # (V,) ids past the tokenizer's vocabulary (padding) are never chosen
+            x = row[
+                : self.tok.vocab_size
+            ]  # (V,) ids past the tokenizer's vocabulary (padding) are never chosen
             if st.repetition_penalty not in (0.0, 1.0):
-                seen = torch.tensor(list(s.req.prompt_ids) + s.gen_ids, dtype=torch.long, device=x.device).unique()
+                seen = torch.tensor(
+                    list(s.req.prompt_ids) + s.gen_ids, dtype=torch.long, device=x.device
+                ).unique()
                 x = apply_repetition_penalty(x, seen[seen < x.shape[-1]], st.repetition_penalty)
-            if stopping.prevent_newline_after_colon and self.tok.colon_id is not None and self.tok.newline_id is not None:
+            if (
+                stopping.prevent_newline_after_colon
+                and self.tok.colon_id is not None
+                and self.tok.newline_id is not None
+            ):
                 prev = s.gen_ids[-1] if s.gen_ids else s.req.prompt_ids[-1]
                 if prev == self.tok.colon_id:
                     x = x.clone()
@@ -480,7 +537,8 @@ class Engine:
             return EOS, ""
         prev = s.gen_ids[-2] if len(s.gen_ids) > 1 else (s.req.prompt_ids[-1] if s.req.prompt_ids else None)
         if stop.stop_on_double_eol and (
-            (token == tok.double_newline_id and token is not None) or (token == tok.newline_id and prev == tok.newline_id)
+            (token == tok.double_newline_id and token is not None)
+            or (token == tok.newline_id and prev == tok.newline_id)
         ):
             return EOL, ""
         if stop.stop_on_eol and token is not None and token in (tok.newline_id, tok.double_newline_id):

@@ -54,24 +54,32 @@ def _free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def _allocate_cache(cfg: TextgenConfig, arch: ArchConfig, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+def _allocate_cache(
+    cfg: TextgenConfig, arch: ArchConfig, max_len: int, dtype: torch.dtype, device: torch.device
+) -> KVCache:
     """The KV cache, or a StartupError naming the settings that size it when it cannot fit."""
     need = KVCache.bytes_needed(arch, num_slots=cfg.max_batch_size, max_len=max_len, dtype=dtype)
     free = _free_bytes(device)
-    hint = (f"the KV cache for MEGASTACK_TEXTGEN_MAX_BATCH_SIZE={cfg.max_batch_size} sequences x "
-            f"MEGASTACK_TEXTGEN_MAX_CONTEXT_TOKENS={max_len} tokens needs {need / 2**30:.2f} GiB")
+    hint = (
+        f"the KV cache for MEGASTACK_TEXTGEN_MAX_BATCH_SIZE={cfg.max_batch_size} sequences x "
+        f"MEGASTACK_TEXTGEN_MAX_CONTEXT_TOKENS={max_len} tokens needs {need / 2**30:.2f} GiB"
+    )
     if need > 0.9 * free:
         raise StartupError(f"{hint} but {free / 2**30:.2f} GiB are free on {device}; lower one of them")
     try:
         return KVCache(arch, num_slots=cfg.max_batch_size, max_len=max_len, dtype=dtype, device=device)
     except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
-        raise StartupError(f"{hint} and could not be allocated on {device} ({type(e).__name__}); lower one of them") from None
+        raise StartupError(
+            f"{hint} and could not be allocated on {device} ({type(e).__name__}); lower one of them"
+        ) from None
 
 
 def load_served_model(cfg: TextgenConfig) -> ServedModel:
     path = Path(cfg.model_dir)
     if not path.exists():
-        raise StartupError(f"model folder {path} does not exist (run `make setup`, or set MEGASTACK_TEXTGEN_MODEL_DIR)")
+        raise StartupError(
+            f"model folder {path} does not exist (run `make setup`, or set MEGASTACK_TEXTGEN_MODEL_DIR)"
+        )
     try:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype)
@@ -87,22 +95,43 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
             raise StartupError(f"{path}: no tokenizer files found next to the checkpoint")
         tokenizer = Tokenizer.load(tok_dir)
         max_len = min(cfg.max_context_tokens, reader.arch.max_position_embeddings)
-        model = DecoderLM(reader.arch, reader.canonical_tensors(), dtype=dtype, device=device, max_len=max_len)
+        model = DecoderLM(
+            reader.arch, reader.canonical_tensors(), dtype=dtype, device=device, max_len=max_len
+        )
     except ServiceError as e:
         raise StartupError(f"cannot load {path}: {e.message}") from None
     except UnsupportedModel as e:
-        raise StartupError(f"cannot serve {path}: {e}; serve another checkpoint (MEGASTACK_TEXTGEN_MODEL_DIR)") from None
+        raise StartupError(
+            f"cannot serve {path}: {e}; serve another checkpoint (MEGASTACK_TEXTGEN_MODEL_DIR)"
+        ) from None
     cache = _allocate_cache(cfg, reader.arch, max_len, dtype, device)
     engine = Engine(
-        model, cache, tokenizer_info(tokenizer),
+        model,
+        cache,
+        tokenizer_info(tokenizer),
         EngineConfig(cfg.max_batch_size, cfg.max_queue_size, cfg.max_prefill_tokens),
     )
     logger.info(
         "loaded %s (%s, %s, %.1fM params) on %s/%s in %.1fs; KV cache %.0f MiB for %d x %d tokens",
-        path, reader.format, reader.arch.architecture, model.num_parameters() / 1e6, device, dtype_name(dtype),
-        time.perf_counter() - t0, cache.nbytes() / 2**20, cfg.max_batch_size, max_len,
+        path,
+        reader.format,
+        reader.arch.architecture,
+        model.num_parameters() / 1e6,
+        device,
+        dtype_name(dtype),
+        time.perf_counter() - t0,
+        cache.nbytes() / 2**20,
+        cfg.max_batch_size,
+        max_len,
     )
     return ServedModel(
-        name=cfg.model_name or path.name, arch=reader.arch, model=model, tokenizer=tokenizer, engine=engine,
-        source_format=reader.format, dtype=dtype_name(dtype), device=str(device), max_context_tokens=max_len,
+        name=cfg.model_name or path.name,
+        arch=reader.arch,
+        model=model,
+        tokenizer=tokenizer,
+        engine=engine,
+        source_format=reader.format,
+        dtype=dtype_name(dtype),
+        device=str(device),
+        max_context_tokens=max_len,
     )

@@ -22,9 +22,14 @@ from llm.models.base import ArchConfig, split_qkv
 
 Tensor = torch.Tensor
 ROPE_SCALING = ("default", "linear", "llama3")
-LAYER_TENSORS = ("self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
-                 "self_attention.linear_proj.weight", "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight",
-                 "mlp.linear_fc2.weight")
+LAYER_TENSORS = (
+    "self_attention.linear_qkv.layer_norm_weight",
+    "self_attention.linear_qkv.weight",
+    "self_attention.linear_proj.weight",
+    "mlp.linear_fc1.layer_norm_weight",
+    "mlp.linear_fc1.weight",
+    "mlp.linear_fc2.weight",
+)
 
 
 class UnsupportedModel(ValueError):
@@ -35,7 +40,7 @@ class UnsupportedModel(ValueError):
 class LayerWeights:
     ln1_w: Tensor
     ln1_b: Tensor | None
-    qkv_w: Tensor   # rows ordered [all q heads | all k heads | all v heads]
+    qkv_w: Tensor  # rows ordered [all q heads | all k heads | all v heads]
     qkv_b: Tensor | None
     proj_w: Tensor
     proj_b: Tensor | None
@@ -48,14 +53,23 @@ class LayerWeights:
 
 
 class KVCache:
-    """Per layer, keys and values for ``num_slots`` sequences of up to ``max_len`` tokens: [slots, g, L, d]."""
+    """Per layer, keys and values for ``num_slots`` sequences of up to ``max_len`` tokens: [slots, g, L,
+    d]."""
 
     @staticmethod
     def bytes_needed(arch: ArchConfig, *, num_slots: int, max_len: int, dtype: torch.dtype) -> int:
-        per_layer = num_slots * arch.num_query_groups * max_len * arch.head_dim * torch.empty((), dtype=dtype, device="cpu").element_size()
+        per_layer = (
+            num_slots
+            * arch.num_query_groups
+            * max_len
+            * arch.head_dim
+            * torch.empty((), dtype=dtype, device="cpu").element_size()
+        )
         return 2 * arch.num_layers * per_layer
 
-    def __init__(self, arch: ArchConfig, *, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, arch: ArchConfig, *, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ):
         shape = (num_slots, arch.num_query_groups, max_len, arch.head_dim)
         # zeros, not empty: masked positions get weight 0, and 0 * NaN garbage would still be NaN.
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
@@ -85,8 +99,10 @@ def _inv_freq(arch: ArchConfig, device: torch.device) -> Tensor:
         mid = (1 - smooth) * inv / factor + smooth * inv
         inv = torch.where((wavelen <= low_wl) & (wavelen >= high_wl), mid, scaled)
     elif kind not in (None, "default"):
-        raise UnsupportedModel(f"rope_scaling type {kind!r} in the model's config is not supported by the textgen engine "
-                               f"(supported: {', '.join(ROPE_SCALING)})")
+        raise UnsupportedModel(
+            f"rope_scaling type {kind!r} in the model's config is not supported by the textgen engine "
+            f"(supported: {', '.join(ROPE_SCALING)})"
+        )
     return inv
 
 
@@ -109,18 +125,34 @@ class Rope:
 class DecoderLM:
     """Forward passes for prefill (a padded group of prompts) and decode (one token per sequence)."""
 
-    def __init__(self, arch: ArchConfig, tensors: Iterable[tuple[str, Tensor]], *, dtype: torch.dtype,
-                 device: torch.device, max_len: int):
+    def __init__(
+        self,
+        arch: ArchConfig,
+        tensors: Iterable[tuple[str, Tensor]],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_len: int,
+    ):
         self.arch = arch
         self.dtype = dtype
         self.device = device
         self.max_len = max_len
         w = {name: t.to(device=device, dtype=dtype) for name, t in tensors}
-        missing = [n for n in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight") if n not in w]
-        missing += [f"decoder.layers.{i}.{n}" for i in range(arch.num_layers) for n in LAYER_TENSORS
-                    if f"decoder.layers.{i}.{n}" not in w]
+        missing = [
+            n for n in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight") if n not in w
+        ]
+        missing += [
+            f"decoder.layers.{i}.{n}"
+            for i in range(arch.num_layers)
+            for n in LAYER_TENSORS
+            if f"decoder.layers.{i}.{n}" not in w
+        ]
         if missing:
-            raise UnsupportedModel(f"the checkpoint lacks {len(missing)} tensor(s) {arch.architecture} needs, e.g. {missing[0]!r}")
+            raise UnsupportedModel(
+                f"the checkpoint lacks {len(missing)} tensor(s) {arch.architecture} needs, e.g. "
+                f"{missing[0]!r}"
+            )
         self.word_emb = w.pop("embedding.word_embeddings.weight")
         self.pos_emb = w.pop("embedding.position_embeddings.weight", None)
         self.out_w = w.pop("output_layer.weight", None)
@@ -130,8 +162,10 @@ class DecoderLM:
         self.final_b = w.pop("decoder.final_layernorm.bias", None)
         self.layers = [self._layer(w, i) for i in range(arch.num_layers)]
         if w:
-            raise UnsupportedModel(f"the checkpoint has {len(w)} tensor(s) the {arch.architecture} layout does not use, "
-                                   f"e.g. {sorted(w)[0]!r}")
+            raise UnsupportedModel(
+                f"the checkpoint has {len(w)} tensor(s) the {arch.architecture} layout does not use, "
+                f"e.g. {sorted(w)[0]!r}"
+            )
         self.rope = Rope(arch, max_len, dtype, device) if arch.position_embedding == "rope" else None
         self.q_size = arch.num_attention_heads * arch.head_dim
         self.kv_size = arch.num_query_groups * arch.head_dim
@@ -146,7 +180,9 @@ class DecoderLM:
         def reorder(t: Tensor | None) -> Tensor | None:
             if t is None:
                 return None
-            q, k, v = split_qkv(t, num_heads=a.num_attention_heads, num_groups=a.num_query_groups, head_dim=a.head_dim)
+            q, k, v = split_qkv(
+                t, num_heads=a.num_attention_heads, num_groups=a.num_query_groups, head_dim=a.head_dim
+            )
             return torch.cat([q, k, v], dim=0).contiguous()
 
         return LayerWeights(
@@ -207,8 +243,16 @@ class DecoderLM:
             h = self._norm(x, lw.ln1_w, lw.ln1_b)
             qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
             q = qkv[..., : self.q_size].view(N, T, a.num_attention_heads, a.head_dim).transpose(1, 2)
-            k = qkv[..., self.q_size : self.q_size + self.kv_size].view(N, T, a.num_query_groups, a.head_dim).transpose(1, 2)
-            v = qkv[..., self.q_size + self.kv_size :].view(N, T, a.num_query_groups, a.head_dim).transpose(1, 2)
+            k = (
+                qkv[..., self.q_size : self.q_size + self.kv_size]
+                .view(N, T, a.num_query_groups, a.head_dim)
+                .transpose(1, 2)
+            )
+            v = (
+                qkv[..., self.q_size + self.kv_size :]
+                .view(N, T, a.num_query_groups, a.head_dim)
+                .transpose(1, 2)
+            )
             if cos is not None:
                 q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
             cache.k[i][slots, :, :T] = k
@@ -218,7 +262,9 @@ class DecoderLM:
             x = x + self._mlp(self._norm(x, lw.ln2_w, lw.ln2_b), lw)
         return self._norm(x, self.final_w, self.final_b)
 
-    def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor, cache: KVCache, *, contiguous: bool) -> Tensor:
+    def decode(
+        self, tokens: Tensor, positions: Tensor, slots: Tensor, cache: KVCache, *, contiguous: bool
+    ) -> Tensor:
         """One step: tokens/positions/slots [B]; returns final hidden [B, H].
 
         ``contiguous`` means slots == arange(B): the cache is then read through a view, not a gather.
@@ -248,7 +294,9 @@ class DecoderLM:
                 keys, values = ck[:B, :, :span], cv[:B, :, :span]
             else:
                 keys, values = ck[slots, :, :span], cv[slots, :, :span]
-            o = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=self.gqa)
+            o = F.scaled_dot_product_attention(
+                q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=self.gqa
+            )
             x = x + F.linear(o.reshape(B, self.q_size), lw.proj_w, lw.proj_b)
             x = x + self._mlp(self._norm(x, lw.ln2_w, lw.ln2_b), lw)
         return self._norm(x, self.final_w, self.final_b)

@@ -34,8 +34,17 @@ from shared.limits import MIN_TEMPERATURE
 
 Tensor = torch.Tensor
 
-__all__ = ["MIN_TEMPERATURE", "SamplingError", "SamplingSpec", "apply_repetition_penalty", "make_generator",
-           "next_top_p", "sample_row", "top_k_filter", "top_p_filter"]
+__all__ = [
+    "MIN_TEMPERATURE",
+    "SamplingError",
+    "SamplingSpec",
+    "apply_repetition_penalty",
+    "make_generator",
+    "next_top_p",
+    "sample_row",
+    "top_k_filter",
+    "top_p_filter",
+]
 
 
 class SamplingError(ValueError):

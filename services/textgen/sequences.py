@@ -13,7 +13,14 @@ from services.textgen.sampling import SamplingSpec
 if TYPE_CHECKING:
     from services.textgen.engine import Engine
 
-LENGTH, EOS, STOP_SEQUENCE, EOL, CANCELLED, ERROR = "length", "eos", "stop_sequence", "eol", "cancelled", "error"
+LENGTH, EOS, STOP_SEQUENCE, EOL, CANCELLED, ERROR = (
+    "length",
+    "eos",
+    "stop_sequence",
+    "eol",
+    "cancelled",
+    "error",
+)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 class TextGenServicer(pb_grpc.TextGenServiceServicer):
-    def __init__(self, served: ServedModel, *, max_prompts: int, max_queue_size: int, max_batch_size: int) -> None:
+    def __init__(
+        self, served: ServedModel, *, max_prompts: int, max_queue_size: int, max_batch_size: int
+    ) -> None:
         self.served = served
         self.engine = served.engine
         self.tok = served.tokenizer
@@ -28,7 +30,9 @@ class TextGenServicer(pb_grpc.TextGenServiceServicer):
         self.max_queue_size = max_queue_size
         self.max_batch_size = max_batch_size
 
-    def _submit(self, request, context: grpc.ServicerContext, sink: queue.SimpleQueue | None = None) -> list[SequenceHandle]:
+    def _submit(
+        self, request, context: grpc.ServicerContext, sink: queue.SimpleQueue | None = None
+    ) -> list[SequenceHandle]:
         reqs = wire.sequence_requests(request.prompts, request.params, self.tok, max_prompts=self.max_prompts)
         handles = self.engine.submit(reqs, sink=sink)
         # Fires when the RPC ends for any reason; after a normal finish cancel() is a no-op.
@@ -78,12 +82,18 @@ class TextGenServicer(pb_grpc.TextGenServiceServicer):
 
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
         if request.texts:
-            return pb.TokenizeResponse(encoded=[pb.TokenIds(ids=self.tok.encode(t, add_special_tokens=request.add_special_tokens))
-                                                for t in request.texts])
+            return pb.TokenizeResponse(
+                encoded=[
+                    pb.TokenIds(ids=self.tok.encode(t, add_special_tokens=request.add_special_tokens))
+                    for t in request.texts
+                ]
+            )
         ids = self.tok.encode(request.text, add_special_tokens=request.add_special_tokens)
         return pb.TokenizeResponse(ids=ids, tokens=self.tok.token_texts(ids))
 
-    def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.ServicerContext) -> pb.DetokenizeResponse:
+    def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.ServicerContext
+    ) -> pb.DetokenizeResponse:
         bad = [i for i in request.ids if not 0 <= i < self.tok.vocab_size]
         if bad:
             raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary", field="ids")
@@ -100,19 +110,33 @@ class TextGenServicer(pb_grpc.TextGenServiceServicer):
     def GetModelInfo(self, request, context: grpc.ServicerContext) -> pb.GetModelInfoResponse:
         s, tok = self.served, self.tok
         return pb.GetModelInfoResponse(
-            name=s.name, family=s.arch.family, architecture=s.arch.architecture, dtype=s.dtype, device=s.device,
-            vocab_size=tok.vocab_size, max_context_tokens=s.max_context_tokens, max_batch_size=self.max_batch_size,
-            max_queue_size=self.max_queue_size, max_prompts_per_request=self.max_prompts,
-            eos_token=tok.eos_token, eos_token_id=tok.eos_id if tok.eos_id is not None else -1,
-            bos_token=tok.bos_token, bos_token_id=tok.bos_id if tok.bos_id is not None else -1,
-            has_chat_template=tok.has_chat_template, num_parameters=s.model.num_parameters(),
-            source_format=s.source_format, chat_template=tok.chat_template,
+            name=s.name,
+            family=s.arch.family,
+            architecture=s.arch.architecture,
+            dtype=s.dtype,
+            device=s.device,
+            vocab_size=tok.vocab_size,
+            max_context_tokens=s.max_context_tokens,
+            max_batch_size=self.max_batch_size,
+            max_queue_size=self.max_queue_size,
+            max_prompts_per_request=self.max_prompts,
+            eos_token=tok.eos_token,
+            eos_token_id=tok.eos_id if tok.eos_id is not None else -1,
+            bos_token=tok.bos_token,
+            bos_token_id=tok.bos_id if tok.bos_id is not None else -1,
+            has_chat_template=tok.has_chat_template,
+            num_parameters=s.model.num_parameters(),
+            source_format=s.source_format,
+            chat_template=tok.chat_template,
         )
 
     def GetLoad(self, request, context: grpc.ServicerContext) -> pb.GetLoadResponse:
         waiting, running = self.engine.load()
         return pb.GetLoadResponse(
-            num_waiting=waiting, num_running=running, max_batch_size=self.max_batch_size, max_queue_size=self.max_queue_size
+            num_waiting=waiting,
+            num_running=running,
+            max_batch_size=self.max_batch_size,
+            max_queue_size=self.max_queue_size,
         )
 
 
@@ -151,7 +175,9 @@ class Watchdog:
                 if ok:
                     logger.warning("engine is making progress again: health -> SERVING")
                 else:
-                    logger.error("engine made no progress for %.1fs while busy (or stopped): health -> NOT_SERVING",
-                                 self.timeout_s)
+                    logger.error(
+                        "engine made no progress for %.1fs while busy (or stopped): health -> NOT_SERVING",
+                        self.timeout_s,
+                    )
                 self.healthy = ok
                 self.set_serving(ok)

@@ -16,7 +16,11 @@ logger = logging.getLogger(__name__)
 def warmup(served: ServedModel) -> None:
     t0 = time.perf_counter()
     ids = tuple(served.tokenizer.encode("Hello")) or (served.tokenizer.eod_id,)
-    req = SequenceRequest(prompt_ids=ids, sampling=SamplingSpec(greedy=True), stopping=StopSpec(max_new_tokens=2, ignore_eos=True))
+    req = SequenceRequest(
+        prompt_ids=ids,
+        sampling=SamplingSpec(greedy=True),
+        stopping=StopSpec(max_new_tokens=2, ignore_eos=True),
+    )
     handle = served.engine.submit([req])[0]
     served.engine.run_until_idle()
     result = handle.result()

@@ -48,8 +48,14 @@ def sampling_spec(s: pb.SamplingParams) -> SamplingSpec:
     if s.repetition_penalty < 0:
         raise InvalidArgument("repetition_penalty must be > 0", field="repetition_penalty")
     return SamplingSpec(
-        greedy=s.greedy, temperature=temperature, top_k=s.top_k, top_p=s.top_p, top_p_decay=s.top_p_decay,
-        top_p_bound=s.top_p_bound, seed=s.seed, repetition_penalty=s.repetition_penalty or 1.0,
+        greedy=s.greedy,
+        temperature=temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        top_p_decay=s.top_p_decay,
+        top_p_bound=s.top_p_bound,
+        seed=s.seed,
+        repetition_penalty=s.repetition_penalty or 1.0,
     )
 
 
@@ -60,8 +66,11 @@ def stop_spec(s: pb.StoppingParams) -> StopSpec:
     if len(stops) > MAX_STOP_SEQUENCES:
         raise InvalidArgument(f"at most {MAX_STOP_SEQUENCES} stop sequences", field="stop")
     return StopSpec(
-        max_new_tokens=s.max_new_tokens, stop=stops, stop_on_eol=s.stop_on_eol,
-        stop_on_double_eol=s.stop_on_double_eol, prevent_newline_after_colon=s.prevent_newline_after_colon,
+        max_new_tokens=s.max_new_tokens,
+        stop=stops,
+        stop_on_eol=s.stop_on_eol,
+        stop_on_double_eol=s.stop_on_double_eol,
+        prevent_newline_after_colon=s.prevent_newline_after_colon,
         ignore_eos=s.ignore_eos,
     )
 
@@ -81,7 +90,9 @@ def sequence_requests(
     if not prompts:
         raise InvalidArgument("prompts is empty", field="prompts")
     if len(prompts) > max_prompts:
-        raise InvalidArgument(f"at most {max_prompts} prompts per request (max_prompts_per_request)", field="prompts")
+        raise InvalidArgument(
+            f"at most {max_prompts} prompts per request (max_prompts_per_request)", field="prompts"
+        )
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}", field="top_logprobs")
     if params.prompt_logprobs_from < 0:
@@ -90,8 +101,12 @@ def sequence_requests(
     stopping = stop_spec(params.stopping)
     return [
         SequenceRequest(
-            prompt_ids=prompt_ids(p, tok, params.add_bos), sampling=sampling, stopping=stopping,
-            prompt_logprobs=params.prompt_logprobs, logprobs=params.logprobs, top_logprobs=params.top_logprobs,
+            prompt_ids=prompt_ids(p, tok, params.add_bos),
+            sampling=sampling,
+            stopping=stopping,
+            prompt_logprobs=params.prompt_logprobs,
+            logprobs=params.logprobs,
+            top_logprobs=params.top_logprobs,
             prompt_logprobs_from=params.prompt_logprobs_from,
         )
         for p in prompts

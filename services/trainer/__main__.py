@@ -18,16 +18,33 @@ logger = logging.getLogger(__name__)
 
 
 def build(cfg: TrainerConfig) -> ServiceParts:
-    store = JobStore(cfg.jobs_dir, "train", max_watchers=cfg.watchers_limit, watchers_setting="MEGASTACK_TRAINER_MAX_WATCHERS")
-    launcher = RayLauncher(store, ray_address=cfg.ray_address, python=cfg.python,
-                           runtime_env=json.loads(cfg.runtime_env_json) if cfg.runtime_env_json else None,
-                           poll_interval_s=cfg.poll_interval_s, ray_poll_interval_s=cfg.ray_poll_interval_s, resource_wait_s=cfg.resource_wait_s)
+    store = JobStore(
+        cfg.jobs_dir,
+        "train",
+        max_watchers=cfg.watchers_limit,
+        watchers_setting="MEGASTACK_TRAINER_MAX_WATCHERS",
+    )
+    launcher = RayLauncher(
+        store,
+        ray_address=cfg.ray_address,
+        python=cfg.python,
+        runtime_env=json.loads(cfg.runtime_env_json) if cfg.runtime_env_json else None,
+        poll_interval_s=cfg.poll_interval_s,
+        ray_poll_interval_s=cfg.ray_poll_interval_s,
+        resource_wait_s=cfg.resource_wait_s,
+    )
     active = [r.job_id for r in store.list() if not r.terminal]
     if active:
-        logger.info("following %d unfinished jobs from before the restart: %s", len(active), ", ".join(active))
+        logger.info(
+            "following %d unfinished jobs from before the restart: %s", len(active), ", ".join(active)
+        )
     launcher.start()
     return ServiceParts(
-        registrations=[Registration(pb_grpc.add_TrainerServiceServicer_to_server, TrainerServicer(store, launcher), SERVICE)],
+        registrations=[
+            Registration(
+                pb_grpc.add_TrainerServiceServicer_to_server, TrainerServicer(store, launcher), SERVICE
+            )
+        ],
         on_shutdown=[launcher.stop],
     )
 

@@ -3,7 +3,8 @@
 Every rank writes its shards into ``<save_dir>/.tmp-iter_XXXXXXX``; rank 0 then renames it to
 ``iter_XXXXXXX`` and updates ``latest_checkpointed_iteration.txt`` (atomically), so a job killed while
 saving resumes from the previous complete checkpoint. With ``checkpoint.async_save`` the shards are written
-in the background (:class:`Saver`) and published the same way once all ranks are done. The layout is Megatron-LM's: the model under
+in the background (:class:`Saver`) and published the same way once all ranks are done. The layout is
+Megatron-LM's: the model under
 ``model`` (``model0``, ``model1``, ... for a virtual pipeline), so Megatron tools read it too.
 """
 
@@ -55,12 +56,25 @@ def _rng_object(is_loading: bool = False):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    state = None if is_loading else {
-        "random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
-    }
-    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_data_parallel_world_size())
-    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank())
+    state = (
+        None
+        if is_loading
+        else {
+            "random": random.getstate(),
+            "np": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+    )
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
     return ShardedObject("rng_state", state, shape, offset, replica_id=0)
 
 
@@ -78,19 +92,34 @@ def describe(save_dir: Path, spec, arch, tok_dir: Path | None, padded_vocab: int
         cfg = Path(spec.architecture)
         hf_config = json.loads((cfg / "config.json" if cfg.is_dir() else cfg).read_text())
     meta = {
-        "format": "mcore", "created_by": "megastack trainer", "created_unix_s": time.time(), "job": spec.name, "kind": spec.kind,
-        "init_from": spec.init_from or None, "arch": arch.to_dict(), "hf_config": {**hf_config, "vocab_size": arch.vocab_size},
-        "padded_vocab_size": padded_vocab, "make_vocab_size_divisible_by": 128, "tensor_parallel": spec.tp,
-        "pipeline_parallel": spec.pp, "params_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[spec.precision],
+        "format": "mcore",
+        "created_by": "megastack trainer",
+        "created_unix_s": time.time(),
+        "job": spec.name,
+        "kind": spec.kind,
+        "init_from": spec.init_from or None,
+        "arch": arch.to_dict(),
+        "hf_config": {**hf_config, "vocab_size": arch.vocab_size},
+        "padded_vocab_size": padded_vocab,
+        "make_vocab_size_divisible_by": 128,
+        "tensor_parallel": spec.tp,
+        "pipeline_parallel": spec.pp,
+        "params_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[spec.precision],
     }
-    files = sorted(p for p in Path(tok_dir).iterdir() if p.is_file()) if tok_dir and Path(tok_dir).is_dir() else []
+    files = (
+        sorted(p for p in Path(tok_dir).iterdir() if p.is_file())
+        if tok_dir and Path(tok_dir).is_dir()
+        else []
+    )
     write_description(Path(save_dir), meta, files)
     mark_output(Path(save_dir))  # megastack's folder: resumes and cleanups of old iterations may touch it
 
 
 def _publish(save_dir: Path, iteration: int, keep_last: int) -> None:
-    """Rank 0, once every rank's shards are written: the temporary folder becomes ``iter_XXXXXXX``, the tracker
-    names it (atomically), old iterations beyond ``keep_last`` go. Until then the previous one is the latest."""
+    """Rank 0, once every rank's shards are written: the temporary folder becomes ``iter_XXXXXXX``, the
+    tracker
+    names it (atomically), old iterations beyond ``keep_last`` go. Until then the previous one is the
+    latest."""
     final, tmp = save_dir / iter_name(iteration), save_dir / f".tmp-{iter_name(iteration)}"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -105,7 +134,7 @@ def discard_partial(save_dir: Path) -> list[str]:
     writers died with the attempt that started them). Only megastack's own temporary names are touched."""
     gone = []
     for p in sorted(Path(save_dir).glob(".tmp-iter_*")):
-        if p.is_dir() and p.name[len(".tmp-iter_"):].isdigit():
+        if p.is_dir() and p.name[len(".tmp-iter_") :].isdigit():
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
     return gone
@@ -139,11 +168,13 @@ _MANAGERS: list = []
 
 
 class Saver:
-    """Writes torch_dist checkpoints, in the step loop (sync) or in the background (``checkpoint.async_save``).
+    """Writes torch_dist checkpoints, in the step loop (sync) or in the background
+    (``checkpoint.async_save``).
 
     Async: megatron-core's async save; the step loop blocks while the state dict is built and a writer process
     is forked with the tensors (a copy from the GPU first, on a GPU), then goes on; every step asks (one small
-    all-reduce) whether all ranks' writers are done, and the checkpoint is published (renamed, tracker updated)
+    all-reduce) whether all ranks' writers are done, and the checkpoint is published (renamed, tracker
+    updated)
     only then. One save is in flight at a time: the next save, and the end of training, wait for it. A job
     killed meanwhile leaves ``.tmp-iter_*`` behind and resumes from the previous checkpoint.
     """
@@ -159,7 +190,9 @@ class Saver:
 
             self._queue = AsyncCallsQueue(persistent=False)
             if not _FORK_HOOK:
-                os.register_at_fork(after_in_child=die_with_parent)  # the background writers die with the rank
+                os.register_at_fork(
+                    after_in_child=die_with_parent
+                )  # the background writers die with the rank
                 _FORK_HOOK.append(True)
 
     def save(self, iteration: int, *, models: list, optimizer, scheduler, consumed_samples: int) -> float:
@@ -175,8 +208,13 @@ class Saver:
         dist.barrier()
         state = model_sharded_state(models)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=SHARDING)
-        state.update(iteration=iteration, consumed_samples=consumed_samples, opt_param_scheduler=scheduler.state_dict(),
-                     checkpoint_version=3.0, rng_state=_rng_object())
+        state.update(
+            iteration=iteration,
+            consumed_samples=consumed_samples,
+            opt_param_scheduler=scheduler.state_dict(),
+            checkpoint_version=3.0,
+            rng_state=_rng_object(),
+        )
         self._started[iteration] = t0
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
         if request is None:
@@ -184,7 +222,9 @@ class Saver:
             self._finish(iteration, blocked)
             return blocked
         cost: dict[str, float] = {}
-        request.add_finalize_fn(lambda: self._finish(iteration, cost["blocked"]))  # run once every rank's writer is done
+        request.add_finalize_fn(
+            lambda: self._finish(iteration, cost["blocked"])
+        )  # run once every rank's writer is done
         self._queue.schedule_async_request(request)
         cost["blocked"] = time.perf_counter() - t0
         return cost["blocked"]
@@ -195,8 +235,18 @@ class Saver:
         if dist.get_rank() == 0:
             _publish(self.save_dir, iteration, self.keep_last)
             with open(self.save_dir / SAVES_FILE, "a") as f:  # what each save cost the step loop, and in all
-                f.write(json.dumps({"iteration": iteration, "async": self.async_save, "blocked_s": blocked_s,
-                                    "written_s": took, "unix_s": time.time()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "iteration": iteration,
+                            "async": self.async_save,
+                            "blocked_s": blocked_s,
+                            "written_s": took,
+                            "unix_s": time.time(),
+                        }
+                    )
+                    + "\n"
+                )
         dist.barrier()
         self.completed.append((iteration, took))
         if self.async_save:

@@ -13,15 +13,29 @@ from shared.paths import RUN_DIR
 class TrainerConfig(JobServiceConfig):
     port: int = setting(50053, help="gRPC port; 0 picks a free port.")
     metrics_port: int = setting(9403, help="Prometheus /metrics port; 0 picks a free port.")
-    ray_address: str = setting("http://127.0.0.1:8265", help="Ray dashboard (Jobs API) address of the cluster; `make up` starts a local head there.")
+    ray_address: str = setting(
+        "http://127.0.0.1:8265",
+        help="Ray dashboard (Jobs API) address of the cluster; `make up` starts a local head there.",
+    )
     jobs_dir: Path = setting(RUN_DIR / "trainer", help="Job records, specs and logs (survive restarts).")
-    python: str = setting("", help="Python the Ray job runs on the cluster; empty = this service's interpreter.")
-    runtime_env_json: str = setting("", help='Extra Ray runtime_env as JSON, e.g. {"working_dir": "...", "pip": [...]} for remote clusters.')
-    resource_wait_s: float = setting(0.0, help="Seconds a job waits for the Ray cluster to offer the CPUs/GPUs it asks when the "
-                                     "cluster has fewer in all (an autoscaling cluster adds nodes); 0 = fail at once, naming the field.")
+    python: str = setting(
+        "", help="Python the Ray job runs on the cluster; empty = this service's interpreter."
+    )
+    runtime_env_json: str = setting(
+        "",
+        help='Extra Ray runtime_env as JSON, e.g. {"working_dir": "...", "pip": [...]} for remote clusters.',
+    )
+    resource_wait_s: float = setting(
+        0.0,
+        help="Seconds a job waits for the Ray cluster to offer the CPUs/GPUs it asks when the "
+        "cluster has fewer in all (an autoscaling cluster adds nodes); 0 = fail at once, naming the field.",
+    )
     poll_interval_s: float = setting(1.0, help="Seconds between status polls of running jobs.")
-    ray_poll_interval_s: float = setting(5.0, help="While a job's status file shows fresh steps, seconds between asking Ray "
-                                         "for its state (each ask costs the head's dashboard and GCS some CPU).")
+    ray_poll_interval_s: float = setting(
+        5.0,
+        help="While a job's status file shows fresh steps, seconds between asking Ray "
+        "for its state (each ask costs the head's dashboard and GCS some CPU).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,7 +8,8 @@ from llm.indexed_dataset import IndexedDatasetReader
 
 
 def neat_packed(prefixes: list[str]) -> bool:
-    """Whether SFT data holds neat packs (several samples per row, to be kept apart), judged from the first rows
+    """Whether SFT data holds neat packs (several samples per row, to be kept apart), judged from the first
+    rows
     of each dataset's attention-mask file (`megastack preprocess --neat-pack` writes every row that way)."""
     for p in prefixes:
         masks = IndexedDatasetReader(f"{p}_packed_attention_mask_document")
@@ -18,7 +19,8 @@ def neat_packed(prefixes: list[str]) -> bool:
 
 
 def split_documents(split: str, num_documents: int) -> list[int]:
-    """Documents per train/valid/test split, as megatron-core's builder cuts them (rounded cumulative bounds)."""
+    """Documents per train/valid/test split, as megatron-core's builder cuts them (rounded cumulative
+    bounds)."""
     weights = [float(x) for x in split.split(",")]
     total = sum(weights)
     cum = [sum(weights[:i]) / total for i in range(len(weights) + 1)]

@@ -14,7 +14,9 @@ from pathlib import Path
 from services.trainer.jobfiles import HEARTBEAT_DIR
 
 DIR = HEARTBEAT_DIR
-EVERY_S = 1.0  # beats closer together than this are skipped: a step is often far shorter, the timeout minutes long
+EVERY_S = (
+    1.0  # beats closer together than this are skipped: a step is often far shorter, the timeout minutes long
+)
 _last: dict[tuple[str, int], float] = {}
 
 
@@ -32,8 +34,11 @@ def beat(save_dir: str | Path, rank: int, *, force: bool = False) -> None:
     tmp.replace(d / f"rank-{rank}")
 
 
-def stale_ranks(save_dir: str | Path, world: int, timeout_s: float, since: float, now: float | None = None) -> list[tuple[int, float]]:
-    """(rank, seconds without a beat) of the ranks silent for more than ``timeout_s``; a rank that has not beaten
+def stale_ranks(
+    save_dir: str | Path, world: int, timeout_s: float, since: float, now: float | None = None
+) -> list[tuple[int, float]]:
+    """(rank, seconds without a beat) of the ranks silent for more than ``timeout_s``; a rank that has not
+    beaten
     yet counts from ``since`` (the attempt's start)."""
     now = time.time() if now is None else now
     out = []

@@ -32,7 +32,13 @@ from shared.paths import REPO_ROOT
 logger = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 NO_AGENT = "No available agent"  # Ray's answer while the head's job agent is not registered yet
-RAY_STATES = {"PENDING": PENDING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED, "STOPPED": CANCELLED}
+RAY_STATES = {
+    "PENDING": PENDING,
+    "RUNNING": RUNNING,
+    "SUCCEEDED": SUCCEEDED,
+    "FAILED": FAILED,
+    "STOPPED": CANCELLED,
+}
 
 
 def clean_log(text: str) -> list[str]:
@@ -40,9 +46,18 @@ def clean_log(text: str) -> list[str]:
 
 
 class RayLauncher:
-    def __init__(self, store: JobStore, *, ray_address: str, python: str = "", runtime_env: dict[str, Any] | None = None,
-                 poll_interval_s: float = 1.0, resource_wait_s: float = 0.0, ray_poll_interval_s: float = 5.0,
-                 agent_wait_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        ray_address: str,
+        python: str = "",
+        runtime_env: dict[str, Any] | None = None,
+        poll_interval_s: float = 1.0,
+        resource_wait_s: float = 0.0,
+        ray_poll_interval_s: float = 5.0,
+        agent_wait_s: float = 60.0,
+    ) -> None:
         self.store = store
         self.address = ray_address
         self.python = python or sys.executable
@@ -64,7 +79,10 @@ class RayLauncher:
             try:
                 self._client = JobSubmissionClient(self.address)
             except Exception as e:  # noqa: BLE001 - ConnectionError and friends
-                raise Unavailable(f"Ray cluster at {self.address} is unreachable ({type(e).__name__}); is it up? (`make up`)") from None
+                raise Unavailable(
+                    f"Ray cluster at {self.address} is unreachable ({type(e).__name__}); is it up? (`make "
+                    "up`)"
+                ) from None
         return self._client
 
     def start(self) -> None:
@@ -78,18 +96,32 @@ class RayLauncher:
         spec_path = self.store.job_dir(rec.job_id) / "spec.json"
         spec_path.write_text(spec.to_json())
         env = dict(self.runtime_env)
-        env_vars = {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false",
-                    RESOURCE_WAIT_ENV: f"{self.resource_wait_s:g}", **env.pop("env_vars", {})}
+        env_vars = {
+            "PYTHONPATH": str(REPO_ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            RESOURCE_WAIT_ENV: f"{self.resource_wait_s:g}",
+            **env.pop("env_vars", {}),
+        }
         submission_id = f"{rec.job_id}"
-        metadata = {"megastack_job_id": rec.job_id, "megastack_name": spec.name, "megastack_kind": spec.kind,
-                    "megastack_parallel": f"tp={spec.tp},pp={spec.pp},dp={spec.dp},vpp={spec.vpp}",
-                    "megastack_save_dir": spec.save_dir, "megastack_spec": str(spec_path)}
+        metadata = {
+            "megastack_job_id": rec.job_id,
+            "megastack_name": spec.name,
+            "megastack_kind": spec.kind,
+            "megastack_parallel": f"tp={spec.tp},pp={spec.pp},dp={spec.dp},vpp={spec.vpp}",
+            "megastack_save_dir": spec.save_dir,
+            "megastack_spec": str(spec_path),
+        }
         deadline = time.monotonic() + self.agent_wait_s
         while True:
             try:
-                sid = self.client.submit_job(entrypoint=f"{self.python} -m services.trainer.ray_driver {spec_path}",
-                                             submission_id=submission_id, runtime_env={**env, "env_vars": env_vars}, metadata=metadata)
+                sid = self.client.submit_job(
+                    entrypoint=f"{self.python} -m services.trainer.ray_driver {spec_path}",
+                    submission_id=submission_id,
+                    runtime_env={**env, "env_vars": env_vars},
+                    metadata=metadata,
+                )
                 break
             except Unavailable:
                 raise
@@ -151,34 +183,71 @@ class RayLauncher:
         status = _read_json(Path(spec.save_dir) / STATUS_FILE)
         attempt = _read_json(Path(spec.save_dir) / ATTEMPT_FILE)
         now = time.monotonic()
-        if force or not _steps_are_fresh(status, rec, spec) or now - self._ray_polled.get(job_id, -1e9) >= self.ray_poll_interval_s:
+        if (
+            force
+            or not _steps_are_fresh(status, rec, spec)
+            or now - self._ray_polled.get(job_id, -1e9) >= self.ray_poll_interval_s
+        ):
             self._ray_polled[job_id] = now
             try:
                 info = self.client.get_job_info(rec.extra["submission_id"])
             except Exception as e:  # noqa: BLE001 - a job the cluster no longer knows
                 if "does not exist" in str(e) or "404" in str(e):
-                    self.store.update(job_id, state=FAILED, error="the Ray cluster no longer knows this job (was it restarted?)")
+                    self.store.update(
+                        job_id,
+                        state=FAILED,
+                        error="the Ray cluster no longer knows this job (was it restarted?)",
+                    )
                     M.FINISHED.labels(FAILED).inc()
                 return
         else:
             info = None  # the status file just showed a fresh step: the job runs, Ray need not be asked
-        state = rec.state if info is None else RAY_STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), rec.state)
+        state = (
+            rec.state
+            if info is None
+            else RAY_STATES.get(
+                str(info.status.value if hasattr(info.status, "value") else info.status), rec.state
+            )
+        )
         changes: dict[str, Any] = {}
         extra = dict(rec.extra)
         if status and status.get("updated_unix_s", 0) >= rec.created_unix_s:
             extra["metrics"] = status
-            metrics = {k: float(status[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "step_time_s", "mfu", "loss_scale")
-                       if k in status}
-            changes["progress"] = {"done": status.get("step", 0), "total": spec.train_iters, "unit": "steps",
-                                   "message": f"step {status.get('step', 0)}/{spec.train_iters}", "metrics": metrics}
+            metrics = {
+                k: float(status[k])
+                for k in (
+                    "loss",
+                    "lr",
+                    "grad_norm",
+                    "tokens_per_s",
+                    "tflops",
+                    "step_time_s",
+                    "mfu",
+                    "loss_scale",
+                )
+                if k in status
+            }
+            changes["progress"] = {
+                "done": status.get("step", 0),
+                "total": spec.train_iters,
+                "unit": "steps",
+                "message": f"step {status.get('step', 0)}/{spec.train_iters}",
+                "metrics": metrics,
+            }
             M.set_job(job_id, spec.name, status)
             M.STEP_TIME.set(metrics.get("step_time_s", 0.0))
             M.TOKENS.set(metrics.get("tokens_per_s", 0.0))
             if "loss" in metrics:
                 M.LOSS.set(metrics["loss"])
-        if attempt and attempt.get("started_unix_s", 0) >= rec.created_unix_s and attempt["attempt"] != rec.attempt:
+        if (
+            attempt
+            and attempt.get("started_unix_s", 0) >= rec.created_unix_s
+            and attempt["attempt"] != rec.attempt
+        ):
             changes["attempt"] = attempt["attempt"]
-            M.RESTARTS.labels(attempt.get("restart_reason", "rank_failed")).inc(max(0, attempt["attempt"] - rec.attempt))
+            M.RESTARTS.labels(attempt.get("restart_reason", "rank_failed")).inc(
+                max(0, attempt["attempt"] - rec.attempt)
+            )
         if state != rec.state:
             changes["state"] = state
             if state == FAILED:

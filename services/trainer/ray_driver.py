@@ -64,11 +64,23 @@ class RankWorker:
     def run(self, spec_json: str, rank: int, world: int, master_addr: str, master_port: int) -> int:
         import subprocess
 
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0",
-               "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+            "PYTHONUNBUFFERED": "1",
+        }
         # The spec goes through a pipe: a spec file in /tmp was left behind whenever the actor was killed.
-        with subprocess.Popen([sys.executable, "-m", "services.trainer.train", "-"], env=env, stdin=subprocess.PIPE,
-                              text=True, preexec_fn=_child_setup) as child:
+        with subprocess.Popen(
+            [sys.executable, "-m", "services.trainer.train", "-"],
+            env=env,
+            stdin=subprocess.PIPE,
+            text=True,
+            preexec_fn=_child_setup,
+        ) as child:
             child.stdin.write(spec_json)
             child.stdin.close()
             return child.wait()
@@ -80,9 +92,14 @@ def unfit_reason(bundle: dict[str, float], world: int, cluster: dict[str, float]
     for resource, per_rank in bundle.items():
         have = cluster.get(resource, 0.0)
         if per_rank * world > have:
-            field = {"GPU": "resources.gpus_per_worker", "CPU": "resources.cpus_per_worker"}.get(resource, "resources")
-            return (f"the Ray cluster has {have:g} {resource} in all; the job asks {world} rank(s) x {per_rank:g} {resource} "
-                    f"({field}){' - set it to 0 to train on CPU' if resource == 'GPU' else ''}")
+            field = {"GPU": "resources.gpus_per_worker", "CPU": "resources.cpus_per_worker"}.get(
+                resource, "resources"
+            )
+            return (
+                f"the Ray cluster has {have:g} {resource} in all; the job asks {world} rank(s) x "
+                f"{per_rank:g} {resource} "
+                f"({field}){' - set it to 0 to train on CPU' if resource == 'GPU' else ''}"
+            )
     return ""
 
 
@@ -114,15 +131,33 @@ def attempt_once(spec: TrainSpec, spec_json: str, attempt: int, previous: str = 
     if not ready:
         remove_placement_group(pg)
         return False, f"the cluster could not reserve {world} x {bundle} within 10 minutes"
-    actors = [RankWorker.options(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker,
-                                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)).remote()
-              for i in range(world)]
+    actors = [
+        RankWorker.options(
+            num_cpus=spec.cpus_per_worker,
+            num_gpus=spec.gpus_per_worker,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote()
+        for i in range(world)
+    ]
     try:
         addr, port = ray.get(actors[0].address.remote())
         pids = ray.get([a.pid.remote() for a in actors])
-        write_text_atomic(Path(spec.save_dir) / ATTEMPT_FILE,
-                          json.dumps({"attempt": attempt, "max_retries": spec.max_retries, "pids": pids, "started_unix_s": time.time(),
-                                      **({"restart_reason": restart_reason(previous), "previous_failure": previous} if previous else {})}))
+        write_text_atomic(
+            Path(spec.save_dir) / ATTEMPT_FILE,
+            json.dumps(
+                {
+                    "attempt": attempt,
+                    "max_retries": spec.max_retries,
+                    "pids": pids,
+                    "started_unix_s": time.time(),
+                    **(
+                        {"restart_reason": restart_reason(previous), "previous_failure": previous}
+                        if previous
+                        else {}
+                    ),
+                }
+            ),
+        )
         started = time.time()
         pending = [a.run.remote(spec_json, rank, world, addr, port) for rank, a in enumerate(actors)]
         while pending:
@@ -131,8 +166,10 @@ def attempt_once(spec: TrainSpec, spec_json: str, attempt: int, previous: str = 
                 stale = heartbeat.stale_ranks(spec.save_dir, world, spec.hang_timeout_s, since=started)
                 if stale:
                     rank, silent = stale[0]
-                    return False, (f"hang: rank {rank} made no progress for {silent:.0f}s "
-                                   f"(resources.hang_timeout_s={spec.hang_timeout_s:g})")
+                    return False, (
+                        f"hang: rank {rank} made no progress for {silent:.0f}s "
+                        f"(resources.hang_timeout_s={spec.hang_timeout_s:g})"
+                    )
                 continue
             try:
                 code = ray.get(done[0])
@@ -148,7 +185,8 @@ def attempt_once(spec: TrainSpec, spec_json: str, attempt: int, previous: str = 
 
 
 def load_spec(path: Path) -> TrainSpec:
-    """The trainer service's JSON, or a TrainJobSpec YAML as `megastack train submit` takes (validated here)."""
+    """The trainer service's JSON, or a TrainJobSpec YAML as `megastack train submit` takes (validated
+    here)."""
     if path.suffix in (".yaml", ".yml"):
         from services.trainer.spec import validate
         from services.trainer.wire import load_yaml
@@ -160,7 +198,9 @@ def load_spec(path: Path) -> TrainSpec:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s driver %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s driver %(levelname)s: %(message)s"
+    )
     if len(argv) != 1:
         logger.error("usage: python -m services.trainer.ray_driver SPEC.json|SPEC.yaml")
         return 2
@@ -176,14 +216,23 @@ def main(argv: list[str]) -> int:
     Path(spec.save_dir).mkdir(parents=True, exist_ok=True)
     mark_output(Path(spec.save_dir))  # the job's folder from now on (its attempt file goes in first)
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level=logging.WARNING)
-    why = wait_for_resources(rank_bundle(spec), spec.world_size, float(os.environ.get(RESOURCE_WAIT_ENV) or 0))
+    why = wait_for_resources(
+        rank_bundle(spec), spec.world_size, float(os.environ.get(RESOURCE_WAIT_ENV) or 0)
+    )
     if why:  # retrying cannot help
         logger.error("%s", why)
         return 1
     why = ""
     for attempt in range(1, spec.max_retries + 2):
-        logger.info("attempt %d of %d: %d ranks (TP=%d PP=%d DP=%d)", attempt, spec.max_retries + 1, spec.world_size,
-                    spec.tp, spec.pp, spec.dp)
+        logger.info(
+            "attempt %d of %d: %d ranks (TP=%d PP=%d DP=%d)",
+            attempt,
+            spec.max_retries + 1,
+            spec.world_size,
+            spec.tp,
+            spec.pp,
+            spec.dp,
+        )
         ok, why = attempt_once(spec, spec_json, attempt, previous=why if attempt > 1 else "")
         if ok:
             logger.info("training finished")

@@ -21,14 +21,20 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self.store = store
         self.launcher = launcher
 
-    def SubmitTrainJob(self, request: pb.SubmitTrainJobRequest, context: grpc.ServicerContext) -> pb.SubmitTrainJobResponse:
+    def SubmitTrainJob(
+        self, request: pb.SubmitTrainJobRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitTrainJobResponse:
         spec = absolutize(spec_from_pb(request.spec))  # relative paths: against the service's folder
         check_roots(spec)  # before anything is read: only under the data roots
-        validate(spec)  # a bad spec is refused here, before anything reaches the cluster (the one place it is checked)
+        validate(
+            spec
+        )  # a bad spec is refused here, before anything reaches the cluster (the one place it is checked)
         if request.validate_only:  # the CLI's --dry-run
             return pb.SubmitTrainJobResponse(job_id="")
         _ = self.launcher.client  # the cluster must be reachable before a record exists
-        rec, new = self.store.create({"json": spec.to_json()}, labels=dict(request.labels), request_id=request.request_id)
+        rec, new = self.store.create(
+            {"json": spec.to_json()}, labels=dict(request.labels), request_id=request.request_id
+        )
         if new:
             try:
                 self.launcher.submit(rec, spec)
@@ -37,7 +43,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 raise
         return pb.SubmitTrainJobResponse(job_id=rec.job_id)
 
-    def GetTrainJob(self, request: pb.GetTrainJobRequest, context: grpc.ServicerContext) -> pb.GetTrainJobResponse:
+    def GetTrainJob(
+        self, request: pb.GetTrainJobRequest, context: grpc.ServicerContext
+    ) -> pb.GetTrainJobResponse:
         self.launcher.poll(request.job_id) if not self.store.get(request.job_id).terminal else None
         return pb.GetTrainJobResponse(job=job_pb(self.store.get(request.job_id)))
 
@@ -45,15 +53,23 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         for rec, _ in self.store.watch(request.job_id, context.is_active):
             yield pb.WatchTrainJobResponse(job=job_pb(rec))
 
-    def CancelTrainJob(self, request: pb.CancelTrainJobRequest, context: grpc.ServicerContext) -> pb.CancelTrainJobResponse:
+    def CancelTrainJob(
+        self, request: pb.CancelTrainJobRequest, context: grpc.ServicerContext
+    ) -> pb.CancelTrainJobResponse:
         return pb.CancelTrainJobResponse(job=job_pb(self.launcher.cancel(request.job_id, request.reason)))
 
-    def ListTrainJobs(self, request: pb.ListTrainJobsRequest, context: grpc.ServicerContext) -> pb.ListTrainJobsResponse:
-        return pb.ListTrainJobsResponse(jobs=[job_pb(r) for r in self.store.list(state_filter(request.state), request.limit)])
+    def ListTrainJobs(
+        self, request: pb.ListTrainJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListTrainJobsResponse:
+        return pb.ListTrainJobsResponse(
+            jobs=[job_pb(r) for r in self.store.list(state_filter(request.state), request.limit)]
+        )
 
     def GetTrainJobLogs(self, request: pb.GetTrainJobLogsRequest, context: grpc.ServicerContext):
         self.store.get(request.job_id)
-        with self.store.watchers.hold() if request.follow else contextlib.nullcontext():  # following is a watch
+        with (
+            self.store.watchers.hold() if request.follow else contextlib.nullcontext()
+        ):  # following is a watch
             yield from self._logs(request, context)
 
     def _logs(self, request: pb.GetTrainJobLogsRequest, context: grpc.ServicerContext):

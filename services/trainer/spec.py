@@ -19,8 +19,11 @@ from shared.errors import InvalidArgument
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # llm.checkpoints.layout speaks the converter's field names; a training spec has its own
-LAYOUT_FIELDS = {"num_layer_list": "parallel.num_layer_list", "target_pipeline_parallel_size": "parallel.pipeline_parallel",
-                 "num_layers_per_virtual_pipeline_stage": "parallel.virtual_pipeline"}
+LAYOUT_FIELDS = {
+    "num_layer_list": "parallel.num_layer_list",
+    "target_pipeline_parallel_size": "parallel.pipeline_parallel",
+    "num_layers_per_virtual_pipeline_stage": "parallel.virtual_pipeline",
+}
 RECOMPUTE = ("none", "full", "selective")
 DECAY_STYLES = ("cosine", "linear", "constant")
 
@@ -28,20 +31,22 @@ DECAY_STYLES = ("cosine", "linear", "constant")
 @dataclass(frozen=True)
 class TrainSpec:
     name: str
-    kind: str                                   # pretrain | sft
+    kind: str  # pretrain | sft
     seq_length: int
     train_iters: int
     save_dir: str
-    data_paths: tuple[tuple[str, float], ...]   # (prefix, weight)
-    valid_data_paths: tuple[tuple[str, float], ...] = ()  # SFT: validation sets; empty = held out of data_paths by split
-    init_from: str = ""                         # mcore torch_dist checkpoint (converter output)
-    architecture: str = ""                      # HF config folder / config.json when training from scratch
+    data_paths: tuple[tuple[str, float], ...]  # (prefix, weight)
+    valid_data_paths: tuple[
+        tuple[str, float], ...
+    ] = ()  # SFT: validation sets; empty = held out of data_paths by split
+    init_from: str = ""  # mcore torch_dist checkpoint (converter output)
+    architecture: str = ""  # HF config folder / config.json when training from scratch
     tokenizer: str = ""
     split: str = "98,1,1"
     data_cache_dir: str = ""
     tp: int = 1
     pp: int = 1
-    vpp: int = 1                                # model chunks per pipeline stage
+    vpp: int = 1  # model chunks per pipeline stage
     dp: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
@@ -54,28 +59,28 @@ class TrainSpec:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     lr_warmup_iters: int = 0
-    lr_decay_iters: int = 0                     # 0 = train_iters
+    lr_decay_iters: int = 0  # 0 = train_iters
     lr_decay_style: str = "cosine"
     micro_batch_size: int = 1
-    global_batch_size: int = 0                  # 0 = micro_batch_size * dp
+    global_batch_size: int = 0  # 0 = micro_batch_size * dp
     seed: int = 1234
     precision: str = "fp32"
     recompute: str = "none"
-    transformer_impl: str = "auto"              # auto | local | transformer_engine (llm.mcore.model.resolve_impl)
+    transformer_impl: str = "auto"  # auto | local | transformer_engine (llm.mcore.model.resolve_impl)
     log_interval: int = 1
     eval_interval: int = 0
     eval_iters: int = 0
-    save_interval: int = 0                      # 0 = only at the end
+    save_interval: int = 0  # 0 = only at the end
     no_resume: bool = False
     keep_last: int = 2
-    async_save: bool = False                    # checkpoints written in the background (checkpointing.Saver)
+    async_save: bool = False  # checkpoints written in the background (checkpointing.Saver)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_retries: int = 0
-    backend: str = ""                           # "" = nccl with GPUs, else gloo
-    num_threads: int = 0                        # 0 = cpus_per_worker
-    hang_timeout_s: float = 600.0               # no heartbeat from a rank this long: the attempt is restarted
-    peak_tflops_per_worker: float = 0.0         # one rank's peak for MFU; 0 = each rank measures its device at start
+    backend: str = ""  # "" = nccl with GPUs, else gloo
+    num_threads: int = 0  # 0 = cpus_per_worker
+    hang_timeout_s: float = 600.0  # no heartbeat from a rank this long: the attempt is restarted
+    peak_tflops_per_worker: float = 0.0  # one rank's peak for MFU; 0 = each rank measures its device at start
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -98,8 +103,11 @@ class TrainSpec:
         return cls(**d)
 
 
-NEAT_PACK_TE = ("neat-packed SFT data (several samples per row, kept apart) trains on megatron-core's local layer spec: "
-                "set training.transformer_impl to auto or local (Transformer Engine's packed-sequence path is not wired yet)")
+NEAT_PACK_TE = (
+    "neat-packed SFT data (several samples per row, kept apart) trains on megatron-core's local layer spec: "
+    "set training.transformer_impl to auto or local (Transformer Engine's packed-sequence path is not wired "
+    "yet)"
+)
 
 
 def _bad(message: str, field: str) -> InvalidArgument:
@@ -113,7 +121,9 @@ def dataset_prefixes(spec: TrainSpec) -> list[str]:
 
 def _prefixes(kind: str, paths) -> list[str]:
     if kind == "sft":
-        return [f"{p}_packed_{k}_document" for p, _ in paths for k in ("input_ids", "labels", "attention_mask")]
+        return [
+            f"{p}_packed_{k}_document" for p, _ in paths for k in ("input_ids", "labels", "attention_mask")
+        ]
     return [p for p, _ in paths]
 
 
@@ -128,12 +138,18 @@ def resolve_arch(spec: TrainSpec):
             raise _bad(f"model.init_from {path} does not exist", "model.init_from")
         reader = open_checkpoint(path)
         if reader.format != "mcore":
-            raise _bad(f"model.init_from must be a torch_dist (mcore) checkpoint; {path} is {reader.format} "
-                       "(convert it with `megastack convert --target-format mcore`)", "model.init_from")
+            raise _bad(
+                f"model.init_from must be a torch_dist (mcore) checkpoint; {path} is {reader.format} "
+                "(convert it with `megastack convert --target-format mcore`)",
+                "model.init_from",
+            )
         tok = Path(spec.tokenizer) if spec.tokenizer else reader.tokenizer_dir()
         return reader.arch, reader.meta.get("padded_vocab_size"), tok
     if not spec.architecture:
-        raise _bad("give model.init_from (a checkpoint) or model.architecture (an HF config) to train from scratch", "model")
+        raise _bad(
+            "give model.init_from (a checkpoint) or model.architecture (an HF config) to train from scratch",
+            "model",
+        )
     cfg_path = Path(spec.architecture)
     cfg_file = cfg_path / "config.json" if cfg_path.is_dir() else cfg_path
     if not cfg_file.is_file():
@@ -145,7 +161,9 @@ def resolve_arch(spec: TrainSpec):
 def trainer_owned(folder: Path) -> bool:
     """A save folder an earlier megastack trainer wrote (before the output marker existed)."""
     try:
-        return json.loads((Path(folder) / "megastack.json").read_text()).get("created_by") == "megastack trainer"
+        return (
+            json.loads((Path(folder) / "megastack.json").read_text()).get("created_by") == "megastack trainer"
+        )
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -162,21 +180,29 @@ def check_roots(spec: TrainSpec) -> None:
     """Every path of a submitted job under the data roots (shared/roots.py), each refusal naming its field."""
     from shared.roots import under_roots
 
-    for value, name in ((spec.init_from, "model.init_from"), (spec.architecture, "model.architecture"),
-                         (spec.tokenizer, "model.tokenizer"), (spec.save_dir, "checkpoint.save_dir"),
-                         (spec.data_cache_dir, "data.cache_dir"), *((p, "data.paths") for p, _ in spec.data_paths),
-                         *((p, "data.valid_paths") for p, _ in spec.valid_data_paths)):
+    for value, name in (
+        (spec.init_from, "model.init_from"),
+        (spec.architecture, "model.architecture"),
+        (spec.tokenizer, "model.tokenizer"),
+        (spec.save_dir, "checkpoint.save_dir"),
+        (spec.data_cache_dir, "data.cache_dir"),
+        *((p, "data.paths") for p, _ in spec.data_paths),
+        *((p, "data.valid_paths") for p, _ in spec.valid_data_paths),
+    ):
         if value:
             under_roots(value, name)
 
 
 def check_save_dir(spec: TrainSpec) -> Path:
     """The resolved save folder, or InvalidArgument: it must be new, empty, or one megastack's trainer wrote
-    (resume), and never overlap an input; the trainer cleans old ``iter_*`` folders and rewrites ``tokenizer/``
+    (resume), and never overlap an input; the trainer cleans old ``iter_*`` folders and rewrites
+    ``tokenizer/``
     there, so it must not hold anything else."""
     from shared.atomic import check_output_folder
 
-    return check_output_folder(Path(spec.save_dir), inputs=job_inputs(spec), field="checkpoint.save_dir", owned=trainer_owned)
+    return check_output_folder(
+        Path(spec.save_dir), inputs=job_inputs(spec), field="checkpoint.save_dir", owned=trainer_owned
+    )
 
 
 def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
@@ -190,30 +216,49 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     if spec.recompute not in RECOMPUTE:
         raise _bad(f"training.recompute must be one of {', '.join(RECOMPUTE)}", "training.recompute")
     if spec.transformer_impl not in IMPLS:
-        raise _bad(f"training.transformer_impl must be one of {', '.join(IMPLS)}", "training.transformer_impl")
+        raise _bad(
+            f"training.transformer_impl must be one of {', '.join(IMPLS)}", "training.transformer_impl"
+        )
     if spec.lr_decay_style not in DECAY_STYLES:
-        raise _bad(f"optimizer.lr_decay_style must be one of {', '.join(DECAY_STYLES)}", "optimizer.lr_decay_style")
+        raise _bad(
+            f"optimizer.lr_decay_style must be one of {', '.join(DECAY_STYLES)}", "optimizer.lr_decay_style"
+        )
     if not spec.save_dir:
         raise _bad("checkpoint.save_dir is required", "checkpoint.save_dir")
     check_save_dir(spec)
     if spec.global_batch_size % (spec.micro_batch_size * spec.dp):
-        raise _bad(f"training.global_batch_size {spec.global_batch_size} must be a multiple of micro_batch_size x data_parallel "
-                   f"= {spec.micro_batch_size} x {spec.dp}", "training.global_batch_size")
+        raise _bad(
+            f"training.global_batch_size {spec.global_batch_size} must be a multiple of micro_batch_size x "
+            "data_parallel "
+            f"= {spec.micro_batch_size} x {spec.dp}",
+            "training.global_batch_size",
+        )
     if spec.sequence_parallel and spec.tp < 2:
         raise _bad("parallel.sequence_parallel needs tensor_parallel >= 2", "parallel.sequence_parallel")
     if spec.vpp > 1 and spec.pp < 2:
         raise _bad("parallel.virtual_pipeline needs pipeline_parallel >= 2", "parallel.virtual_pipeline")
     if spec.vpp > 1 and spec.num_microbatches % spec.pp:
-        raise _bad(f"an interleaved pipeline needs the {spec.num_microbatches} micro-batches per step to be a multiple of "
-                   f"pipeline_parallel={spec.pp}", "training.global_batch_size")
+        raise _bad(
+            f"an interleaved pipeline needs the {spec.num_microbatches} micro-batches per step to be a "
+            "multiple of "
+            f"pipeline_parallel={spec.pp}",
+            "training.global_batch_size",
+        )
     if not 0 <= spec.min_lr <= spec.lr:
         raise _bad("optimizer.min_lr must be between 0 and optimizer.lr", "optimizer.min_lr")
     decay = spec.lr_decay_iters or spec.train_iters
     if not 0 <= spec.lr_warmup_iters < decay:
-        raise _bad(f"optimizer.lr_warmup_iters ({spec.lr_warmup_iters}) must be >= 0 and below the decay steps ({decay}: "
-                   "optimizer.lr_decay_iters, or training.train_iters when unset)", "optimizer.lr_warmup_iters")
+        raise _bad(
+            f"optimizer.lr_warmup_iters ({spec.lr_warmup_iters}) must be >= 0 and below the decay steps "
+            f"({decay}: "
+            "optimizer.lr_decay_iters, or training.train_iters when unset)",
+            "optimizer.lr_warmup_iters",
+        )
     if not spec.peak_tflops_per_worker >= 0:
-        raise _bad("resources.peak_tflops_per_worker must be >= 0 (0 = measured at start)", "resources.peak_tflops_per_worker")
+        raise _bad(
+            "resources.peak_tflops_per_worker must be >= 0 (0 = measured at start)",
+            "resources.peak_tflops_per_worker",
+        )
     if not spec.hang_timeout_s > 0:
         raise _bad("resources.hang_timeout_s must be > 0", "resources.hang_timeout_s")
     if spec.max_retries < 0:
@@ -223,10 +268,19 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     if any(w <= 0 for _, w in spec.data_paths):
         raise _bad("data.paths weights must be > 0", "data.paths")
     parts = spec.split.split(",")
-    if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts) or sum(map(float, parts)) <= 0:
-        raise _bad(f"data.split {spec.split!r} must be three non-negative weights like '98,1,1'", "data.split")
+    if (
+        len(parts) != 3
+        or not all(p.strip().replace(".", "", 1).isdigit() for p in parts)
+        or sum(map(float, parts)) <= 0
+    ):
+        raise _bad(
+            f"data.split {spec.split!r} must be three non-negative weights like '98,1,1'", "data.split"
+        )
     if spec.valid_data_paths and spec.kind != "sft":
-        raise _bad("data.valid_paths is for SFT; pretraining validates on the data.split part of data.paths", "data.valid_paths")
+        raise _bad(
+            "data.valid_paths is for SFT; pretraining validates on the data.split part of data.paths",
+            "data.valid_paths",
+        )
     if any(w <= 0 for _, w in spec.valid_data_paths):
         raise _bad("data.valid_paths weights must be > 0", "data.valid_paths")
     for field_name, paths in (("data.paths", spec.data_paths), ("data.valid_paths", spec.valid_data_paths)):
@@ -243,11 +297,17 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         docs = IndexedDatasetReader(prefix).num_documents
         train, valid, _ = split_documents(spec.split, docs) if held_out else (docs, 0, 0)
         if train == 0:
-            raise _bad(f"data.split {spec.split} leaves no training documents of the {docs} in {prefix}", "data.split")
+            raise _bad(
+                f"data.split {spec.split} leaves no training documents of the {docs} in {prefix}",
+                "data.split",
+            )
         if spec.eval_interval and held_out and valid == 0:
-            raise _bad(f"data.split {spec.split} leaves no validation documents of the {docs} in {prefix}, but "
-                       "training.eval_interval asks for evaluation (give the valid split more weight, or eval_interval 0)",
-                       "data.split")
+            raise _bad(
+                f"data.split {spec.split} leaves no validation documents of the {docs} in {prefix}, but "
+                "training.eval_interval asks for evaluation (give the valid split more weight, or "
+                "eval_interval 0)",
+                "data.split",
+            )
     if spec.kind == "sft" and spec.transformer_impl == "transformer_engine":
         from services.trainer.datafiles import neat_packed
 
@@ -262,29 +322,57 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     except InvalidArgument as e:  # the converter's field name, said in the spec's
         raise _bad(e.message, "parallel.tensor_parallel") from None
     try:
-        L.PipelineLayout.build(arch.num_layers, spec.pp, num_layer_list=list(spec.num_layer_list) or None,
-                               layers_per_virtual_stage=(arch.num_layers // spec.pp // spec.vpp) if spec.vpp > 1 else 0)
+        L.PipelineLayout.build(
+            arch.num_layers,
+            spec.pp,
+            num_layer_list=list(spec.num_layer_list) or None,
+            layers_per_virtual_stage=(arch.num_layers // spec.pp // spec.vpp) if spec.vpp > 1 else 0,
+        )
     except InvalidArgument as e:  # the layout's own words, with the spec's field names
-        raise _bad(e.message.replace("--num-layer-list", "parallel.num_layer_list"), LAYOUT_FIELDS.get(e.field, "parallel")) from None
+        raise _bad(
+            e.message.replace("--num-layer-list", "parallel.num_layer_list"),
+            LAYOUT_FIELDS.get(e.field, "parallel"),
+        ) from None
     if spec.num_layer_list:
         if spec.pp < 2:
             raise _bad("parallel.num_layer_list needs pipeline_parallel >= 2", "parallel.num_layer_list")
         middle = spec.num_layer_list[1:-1]
-        if len(set(middle)) > 1:  # megatron-core sets the first and last stage; the others share the rest evenly
-            raise _bad(f"parallel.num_layer_list {list(spec.num_layer_list)}: the stages between the first and the last "
-                       f"must have equal layer counts (megatron-core splits them evenly), got {list(middle)}",
-                       "parallel.num_layer_list")
+        if (
+            len(set(middle)) > 1
+        ):  # megatron-core sets the first and last stage; the others share the rest evenly
+            raise _bad(
+                f"parallel.num_layer_list {list(spec.num_layer_list)}: the stages between the first and the "
+                "last "
+                f"must have equal layer counts (megatron-core splits them evenly), got {list(middle)}",
+                "parallel.num_layer_list",
+            )
     if spec.vpp > 1 and arch.num_layers % (spec.pp * spec.vpp):
-        raise _bad(f"{arch.num_layers} layers do not split into pipeline_parallel x virtual_pipeline = {spec.pp * spec.vpp} chunks",
-                   "parallel.virtual_pipeline")
-    if spec.sequence_parallel and spec.seq_length % spec.tp:  # megatron-core splits the sequence over the TP ranks
-        raise _bad(f"data.seq_length {spec.seq_length} must be a multiple of tensor_parallel={spec.tp} with sequence "
-                   "parallelism", "data.seq_length")
+        raise _bad(
+            f"{arch.num_layers} layers do not split into pipeline_parallel x virtual_pipeline = "
+            f"{spec.pp * spec.vpp} chunks",
+            "parallel.virtual_pipeline",
+        )
+    if (
+        spec.sequence_parallel and spec.seq_length % spec.tp
+    ):  # megatron-core splits the sequence over the TP ranks
+        raise _bad(
+            f"data.seq_length {spec.seq_length} must be a multiple of tensor_parallel={spec.tp} with "
+            "sequence "
+            "parallelism",
+            "data.seq_length",
+        )
     if spec.seq_length > arch.max_position_embeddings:
-        raise _bad(f"data.seq_length {spec.seq_length} exceeds the model's {arch.max_position_embeddings} positions", "data.seq_length")
+        raise _bad(
+            f"data.seq_length {spec.seq_length} exceeds the model's {arch.max_position_embeddings} positions",
+            "data.seq_length",
+        )
     if padded is not None and padded != padded_vocab_size(arch.vocab_size, 128, spec.tp):
-        raise _bad(f"model.init_from was converted for a different TP (vocab padded to {padded}); convert it again with "
-                   f"--target-tensor-parallel-size {spec.tp}", "model.init_from")
+        raise _bad(
+            f"model.init_from was converted for a different TP (vocab padded to {padded}); convert it again "
+            "with "
+            f"--target-tensor-parallel-size {spec.tp}",
+            "model.init_from",
+        )
     if tok is None or not Path(tok).is_dir():
         raise _bad("no tokenizer: set model.tokenizer (the init checkpoint carries none)", "model.tokenizer")
 
@@ -300,7 +388,12 @@ def absolutize(spec: TrainSpec, base: Path | None = None) -> TrainSpec:
         return p if not p or Path(p).is_absolute() else str(root / p)
 
     return dataclasses.replace(
-        spec, init_from=fix(spec.init_from), architecture=fix(spec.architecture), tokenizer=fix(spec.tokenizer),
-        save_dir=fix(spec.save_dir), data_cache_dir=fix(spec.data_cache_dir),
+        spec,
+        init_from=fix(spec.init_from),
+        architecture=fix(spec.architecture),
+        tokenizer=fix(spec.tokenizer),
+        save_dir=fix(spec.save_dir),
+        data_cache_dir=fix(spec.data_cache_dir),
         data_paths=tuple((fix(p), w) for p, w in spec.data_paths),
-        valid_data_paths=tuple((fix(p), w) for p, w in spec.valid_data_paths))
+        valid_data_paths=tuple((fix(p), w) for p, w in spec.valid_data_paths),
+    )

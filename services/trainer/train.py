@@ -43,15 +43,27 @@ def _config(spec: TrainSpec, arch):
     elif spec.recompute == "selective":
         extra.update(recompute_granularity="selective")
     if spec.num_layer_list:  # validate() checked the shape: the middle stages share the other layers evenly
-        extra.update(num_layers_in_first_pipeline_stage=spec.num_layer_list[0], num_layers_in_last_pipeline_stage=spec.num_layer_list[-1])
-    return transformer_config(arch, tp=spec.tp, pp=spec.pp, vpp=spec.vpp if spec.vpp > 1 else None,
-                              params_dtype=DTYPES[spec.precision], sequence_parallel=spec.sequence_parallel, **extra)
+        extra.update(
+            num_layers_in_first_pipeline_stage=spec.num_layer_list[0],
+            num_layers_in_last_pipeline_stage=spec.num_layer_list[-1],
+        )
+    return transformer_config(
+        arch,
+        tp=spec.tp,
+        pp=spec.pp,
+        vpp=spec.vpp if spec.vpp > 1 else None,
+        params_dtype=DTYPES[spec.precision],
+        sequence_parallel=spec.sequence_parallel,
+        **extra,
+    )
 
 
 def packed_impl(spec: TrainSpec) -> str:
-    """The transformer implementation for this job's data: neat-packed SFT needs the explicit block-diagonal mask,
+    """The transformer implementation for this job's data: neat-packed SFT needs the explicit block-diagonal
+    mask,
     which megatron-core's local spec applies; TE's attention would ignore it under its causal mask type (its
-    packed-sequence path is not wired here yet), so ``auto`` picks the local spec and ``transformer_engine`` is
+    packed-sequence path is not wired here yet), so ``auto`` picks the local spec and ``transformer_engine``
+    is
     refused (at submit too: spec.check_packing)."""
     from services.trainer.datafiles import neat_packed
 
@@ -59,7 +71,9 @@ def packed_impl(spec: TrainSpec) -> str:
         return spec.transformer_impl
     if spec.transformer_impl == "transformer_engine":
         raise ValueError(NEAT_PACK_TE)
-    logger.info("neat-packed SFT data: samples kept apart by an explicit mask on megatron-core's local layer spec")
+    logger.info(
+        "neat-packed SFT data: samples kept apart by an explicit mask on megatron-core's local layer spec"
+    )
     return "local"
 
 
@@ -82,34 +96,65 @@ def build(spec: TrainSpec):
     chunks = []
     for v in range(spec.vpp):
         vp = v if spec.vpp > 1 else None
-        chunks.append(build_gpt_model(
-            arch, config, vocab_size=vocab, vp_stage=vp, impl=impl, max_sequence_length=max(spec.seq_length, arch.max_position_embeddings),
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)))
+        chunks.append(
+            build_gpt_model(
+                arch,
+                config,
+                vocab_size=vocab,
+                vp_stage=vp,
+                impl=impl,
+                max_sequence_length=max(spec.seq_length, arch.max_position_embeddings),
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            )
+        )
     for m in chunks:
         follow_positions(m)  # RoPE at the per-sample positions of neat packs
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=spec.distributed_optimizer,
-                                               overlap_grad_reduce=False)
-    if spec.precision != "fp32":  # Megatron's get_model: the half-precision copy, inputs cast in, outputs cast out
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=spec.distributed_optimizer,
+        overlap_grad_reduce=False,
+    )
+    if (
+        spec.precision != "fp32"
+    ):  # Megatron's get_model: the half-precision copy, inputs cast in, outputs cast out
         from megatron.core.transformer.module import Float16Module
 
         wrapped = [Float16Module(config, m) for m in chunks]
     else:
         wrapped = chunks
-    ddp = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
-           for i, m in enumerate(wrapped)]
+    ddp = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
+        for i, m in enumerate(wrapped)
+    ]
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=spec.lr, min_lr=spec.min_lr, weight_decay=spec.weight_decay, adam_beta1=spec.adam_beta1,
-        adam_beta2=spec.adam_beta2, adam_eps=spec.adam_eps, clip_grad=spec.clip_grad, bf16=spec.precision == "bf16",
-        fp16=spec.precision == "fp16", params_dtype=DTYPES[spec.precision], use_distributed_optimizer=spec.distributed_optimizer,
-        initial_loss_scale=2.0 ** 16 if spec.precision == "fp16" else None,
+        optimizer="adam",
+        lr=spec.lr,
+        min_lr=spec.min_lr,
+        weight_decay=spec.weight_decay,
+        adam_beta1=spec.adam_beta1,
+        adam_beta2=spec.adam_beta2,
+        adam_eps=spec.adam_eps,
+        clip_grad=spec.clip_grad,
+        bf16=spec.precision == "bf16",
+        fp16=spec.precision == "fp16",
+        params_dtype=DTYPES[spec.precision],
+        use_distributed_optimizer=spec.distributed_optimizer,
+        initial_loss_scale=2.0**16 if spec.precision == "fp16" else None,
     )
     optimizer = get_megatron_optimizer(opt_config, ddp)
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if spec.lr_warmup_iters else spec.lr, max_lr=spec.lr, min_lr=spec.min_lr,
-        lr_warmup_steps=spec.lr_warmup_iters, lr_decay_steps=spec.lr_decay_iters or spec.train_iters,
-        lr_decay_style=spec.lr_decay_style, start_wd=spec.weight_decay, end_wd=spec.weight_decay,
-        wd_incr_steps=spec.train_iters, wd_incr_style="constant",
+        optimizer,
+        init_lr=0.0 if spec.lr_warmup_iters else spec.lr,
+        max_lr=spec.lr,
+        min_lr=spec.min_lr,
+        lr_warmup_steps=spec.lr_warmup_iters,
+        lr_decay_steps=spec.lr_decay_iters or spec.train_iters,
+        lr_decay_style=spec.lr_decay_style,
+        start_wd=spec.weight_decay,
+        end_wd=spec.weight_decay,
+        wd_incr_steps=spec.train_iters,
+        wd_incr_style="constant",
     )
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
@@ -119,7 +164,8 @@ def build(spec: TrainSpec):
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    # decided on the loader's CPU tensors: on the device, reading the max would stall every micro-batch on a sync
+    # decided on the loader's CPU tensors: on the device, reading the max would stall every micro-batch on
+    # a sync
     isolate = "segment_ids" in batch and has_isolated_samples(batch["segment_ids"])
     batch = to_device(batch, module_device(model))
     if isolate:  # neat packs: each sample sees only itself
@@ -158,18 +204,29 @@ class Reporter:
     def step(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        metrics = {**metrics, "last_checkpoint_step": self.last_checkpoint, "train_iters": self.spec.train_iters,
-                   "updated_unix_s": time.time()}
+        metrics = {
+            **metrics,
+            "last_checkpoint_step": self.last_checkpoint,
+            "train_iters": self.spec.train_iters,
+            "updated_unix_s": time.time(),
+        }
         print("@@metrics " + json.dumps(metrics), flush=True)  # noqa: T201 - the job log carries the curve
         write_text_atomic(self.path, json.dumps(metrics))
         with open(self.path.with_name(METRICS_FILE), "a") as f:  # the whole curve, across restarts
             f.write(json.dumps(metrics) + "\n")
         if self.tb is not None:
             step = metrics["step"]
-            for tag, key in (("lm-loss", "loss"), ("learning-rate", "lr"), ("grad-norm", "grad_norm"),
-                             ("throughput/tokens_per_s", "tokens_per_s"), ("throughput/tflops", "tflops"),
-                             ("throughput/mfu", "mfu"), ("loss-scale", "loss_scale"),
-                             ("time/step_s", "step_time_s"), ("validation/lm-loss", "valid_loss")):
+            for tag, key in (
+                ("lm-loss", "loss"),
+                ("learning-rate", "lr"),
+                ("grad-norm", "grad_norm"),
+                ("throughput/tokens_per_s", "tokens_per_s"),
+                ("throughput/tflops", "tflops"),
+                ("throughput/mfu", "mfu"),
+                ("loss-scale", "loss_scale"),
+                ("time/step_s", "step_time_s"),
+                ("validation/lm-loss", "valid_loss"),
+            ):
                 if key in metrics:
                     self.tb.add_scalar(tag, metrics[key], step)
             for r, seconds in enumerate(metrics.get("rank_step_time_s", ())):
@@ -184,7 +241,11 @@ def _mean_loss(losses: list[dict]) -> torch.Tensor | None:
         return None
     from llm.mcore.model import megatron_device
 
-    value = torch.stack([x["lm loss"] for x in losses]).mean() if losses else torch.zeros((), device=megatron_device())
+    value = (
+        torch.stack([x["lm loss"] for x in losses]).mean()
+        if losses
+        else torch.zeros((), device=megatron_device())
+    )
     value = value.clone().float()
     dist.all_reduce(value, group=ps.get_data_parallel_group())
     return value / ps.get_data_parallel_world_size()
@@ -197,8 +258,11 @@ def run(spec: TrainSpec) -> int:
     from llm.mcore import dist as mdist
 
     torch.set_num_threads(spec.num_threads or max(1, int(spec.cpus_per_worker)))
-    mdist.init(mdist.Parallelism(tp=spec.tp, pp=spec.pp, vpp=spec.vpp if spec.vpp > 1 else None),
-               backend=spec.backend or None, seed=spec.seed)
+    mdist.init(
+        mdist.Parallelism(tp=spec.tp, pp=spec.pp, vpp=spec.vpp if spec.vpp > 1 else None),
+        backend=spec.backend or None,
+        seed=spec.seed,
+    )
     torch.manual_seed(spec.seed)
     rank = dist.get_rank()
     arch, tok_dir, chunks, ddp, optimizer, scheduler = build(spec)
@@ -212,12 +276,21 @@ def run(spec: TrainSpec) -> int:
 
         ckpt.describe(save_dir, spec, arch, tok_dir, padded_vocab_size(arch.vocab_size, 128, spec.tp))
     dist.barrier()
-    heartbeat.beat(spec.save_dir, rank, force=True)  # the driver's hang watch counts from here (and from the attempt's start)
+    heartbeat.beat(
+        spec.save_dir, rank, force=True
+    )  # the driver's hang watch counts from here (and from the attempt's start)
     iteration, consumed = 0, 0
     latest = None if spec.no_resume else ckpt.latest_iteration(save_dir)
     if latest is not None:
-        iteration, consumed = ckpt.load(save_dir, latest, models=chunks, optimizer=optimizer, scheduler=scheduler)
-        logger.info("resumed from %s at step %d (%d samples consumed)", save_dir / ckpt.iter_name(latest), iteration, consumed)
+        iteration, consumed = ckpt.load(
+            save_dir, latest, models=chunks, optimizer=optimizer, scheduler=scheduler
+        )
+        logger.info(
+            "resumed from %s at step %d (%d samples consumed)",
+            save_dir / ckpt.iter_name(latest),
+            iteration,
+            consumed,
+        )
     elif spec.init_from:
         ckpt.load_weights(Path(spec.init_from), chunks)
         logger.info("initialised from %s", spec.init_from)
@@ -230,15 +303,28 @@ def run(spec: TrainSpec) -> int:
     total = spec.train_iters * spec.global_batch_size
 
     def iterators(ds, start: int):
-        its = [batches(ds, consumed=start, micro_batch_size=spec.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, total=total)
-               for _ in chunks]
+        its = [
+            batches(
+                ds,
+                consumed=start,
+                micro_batch_size=spec.micro_batch_size,
+                dp_rank=dp_rank,
+                dp_size=dp_size,
+                total=total,
+            )
+            for _ in chunks
+        ]
         return its if len(its) > 1 else its[0]
 
     data = iterators(train_ds, consumed)
     heartbeat.beat(spec.save_dir, rank, force=True)
     fb = get_forward_backward_func()
-    reporter = Reporter(spec, ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-                        and dp_rank == 0)
+    reporter = Reporter(
+        spec,
+        ps.is_pipeline_last_stage(ignore_virtual=True)
+        and ps.get_tensor_model_parallel_rank() == 0
+        and dp_rank == 0,
+    )
     reporter.last_checkpoint = latest or 0
     saver = ckpt.Saver(save_dir, keep_last=spec.keep_last, async_save=spec.async_save)
     per_token = flops_per_token(arch, spec.seq_length)
@@ -247,16 +333,26 @@ def run(spec: TrainSpec) -> int:
 
     device = megatron_device()
     peak = job_peak_tflops(spec.peak_tflops_per_worker, DTYPES[spec.precision], device)
-    logger.info("MFU is measured against %.3g TFLOP/s for the job (%s)", peak,
-                "resources.peak_tflops_per_worker" if spec.peak_tflops_per_worker else "GEMM peak each rank measured")
+    logger.info(
+        "MFU is measured against %.3g TFLOP/s for the job (%s)",
+        peak,
+        "resources.peak_tflops_per_worker" if spec.peak_tflops_per_worker else "GEMM peak each rank measured",
+    )
     while iteration < spec.train_iters:
         t0 = time.perf_counter()
         for m in ddp:
             m.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = fb(forward_step_func=_forward_step, data_iterator=data, model=ddp, num_microbatches=spec.num_microbatches,
-                    seq_length=spec.seq_length, micro_batch_size=spec.micro_batch_size, decoder_seq_length=spec.seq_length,
-                    forward_only=False)
+        losses = fb(
+            forward_step_func=_forward_step,
+            data_iterator=data,
+            model=ddp,
+            num_microbatches=spec.num_microbatches,
+            seq_length=spec.seq_length,
+            micro_batch_size=spec.micro_batch_size,
+            decoder_seq_length=spec.seq_length,
+            forward_only=False,
+        )
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         iteration += 1
@@ -265,9 +361,18 @@ def run(spec: TrainSpec) -> int:
         heartbeat.beat(spec.save_dir, rank)
         dt = time.perf_counter() - t0
         tflops = per_token * tokens_per_step / dt / 1e12
-        metrics = {"step": iteration, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
-                   "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "tflops": tflops, "mfu": tflops / peak,
-                   "peak_tflops": peak, "loss_scale": float(optimizer.get_loss_scale()), "skipped": not ok}
+        metrics = {
+            "step": iteration,
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm or 0.0),
+            "step_time_s": dt,
+            "tokens_per_s": tokens_per_step / dt,
+            "tflops": tflops,
+            "mfu": tflops / peak,
+            "peak_tflops": peak,
+            "loss_scale": float(optimizer.get_loss_scale()),
+            "skipped": not ok,
+        }
         if iteration % spec.log_interval == 0 or iteration == spec.train_iters:  # every rank: a collective
             metrics["rank_step_time_s"] = rank_step_times(dt, device)
         if loss is not None:
@@ -279,10 +384,16 @@ def run(spec: TrainSpec) -> int:
         saver.poll()  # publishes background saves that are done (a collective: every rank, every step)
         if (spec.save_interval and iteration % spec.save_interval == 0) or iteration == spec.train_iters:
             heartbeat.beat(spec.save_dir, rank, force=True)
-            took = saver.save(iteration, models=chunks, optimizer=optimizer, scheduler=scheduler, consumed_samples=consumed)
+            took = saver.save(
+                iteration, models=chunks, optimizer=optimizer, scheduler=scheduler, consumed_samples=consumed
+            )
             heartbeat.beat(spec.save_dir, rank, force=True)
-            logger.info("%s checkpoint %s: the step loop waited %.2fs", "scheduled" if spec.async_save else "saved",
-                        ckpt.iter_name(iteration), took)
+            logger.info(
+                "%s checkpoint %s: the step loop waited %.2fs",
+                "scheduled" if spec.async_save else "saved",
+                ckpt.iter_name(iteration),
+                took,
+            )
         reporter.last_checkpoint = saver.last_published or reporter.last_checkpoint
     saver.wait()
     heartbeat.beat(spec.save_dir, rank, force=True)
@@ -293,15 +404,27 @@ def run(spec: TrainSpec) -> int:
 
 
 def _evaluate(spec, fb, ddp, valid_ds, dp_rank, dp_size) -> float:
-    its = [batches(valid_ds, consumed=0, micro_batch_size=spec.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size) for _ in ddp]
+    its = [
+        batches(
+            valid_ds, consumed=0, micro_batch_size=spec.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size
+        )
+        for _ in ddp
+    ]
     values = []
     for m in ddp:
         m.eval()
     with torch.no_grad():
         for _ in range(spec.eval_iters):
-            out = fb(forward_step_func=_forward_step, data_iterator=its if len(its) > 1 else its[0], model=ddp,
-                     num_microbatches=spec.num_microbatches, seq_length=spec.seq_length, micro_batch_size=spec.micro_batch_size,
-                     decoder_seq_length=spec.seq_length, forward_only=True)
+            out = fb(
+                forward_step_func=_forward_step,
+                data_iterator=its if len(its) > 1 else its[0],
+                model=ddp,
+                num_microbatches=spec.num_microbatches,
+                seq_length=spec.seq_length,
+                micro_batch_size=spec.micro_batch_size,
+                decoder_seq_length=spec.seq_length,
+                forward_only=True,
+            )
             loss = _mean_loss(out)
             if loss is not None:
                 values.append(float(loss))
@@ -312,7 +435,11 @@ def _evaluate(spec, fb, ddp, valid_ds, dp_rank, dp_size) -> float:
 
 def main(argv: list[str]) -> int:
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stdout,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+    )
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)

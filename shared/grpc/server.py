@@ -42,7 +42,9 @@ class GrpcServer:
 
     def set_serving(self, serving: bool) -> None:
         """Set the health service's answer (SERVING or NOT_SERVING)."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ["", *self.service_names]:
             self.health.set(name, status)
 
@@ -90,6 +92,8 @@ def build_server(
         bound = 0
     if bound == 0:
         raise StartupError(f"cannot bind gRPC port {address}: address already in use or not available")
-    out = GrpcServer(server=server, address=f"{host}:{bound}", port=bound, health=health_servicer, service_names=names)
+    out = GrpcServer(
+        server=server, address=f"{host}:{bound}", port=bound, health=health_servicer, service_names=names
+    )
     out.set_serving(False)
     return out

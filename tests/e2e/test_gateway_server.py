@@ -47,12 +47,26 @@ def slow_textgen(tiny_models):
 def start_gateway(textgen_addr: str, **env: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     full = {k: v for k, v in os.environ.items() if not k.startswith("MEGASTACK_")}
-    full.update({"MEGASTACK_GATEWAY_PORT": str(port), "MEGASTACK_GATEWAY_TEXTGEN_ADDRS": textgen_addr,
-                 "MEGASTACK_GATEWAY_READ_TIMEOUT_S": str(READ_TIMEOUT_S), "MEGASTACK_GATEWAY_THREADS": "8",
-                 "MEGASTACK_GATEWAY_CONVERTER_ADDR": "", "MEGASTACK_GATEWAY_TRAINER_ADDR": "",
-                 "MEGASTACK_GATEWAY_EVALUATOR_ADDR": "", **env})
-    proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=full, cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    full.update(
+        {
+            "MEGASTACK_GATEWAY_PORT": str(port),
+            "MEGASTACK_GATEWAY_TEXTGEN_ADDRS": textgen_addr,
+            "MEGASTACK_GATEWAY_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
+            "MEGASTACK_GATEWAY_THREADS": "8",
+            "MEGASTACK_GATEWAY_CONVERTER_ADDR": "",
+            "MEGASTACK_GATEWAY_TRAINER_ADDR": "",
+            "MEGASTACK_GATEWAY_EVALUATOR_ADDR": "",
+            **env,
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.gateway"],
+        env=full,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -98,9 +112,11 @@ def metrics(url: str) -> dict[str, float]:
 
 def test_metrics_count_what_the_clients_sent(gateway):
     before = metrics(gateway)
-    bodies = [({"prompts": ["the cat"], "tokens_to_generate": 3, "top_k": 1}, 200),
-              ({"prompts": ["the cat"], "tokens_to_generate": -1}, 400),
-              ({"prompts": "nope"}, 400)]
+    bodies = [
+        ({"prompts": ["the cat"], "tokens_to_generate": 3, "top_k": 1}, 200),
+        ({"prompts": ["the cat"], "tokens_to_generate": -1}, 400),
+        ({"prompts": "nope"}, 400),
+    ]
 
     def one(i: int) -> int:
         body, _ = bodies[i % 3]
@@ -150,8 +166,18 @@ def test_sigterm_lets_a_running_stream_finish(slow_textgen):
     proc, url = start_gateway(slow_textgen.address, MEGASTACK_GATEWAY_GRACEFUL_TIMEOUT_S="30")
     slow_textgen.slow.set()
     try:
-        with requests.post(f"{url}/v1/completions", json={"prompt": "once upon a time", "max_tokens": 60, "temperature": 0,
-                                                          "ignore_eos": True, "stream": True}, stream=True, timeout=60) as r:
+        with requests.post(
+            f"{url}/v1/completions",
+            json={
+                "prompt": "once upon a time",
+                "max_tokens": 60,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            },
+            stream=True,
+            timeout=60,
+        ) as r:
             lines = r.iter_lines(decode_unicode=True)
             first = next(line for line in lines if line.startswith("data: "))
             proc.send_signal(signal.SIGTERM)
@@ -169,14 +195,25 @@ def test_sigterm_lets_a_running_stream_finish(slow_textgen):
     assert "Traceback" not in out, out[-3000:]
 
 
-@pytest.mark.parametrize("method,path", [("POST", "/api"), ("GET", "/v1/models"), ("POST", "/nope"),
-                                         ("PUT", "/tokenize")])
+@pytest.mark.parametrize(
+    "method,path", [("POST", "/api"), ("GET", "/v1/models"), ("POST", "/nope"), ("PUT", "/tokenize")]
+)
 def test_a_large_body_the_route_did_not_read_keeps_the_connection_usable(gateway, method, path):
     """A 1 MB body answered before it was read (405, 404, ...): the next request on the same kept-alive
     connection is answered (gunicorn alone would close it after announcing keep-alive)."""
     with requests.Session() as s:
-        r = s.request(method, gateway + path, data=json.dumps({"prompts": ["x" * 2**20]}),
-                      headers={"Content-Type": "application/json"}, timeout=60)
+        r = s.request(
+            method,
+            gateway + path,
+            data=json.dumps({"prompts": ["x" * 2**20]}),
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
         assert r.status_code < 500 and r.headers.get("Connection") != "close"
         for _ in range(3):
-            assert s.put(f"{gateway}/api", json={"prompts": ["hi"], "tokens_to_generate": 1}, timeout=60).status_code == 200
+            assert (
+                s.put(
+                    f"{gateway}/api", json={"prompts": ["hi"], "tokens_to_generate": 1}, timeout=60
+                ).status_code
+                == 200
+            )

@@ -36,8 +36,13 @@ def main() -> int:
     reader = MegatronCheckpoint(a.ckpt, a.format)
     arch = reader.arch
     padded = int(reader.meta["padded_vocab_size"])
-    model = build_gpt_model(arch, transformer_config(arch, tp=a.tp, pp=a.pp), vocab_size=padded,
-                            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()).eval()
+    model = build_gpt_model(
+        arch,
+        transformer_config(arch, tp=a.tp, pp=a.pp),
+        vocab_size=padded,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    ).eval()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     if a.format == "mcore":
         from megatron.core import dist_checkpointing
@@ -45,7 +50,9 @@ def main() -> int:
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(reader.iter_dir)))
     else:
         name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if a.pp > 1 else "")
-        model.load_state_dict(load_weights_pickle(reader.iter_dir / name / "model_optim_rng.pt")["model"], strict=True)
+        model.load_state_dict(
+            load_weights_pickle(reader.iter_dir / name / "model_optim_rng.pt")["model"], strict=True
+        )
     if a.pp > 1:  # strict per-stage loading is the check; logits need the pipeline schedule
         if torch.distributed.get_rank() == 0:
             print("OK strict load of every stage", flush=True)

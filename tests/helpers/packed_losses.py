@@ -1,9 +1,12 @@
-"""Per-token losses of neat-packed SFT samples against the same samples one by one (one process, megatron-core).
+"""Per-token losses of neat-packed SFT samples against the same samples one by one (one process,
+megatron-core).
 
     python tests/helpers/packed_losses.py --arch HF_DIR --packed PREFIX --single PREFIX --seq-length N
 
-Builds a tiny GPTModel (local spec, fp32, seeded), reads both datasets through the trainer's SFTDataset and runs
-them through the trainer's forward step. For each sample it prints, as JSON, the largest difference between its
+Builds a tiny GPTModel (local spec, fp32, seeded), reads both datasets through the trainer's SFTDataset and
+runs
+them through the trainer's forward step. For each sample it prints, as JSON, the largest difference between
+its
 per-token losses inside the pack and alone, and the same for the pack run with isolation switched off (one
 causal sequence, positions 0..s-1), which must differ.
 """
@@ -41,8 +44,13 @@ def main() -> int:
 
     mdist.init(mdist.Parallelism(), seed=7)
     arch = arch_from_hf_config(json.load(open(f"{a.arch}/config.json")), a.arch)
-    model = build_gpt_model(arch, transformer_config(arch), vocab_size=padded_vocab_size(arch.vocab_size, 128, 1),
-                            impl="local", max_sequence_length=a.seq_length).eval()
+    model = build_gpt_model(
+        arch,
+        transformer_config(arch),
+        vocab_size=padded_vocab_size(arch.vocab_size, 128, 1),
+        impl="local",
+        max_sequence_length=a.seq_length,
+    ).eval()
     follow_positions(model)
     tok = FastTokenizer.from_dir(a.arch)
     pad = tok.pad_id if tok.pad_id is not None else tok.eod_id
@@ -52,7 +60,15 @@ def main() -> int:
     segs = pack["segment_ids"]
     n = int(segs.max())
     isolated = losses(model, _collate([pack]))
-    leaky = losses(model, _collate([{k: v for k, v in pack.items() if k != "segment_ids"} | {"position_ids": torch.arange(a.seq_length)}]))
+    leaky = losses(
+        model,
+        _collate(
+            [
+                {k: v for k, v in pack.items() if k != "segment_ids"}
+                | {"position_ids": torch.arange(a.seq_length)}
+            ]
+        ),
+    )
     report = {"samples_in_pack": n, "samples": []}
     for j in range(len(single)):
         item = single[j]
@@ -70,11 +86,15 @@ def main() -> int:
             print(f"sample {j}: loss masks differ between the pack and alone", file=sys.stderr)
             return 1
         ref = alone[:length][m_alone]
-        report["samples"].append({
-            "tokens": length, "scored": int(m_alone.sum()), "segment": k,
-            "max_rel_diff": float(((isolated[where][m_pack] - ref).abs() / ref.abs()).max()),
-            "leaky_max_rel_diff": float(((leaky[where][m_pack] - ref).abs() / ref.abs()).max()),
-        })
+        report["samples"].append(
+            {
+                "tokens": length,
+                "scored": int(m_alone.sum()),
+                "segment": k,
+                "max_rel_diff": float(((isolated[where][m_pack] - ref).abs() / ref.abs()).max()),
+                "leaky_max_rel_diff": float(((leaky[where][m_pack] - ref).abs() / ref.abs()).max()),
+            }
+        )
     print(json.dumps(report))
     mdist.shutdown()
     return 0

@@ -17,8 +17,15 @@ def test_a_quiet_watch_stream_outlives_many_keepalive_pings():
     server.set_serving(True)
     # a client far more eager than ours (1 s instead of 30 s): gRPC's server defaults end this connection
     # with GOAWAY too_many_pings after a few pings
-    ch = grpc.insecure_channel(server.address, options=[("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 1000),
-                                                        ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)])
+    ch = grpc.insecure_channel(
+        server.address,
+        options=[
+            ("grpc.keepalive_time_ms", 1000),
+            ("grpc.keepalive_timeout_ms", 1000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    )
     stub = health_pb2_grpc.HealthStub(ch)
     call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
     seen, errors = [], []

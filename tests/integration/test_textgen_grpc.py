@@ -21,7 +21,11 @@ def stub(textgen):
 
 
 def params(n=8, **kw):
-    return pb.GenerationParams(sampling=pb.SamplingParams(greedy=True), stopping=pb.StoppingParams(max_new_tokens=n, ignore_eos=True), **kw)
+    return pb.GenerationParams(
+        sampling=pb.SamplingParams(greedy=True),
+        stopping=pb.StoppingParams(max_new_tokens=n, ignore_eos=True),
+        **kw,
+    )
 
 
 def test_health_and_reflection(stub, textgen):
@@ -35,31 +39,58 @@ def test_health_and_reflection(stub, textgen):
 
 def test_generate_several_prompts(stub):
     s, _ = stub
-    resp = s.Generate(pb.GenerateRequest(prompts=[pb.Prompt(text="He fell"), pb.Prompt(tokens=pb.TokenIds(ids=[5, 6, 7]))],
-                                         params=params(6, echo=True)))
+    resp = s.Generate(
+        pb.GenerateRequest(
+            prompts=[pb.Prompt(text="He fell"), pb.Prompt(tokens=pb.TokenIds(ids=[5, 6, 7]))],
+            params=params(6, echo=True),
+        )
+    )
     assert [c.index for c in resp.completions] == [0, 1]
     assert all(len(c.token_ids) == 6 and c.finish_reason == pb.FINISH_REASON_LENGTH for c in resp.completions)
-    assert resp.completions[0].full_text.startswith("He fell") and resp.completions[1].prompt_token_ids == [5, 6, 7]
+    assert resp.completions[0].full_text.startswith("He fell") and resp.completions[1].prompt_token_ids == [
+        5,
+        6,
+        7,
+    ]
 
 
 def test_bad_input_is_invalid_argument_with_message_and_request_id(stub):
     s, _ = stub
     with pytest.raises(grpc.RpcError) as e:
-        s.Generate.with_call(pb.GenerateRequest(prompts=[], params=params()), metadata=(("x-request-id", "rid-123"),))
+        s.Generate.with_call(
+            pb.GenerateRequest(prompts=[], params=params()), metadata=(("x-request-id", "rid-123"),)
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details() == "prompts is empty"
     assert ("x-request-id", "rid-123") in tuple(e.value.trailing_metadata())
-    before = REGISTRY.get_sample_value("megastack_rpc_requests_total", {"service": "textgen", "method": "Generate", "code": "INVALID_ARGUMENT"})
+    before = REGISTRY.get_sample_value(
+        "megastack_rpc_requests_total",
+        {"service": "textgen", "method": "Generate", "code": "INVALID_ARGUMENT"},
+    )
     with pytest.raises(grpc.RpcError) as e:
-        s.Generate(pb.GenerateRequest(prompts=[pb.Prompt(text="x")], params=pb.GenerationParams(
-            sampling=pb.SamplingParams(top_k=5, top_p=0.5), stopping=pb.StoppingParams(max_new_tokens=1))))
+        s.Generate(
+            pb.GenerateRequest(
+                prompts=[pb.Prompt(text="x")],
+                params=pb.GenerationParams(
+                    sampling=pb.SamplingParams(top_k=5, top_p=0.5),
+                    stopping=pb.StoppingParams(max_new_tokens=1),
+                ),
+            )
+        )
     assert e.value.details() == "top_k and top_p are exclusive: set one of them"
-    after = REGISTRY.get_sample_value("megastack_rpc_requests_total", {"service": "textgen", "method": "Generate", "code": "INVALID_ARGUMENT"})
+    after = REGISTRY.get_sample_value(
+        "megastack_rpc_requests_total",
+        {"service": "textgen", "method": "Generate", "code": "INVALID_ARGUMENT"},
+    )
     assert after == before + 1
 
 
 def test_stream_yields_tokens_then_the_completion(stub):
     s, _ = stub
-    msgs = list(s.GenerateStream(pb.GenerateStreamRequest(prompts=[pb.Prompt(text="The murder")], params=params(10, logprobs=True))))
+    msgs = list(
+        s.GenerateStream(
+            pb.GenerateStreamRequest(prompts=[pb.Prompt(text="The murder")], params=params(10, logprobs=True))
+        )
+    )
     assert len(msgs) == 11 and msgs[-1].finished and not any(m.finished for m in msgs[:-1])
     final = msgs[-1].completion
     assert [m.tokens[0].id for m in msgs[:-1]] == list(final.token_ids)
@@ -112,7 +143,9 @@ def test_prompt_logprobs_from_returns_the_tail_only(stub):
     assert list(score(1).prompt_logprobs) == pytest.approx(list(full.prompt_logprobs), abs=1e-5)
     tail = score(5)
     assert list(tail.prompt_logprobs) == pytest.approx(list(full.prompt_logprobs)[4:], abs=1e-5)
-    assert [list(t.token_ids) for t in tail.prompt_top_logprobs] == [list(t.token_ids) for t in full.prompt_top_logprobs][4:]
+    assert [list(t.token_ids) for t in tail.prompt_top_logprobs] == [
+        list(t.token_ids) for t in full.prompt_top_logprobs
+    ][4:]
     with pytest.raises(grpc.RpcError) as e:
         score(-1)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs_from" in e.value.details()

@@ -17,7 +17,10 @@ from tools.gen_docs import CONFIGS
 
 DEPLOY = REPO_ROOT / "deploy"
 MANIFESTS = sorted([*DEPLOY.glob("k8s/*.yaml"), *DEPLOY.glob("kuberay/*.yaml"), *DEPLOY.glob("ray/*.yaml")])
-SERVICE_NAMES = {svc: importlib.import_module(f"services.{svc}.__main__").SERVICE for svc in ("textgen", "converter", "trainer", "evaluator")}
+SERVICE_NAMES = {
+    svc: importlib.import_module(f"services.{svc}.__main__").SERVICE
+    for svc in ("textgen", "converter", "trainer", "evaluator")
+}
 
 
 SHARED_SETTINGS = {ROOTS_ENV, ENDPOINTS_ENV}  # shared/roots.py, read by every job service
@@ -60,7 +63,9 @@ def test_manifest_parses_and_names_only_real_settings(path):
         for c in _containers(doc):
             for e in c.get("env", []):
                 if e["name"].startswith("MEGASTACK_"):
-                    assert e["name"] in known or e["name"] in SHARED_SETTINGS, f"{path.name}: {e['name']} is not a setting"
+                    assert e["name"] in known or e["name"] in SHARED_SETTINGS, (
+                        f"{path.name}: {e['name']} is not a setting"
+                    )
 
 
 def test_service_manifests_run_real_modules_with_matching_ports_and_probes():
@@ -76,10 +81,17 @@ def test_service_manifests_run_real_modules_with_matching_ports_and_probes():
         service = next(d for d in docs if d["kind"] == "Service")
         assert port in {p["port"] for p in service["spec"]["ports"]}
         if svc == "gateway":
-            assert c["readinessProbe"]["httpGet"]["path"] == "/ready" and c["livenessProbe"]["httpGet"]["path"] == "/health"
-            # SIGTERM drains in-flight streams for graceful_timeout_s: Kubernetes must wait longer before SIGKILL
+            assert (
+                c["readinessProbe"]["httpGet"]["path"] == "/ready"
+                and c["livenessProbe"]["httpGet"]["path"] == "/health"
+            )
+            # SIGTERM drains in-flight streams for graceful_timeout_s: Kubernetes must wait longer before
+            # SIGKILL
             pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
-            graceful = float(env.get("MEGASTACK_GATEWAY_GRACEFUL_TIMEOUT_S") or known["MEGASTACK_GATEWAY_GRACEFUL_TIMEOUT_S"].default)
+            graceful = float(
+                env.get("MEGASTACK_GATEWAY_GRACEFUL_TIMEOUT_S")
+                or known["MEGASTACK_GATEWAY_GRACEFUL_TIMEOUT_S"].default
+            )
             assert pod["terminationGracePeriodSeconds"] > graceful
             for name, value in env.items():
                 if name.endswith("_ADDR") and value:
@@ -89,13 +101,20 @@ def test_service_manifests_run_real_modules_with_matching_ports_and_probes():
         assert c["readinessProbe"]["grpc"] == {"port": port, "service": SERVICE_NAMES[svc]}
         assert c["livenessProbe"]["grpc"]["port"] == port
         workload = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet"))
-        metrics_port = int(env.get(f"MEGASTACK_{svc.upper()}_METRICS_PORT") or known[f"MEGASTACK_{svc.upper()}_METRICS_PORT"].default)
-        assert workload["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
+        metrics_port = int(
+            env.get(f"MEGASTACK_{svc.upper()}_METRICS_PORT")
+            or known[f"MEGASTACK_{svc.upper()}_METRICS_PORT"].default
+        )
+        assert workload["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(
+            metrics_port
+        )
 
 
 def test_kustomization_lists_every_manifest():
     k = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
-    assert sorted(k["resources"]) == sorted(p.name for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(k["resources"]) == sorted(
+        p.name for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml"
+    )
 
 
 def test_rayjob_runs_the_driver_on_a_spec_that_parses():
@@ -108,8 +127,14 @@ def test_rayjob_runs_the_driver_on_a_spec_that_parses():
     assert spec.world_size == 8 and spec.gpus_per_worker == 1 and spec.precision == "bf16"
     assert spec.global_batch_size % (spec.micro_batch_size * spec.dp) == 0
     cluster = _docs(DEPLOY / "kuberay" / "raycluster.yaml")[0]
-    trainer_env = {e["name"]: e.get("value") for c in _containers(_docs(DEPLOY / "k8s" / "trainer.yaml")[1]) for e in c["env"]}
-    assert trainer_env["MEGASTACK_TRAINER_RAY_ADDRESS"] == f"http://{cluster['metadata']['name']}-head-svc:8265"
+    trainer_env = {
+        e["name"]: e.get("value")
+        for c in _containers(_docs(DEPLOY / "k8s" / "trainer.yaml")[1])
+        for e in c["env"]
+    }
+    assert (
+        trainer_env["MEGASTACK_TRAINER_RAY_ADDRESS"] == f"http://{cluster['metadata']['name']}-head-svc:8265"
+    )
 
 
 def test_ray_driver_accepts_a_yaml_spec_and_refuses_a_bad_one(tmp_path, train_assets):
@@ -132,19 +157,26 @@ def test_prometheus_layout_matches_what_the_stack_renders():
 
     shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in shipped["scrape_configs"]}
-    rendered = scrape_targets(plan(StackOptions(services=("textgen", "converter", "trainer", "evaluator", "gateway"))))
+    rendered = scrape_targets(
+        plan(StackOptions(services=("textgen", "converter", "trainer", "evaluator", "gateway")))
+    )
     assert jobs == rendered
     assert shipped["rule_files"] == ["alerts.yml"]
 
 
 def test_job_services_are_confined_to_the_shared_volume():
-    """Issue 17: on k8s a job may name paths only on the /data volume, and the evaluator calls only the stack's models."""
+    """Issue 17: on k8s a job may name paths only on the /data volume, and the evaluator calls only the
+    stack's models."""
     for svc in ("converter", "trainer", "evaluator"):
-        env = {e["name"]: e.get("value") for d in _docs(DEPLOY / "k8s" / f"{svc}.yaml") for c in _containers(d) for e in c.get("env", [])}
+        env = {
+            e["name"]: e.get("value")
+            for d in _docs(DEPLOY / "k8s" / f"{svc}.yaml")
+            for c in _containers(d)
+            for e in c.get("env", [])
+        }
         assert env.get("MEGASTACK_DATA_ROOTS") == "/data", svc
         if svc == "evaluator":
             assert set(env["MEGASTACK_ALLOWED_ENDPOINTS"].split(",")) == {"textgen:50051", "gateway:5000"}
-
 
 
 # -- closed by default (issue 17, item 5) -------------------------------------------------------------
@@ -169,8 +201,12 @@ def test_only_the_gateway_reaches_the_services():
     assert "networkpolicy.yaml" in kustomization["resources"]
     deny = docs["default-deny-ingress"]["spec"]
     assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
-    allowed = {"textgen": ({"gateway", "evaluator"}, 50051), "converter": ({"gateway"}, 50052),
-               "trainer": ({"gateway"}, 50053), "evaluator": ({"gateway"}, 50054)}
+    allowed = {
+        "textgen": ({"gateway", "evaluator"}, 50051),
+        "converter": ({"gateway"}, 50052),
+        "trainer": ({"gateway"}, 50053),
+        "evaluator": ({"gateway"}, 50054),
+    }
     for svc, (callers, port) in allowed.items():
         (policy,) = [d for d in docs.values() if d["spec"]["podSelector"].get("matchLabels") == {"app": svc}]
         rules = policy["spec"]["ingress"]
@@ -192,7 +228,9 @@ def test_gateway_keys_are_required_and_come_from_a_file():
     path = env["MEGASTACK_GATEWAY_API_KEYS_FILE"]["value"]
     (vol,) = dep["spec"]["template"]["spec"]["volumes"]
     mount = next(m for m in c["volumeMounts"] if m["name"] == vol["name"])
-    assert path.startswith(mount["mountPath"] + "/") and vol["secret"]["optional"] is False and mount["readOnly"]
+    assert (
+        path.startswith(mount["mountPath"] + "/") and vol["secret"]["optional"] is False and mount["readOnly"]
+    )
 
 
 def test_ray_needs_its_token_everywhere_and_its_dashboard_stays_inside():
@@ -203,13 +241,18 @@ def test_ray_needs_its_token_everywhere_and_its_dashboard_stays_inside():
             for c in _containers(doc):
                 env = _env(c)
                 assert env["RAY_AUTH_MODE"]["value"] == "token", (name, c["name"])
-                assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "megastack-ray-token", (name, c["name"])
+                assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "megastack-ray-token", (
+                    name,
+                    c["name"],
+                )
     (head,) = [d for d in _docs(DEPLOY / "kuberay" / "raycluster.yaml")]
     assert head["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
     (trainer,) = [c for d in _docs(DEPLOY / "k8s" / "trainer.yaml") for c in _containers(d)]
     assert _env(trainer)["RAY_AUTH_MODE"]["value"] == "token" and "RAY_AUTH_TOKEN" in _env(trainer)
     ray_up = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
-    starts = [c for c in ray_up["head_start_ray_commands"] + ray_up["worker_start_ray_commands"] if "ray start" in c]
+    starts = [
+        c for c in ray_up["head_start_ray_commands"] + ray_up["worker_start_ray_commands"] if "ray start" in c
+    ]
     assert starts and all("RAY_AUTH_MODE=token" in c for c in starts)
     import tempfile
 
@@ -224,7 +267,11 @@ def test_everything_runs_as_a_non_root_user():
     dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
     users = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert users and users[-1] not in ("root", "0")
-    for path in [*DEPLOY.glob("k8s/*.yaml"), *DEPLOY.glob("kuberay/raycluster.yaml"), *DEPLOY.glob("kuberay/rayjob.yaml")]:
+    for path in [
+        *DEPLOY.glob("k8s/*.yaml"),
+        *DEPLOY.glob("kuberay/raycluster.yaml"),
+        *DEPLOY.glob("kuberay/rayjob.yaml"),
+    ]:
         for doc in _docs(path):
             for pod in _pod_specs(doc):
                 sc = pod.get("securityContext", {})

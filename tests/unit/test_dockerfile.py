@@ -55,7 +55,10 @@ def test_apt_never_asks_for_a_versioned_python():
 def test_torch_pin_and_lock_file_match_pyproject():
     pin = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch=="))
     assert re.search(rf"pip install {re.escape(pin)} --index-url", DOCKERFILE), pin
-    assert "pip install -r requirements.lock" in DOCKERFILE and "COPY requirements.lock pyproject.toml" in DOCKERFILE
+    assert (
+        "pip install -r requirements.lock" in DOCKERFILE
+        and "COPY requirements.lock pyproject.toml" in DOCKERFILE
+    )
     lock = (REPO_ROOT / "requirements.lock").read_text()
     mc = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("megatron-core"))
     assert mc in lock.splitlines(), f"{mc} of pyproject.toml is not the locked megatron-core"

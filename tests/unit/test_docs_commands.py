@@ -11,8 +11,14 @@ import pytest
 
 from shared.paths import REPO_ROOT
 
-PAGES = sorted([REPO_ROOT / "README.md", *REPO_ROOT.glob("docs/**/*.md"), *REPO_ROOT.glob("services/*/README.md"),
-                REPO_ROOT / "deploy" / "README.md"])
+PAGES = sorted(
+    [
+        REPO_ROOT / "README.md",
+        *REPO_ROOT.glob("docs/**/*.md"),
+        *REPO_ROOT.glob("services/*/README.md"),
+        REPO_ROOT / "deploy" / "README.md",
+    ]
+)
 
 
 def commands(page: Path) -> list[str]:
@@ -44,9 +50,13 @@ def test_commands_on_the_page_are_real(page, monkeypatch):
             except SystemExit:
                 pytest.fail(f"{page.relative_to(REPO_ROOT)}: `{cmd}` does not parse")
         elif argv[0] == "make":
-            assert all(a in targets or "=" in a for a in argv[1:] if not a.startswith("-")), f"{page.name}: {cmd}"
+            assert all(a in targets or "=" in a for a in argv[1:] if not a.startswith("-")), (
+                f"{page.name}: {cmd}"
+            )
         elif argv[0] in ("python", "python3"):
             assert argv[1] == "-m" or (REPO_ROOT / argv[1]).is_file(), f"{page.name}: {cmd}"
         for word in argv:
-            if re.match(r"^(deploy|tools|services|shared|protos|tests|docs)/[\w./-]+\.(ya?ml|py|json|md)$", word):
+            if re.match(
+                r"^(deploy|tools|services|shared|protos|tests|docs)/[\w./-]+\.(ya?ml|py|json|md)$", word
+            ):
                 assert (REPO_ROOT / word).is_file(), f"{page.name}: {word} does not exist"

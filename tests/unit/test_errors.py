@@ -4,11 +4,21 @@ import pytest
 from shared import errors
 
 
-@pytest.mark.parametrize("cls,status", [
-    (errors.InvalidArgument, 400), (errors.FailedPrecondition, 400), (errors.OutOfRange, 400),
-    (errors.NotFound, 404), (errors.AlreadyExists, 409), (errors.ResourceExhausted, 429),
-    (errors.Unavailable, 503), (errors.DeadlineExceeded, 504), (errors.Unauthenticated, 401), (errors.Internal, 500),
-])
+@pytest.mark.parametrize(
+    "cls,status",
+    [
+        (errors.InvalidArgument, 400),
+        (errors.FailedPrecondition, 400),
+        (errors.OutOfRange, 400),
+        (errors.NotFound, 404),
+        (errors.AlreadyExists, 409),
+        (errors.ResourceExhausted, 429),
+        (errors.Unavailable, 503),
+        (errors.DeadlineExceeded, 504),
+        (errors.Unauthenticated, 401),
+        (errors.Internal, 500),
+    ],
+)
 def test_each_error_maps_to_its_http_status(cls, status):
     assert errors.http_status(cls.code) == status
 

@@ -1,4 +1,5 @@
-"""The on-disk cache of lm-eval's task index: same index as lm-eval's own parse, rebuilt when a file changes."""
+"""The on-disk cache of lm-eval's task index: same index as lm-eval's own parse, rebuilt when a file
+changes."""
 
 from __future__ import annotations
 
@@ -72,8 +73,18 @@ def test_an_unwritable_cache_still_gives_the_index(tmp_path, parses):
     root = _tree(tmp_path / "tasks")
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    assert set(index_cache.load_or_build(root, blocker / "cache")) == {"tiny_a", "tiny_b", "tiny_group", "tiny_tag"}
-    assert set(index_cache.load_or_build(root, blocker / "cache")) == {"tiny_a", "tiny_b", "tiny_group", "tiny_tag"}
+    assert set(index_cache.load_or_build(root, blocker / "cache")) == {
+        "tiny_a",
+        "tiny_b",
+        "tiny_group",
+        "tiny_tag",
+    }
+    assert set(index_cache.load_or_build(root, blocker / "cache")) == {
+        "tiny_a",
+        "tiny_b",
+        "tiny_group",
+        "tiny_tag",
+    }
     assert len(parses) == 2
 
 
@@ -118,5 +129,7 @@ def test_a_planted_cache_file_never_runs_and_is_rebuilt(tmp_path, parses, caplog
     with caplog.at_level(logging.WARNING, logger=index_cache.__name__):
         index = index_cache.load_or_build(root, cache)
     assert not marker.exists(), "the planted pickle ran"
-    assert "posix.system is not a class" in caplog.text or "os.system is not a class" in caplog.text, caplog.text
+    assert "posix.system is not a class" in caplog.text or "os.system is not a class" in caplog.text, (
+        caplog.text
+    )
     assert len(parses) == 2 and set(index) == {"tiny_a", "tiny_b", "tiny_group", "tiny_tag"}

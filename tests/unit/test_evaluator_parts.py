@@ -18,17 +18,27 @@ KNOWN = ["mmlu", "mmlu_anatomy", "hellaswag", "megastack_capitals", "megastack_s
 def test_unknown_task_names_its_close_matches():
     with pytest.raises(InvalidArgument) as e:
         check_tasks(("hellaswg",), KNOWN)
-    assert "unknown task 'hellaswg'" in e.value.message and "hellaswag" in e.value.message and e.value.field == "tasks"
+    assert (
+        "unknown task 'hellaswg'" in e.value.message
+        and "hellaswag" in e.value.message
+        and e.value.field == "tasks"
+    )
     with pytest.raises(InvalidArgument) as e:
         check_tasks(("zzzzqqq",), KNOWN)
     assert "close names" not in e.value.message
     check_tasks(("mmlu", "megastack_suite"), KNOWN)
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(limit=-3), "limit"), (dict(batch_size=0), "batch_size"), (dict(textgen_address=""), "model"),
-    (dict(hf_checkpoint="/x"), "model"), (dict(tasks=()), "tasks"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(limit=-3), "limit"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(textgen_address=""), "model"),
+        (dict(hf_checkpoint="/x"), "model"),
+        (dict(tasks=()), "tasks"),
+    ],
+)
 def test_bad_specs_name_the_field(kw, field):
     spec = EvalSpec(**{"tasks": ("mmlu",), "textgen_address": "127.0.0.1:1", **kw})
     with pytest.raises(InvalidArgument) as e:
@@ -37,8 +47,18 @@ def test_bad_specs_name_the_field(kw, field):
 
 
 def test_spec_survives_json_and_protobuf():
-    spec = EvalSpec(tasks=("a", "b"), completions_url="http://h/v1/completions", num_fewshot=3, limit=7, batch_size=2, seed=9,
-                    include_paths=("/p",), name="n", apply_chat_template=True, labels={"k": "v"})
+    spec = EvalSpec(
+        tasks=("a", "b"),
+        completions_url="http://h/v1/completions",
+        num_fewshot=3,
+        limit=7,
+        batch_size=2,
+        seed=9,
+        include_paths=("/p",),
+        name="n",
+        apply_chat_template=True,
+        labels={"k": "v"},
+    )
     assert EvalSpec.from_json(spec.to_json()) == spec
     assert spec_from_pb(spec_to_pb(spec), {"k": "v"}) == spec
     assert spec_from_pb(pb.EvaluationSpec(tasks=["a"], textgen_address="x:1"), {}).batch_size == 16
@@ -57,8 +77,10 @@ def test_suite_renders_with_absolute_data_paths(tmp_path):
 
 
 def _run(job_id, tasks):
-    return pb.Evaluation(status={"job_id": job_id}, result=pb.EvaluationResult(
-        tasks=[pb.TaskScores(task=t, metrics=m) for t, m in tasks.items()]))
+    return pb.Evaluation(
+        status={"job_id": job_id},
+        result=pb.EvaluationResult(tasks=[pb.TaskScores(task=t, metrics=m) for t, m in tasks.items()]),
+    )
 
 
 def test_compare_rows_line_up_metrics_and_mark_missing():
@@ -85,7 +107,9 @@ def test_named_suites_resolve_to_their_datasets_and_a_cached_one_passes(tmp_path
     assert harness.task_datasets(tm, "gsm8k") == [("gsm8k", "openai/gsm8k", "main", None)]
     assert {p for _, p, _, f in harness.task_datasets(tm, "megastack_suite")} == {"json"}
     harness.check_data(tm, ("megastack_suite",))  # shipped data files exist
-    monkeypatch.setattr(harness, "dataset_locations", lambda path: [tmp_path / f"datasets--{path.replace('/', '--')}"])
+    monkeypatch.setattr(
+        harness, "dataset_locations", lambda path: [tmp_path / f"datasets--{path.replace('/', '--')}"]
+    )
     with pytest.raises(Exception, match="openai/gsm8k"):
         harness.check_data(tm, ("gsm8k",))
     (tmp_path / "datasets--openai--gsm8k").mkdir()

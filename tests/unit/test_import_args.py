@@ -14,11 +14,12 @@ from tools.cli.import_args import import_args, split_command_text
 from tools.cli.main import main
 
 GPT2_345M = """
-torchrun --nproc_per_node 2 --nnodes 1 --node_rank 0 --master_addr localhost --master_port 6000 pretrain_gpt.py \\
-    --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \\
-    --num-layers 24 --hidden-size 1024 --num-attention-heads 16 --seq-length 1024 --max-position-embeddings 1024 \\
-    --micro-batch-size 4 --global-batch-size 8 --lr 0.00015 --train-iters 500000 --lr-decay-iters 320000 \\
-    --lr-decay-style cosine --min-lr 1.0e-5 --weight-decay 1e-2 --lr-warmup-fraction .01 --clip-grad 1.0 --fp16 \\
+torchrun --nproc_per_node 2 --nnodes 1 --node_rank 0 --master_addr localhost --master_port 6000 \\
+    pretrain_gpt.py --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \\
+    --num-layers 24 --hidden-size 1024 --num-attention-heads 16 --seq-length 1024 \\
+    --max-position-embeddings 1024 --micro-batch-size 4 --global-batch-size 8 --lr 0.00015 \\
+    --train-iters 500000 --lr-decay-iters 320000 --lr-decay-style cosine --min-lr 1.0e-5 \\
+    --weight-decay 1e-2 --lr-warmup-fraction .01 --clip-grad 1.0 --fp16 \\
     --data-path {data} --vocab-file {bpe}/vocab.json --merge-file {bpe}/merges.txt --split 949,50,1 \\
     --log-interval 100 --save-interval 10000 --eval-interval 1000 --eval-iters 10 \\
     --save {save} --load {save}   # Megatron-LM examples/gpt3/train_gpt2_345m_distributed.sh
@@ -33,22 +34,40 @@ def bpe():
 
 
 def test_megatron_gpt2_345m_flags_become_a_spec_and_an_architecture(bpe, tmp_path):
-    imp = import_args(split_command_text(GPT2_345M.format(data="d/gpt2_text_document", bpe=bpe, save=tmp_path / "ck")))
+    imp = import_args(
+        split_command_text(GPT2_345M.format(data="d/gpt2_text_document", bpe=bpe, save=tmp_path / "ck"))
+    )
     d = imp.doc
     assert d["parallel"] == {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 2}
     assert d["optimizer"]["lr_warmup_iters"] == 3200 and d["optimizer"]["lr_decay_iters"] == 320000
     assert d["training"]["precision"] == "fp16" and d["training"]["global_batch_size"] == 8
-    assert d["data"]["paths"] == [{"prefix": "d/gpt2_text_document", "weight": 1.0}] and d["data"]["split"] == "949,50,1"
-    assert d["model"]["tokenizer"] == str(bpe) and "init_from" not in d["model"]  # --load == --save: resume, not init
+    assert (
+        d["data"]["paths"] == [{"prefix": "d/gpt2_text_document", "weight": 1.0}]
+        and d["data"]["split"] == "949,50,1"
+    )
+    assert (
+        d["model"]["tokenizer"] == str(bpe) and "init_from" not in d["model"]
+    )  # --load == --save: resume, not init
     cfg = imp.hf_config
-    assert (cfg["architectures"], cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab_size"]) == (["GPT2LMHeadModel"], 24, 1024, 16, 50257)
+    assert (cfg["architectures"], cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab_size"]) == (
+        ["GPT2LMHeadModel"],
+        24,
+        1024,
+        16,
+        50257,
+    )
     assert not imp.unmapped
     assert {i for i, _ in imp.no_effect} >= {"torchrun", "pretrain_gpt.py", "--master_port 6000"}
 
 
 def test_every_item_is_accounted_for(bpe, tmp_path):
-    tokens = split_command_text(GPT2_345M.format(data="d", bpe=bpe, save=tmp_path)) + ["--init-method-std", "0.006", "--frobnicate", "3",
-                                                                                       "--use-flash-attn"]
+    tokens = split_command_text(GPT2_345M.format(data="d", bpe=bpe, save=tmp_path)) + [
+        "--init-method-std",
+        "0.006",
+        "--frobnicate",
+        "3",
+        "--use-flash-attn",
+    ]
     imp = import_args(tokens)
     flags = {t for t in tokens if t.startswith("--")}
     reported = " ".join(i for i, _ in imp.mapped + imp.no_effect + imp.unmapped)
@@ -59,7 +78,10 @@ def test_every_item_is_accounted_for(bpe, tmp_path):
 
 @pytest.mark.parametrize("impl, expected", [("transformer_engine", "auto"), ("local", "local")])
 def test_transformer_impl_says_what_the_training_nodes_will_run(bpe, tmp_path, impl, expected):
-    tokens = split_command_text(GPT2_345M.format(data="d", bpe=bpe, save=tmp_path)) + ["--transformer-impl", impl]
+    tokens = split_command_text(GPT2_345M.format(data="d", bpe=bpe, save=tmp_path)) + [
+        "--transformer-impl",
+        impl,
+    ]
     imp = import_args(tokens)
     assert imp.doc["training"]["transformer_impl"] == expected
     why = dict(imp.mapped)[f"--transformer-impl {impl}"]
@@ -67,14 +89,17 @@ def test_transformer_impl_says_what_the_training_nodes_will_run(bpe, tmp_path, i
     assert not any("transformer-impl" in i for i, _ in imp.no_effect)
 
 
-@pytest.mark.parametrize("extra,fragment", [
-    (["--bf16"], "--fp16 and --bf16 contradict"),
-    (["--lr-warmup-iters", "10"], "--lr-warmup-fraction and --lr-warmup-iters contradict"),
-    (["--lr", "0.1"], "--lr is given twice"),
-    (["--hidden-size", "$HIDDEN"], "unresolved shell variable $HIDDEN"),
-    (["--sequence-parallel", "yes"], "takes no value"),
-    (["--num-layers-per-virtual-pipeline-stage", "5"], "does not divide 24 layers"),
-])
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--bf16"], "--fp16 and --bf16 contradict"),
+        (["--lr-warmup-iters", "10"], "--lr-warmup-fraction and --lr-warmup-iters contradict"),
+        (["--lr", "0.1"], "--lr is given twice"),
+        (["--hidden-size", "$HIDDEN"], "unresolved shell variable $HIDDEN"),
+        (["--sequence-parallel", "yes"], "takes no value"),
+        (["--num-layers-per-virtual-pipeline-stage", "5"], "does not divide 24 layers"),
+    ],
+)
 def test_contradictions_and_garbage_are_errors(bpe, tmp_path, extra, fragment):
     tokens = split_command_text(GPT2_345M.format(data="d", bpe=bpe, save=tmp_path)) + extra
     with pytest.raises(InvalidArgument, match=fragment.replace("$", r"\$")):
@@ -82,11 +107,16 @@ def test_contradictions_and_garbage_are_errors(bpe, tmp_path, extra, fragment):
 
 
 def test_cli_refuses_unmapped_then_writes_a_validated_spec(train_assets, tiny_tokenizer, tmp_path, capsys):
-    flags = (f"--tensor-model-parallel-size 2 --num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 "
-             f"--max-position-embeddings 128 --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear "
-             f"--micro-batch-size 2 --global-batch-size 8 --train-iters 20 --lr 0.002 --lr-warmup-iters 2 --bf16 "
-             f"--data-path {train_assets['data']} --tokenizer-type HuggingFaceTokenizer --tokenizer-model {tiny_tokenizer} "
-             f"--save {tmp_path / 'run'} --init-method-std 0.01").split()
+    flags = (
+        "--tensor-model-parallel-size 2 --num-layers 2 --hidden-size 64 --num-attention-heads 4 "
+        "--seq-length 64 "
+        "--max-position-embeddings 128 --swiglu --normalization RMSNorm --position-embedding-type rope "
+        "--disable-bias-linear "
+        f"--micro-batch-size 2 --global-batch-size 8 --train-iters 20 --lr 0.002 --lr-warmup-iters 2 --bf16 "
+        f"--data-path {train_assets['data']} --tokenizer-type HuggingFaceTokenizer --tokenizer-model "
+        f"{tiny_tokenizer} "
+        f"--save {tmp_path / 'run'} --init-method-std 0.01"
+    ).split()
     out = tmp_path / "spec.yaml"
     assert main(["train", "import-args", "-o", str(out), "--", *flags]) == 2
     assert "NOT MAPPED --init-method-std 0.01" in capsys.readouterr().out and not out.exists()
@@ -100,31 +130,55 @@ def test_cli_refuses_unmapped_then_writes_a_validated_spec(train_assets, tiny_to
     assert spec.precision == "bf16" and spec.architecture == str(tmp_path / "spec.config.json")
     # validation errors name the field and leave nothing behind
     bad = [f if f != train_assets["data"] else "/nope/data" for f in flags]
-    assert main(["train", "import-args", "-o", str(tmp_path / "bad.yaml"), "--allow-unmapped", "--", *bad]) == 2
+    assert (
+        main(["train", "import-args", "-o", str(tmp_path / "bad.yaml"), "--allow-unmapped", "--", *bad]) == 2
+    )
     assert "data path /nope/data.bin does not exist" in capsys.readouterr().err
     assert not (tmp_path / "bad.yaml").exists() and not (tmp_path / "bad.config.json").exists()
 
 
-QWEN = "dsw 0.5B 1 8 1e-5 1e-6 128 128 bf16 1 1 1 true true false false sel false 100 {data} {data} none 1024000 10240 {out}"
+QWEN = (
+    "dsw 0.5B 1 8 1e-5 1e-6 128 128 bf16 1 1 1 true true false false sel false 100 {data} {data} none "
+    "1024000 10240 {out}"
+)
 
 
 def test_pai_qwen25_positional_arguments(tiny_tokenizer, tmp_path):
-    imp = import_args(QWEN.format(data="/x/qwen_text_document", out=tmp_path).split(), tokenizer=str(tiny_tokenizer), world_size=8)
+    imp = import_args(
+        QWEN.format(data="/x/qwen_text_document", out=tmp_path).split(),
+        tokenizer=str(tiny_tokenizer),
+        world_size=8,
+    )
     d = imp.doc
     assert imp.source == "pai-qwen2.5" and d["kind"] == "pretrain"
-    assert d["training"]["train_iters"] == 1024000 // 8 // 128 and d["optimizer"]["lr_warmup_iters"] == 10240 // 8 // 128
+    assert (
+        d["training"]["train_iters"] == 1024000 // 8 // 128
+        and d["optimizer"]["lr_warmup_iters"] == 10240 // 8 // 128
+    )
     assert d["parallel"]["data_parallel"] == 8 and d["training"]["recompute"] == "selective"
     assert d["optimizer"]["lr_decay_style"] == "cosine" and d["optimizer"]["weight_decay"] == 0.1
     assert d["checkpoint"]["save_dir"].startswith(str(tmp_path / "checkpoint"))
     cfg = imp.hf_config
-    assert (cfg["architectures"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_key_value_heads"]) == (
-        ["Qwen2ForCausalLM"], 24, 896, 2)
-    sft = import_args(QWEN.replace(" false false sel", " false true sel").format(data="/x/q", out=tmp_path).split(),
-                      tokenizer=str(tiny_tokenizer))
-    assert sft.doc["kind"] == "sft" and sft.doc["training"]["train_iters"] == 1024000 and sft.doc["optimizer"]["lr_decay_iters"] == 1024000 - 10240
+    assert (
+        cfg["architectures"],
+        cfg["num_hidden_layers"],
+        cfg["hidden_size"],
+        cfg["num_key_value_heads"],
+    ) == (["Qwen2ForCausalLM"], 24, 896, 2)
+    sft = import_args(
+        QWEN.replace(" false false sel", " false true sel").format(data="/x/q", out=tmp_path).split(),
+        tokenizer=str(tiny_tokenizer),
+    )
+    assert (
+        sft.doc["kind"] == "sft"
+        and sft.doc["training"]["train_iters"] == 1024000
+        and sft.doc["optimizer"]["lr_decay_iters"] == 1024000 - 10240
+    )
     # SFT validates on the script's VALID_DATASET_PATH; pretraining says why it does not
     assert sft.doc["data"]["valid_paths"] == [{"prefix": "/x/q", "weight": 1.0}]
-    assert "valid_paths" not in d["data"] and any(i.startswith("VALID_DATASET_PATH=") for i, _ in imp.no_effect)
+    assert "valid_paths" not in d["data"] and any(
+        i.startswith("VALID_DATASET_PATH=") for i, _ in imp.no_effect
+    )
 
 
 def test_pai_layouts_refuse_what_they_cannot_run(tiny_tokenizer, tmp_path):
@@ -132,20 +186,28 @@ def test_pai_layouts_refuse_what_they_cannot_run(tiny_tokenizer, tmp_path):
         import_args(QWEN.format(data="/x", out=tmp_path).split()[:-1], fmt="pai-qwen2.5")
     with pytest.raises(InvalidArgument, match="raw JSON: preprocess it first"):
         import_args(QWEN.format(data="/x/alpaca.json", out=tmp_path).split(), tokenizer=str(tiny_tokenizer))
-    fp8 = import_args(QWEN.replace("bf16", "fp8").format(data="/x/d", out=tmp_path).split(), tokenizer=str(tiny_tokenizer))
+    fp8 = import_args(
+        QWEN.replace("bf16", "fp8").format(data="/x/d", out=tmp_path).split(), tokenizer=str(tiny_tokenizer)
+    )
     assert ("PR=fp8", "fp8 training is not supported") in fp8.unmapped
     with pytest.raises(InvalidArgument, match="cannot tell the layout"):
         import_args(["dsw", "7B", "1"])
 
 
 def test_pai_llama2_positional_arguments(tmp_path):
-    args = (f"dsw /workspace/Pai-Megatron-Patch 7B 1 8 1e-5 1e-6 2048 2048 0 bf16 2 1 sel true true true false 100000 "
-            f"/data/llama_text_document /data/llama2-7b-mcore 10000000000 100000000 {tmp_path}").split()
+    args = (
+        "dsw /workspace/Pai-Megatron-Patch 7B 1 8 1e-5 1e-6 2048 2048 0 bf16 2 1 sel true true true false "
+        "100000 "
+        f"/data/llama_text_document /data/llama2-7b-mcore 10000000000 100000000 {tmp_path}"
+    ).split()
     imp = import_args(args)
     d = imp.doc
     assert imp.source == "pai-llama2" and d["model"]["init_from"] == "/data/llama2-7b-mcore"
     assert d["parallel"]["tensor_parallel"] == 2 and d["parallel"]["sequence_parallel"] is True
-    assert d["training"]["train_iters"] == 10000000000 // 8 // 2048 and d["optimizer"]["lr_decay_style"] == "linear"
+    assert (
+        d["training"]["train_iters"] == 10000000000 // 8 // 2048
+        and d["optimizer"]["lr_decay_style"] == "linear"
+    )
     assert {i for i, _ in imp.no_effect} >= {"EXTRA_VOCAB_SIZE=0"}
     # attention kernels are never "no effect": TE=false means the local spec, so FL=true cannot apply
     assert d["training"]["transformer_impl"] == "local"
@@ -157,10 +219,14 @@ def test_pai_llama2_positional_arguments(tmp_path):
 
 def test_gpus_per_worker_follows_the_script_unless_told(tiny_tokenizer, tmp_path):
     args = QWEN.format(data="/x/q_text_document", out=tmp_path).split()
-    assert import_args(args, tokenizer=str(tiny_tokenizer)).doc["resources"]["gpus_per_worker"] == 1  # Pai scripts are GPU-only
+    assert (
+        import_args(args, tokenizer=str(tiny_tokenizer)).doc["resources"]["gpus_per_worker"] == 1
+    )  # Pai scripts are GPU-only
     cpu = import_args(args, tokenizer=str(tiny_tokenizer), gpus_per_worker=0)
     assert cpu.doc["resources"]["gpus_per_worker"] == 0
-    assert [w for _, w in cpu.mapped if w.startswith("resources.gpus_per_worker")] == ["resources.gpus_per_worker: 0"]
+    assert [w for _, w in cpu.mapped if w.startswith("resources.gpus_per_worker")] == [
+        "resources.gpus_per_worker: 0"
+    ]
     with pytest.raises(InvalidArgument) as e:
         import_args(args, tokenizer=str(tiny_tokenizer), gpus_per_worker=-1)
     assert e.value.field == "gpus_per_worker"
@@ -178,5 +244,7 @@ def test_a_cluster_that_cannot_hold_the_job_is_named_not_waited_for():
 
 
 def test_async_save_maps_to_the_spec(bpe, tmp_path):
-    imp = import_args(split_command_text(GPT2_345M.format(data="d", bpe=bpe, save=tmp_path)) + ["--async-save"])
+    imp = import_args(
+        split_command_text(GPT2_345M.format(data="d", bpe=bpe, save=tmp_path)) + ["--async-save"]
+    )
     assert imp.doc["checkpoint"]["async_save"] is True and "--async-save" in dict(imp.mapped)

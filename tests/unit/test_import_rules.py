@@ -19,8 +19,10 @@ def test_cycles_are_found_and_chains_are_not():
 
 def test_lazy_imports_count_and_type_checking_ones_do_not(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from services.x import A\n"
-                 "def g():\n    from services.y import b\n")
+    f.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from services.x import A\n"
+        "def g():\n    from services.y import b\n"
+    )
     found = imports_of(f, with_names=True)
     assert "services.y" in found and "services.y.b" in found and "services.x" not in found
 
@@ -36,5 +38,8 @@ def test_the_docstring_rule_finds_public_functions_without_one(tmp_path, monkeyp
 
     monkeypatch.setattr(check_docstrings, "ROOT", tmp_path)
     f = tmp_path / "m.py"
-    f.write_text('def a():\n    """Says."""\n\n\ndef b():\n    pass\n\n\ndef _c():\n    pass\n\n\nclass K:\n    def d(self):\n        return 1\n')
+    f.write_text(
+        'def a():\n    """Says."""\n\n\ndef b():\n    pass\n\n\ndef _c():\n    pass\n\n\nclass K:\n    def '
+        "d(self):\n        return 1\n"
+    )
     assert check_docstrings.undocumented(f) == ["m.py:5 b", "m.py:14 K.d"]

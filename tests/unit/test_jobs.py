@@ -16,10 +16,18 @@ def test_records_survive_a_restart_and_interrupted_jobs_are_failed(tmp_path):
     again = JobStore(tmp_path, "convert")
     assert again.recover("restarted") == [a.job_id]
     ra = again.get(a.job_id)
-    assert ra.state == FAILED and ra.error == "restarted" and ra.progress["done"] == 3 and ra.labels == {"team": "nlp"}
+    assert (
+        ra.state == FAILED
+        and ra.error == "restarted"
+        and ra.progress["done"] == 3
+        and ra.labels == {"team": "nlp"}
+    )
     assert again.get(b.job_id).result == {"ok": True}
     assert again.read_log(a.job_id)[0] == ["halfway"]
-    assert [r.job_id for r in again.list()] == [b.job_id, a.job_id] or {r.job_id for r in again.list()} == {a.job_id, b.job_id}
+    assert [r.job_id for r in again.list()] == [b.job_id, a.job_id] or {r.job_id for r in again.list()} == {
+        a.job_id,
+        b.job_id,
+    }
 
 
 def test_request_id_makes_submit_idempotent(tmp_path):

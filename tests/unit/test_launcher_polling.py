@@ -1,4 +1,5 @@
-"""How often the launcher asks Ray for a job's state (a fake Jobs client: only the polling logic is under test)."""
+"""How often the launcher asks Ray for a job's state (a fake Jobs client: only the polling logic is under
+test)."""
 
 import json
 import time
@@ -25,8 +26,14 @@ class FakeJobs:
 
 def launcher_with_job(tmp_path, ray_poll_interval_s: float = 5.0):
     store = JobStore(tmp_path / "jobs", "train")
-    spec = TrainSpec(name="t", kind="pretrain", seq_length=8, train_iters=10, save_dir=str(tmp_path / "run"),
-                     data_paths=(("x", 1.0),))
+    spec = TrainSpec(
+        name="t",
+        kind="pretrain",
+        seq_length=8,
+        train_iters=10,
+        save_dir=str(tmp_path / "run"),
+        data_paths=(("x", 1.0),),
+    )
     (tmp_path / "run").mkdir()
     rec, _ = store.create({"json": spec.to_json()})
     # submitted a minute ago (status files older than the record are an earlier job's)
@@ -37,7 +44,11 @@ def launcher_with_job(tmp_path, ray_poll_interval_s: float = 5.0):
 
 
 def write_status(path, step: int, age_s: float = 0.0, step_time_s: float = 1.0) -> None:
-    path.write_text(json.dumps({"step": step, "loss": 5.0, "step_time_s": step_time_s, "updated_unix_s": time.time() - age_s}))
+    path.write_text(
+        json.dumps(
+            {"step": step, "loss": 5.0, "step_time_s": step_time_s, "updated_unix_s": time.time() - age_s}
+        )
+    )
 
 
 def test_fresh_steps_spare_the_ray_head_until_the_interval_passes(tmp_path):
@@ -101,8 +112,14 @@ class Refusing:
 
 def submit_with(tmp_path, client, agent_wait_s: float):
     store = JobStore(tmp_path / "jobs", "train")
-    spec = TrainSpec(name="t", kind="pretrain", seq_length=8, train_iters=10, save_dir=str(tmp_path / "run"),
-                     data_paths=(("x", 1.0),))
+    spec = TrainSpec(
+        name="t",
+        kind="pretrain",
+        seq_length=8,
+        train_iters=10,
+        save_dir=str(tmp_path / "run"),
+        data_paths=(("x", 1.0),),
+    )
     rec, _ = store.create({"json": spec.to_json()})
     launcher = RayLauncher(store, ray_address="http://127.0.0.1:1", agent_wait_s=agent_wait_s)
     launcher._client = client
@@ -134,9 +151,23 @@ def test_each_running_job_has_its_own_series_and_they_go_when_it_ends(tmp_path):
 
     launcher, store, job_id, status, fake = launcher_with_job(tmp_path)
     launcher.poll(job_id)
-    status.write_text(json.dumps({"step": 3, "loss": 4.5, "lr": 1e-3, "grad_norm": 0.7, "tokens_per_s": 900.0, "tflops": 0.02,
-                                  "mfu": 0.125, "loss_scale": 65536.0, "step_time_s": 1.5, "rank_step_time_s": [1.5, 1.2],
-                                  "updated_unix_s": time.time()}))
+    status.write_text(
+        json.dumps(
+            {
+                "step": 3,
+                "loss": 4.5,
+                "lr": 1e-3,
+                "grad_norm": 0.7,
+                "tokens_per_s": 900.0,
+                "tflops": 0.02,
+                "mfu": 0.125,
+                "loss_scale": 65536.0,
+                "step_time_s": 1.5,
+                "rank_step_time_s": [1.5, 1.2],
+                "updated_unix_s": time.time(),
+            }
+        )
+    )
     launcher.poll(job_id)
     labels = {"job_id": job_id, "name": "t"}
 
@@ -144,11 +175,19 @@ def test_each_running_job_has_its_own_series_and_they_go_when_it_ends(tmp_path):
         return REGISTRY.get_sample_value(name, {**labels, **extra})
 
     assert value("megastack_trainer_job_loss") == 4.5 and value("megastack_trainer_job_mfu") == 0.125
-    assert value("megastack_trainer_job_loss_scale") == 65536.0 and value("megastack_trainer_job_learning_rate") == 1e-3
-    assert value("megastack_trainer_job_tokens_per_second") == 900.0 and value("megastack_trainer_job_step") == 3
+    assert (
+        value("megastack_trainer_job_loss_scale") == 65536.0
+        and value("megastack_trainer_job_learning_rate") == 1e-3
+    )
+    assert (
+        value("megastack_trainer_job_tokens_per_second") == 900.0 and value("megastack_trainer_job_step") == 3
+    )
     assert value("megastack_trainer_job_rank_step_time_seconds", rank="1") == 1.2
     job = store.get(job_id)
     assert job.progress["metrics"]["mfu"] == 0.125
     fake.status = "SUCCEEDED"
     launcher.poll(job_id, force=True)
-    assert value("megastack_trainer_job_loss") is None and value("megastack_trainer_job_rank_step_time_seconds", rank="1") is None
+    assert (
+        value("megastack_trainer_job_loss") is None
+        and value("megastack_trainer_job_rank_step_time_seconds", rank="1") is None
+    )

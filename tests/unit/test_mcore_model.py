@@ -18,6 +18,7 @@ def te(monkeypatch):
     def set_(usable: bool, why: str = "stub"):
         monkeypatch.setattr(M, "transformer_engine_status", lambda: (usable, why))
         M._fallback_note.cache_clear()
+
     yield set_
     M._fallback_note.cache_clear()
 
@@ -52,26 +53,47 @@ def test_layer_spec_is_tes_or_ours(te, monkeypatch):
 
     sentinel = object()
     # no parallel state in a unit test: a world of one builds every layer
-    monkeypatch.setattr(transformer_block, "get_num_layers_to_build", lambda config, vp_stage=None: config.num_layers)
+    monkeypatch.setattr(
+        transformer_block, "get_num_layers_to_build", lambda config, vp_stage=None: config.num_layers
+    )
     monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", lambda: sentinel)
     te(True)
     assert M.layer_spec(None, None, impl="auto") is sentinel
     te(False)
-    arch = ArchConfig(family="llama", architecture="LlamaForCausalLM", vocab_size=512, hidden_size=64, num_layers=2,
-                      num_attention_heads=4, num_query_groups=2, head_dim=16, ffn_hidden_size=128,
-                      max_position_embeddings=128, normalization="RMSNorm", norm_eps=1e-5, activation="swiglu",
-                      position_embedding="rope")
+    arch = ArchConfig(
+        family="llama",
+        architecture="LlamaForCausalLM",
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=16,
+        ffn_hidden_size=128,
+        max_position_embeddings=128,
+        normalization="RMSNorm",
+        norm_eps=1e-5,
+        activation="swiglu",
+        position_embedding="rope",
+    )
     config = M.transformer_config(arch)
     block = M.layer_spec(arch, config, impl="auto")
     assert block.layer_norm is M.SequenceParallelNorm and len(block.layer_specs) == 2
     sub = block.layer_specs[0].submodules
-    assert sub.input_layernorm.module is M.SequenceParallelNorm and sub.pre_mlp_layernorm.module is M.SequenceParallelNorm
+    assert (
+        sub.input_layernorm.module is M.SequenceParallelNorm
+        and sub.pre_mlp_layernorm.module is M.SequenceParallelNorm
+    )
     # the torch_dist names stay TE's: checkpoints load under either spec
-    assert sub.sharded_state_dict_keys_map == {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                                               "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    assert sub.sharded_state_dict_keys_map == {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+    }
 
 
-@pytest.mark.parametrize("normalization, cls", [("RMSNorm", torch.nn.RMSNorm), ("LayerNorm", torch.nn.LayerNorm)])
+@pytest.mark.parametrize(
+    "normalization, cls", [("RMSNorm", torch.nn.RMSNorm), ("LayerNorm", torch.nn.LayerNorm)]
+)
 def test_sequence_parallel_norm_tags_its_weights(normalization, cls):
     class Cfg:
         sequence_parallel = True
@@ -90,7 +112,10 @@ def test_only_absent_extra_state_objects_are_dropped():
     def obj(key):
         return ShardedObject(key, None, (1,), (0,), replica_id=0)
 
-    present, absent = obj("decoder.layers.self_attention.linear_qkv._extra_state"), obj("decoder.layers.self_attention.core_attention._extra_state")
+    present, absent = (
+        obj("decoder.layers.self_attention.linear_qkv._extra_state"),
+        obj("decoder.layers.self_attention.core_attention._extra_state"),
+    )
     weight = torch.zeros(2)
     state = {"model": {"a": present, "b": absent, "w": weight, "nested": [absent, weight]}}
     out = M.without_absent_extra_state(state, {present.key + "/shard_0_1", "w"})
@@ -109,7 +134,11 @@ def test_load_module_state_tolerates_only_missing_extra_state():
 
 
 def test_to_device_moves_every_tensor_and_keeps_the_rest():
-    batch = {"tokens": torch.ones(2, dtype=torch.long), "nested": [torch.zeros(1), ("x", torch.ones(1))], "n": 3}
+    batch = {
+        "tokens": torch.ones(2, dtype=torch.long),
+        "nested": [torch.zeros(1), ("x", torch.ones(1))],
+        "n": 3,
+    }
     out = to_device(batch, "meta")
     assert out["tokens"].device.type == "meta" and out["nested"][0].device.type == "meta"
     assert out["nested"][1][0] == "x" and out["nested"][1][1].device.type == "meta" and out["n"] == 3

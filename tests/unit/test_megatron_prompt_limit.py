@@ -1,4 +1,5 @@
-"""PUT /api takes its prompt limit from the served replica (GetModelInfo), so the gateway and textgen cannot drift."""
+"""PUT /api takes its prompt limit from the served replica (GetModelInfo), so the gateway and textgen cannot
+drift."""
 
 import json
 from types import SimpleNamespace
@@ -24,10 +25,14 @@ class Pool:
         raise AssertionError("not reached")
 
 
-@pytest.mark.parametrize("limit, n, refused", [(4, 5, True), (4, 4, False), (200, 129, False), (0, 129, True)])
+@pytest.mark.parametrize(
+    "limit, n, refused", [(4, 5, True), (4, 4, False), (200, 129, False), (0, 129, True)]
+)
 def test_the_replicas_limit_is_the_gateways(limit, n, refused):
     pool = Pool(limit)
-    with Flask(__name__).test_request_context(method="PUT", data=json.dumps({"prompts": ["a"] * n, "tokens_to_generate": 1})):
+    with Flask(__name__).test_request_context(
+        method="PUT", data=json.dumps({"prompts": ["a"] * n, "tokens_to_generate": 1})
+    ):
         if refused:
             with pytest.raises(HTTPError, match=f"Maximum number of prompts is {limit or 128}"):
                 MegatronGenerate(pool).put()

@@ -36,7 +36,9 @@ def test_round_trip_is_exact_and_covers_every_tensor(tiny_models, family):
 
 
 def test_unsupported_architecture_lists_the_supported_ones():
-    with pytest.raises(InvalidArgument, match="unsupported architecture 'FalconForCausalLM'; supported: GPT2LMHeadModel"):
+    with pytest.raises(
+        InvalidArgument, match="unsupported architecture 'FalconForCausalLM'; supported: GPT2LMHeadModel"
+    ):
         family_for_architecture("FalconForCausalLM")
     assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel"} <= set(BY_ARCHITECTURE)
 

@@ -1,4 +1,5 @@
-"""The pieces that keep the samples of a neat pack apart: positions, the block-diagonal mask, RoPE that follows."""
+"""The pieces that keep the samples of a neat pack apart: positions, the block-diagonal mask, RoPE that
+follows."""
 
 import numpy as np
 import pytest
@@ -18,18 +19,29 @@ pytestmark = pytest.mark.unit
 def test_positions_restart_per_sample_and_run_on_through_padding():
     segs = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 0, 0])
     assert segment_positions(segs).tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3, 4, 5]
-    assert segment_positions(np.array([1, 1, 1, 1, 0])).tolist() == [0, 1, 2, 3, 4]  # plain packing: one sequence
+    assert segment_positions(np.array([1, 1, 1, 1, 0])).tolist() == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]  # plain packing: one sequence
 
 
 def test_the_mask_is_causal_within_a_sample_and_closed_between_samples():
     segs = torch.tensor([[1, 1, 2, 2, 2, 0]])
     allowed = ~block_causal_mask(segs)[0, 0]
-    expect = torch.tensor([[1, 0, 0, 0, 0, 0],
-                           [1, 1, 0, 0, 0, 0],
-                           [0, 0, 1, 0, 0, 0],
-                           [0, 0, 1, 1, 0, 0],
-                           [0, 0, 1, 1, 1, 0],
-                           [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    expect = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [0, 0, 1, 0, 0, 0],
+            [0, 0, 1, 1, 0, 0],
+            [0, 0, 1, 1, 1, 0],
+            [0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(allowed, expect)
     assert has_isolated_samples(segs) and not has_isolated_samples(torch.tensor([[1, 1, 1, 0]]))
 

@@ -40,26 +40,49 @@ def test_default_roots_are_the_repositorys_runs_and_models_and_the_working_direc
 
 
 def test_a_training_job_is_confined_field_by_field(root):
-    ok = TrainSpec(name="x", kind="pretrain", seq_length=8, train_iters=1, save_dir=str(root / "run"),
-                   data_paths=((str(root / "d_text_document"), 1.0),), init_from=str(root / "mc"))
+    ok = TrainSpec(
+        name="x",
+        kind="pretrain",
+        seq_length=8,
+        train_iters=1,
+        save_dir=str(root / "run"),
+        data_paths=((str(root / "d_text_document"), 1.0),),
+        init_from=str(root / "mc"),
+    )
     check_roots(ok)
     import dataclasses
 
-    for over, field in [({"save_dir": "/var/tmp/run"}, "checkpoint.save_dir"), ({"init_from": "/opt/model"}, "model.init_from"),
-                        ({"data_paths": (("/srv/d", 1.0),)}, "data.paths"), ({"tokenizer": str(root / "escape")}, "model.tokenizer"),
-                        ({"data_cache_dir": "/"}, "data.cache_dir"), ({"architecture": "/etc"}, "model.architecture")]:
+    for over, field in [
+        ({"save_dir": "/var/tmp/run"}, "checkpoint.save_dir"),
+        ({"init_from": "/opt/model"}, "model.init_from"),
+        ({"data_paths": (("/srv/d", 1.0),)}, "data.paths"),
+        ({"tokenizer": str(root / "escape")}, "model.tokenizer"),
+        ({"data_cache_dir": "/"}, "data.cache_dir"),
+        ({"architecture": "/etc"}, "model.architecture"),
+    ]:
         with pytest.raises(InvalidArgument) as e:
             check_roots(dataclasses.replace(ok, **over))
         assert e.value.field == field
 
 
-@pytest.mark.parametrize("address, ok", [
-    ("127.0.0.1:50051", True), ("http://localhost:5000/v1/completions", True), ("textgen:50051", True),
-    ("textgen:50052", False), ("http://169.254.169.254/latest", False), ("10.0.0.1:50051", False),
-    ("http://gateway/v1/completions", True), ("https://gateway/v1", False), ("[::1]:50051", True),
-])
+@pytest.mark.parametrize(
+    "address, ok",
+    [
+        ("127.0.0.1:50051", True),
+        ("http://localhost:5000/v1/completions", True),
+        ("textgen:50051", True),
+        ("textgen:50052", False),
+        ("http://169.254.169.254/latest", False),
+        ("10.0.0.1:50051", False),
+        ("http://gateway/v1/completions", True),
+        ("https://gateway/v1", False),
+        ("[::1]:50051", True),
+    ],
+)
 def test_endpoints_match_host_or_host_port_entries(monkeypatch, address, ok):
-    monkeypatch.setenv("MEGASTACK_ALLOWED_ENDPOINTS", "127.0.0.1:50051,localhost,textgen:50051,gateway:80,[::1]:50051")
+    monkeypatch.setenv(
+        "MEGASTACK_ALLOWED_ENDPOINTS", "127.0.0.1:50051,localhost,textgen:50051,gateway:80,[::1]:50051"
+    )
     if ok:
         check_endpoint(address, "completions_url")
     else:

@@ -1,4 +1,5 @@
-"""Each service's public module for tools/ (services/<svc>/api.py) names only what exists, and costs nothing to import."""
+"""Each service's public module for tools/ (services/<svc>/api.py) names only what exists, and costs nothing
+to import."""
 
 import importlib
 import subprocess
@@ -24,5 +25,7 @@ def test_every_public_name_resolves(name):
 
 def test_importing_the_apis_loads_no_torch():
     probe = f"import sys; import {', '.join(APIS)}; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""SFT samples: validation held out of training (or its own sets), blend weights honoured, a seeded shuffle per
+"""SFT samples: validation held out of training (or its own sets), blend weights honoured, a seeded shuffle
+per
 epoch, and the same order after a resume."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def test_the_held_out_part_is_never_trained_on_and_each_epoch_covers_the_train_p
     v_ids = {valid[i][1] for i in range(40)}
     assert split_documents("90,10,0", n) == [180, 20, 0]
     assert not set(t_ids) & v_ids and v_ids == set(range(180, 200))
-    epochs = [t_ids[k * 180:(k + 1) * 180] for k in range(3)]
+    epochs = [t_ids[k * 180 : (k + 1) * 180] for k in range(3)]
     assert all(sorted(e) == list(range(180)) for e in epochs)  # every train sample once per epoch
     assert epochs[0] != epochs[1] and epochs[0] != list(range(180))  # shuffled, afresh each epoch
 
@@ -56,8 +57,14 @@ def sft_data(tiny_models, tmp_path_factory):
 def _spec(train_assets, sft_data, tmp_path, **data):
     from tests.fixtures.training import spec_doc
 
-    doc = spec_doc(train_assets, tmp_path / "run", kind="sft", data={"paths": [{"prefix": str(sft_data / "a")}], "split": "80,20,0", **data},
-                   parallel={"tensor_parallel": 1}, training={"train_iters": 10, "global_batch_size": 4, "eval_interval": 5, "eval_iters": 2})
+    doc = spec_doc(
+        train_assets,
+        tmp_path / "run",
+        kind="sft",
+        data={"paths": [{"prefix": str(sft_data / "a")}], "split": "80,20,0", **data},
+        parallel={"tensor_parallel": 1},
+        training={"train_iters": 10, "global_batch_size": 4, "eval_interval": 5, "eval_iters": 2},
+    )
     spec = spec_from_dict(doc)
     validate(spec)
     return spec
@@ -73,13 +80,20 @@ def test_sft_validation_is_held_out_of_training_or_its_own_set(train_assets, sft
     train, valid = build_datasets(own, train_assets["hf"], 0)
     trained = {train.index[i][1] for i in range(len(train))}  # 40 draws from all 60 (no part held out)
     assert len(trained) == 40 and max(trained) >= 48
-    assert valid.triples[0][0] is not train.triples[0][0] and len({valid.index[i][1] for i in range(len(valid))}) <= 10
+    assert (
+        valid.triples[0][0] is not train.triples[0][0]
+        and len({valid.index[i][1] for i in range(len(valid))}) <= 10
+    )
 
 
 def test_a_resumed_job_reads_the_samples_an_uninterrupted_one_reads(train_assets, sft_data, tmp_path):
     spec = _spec(train_assets, sft_data, tmp_path)
     train, _ = build_datasets(spec, train_assets["hf"], 0)
-    whole = [b["tokens"] for b in batches(train, consumed=0, micro_batch_size=2, dp_rank=0, dp_size=1, total=40)]
+    whole = [
+        b["tokens"] for b in batches(train, consumed=0, micro_batch_size=2, dp_rank=0, dp_size=1, total=40)
+    ]
     again, _ = build_datasets(spec, train_assets["hf"], 0)  # a new process, after a kill at sample 16
-    resumed = [b["tokens"] for b in batches(again, consumed=16, micro_batch_size=2, dp_rank=0, dp_size=1, total=40)]
+    resumed = [
+        b["tokens"] for b in batches(again, consumed=16, micro_batch_size=2, dp_rank=0, dp_size=1, total=40)
+    ]
     assert len(resumed) == len(whole) - 8 and all(np.array_equal(x, y) for x, y in zip(whole[8:], resumed))

@@ -1,4 +1,5 @@
-"""One error body for every gateway stream (SSE of /v1/*, job watches, WebSocket) and one finish-reason table."""
+"""One error body for every gateway stream (SSE of /v1/*, job watches, WebSocket) and one finish-reason
+table."""
 
 import pytest
 from flask import Flask
@@ -16,7 +17,12 @@ def test_a_stream_error_is_the_error_body_of_its_status():
         assert stream_error(HTTPError(400, "bad top_p", "top_p")) == error_body(400, "bad top_p", "top_p")
         e = ResourceExhausted("queue full", field="prompt")
         body = stream_error(e)
-    assert body["error"] == {"message": "queue full", "type": "rate_limit_error", "param": "prompt", "code": 429}
+    assert body["error"] == {
+        "message": "queue full",
+        "type": "rate_limit_error",
+        "param": "prompt",
+        "code": 429,
+    }
     assert body["message"] == "queue full" and body["field"] == "prompt"
     assert stream_error(HTTPError(503, "no replica"))["error"]["code"] == 503  # outside a request too
 

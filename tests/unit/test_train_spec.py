@@ -23,10 +23,14 @@ def assets(tmp_path_factory, tiny_tokenizer, tiny_models):
 
 
 def doc(root, **over):
-    d = {"name": "x", "kind": "pretrain", "model": {"init_from": str(root / "mc")},
-         "data": {"paths": [{"prefix": str(root / "d_text_document")}], "seq_length": 32},
-         "training": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 5},
-         "checkpoint": {"save_dir": str(root / "run")}}
+    d = {
+        "name": "x",
+        "kind": "pretrain",
+        "model": {"init_from": str(root / "mc")},
+        "data": {"paths": [{"prefix": str(root / "d_text_document")}], "seq_length": 32},
+        "training": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 5},
+        "checkpoint": {"save_dir": str(root / "run")},
+    }
     for k, v in over.items():
         d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
     return d
@@ -35,24 +39,60 @@ def doc(root, **over):
 def test_a_good_spec_passes_and_defaults_apply(assets):
     spec = spec_from_dict(doc(assets))
     validate(spec)
-    assert spec.world_size == 1 and spec.num_microbatches == 2 and spec.lr_decay_style == "cosine" and spec.precision == "fp32"
+    assert (
+        spec.world_size == 1
+        and spec.num_microbatches == 2
+        and spec.lr_decay_style == "cosine"
+        and spec.precision == "fp32"
+    )
 
 
-@pytest.mark.parametrize("over,field,fragment", [
-    ({"parallel": {"tensor_parallel": 3}}, "parallel.tensor_parallel", "TP=3 does not divide the 4 attention heads"),
-    ({"training": {"global_batch_size": 5}}, "training.global_batch_size", "must be a multiple of micro_batch_size x data_parallel"),
-    ({"data": {"paths": [{"prefix": "/nope/d"}], "seq_length": 32}}, "data.paths", "data path /nope/d.bin does not exist"),
-    ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel", "needs tensor_parallel >= 2"),
-    ({"data": {"seq_length": 4096}}, "data.seq_length", "exceeds the model's 256 positions"),
-    ({"training": {"precision": "fp8"}}, "training.precision", "must be one of fp32, bf16, fp16"),
-    ({"parallel": {"pipeline_parallel": 3}}, "parallel.pipeline_parallel", "PP=3 does not divide 2 layers"),
-    ({"checkpoint": {"save_dir": ""}}, "checkpoint.save_dir", "is required"),
-    ({"data": {"split": "90,10"}}, "data.split", "three non-negative weights"),
-    ({"optimizer": {"lr_warmup_iters": 10**6}}, "optimizer.lr_warmup_iters", "must be >= 0 and below the decay steps"),
-    ({"data": {"split": "100,0,0"}, "training": {"eval_interval": 5, "eval_iters": 1}}, "data.split", "leaves no validation documents"),
-    ({"data": {"split": "0,100,0"}}, "data.split", "leaves no training documents"),
-    ({"resources": {"peak_tflops_per_worker": -1}}, "resources.peak_tflops_per_worker", "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "over,field,fragment",
+    [
+        (
+            {"parallel": {"tensor_parallel": 3}},
+            "parallel.tensor_parallel",
+            "TP=3 does not divide the 4 attention heads",
+        ),
+        (
+            {"training": {"global_batch_size": 5}},
+            "training.global_batch_size",
+            "must be a multiple of micro_batch_size x data_parallel",
+        ),
+        (
+            {"data": {"paths": [{"prefix": "/nope/d"}], "seq_length": 32}},
+            "data.paths",
+            "data path /nope/d.bin does not exist",
+        ),
+        (
+            {"parallel": {"sequence_parallel": True}},
+            "parallel.sequence_parallel",
+            "needs tensor_parallel >= 2",
+        ),
+        ({"data": {"seq_length": 4096}}, "data.seq_length", "exceeds the model's 256 positions"),
+        ({"training": {"precision": "fp8"}}, "training.precision", "must be one of fp32, bf16, fp16"),
+        (
+            {"parallel": {"pipeline_parallel": 3}},
+            "parallel.pipeline_parallel",
+            "PP=3 does not divide 2 layers",
+        ),
+        ({"checkpoint": {"save_dir": ""}}, "checkpoint.save_dir", "is required"),
+        ({"data": {"split": "90,10"}}, "data.split", "three non-negative weights"),
+        (
+            {"optimizer": {"lr_warmup_iters": 10**6}},
+            "optimizer.lr_warmup_iters",
+            "must be >= 0 and below the decay steps",
+        ),
+        (
+            {"data": {"split": "100,0,0"}, "training": {"eval_interval": 5, "eval_iters": 1}},
+            "data.split",
+            "leaves no validation documents",
+        ),
+        ({"data": {"split": "0,100,0"}}, "data.split", "leaves no training documents"),
+        ({"resources": {"peak_tflops_per_worker": -1}}, "resources.peak_tflops_per_worker", "must be >= 0"),
+    ],
+)
 def test_bad_specs_name_the_field(assets, over, field, fragment):
     with pytest.raises(InvalidArgument, match=fragment) as e:
         validate(spec_from_dict(doc(assets, **over)))
@@ -89,17 +129,20 @@ def _tree(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("where, fragment", [
-    (lambda r, t: r, "a folder that contains the input"),                  # the folder holding the data and the model
-    (lambda r, t: r / "mc", "the same folder as the input"),               # the init checkpoint itself
-    (lambda r, t: r / "mc" / "release" / "run", "inside the input"),       # inside it
-    (lambda r, t: r / "mc" / ".." / "mc", "the same folder as the input"),  # .. resolved
-    (lambda r, t: t / "link-to-mc", "the same folder as the input"),      # a symlink resolved
-    (lambda r, t: t / "notes", "already holds files that megastack did not write"),
-    (lambda r, t: t / "notes" / "a.txt", "is a file"),
-    (lambda r, t: r.anchor, "filesystem root|a folder that contains the input"),
-    (lambda r, t: "~", "home directory"),
-])
+@pytest.mark.parametrize(
+    "where, fragment",
+    [
+        (lambda r, t: r, "a folder that contains the input"),  # the folder holding the data and the model
+        (lambda r, t: r / "mc", "the same folder as the input"),  # the init checkpoint itself
+        (lambda r, t: r / "mc" / "release" / "run", "inside the input"),  # inside it
+        (lambda r, t: r / "mc" / ".." / "mc", "the same folder as the input"),  # .. resolved
+        (lambda r, t: t / "link-to-mc", "the same folder as the input"),  # a symlink resolved
+        (lambda r, t: t / "notes", "already holds files that megastack did not write"),
+        (lambda r, t: t / "notes" / "a.txt", "is a file"),
+        (lambda r, t: r.anchor, "filesystem root|a folder that contains the input"),
+        (lambda r, t: "~", "home directory"),
+    ],
+)
 def test_save_dir_never_endangers_inputs_or_foreign_files(assets, tmp_path, where, fragment):
     (tmp_path / "link-to-mc").symlink_to(assets / "mc")
     (tmp_path / "notes").mkdir()
@@ -135,14 +178,22 @@ def six_layers(tiny_models, tmp_path):
     return {"architecture": str(tmp_path / "config.json"), "tokenizer": str(tiny_models["llama"])}
 
 
-@pytest.mark.parametrize("parallel, fragment", [
-    ({"pipeline_parallel": 3, "num_layer_list": [1, 5]}, "has 2 entries for PP=3"),
-    ({"pipeline_parallel": 2, "num_layer_list": [2, 3]}, "must be positive and sum to 6"),
-    ({"pipeline_parallel": 4, "num_layer_list": [1, 2, 1, 2]}, "must have equal layer counts"),
-    ({"num_layer_list": [6]}, "needs pipeline_parallel >= 2"),
-    ({"pipeline_parallel": 2, "virtual_pipeline": 3, "num_layer_list": [3, 3]}, "cannot be combined with a virtual pipeline"),
-])
-def test_uneven_pipelines_that_megatron_core_cannot_build_are_refused_at_submit(assets, six_layers, parallel, fragment):
+@pytest.mark.parametrize(
+    "parallel, fragment",
+    [
+        ({"pipeline_parallel": 3, "num_layer_list": [1, 5]}, "has 2 entries for PP=3"),
+        ({"pipeline_parallel": 2, "num_layer_list": [2, 3]}, "must be positive and sum to 6"),
+        ({"pipeline_parallel": 4, "num_layer_list": [1, 2, 1, 2]}, "must have equal layer counts"),
+        ({"num_layer_list": [6]}, "needs pipeline_parallel >= 2"),
+        (
+            {"pipeline_parallel": 2, "virtual_pipeline": 3, "num_layer_list": [3, 3]},
+            "cannot be combined with a virtual pipeline",
+        ),
+    ],
+)
+def test_uneven_pipelines_that_megatron_core_cannot_build_are_refused_at_submit(
+    assets, six_layers, parallel, fragment
+):
     d = doc(assets, model=six_layers, parallel=parallel, training={"global_batch_size": 12})
     d["model"].pop("init_from")
     with pytest.raises(InvalidArgument, match=fragment) as e:
@@ -153,14 +204,22 @@ def test_uneven_pipelines_that_megatron_core_cannot_build_are_refused_at_submit(
 def test_sequence_parallel_needs_a_sequence_that_splits_over_the_tp_ranks(train_assets, tmp_path):
     from tests.fixtures.training import spec_doc
 
-    d = spec_doc(train_assets, tmp_path / "run", parallel={"tensor_parallel": 2, "sequence_parallel": True}, data={"seq_length": 63})
+    d = spec_doc(
+        train_assets,
+        tmp_path / "run",
+        parallel={"tensor_parallel": 2, "sequence_parallel": True},
+        data={"seq_length": 63},
+    )
     with pytest.raises(InvalidArgument, match="multiple of tensor_parallel=2") as e:
         validate(spec_from_dict(d))
     assert e.value.field == "data.seq_length"
 
 
 def test_uneven_pipelines_megatron_core_can_build_pass(assets, six_layers):
-    for parallel in ({"pipeline_parallel": 2, "num_layer_list": [2, 4]}, {"pipeline_parallel": 4, "num_layer_list": [1, 2, 2, 1]}):
+    for parallel in (
+        {"pipeline_parallel": 2, "num_layer_list": [2, 4]},
+        {"pipeline_parallel": 4, "num_layer_list": [1, 2, 2, 1]},
+    ):
         d = doc(assets, model=six_layers, parallel=parallel, training={"global_batch_size": 12})
         d["model"].pop("init_from")
         validate(spec_from_dict(d))

@@ -30,8 +30,14 @@ class ProcessRun:
 def run_process(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> ProcessRun:
     """Run to completion; wall time and the child's own peak RSS (os.wait4, not the sum over children)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
-                            env={**os.environ, **(env or {})}, text=True)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        text=True,
+    )
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
@@ -57,7 +63,9 @@ def median_run(argv: list[str], repeats: int, *, before=None, env=None) -> dict[
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [
+        [f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -66,7 +74,12 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def save(name: str, doc: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(exist_ok=True)
-    doc = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), **doc}
+    doc = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        **doc,
+    }
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"\nwrote {path.relative_to(REPO_ROOT)}")
@@ -76,5 +89,11 @@ def save(name: str, doc: dict[str, Any]) -> Path:
 def machine() -> dict[str, Any]:
     import torch
 
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "platform": platform.platform()}
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "platform": platform.platform(),
+    }

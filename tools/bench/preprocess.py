@@ -33,7 +33,12 @@ from tools.bench.common import PY, run_process, save, table
 def build_corpus(path: Path, target_mb: float, seed: int = 0) -> tuple[int, int]:
     from tools.assets import ensure_asset
 
-    blocks = [b["text"] for d in json.loads(ensure_asset("markov-corpus").read_text()) for b in d["blocks"] if b["text"].strip()]
+    blocks = [
+        b["text"]
+        for d in json.loads(ensure_asset("markov-corpus").read_text())
+        for b in d["blocks"]
+        if b["text"].strip()
+    ]
     rng = random.Random(seed)
     n, size = 0, 0
     with open(path, "w") as f:
@@ -56,12 +61,14 @@ def raw_tokenizer_run(path: Path, threads: int) -> dict:
 import json, os, sys, time
 os.environ["RAYON_NUM_THREADS"] = "{threads}"
 from llm.tokenizers import FastTokenizer
-tok = FastTokenizer.gpt2_bpe("{ASSETS_DIR / 'gpt2-bpe' / 'vocab.json'}", "{ASSETS_DIR / 'gpt2-bpe' / 'merges.txt'}")
+bpe = "{ASSETS_DIR / "gpt2-bpe"}"
+tok = FastTokenizer.gpt2_bpe(bpe + "/vocab.json", bpe + "/merges.txt")
 texts = [json.loads(l)["text"] for l in open("{path}")]
 nbytes = sum(len(t.encode()) for t in texts)
 tok.raw.encode_batch_fast(texts[:200])
 t0 = time.perf_counter(); out = tok.raw.encode_batch_fast(texts); dt = time.perf_counter() - t0
-print(json.dumps({{"seconds": dt, "text_bytes": nbytes, "docs": len(texts), "tokens": sum(len(e.ids) for e in out)}}))
+ntok = sum(len(e.ids) for e in out)
+print(json.dumps({{"seconds": dt, "text_bytes": nbytes, "docs": len(texts), "tokens": ntok}}))
 """
     r = run_process([PY, "-c", code])
     if r.returncode:
@@ -72,14 +79,34 @@ print(json.dumps({{"seconds": dt, "text_bytes": nbytes, "docs": len(texts), "tok
 def raw_summary(runs: list[dict]) -> dict:
     best = statistics.median(x["seconds"] for x in runs)
     doc = runs[0]
-    return {**doc, "seconds": best, "seconds_runs": [round(x["seconds"], 3) for x in runs],
-            "mb_per_s": doc["text_bytes"] / best / 1e6, "docs_per_s": doc["docs"] / best}
+    return {
+        **doc,
+        "seconds": best,
+        "seconds_runs": [round(x["seconds"], 3) for x in runs],
+        "mb_per_s": doc["text_bytes"] / best / 1e6,
+        "docs_per_s": doc["docs"] / best,
+    }
 
 
 def preprocess(path: Path, out: Path) -> dict:
-    argv = [PY, "tools/preprocess_data.py", "--input", str(path), "--output-prefix", str(out), "--tokenizer-type",
-            "GPT2BPETokenizer", "--vocab-file", str(ASSETS_DIR / "gpt2-bpe" / "vocab.json"), "--merge-file",
-            str(ASSETS_DIR / "gpt2-bpe" / "merges.txt"), "--append-eod", "--workers", "2", "--no-progress"]
+    argv = [
+        PY,
+        "tools/preprocess_data.py",
+        "--input",
+        str(path),
+        "--output-prefix",
+        str(out),
+        "--tokenizer-type",
+        "GPT2BPETokenizer",
+        "--vocab-file",
+        str(ASSETS_DIR / "gpt2-bpe" / "vocab.json"),
+        "--merge-file",
+        str(ASSETS_DIR / "gpt2-bpe" / "merges.txt"),
+        "--append-eod",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     r = run_process(argv)
     if r.returncode:
         raise RuntimeError(r.output[-2000:])
@@ -122,10 +149,34 @@ def main() -> int:
     text_ratio = raw["text_bytes"] / size  # JSON escaping makes the file a little larger than its text
     steady_text = steady * text_ratio
     rows = [
-        ["raw tokenizer encode_batch (2 threads, reference)", f"{raw['mb_per_s']:.2f} (text)", f"{raw['docs_per_s']:,.0f}", "-", "-"],
-        ["megastack, 1x, end to end", f"{e2e:.2f}", f"{docs / r1['seconds']:,.0f}", f"{r1['seconds']:.2f}", f"{r1['peak_rss_bytes'] / 1e6:.0f}"],
-        ["megastack, 1x, steady state", f"{steady:.2f} ({steady_text:.2f} text)", "-", f"{r1['seconds'] - startup:.2f}", "-"],
-        ["megastack, 4x, end to end", f"{e2e4:.2f}", f"{4 * docs / r4['seconds']:,.0f}", f"{r4['seconds']:.2f}", f"{r4['peak_rss_bytes'] / 1e6:.0f}"],
+        [
+            "raw tokenizer encode_batch (2 threads, reference)",
+            f"{raw['mb_per_s']:.2f} (text)",
+            f"{raw['docs_per_s']:,.0f}",
+            "-",
+            "-",
+        ],
+        [
+            "megastack, 1x, end to end",
+            f"{e2e:.2f}",
+            f"{docs / r1['seconds']:,.0f}",
+            f"{r1['seconds']:.2f}",
+            f"{r1['peak_rss_bytes'] / 1e6:.0f}",
+        ],
+        [
+            "megastack, 1x, steady state",
+            f"{steady:.2f} ({steady_text:.2f} text)",
+            "-",
+            f"{r1['seconds'] - startup:.2f}",
+            "-",
+        ],
+        [
+            "megastack, 4x, end to end",
+            f"{e2e4:.2f}",
+            f"{4 * docs / r4['seconds']:,.0f}",
+            f"{r4['seconds']:.2f}",
+            f"{r4['peak_rss_bytes'] / 1e6:.0f}",
+        ],
         ["megastack start-up (1-line input)", "-", "-", f"{startup:.2f}", "-"],
         ["Megatron-LM preprocess_data.py", "not run", "-", "-", "-"],
     ]
@@ -138,17 +189,32 @@ def main() -> int:
         "peak_rss_lt_500mb": max(r1["peak_rss_bytes"], r4["peak_rss_bytes"]) < 500e6,
         "rss_flat_1x_to_4x": rss_growth < 1.15,
     }
-    print(f"\nsteady state = {100 * ratio_raw:.0f}% of the raw tokenizer; peak RSS 1x -> 4x: "
-          f"{r1['peak_rss_bytes'] / 1e6:.0f} -> {r4['peak_rss_bytes'] / 1e6:.0f} MB; Megatron-LM's preprocess_data.py was not run "
-          "(no checkout and Python >= 3.12 environment here), so there is no comparison with it")
+    print(
+        f"\nsteady state = {100 * ratio_raw:.0f}% of the raw tokenizer; peak RSS 1x -> 4x: "
+        f"{r1['peak_rss_bytes'] / 1e6:.0f} -> {r4['peak_rss_bytes'] / 1e6:.0f} MB; Megatron-LM's "
+        "preprocess_data.py was not run "
+        "(no checkout and Python >= 3.12 environment here), so there is no comparison with it"
+    )
     for k, v in targets.items():
         print(f"  {k}: {'met' if v else 'NOT met'}")
     for r in (r1, r4):
         r.pop("output")
-    save("preprocess", {"corpus_bytes": size, "documents": docs, "raw_tokenizer": raw, "startup_s": startup,
-                        "megastack_1x": r1 | {"mb_per_s": e2e, "steady_mb_per_s": steady, "steady_text_mb_per_s": steady_text},
-                        "megastack_4x": r4 | {"mb_per_s": e2e4}, "megatron_preprocess_data": "not run",
-                        "ratio_steady_to_raw": ratio_raw, "rss_growth_4x": rss_growth, "targets": targets})
+    save(
+        "preprocess",
+        {
+            "corpus_bytes": size,
+            "documents": docs,
+            "raw_tokenizer": raw,
+            "startup_s": startup,
+            "megastack_1x": r1
+            | {"mb_per_s": e2e, "steady_mb_per_s": steady, "steady_text_mb_per_s": steady_text},
+            "megastack_4x": r4 | {"mb_per_s": e2e4},
+            "megatron_preprocess_data": "not run",
+            "ratio_steady_to_raw": ratio_raw,
+            "rss_growth_4x": rss_growth,
+            "targets": targets,
+        },
+    )
     return 0
 
 

@@ -21,7 +21,10 @@ def main() -> int:
         print(f"\n=== bench: {name}", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.call([sys.executable, str(HERE / f"{name}.py")], cwd=HERE.parent.parent)
-        print(f"=== {name}: {'ok' if rc == 0 else f'failed ({rc})'} in {time.perf_counter() - t0:.0f}s", flush=True)
+        print(
+            f"=== {name}: {'ok' if rc == 0 else f'failed ({rc})'} in {time.perf_counter() - t0:.0f}s",
+            flush=True,
+        )
         if rc:
             failed.append(name)
     return 1 if failed else 0

@@ -62,8 +62,14 @@ def baseline_hf(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtyp
         x = torch.tensor([ids])
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=model.config.eos_token_id)
+            model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=model.config.eos_token_id,
+            )
         return time.perf_counter() - t0
 
     gen(prompts[0], 4)  # warm-up
@@ -74,14 +80,22 @@ def baseline_hf(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtyp
         gen(ids, new_tokens)
     wall = time.perf_counter() - t0
     return {
-        "tokens_per_s": len(prompts) * new_tokens / wall, "wall_s": wall,
-        "decode_ms_per_token": (full - one) / (new_tokens - 1) * 1000, "first_token_s": one,
+        "tokens_per_s": len(prompts) * new_tokens / wall,
+        "wall_s": wall,
+        "decode_ms_per_token": (full - one) / (new_tokens - 1) * 1000,
+        "first_token_s": one,
     }
 
 
 def stream_one(url: str, ids: list[int], new_tokens: int) -> dict:
-    body = {"prompt": [ids], "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": [ids],
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     times, usage = [], None
     with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=600) as r:
@@ -94,8 +108,12 @@ def stream_one(url: str, ids: list[int], new_tokens: int) -> dict:
                 usage = doc["usage"]
             elif doc["choices"] and doc["choices"][0]["finish_reason"] is None:
                 times.append(time.perf_counter() - t0)
-    return {"ttft": times[0] if times else float("nan"), "itl": [b - a for a, b in zip(times, times[1:])],
-            "tokens": usage["completion_tokens"] if usage else len(times), "e2e": time.perf_counter() - t0}
+    return {
+        "ttft": times[0] if times else float("nan"),
+        "itl": [b - a for a, b in zip(times, times[1:])],
+        "tokens": usage["completion_tokens"] if usage else len(times),
+        "e2e": time.perf_counter() - t0,
+    }
 
 
 def megastack_level(url: str, prompts: list[list[int]], new_tokens: int, clients: int) -> dict:
@@ -106,9 +124,16 @@ def megastack_level(url: str, prompts: list[list[int]], new_tokens: int, clients
     ttft = [r["ttft"] for r in results]
     itl = [x for r in results for x in r["itl"]]
     tokens = sum(r["tokens"] for r in results)
-    return {"clients": clients, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "itl_p50_ms": pct(itl, 50) * 1000,
-            "itl_p99_ms": pct(itl, 99) * 1000}
+    return {
+        "clients": clients,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "itl_p50_ms": pct(itl, 50) * 1000,
+        "itl_p99_ms": pct(itl, 99) * 1000,
+    }
 
 
 def main() -> int:
@@ -119,14 +144,24 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     a = ap.parse_args()
     prompts = make_prompts(a.model, a.requests)
-    print(f"baseline: HF generate(), {a.requests} requests one at a time, {a.new_tokens} new tokens each ...", flush=True)
+    print(
+        f"baseline: HF generate(), {a.requests} requests one at a time, {a.new_tokens} new tokens each ...",
+        flush=True,
+    )
     base = baseline_hf(a.model, prompts, a.new_tokens, a.dtype)
     from tools.stack import StackOptions, up
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-textgen-"))
-    stack = up(StackOptions(run_dir=run_dir, model_dir=a.model, services=("textgen", "gateway"), free_ports=True,
-                            textgen_env={"MEGASTACK_TEXTGEN_DTYPE": a.dtype, "MEGASTACK_TEXTGEN_MAX_BATCH_SIZE": "16"}),
-               log=lambda _: None)
+    stack = up(
+        StackOptions(
+            run_dir=run_dir,
+            model_dir=a.model,
+            services=("textgen", "gateway"),
+            free_ports=True,
+            textgen_env={"MEGASTACK_TEXTGEN_DTYPE": a.dtype, "MEGASTACK_TEXTGEN_MAX_BATCH_SIZE": "16"},
+        ),
+        log=lambda _: None,
+    )
     levels = []
     try:
         url = stack.endpoint("gateway", "http")
@@ -139,21 +174,57 @@ def main() -> int:
     for lv in levels:
         lv["throughput_ratio"] = lv["tokens_per_s"] / base["tokens_per_s"]
         lv["latency_ratio"] = lv["itl_p50_ms"] / base["decode_ms_per_token"]
-    rows = [["HF generate, sequential", f"{base['tokens_per_s']:.1f}", "1.00", f"{base['first_token_s']:.3f}", "-",
-             f"{base['decode_ms_per_token']:.1f}", "-"]]
+    rows = [
+        [
+            "HF generate, sequential",
+            f"{base['tokens_per_s']:.1f}",
+            "1.00",
+            f"{base['first_token_s']:.3f}",
+            "-",
+            f"{base['decode_ms_per_token']:.1f}",
+            "-",
+        ]
+    ]
     for lv in levels:
-        rows.append([f"megastack, {lv['clients']} clients", f"{lv['tokens_per_s']:.1f}", f"{lv['throughput_ratio']:.2f}",
-                     f"{lv['ttft_p50_s']:.3f}", f"{lv['ttft_p99_s']:.3f}", f"{lv['itl_p50_ms']:.1f}", f"{lv['itl_p99_ms']:.1f}"])
-    print(f"\nmodel {a.model.name} ({a.dtype}), {a.requests} requests x {a.new_tokens} tokens, prompts of 32 tokens")
-    print(table(["run", "tokens/s", "x baseline", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms"], rows))
+        rows.append(
+            [
+                f"megastack, {lv['clients']} clients",
+                f"{lv['tokens_per_s']:.1f}",
+                f"{lv['throughput_ratio']:.2f}",
+                f"{lv['ttft_p50_s']:.3f}",
+                f"{lv['ttft_p99_s']:.3f}",
+                f"{lv['itl_p50_ms']:.1f}",
+                f"{lv['itl_p99_ms']:.1f}",
+            ]
+        )
+    print(
+        f"\nmodel {a.model.name} ({a.dtype}), {a.requests} requests x {a.new_tokens} tokens, prompts of 32 "
+        "tokens"
+    )
+    print(
+        table(["run", "tokens/s", "x baseline", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms"], rows)
+    )
     l1, l16 = levels[0], levels[-1]
     ok16 = l16["throughput_ratio"] >= 4.0
     ok1 = l1["latency_ratio"] <= 1.15
-    print(f"\n16 clients: {l16['throughput_ratio']:.2f}x baseline tokens/s (target >= 4x): {'met' if ok16 else 'NOT met'}")
-    print(f"1 client: per-token latency {l1['itl_p50_ms']:.1f} ms vs HF decode {base['decode_ms_per_token']:.1f} ms "
-          f"= {l1['latency_ratio']:.2f}x (target <= 1.15x): {'met' if ok1 else 'NOT met'}")
-    save("textgen", {"config": vars(a) | {"model": str(a.model)}, "baseline_hf_generate": base, "megastack": levels,
-                     "targets": {"throughput_16_clients_ge_4x": ok16, "latency_1_client_le_1_15x": ok1}})
+    print(
+        f"\n16 clients: {l16['throughput_ratio']:.2f}x baseline tokens/s (target >= 4x): "
+        f"{'met' if ok16 else 'NOT met'}"
+    )
+    print(
+        f"1 client: per-token latency {l1['itl_p50_ms']:.1f} ms vs HF decode "
+        f"{base['decode_ms_per_token']:.1f} ms "
+        f"= {l1['latency_ratio']:.2f}x (target <= 1.15x): {'met' if ok1 else 'NOT met'}"
+    )
+    save(
+        "textgen",
+        {
+            "config": vars(a) | {"model": str(a.model)},
+            "baseline_hf_generate": base,
+            "megastack": levels,
+            "targets": {"throughput_16_clients_ge_4x": ok16, "latency_1_client_le_1_15x": ok1},
+        },
+    )
     return 0
 
 

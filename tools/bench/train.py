@@ -1,4 +1,5 @@
-"""Training benchmark: megastack on Ray vs. the same training script under torchrun; MFU on this CPU; async vs sync saves.
+"""Training benchmark: megastack on Ray vs. the same training script under torchrun; MFU on this CPU; async
+vs sync saves.
 
     python tools/bench/train.py [--iters 14] [--rounds 3] [--saves 4] [--part all|launcher|checkpoint|layouts]
 
@@ -14,7 +15,8 @@ compute threads wait runnable while other processes hold the CPU (schedstat). Mo
 token = 6 N + 12 L S h; MFU = achieved FLOP/s / the fp32 matmul peak measured here (torch.mm 2048^2).
 Checkpoints: the same job (save every 2 steps) with synchronous and asynchronous saves, alternating, in
 the same run; the figure is what a save blocks the step loop (median over the saves after each run's
-first). Layouts: TP=2 and DP=2 (2 ranks x 1 thread) against 1 rank x 2 threads on the same two cores. Targets: Ray launch overhead < 5% of step time at steady state; report MFU; an async save blocks
+first). Layouts: TP=2 and DP=2 (2 ranks x 1 thread) against 1 rank x 2 threads on the same two cores.
+Targets: Ray launch overhead < 5% of step time at steady state; report MFU; an async save blocks
 at most 25% of a sync one.
 """
 
@@ -53,14 +55,16 @@ ts.sort(); print(2 * 2048 ** 3 / ts[len(ts) // 2])
 
 
 def hf_anchor(steps: int = 5, warmup: int = 2, threads: int = 2) -> float:
-    """The same model and step in plain HF transformers + torch AdamW (random tokens), measured here in this run:
+    """The same model and step in plain HF transformers + torch AdamW (random tokens), measured here in this
+    run:
     median seconds per step (forward, backward, optimizer step, zero_grad) after ``warmup`` steps."""
     code = f"""
 import statistics, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.set_num_threads({threads}); torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True, attn_implementation="sdpa")
+cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                  tie_word_embeddings=True, attn_implementation="sdpa")
 model = LlamaForCausalLM(cfg).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 x = torch.randint(0, 49152, ({MICRO_BATCH}, {SEQ}))
@@ -84,8 +88,16 @@ def build_assets(root: Path) -> dict:
     from tools.assets import ensure_asset
     from tools.preprocess.pipeline import Options, run
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     arch_dir = root / "arch"
     arch_dir.mkdir()
     doc = cfg.to_dict()
@@ -94,17 +106,41 @@ def build_assets(root: Path) -> dict:
     corpus = root / "corpus.jsonl"
     blocks = [b["text"] for d in json.loads(ensure_asset("markov-corpus").read_text()) for b in d["blocks"]]
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in blocks * 2))
-    run(Options(input=corpus, output_prefix=str(root / "data"), tokenizer_name_or_path=DEFAULT_MODEL_DIR, append_eod=True))
-    return {"arch": str(arch_dir), "tokenizer": str(DEFAULT_MODEL_DIR), "data": str(root / "data_text_document")}
+    run(
+        Options(
+            input=corpus,
+            output_prefix=str(root / "data"),
+            tokenizer_name_or_path=DEFAULT_MODEL_DIR,
+            append_eod=True,
+        )
+    )
+    return {
+        "arch": str(arch_dir),
+        "tokenizer": str(DEFAULT_MODEL_DIR),
+        "data": str(root / "data_text_document"),
+    }
 
 
 def spec(assets: dict, save_dir: Path, iters: int):
     from services.trainer.api import TrainSpec, validate
 
-    s = TrainSpec(name="bench", kind="pretrain", seq_length=SEQ, train_iters=iters, save_dir=str(save_dir),
-                  data_paths=((assets["data"], 1.0),), architecture=assets["arch"], tokenizer=assets["tokenizer"],
-                  micro_batch_size=MICRO_BATCH, global_batch_size=MICRO_BATCH, lr=1e-4, log_interval=1, save_interval=10 ** 9,
-                  cpus_per_worker=2, num_threads=2)
+    s = TrainSpec(
+        name="bench",
+        kind="pretrain",
+        seq_length=SEQ,
+        train_iters=iters,
+        save_dir=str(save_dir),
+        data_paths=((assets["data"], 1.0),),
+        architecture=assets["arch"],
+        tokenizer=assets["tokenizer"],
+        micro_batch_size=MICRO_BATCH,
+        global_batch_size=MICRO_BATCH,
+        lr=1e-4,
+        log_interval=1,
+        save_interval=10**9,
+        cpus_per_worker=2,
+        num_threads=2,
+    )
     validate(s)
     return s
 
@@ -144,8 +180,10 @@ class RunQueueSampler:
             if pid is None:
                 continue
             try:
-                stats = {t: tuple(int(x) for x in Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[:2])
-                         for t in os.listdir(f"/proc/{pid}/task")}
+                stats = {
+                    t: tuple(int(x) for x in Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[:2])
+                    for t in os.listdir(f"/proc/{pid}/task")
+                }
                 done = len((self.save_dir / "metrics.jsonl").read_text().splitlines())
             except OSError:
                 pid = None if self.last else pid
@@ -170,8 +208,19 @@ def run_torchrun(s, spec_path: Path) -> tuple[float, float | None]:
 
     sampler = RunQueueSampler(Path(s.save_dir))
     t0 = time.perf_counter()
-    r = run_process([PY, "-m", "torch.distributed.run", f"--nproc-per-node={s.world_size}", f"--master-port={free_port()}",
-                     "-m", "services.trainer.train", str(spec_path)], env={"OMP_NUM_THREADS": str(s.num_threads or 2)})
+    r = run_process(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={s.world_size}",
+            f"--master-port={free_port()}",
+            "-m",
+            "services.trainer.train",
+            str(spec_path),
+        ],
+        env={"OMP_NUM_THREADS": str(s.num_threads or 2)},
+    )
     wall, rq = time.perf_counter() - t0, sampler.stop()
     if r.returncode:
         raise RuntimeError(r.output[-3000:])
@@ -217,7 +266,9 @@ def bench_checkpoints(assets: dict, work: Path, saves: int) -> dict:
     for r in range(2):
         for mode in ("sync", "async"):
             name = f"ckpt-{mode}{r}"
-            s = dataclasses.replace(spec(assets, work / name, 2 * saves), save_interval=2, async_save=mode == "async", keep_last=1)
+            s = dataclasses.replace(
+                spec(assets, work / name, 2 * saves), save_interval=2, async_save=mode == "async", keep_last=1
+            )
             path = work / f"{name}.json"
             path.write_text(s.to_json())
             print(f"checkpoints, round {r + 1}/2: {mode} ...", flush=True)
@@ -228,16 +279,23 @@ def bench_checkpoints(assets: dict, work: Path, saves: int) -> dict:
 
 
 def bench_layouts(assets: dict, work: Path, iters: int) -> dict:
-    """TP=2 and DP=2 (2 ranks x 1 thread) against 1 rank x 2 threads on the same cores: tokens/s per layout and the
+    """TP=2 and DP=2 (2 ranks x 1 thread) against 1 rank x 2 threads on the same cores: tokens/s per layout
+    and the
     scaling efficiency (tokens/s over the single rank's; DP=2 trains twice the tokens per step)."""
     import dataclasses
 
     out = {}
-    for name, tp, dp in (("1 rank x 2 threads", 1, 1), ("TP=2 (2 ranks x 1 thread)", 2, 1), ("DP=2 (2 ranks x 1 thread)", 1, 2)):
+    for name, tp, dp in (
+        ("1 rank x 2 threads", 1, 1),
+        ("TP=2 (2 ranks x 1 thread)", 2, 1),
+        ("DP=2 (2 ranks x 1 thread)", 1, 2),
+    ):
         key = f"layout-tp{tp}-dp{dp}"
         s = spec(assets, work / key, iters)
         threads = 2 if tp * dp == 1 else 1
-        s = dataclasses.replace(s, tp=tp, dp=dp, global_batch_size=MICRO_BATCH * dp, cpus_per_worker=threads, num_threads=threads)
+        s = dataclasses.replace(
+            s, tp=tp, dp=dp, global_batch_size=MICRO_BATCH * dp, cpus_per_worker=threads, num_threads=threads
+        )
         path = work / f"{key}.json"
         path.write_text(s.to_json())
         print(f"layouts: {name} ...", flush=True)
@@ -248,36 +306,76 @@ def bench_layouts(assets: dict, work: Path, iters: int) -> dict:
     base = out["1 rank x 2 threads"]["tokens_per_s"]
     for v in out.values():
         v["scaling_efficiency"] = v["tokens_per_s"] / base
-    print(table(["layout", "step ms", "tokens/s", "vs 1 rank"],
-                [[k, f"{v['median_step_s'] * 1000:.0f}", f"{v['tokens_per_s']:.0f}", f"{v['scaling_efficiency']:.2f}"] for k, v in out.items()]))
+    print(
+        table(
+            ["layout", "step ms", "tokens/s", "vs 1 rank"],
+            [
+                [
+                    k,
+                    f"{v['median_step_s'] * 1000:.0f}",
+                    f"{v['tokens_per_s']:.0f}",
+                    f"{v['scaling_efficiency']:.2f}",
+                ]
+                for k, v in out.items()
+            ],
+        )
+    )
     return out
 
 
 def report_checkpoints(ck: dict, arch) -> dict:
     def med(mode: str, key: str, later: bool) -> float:
-        rows = [x for x in ck[mode] if not later or x["iteration"] > 2]  # iteration 2: the first save of a run
+        rows = [
+            x for x in ck[mode] if not later or x["iteration"] > 2
+        ]  # iteration 2: the first save of a run
         return statistics.median(x[key] for x in rows)
 
     sync_b, async_b = med("sync", "blocked_s", True), med("async", "blocked_s", True)
-    rows = [[mode, f"{med(mode, 'blocked_s', False):.2f}", f"{med(mode, 'blocked_s', True):.2f}", f"{med(mode, 'written_s', True):.2f}"]
-            for mode in ("sync", "async")]
+    rows = [
+        [
+            mode,
+            f"{med(mode, 'blocked_s', False):.2f}",
+            f"{med(mode, 'blocked_s', True):.2f}",
+            f"{med(mode, 'written_s', True):.2f}",
+        ]
+        for mode in ("sync", "async")
+    ]
     state_mb = arch.num_parameters() * 4 * 3 / 1e6  # fp32 weights + Adam's two moments
-    print(f"\ncheckpoints: {arch.num_parameters() / 1e6:.1f}M params, ~{state_mb:.0f} MB of model and optimizer state per save, "
-          f"{len(ck['sync'])} saves per mode over 2 alternating runs")
+    print(
+        f"\ncheckpoints: {arch.num_parameters() / 1e6:.1f}M params, ~{state_mb:.0f} MB of model and "
+        "optimizer state per save, "
+        f"{len(ck['sync'])} saves per mode over 2 alternating runs"
+    )
     print(table(["save", "blocked s (all saves)", "blocked s (after the first)", "published after s"], rows))
     ratio = async_b / sync_b
-    print(f"async saves block the step loop {100 * ratio:.0f}% of a sync save (target <= 25%): {'met' if ratio <= 0.25 else 'NOT met'}")
-    return {"saves": ck, "sync_blocked_s": sync_b, "async_blocked_s": async_b, "async_over_sync": ratio, "target_met": ratio <= 0.25,
-            "state_mb": state_mb}
+    print(
+        f"async saves block the step loop {100 * ratio:.0f}% of a sync save (target <= 25%): "
+        f"{'met' if ratio <= 0.25 else 'NOT met'}"
+    )
+    return {
+        "saves": ck,
+        "sync_blocked_s": sync_b,
+        "async_blocked_s": async_b,
+        "async_over_sync": ratio,
+        "target_met": ratio <= 0.25,
+        "state_mb": state_mb,
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=14, help=f"steps per run (the first {WARMUP} are warm-up)")
-    ap.add_argument("--rounds", type=int, default=3, help="torchrun / Ray pairs, interleaved (the host drifts by minutes)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="torchrun / Ray pairs, interleaved (the host drifts by minutes)"
+    )
     ap.add_argument("--saves", type=int, default=4, help="checkpoints per run in the sync / async comparison")
-    ap.add_argument("--part", choices=("all", "launcher", "checkpoint", "layouts"), default="all",
-                    help="launcher: Ray vs torchrun, MFU and the HF anchor; checkpoint: async vs sync saves; layouts: TP=2, DP=2")
+    ap.add_argument(
+        "--part",
+        choices=("all", "launcher", "checkpoint", "layouts"),
+        default="all",
+        help="launcher: Ray vs torchrun, MFU and the HF anchor; checkpoint: async vs sync saves; layouts: "
+        "TP=2, DP=2",
+    )
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     rounds = []
@@ -309,17 +407,41 @@ def main() -> int:
             print(f"round {r + 1}/{a.rounds}: torchrun ...", flush=True)
             s_t, p_t = prepared(f"torchrun{r}")
             wall_t, rq_t = run_torchrun(s_t, p_t)
-            print(f"round {r + 1}/{a.rounds}: megastack on Ray{' (then torchrun beside the idle head)' if r == 0 else ''} ...", flush=True)
+            print(
+                f"round {r + 1}/{a.rounds}: megastack on "
+                f"Ray{' (then torchrun beside the idle head)' if r == 0 else ''} ...",
+                flush=True,
+            )
             s_r, _ = prepared(f"ray{r}")
             beside_run = prepared("beside") if r == 0 else None
-            wall_r, rq_r, beside = run_ray(s_r, work, beside=(lambda b=beside_run: run_torchrun(*b)) if beside_run else None)
-            rounds.append({"torchrun": {"step_times": step_times(work / f"torchrun{r}"), "wall_s": wall_t, "runqueue_ms_per_s": rq_t},
-                           "ray": {"step_times": step_times(work / f"ray{r}"), "wall_s": wall_r, "runqueue_ms_per_s": rq_r}})
+            wall_r, rq_r, beside = run_ray(
+                s_r, work, beside=(lambda b=beside_run: run_torchrun(*b)) if beside_run else None
+            )
+            rounds.append(
+                {
+                    "torchrun": {
+                        "step_times": step_times(work / f"torchrun{r}"),
+                        "wall_s": wall_t,
+                        "runqueue_ms_per_s": rq_t,
+                    },
+                    "ray": {
+                        "step_times": step_times(work / f"ray{r}"),
+                        "wall_s": wall_r,
+                        "runqueue_ms_per_s": rq_r,
+                    },
+                }
+            )
             if beside is not None:
-                rounds[0]["beside"] = {"step_times": step_times(work / "beside"), "runqueue_ms_per_s": beside[1]}
+                rounds[0]["beside"] = {
+                    "step_times": step_times(work / "beside"),
+                    "runqueue_ms_per_s": beside[1],
+                }
             med = {k: statistics.median(rounds[-1][k]["step_times"]) for k in ("torchrun", "ray")}
-            print(f"  torchrun {med['torchrun'] * 1000:.0f} ms/step, Ray {med['ray'] * 1000:.0f} ms/step "
-                  f"({100 * (med['ray'] / med['torchrun'] - 1):+.1f}%)", flush=True)
+            print(
+                f"  torchrun {med['torchrun'] * 1000:.0f} ms/step, Ray {med['ray'] * 1000:.0f} ms/step "
+                f"({100 * (med['ray'] / med['torchrun'] - 1):+.1f}%)",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     from services.trainer.api import flops_per_token
@@ -331,46 +453,116 @@ def main() -> int:
         return [t for r in rounds if kind in r for t in r[kind]["step_times"]]
 
     def mean_rq(kind: str) -> float | None:
-        vals = [r[kind]["runqueue_ms_per_s"] for r in rounds if kind in r and r[kind]["runqueue_ms_per_s"] is not None]
+        vals = [
+            r[kind]["runqueue_ms_per_s"]
+            for r in rounds
+            if kind in r and r[kind]["runqueue_ms_per_s"] is not None
+        ]
         return statistics.mean(vals) if vals else None
 
     med = {k: statistics.median(pooled(k)) for k in ("torchrun", "ray", "beside")}
-    paired = [statistics.median(r["ray"]["step_times"]) / statistics.median(r["torchrun"]["step_times"]) - 1 for r in rounds]
+    paired = [
+        statistics.median(r["ray"]["step_times"]) / statistics.median(r["torchrun"]["step_times"]) - 1
+        for r in rounds
+    ]
     overhead = statistics.median(paired)
     daemons = med["beside"] / med["torchrun"] - 1
     rq = {k: mean_rq(k) for k in ("torchrun", "ray", "beside")}
     rows = []
-    for name, key in (("torchrun", "torchrun"), ("megastack on Ray", "ray"), ("torchrun beside an idle Ray head", "beside")):
+    for name, key in (
+        ("torchrun", "torchrun"),
+        ("megastack on Ray", "ray"),
+        ("torchrun beside an idle Ray head", "beside"),
+    ):
         flops = per_token * tokens / med[key]
         walls = [r[key]["wall_s"] for r in rounds if key in r and "wall_s" in r[key]]
-        rows.append([name, f"{med[key] * 1000:.0f}", f"{tokens / med[key]:.0f}", f"{flops / 1e9:.1f}", f"{100 * flops / peak:.1f}%",
-                     f"{rq[key]:.0f}" if rq[key] is not None else "-", f"{statistics.mean(walls):.1f}" if walls else "-"])
-    print(f"\nmodel {arch.num_parameters() / 1e6:.1f}M params, seq {SEQ}, {tokens} tokens/step, fp32, 1 rank x 2 threads; "
-          f"{a.rounds} interleaved rounds, median of steps {WARMUP + 1}..{a.iters} of each run")
-    print(table(["launcher", "step ms", "tokens/s", "GFLOP/s", "MFU", "run-queue ms/s", "wall s (incl. start)"], rows))
+        rows.append(
+            [
+                name,
+                f"{med[key] * 1000:.0f}",
+                f"{tokens / med[key]:.0f}",
+                f"{flops / 1e9:.1f}",
+                f"{100 * flops / peak:.1f}%",
+                f"{rq[key]:.0f}" if rq[key] is not None else "-",
+                f"{statistics.mean(walls):.1f}" if walls else "-",
+            ]
+        )
+    print(
+        f"\nmodel {arch.num_parameters() / 1e6:.1f}M params, seq {SEQ}, {tokens} tokens/step, fp32, 1 rank "
+        "x 2 threads; "
+        f"{a.rounds} interleaved rounds, median of steps {WARMUP + 1}..{a.iters} of each run"
+    )
+    print(
+        table(
+            ["launcher", "step ms", "tokens/s", "GFLOP/s", "MFU", "run-queue ms/s", "wall s (incl. start)"],
+            rows,
+        )
+    )
     alone = [statistics.median(r["torchrun"]["step_times"]) for r in rounds]
     noise = max(alone) / min(alone) - 1
-    print(f"\nper round, Ray vs torchrun: {', '.join(f'{100 * p:+.1f}%' for p in paired)}; the host's own drift: torchrun alone "
-          f"ranged {min(alone) * 1000:.0f}-{max(alone) * 1000:.0f} ms/step over the rounds ({100 * noise:.0f}%)")
-    print(f"Ray launch overhead at steady state (median of the paired rounds): {100 * overhead:+.1f}% of step time "
-          f"(target < 5%): {'met' if overhead < 0.05 else 'NOT met'}")
-    print(f"of which the mere presence of Ray's daemons on this {os.cpu_count()}-core machine (torchrun beside an idle head, "
-          f"round 1): {100 * daemons:+.1f}%")
+    print(
+        f"\nper round, Ray vs torchrun: {', '.join(f'{100 * p:+.1f}%' for p in paired)}; the host's own "
+        "drift: torchrun alone "
+        f"ranged {min(alone) * 1000:.0f}-{max(alone) * 1000:.0f} ms/step over the rounds ({100 * noise:.0f}%)"
+    )
+    print(
+        f"Ray launch overhead at steady state (median of the paired rounds): {100 * overhead:+.1f}% of step "
+        "time "
+        f"(target < 5%): {'met' if overhead < 0.05 else 'NOT met'}"
+    )
+    print(
+        f"of which the mere presence of Ray's daemons on this {os.cpu_count()}-core machine (torchrun "
+        "beside an idle head, "
+        f"round 1): {100 * daemons:+.1f}%"
+    )
     if rq["torchrun"] is not None and rq["ray"] is not None:
-        print(f"compute threads kept off the CPU by other processes: {rq['torchrun']:.0f} ms/s under torchrun, {rq['ray']:.0f} ms/s "
-              f"under Ray (+{(rq['ray'] - rq['torchrun']) / 20:.1f}% of the 2 threads' time)")
+        print(
+            f"compute threads kept off the CPU by other processes: {rq['torchrun']:.0f} ms/s under "
+            f"torchrun, {rq['ray']:.0f} ms/s "
+            f"under Ray (+{(rq['ray'] - rq['torchrun']) / 20:.1f}% of the 2 threads' time)"
+        )
     hf_flops = per_token * tokens / hf_step
-    print(f"HF transformers, same model and step, measured in this run: {hf_step:.3f} s/step, {tokens / hf_step:.0f} tokens/s, "
-          f"{100 * hf_flops / peak:.1f}% MFU; megastack under torchrun takes {med['torchrun'] / hf_step:.2f}x its step time "
-          f"(baselines-measured.md recorded 2.179 s/step for it on this machine)")
-    save("train", {"matmul_peak_flops": peak, "flops_per_token": per_token, "tokens_per_step": tokens, "rounds": rounds,
-                   "torchrun": {"median_step_s": med["torchrun"], "mfu": per_token * tokens / med["torchrun"] / peak,
-                                "runqueue_ms_per_s": rq["torchrun"]},
-                   "ray": {"median_step_s": med["ray"], "mfu": per_token * tokens / med["ray"] / peak, "runqueue_ms_per_s": rq["ray"]},
-                   "torchrun_beside_idle_ray_head": {"median_step_s": med["beside"], "runqueue_ms_per_s": rq["beside"]},
-                   "ray_overhead_ratio_per_round": paired, "torchrun_spread_between_rounds": noise, "ray_overhead_ratio": overhead, "ray_daemons_presence_ratio": daemons,
-                   "target_met": overhead < 0.05, **({"checkpoint": checkpoints, "layouts": layouts} if a.part == "all" else {}),
-                   "hf_anchor_measured": {"step_s": hf_step, "tokens_per_s": tokens / hf_step, "mfu": hf_flops / peak}})
+    print(
+        f"HF transformers, same model and step, measured in this run: {hf_step:.3f} s/step, "
+        f"{tokens / hf_step:.0f} tokens/s, "
+        f"{100 * hf_flops / peak:.1f}% MFU; megastack under torchrun takes {med['torchrun'] / hf_step:.2f}x "
+        "its step time "
+        f"(baselines-measured.md recorded 2.179 s/step for it on this machine)"
+    )
+    save(
+        "train",
+        {
+            "matmul_peak_flops": peak,
+            "flops_per_token": per_token,
+            "tokens_per_step": tokens,
+            "rounds": rounds,
+            "torchrun": {
+                "median_step_s": med["torchrun"],
+                "mfu": per_token * tokens / med["torchrun"] / peak,
+                "runqueue_ms_per_s": rq["torchrun"],
+            },
+            "ray": {
+                "median_step_s": med["ray"],
+                "mfu": per_token * tokens / med["ray"] / peak,
+                "runqueue_ms_per_s": rq["ray"],
+            },
+            "torchrun_beside_idle_ray_head": {
+                "median_step_s": med["beside"],
+                "runqueue_ms_per_s": rq["beside"],
+            },
+            "ray_overhead_ratio_per_round": paired,
+            "torchrun_spread_between_rounds": noise,
+            "ray_overhead_ratio": overhead,
+            "ray_daemons_presence_ratio": daemons,
+            "target_met": overhead < 0.05,
+            **({"checkpoint": checkpoints, "layouts": layouts} if a.part == "all" else {}),
+            "hf_anchor_measured": {
+                "step_s": hf_step,
+                "tokens_per_s": tokens / hf_step,
+                "mfu": hf_flops / peak,
+            },
+        },
+    )
     return 0
 
 

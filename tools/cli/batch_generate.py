@@ -86,10 +86,18 @@ def done_lines(out: Path, samples: list[Sample]) -> int:
         try:
             doc = json.loads(line)
         except json.JSONDecodeError:
-            raise SampleError(f"{out}: line {n + 1} is not JSON; not a megastack output file (move it away)") from None
-        if n >= len(samples) or doc.get("index") != n or ("prompt" in doc and doc["prompt"] != samples[n].prompt):
-            raise SampleError(f"{out}: line {n + 1} does not match {n}th sample of the input; it belongs to another input "
-                              "(use another --output-file, or remove it to start over)")
+            raise SampleError(
+                f"{out}: line {n + 1} is not JSON; not a megastack output file (move it away)"
+            ) from None
+        if (
+            n >= len(samples)
+            or doc.get("index") != n
+            or ("prompt" in doc and doc["prompt"] != samples[n].prompt)
+        ):
+            raise SampleError(
+                f"{out}: line {n + 1} does not match {n}th sample of the input; it belongs to another input "
+                "(use another --output-file, or remove it to start over)"
+            )
         n += 1
     if len(keep) != len(raw):
         with out.open("r+b") as f:
@@ -113,8 +121,11 @@ def run(a: Any) -> int:
             for s in bad[:20]:
                 print(f"{inp}:{s.line_no}: {s.error}", file=sys.stderr)
             more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
-            print(f"megastack generate: {len(bad)} bad line(s){more}; nothing generated (--skip-bad records them and goes on)",
-                  file=sys.stderr)
+            print(
+                f"megastack generate: {len(bad)} bad line(s){more}; nothing generated (--skip-bad records "
+                "them and goes on)",
+                file=sys.stderr,
+            )
             return 2
         start = done_lines(out, samples)
     except SampleError as e:
@@ -123,8 +134,11 @@ def run(a: Any) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     session = requests.Session()
     session.headers.update(auth_headers(a.api_key))
-    params = {"max_tokens": a.tokens_to_generate, "temperature": 0.0 if a.greedy else a.temperature,
-              "repetition_penalty": a.repetition_penalty}
+    params = {
+        "max_tokens": a.tokens_to_generate,
+        "temperature": 0.0 if a.greedy else a.temperature,
+        "repetition_penalty": a.repetition_penalty,
+    }
     if a.top_k and not a.greedy:
         params["top_k"] = a.top_k
     if a.top_p:
@@ -140,7 +154,10 @@ def run(a: Any) -> int:
                 rows = _generate(session, a, params, batch)
             except SampleError as e:
                 bar.close()
-                print(f"megastack generate: {e}; {i} of {len(samples)} samples are written, run again to go on", file=sys.stderr)
+                print(
+                    f"megastack generate: {e}; {i} of {len(samples)} samples are written, run again to go on",
+                    file=sys.stderr,
+                )
                 return 1
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             f.flush()
@@ -189,7 +206,12 @@ def _call(session: requests.Session, a: Any, params: dict, batch: list[Sample]) 
     out = {}
     for ch in r.json()["choices"]:
         s = batch[ch["index"]]
-        out[s.index] = {"index": s.index, "prompt": s.prompt, "text": ch["text"], "finish_reason": ch.get("finish_reason")}
+        out[s.index] = {
+            "index": s.index,
+            "prompt": s.prompt,
+            "text": ch["text"],
+            "finish_reason": ch.get("finish_reason"),
+        }
     return out
 
 
@@ -198,7 +220,7 @@ def _truncate(session: requests.Session, a: Any, prompt: str) -> Any:
     if r.status_code != 200:
         raise _Refused(_message(r))
     ids = r.json()["tokens"]
-    return ids[-a.max_input_tokens:] if len(ids) > a.max_input_tokens else prompt
+    return ids[-a.max_input_tokens :] if len(ids) > a.max_input_tokens else prompt
 
 
 def _message(r: requests.Response) -> str:

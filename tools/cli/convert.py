@@ -21,26 +21,62 @@ def _layer_list(text: str) -> tuple[int, ...]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", help="convert checkpoints between HF and Megatron (mcore torch_dist, legacy), reshard TP/PP",
-        description="Convert HF <-> Megatron checkpoints (torch_dist or legacy mp_rank layout), reshard TP/PP, "
-                    "change dtype, merge LoRA, and verify logits parity. Output is written atomically.",
+        "convert",
+        help="convert checkpoints between HF and Megatron (mcore torch_dist, legacy), reshard TP/PP",
+        description="Convert HF <-> Megatron checkpoints (torch_dist or legacy mp_rank layout), reshard "
+        "TP/PP, "
+        "change dtype, merge LoRA, and verify logits parity. Output is written atomically.",
     )
     p.add_argument("--load-dir", type=Path, required=True, help="source checkpoint folder")
-    p.add_argument("--save-dir", type=Path, required=True, help="target folder (must not exist unless --overwrite)")
+    p.add_argument(
+        "--save-dir", type=Path, required=True, help="target folder (must not exist unless --overwrite)"
+    )
     p.add_argument("--source-format", choices=FORMATS, default=None, help="default: detected from --load-dir")
     p.add_argument("--target-format", choices=FORMATS, required=True)
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="N")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="M")
-    p.add_argument("--num-layer-list", type=_layer_list, default=(), metavar="8,8,...", help="uneven layers per pipeline stage")
-    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=0, metavar="K", help="virtual pipeline (legacy target)")
-    p.add_argument("--params-dtype", choices=("fp32", "bf16", "fp16", "float32", "bfloat16", "float16"), default=None,
-                   help="default: keep the source dtype")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="vocab padding multiple (x TP), as in Megatron")
-    p.add_argument("--lora-load", type=Path, default=None, help="PEFT LoRA adapter folder to merge into the base")
-    p.add_argument("--verify", action="store_true", help="run both models on the same tokens and report logits parity")
+    p.add_argument(
+        "--num-layer-list",
+        type=_layer_list,
+        default=(),
+        metavar="8,8,...",
+        help="uneven layers per pipeline stage",
+    )
+    p.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=0,
+        metavar="K",
+        help="virtual pipeline (legacy target)",
+    )
+    p.add_argument(
+        "--params-dtype",
+        choices=("fp32", "bf16", "fp16", "float32", "bfloat16", "float16"),
+        default=None,
+        help="default: keep the source dtype",
+    )
+    p.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="vocab padding multiple (x TP), as in Megatron",
+    )
+    p.add_argument(
+        "--lora-load", type=Path, default=None, help="PEFT LoRA adapter folder to merge into the base"
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="run both models on the same tokens and report logits parity"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-dir")
-    p.add_argument("--iteration", type=int, default=0, help="Megatron targets: iteration number (0 = release)")
-    p.add_argument("--server", default=None, metavar="HOST:PORT", help="submit to a converter service instead of running here")
+    p.add_argument(
+        "--iteration", type=int, default=0, help="Megatron targets: iteration number (0 = release)"
+    )
+    p.add_argument(
+        "--server",
+        default=None,
+        metavar="HOST:PORT",
+        help="submit to a converter service instead of running here",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -52,11 +88,20 @@ def run(a: argparse.Namespace) -> int:
     from services.converter.api import ConvertSpec
 
     spec = ConvertSpec(
-        load_dir=a.load_dir, save_dir=a.save_dir, target_format=a.target_format, source_format=a.source_format,
-        tp=a.target_tensor_parallel_size, pp=a.target_pipeline_parallel_size, num_layer_list=a.num_layer_list,
+        load_dir=a.load_dir,
+        save_dir=a.save_dir,
+        target_format=a.target_format,
+        source_format=a.source_format,
+        tp=a.target_tensor_parallel_size,
+        pp=a.target_pipeline_parallel_size,
+        num_layer_list=a.num_layer_list,
         layers_per_virtual_stage=a.num_layers_per_virtual_pipeline_stage,
-        params_dtype=DTYPES.get(a.params_dtype, a.params_dtype), divisible_by=a.make_vocab_size_divisible_by,
-        lora_dir=a.lora_load, verify=a.verify, overwrite=a.overwrite, iteration=a.iteration,
+        params_dtype=DTYPES.get(a.params_dtype, a.params_dtype),
+        divisible_by=a.make_vocab_size_divisible_by,
+        lora_dir=a.lora_load,
+        verify=a.verify,
+        overwrite=a.overwrite,
+        iteration=a.iteration,
     )
     return _remote(spec, a) if a.server else _local(spec, a)
 
@@ -70,7 +115,9 @@ def _local(spec, a: argparse.Namespace) -> int:
 
     def progress(done: int, total: int, message: str) -> None:
         if not bars:
-            bars.append(tqdm(total=total, unit="tensor", disable=a.no_progress, desc="converting", leave=False))
+            bars.append(
+                tqdm(total=total, unit="tensor", disable=a.no_progress, desc="converting", leave=False)
+            )
         bar = bars[0]
         bar.total = total
         bar.n = done
@@ -97,12 +144,20 @@ def _remote(spec, a: argparse.Namespace) -> int:
     from tools.cli.rpc import rpc
 
     req = pb.ConversionSpec(
-        load_dir=str(Path(spec.load_dir).absolute()), save_dir=str(Path(spec.save_dir).absolute()),
-        target_format=FORMAT_TO_PB[spec.target_format], source_format=FORMAT_TO_PB.get(spec.source_format or "", 0),
-        target_tensor_parallel_size=spec.tp, target_pipeline_parallel_size=spec.pp, num_layer_list=spec.num_layer_list,
+        load_dir=str(Path(spec.load_dir).absolute()),
+        save_dir=str(Path(spec.save_dir).absolute()),
+        target_format=FORMAT_TO_PB[spec.target_format],
+        source_format=FORMAT_TO_PB.get(spec.source_format or "", 0),
+        target_tensor_parallel_size=spec.tp,
+        target_pipeline_parallel_size=spec.pp,
+        num_layer_list=spec.num_layer_list,
         num_layers_per_virtual_pipeline_stage=spec.layers_per_virtual_stage,
-        params_dtype=DTYPE_TO_PB.get(spec.params_dtype or "", 0), make_vocab_size_divisible_by=spec.divisible_by,
-        lora_load=str(spec.lora_dir or ""), verify=spec.verify, overwrite=spec.overwrite, iteration=spec.iteration,
+        params_dtype=DTYPE_TO_PB.get(spec.params_dtype or "", 0),
+        make_vocab_size_divisible_by=spec.divisible_by,
+        lora_load=str(spec.lora_dir or ""),
+        verify=spec.verify,
+        overwrite=spec.overwrite,
+        iteration=spec.iteration,
     )
     with make_channel(a.server) as ch:
         stub = pb_grpc.ConverterServiceStub(ch)
@@ -119,7 +174,12 @@ def _remote(spec, a: argparse.Namespace) -> int:
         bar.close()
     if last is None or last.status.state != common_pb2.JOB_STATE_SUCCEEDED:
         why = last.status.error if last else "no status received"
-        print(f"megastack convert: {job_id} {common_pb2.JobState.Name(last.status.state).removeprefix('JOB_STATE_').lower() if last else 'failed'}: {why}", file=sys.stderr)
+        state = (
+            common_pb2.JobState.Name(last.status.state).removeprefix("JOB_STATE_").lower()
+            if last
+            else "failed"
+        )
+        print(f"megastack convert: {job_id} {state}: {why}", file=sys.stderr)
         return 1
     print(last.result.summary)
     return 0

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import os
 
-DEFAULTS = {"gateway": "http://127.0.0.1:5000", "textgen": "127.0.0.1:50051", "converter": "127.0.0.1:50052",
-            "trainer": "127.0.0.1:50053", "evaluator": "127.0.0.1:50054"}
+DEFAULTS = {
+    "gateway": "http://127.0.0.1:5000",
+    "textgen": "127.0.0.1:50051",
+    "converter": "127.0.0.1:50052",
+    "trainer": "127.0.0.1:50053",
+    "evaluator": "127.0.0.1:50054",
+}
 
 
 def endpoint(service: str) -> str:

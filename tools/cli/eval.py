@@ -57,9 +57,16 @@ def run(a: argparse.Namespace) -> int:
     from protos.evaluator.v1 import evaluator_pb2 as pb
     from tools.cli.rpc import rpc
 
-    spec = pb.EvaluationSpec(tasks=[t for arg in a.tasks for t in arg.split(",") if t], num_fewshot=a.num_fewshot,
-                             limit=a.limit, batch_size=a.batch_size, seed=a.seed, name=a.name,
-                             include_paths=[str(p) for p in a.include_path], apply_chat_template=a.apply_chat_template)
+    spec = pb.EvaluationSpec(
+        tasks=[t for arg in a.tasks for t in arg.split(",") if t],
+        num_fewshot=a.num_fewshot,
+        limit=a.limit,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        name=a.name,
+        include_paths=[str(p) for p in a.include_path],
+        apply_chat_template=a.apply_chat_template,
+    )
     if a.hf:
         spec.hf_checkpoint = str(a.hf.absolute())
     elif a.completions_url:
@@ -82,11 +89,17 @@ def run(a: argparse.Namespace) -> int:
             bar.refresh()
         bar.close()
     if last is None or last.status.state != common_pb2.JOB_STATE_SUCCEEDED:
-        print(f"megastack eval: {job_id} {_state(last) if last else 'failed'}: {last.status.error if last else 'no status received'}",
-              file=sys.stderr)
+        print(
+            f"megastack eval: {job_id} {_state(last) if last else 'failed'}: "
+            f"{last.status.error if last else 'no status received'}",
+            file=sys.stderr,
+        )
         return 1
     print(last.result.summary)
-    print(f"{last.result.num_requests} requests in {last.result.seconds:.1f}s; lm-eval results: {last.result.results_path}")
+    print(
+        f"{last.result.num_requests} requests in {last.result.seconds:.1f}s; lm-eval results: "
+        f"{last.result.results_path}"
+    )
     return 0
 
 
@@ -111,7 +124,11 @@ def results(a: argparse.Namespace) -> int:
     with channel:
         ev = _get(stub, a.job_id)
     if not ev.result.results_path:
-        print(f"megastack eval: {a.job_id} has no results ({_state(ev)}{': ' + ev.status.error if ev.status.error else ''})", file=sys.stderr)
+        print(
+            f"megastack eval: {a.job_id} has no results "
+            f"({_state(ev)}{': ' + ev.status.error if ev.status.error else ''})",
+            file=sys.stderr,
+        )
         return 1
     if a.json:
         print(Path(ev.result.results_path).read_text())
@@ -158,8 +175,11 @@ def compare(a: argparse.Namespace) -> int:
         if i == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for ev in runs:
-        print(f"{ev.status.job_id}: {_model(ev)}  tasks={','.join(ev.spec.tasks)}  limit={ev.spec.limit or 'all'}  "
-              f"fewshot={ev.spec.num_fewshot if ev.spec.num_fewshot >= 0 else 'default'}")
+        print(
+            f"{ev.status.job_id}: {_model(ev)}  tasks={','.join(ev.spec.tasks)}  "
+            f"limit={ev.spec.limit or 'all'}  "
+            f"fewshot={ev.spec.num_fewshot if ev.spec.num_fewshot >= 0 else 'default'}"
+        )
     return 0
 
 
@@ -169,7 +189,13 @@ def cancel(a: argparse.Namespace) -> int:
 
     channel, stub = _stub(a.server)
     with channel:
-        print(_line(rpc(stub.CancelEvaluation, pb.CancelEvaluationRequest(job_id=a.job_id, reason=a.reason)).evaluation))
+        print(
+            _line(
+                rpc(
+                    stub.CancelEvaluation, pb.CancelEvaluationRequest(job_id=a.job_id, reason=a.reason)
+                ).evaluation
+            )
+        )
     return 0
 
 
@@ -187,24 +213,45 @@ def list_runs(a: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from pathlib import Path
 
-    p = sub.add_parser("eval", help="lm-evaluation-harness runs against served models",
-                       description="Evaluate a model with lm-evaluation-harness through the evaluator service. The offline "
-                                   "suite (megastack_suite: capitals, arithmetic, prose) ships with megastack; any lm-eval "
-                                   "task works when its data is available offline.")
-    p.add_argument("--server", default=endpoint("evaluator"), help="evaluator service address (default %(default)s)")
+    p = sub.add_parser(
+        "eval",
+        help="lm-evaluation-harness runs against served models",
+        description="Evaluate a model with lm-evaluation-harness through the evaluator service. The offline "
+        "suite (megastack_suite: capitals, arithmetic, prose) ships with megastack; any lm-eval "
+        "task works when its data is available offline.",
+    )
+    p.add_argument(
+        "--server", default=endpoint("evaluator"), help="evaluator service address (default %(default)s)"
+    )
     esub = p.add_subparsers(dest="eval_cmd", required=True)
     r = esub.add_parser("run", help="submit an evaluation and follow it to the summary table")
-    r.add_argument("tasks", nargs="+", help="lm-eval task or group names (comma- or space-separated), e.g. megastack_suite")
+    r.add_argument(
+        "tasks",
+        nargs="+",
+        help="lm-eval task or group names (comma- or space-separated), e.g. megastack_suite",
+    )
     m = r.add_mutually_exclusive_group()
-    m.add_argument("--model", default=endpoint("textgen"), help="textgen gRPC address to evaluate (default %(default)s)")
-    m.add_argument("--hf", type=Path, help="evaluate an HF checkpoint folder with lm-eval's own `hf` model instead")
-    m.add_argument("--completions-url", help="evaluate an OpenAI /v1/completions endpoint (lm-eval local-completions)")
+    m.add_argument(
+        "--model", default=endpoint("textgen"), help="textgen gRPC address to evaluate (default %(default)s)"
+    )
+    m.add_argument(
+        "--hf", type=Path, help="evaluate an HF checkpoint folder with lm-eval's own `hf` model instead"
+    )
+    m.add_argument(
+        "--completions-url", help="evaluate an OpenAI /v1/completions endpoint (lm-eval local-completions)"
+    )
     r.add_argument("--num-fewshot", type=int, default=-1, help="few-shot examples (default: the task's own)")
     r.add_argument("--limit", type=int, default=0, help="first N documents per task (default: all)")
     r.add_argument("--batch-size", type=int, default=16, help="requests sent together (default %(default)s)")
     r.add_argument("--seed", type=int, default=1234)
     r.add_argument("--name", default="", help="a label for the run")
-    r.add_argument("--include-path", type=Path, action="append", default=[], help="a folder of extra task YAMLs (repeatable)")
+    r.add_argument(
+        "--include-path",
+        type=Path,
+        action="append",
+        default=[],
+        help="a folder of extra task YAMLs (repeatable)",
+    )
     r.add_argument("--apply-chat-template", action="store_true")
     r.add_argument("--detach", "-d", action="store_true", help="print the job id and return")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")

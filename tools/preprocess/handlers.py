@@ -23,15 +23,24 @@ from tools.preprocess.readers import InputError
 
 IGNORE = -100
 HANDLERS = {
-    "GeneralPretrainHandler": "pretrain", "pretrain": "pretrain", "": "pretrain",
-    "AlpacaStyleInstructionHandler": "alpaca", "alpaca": "alpaca",
-    "SharegptStyleInstructionHandler": "sharegpt", "sharegpt": "sharegpt",
+    "GeneralPretrainHandler": "pretrain",
+    "pretrain": "pretrain",
+    "": "pretrain",
+    "AlpacaStyleInstructionHandler": "alpaca",
+    "alpaca": "alpaca",
+    "SharegptStyleInstructionHandler": "sharegpt",
+    "sharegpt": "sharegpt",
 }
-ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                     "Write a response that appropriately completes the request.\n\n"
-                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-                   "### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)")
 
 
@@ -43,7 +52,9 @@ def split_sentences(text: str, keep_newlines: bool) -> list[str]:
 
 def text_of(doc: dict[str, Any], key: str, where: str) -> str | list[str]:
     if key not in doc:
-        raise InputError(where, f"missing key '{key}' (keys: {', '.join(sorted(doc)) or 'none'})", "missing_key")
+        raise InputError(
+            where, f"missing key '{key}' (keys: {', '.join(sorted(doc)) or 'none'})", "missing_key"
+        )
     value = doc[key]
     if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         return value
@@ -51,6 +62,7 @@ def text_of(doc: dict[str, Any], key: str, where: str) -> str | list[str]:
 
 
 # -- SFT -------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ShareGptKeys:
@@ -74,10 +86,18 @@ class SFTEncoder:
         if prompt_type == "auto":
             prompt_type = "chat_template" if tok.chat_template else "alpaca"
         if prompt_type == "chat_template" and not tok.chat_template:
-            raise InvalidArgument("--prompt-type chat_template: the tokenizer has no chat template", field="prompt_type")
+            raise InvalidArgument(
+                "--prompt-type chat_template: the tokenizer has no chat template", field="prompt_type"
+            )
         self.prompt_type = prompt_type
-        self.alpaca_keys = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-                            "history": "history", **{k: v for k, v in map_keys.items() if isinstance(v, str)}}
+        self.alpaca_keys = {
+            "prompt": "instruction",
+            "query": "input",
+            "response": "output",
+            "system": "system",
+            "history": "history",
+            **{k: v for k, v in map_keys.items() if isinstance(v, str)},
+        }
         self.sharegpt = ShareGptKeys.from_map(map_keys)
         self.special = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
 
@@ -88,14 +108,21 @@ class SFTEncoder:
         k = self.alpaca_keys
         for key in (k["prompt"], k["response"]):
             if key not in doc:
-                raise InputError(where, f"missing key '{key}' (keys: {', '.join(sorted(doc))})", "missing_key")
+                raise InputError(
+                    where, f"missing key '{key}' (keys: {', '.join(sorted(doc))})", "missing_key"
+                )
         msgs = []
         if doc.get(k["system"]):
             msgs.append({"role": "system", "content": str(doc[k["system"]])})
         for turn in doc.get(k["history"]) or []:
             if not (isinstance(turn, list) and len(turn) == 2):
-                raise InputError(where, f"'{k['history']}' must be a list of [instruction, response] pairs", "type")
-            msgs += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+                raise InputError(
+                    where, f"'{k['history']}' must be a list of [instruction, response] pairs", "type"
+                )
+            msgs += [
+                {"role": "user", "content": str(turn[0])},
+                {"role": "assistant", "content": str(turn[1])},
+            ]
         user = "\n".join(str(x) for x in (doc.get(k["prompt"]), doc.get(k["query"])) if x)
         if not user or not doc.get(k["response"]):
             raise InputError(where, "empty instruction or output", "empty")
@@ -110,8 +137,16 @@ class SFTEncoder:
         roles = {k.user_tag: "user", k.assistant_tag: "assistant", k.system_tag: "system"}
         msgs = []
         for i, turn in enumerate(conv):
-            if not isinstance(turn, dict) or turn.get(k.role_tag) not in roles or not isinstance(turn.get(k.content_tag), str):
-                raise InputError(where, f"turn {i} must be {{'{k.role_tag}': {'|'.join(roles)}, '{k.content_tag}': string}}", "type")
+            if (
+                not isinstance(turn, dict)
+                or turn.get(k.role_tag) not in roles
+                or not isinstance(turn.get(k.content_tag), str)
+            ):
+                raise InputError(
+                    where,
+                    f"turn {i} must be {{'{k.role_tag}': {'|'.join(roles)}, '{k.content_tag}': string}}",
+                    "type",
+                )
             msgs.append({"role": roles[turn[k.role_tag]], "content": turn[k.content_tag]})
         if not any(m["role"] == "assistant" for m in msgs):
             raise InputError(where, "no assistant turn to learn from", "empty")
@@ -149,9 +184,15 @@ class SFTEncoder:
                 if m["role"] != "assistant":
                     continue
                 head = render(self.tok.chat_template, msgs[:i], add_generation_prompt=True, **self.special)
-                upto = render(self.tok.chat_template, msgs[: i + 1], add_generation_prompt=False, **self.special)
+                upto = render(
+                    self.tok.chat_template, msgs[: i + 1], add_generation_prompt=False, **self.special
+                )
                 if not (text.startswith(upto) and upto.startswith(head)):
-                    raise InputError(where, "the chat template does not render conversation prefixes consistently", "template")
+                    raise InputError(
+                        where,
+                        "the chat template does not render conversation prefixes consistently",
+                        "template",
+                    )
                 spans.append((len(head), len(upto)))
         enc = self.tok.raw.encode(text, add_special_tokens=False)
         labels = [IGNORE] * len(enc.ids)
@@ -186,7 +227,10 @@ class Packer:
 
     def flush(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pad = self.seq_length - len(self.ids)
-        out = (np.array(self.ids + [self.pad_id] * pad, dtype=np.int32), np.array(self.labels + [IGNORE] * pad, dtype=np.int32),
-               np.array(self.mask + [0] * pad, dtype=np.int32))
+        out = (
+            np.array(self.ids + [self.pad_id] * pad, dtype=np.int32),
+            np.array(self.labels + [IGNORE] * pad, dtype=np.int32),
+            np.array(self.mask + [0] * pad, dtype=np.int32),
+        )
         self.ids, self.labels, self.mask, self.samples = [], [], [], 0
         return out

@@ -102,7 +102,7 @@ def _batches(files: list[Path], byte_range: tuple[int, int] | None) -> Iterator[
     batch: list[Record] = []
     size = 0
     for f in files:
-        for rec in (_ranged(f, byte_range) if byte_range else iter_records(f)):
+        for rec in _ranged(f, byte_range) if byte_range else iter_records(f):
             batch.append(rec)
             size += rec.nbytes
             if len(batch) >= BATCH_DOCS or size >= BATCH_BYTES:
@@ -136,8 +136,12 @@ def _ranged(path: Path, byte_range: tuple[int, int]) -> Iterator[Record]:
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 yield Record(where, None, len(raw), InputError(where, f"malformed line ({e})", "json"))
                 continue
-            yield Record(where, doc if isinstance(doc, dict) else None, len(raw),
-                         None if isinstance(doc, dict) else InputError(where, "expected a JSON object", "json"))
+            yield Record(
+                where,
+                doc if isinstance(doc, dict) else None,
+                len(raw),
+                None if isinstance(doc, dict) else InputError(where, "expected a JSON object", "json"),
+            )
 
 
 def _prefetch(it: Iterator[list[Record]], depth: int = 4) -> Iterator[list[Record]]:
@@ -179,9 +183,15 @@ class _Run:
         dtype = optimal_dtype(tok.vocab_size) if self.kind == "pretrain" else np.int32
         self.summary.dtype = np.dtype(dtype).name
         self.writers = [IndexedDatasetWriter(n, dtype) for n in names]
-        self.sft = SFTEncoder(tok, style=self.kind, prompt_type=o.prompt_type, map_keys=o.map_keys) if self.kind != "pretrain" else None
+        self.sft = (
+            SFTEncoder(tok, style=self.kind, prompt_type=o.prompt_type, map_keys=o.map_keys)
+            if self.kind != "pretrain"
+            else None
+        )
         pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-        self.packer = Packer(o.seq_length, pad or 0, o.neat_pack) if (self.kind != "pretrain" and o.pack) else None
+        self.packer = (
+            Packer(o.seq_length, pad or 0, o.neat_pack) if (self.kind != "pretrain" and o.pack) else None
+        )
 
     def bad(self, err: InputError) -> None:
         if not self.o.skip_bad:
@@ -204,7 +214,13 @@ class _Run:
                 continue
             empty = [k for k, t in zip(o.json_keys, row) if not t]
             if empty and not o.keep_empty:
-                self.bad(InputError(rec.where, f"empty document for key '{empty[0]}' (--keep-empty records it as Megatron does)", "empty"))
+                self.bad(
+                    InputError(
+                        rec.where,
+                        f"empty document for key '{empty[0]}' (--keep-empty records it as Megatron does)",
+                        "empty",
+                    )
+                )
                 continue
             for j, t in enumerate(row):
                 texts[j].append(t)
@@ -217,21 +233,29 @@ class _Run:
                 self.summary.documents += len(texts[j])
                 self.summary.sequences += seqs
 
-    def _write_docs(self, writer: IndexedDatasetWriter, docs: list, eod: int | None, bos: int | None) -> tuple[int, int]:
+    def _write_docs(
+        self, writer: IndexedDatasetWriter, docs: list, eod: int | None, bos: int | None
+    ) -> tuple[int, int]:
         """Append documents; returns (sequences, tokens) written."""
         o = self.o
         if not o.split_sentences and all(isinstance(d, str) for d in docs):
             encoded = self.tok.encode_batch(docs) if docs else []
             lengths = np.fromiter((len(x) for x in encoded), dtype=np.int64, count=len(encoded))
             if eod is None and bos is None and (lengths > 0).all():  # hot path: one flat array per batch
-                flat = np.fromiter((t for x in encoded for t in x), dtype=writer.dtype, count=int(lengths.sum()))
+                flat = np.fromiter(
+                    (t for x in encoded for t in x), dtype=writer.dtype, count=int(lengths.sum())
+                )
                 writer.add_flat(flat, lengths)
                 return len(docs), int(lengths.sum())
             per_doc = [[ids] if ids else [] for ids in encoded]
         else:
             per_doc = []
             for d in docs:
-                sentences = d if isinstance(d, list) else (split_sentences(d, o.keep_newlines) if o.split_sentences else [d])
+                sentences = (
+                    d
+                    if isinstance(d, list)
+                    else (split_sentences(d, o.keep_newlines) if o.split_sentences else [d])
+                )
                 per_doc.append([s for s in self.tok.encode_batch(sentences) if s] if sentences else [])
         seqs = tokens = 0
         for doc in per_doc:
@@ -258,13 +282,21 @@ class _Run:
                 self.bad(e)
                 continue
             if o.seq_length and len(ids) > o.seq_length:
-                self.bad(InputError(rec.where, f"sample of {len(ids)} tokens is longer than --seq-length {o.seq_length}", "too_long"))
+                self.bad(
+                    InputError(
+                        rec.where,
+                        f"sample of {len(ids)} tokens is longer than --seq-length {o.seq_length}",
+                        "too_long",
+                    )
+                )
                 continue
             if self.packer is not None:
                 for packed in self.packer.add(ids, labels):
                     self._write_sft(*packed)
             else:
-                self._write_sft(np.array(ids, np.int32), np.array(labels, np.int32), np.ones(len(ids), np.int32))
+                self._write_sft(
+                    np.array(ids, np.int32), np.array(labels, np.int32), np.ones(len(ids), np.int32)
+                )
 
     def _write_sft(self, ids: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> None:
         for w, arr in zip(self.writers, (ids, mask, labels)):
@@ -285,8 +317,13 @@ class _Run:
             w.abort()
 
 
-def process(o: Options, files: list[Path], names: list[str], progress: Progress | None = None,
-            byte_range: tuple[int, int] | None = None) -> Summary:
+def process(
+    o: Options,
+    files: list[Path],
+    names: list[str],
+    progress: Progress | None = None,
+    byte_range: tuple[int, int] | None = None,
+) -> Summary:
     tok = load_tokenizer(o)
     run = _Run(o, tok, names)
     try:
@@ -351,8 +388,10 @@ def _run_partitions(o: Options, plan, names: list[str], progress: Progress | Non
     ctx = mp.get_context("spawn")
     counters = ctx.Array("q", 2 * len(plan))
     parts = [[f"{n}.part{i:03d}" for n in names] for i in range(len(plan))]
-    procs = [ctx.Process(target=_partition_worker, args=(o, files, br, parts[i], counters, i), daemon=True)
-             for i, (files, br) in enumerate(plan)]
+    procs = [
+        ctx.Process(target=_partition_worker, args=(o, files, br, parts[i], counters, i), daemon=True)
+        for i, (files, br) in enumerate(plan)
+    ]
     try:
         for p in procs:
             p.start()
@@ -366,7 +405,22 @@ def _run_partitions(o: Options, plan, names: list[str], progress: Progress | Non
         summary = Summary()
         for part in parts:
             doc = json.loads(Path(f"{part[0]}.summary.json").read_text())
-            s = Summary(**{k: v for k, v in doc.items() if k in ("documents", "sequences", "tokens", "input_bytes", "output_bytes", "dtype", "first_error")})
+            s = Summary(
+                **{
+                    k: v
+                    for k, v in doc.items()
+                    if k
+                    in (
+                        "documents",
+                        "sequences",
+                        "tokens",
+                        "input_bytes",
+                        "output_bytes",
+                        "dtype",
+                        "first_error",
+                    )
+                }
+            )
             s.skipped = Counter(doc["skipped"])
             summary.merge(s)
             summary.dtype = s.dtype

@@ -16,7 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+SUFFIXES = (
+    ".jsonl",
+    ".json",
+    ".parquet",
+    ".csv",
+    ".txt",
+    ".arrow",
+    ".jsonl.gz",
+    ".json.gz",
+    ".jsonl.zst",
+    ".json.zst",
+)
 MAX_JSON_ARRAY_BYTES = 256 << 20
 
 
@@ -30,9 +41,9 @@ class InputError(Exception):
 
 @dataclass
 class Record:
-    where: str            # file:line, for messages
+    where: str  # file:line, for messages
     data: dict[str, Any] | None
-    nbytes: int           # input bytes this record came from (for MB/s)
+    nbytes: int  # input bytes this record came from (for MB/s)
     error: InputError | None = None
 
 
@@ -53,9 +64,15 @@ def list_inputs(path: Path) -> list[Path]:
     supported = [f for f in files if suffix_of(f) in SUFFIXES]
     bad = [f for f in files if suffix_of(f) not in SUFFIXES and not f.name.startswith(".")]
     if path.is_file() and bad:
-        raise InputError(str(path), f"unsupported input type '{suffix_of(path)}' (supported: {', '.join(SUFFIXES)})", "extension")
+        raise InputError(
+            str(path),
+            f"unsupported input type '{suffix_of(path)}' (supported: {', '.join(SUFFIXES)})",
+            "extension",
+        )
     if not supported:
-        raise InputError(str(path), f"no input files with a supported extension ({', '.join(SUFFIXES)})", "extension")
+        raise InputError(
+            str(path), f"no input files with a supported extension ({', '.join(SUFFIXES)})", "extension"
+        )
     return supported
 
 
@@ -74,7 +91,9 @@ def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(where, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})", "encoding") from None
+        raise InputError(
+            where, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})", "encoding"
+        ) from None
 
 
 def iter_records(path: Path) -> Iterator[Record]:
@@ -105,29 +124,52 @@ def _iter_json(path: Path) -> Iterator[Record]:
                 yield Record(where, None, len(raw), e)
                 continue
             except json.JSONDecodeError as e:
-                yield Record(where, None, len(raw), InputError(where, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})", "json"))
+                yield Record(
+                    where,
+                    None,
+                    len(raw),
+                    InputError(
+                        where, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})", "json"
+                    ),
+                )
                 continue
             if not isinstance(doc, dict):
-                yield Record(where, None, len(raw), InputError(where, f"expected a JSON object, got {type(doc).__name__}", "json"))
+                yield Record(
+                    where,
+                    None,
+                    len(raw),
+                    InputError(where, f"expected a JSON object, got {type(doc).__name__}", "json"),
+                )
                 continue
             yield Record(where, doc, len(raw))
 
 
 def _iter_json_array(path: Path, f) -> Iterator[Record]:
     if path.stat().st_size > MAX_JSON_ARRAY_BYTES:
-        raise InputError(str(path), f"a JSON array over {MAX_JSON_ARRAY_BYTES >> 20} MB cannot be streamed; convert it to JSON lines", "json")
+        raise InputError(
+            str(path),
+            f"a JSON array over {MAX_JSON_ARRAY_BYTES >> 20} MB cannot be streamed; convert it to JSON lines",
+            "json",
+        )
     raw = f.read()
     try:
         docs = json.loads(_decode(raw, str(path)))
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}", f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})", "json") from None
+        raise InputError(
+            f"{path}:{e.lineno}", f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})", "json"
+        ) from None
     per = max(1, len(raw) // max(1, len(docs)))
     for i, doc in enumerate(docs, 1):
         where = f"{path}:item {i}"
         if isinstance(doc, dict):
             yield Record(where, doc, per)
         else:
-            yield Record(where, None, per, InputError(where, f"expected a JSON object, got {type(doc).__name__}", "json"))
+            yield Record(
+                where,
+                None,
+                per,
+                InputError(where, f"expected a JSON object, got {type(doc).__name__}", "json"),
+            )
 
 
 def _iter_csv(path: Path) -> Iterator[Record]:

@@ -13,7 +13,9 @@ from tests.fixtures import tiny
 @pytest.fixture(scope="session")
 def deep_llama(tmp_path_factory, tiny_tokenizer) -> Path:
     """A 4-layer Llama for uneven and virtual pipeline layouts."""
-    return tiny.make_tiny_hf("llama", tmp_path_factory.mktemp("deep") / "llama4", tiny_tokenizer, num_hidden_layers=4)
+    return tiny.make_tiny_hf(
+        "llama", tmp_path_factory.mktemp("deep") / "llama4", tiny_tokenizer, num_hidden_layers=4
+    )
 
 
 def hf_reference(model_dir: Path, out: Path) -> Path:
@@ -27,8 +29,15 @@ def hf_reference(model_dir: Path, out: Path) -> Path:
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
     from llm.mcore.dist import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           str(REPO_ROOT / "tests" / "helpers" / "mcore_load.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        str(REPO_ROOT / "tests" / "helpers" / "mcore_load.py"),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 

@@ -42,7 +42,11 @@ def test_unsupported_architecture(tmp_path, tiny_models):
 
 def test_tp_that_does_not_divide_heads(tmp_path, tiny_models):
     with pytest.raises(InvalidArgument, match="TP=3 does not divide the 4 attention heads"):
-        convert(ConvertSpec(load_dir=tiny_models["llama"], save_dir=tmp_path / "out", target_format="legacy", tp=3))
+        convert(
+            ConvertSpec(
+                load_dir=tiny_models["llama"], save_dir=tmp_path / "out", target_format="legacy", tp=3
+            )
+        )
     check_nothing_written(tmp_path / "out")
 
 
@@ -50,7 +54,9 @@ def test_truncated_safetensors(tmp_path, tiny_models):
     src = copy_model(tiny_models["qwen2"], tmp_path / "src")
     f = src / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-5000])
-    with pytest.raises(InvalidArgument, match=r"model.safetensors: not a readable safetensors file .*truncated"):
+    with pytest.raises(
+        InvalidArgument, match=r"model.safetensors: not a readable safetensors file .*truncated"
+    ):
         convert(ConvertSpec(load_dir=src, save_dir=tmp_path / "out", target_format="mcore"))
     check_nothing_written(tmp_path / "out")
 
@@ -86,14 +92,20 @@ def test_legacy_pickle_that_is_not_weights_is_refused(tmp_path, tiny_models):
 
 def test_existing_target_is_not_overwritten_unless_asked(tmp_path, tiny_models):
     out = tmp_path / "out"
-    convert(ConvertSpec(load_dir=tiny_models["llama"], save_dir=out, target_format="hf"))  # megastack's own output
+    convert(
+        ConvertSpec(load_dir=tiny_models["llama"], save_dir=out, target_format="hf")
+    )  # megastack's own output
     before = (out / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(AlreadyExists, match="pass --overwrite"):
         convert(ConvertSpec(load_dir=tiny_models["llama"], save_dir=out, target_format="hf"))
     assert (out / "model.safetensors").stat().st_mtime_ns == before
     (out / "stale.txt").write_text("left by a previous run")
     convert(ConvertSpec(load_dir=tiny_models["llama"], save_dir=out, target_format="hf", overwrite=True))
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file() and (out / ".megastack-output").is_file()
+    assert (
+        not (out / "stale.txt").exists()
+        and (out / "model.safetensors").is_file()
+        and (out / ".megastack-output").is_file()
+    )
 
 
 def test_failure_midway_leaves_no_partial_checkpoint(tmp_path, tiny_models, monkeypatch):
@@ -116,9 +128,26 @@ def test_failure_midway_leaves_no_partial_checkpoint(tmp_path, tiny_models, monk
 
 def test_cli_error_is_one_line_and_non_zero(tmp_path):
     (tmp_path / "src").mkdir()
-    out = subprocess.run([sys.executable, "-m", "tools.cli.main", "convert", "--load-dir", str(tmp_path / "src"),
-                          "--save-dir", str(tmp_path / "x"), "--target-format", "hf"], capture_output=True, text=True, cwd=REPO_ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.cli.main",
+            "convert",
+            "--load-dir",
+            str(tmp_path / "src"),
+            "--save-dir",
+            str(tmp_path / "x"),
+            "--target-format",
+            "hf",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == (f"megastack: error: {tmp_path / 'src'} is not a checkpoint: no config.json (HF) and no "
-                                  "latest_checkpointed_iteration.txt, iter_*/release folder (Megatron)")
+    assert out.stderr.strip() == (
+        f"megastack: error: {tmp_path / 'src'} is not a checkpoint: no config.json (HF) and no "
+        "latest_checkpointed_iteration.txt, iter_*/release folder (Megatron)"
+    )
     check_nothing_written(tmp_path / "x")

@@ -11,7 +11,14 @@ from services.converter.conversion import ConvertSpec, convert
 from tests.fixtures.tiny import FAMILIES
 from tests.integration.converter.conftest import hf_reference, torchrun
 
-TARGETS = [("mcore", 1, 1), ("mcore", 2, 1), ("legacy", 1, 1), ("legacy", 2, 1), ("legacy", 1, 2), ("legacy", 2, 2)]
+TARGETS = [
+    ("mcore", 1, 1),
+    ("mcore", 2, 1),
+    ("legacy", 1, 1),
+    ("legacy", 2, 1),
+    ("legacy", 1, 2),
+    ("legacy", 2, 2),
+]
 
 
 def same_weights(a, b) -> None:
@@ -40,7 +47,9 @@ def test_megatron_to_megatron_resharding_without_hf(tmp_path, deep_llama):
     a, b, c, d = (tmp_path / x for x in "abcd")
     convert(ConvertSpec(load_dir=deep_llama, save_dir=a, target_format="legacy", tp=2, pp=2))
     convert(ConvertSpec(load_dir=a, save_dir=b, target_format="legacy", tp=1, pp=2, num_layer_list=(1, 3)))
-    convert(ConvertSpec(load_dir=b, save_dir=c, target_format="legacy", tp=2, pp=2, layers_per_virtual_stage=1))
+    convert(
+        ConvertSpec(load_dir=b, save_dir=c, target_format="legacy", tp=2, pp=2, layers_per_virtual_stage=1)
+    )
     r = convert(ConvertSpec(load_dir=c, save_dir=d, target_format="mcore", verify=True))
     assert r.parity["weights_exact"] is True and r.parity["max_abs_logit_diff"] <= 1e-5
     lb = open_checkpoint(b).parallel_layout()
@@ -54,9 +63,16 @@ def test_megatron_to_megatron_resharding_without_hf(tmp_path, deep_llama):
 def test_dtype_and_vocab_padding(tmp_path, tiny_models):
     src = tiny_models["llama"]
     mid = tmp_path / "bf16"
-    convert(ConvertSpec(load_dir=src, save_dir=mid, target_format="mcore", params_dtype="bfloat16", divisible_by=100))
+    convert(
+        ConvertSpec(
+            load_dir=src, save_dir=mid, target_format="mcore", params_dtype="bfloat16", divisible_by=100
+        )
+    )
     reader = open_checkpoint(mid)
-    assert reader.meta["padded_vocab_size"] == 600 and reader.get("embedding.word_embeddings.weight").dtype == torch.bfloat16
+    assert (
+        reader.meta["padded_vocab_size"] == 600
+        and reader.get("embedding.word_embeddings.weight").dtype == torch.bfloat16
+    )
     from torch.distributed.checkpoint import FileSystemReader
 
     md = FileSystemReader(str(mid / "release")).read_metadata()

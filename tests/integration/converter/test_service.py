@@ -20,8 +20,13 @@ from tests.integration.converter.conftest import leftovers
 def stub(tmp_path_factory):
     store = JobStore(tmp_path_factory.mktemp("jobs"), "convert")
     servicer = ConverterServicer(store, max_concurrent=1, cancel_grace_s=10)
-    server = build_server(service="converter", registrations=[Registration(pb_grpc.add_ConverterServiceServicer_to_server, servicer, SERVICE)],
-                          host="127.0.0.1", port=0, max_workers=8)
+    server = build_server(
+        service="converter",
+        registrations=[Registration(pb_grpc.add_ConverterServiceServicer_to_server, servicer, SERVICE)],
+        host="127.0.0.1",
+        port=0,
+        max_workers=8,
+    )
     server.start()
     server.set_serving(True)
     with make_channel(server.address) as ch:
@@ -40,26 +45,38 @@ def follow(stub, job_id):
 
 
 def test_submit_watch_get_list(stub, tiny_models, tmp_path):
-    job_id = stub.SubmitConversion(pb.SubmitConversionRequest(spec=spec(tiny_models["gpt2"], tmp_path / "out", verify=True),
-                                                              labels={"who": "test"})).job_id
+    job_id = stub.SubmitConversion(
+        pb.SubmitConversionRequest(
+            spec=spec(tiny_models["gpt2"], tmp_path / "out", verify=True), labels={"who": "test"}
+        )
+    ).job_id
     events = follow(stub, job_id)
     final = events[-1].conversion
     assert final.status.state == common_pb2.JOB_STATE_SUCCEEDED, final.status.error
     assert final.status.progress.total > 0 and final.status.progress.done == final.status.progress.total
     assert final.result.parity.max_abs_logit_diff <= 1e-5 and final.result.parity.weights_exact
-    assert "top-1 agreement" in final.result.summary and any("tensors" in line for e in events for line in e.log_lines)
+    assert "top-1 agreement" in final.result.summary and any(
+        "tensors" in line for e in events for line in e.log_lines
+    )
     got = stub.GetConversion(pb.GetConversionRequest(job_id=job_id)).conversion
     assert got.status.labels["who"] == "test" and (tmp_path / "out" / "release").is_dir()
     listed = stub.ListConversions(pb.ListConversionsRequest(state=common_pb2.JOB_STATE_SUCCEEDED)).conversions
     assert job_id in [c.status.job_id for c in listed]
 
 
-@pytest.mark.parametrize("make,code,fragment", [
-    (lambda m, t: spec(m, t, fmt=0), grpc.StatusCode.INVALID_ARGUMENT, "target_format is required"),
-    (lambda m, t: spec(t / "missing", t / "o"), grpc.StatusCode.NOT_FOUND, "does not exist"),
-    (lambda m, t: spec(m, t / "o", target_tensor_parallel_size=3), grpc.StatusCode.INVALID_ARGUMENT, "TP=3 does not divide"),
-    (lambda m, t: spec(m, t), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
-])
+@pytest.mark.parametrize(
+    "make,code,fragment",
+    [
+        (lambda m, t: spec(m, t, fmt=0), grpc.StatusCode.INVALID_ARGUMENT, "target_format is required"),
+        (lambda m, t: spec(t / "missing", t / "o"), grpc.StatusCode.NOT_FOUND, "does not exist"),
+        (
+            lambda m, t: spec(m, t / "o", target_tensor_parallel_size=3),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "TP=3 does not divide",
+        ),
+        (lambda m, t: spec(m, t), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
+    ],
+)
 def test_bad_specs_are_refused_before_a_job_exists(stub, tiny_models, tmp_path, make, code, fragment):
     before = len(stub.ListConversions(pb.ListConversionsRequest()).conversions)
     with pytest.raises(grpc.RpcError) as e:
@@ -70,17 +87,26 @@ def test_bad_specs_are_refused_before_a_job_exists(stub, tiny_models, tmp_path, 
 
 def test_validate_only_checks_like_a_submit_and_creates_nothing(stub, tiny_models, tmp_path):
     before = len(stub.ListConversions(pb.ListConversionsRequest()).conversions)
-    ok = stub.SubmitConversion(pb.SubmitConversionRequest(spec=spec(tiny_models["llama"], tmp_path / "o"), validate_only=True))
+    ok = stub.SubmitConversion(
+        pb.SubmitConversionRequest(spec=spec(tiny_models["llama"], tmp_path / "o"), validate_only=True)
+    )
     assert ok.job_id == "" and not (tmp_path / "o").exists()
     with pytest.raises(grpc.RpcError) as e:
-        stub.SubmitConversion(pb.SubmitConversionRequest(spec=spec(tiny_models["llama"], tmp_path / "o", target_tensor_parallel_size=3),
-                                                         validate_only=True))
+        stub.SubmitConversion(
+            pb.SubmitConversionRequest(
+                spec=spec(tiny_models["llama"], tmp_path / "o", target_tensor_parallel_size=3),
+                validate_only=True,
+            )
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "TP=3 does not divide" in e.value.details()
     assert len(stub.ListConversions(pb.ListConversionsRequest()).conversions) == before
 
 
 def test_same_request_id_returns_the_same_job(stub, tiny_models, tmp_path):
-    req = pb.SubmitConversionRequest(spec=spec(tiny_models["qwen2"], tmp_path / "o", fmt=common_pb2.CHECKPOINT_FORMAT_LEGACY), request_id="abc-1")
+    req = pb.SubmitConversionRequest(
+        spec=spec(tiny_models["qwen2"], tmp_path / "o", fmt=common_pb2.CHECKPOINT_FORMAT_LEGACY),
+        request_id="abc-1",
+    )
     a = stub.SubmitConversion(req).job_id
     b = stub.SubmitConversion(req).job_id
     assert a == b
@@ -89,11 +115,15 @@ def test_same_request_id_returns_the_same_job(stub, tiny_models, tmp_path):
 
 def test_cancel_mid_run_leaves_nothing_at_the_target(stub, default_model_dir, tmp_path):
     target = tmp_path / "big"
-    job_id = stub.SubmitConversion(pb.SubmitConversionRequest(spec=spec(default_model_dir, target, verify=True))).job_id
+    job_id = stub.SubmitConversion(
+        pb.SubmitConversionRequest(spec=spec(default_model_dir, target, verify=True))
+    ).job_id
     for ev in stub.WatchConversion(pb.WatchConversionRequest(job_id=job_id), timeout=300):
         if ev.conversion.status.progress.message.startswith("verifying"):
             break
-    done = stub.CancelConversion(pb.CancelConversionRequest(job_id=job_id, reason="changed my mind")).conversion
+    done = stub.CancelConversion(
+        pb.CancelConversionRequest(job_id=job_id, reason="changed my mind")
+    ).conversion
     assert done.status.state == common_pb2.JOB_STATE_CANCELLED and done.status.error == "changed my mind"
     assert not target.exists() and leftovers(tmp_path) == []
     with pytest.raises(grpc.RpcError) as e:

@@ -55,7 +55,9 @@ def test_readers_refuse_it_and_nothing_runs(poisoned):
     from llm.checkpoints import open_checkpoint
 
     ckpt, marker = poisoned
-    with pytest.raises(InvalidArgument, match=r"refused to load: posix\.system is not a class torch_dist metadata"):
+    with pytest.raises(
+        InvalidArgument, match=r"refused to load: posix\.system is not a class torch_dist metadata"
+    ):
         open_checkpoint(ckpt)
     with pytest.raises(InvalidArgument, match="refused to load"):
         check_dcp_checkpoint(iteration_dir(ckpt))  # the gate in front of megatron-core's loader
@@ -65,9 +67,25 @@ def test_readers_refuse_it_and_nothing_runs(poisoned):
 def test_the_cli_refuses_it_in_one_line(poisoned, tmp_path):
     ckpt, marker = poisoned
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEGASTACK_")}
-    out = subprocess.run([sys.executable, "-m", "tools.cli.main", "convert", "--load-dir", str(ckpt), "--save-dir",
-                          str(tmp_path / "out"), "--target-format", "hf"], capture_output=True, text=True, cwd=REPO_ROOT,
-                         env=env, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.cli.main",
+            "convert",
+            "--load-dir",
+            str(ckpt),
+            "--save-dir",
+            str(tmp_path / "out"),
+            "--target-format",
+            "hf",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "refused to load" in out.stderr, out.stderr[-2000:]
     assert not marker.exists() and not (tmp_path / "out").exists()
@@ -76,16 +94,29 @@ def test_the_cli_refuses_it_in_one_line(poisoned, tmp_path):
 def test_textgen_refuses_to_serve_it(poisoned):
     ckpt, marker = poisoned
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEGASTACK_")}
-    env.update({"MEGASTACK_TEXTGEN_MODEL_DIR": str(ckpt), "MEGASTACK_TEXTGEN_PORT": "0", "MEGASTACK_TEXTGEN_METRICS_PORT": "0"})
-    out = subprocess.run([sys.executable, "-m", "services.textgen"], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
-                         timeout=300)
+    env.update(
+        {
+            "MEGASTACK_TEXTGEN_MODEL_DIR": str(ckpt),
+            "MEGASTACK_TEXTGEN_PORT": "0",
+            "MEGASTACK_TEXTGEN_METRICS_PORT": "0",
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "services.textgen"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "refused to load" in out.stderr
     assert not marker.exists()
 
 
 def test_a_byte_entry_that_would_run_code_is_refused_before_megatron_reads_it(train_assets, tmp_path):
-    """DCP's planner torch.loads byte entries (_extra_state, RNG state) with weights_only=False; megastack checks
+    """DCP's planner torch.loads byte entries (_extra_state, RNG state) with weights_only=False; megastack
+    checks
     each one with the weights-only unpickler first. The entry here is planted by pointing an _extra_state
     object at a pickle appended to the data file (the .metadata itself stays plain)."""
     import io

@@ -20,13 +20,22 @@ from shared.grpc.server import Registration, build_server
 from shared.jobs import JobStore
 from tests.fixtures.servers import start_gateway, start_textgen
 
-SUCCEEDED, FAILED, CANCELLED = common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED
+SUCCEEDED, FAILED, CANCELLED = (
+    common_pb2.JOB_STATE_SUCCEEDED,
+    common_pb2.JOB_STATE_FAILED,
+    common_pb2.JOB_STATE_CANCELLED,
+)
 
 
 def start_evaluator(jobs_dir: Path):
     servicer = EvaluatorServicer(JobStore(jobs_dir, "eval"), max_concurrent=1)
-    server = build_server(service="evaluator", registrations=[Registration(pb_grpc.add_EvaluatorServiceServicer_to_server, servicer, SERVICE)],
-                          host="127.0.0.1", port=0, max_workers=8)
+    server = build_server(
+        service="evaluator",
+        registrations=[Registration(pb_grpc.add_EvaluatorServiceServicer_to_server, servicer, SERVICE)],
+        host="127.0.0.1",
+        port=0,
+        max_workers=8,
+    )
     server.start()
     server.set_serving(True)
     return servicer, server
@@ -97,7 +106,9 @@ def test_offline_suite_end_to_end_beats_chance(stub, served):
 
 def test_grpc_lm_and_local_completions_through_the_gateway_agree(stub, served):
     tg, gw = served
-    common = dict(tasks=["megastack_capitals", "megastack_prose", "megastack_arithmetic"], limit=6, batch_size=4)
+    common = dict(
+        tasks=["megastack_capitals", "megastack_prose", "megastack_arithmetic"], limit=6, batch_size=4
+    )
     a = follow(stub, submit(stub, textgen_address=tg.address, **common))
     b = follow(stub, submit(stub, completions_url=gw.url + "/v1/completions", **common))
     assert a.status.state == SUCCEEDED and b.status.state == SUCCEEDED, (a.status.error, b.status.error)
@@ -113,14 +124,19 @@ def test_unknown_task_lists_close_names(stub, served):
     with pytest.raises(grpc.RpcError) as e:
         submit(stub, textgen_address=served[0].address, tasks=["megastack_capital"])
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "unknown task 'megastack_capital'" in e.value.details() and "megastack_capitals" in e.value.details()
+    assert (
+        "unknown task 'megastack_capital'" in e.value.details() and "megastack_capitals" in e.value.details()
+    )
 
 
-@pytest.mark.parametrize("spec,code,fragment", [
-    (dict(tasks=["megastack_capitals"], limit=-1), grpc.StatusCode.INVALID_ARGUMENT, "limit must be > 0"),
-    (dict(tasks=[]), grpc.StatusCode.INVALID_ARGUMENT, "tasks is empty"),
-    (dict(tasks=["megastack_capitals"], batch_size=-2), grpc.StatusCode.INVALID_ARGUMENT, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "spec,code,fragment",
+    [
+        (dict(tasks=["megastack_capitals"], limit=-1), grpc.StatusCode.INVALID_ARGUMENT, "limit must be > 0"),
+        (dict(tasks=[]), grpc.StatusCode.INVALID_ARGUMENT, "tasks is empty"),
+        (dict(tasks=["megastack_capitals"], batch_size=-2), grpc.StatusCode.INVALID_ARGUMENT, "batch_size"),
+    ],
+)
 def test_bad_specs_are_refused_before_a_job_exists(stub, served, spec, code, fragment):
     before = len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations)
     with pytest.raises(grpc.RpcError) as e:
@@ -131,12 +147,16 @@ def test_bad_specs_are_refused_before_a_job_exists(stub, served, spec, code, fra
 
 def test_no_model_and_unreachable_models_are_clear_and_fast(stub, tmp_path):
     with pytest.raises(grpc.RpcError) as e:
-        stub.SubmitEvaluation(pb.SubmitEvaluationRequest(spec=pb.EvaluationSpec(tasks=["megastack_capitals"])))
+        stub.SubmitEvaluation(
+            pb.SubmitEvaluationRequest(spec=pb.EvaluationSpec(tasks=["megastack_capitals"]))
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "give a model" in e.value.details()
     t0 = time.monotonic()
-    for spec, field in [(dict(textgen_address=f"127.0.0.1:{free_port()}"), "not reachable"),
-                        (dict(completions_url=f"http://127.0.0.1:{free_port()}/v1/completions"), "not reachable"),
-                        (dict(hf_checkpoint=str(tmp_path)), "not an HF folder")]:
+    for spec, field in [
+        (dict(textgen_address=f"127.0.0.1:{free_port()}"), "not reachable"),
+        (dict(completions_url=f"http://127.0.0.1:{free_port()}/v1/completions"), "not reachable"),
+        (dict(hf_checkpoint=str(tmp_path)), "not an HF folder"),
+    ]:
         with pytest.raises(grpc.RpcError) as e:
             submit(stub, tasks=["megastack_capitals"], **spec)
         assert e.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
@@ -154,7 +174,11 @@ def test_model_dying_mid_run_fails_with_the_reason_and_keeps_progress(stub, defa
             stopped.append(ev.status.progress.done)
 
     try:
-        ev = follow(stub, submit(stub, textgen_address=victim.address, tasks=["megastack_suite"], batch_size=1), kill_after_first_progress)
+        ev = follow(
+            stub,
+            submit(stub, textgen_address=victim.address, tasks=["megastack_suite"], batch_size=1),
+            kill_after_first_progress,
+        )
     finally:
         if not stopped:
             victim.stop()
@@ -201,15 +225,31 @@ def test_cli_run_results_compare(evaluator_address, served, capsys):
     tg, _ = served
     ids = []
     for fewshot in ("0", "2"):
-        rc = main(["eval", "--server", addr, "run", "megastack_capitals", "--model", tg.address, "--limit", "6",
-                   "--num-fewshot", fewshot, "--no-progress"])
+        rc = main(
+            [
+                "eval",
+                "--server",
+                addr,
+                "run",
+                "megastack_capitals",
+                "--model",
+                tg.address,
+                "--limit",
+                "6",
+                "--num-fewshot",
+                fewshot,
+                "--no-progress",
+            ]
+        )
         out = capsys.readouterr().out
         assert rc == 0, out
         ids.append(out.splitlines()[0].strip())
         assert "megastack_capitals" in out and "acc" in out
     assert main(["eval", "--server", addr, "compare", *ids]) == 0
     table = capsys.readouterr().out
-    row = next(line for line in table.splitlines() if line.startswith("| megastack_capitals") and "| acc " in line)
+    row = next(
+        line for line in table.splitlines() if line.startswith("| megastack_capitals") and "| acc " in line
+    )
     cells = [c.strip() for c in row.strip("|").split("|")]
     a, b, delta = float(cells[2]), float(cells[3]), float(cells[4])
     assert delta == pytest.approx(b - a, abs=1e-4)
@@ -220,16 +260,28 @@ def test_cli_run_results_compare(evaluator_address, served, capsys):
 
 
 def test_hf_checkpoint_runs(stub, tiny_models):
-    ok = follow(stub, submit(stub, hf_checkpoint=str(tiny_models["llama"]), tasks=["megastack_capitals"], limit=4))
+    ok = follow(
+        stub, submit(stub, hf_checkpoint=str(tiny_models["llama"]), tasks=["megastack_capitals"], limit=4)
+    )
     assert ok.status.state == SUCCEEDED, ok.status.error
     assert 0 <= scores(ok)["megastack_capitals"]["acc,none"] <= 1 and ok.result.tasks[0].num_samples == 4
     # lm-eval's own model has its requests counted too: 4 questions x 4 choices, all done
     assert ok.result.num_requests == 16 and ok.status.progress.done == ok.status.progress.total == 16
 
 
-@pytest.mark.parametrize("suite,dataset", [("mmlu", "cais/mmlu"), ("cmmlu", "haonan-li/cmmlu"), ("ceval-valid", "ceval/ceval-exam"),
-                                           ("boolq", "aps/super_glue"), ("gsm8k", "openai/gsm8k")])
-def test_named_suites_without_local_data_are_refused_naming_where_it_was_looked_for(stub, served, suite, dataset):
+@pytest.mark.parametrize(
+    "suite,dataset",
+    [
+        ("mmlu", "cais/mmlu"),
+        ("cmmlu", "haonan-li/cmmlu"),
+        ("ceval-valid", "ceval/ceval-exam"),
+        ("boolq", "aps/super_glue"),
+        ("gsm8k", "openai/gsm8k"),
+    ],
+)
+def test_named_suites_without_local_data_are_refused_naming_where_it_was_looked_for(
+    stub, served, suite, dataset
+):
     from services.evaluator.harness import dataset_locations
 
     if any(p.is_dir() for p in dataset_locations(dataset)):
@@ -245,23 +297,32 @@ def test_named_suites_without_local_data_are_refused_naming_where_it_was_looked_
     assert len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations) == before
 
 
-@pytest.mark.parametrize("spec, field", [
-    (dict(include_paths=["/"]), "include_paths"),                       # walk the disk, import any !function
-    (dict(include_paths=["{root}/../outside"]), "include_paths"),       # .. resolved
-    (dict(include_paths=["{root}/link"]), "include_paths"),             # a symlink out of the roots
-    (dict(hf_checkpoint="/etc"), "hf_checkpoint"),
-    (dict(completions_url="http://169.254.169.254/v1/completions"), "completions_url"),
-    (dict(completions_url="http://10.1.2.3:5000/v1/completions"), "completions_url"),
-    (dict(textgen_address="db.internal:5432"), "textgen_address"),
-])
-def test_jobs_read_only_under_the_data_roots_and_call_only_allowed_endpoints(stub, tmp_path, monkeypatch, spec, field):
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        (dict(include_paths=["/"]), "include_paths"),  # walk the disk, import any !function
+        (dict(include_paths=["{root}/../outside"]), "include_paths"),  # .. resolved
+        (dict(include_paths=["{root}/link"]), "include_paths"),  # a symlink out of the roots
+        (dict(hf_checkpoint="/etc"), "hf_checkpoint"),
+        (dict(completions_url="http://169.254.169.254/v1/completions"), "completions_url"),
+        (dict(completions_url="http://10.1.2.3:5000/v1/completions"), "completions_url"),
+        (dict(textgen_address="db.internal:5432"), "textgen_address"),
+    ],
+)
+def test_jobs_read_only_under_the_data_roots_and_call_only_allowed_endpoints(
+    stub, tmp_path, monkeypatch, spec, field
+):
     root = tmp_path / "root"
     (root / "tasks").mkdir(parents=True)
     (tmp_path / "outside").mkdir()
     (root / "link").symlink_to(tmp_path / "outside")
     monkeypatch.setenv("MEGASTACK_DATA_ROOTS", str(root))  # read by the in-process service at each call
     spec = {k: [x.format(root=root) for x in v] if isinstance(v, list) else v for k, v in spec.items()}
-    model = {} if {"hf_checkpoint", "completions_url", "textgen_address"} & set(spec) else {"textgen_address": "127.0.0.1:1"}
+    model = (
+        {}
+        if {"hf_checkpoint", "completions_url", "textgen_address"} & set(spec)
+        else {"textgen_address": "127.0.0.1:1"}
+    )
     before = len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations)
     with pytest.raises(grpc.RpcError) as e:
         submit(stub, tasks=["megastack_capitals"], **model, **spec)

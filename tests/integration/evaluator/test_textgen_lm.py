@@ -20,7 +20,9 @@ def hf_model(tiny_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = tiny_models["llama"]
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32
+    ).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def _hf_loglik(model, ids: list[int], ctxlen: int) -> tuple[float, bool]:
@@ -35,7 +37,12 @@ def _hf_loglik(model, ids: list[int], ctxlen: int) -> tuple[float, bool]:
 def test_loglikelihood_matches_transformers(textgen, hf_model):
     model, tok = hf_model
     lm = TextgenLM(textgen.address, batch_size=3)
-    pairs = [("The cat sat on", " the mat"), ("one two three", " four"), ("hello", " world and more words"), ("a", " b")]
+    pairs = [
+        ("The cat sat on", " the mat"),
+        ("one two three", " four"),
+        ("hello", " world and more words"),
+        ("a", " b"),
+    ]
     got = lm.loglikelihood([_inst("loglikelihood", p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
     for (ctx, cont), (lp, greedy) in zip(pairs, got):
         c, w = lm._encode_pair(ctx, cont)
@@ -59,13 +66,22 @@ def test_generate_until_stops_and_matches_greedy_transformers(textgen, hf_model)
     model, tok = hf_model
     lm = TextgenLM(textgen.address, batch_size=2)
     prompts = ["one two", "the cat", "hello there"]
-    reqs = [_inst("generate_until", (p, {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}), i) for i, p in enumerate(prompts)]
+    reqs = [
+        _inst("generate_until", (p, {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}), i)
+        for i, p in enumerate(prompts)
+    ]
     got = lm.generate_until(reqs)
     for p, text in zip(prompts, got):
         ids = lm.tok_encode(p)
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=lm.eot_token_id, pad_token_id=0)
-        want = lm.tok_decode(out[0, len(ids):].tolist())
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=lm.eot_token_id,
+                pad_token_id=0,
+            )
+        want = lm.tok_decode(out[0, len(ids) :].tolist())
         assert text == want.split("\n\n")[0]
     full = got[0]
     assert len(full) >= 4, full

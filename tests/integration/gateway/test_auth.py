@@ -12,15 +12,23 @@ from tests.fixtures.servers import start_gateway
 def gateway(textgen, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text("# a mounted Secret\nops-key:jobs\nroot-key   # all scopes\n")
-    gw = start_gateway((textgen.address,), api_keys=("gen-key:generate",), api_keys_file=str(keys),
-                       converter_addr="", trainer_addr="", evaluator_addr="")
+    gw = start_gateway(
+        (textgen.address,),
+        api_keys=("gen-key:generate",),
+        api_keys_file=str(keys),
+        converter_addr="",
+        trainer_addr="",
+        evaluator_addr="",
+    )
     yield gw
     gw.stop()
 
 
 def call(gw, method, path, key=None):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return requests.request(method, gw.url + path, headers=headers, json={} if method == "POST" else None, timeout=30)
+    return requests.request(
+        method, gw.url + path, headers=headers, json={} if method == "POST" else None, timeout=30
+    )
 
 
 @pytest.mark.parametrize("path", ["/health", "/metrics"])
@@ -43,8 +51,13 @@ def test_each_key_reaches_only_its_scopes(gateway):
     assert r.status_code == 403
     r = call(gateway, "GET", "/v1/models", "ops-key")
     assert r.status_code == 403 and "lacks the 'generate' scope" in r.json()["message"]
-    assert call(gateway, "GET", "/v1/jobs/conversions", "ops-key").status_code == 503  # past auth: not deployed here
+    assert (
+        call(gateway, "GET", "/v1/jobs/conversions", "ops-key").status_code == 503
+    )  # past auth: not deployed here
     assert call(gateway, "GET", "/v1/models", "root-key").status_code == 200
     assert call(gateway, "GET", "/v1/jobs/conversions", "root-key").status_code == 503
     # PAI-EAS clients send the bare key
-    assert requests.get(gateway.url + "/v1/models", headers={"Authorization": "gen-key"}, timeout=30).status_code == 200
+    assert (
+        requests.get(gateway.url + "/v1/models", headers={"Authorization": "gen-key"}, timeout=30).status_code
+        == 200
+    )

@@ -1,4 +1,5 @@
-"""`megastack generate --input-file --output-file` against a real gateway + textgen: order, resume, bad lines."""
+"""`megastack generate --input-file --output-file` against a real gateway + textgen: order, resume, bad
+lines."""
 
 from __future__ import annotations
 
@@ -25,13 +26,18 @@ def run(gateway, *args) -> int:
 
 
 def greedy(gateway, prompt: str) -> str:
-    r = requests.post(f"{gateway}/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0}, timeout=60)
+    r = requests.post(
+        f"{gateway}/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0}, timeout=60
+    )
     return r.json()["choices"][0]["text"]
 
 
 def test_jsonl_in_order_and_equal_to_one_at_a_time(gateway, tmp_path):
     inp = tmp_path / "in.jsonl"
-    rows = [{"prompt": p} if i % 3 == 0 else {"instruction": p, "input": "x"} if i % 3 == 1 else p for i, p in enumerate(PROMPTS)]
+    rows = [
+        {"prompt": p} if i % 3 == 0 else {"instruction": p, "input": "x"} if i % 3 == 1 else p
+        for i, p in enumerate(PROMPTS)
+    ]
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
     assert run(gateway, "--input-file", str(inp), "--output-file", str(out), "--batch-size", "5") == 0
@@ -69,7 +75,9 @@ def test_interrupted_run_resumes_without_regenerating(gateway, tmp_path, monkeyp
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["index"] for x in lines] == list(range(len(PROMPTS))) and all("text" in x for x in lines)
     calls.clear()
-    assert run(gateway, "--input-file", str(inp), "--output-file", str(out)) == 0 and calls == []  # all done already
+    assert (
+        run(gateway, "--input-file", str(inp), "--output-file", str(out)) == 0 and calls == []
+    )  # all done already
 
 
 def test_bad_lines_stop_before_anything_or_are_recorded(gateway, tmp_path, capsys):
@@ -78,7 +86,11 @@ def test_bad_lines_stop_before_anything_or_are_recorded(gateway, tmp_path, capsy
     out = tmp_path / "out.jsonl"
     assert run(gateway, "--input-file", str(inp), "--output-file", str(out)) == 2
     err = capsys.readouterr().err
-    assert f"{inp}:2: not JSON" in err and f"{inp}:3: no prompt" in err and f"{inp}:4: expected a string or an object" in err
+    assert (
+        f"{inp}:2: not JSON" in err
+        and f"{inp}:3: no prompt" in err
+        and f"{inp}:4: expected a string or an object" in err
+    )
     assert not out.exists()
     assert run(gateway, "--input-file", str(inp), "--output-file", str(out), "--skip-bad") == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]

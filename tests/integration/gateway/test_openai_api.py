@@ -26,8 +26,22 @@ def sse_events(resp):
 
 
 def test_completion_echo_logprobs_as_lm_eval_reads_them(gateway):
-    ids = post(gateway.url, "/tokenize", {"prompt": "He fell to the lowest", "add_special_tokens": False}).json()["tokens"]
-    r = post(gateway.url, "/v1/completions", {"model": "llama", "prompt": [ids], "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0, "seed": 1234})
+    ids = post(
+        gateway.url, "/tokenize", {"prompt": "He fell to the lowest", "add_special_tokens": False}
+    ).json()["tokens"]
+    r = post(
+        gateway.url,
+        "/v1/completions",
+        {
+            "model": "llama",
+            "prompt": [ids],
+            "max_tokens": 1,
+            "logprobs": 1,
+            "echo": True,
+            "temperature": 0,
+            "seed": 1234,
+        },
+    )
     assert r.status_code == 200, r.text
     lp = r.json()["choices"][0]["logprobs"]
     assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
@@ -35,14 +49,21 @@ def test_completion_echo_logprobs_as_lm_eval_reads_them(gateway):
     # the one generated token under greedy decoding is the top-1 alternative at its position
     assert lp["token_logprobs"][-1] == pytest.approx(max(lp["top_logprobs"][-1].values()))
     # scoring with max_tokens=0 gives the same prompt log-probabilities
-    r0 = post(gateway.url, "/v1/completions", {"prompt": [ids], "max_tokens": 0, "logprobs": 1, "echo": True}).json()
+    r0 = post(
+        gateway.url, "/v1/completions", {"prompt": [ids], "max_tokens": 0, "logprobs": 1, "echo": True}
+    ).json()
     assert r0["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][:-1])
 
 
 def test_streamed_text_equals_the_unary_text(gateway):
     body = {"prompt": "The murder was", "max_tokens": 12, "temperature": 0, "stop": ["zzz"]}
     unary = post(gateway.url, "/v1/completions", body).json()["choices"][0]["text"]
-    with requests.post(f"{gateway.url}/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}, stream=True, timeout=60) as r:
+    with requests.post(
+        f"{gateway.url}/v1/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        stream=True,
+        timeout=60,
+    ) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
@@ -55,29 +76,44 @@ def test_chat_completion_and_stream(gateway):
     body = {"messages": [{"role": "user", "content": "Who is Alyosha?"}], "max_tokens": 8, "temperature": 0}
     r = post(gateway.url, "/v1/chat/completions", body).json()
     assert r["object"] == "chat.completion" and r["choices"][0]["message"]["role"] == "assistant"
-    with requests.post(f"{gateway.url}/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=60) as s:
+    with requests.post(
+        f"{gateway.url}/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=60
+    ) as s:
         chunks = [json.loads(e) for e in sse_events(s)[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == r["choices"][0]["message"]["content"]
+    assert (
+        "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        == r["choices"][0]["message"]["content"]
+    )
 
 
-@pytest.mark.parametrize("body,status,field", [
-    ({"prompt": "x", "model": "gpt-9"}, 404, "model"),
-    ({"prompt": "x", "n": 2}, 400, "n"),
-    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
-    ({"prompt": [1, "a"]}, 400, "prompt"),
-    ({"prompt": "x", "stop": [1]}, 400, "stop"),
-    ({"prompt": "x", "logprobs": 50}, 400, "logprobs"),
-    ({"max_tokens": 3}, 400, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body,status,field",
+    [
+        ({"prompt": "x", "model": "gpt-9"}, 404, "model"),
+        ({"prompt": "x", "n": 2}, 400, "n"),
+        ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+        ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"prompt": [1, "a"]}, 400, "prompt"),
+        ({"prompt": "x", "stop": [1]}, 400, "stop"),
+        ({"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+        ({"max_tokens": 3}, 400, "prompt"),
+    ],
+)
 def test_bad_completion_requests_name_the_field(gateway, body, status, field):
     r = post(gateway.url, "/v1/completions", body)
     assert r.status_code == status and r.json()["error"]["param"] == field
 
 
 def test_models_and_tokenizer_routes(gateway):
-    assert post(gateway.url, "/detokenize", {"tokens": post(gateway.url, "/tokenize", {"prompt": "Hello world"}).json()["tokens"]}).json()["prompt"] == "Hello world"
+    assert (
+        post(
+            gateway.url,
+            "/detokenize",
+            {"tokens": post(gateway.url, "/tokenize", {"prompt": "Hello world"}).json()["tokens"]},
+        ).json()["prompt"]
+        == "Hello world"
+    )
     info = requests.get(f"{gateway.url}/tokenizer_info", timeout=10).json()
     assert info["eos_token"] == "<|endoftext|>" and "chat_template" in info
     models = requests.get(f"{gateway.url}/v1/models", timeout=10).json()
@@ -88,8 +124,11 @@ def test_client_disconnect_mid_stream_frees_the_slot(gateway, textgen):
     host, port = gateway.url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "x", "max_tokens": 120, "stream": True, "ignore_eos": True}).encode()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         seen = b""
         while b"data:" not in seen:  # headers and the chunk size can arrive before the first event
             chunk = sock.recv(4096)
@@ -141,6 +180,22 @@ def test_api_keys(small_stack):
     _, gw = small_stack
     r = requests.put(f"{gw.url}/api", json={"prompts": ["x"], "tokens_to_generate": 1}, timeout=30)
     assert r.status_code == 401 and r.json()["field"] == "Authorization"
-    assert requests.put(f"{gw.url}/api", json={"prompts": ["x"], "tokens_to_generate": 1}, headers={"Authorization": "Bearer nope"}, timeout=30).status_code == 401
-    assert requests.put(f"{gw.url}/api", json={"prompts": ["x"], "tokens_to_generate": 1}, headers={"Authorization": "Bearer k2"}, timeout=30).status_code == 200
+    assert (
+        requests.put(
+            f"{gw.url}/api",
+            json={"prompts": ["x"], "tokens_to_generate": 1},
+            headers={"Authorization": "Bearer nope"},
+            timeout=30,
+        ).status_code
+        == 401
+    )
+    assert (
+        requests.put(
+            f"{gw.url}/api",
+            json={"prompts": ["x"], "tokens_to_generate": 1},
+            headers={"Authorization": "Bearer k2"},
+            timeout=30,
+        ).status_code
+        == 200
+    )
     assert requests.get(f"{gw.url}/health", timeout=10).status_code == 200

@@ -23,10 +23,20 @@ GRPC_BOUND, HTTP_BOUND = 4, 3
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, textgen):
-    store = JobStore(tmp_path_factory.mktemp("jobs"), "convert", max_watchers=GRPC_BOUND, watchers_setting="MEGASTACK_CONVERTER_MAX_WATCHERS")
+    store = JobStore(
+        tmp_path_factory.mktemp("jobs"),
+        "convert",
+        max_watchers=GRPC_BOUND,
+        watchers_setting="MEGASTACK_CONVERTER_MAX_WATCHERS",
+    )
     servicer = ConverterServicer(store, max_concurrent=1, cancel_grace_s=10)
-    server = build_server(service="converter", registrations=[Registration(pb_grpc.add_ConverterServiceServicer_to_server, servicer, SERVICE)],
-                          host="127.0.0.1", port=0, max_workers=GRPC_BOUND + 4)
+    server = build_server(
+        service="converter",
+        registrations=[Registration(pb_grpc.add_ConverterServiceServicer_to_server, servicer, SERVICE)],
+        host="127.0.0.1",
+        port=0,
+        max_workers=GRPC_BOUND + 4,
+    )
     server.start()
     server.set_serving(True)
     # a job that never runs: watching it blocks until the watcher leaves
@@ -37,7 +47,13 @@ def stack(tmp_path_factory, textgen):
 
     spec = ConvertSpec(load_dir=Path("/x"), save_dir=Path("/y"), target_format="mcore")
     rec, _ = store.create(spec_to_json(spec), labels={}, request_id="")
-    gw = start_gateway((textgen.address,), converter_addr=server.address, trainer_addr="", evaluator_addr="", max_watchers=HTTP_BOUND)
+    gw = start_gateway(
+        (textgen.address,),
+        converter_addr=server.address,
+        trainer_addr="",
+        evaluator_addr="",
+        max_watchers=HTTP_BOUND,
+    )
     with make_channel(server.address) as ch:
         yield pb_grpc.ConverterServiceStub(ch), gw, rec.job_id, store
     gw.stop()
@@ -56,7 +72,10 @@ def test_grpc_watchers_beyond_the_bound_are_refused_and_the_service_still_answer
         except grpc.RpcError as e:
             refused.append(e)
     assert len(calls) == GRPC_BOUND and len(refused) == 10
-    assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "MEGASTACK_CONVERTER_MAX_WATCHERS" in e.details() for e in refused)
+    assert all(
+        e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "MEGASTACK_CONVERTER_MAX_WATCHERS" in e.details()
+        for e in refused
+    )
     t0 = time.monotonic()
     assert stub.ListConversions(pb.ListConversionsRequest(), timeout=10).conversions
     with pytest.raises(grpc.RpcError) as e:  # a submission is served (and judged), not starved
@@ -85,7 +104,10 @@ def test_sse_watchers_beyond_the_bound_get_429_and_submissions_still_answer(stac
                 next(r.iter_lines())  # the first event: the stream is open and holds its slot
                 held.append(r)
             else:
-                assert r.headers.get("Retry-After") == "1" and "MEGASTACK_GATEWAY_MAX_WATCHERS" in r.json()["message"]
+                assert (
+                    r.headers.get("Retry-After") == "1"
+                    and "MEGASTACK_GATEWAY_MAX_WATCHERS" in r.json()["message"]
+                )
         assert statuses.count(200) == HTTP_BOUND and statuses.count(429) == 10, statuses
         r = requests.post(f"{gw.url}/v1/jobs/conversions", json={"spec": {"load_dir": "/x"}}, timeout=10)
         assert r.status_code == 400

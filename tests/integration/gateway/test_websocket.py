@@ -28,8 +28,12 @@ def ws_url(gw) -> str:
 
 
 def greedy(gw, prompt: str, n: int) -> str:
-    r = requests.post(f"{gw.url}/v1/completions", json={"prompt": prompt, "max_tokens": n, "temperature": 0},
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    r = requests.post(
+        f"{gw.url}/v1/completions",
+        json={"prompt": prompt, "max_tokens": n, "temperature": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
     return r.json()["choices"][0]["text"]
 
 
@@ -62,17 +66,32 @@ def test_bearer_and_raw_tokens_work_and_a_missing_one_is_refused(gateway):
     assert e.value.status_code == 401
 
 
-@pytest.mark.parametrize("message,field", [
-    ("not json", "message"), ('["a list"]', "message"), ('{"prompt": ""}', "prompt"), ('{"prompt": 5}', "prompt"),
-    ('{"prompt": "x", "max_new_tokens": 0}', "max_new_tokens"), ('{"prompt": "x", "temperature": -1}', "temperature"),
-    ('{"prompt": "x", "frobnicate": 1}', "frobnicate"), ('{"prompt": "x", "max_tokens": 2, "max_new_tokens": 3}', "max_tokens"),
-    ('{"prompt": "x", "top_p": 2}', "top_p"), ('{"prompt": "x", "stop": [1]}', "stop"),
-])
+@pytest.mark.parametrize(
+    "message,field",
+    [
+        ("not json", "message"),
+        ('["a list"]', "message"),
+        ('{"prompt": ""}', "prompt"),
+        ('{"prompt": 5}', "prompt"),
+        ('{"prompt": "x", "max_new_tokens": 0}', "max_new_tokens"),
+        ('{"prompt": "x", "temperature": -1}', "temperature"),
+        ('{"prompt": "x", "frobnicate": 1}', "frobnicate"),
+        ('{"prompt": "x", "max_tokens": 2, "max_new_tokens": 3}', "max_tokens"),
+        ('{"prompt": "x", "top_p": 2}', "top_p"),
+        ('{"prompt": "x", "stop": [1]}', "stop"),
+    ],
+)
 def test_garbage_gets_a_clear_error_and_the_connection_keeps_serving(gateway, message, field):
     ws = websocket.create_connection(ws_url(gateway), header={"Authorization": KEY}, timeout=30)
     ws.send(message)
     err = json.loads(ws.recv())
-    assert err["is_end"] is True and err["field"] == field and err["error"]["param"] == field and err["error"]["code"] == 400 and err["error"]["message"]
+    assert (
+        err["is_end"] is True
+        and err["field"] == field
+        and err["error"]["param"] == field
+        and err["error"]["code"] == 400
+        and err["error"]["message"]
+    )
     ws.send(json.dumps({"prompt": "still here", "max_new_tokens": 3}))
     msgs = [json.loads(ws.recv())]
     while not msgs[-1]["is_end"]:
@@ -94,7 +113,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(gateway, textgen):
     results = []
 
     def client(k):
-        results.append("".join(p for _, p in stream(ws_url(gateway), [f"prompt {k}"], KEY, max_new_tokens=4, temperature=0) if p))
+        results.append(
+            "".join(
+                p
+                for _, p in stream(ws_url(gateway), [f"prompt {k}"], KEY, max_new_tokens=4, temperature=0)
+                if p
+            )
+        )
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
     for t in threads:

@@ -55,17 +55,25 @@ def test_a_wedged_replica_is_routed_around_and_comes_back(replicas):
     a.served.model.decode = decode
     with make_channel(a.address) as ch:  # a request straight to replica a wedges its engine
         stub = pb_grpc.TextGenServiceStub(ch)
-        params = pb.GenerationParams(sampling=pb.SamplingParams(greedy=True),
-                                     stopping=pb.StoppingParams(max_new_tokens=4, ignore_eos=True))
-        future = stub.Generate.future(pb.GenerateRequest(prompts=[pb.Prompt(text="stuck")], params=params), timeout=120)
+        params = pb.GenerationParams(
+            sampling=pb.SamplingParams(greedy=True),
+            stopping=pb.StoppingParams(max_new_tokens=4, ignore_eos=True),
+        )
+        future = stub.Generate.future(
+            pb.GenerateRequest(prompts=[pb.Prompt(text="stuck")], params=params), timeout=120
+        )
         assert blocked.wait(10)
         wedged_at = time.monotonic()
-        wait(lambda: replica_states(gw)[a.address] == "down", WATCHDOG_S + 5, "the gateway sees replica a down")
+        wait(
+            lambda: replica_states(gw)[a.address] == "down", WATCHDOG_S + 5, "the gateway sees replica a down"
+        )
         # watchdog (<= watchdog_s + its poll) plus one gateway health interval
         assert time.monotonic() - wedged_at <= WATCHDOG_S + 1.0 + gw.pool.health_interval_s + 0.5
         steps_b = b.served.engine.steps
         for i in range(8):
-            r = requests.put(f"{gw.url}/api", json={"prompts": [f"p{i}"], "tokens_to_generate": 2, "top_k": 1}, timeout=30)
+            r = requests.put(
+                f"{gw.url}/api", json={"prompts": [f"p{i}"], "tokens_to_generate": 2, "top_k": 1}, timeout=30
+            )
             assert r.status_code == 200, r.text
         assert b.served.engine.steps > steps_b
         assert requests.get(f"{gw.url}/ready", timeout=30).status_code == 200

@@ -23,20 +23,38 @@ def corpus(tmp_path, lines: list[bytes], name="in.jsonl"):
     return p
 
 
-@pytest.mark.parametrize("bad,kind,message", [
-    (b'{"text": "unterminated', "json", "in.jsonl:2: malformed JSON (Invalid control character at column 23)"),
-    (b'{"title": "no text"}', "missing_key", "in.jsonl:2: missing key 'text' (keys: title)"),
-    (b'{"text": 42}', "type", "in.jsonl:2: 'text' is int, expected a string"),
-    (b'{"text": ""}', "empty", "in.jsonl:2: empty document for key 'text' (--keep-empty records it as Megatron does)"),
-    (b'{"text": "caf\xe9"}', "encoding", "in.jsonl:2: not valid UTF-8 (byte 0xe9 at column 14)"),
-    (b'[1, 2]', "json", "in.jsonl:2: expected a JSON object, got list"),
-])
+@pytest.mark.parametrize(
+    "bad,kind,message",
+    [
+        (
+            b'{"text": "unterminated',
+            "json",
+            "in.jsonl:2: malformed JSON (Invalid control character at column 23)",
+        ),
+        (b'{"title": "no text"}', "missing_key", "in.jsonl:2: missing key 'text' (keys: title)"),
+        (b'{"text": 42}', "type", "in.jsonl:2: 'text' is int, expected a string"),
+        (
+            b'{"text": ""}',
+            "empty",
+            "in.jsonl:2: empty document for key 'text' (--keep-empty records it as Megatron does)",
+        ),
+        (b'{"text": "caf\xe9"}', "encoding", "in.jsonl:2: not valid UTF-8 (byte 0xe9 at column 14)"),
+        (b"[1, 2]", "json", "in.jsonl:2: expected a JSON object, got list"),
+    ],
+)
 def test_bad_record_stops_with_its_position_or_is_counted(tmp_path, bad, kind, message):
     src = corpus(tmp_path, [GOOD.encode(), bad, GOOD.encode()])
     with pytest.raises(InputError) as e:
         run(Options(input=src, output_prefix=str(tmp_path / "out"), **GPT2))
-    assert str(e.value).endswith(message.split(": ", 1)[1]) and str(e.value).startswith(str(src)) and e.value.kind == kind
-    assert not data_path(tmp_path / "out_text_document").exists() and not index_path(tmp_path / "out_text_document").exists()
+    assert (
+        str(e.value).endswith(message.split(": ", 1)[1])
+        and str(e.value).startswith(str(src))
+        and e.value.kind == kind
+    )
+    assert (
+        not data_path(tmp_path / "out_text_document").exists()
+        and not index_path(tmp_path / "out_text_document").exists()
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]
     s = run(Options(input=src, output_prefix=str(tmp_path / "out"), skip_bad=True, **GPT2))
     assert s.documents == 2 and s.skipped == {kind: 1} and s.first_error.startswith(f"{src}:2: ")
@@ -79,22 +97,92 @@ def test_interrupted_run_leaves_no_pair(tmp_path, jsonl, monkeypatch):
 
 
 def test_script_and_megastack_command_take_the_same_flags(tmp_path, jsonl):
-    flags = ["--input", str(jsonl), "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(GPT2["vocab_file"]),
-             "--merge-file", str(GPT2["merge_file"]), "--append-eod", "--workers", "2", "--no-progress"]
-    a = subprocess.run([sys.executable, "tools/preprocess_data.py", *flags, "--output-prefix", str(tmp_path / "a")],
-                       cwd=REPO_ROOT, capture_output=True, text=True)
-    b = subprocess.run([sys.executable, "-m", "tools.cli.main", "preprocess", *flags, "--output-prefix", str(tmp_path / "b")],
-                       cwd=REPO_ROOT, capture_output=True, text=True)
+    flags = [
+        "--input",
+        str(jsonl),
+        "--tokenizer-type",
+        "GPT2BPETokenizer",
+        "--vocab-file",
+        str(GPT2["vocab_file"]),
+        "--merge-file",
+        str(GPT2["merge_file"]),
+        "--append-eod",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
+    a = subprocess.run(
+        [sys.executable, "tools/preprocess_data.py", *flags, "--output-prefix", str(tmp_path / "a")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    b = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.cli.main",
+            "preprocess",
+            *flags,
+            "--output-prefix",
+            str(tmp_path / "b"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert "documents" in a.stdout and "MB/s" in a.stdout
-    assert data_path(tmp_path / "a_text_document").read_bytes() == data_path(tmp_path / "b_text_document").read_bytes()
-    bad = subprocess.run([sys.executable, "tools/preprocess_data.py", *flags[2:], "--input", str(tmp_path / "none.jsonl"),
-                          "--output-prefix", str(tmp_path / "c")], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"preprocess: error: input {tmp_path / 'none.jsonl'} does not exist"
-    inspect = subprocess.run([sys.executable, "-m", "tools.cli.main", "dataset", "inspect", str(tmp_path / "a_text_document"),
-                              "--sample", "0", "--vocab-file", str(GPT2["vocab_file"]), "--merge-file", str(GPT2["merge_file"])],
-                             cwd=REPO_ROOT, capture_output=True, text=True)
-    assert inspect.returncode == 0 and "dtype       uint16" in inspect.stdout and "<|endoftext|>'" in inspect.stdout
-    verify = subprocess.run([sys.executable, "-m", "tools.cli.main", "dataset", "verify", str(tmp_path / "a_text_document")],
-                            cwd=REPO_ROOT, capture_output=True, text=True)
+    assert (
+        data_path(tmp_path / "a_text_document").read_bytes()
+        == data_path(tmp_path / "b_text_document").read_bytes()
+    )
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "tools/preprocess_data.py",
+            *flags[2:],
+            "--input",
+            str(tmp_path / "none.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "c"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip() == f"preprocess: error: input {tmp_path / 'none.jsonl'} does not exist"
+    )
+    inspect = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.cli.main",
+            "dataset",
+            "inspect",
+            str(tmp_path / "a_text_document"),
+            "--sample",
+            "0",
+            "--vocab-file",
+            str(GPT2["vocab_file"]),
+            "--merge-file",
+            str(GPT2["merge_file"]),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        inspect.returncode == 0
+        and "dtype       uint16" in inspect.stdout
+        and "<|endoftext|>'" in inspect.stdout
+    )
+    verify = subprocess.run(
+        [sys.executable, "-m", "tools.cli.main", "dataset", "verify", str(tmp_path / "a_text_document")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert verify.returncode == 0 and verify.stdout.strip().endswith("ok")

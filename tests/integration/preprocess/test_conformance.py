@@ -52,7 +52,9 @@ def test_bytes_identical_to_megatrons_preprocess(tmp_path, jsonl, texts):
     megatron_reference(docs, tmp_path / "ref", GPT2["vocab_file"], GPT2["merge_file"])
     assert s.dtype == "uint16"
     assert data_path(tmp_path / "ours_text_document").read_bytes() == data_path(tmp_path / "ref").read_bytes()
-    assert index_path(tmp_path / "ours_text_document").read_bytes() == index_path(tmp_path / "ref").read_bytes()
+    assert (
+        index_path(tmp_path / "ours_text_document").read_bytes() == index_path(tmp_path / "ref").read_bytes()
+    )
 
 
 def test_megatron_indexed_dataset_reads_exactly_what_we_wrote(tmp_path, jsonl, tiny_models):
@@ -61,8 +63,16 @@ def test_megatron_indexed_dataset_reads_exactly_what_we_wrote(tmp_path, jsonl, t
     from llm.tokenizers import FastTokenizer
 
     tok_dir = tiny_models["llama"]
-    run(Options(input=jsonl, output_prefix=str(tmp_path / "ds"), tokenizer_name_or_path=tok_dir, append_eod=True,
-                split_sentences=True, json_keys=("text", "title")))
+    run(
+        Options(
+            input=jsonl,
+            output_prefix=str(tmp_path / "ds"),
+            tokenizer_name_or_path=tok_dir,
+            append_eod=True,
+            split_sentences=True,
+            json_keys=("text", "title"),
+        )
+    )
     tok = FastTokenizer.from_dir(tok_dir)
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
     ds = IndexedDataset(str(tmp_path / "ds_title_sentence"))
@@ -72,7 +82,15 @@ def test_megatron_indexed_dataset_reads_exactly_what_we_wrote(tmp_path, jsonl, t
     text = IndexedDataset(str(tmp_path / "ds_text_sentence"))
     assert text.document_indices[-1] == len(text) and len(text.document_indices) == len(lines) + 1
     doc0 = [text[j].tolist() for j in range(text.document_indices[0], text.document_indices[1])]
-    assert sum(doc0, []) == sum((tok.encode(s) for s in __import__("tools.preprocess.handlers", fromlist=["x"]).split_sentences(lines[0]["text"], False)), []) + [tok.eod_id]
+    assert sum(doc0, []) == sum(
+        (
+            tok.encode(s)
+            for s in __import__("tools.preprocess.handlers", fromlist=["x"]).split_sentences(
+                lines[0]["text"], False
+            )
+        ),
+        [],
+    ) + [tok.eod_id]
 
 
 def test_gpt_dataset_builds_samples(tmp_path, jsonl, tiny_models):
@@ -83,11 +101,28 @@ def test_gpt_dataset_builds_samples(tmp_path, jsonl, tiny_models):
     from llm.mcore import dist as mdist
 
     mdist.init()  # the builder synchronises ranks, even a world of one
-    run(Options(input=jsonl, output_prefix=str(tmp_path / "ds"), tokenizer_name_or_path=tiny_models["qwen2"], append_eod=True))
+    run(
+        Options(
+            input=jsonl,
+            output_prefix=str(tmp_path / "ds"),
+            tokenizer_name_or_path=tiny_models["qwen2"],
+            append_eod=True,
+        )
+    )
     prefix = str(tmp_path / "ds_text_document")
-    cfg = GPTDatasetConfig(random_seed=1, sequence_length=32, blend=([prefix, prefix], [0.7, 0.3]), split="90,5,5",
-                           path_to_cache=str(tmp_path / "cache"), reset_position_ids=False, reset_attention_mask=False,
-                           eod_mask_loss=False, tokenizer=MegatronTokenizer.from_pretrained(str(tiny_models["qwen2"]), metadata_path={"library": "huggingface"}))
+    cfg = GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=32,
+        blend=([prefix, prefix], [0.7, 0.3]),
+        split="90,5,5",
+        path_to_cache=str(tmp_path / "cache"),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        tokenizer=MegatronTokenizer.from_pretrained(
+            str(tiny_models["qwen2"]), metadata_path={"library": "huggingface"}
+        ),
+    )
     train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, [64, 8, 8], lambda: True, cfg).build()
     sample = train[0]
     assert len(train) >= 64 and sample["tokens"].shape == (32,)  # blending rounds up
@@ -136,16 +171,38 @@ def test_every_input_format_gives_the_same_tokens(tmp_path, jsonl, texts, fmt):
     ref_src = tmp_path / "ref.jsonl"
     ref_src.write_text("".join(json.dumps(r) + "\n" for r in use))
     run(Options(input=ref_src, output_prefix=str(tmp_path / "ref"), append_eod=True, **GPT2))
-    assert data_path(tmp_path / "got_text_document").read_bytes() == data_path(tmp_path / "ref_text_document").read_bytes()
-    assert index_path(tmp_path / "got_text_document").read_bytes() == index_path(tmp_path / "ref_text_document").read_bytes()
+    assert (
+        data_path(tmp_path / "got_text_document").read_bytes()
+        == data_path(tmp_path / "ref_text_document").read_bytes()
+    )
+    assert (
+        index_path(tmp_path / "got_text_document").read_bytes()
+        == index_path(tmp_path / "ref_text_document").read_bytes()
+    )
 
 
 def test_partitions_merge_to_the_same_dataset(tmp_path, jsonl):
     one = run(Options(input=jsonl, output_prefix=str(tmp_path / "one"), append_eod=True, **GPT2))
-    three = run(Options(input=jsonl, output_prefix=str(tmp_path / "three"), append_eod=True, partitions=3, workers=2, **GPT2))
+    three = run(
+        Options(
+            input=jsonl,
+            output_prefix=str(tmp_path / "three"),
+            append_eod=True,
+            partitions=3,
+            workers=2,
+            **GPT2,
+        )
+    )
     assert one.documents == three.documents and one.tokens == three.tokens
     for ext in (data_path, index_path):
-        assert ext(tmp_path / "one_text_document").read_bytes() == ext(tmp_path / "three_text_document").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one_text_document.bin", "one_text_document.idx",
-                                                          "three_text_document.bin", "three_text_document.idx"]
+        assert (
+            ext(tmp_path / "one_text_document").read_bytes()
+            == ext(tmp_path / "three_text_document").read_bytes()
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one_text_document.bin",
+        "one_text_document.idx",
+        "three_text_document.bin",
+        "three_text_document.idx",
+    ]
     assert np.dtype("uint16").name == one.dtype

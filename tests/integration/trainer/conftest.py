@@ -1,4 +1,5 @@
-"""A real local Ray head and the trainer service over gRPC (the tiny model and data: tests/conftest.py train_assets)."""
+"""A real local Ray head and the trainer service over gRPC (the tiny model and data: tests/conftest.py
+train_assets)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,17 @@ def trainer(ray_head, tmp_path_factory):
     store = JobStore(tmp_path_factory.mktemp("trainer-jobs"), "train")
     launcher = RayLauncher(store, ray_address=ray_head, poll_interval_s=0.5)
     launcher.start()
-    server = build_server(service="trainer", registrations=[Registration(pb_grpc.add_TrainerServiceServicer_to_server,
-                          TrainerServicer(store, launcher), SERVICE)], host="127.0.0.1", port=0, max_workers=8)
+    server = build_server(
+        service="trainer",
+        registrations=[
+            Registration(
+                pb_grpc.add_TrainerServiceServicer_to_server, TrainerServicer(store, launcher), SERVICE
+            )
+        ],
+        host="127.0.0.1",
+        port=0,
+        max_workers=8,
+    )
     server.start()
     server.set_serving(True)
     with make_channel(server.address) as ch:

@@ -23,10 +23,16 @@ from tests.fixtures.training import curve, spec_doc
 
 
 def make_spec(assets, save_dir, *, iters: int, async_save: bool):
-    spec = spec_from_dict(spec_doc(assets, save_dir, parallel={"tensor_parallel": 1},
-                                   training={"train_iters": iters, "global_batch_size": 4},
-                                   optimizer={"lr": 0.002, "lr_warmup_iters": 2, "lr_decay_iters": 6},  # one schedule for 4 and 6
-                                   checkpoint={"save_dir": str(save_dir), "save_interval": 2, "async_save": async_save}))
+    spec = spec_from_dict(
+        spec_doc(
+            assets,
+            save_dir,
+            parallel={"tensor_parallel": 1},
+            training={"train_iters": iters, "global_batch_size": 4},
+            optimizer={"lr": 0.002, "lr_warmup_iters": 2, "lr_decay_iters": 6},  # one schedule for 4 and 6
+            checkpoint={"save_dir": str(save_dir), "save_interval": 2, "async_save": async_save},
+        )
+    )
     validate(spec)
     return spec
 
@@ -57,7 +63,9 @@ def test_async_saves_resume_exactly_and_convert(train_assets, sync_run, tmp_path
     assert "written in the background" in log
     saves = [json.loads(x) for x in (d / SAVES_FILE).read_text().splitlines()]
     assert [s["iteration"] for s in saves] == [2, 4] and all(s["async"] for s in saves)
-    assert all(s["blocked_s"] < s["written_s"] for s in saves)  # the step loop went on while the shards were written
+    assert all(
+        s["blocked_s"] < s["written_s"] for s in saves
+    )  # the step loop went on while the shards were written
     assert latest_iteration(d) == 4 and not list(d.glob(".tmp-*"))
     train(train_assets, d, iters=6, async_save=True)  # resumes from the async checkpoint of step 4
     ref, got = curve(sync_run), curve(d)
@@ -70,13 +78,25 @@ def test_async_saves_resume_exactly_and_convert(train_assets, sync_run, tmp_path
     assert result.parity["max_abs_logit_diff"] < 1e-4 and result.parity["weights_exact"]
 
 
-def test_a_trainer_killed_during_a_background_save_resumes_from_the_one_before(train_assets, sync_run, tmp_path):
+def test_a_trainer_killed_during_a_background_save_resumes_from_the_one_before(
+    train_assets, sync_run, tmp_path
+):
     d = tmp_path / "run"
     spec = make_spec(train_assets, d, iters=6, async_save=True)
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(spec.to_json())
-    r = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "helpers" / "die_during_async_save.py"), str(spec_path), "4"],
-                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tests" / "helpers" / "die_during_async_save.py"),
+            str(spec_path),
+            "4",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == -9, (r.returncode, r.stdout[-3000:], r.stderr[-3000:])
     assert latest_iteration(d) == 2  # step 4's checkpoint was never published
     assert not (d / "iter_0000004").exists()
@@ -87,15 +107,27 @@ def test_a_trainer_killed_during_a_background_save_resumes_from_the_one_before(t
 
 
 def test_a_killed_sft_job_reads_the_same_samples_as_an_uninterrupted_one(train_assets, tiny_models, tmp_path):
-    """Two SFT datasets blended 3:1, shuffled with the job seed: a job SIGKILLed after step 4 and resumed from its
-    step-2 checkpoint computes every step's loss bit for bit as the uninterrupted job, so it read the same samples
+    """Two SFT datasets blended 3:1, shuffled with the job seed: a job SIGKILLed after step 4 and resumed
+    from its
+    step-2 checkpoint computes every step's loss bit for bit as the uninterrupted job, so it read the same
+    samples
     in the same order (a different sample changes the loss)."""
     import dataclasses
 
     from tests.fixtures.training import sft_prefix
 
-    prefixes = [sft_prefix(tmp_path, name, [{"instruction": f"Say {name} {i}.", "input": "", "output": f"{name} {i} {i * 7}"}
-                                            for i in range(n)], tiny_models["llama"]) for name, n in (("a", 30), ("b", 20))]
+    prefixes = [
+        sft_prefix(
+            tmp_path,
+            name,
+            [
+                {"instruction": f"Say {name} {i}.", "input": "", "output": f"{name} {i} {i * 7}"}
+                for i in range(n)
+            ],
+            tiny_models["llama"],
+        )
+        for name, n in (("a", 30), ("b", 20))
+    ]
 
     def sft(save_dir):
         s = make_spec(train_assets, save_dir, iters=6, async_save=True)
@@ -107,8 +139,18 @@ def test_a_killed_sft_job_reads_the_same_samples_as_an_uninterrupted_one(train_a
     assert r.returncode == 0, r.log[-3000:]
     killed = sft(tmp_path / "killed")
     (tmp_path / "killed.json").write_text(killed.to_json())
-    k = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "helpers" / "die_during_async_save.py"), str(tmp_path / "killed.json"), "4"],
-                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    k = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tests" / "helpers" / "die_during_async_save.py"),
+            str(tmp_path / "killed.json"),
+            "4",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert k.returncode == -9, k.stderr[-2000:]
     assert latest_iteration(tmp_path / "killed") == 2
     r = run_local(killed, 1, timeout_s=300)

@@ -1,4 +1,5 @@
-"""Neat-packed SFT samples are kept apart: each sample's per-token losses inside a pack equal its losses alone.
+"""Neat-packed SFT samples are kept apart: each sample's per-token losses inside a pack equal its losses
+alone.
 
 The pack and the samples come from `megastack preprocess` (--pack --neat-pack, and unpacked), are read by the
 trainer's SFTDataset and run through the trainer's forward step on a megatron-core GPTModel (fp32, local spec)
@@ -18,9 +19,11 @@ import pytest
 from shared.paths import REPO_ROOT
 
 SEQ = 128
-ROWS = [{"instruction": "Name a colour.", "input": "", "output": "Blue, like the sky at noon."},
-        {"instruction": "Count to five.", "input": "", "output": "one two three four five"},
-        {"instruction": "Say hello", "input": "politely", "output": "Good morning to you."}]
+ROWS = [
+    {"instruction": "Name a colour.", "input": "", "output": "Blue, like the sky at noon."},
+    {"instruction": "Count to five.", "input": "", "output": "one two three four five"},
+    {"instruction": "Say hello", "input": "politely", "output": "Good morning to you."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +38,24 @@ def packed_data(tiny_models, tmp_path_factory):
 
 
 def test_a_neat_pack_of_three_samples_computes_what_each_computes_alone(packed_data, tiny_models):
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "helpers" / "packed_losses.py"), "--arch", str(tiny_models["llama"]),
-                           "--packed", str(packed_data / "neat"), "--single", str(packed_data / "single"), "--seq-length", str(SEQ)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tests" / "helpers" / "packed_losses.py"),
+            "--arch",
+            str(tiny_models["llama"]),
+            "--packed",
+            str(packed_data / "neat"),
+            "--single",
+            str(packed_data / "single"),
+            "--seq-length",
+            str(SEQ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["samples_in_pack"] == 3 and len(report["samples"]) == 3
@@ -74,7 +92,12 @@ def test_transformer_engine_is_refused_at_submit_for_neat_packs(packed_data, tra
     from shared.errors import InvalidArgument
     from tests.fixtures.training import spec_doc
 
-    doc = spec_doc(train_assets, tmp_path / "run", kind="sft", data={"paths": [{"prefix": str(packed_data / "neat"), "weight": 1.0}], "seq_length": SEQ})
+    doc = spec_doc(
+        train_assets,
+        tmp_path / "run",
+        kind="sft",
+        data={"paths": [{"prefix": str(packed_data / "neat"), "weight": 1.0}], "seq_length": SEQ},
+    )
     doc["training"]["transformer_impl"] = "transformer_engine"
     with pytest.raises(InvalidArgument) as e:
         validate(spec_from_dict(doc))
@@ -85,9 +108,18 @@ def test_transformer_engine_is_refused_at_submit_for_neat_packs(packed_data, tra
 def neat_corpus(tiny_models, tmp_path_factory):
     from tests.fixtures.training import sft_prefix
 
-    rows = [{"instruction": f"Repeat the number {i} twice.", "input": "", "output": f"{i} {i}"} for i in range(40)]
-    return sft_prefix(tmp_path_factory.mktemp("neat-corpus"), "neat", rows, tiny_models["llama"], seq_length=SEQ, pack=True,
-                      neat_pack=True)
+    rows = [
+        {"instruction": f"Repeat the number {i} twice.", "input": "", "output": f"{i} {i}"} for i in range(40)
+    ]
+    return sft_prefix(
+        tmp_path_factory.mktemp("neat-corpus"),
+        "neat",
+        rows,
+        tiny_models["llama"],
+        seq_length=SEQ,
+        pack=True,
+        neat_pack=True,
+    )
 
 
 def _train_neat(assets, corpus, save_dir, parallel) -> list[dict]:
@@ -96,23 +128,39 @@ def _train_neat(assets, corpus, save_dir, parallel) -> list[dict]:
     from services.trainer.wire import spec_from_dict
     from tests.fixtures.training import spec_doc
 
-    spec = spec_from_dict(spec_doc(assets, save_dir, kind="sft", parallel=parallel,
-                                   data={"paths": [{"prefix": str(corpus), "weight": 1.0}], "seq_length": SEQ},
-                                   training={"train_iters": 4, "global_batch_size": 4, "micro_batch_size": 2},
-                                   checkpoint={"save_dir": str(save_dir), "save_interval": 0}))
+    spec = spec_from_dict(
+        spec_doc(
+            assets,
+            save_dir,
+            kind="sft",
+            parallel=parallel,
+            data={"paths": [{"prefix": str(corpus), "weight": 1.0}], "seq_length": SEQ},
+            training={"train_iters": 4, "global_batch_size": 4, "micro_batch_size": 2},
+            checkpoint={"save_dir": str(save_dir), "save_interval": 0},
+        )
+    )
     validate(spec)
     r = run_local(spec, spec.world_size, timeout_s=300)
     assert r.returncode == 0, r.log[-4000:]
     assert "kept apart by an explicit mask" in r.log
-    return [json.loads(x) for x in (save_dir / "metrics.jsonl").read_text().splitlines() if not json.loads(x).get("done")]
+    return [
+        json.loads(x)
+        for x in (save_dir / "metrics.jsonl").read_text().splitlines()
+        if not json.loads(x).get("done")
+    ]
 
 
-def test_neat_packs_train_alike_under_tensor_sequence_and_pipeline_parallelism(train_assets, neat_corpus, tmp_path):
-    """The mask and the positions reach every TP rank (heads split, SP gathers the sequence) and every stage."""
+def test_neat_packs_train_alike_under_tensor_sequence_and_pipeline_parallelism(
+    train_assets, neat_corpus, tmp_path
+):
+    """The mask and the positions reach every TP rank (heads split, SP gathers the sequence) and every
+    stage."""
     ref = _train_neat(train_assets, neat_corpus, tmp_path / "ref", {"tensor_parallel": 1})
     assert [x["step"] for x in ref] == [1, 2, 3, 4]
-    for name, parallel in (("tp2-sp", {"tensor_parallel": 2, "sequence_parallel": True}),
-                           ("pp2", {"tensor_parallel": 1, "pipeline_parallel": 2})):
+    for name, parallel in (
+        ("tp2-sp", {"tensor_parallel": 2, "sequence_parallel": True}),
+        ("pp2", {"tensor_parallel": 1, "pipeline_parallel": 2}),
+    ):
         got = _train_neat(train_assets, neat_corpus, tmp_path / name, parallel)
         for a, b in zip(ref, got, strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (name, a, b)

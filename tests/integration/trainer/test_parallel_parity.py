@@ -2,7 +2,8 @@
 
 Each layout's loss and grad norm per step must equal the TP=1/PP=1/DP=1 run's (fp32; rel 1e-5 for the loss,
 1e-4 for the grad norm, which sums squares in another order), and so must its final weights, read back from
-its torch_dist checkpoint at whatever TP/PP it was saved (every tensor within 1e-5 of its largest value). Sequence parallelism: the norm weights'
+its torch_dist checkpoint at whatever TP/PP it was saved (every tensor within 1e-5 of its largest value).
+Sequence parallelism: the norm weights'
 gradients are partial sums on each TP rank; without their all-reduce the grad norm differs (the test then
 fails). Uneven pipelines: megatron-core's first/last stage sizes with the middle stages even.
 """
@@ -29,9 +30,15 @@ def weights(save_dir):
 
 
 def train(assets, save_dir, parallel, precision: str = "fp32") -> list[dict]:
-    spec = spec_from_dict(spec_doc(assets, save_dir, parallel=parallel,
-                                   training={"train_iters": STEPS, "global_batch_size": 4, "precision": precision},
-                                   checkpoint={"save_dir": str(save_dir), "save_interval": 0}))
+    spec = spec_from_dict(
+        spec_doc(
+            assets,
+            save_dir,
+            parallel=parallel,
+            training={"train_iters": STEPS, "global_batch_size": 4, "precision": precision},
+            checkpoint={"save_dir": str(save_dir), "save_interval": 0},
+        )
+    )
     validate(spec)
     r = run_local(spec, spec.world_size, timeout_s=300)
     assert r.returncode == 0, r.log[-4000:]
@@ -45,15 +52,19 @@ def reference(train_assets, tmp_path_factory):
     return train(train_assets, d, {"tensor_parallel": 1}), weights(d)
 
 
-@pytest.mark.parametrize("parallel", [
-    {"tensor_parallel": 2, "sequence_parallel": True},
-    {"tensor_parallel": 1, "pipeline_parallel": 2, "num_layer_list": [1, 3]},
-    {"tensor_parallel": 1, "pipeline_parallel": 3, "num_layer_list": [1, 2, 1]},
-    {"tensor_parallel": 1, "pipeline_parallel": 2, "virtual_pipeline": 2},
-    {"tensor_parallel": 1, "data_parallel": 2},
-    {"tensor_parallel": 1, "data_parallel": 2, "distributed_optimizer": True},
-    {"tensor_parallel": 2, "data_parallel": 2},
-], ids=["tp2-sp", "pp2-uneven-1-3", "pp3-uneven-1-2-1", "pp2-vpp2", "dp2", "dp2-distopt", "tp2-dp2"])
+@pytest.mark.parametrize(
+    "parallel",
+    [
+        {"tensor_parallel": 2, "sequence_parallel": True},
+        {"tensor_parallel": 1, "pipeline_parallel": 2, "num_layer_list": [1, 3]},
+        {"tensor_parallel": 1, "pipeline_parallel": 3, "num_layer_list": [1, 2, 1]},
+        {"tensor_parallel": 1, "pipeline_parallel": 2, "virtual_pipeline": 2},
+        {"tensor_parallel": 1, "data_parallel": 2},
+        {"tensor_parallel": 1, "data_parallel": 2, "distributed_optimizer": True},
+        {"tensor_parallel": 2, "data_parallel": 2},
+    ],
+    ids=["tp2-sp", "pp2-uneven-1-3", "pp3-uneven-1-2-1", "pp2-vpp2", "dp2", "dp2-distopt", "tp2-dp2"],
+)
 def test_layout_matches_the_single_process_run(train_assets, reference, tmp_path, parallel):
     reference, final = reference
     got = train(train_assets, tmp_path / "run", parallel)
@@ -74,7 +85,7 @@ def test_layout_matches_the_single_process_run(train_assets, reference, tmp_path
 # partial products of half the hidden size, then all-reduces them; DP averages gradients another way), so the
 # runs agree to a few bf16 steps, not to fp32's 1e-5. The bound is 4 bf16 steps of the loss (1.6e-2 relative),
 # checked at every step; the gradient norm, a sum of squares of bf16 gradients, gets 8 (3.1e-2).
-BF16_LOSS_REL, BF16_GRAD_REL = 4 * 2.0 ** -8, 8 * 2.0 ** -8
+BF16_LOSS_REL, BF16_GRAD_REL = 4 * 2.0**-8, 8 * 2.0**-8
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +93,20 @@ def bf16_reference(train_assets, tmp_path_factory):
     return train(train_assets, tmp_path_factory.mktemp("bf16-tp1") / "run", {"tensor_parallel": 1}, "bf16")
 
 
-@pytest.mark.parametrize("parallel", [{"tensor_parallel": 2, "sequence_parallel": True}, {"tensor_parallel": 1, "data_parallel": 2}],
-                         ids=["bf16-tp2-sp", "bf16-dp2"])
-def test_bf16_layout_stays_within_a_few_bf16_steps_of_the_single_process_run(train_assets, bf16_reference, tmp_path, parallel):
+@pytest.mark.parametrize(
+    "parallel",
+    [{"tensor_parallel": 2, "sequence_parallel": True}, {"tensor_parallel": 1, "data_parallel": 2}],
+    ids=["bf16-tp2-sp", "bf16-dp2"],
+)
+def test_bf16_layout_stays_within_a_few_bf16_steps_of_the_single_process_run(
+    train_assets, bf16_reference, tmp_path, parallel
+):
     got = train(train_assets, tmp_path / "run", parallel, "bf16")
     assert [x["step"] for x in got] == [x["step"] for x in bf16_reference] == list(range(1, STEPS + 1))
     worst = max(abs(b["loss"] - a["loss"]) / abs(a["loss"]) for a, b in zip(bf16_reference, got))
-    worst_grad = max(abs(b["grad_norm"] - a["grad_norm"]) / abs(a["grad_norm"]) for a, b in zip(bf16_reference, got))
+    worst_grad = max(
+        abs(b["grad_norm"] - a["grad_norm"]) / abs(a["grad_norm"]) for a, b in zip(bf16_reference, got)
+    )
     print(f"bf16 {parallel}: loss max rel diff {worst:.2e}, grad norm {worst_grad:.2e}")  # noqa: T201 - the closing note's table
     assert worst <= BF16_LOSS_REL and worst_grad <= BF16_GRAD_REL, (worst, worst_grad)
     assert bf16_reference[-1]["loss"] < bf16_reference[0]["loss"]  # bf16 trains

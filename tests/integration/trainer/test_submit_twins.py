@@ -19,11 +19,26 @@ from tests.fixtures.training import spec_doc
 
 CASES = [  # (id, overrides of the tiny job: 4 layers, 4 heads, init_from converted at TP=2, seq 64), field
     ("tp-does-not-divide-heads", {"parallel": {"tensor_parallel": 3}}, "parallel.tensor_parallel"),
-    ("pp-does-not-divide-layers", {"parallel": {"tensor_parallel": 1, "pipeline_parallel": 3}}, "parallel.pipeline_parallel"),
-    ("num-layer-list-sum", {"parallel": {"tensor_parallel": 1, "pipeline_parallel": 2, "num_layer_list": [3, 2]}},
-     "parallel.num_layer_list"),
-    ("vpp-chunks", {"parallel": {"tensor_parallel": 1, "pipeline_parallel": 2, "virtual_pipeline": 3}}, "parallel.virtual_pipeline"),
-    ("sp-seq-length", {"parallel": {"tensor_parallel": 2, "sequence_parallel": True}, "data": {"seq_length": 63}}, "data.seq_length"),
+    (
+        "pp-does-not-divide-layers",
+        {"parallel": {"tensor_parallel": 1, "pipeline_parallel": 3}},
+        "parallel.pipeline_parallel",
+    ),
+    (
+        "num-layer-list-sum",
+        {"parallel": {"tensor_parallel": 1, "pipeline_parallel": 2, "num_layer_list": [3, 2]}},
+        "parallel.num_layer_list",
+    ),
+    (
+        "vpp-chunks",
+        {"parallel": {"tensor_parallel": 1, "pipeline_parallel": 2, "virtual_pipeline": 3}},
+        "parallel.virtual_pipeline",
+    ),
+    (
+        "sp-seq-length",
+        {"parallel": {"tensor_parallel": 2, "sequence_parallel": True}, "data": {"seq_length": 63}},
+        "data.seq_length",
+    ),
 ]
 
 

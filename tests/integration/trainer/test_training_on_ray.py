@@ -35,7 +35,9 @@ def falls(losses: dict[int, float]) -> bool:
     return last < first - 0.05
 
 
-@pytest.mark.parametrize("parallel", [{"tensor_parallel": 2}, {"tensor_parallel": 1, "pipeline_parallel": 2}], ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "parallel", [{"tensor_parallel": 2}, {"tensor_parallel": 1, "pipeline_parallel": 2}], ids=["tp2", "pp2"]
+)
 def test_trains_20_steps_and_the_loss_goes_down(trainer, train_assets, tmp_path, parallel):
     stub, _, _ = trainer
     job_id = submit(stub, train_assets, tmp_path / "run", parallel=parallel)
@@ -43,12 +45,16 @@ def test_trains_20_steps_and_the_loss_goes_down(trainer, train_assets, tmp_path,
     assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.error
     assert job.metrics.step == 20 and job.metrics.tokens_per_s > 0 and job.metrics.last_checkpoint_step == 20
     # MFU against the GEMM peak the ranks measured, fp32's loss scale of 1, both ranks' step times
-    assert 0 < job.metrics.mfu < 10 and job.metrics.loss_scale == 1.0 and len(job.metrics.rank_step_time_s) == 2
+    assert (
+        0 < job.metrics.mfu < 10 and job.metrics.loss_scale == 1.0 and len(job.metrics.rank_step_time_s) == 2
+    )
     assert all(t > 0 for t in job.metrics.rank_step_time_s)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload().Tags()["scalars"]
-    assert {"lm-loss", "throughput/mfu", "loss-scale", "time/step_s/rank0", "time/step_s/rank1"} <= set(tags), tags
+    assert {"lm-loss", "throughput/mfu", "loss-scale", "time/step_s/rank0", "time/step_s/rank1"} <= set(
+        tags
+    ), tags
     losses = curve(tmp_path / "run")
     assert sorted(losses) == list(range(1, 21)) and falls(losses), losses
     assert (tmp_path / "run" / "iter_0000020").is_dir() and (tmp_path / "run" / "tensorboard").is_dir()
@@ -57,7 +63,9 @@ def test_trains_20_steps_and_the_loss_goes_down(trainer, train_assets, tmp_path,
     # the save folder describes itself: the converter turns the trained checkpoint into HF on its own
     from services.converter.conversion import ConvertSpec, convert
 
-    result = convert(ConvertSpec(load_dir=tmp_path / "run", save_dir=tmp_path / "hf", target_format="hf", verify=True))
+    result = convert(
+        ConvertSpec(load_dir=tmp_path / "run", save_dir=tmp_path / "hf", target_format="hf", verify=True)
+    )
     assert result.parity["max_abs_logit_diff"] < 1e-4 and result.parity["weights_exact"]
     assert (tmp_path / "hf" / "config.json").is_file() and list((tmp_path / "hf").glob("tokenizer*"))
 
@@ -106,14 +114,19 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_a_stopped_rank_is_a_hang_and_the_job_resumes_bit_for_bit(trainer, train_assets, tmp_path, steady_run):
-    """A rank that stops making progress (SIGSTOP: a deadlock, a stuck filesystem) is not a dead rank: only its
+def test_a_stopped_rank_is_a_hang_and_the_job_resumes_bit_for_bit(
+    trainer, train_assets, tmp_path, steady_run
+):
+    """A rank that stops making progress (SIGSTOP: a deadlock, a stuck filesystem) is not a dead rank: only
+    its
     heartbeat tells. After resources.hang_timeout_s the attempt restarts from the last checkpoint."""
     from services.trainer import metrics as M
 
     stub, _, _ = trainer
     hangs = M.RESTARTS.labels("hang")._value.get()
-    job_id = submit(stub, train_assets, tmp_path / "stopped", resources={"max_retries": 1, "hang_timeout_s": 20})
+    job_id = submit(
+        stub, train_assets, tmp_path / "stopped", resources={"max_retries": 1, "hang_timeout_s": 20}
+    )
     status = tmp_path / "stopped" / "megastack-status.json"
     wait_for(lambda: status.is_file() and json.loads(status.read_text())["step"] >= 8, 300, "step 8")
     actor = json.loads((tmp_path / "stopped" / "megastack-attempt.json").read_text())["pids"][1]
@@ -168,7 +181,9 @@ def test_validate_only_checks_like_a_submit_and_creates_nothing(trainer, train_a
     records = len(store.list())
     good = spec_to_pb(spec_from_dict(spec_doc(train_assets, tmp_path / "run")))
     assert stub.SubmitTrainJob(pb.SubmitTrainJobRequest(spec=good, validate_only=True)).job_id == ""
-    bad = spec_to_pb(spec_from_dict(spec_doc(train_assets, tmp_path / "run", training={"global_batch_size": 7})))
+    bad = spec_to_pb(
+        spec_from_dict(spec_doc(train_assets, tmp_path / "run", training={"global_batch_size": 7}))
+    )
     with pytest.raises(grpc.RpcError) as e:
         stub.SubmitTrainJob(pb.SubmitTrainJobRequest(spec=bad, validate_only=True))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "global_batch_size" in e.value.details()
@@ -180,7 +195,9 @@ def test_a_job_asking_gpus_of_a_cpu_cluster_fails_at_once_naming_the_field(train
     job_id = submit(stub, train_assets, tmp_path / "run", resources={"gpus_per_worker": 1})
     job = follow(stub, job_id)  # ends: no waiting on a placement the cluster can never give
     assert job.status.state == common_pb2.JOB_STATE_FAILED
-    assert "0 GPU in all" in job.status.error and "resources.gpus_per_worker" in job.status.error, job.status.error
+    assert "0 GPU in all" in job.status.error and "resources.gpus_per_worker" in job.status.error, (
+        job.status.error
+    )
     assert job.status.finished_unix_s - job.status.created_unix_s < 60
 
 
@@ -200,12 +217,18 @@ def test_logs_list_and_a_restarted_launcher_keeps_following(trainer, train_asset
         assert again.store.get(job_id).state == "succeeded"
     finally:
         again.stop()
-    lines = [line for chunk in stub.GetTrainJobLogs(pb.GetTrainJobLogsRequest(job_id=job_id, follow=True)) for line in chunk.lines]
+    lines = [
+        line
+        for chunk in stub.GetTrainJobLogs(pb.GetTrainJobLogsRequest(job_id=job_id, follow=True))
+        for line in chunk.lines
+    ]
     assert any("@@metrics" in line for line in lines) and any("training finished" in line for line in lines)
     listed = stub.ListTrainJobs(pb.ListTrainJobsRequest()).jobs
     assert job_id in [j.status.job_id for j in listed]
     ray_jobs = {j.submission_id: j.metadata for j in launcher.client.list_jobs()}
-    assert ray_jobs[job_id]["megastack_job_id"] == job_id and ray_jobs[job_id]["megastack_parallel"].startswith("tp=2")
+    assert ray_jobs[job_id]["megastack_job_id"] == job_id and ray_jobs[job_id][
+        "megastack_parallel"
+    ].startswith("tp=2")
 
 
 def test_the_ray_head_runs_nothing_for_callers_without_its_token(ray_head):
@@ -219,4 +242,9 @@ def test_the_ray_head_runs_nothing_for_callers_without_its_token(ray_head):
     assert r.status_code in (401, 403), r.text
     assert requests.get(f"{ray_head}/api/jobs/", timeout=30).status_code in (401, 403)
     token = open(ray_auth_env(Path("/nonexistent"))["RAY_AUTH_TOKEN_PATH"]).read().strip()
-    assert requests.get(f"{ray_head}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code == 200
+    assert (
+        requests.get(
+            f"{ray_head}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ).status_code
+        == 200
+    )

@@ -23,7 +23,11 @@ from services.textgen.wire import generated_text
 from shared.errors import InvalidArgument, ResourceExhausted
 from tests.fixtures.tiny import FAMILIES, load_hf
 
-PROMPTS = ["The murder was committed in the evening", "He fell", "Alyosha looked at him and said nothing at all for a while"]
+PROMPTS = [
+    "The murder was committed in the evening",
+    "He fell",
+    "Alyosha looked at him and said nothing at all for a while",
+]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -33,8 +37,17 @@ def family(request):
 
 @pytest.fixture(scope="module")
 def served(family, tiny_models):
-    s = load_served_model(TextgenConfig(model_dir=tiny_models[family], max_batch_size=4, max_queue_size=8,
-                                        max_prompts_per_request=8, max_context_tokens=128, port=0, metrics_port=0))
+    s = load_served_model(
+        TextgenConfig(
+            model_dir=tiny_models[family],
+            max_batch_size=4,
+            max_queue_size=8,
+            max_prompts_per_request=8,
+            max_context_tokens=128,
+            port=0,
+            metrics_port=0,
+        )
+    )
     s.engine.start()
     yield s
     s.engine.stop()
@@ -58,8 +71,12 @@ def greedy_ref(hf, ids: list[int], n: int) -> list[int]:
 
 def req(ids, n=12, **kw) -> SequenceRequest:
     sampling = kw.pop("sampling", SamplingSpec(greedy=True))
-    return SequenceRequest(prompt_ids=tuple(ids), sampling=sampling,
-                           stopping=StopSpec(max_new_tokens=n, ignore_eos=kw.pop("ignore_eos", True), **kw.pop("stop", {})), **kw)
+    return SequenceRequest(
+        prompt_ids=tuple(ids),
+        sampling=sampling,
+        stopping=StopSpec(max_new_tokens=n, ignore_eos=kw.pop("ignore_eos", True), **kw.pop("stop", {})),
+        **kw,
+    )
 
 
 def test_greedy_tokens_match_hf(served, hf):
@@ -73,25 +90,34 @@ def test_prompt_logprobs_match_hf(served, hf):
     ids = served.tokenizer.encode(PROMPTS[2])
     r = served.engine.submit([req(ids, n=0, prompt_logprobs=True, top_logprobs=3)])[0].result()
     with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1], -1).gather(
+            -1, torch.tensor(ids[1:])[:, None]
+        )[:, 0]
     assert r.token_ids == [] and len(r.prompt_logprobs) == len(ids) - 1
     assert torch.allclose(torch.tensor(r.prompt_logprobs), ref, atol=1e-4)
-    assert all(len(t.ids) == 3 and t.logprobs[0] >= lp - 1e-6 for t, lp in zip(r.prompt_top, r.prompt_logprobs))
+    assert all(
+        len(t.ids) == 3 and t.logprobs[0] >= lp - 1e-6 for t, lp in zip(r.prompt_top, r.prompt_logprobs)
+    )
 
 
 def test_scoring_answers_that_share_a_context_matches_scoring_each_alone(served, hf):
     """Multiple-choice scoring: prompts equal but for the last token share one forward pass."""
     ctx = served.tokenizer.encode(PROMPTS[1])
     answers = [ctx + [t] for t in (5, 17, 40)] + [ctx[:-2] + [9], ctx + [5, 6], ctx[:1]]
-    batch = served.engine.submit([req(a, n=0, prompt_logprobs=True, top_logprobs=2) for a in answers]
-                                 + [req(ctx, n=4)])
+    batch = served.engine.submit(
+        [req(a, n=0, prompt_logprobs=True, top_logprobs=2) for a in answers] + [req(ctx, n=4)]
+    )
     together = [h.result() for h in batch]
     for a, got in zip(answers, together):
         alone = served.engine.submit([req(a, n=0, prompt_logprobs=True, top_logprobs=2)])[0].result()
         with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([a])).logits[0, :-1], -1).gather(-1, torch.tensor(a[1:])[:, None])[:, 0]
+            ref = torch.log_softmax(hf(torch.tensor([a])).logits[0, :-1], -1).gather(
+                -1, torch.tensor(a[1:])[:, None]
+            )[:, 0]
         assert len(got.prompt_logprobs) == len(a) - 1 and got.token_ids == []
-        assert torch.allclose(torch.tensor(got.prompt_logprobs), torch.tensor(alone.prompt_logprobs), atol=1e-5)
+        assert torch.allclose(
+            torch.tensor(got.prompt_logprobs), torch.tensor(alone.prompt_logprobs), atol=1e-5
+        )
         assert torch.allclose(torch.tensor(got.prompt_logprobs), ref, atol=1e-4)
         assert [t.ids for t in got.prompt_top] == [t.ids for t in alone.prompt_top]
     assert together[-1].token_ids == greedy_ref(hf, ctx, 4)
@@ -118,8 +144,13 @@ def test_seeded_sampling_does_not_depend_on_the_batch(served):
     ids = served.tokenizer.encode(PROMPTS[0])
     spec = SamplingSpec(seed=1234, temperature=0.8, top_p=0.9)
     alone = served.engine.submit([req(ids, n=16, sampling=spec)])[0].result().token_ids
-    crowd = served.engine.submit([req(ids, n=16, sampling=SamplingSpec(seed=5)), req(ids, n=16, sampling=spec),
-                                  req(ids[:3], n=16, sampling=SamplingSpec())])
+    crowd = served.engine.submit(
+        [
+            req(ids, n=16, sampling=SamplingSpec(seed=5)),
+            req(ids, n=16, sampling=spec),
+            req(ids[:3], n=16, sampling=SamplingSpec()),
+        ]
+    )
     assert [h.result() for h in crowd][1].token_ids == alone
 
 
@@ -173,7 +204,9 @@ def test_full_queue_refuses_new_work_and_loses_nothing(served):
 
 
 def test_prompt_plus_tokens_longer_than_context_is_refused_with_megatron_message(served):
-    with pytest.raises(InvalidArgument, match="^Length of prompt \\+ tokens_to_generate longer than allowed$"):
+    with pytest.raises(
+        InvalidArgument, match="^Length of prompt \\+ tokens_to_generate longer than allowed$"
+    ):
         served.engine.submit([req([5] * 100, n=29)])
     with pytest.raises(InvalidArgument, match="outside the vocabulary"):
         served.engine.submit([req([10**6], n=1)])

@@ -29,16 +29,28 @@ SEED = 4242
 
 @pytest.fixture(scope="module")
 def served(tiny_models):
-    s = load_served_model(TextgenConfig(model_dir=tiny_models["llama"], max_batch_size=8, max_queue_size=16,
-                                        max_prompts_per_request=8, max_context_tokens=128, port=0, metrics_port=0))
+    s = load_served_model(
+        TextgenConfig(
+            model_dir=tiny_models["llama"],
+            max_batch_size=8,
+            max_queue_size=16,
+            max_prompts_per_request=8,
+            max_context_tokens=128,
+            port=0,
+            metrics_port=0,
+        )
+    )
     s.engine.start()
     yield s
     s.engine.stop()
 
 
 def greedy(ids, n=10) -> SequenceRequest:
-    return SequenceRequest(prompt_ids=tuple(ids), sampling=SamplingSpec(greedy=True),
-                           stopping=StopSpec(max_new_tokens=n, ignore_eos=True))
+    return SequenceRequest(
+        prompt_ids=tuple(ids),
+        sampling=SamplingSpec(greedy=True),
+        stopping=StopSpec(max_new_tokens=n, ignore_eos=True),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +64,12 @@ def others(served):
 
 def poison_request(**kw) -> SequenceRequest:
     stopping = kw.pop("stopping", StopSpec(max_new_tokens=10, ignore_eos=True))
-    return SequenceRequest(prompt_ids=tuple(range(3, 3 + POISON_LEN)), sampling=kw.pop("sampling", SamplingSpec(greedy=True)),
-                           stopping=stopping, **kw)
+    return SequenceRequest(
+        prompt_ids=tuple(range(3, 3 + POISON_LEN)),
+        sampling=kw.pop("sampling", SamplingSpec(greedy=True)),
+        stopping=stopping,
+        **kw,
+    )
 
 
 def run_with(served, others, poison: SequenceRequest, *, poison_first: bool = False):
@@ -142,13 +158,21 @@ def test_fault_in_detokenization_for_stop_strings_fails_only_that_sequence(serve
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenize fault")
 
     monkeypatch.setattr(served.engine, "tok", dataclasses.replace(served.engine.tok, decode=decode))
-    run_with(served, others, poison_request(stopping=StopSpec(max_new_tokens=10, ignore_eos=True, stop=("zzz",))))
+    run_with(
+        served, others, poison_request(stopping=StopSpec(max_new_tokens=10, ignore_eos=True, stop=("zzz",)))
+    )
 
 
 def test_degenerate_temperature_is_greedy_and_wedges_nothing(served, others):
     reqs, expected = others
-    tiny = [SequenceRequest(prompt_ids=reqs[0].prompt_ids, sampling=SamplingSpec(temperature=t),
-                            stopping=StopSpec(max_new_tokens=10, ignore_eos=True)) for t in (1e-40, 1e-300, 5e-324)]
+    tiny = [
+        SequenceRequest(
+            prompt_ids=reqs[0].prompt_ids,
+            sampling=SamplingSpec(temperature=t),
+            stopping=StopSpec(max_new_tokens=10, ignore_eos=True),
+        )
+        for t in (1e-40, 1e-300, 5e-324)
+    ]
     handles = served.engine.submit(tiny + reqs)
     results = [h.result() for h in handles]
     assert all(r.finish_reason == LENGTH for r in results)
@@ -157,8 +181,17 @@ def test_degenerate_temperature_is_greedy_and_wedges_nothing(served, others):
 
 
 def test_watchdog_reports_a_wedged_forward_within_its_timeout(tiny_models):
-    s = load_served_model(TextgenConfig(model_dir=tiny_models["llama"], max_batch_size=2, max_queue_size=4,
-                                        max_prompts_per_request=2, max_context_tokens=64, port=0, metrics_port=0))
+    s = load_served_model(
+        TextgenConfig(
+            model_dir=tiny_models["llama"],
+            max_batch_size=2,
+            max_queue_size=4,
+            max_prompts_per_request=2,
+            max_context_tokens=64,
+            port=0,
+            metrics_port=0,
+        )
+    )
     s.engine.start()
     states: list[tuple[float, bool]] = []
     dog = Watchdog(s, lambda ok: states.append((time.monotonic(), ok)), timeout_s=1.0)
@@ -198,8 +231,17 @@ def test_watchdog_reports_a_wedged_forward_within_its_timeout(tiny_models):
 
 def test_a_loop_that_turns_without_progress_is_reported(tiny_models):
     """Every step fails before any sequence advances (the old failure mode): health must notice."""
-    s = load_served_model(TextgenConfig(model_dir=tiny_models["llama"], max_batch_size=2, max_queue_size=4,
-                                        max_prompts_per_request=2, max_context_tokens=64, port=0, metrics_port=0))
+    s = load_served_model(
+        TextgenConfig(
+            model_dir=tiny_models["llama"],
+            max_batch_size=2,
+            max_queue_size=4,
+            max_prompts_per_request=2,
+            max_context_tokens=64,
+            port=0,
+            metrics_port=0,
+        )
+    )
     s.engine.start()
     states: list[bool] = []
     dog = Watchdog(s, states.append, timeout_s=0.5)

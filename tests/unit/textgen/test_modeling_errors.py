@@ -39,5 +39,7 @@ def test_unexpected_tensor(reader):
 
 def test_unknown_rope_scaling(reader):
     arch = dataclasses.replace(reader.arch, rope_scaling=(("factor", 4.0), ("rope_type", "yarn")))
-    with pytest.raises(UnsupportedModel, match="rope_scaling type 'yarn'.*supported: default, linear, llama3"):
+    with pytest.raises(
+        UnsupportedModel, match="rope_scaling type 'yarn'.*supported: default, linear, llama3"
+    ):
         build(arch, list(reader.canonical_tensors()))

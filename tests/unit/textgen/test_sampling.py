@@ -62,8 +62,12 @@ from services.textgen.sampling import MIN_TEMPERATURE, SamplingError  # noqa: E4
 EXTREME = [1e-300, 5e-324, 1e-45, 1e-40, 1e-38, 1e-6, 1e-5, 1.0, 100.0]
 temperatures = st.floats(min_value=1e-300, max_value=100.0, allow_subnormal=False) | st.sampled_from(EXTREME)
 penalties = st.floats(min_value=1e-300, max_value=100.0, allow_subnormal=False) | st.sampled_from(EXTREME)
-fractions = st.floats(min_value=0.0, max_value=1.0, allow_subnormal=False) | st.sampled_from([0.0, 5e-324, 1e-45, 1e-300, 1.0])
-logit_values = st.floats(min_value=-1e30, max_value=1e30, allow_subnormal=False) | st.sampled_from([float("-inf"), 0.0, 1e30, -1e30])
+fractions = st.floats(min_value=0.0, max_value=1.0, allow_subnormal=False) | st.sampled_from(
+    [0.0, 5e-324, 1e-45, 1e-300, 1.0]
+)
+logit_values = st.floats(min_value=-1e30, max_value=1e30, allow_subnormal=False) | st.sampled_from(
+    [float("-inf"), 0.0, 1e30, -1e30]
+)
 
 
 @st.composite
@@ -75,9 +79,15 @@ def cases(draw):
         row[draw(st.integers(0, V - 1))] = 0.0  # a real model's row has at least one finite logit
     top_p = draw(fractions)
     top_k = 0 if top_p > 0 else draw(st.integers(0, 2**31 - 1) | st.sampled_from([0, 1, 2, V, V + 1]))
-    spec = SamplingSpec(temperature=draw(temperatures), top_k=top_k, top_p=top_p,
-                        top_p_decay=draw(fractions), top_p_bound=min(draw(fractions), top_p),
-                        seed=draw(st.integers(-1, 2**63 - 1)), repetition_penalty=draw(penalties))
+    spec = SamplingSpec(
+        temperature=draw(temperatures),
+        top_k=top_k,
+        top_p=top_p,
+        top_p_decay=draw(fractions),
+        top_p_bound=min(draw(fractions), top_p),
+        seed=draw(st.integers(-1, 2**63 - 1)),
+        repetition_penalty=draw(penalties),
+    )
     return row, spec, draw(st.integers(1, 4))
 
 
