@@ -132,8 +132,7 @@ def markdown_table(cls: type, prefix: str) -> str:
 
 def watch_limit(max_watchers: int, threads: int, threads_name: str) -> int:
     """The bound on long-lived watch streams a server holds: ``max_watchers``, or half of its ``threads``
-    when 0;
-    below ``threads`` so that other requests always find one. ValueError otherwise."""
+    when 0; below ``threads`` so that other requests always find one. ValueError otherwise."""
     if max_watchers < 0 or (max_watchers and max_watchers >= threads):
         raise ValueError(
             f"max_watchers must be 0 (half of {threads_name}) or below {threads_name} ({threads}), got "

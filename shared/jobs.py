@@ -62,8 +62,7 @@ class JobRecord:
 
 class WatchSlots:
     """At most ``limit`` long-lived watch streams at once; one more is refused at once (RESOURCE_EXHAUSTED,
-    HTTP
-    429) instead of holding a handler thread that a submission may need."""
+    HTTP 429) instead of holding a handler thread that a submission may need."""
 
     def __init__(self, limit: int, setting: str) -> None:
         self.limit, self.setting = limit, setting

@@ -1,6 +1,5 @@
 """Lazy re-exports for a package's public module (PEP 562): names resolve on first use, so importing the
-public
-surface costs nothing until a name is used (a CLI command that submits a job need not load torch)."""
+public surface costs nothing until a name is used (a CLI command that submits a job need not load torch)."""
 
 from __future__ import annotations
 

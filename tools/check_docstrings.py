@@ -1,7 +1,6 @@
 """Docstring rule (run by `make lint`): every public function and method of a module that another folder
-imports
-(another service, or across shared/, llm/, services/ and tools/) says what it does. Tests do not count as
-importers; names starting with an underscore and dunder methods are exempt."""
+imports (another service, or across shared/, llm/, services/ and tools/) says what it does. Tests do not count
+as importers; names starting with an underscore and dunder methods are exempt."""
 
 from __future__ import annotations
 

@@ -5,12 +5,10 @@
    llm/ (the domain library) never imports services/ or tools/.
 3. The gateway never imports torch, transformers or megatron, nor llm/ (directly or through shared/).
 4. No import cycles among the modules of services/, shared/, llm/ and tools/ (lazy imports inside functions
-count;
-   ``if TYPE_CHECKING:`` blocks do not): a cycle means two modules that cannot be read, or moved, one without
-   the other.
+   count; ``if TYPE_CHECKING:`` blocks do not): a cycle means two modules that cannot be read, or moved, one
+   without the other.
 5. The trainer service's head (servicer, launcher, wire) loads no rank-side code: no torch, megatron-core or
-Ray
-   placement code; what jobs write and the head reads is in services/trainer/jobfiles.py.
+   Ray placement code; what jobs write and the head reads is in services/trainer/jobfiles.py.
 6. tools/ reaches a service only through its public module ``services/<svc>/api.py`` (lazy re-exports).
 """
 

@@ -71,8 +71,7 @@ PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
 
 def ray_auth_env(run_dir: Path) -> dict[str, str]:
     """RAY_AUTH_MODE=token and the path of this stack's token: the operator's (RAY_AUTH_TOKEN_PATH), or one
-    made
-    on first use in ``run_dir`` (0600; the token itself never goes into an environment)."""
+    made on first use in ``run_dir`` (0600; the token itself never goes into an environment)."""
     import secrets
 
     given = os.environ.get("RAY_AUTH_TOKEN_PATH")

@@ -112,9 +112,8 @@ def _numpy_globals() -> list:
 
 def check_byte_entries(ckpt_dir: Path, md: Any) -> None:
     """Every non-tensor entry of a torch_dist folder (``_extra_state`` objects, the RNG state, ...), which
-    DCP's
-    planner would ``torch.load(weights_only=False)``, must load with torch's weights-only unpickler (plus
-    numpy's array reconstruction, which the RNG state needs)."""
+    DCP's planner would ``torch.load(weights_only=False)``, must load with torch's weights-only unpickler
+    (plus numpy's array reconstruction, which the RNG state needs)."""
     import io
 
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata

@@ -235,8 +235,7 @@ def load_module_state(module: torch.nn.Module, state: dict) -> None:
 
 def load_distributed(sharded_state: dict, iter_dir) -> dict:
     """megatron-core's ``dist_checkpointing.load`` after the safety check of the folder's metadata, asking
-    only
-    for the ``_extra_state`` objects the checkpoint holds."""
+    only for the ``_extra_state`` objects the checkpoint holds."""
     from megatron.core import dist_checkpointing
 
     from llm.checkpoints.safe_pickle import check_dcp_checkpoint

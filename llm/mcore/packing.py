@@ -2,12 +2,11 @@
 them.
 
 A pack is one row of ``seq_length`` tokens holding several samples. Its ``segments`` row says which sample
-each
-token belongs to, as ModelLink writes ``{prefix}_packed_attention_mask_document``: with ``--neat-pack`` the
-1-based index of the sample in the pack, with plain ``--pack`` 1 for every real token (ModelLink then trains
-the pack as one sequence), 0 for padding. As ModelLink's fine-tuning does, a token attends to the earlier
-tokens of its own segment only, and positions restart at 0 where a new sample starts, so each sample of a
-neat pack computes exactly what it computes alone.
+each token belongs to, as ModelLink writes ``{prefix}_packed_attention_mask_document``: with ``--neat-pack``
+the 1-based index of the sample in the pack, with plain ``--pack`` 1 for every real token (ModelLink then
+trains the pack as one sequence), 0 for padding. As ModelLink's fine-tuning does, a token attends to the
+earlier tokens of its own segment only, and positions restart at 0 where a new sample starts, so each sample
+of a neat pack computes exactly what it computes alone.
 
 megatron-core's GPTModel computes RoPE for positions ``0..s-1`` whatever ``position_ids`` it is given (only
 learned absolute embeddings read them); :func:`follow_positions` makes a model's rotary embedding read the

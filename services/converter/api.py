@@ -1,6 +1,5 @@
 """The converter's public surface for tools/ (CLI, benchmarks, gpu_check); tools/check_imports.py allows
-tools/
-no other module of this service. Names resolve lazily (shared/lazy.py)."""
+tools/ no other module of this service. Names resolve lazily (shared/lazy.py)."""
 
 from shared.lazy import lazy_exports
 

@@ -1,6 +1,5 @@
 """The evaluator's public surface for tools/ (benchmarks); tools/check_imports.py allows tools/ no other
-module
-of this service. Names resolve lazily (shared/lazy.py)."""
+module of this service. Names resolve lazily (shared/lazy.py)."""
 
 from shared.lazy import lazy_exports
 

@@ -2,21 +2,16 @@
 
 Building lm-eval's ``TaskManager`` parses every task YAML that lm-eval ships (about 14,000 files): 10-20 s on
 2 cores. The evaluator pays it at start, for every submission that brings its own include paths, and in the
-worker
-process of every run. The index of lm-eval's own task folder depends only on the files in that folder, so it
-is
-pickled under ``.cache/lm-eval-index/`` (written by this process only, atomically) and loaded in about a
-second,
-through an unpickler that resolves only the classes the index is made of (a planted file is rebuilt, never
-run).
-The key is a fingerprint of the lm-eval version and of the path, size and mtime of every file in the folder,
-so an
-edited, added or removed task file (templates without ``.yaml`` included) builds it afresh. Other folders (the
-offline suite, users' include paths) are small and always parsed, exactly as lm-eval does.
+worker process of every run. The index of lm-eval's own task folder depends only on the files in that folder,
+so it is pickled under ``.cache/lm-eval-index/`` (written by this process only, atomically) and loaded in
+about a second, through an unpickler that resolves only the classes the index is made of (a planted file is
+rebuilt, never run). The key is a fingerprint of the lm-eval version and of the path, size and mtime of every
+file in the folder, so an edited, added or removed task file (templates without ``.yaml`` included) builds it
+afresh. Other folders (the offline suite, users' include paths) are small and always parsed, exactly as
+lm-eval does.
 
 ``install()`` puts the cached build in place of lm-eval's ``TaskIndex.build`` for the whole process; the
-merge of
-several folders (later folders override earlier ones) is lm-eval's own order and rule.
+merge of several folders (later folders override earlier ones) is lm-eval's own order and rule.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """python -m services.gateway: the HTTP front door (Megatron PUT /api, OpenAI routes, /metrics), served by
-gunicorn
-(services/gateway/server.py: one process, many threads, read timeouts, graceful SIGTERM)."""
+gunicorn (services/gateway/server.py: one process, many threads, read timeouts, graceful SIGTERM)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,7 @@ what the gRPC API takes, HTTP takes, and the services validate it (their INVALID
 field, becomes a 400):
 
     GET  /v1/jobs                          every kind's jobs, newest first (?limit=, ?state=)
-    GET  /v1/jobs/<kind>                   one kind's jobs            kind: conversions | training |
-evaluations
+    GET  /v1/jobs/<kind>                   one kind's jobs (kind: conversions | training | evaluations)
     POST /v1/jobs/<kind>                   submit {"spec": {...}, "labels": {...}} -> 201 {"job_id"}
     GET  /v1/jobs/<kind>/<id>              one job
     POST /v1/jobs/<kind>/<id>/cancel       {"reason": "..."} (optional)

@@ -1,6 +1,5 @@
 """The text-generation engine's public surface for tools/ (gpu_check, benchmarks); tools/check_imports.py
-allows
-tools/ no other module of this service. Names resolve lazily (shared/lazy.py)."""
+allows tools/ no other module of this service. Names resolve lazily (shared/lazy.py)."""
 
 from shared.lazy import lazy_exports
 

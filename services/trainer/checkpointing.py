@@ -4,8 +4,8 @@ Every rank writes its shards into ``<save_dir>/.tmp-iter_XXXXXXX``; rank 0 then 
 ``iter_XXXXXXX`` and updates ``latest_checkpointed_iteration.txt`` (atomically), so a job killed while
 saving resumes from the previous complete checkpoint. With ``checkpoint.async_save`` the shards are written
 in the background (:class:`Saver`) and published the same way once all ranks are done. The layout is
-Megatron-LM's: the model under
-``model`` (``model0``, ``model1``, ... for a virtual pipeline), so Megatron tools read it too.
+Megatron-LM's: the model under ``model`` (``model0``, ``model1``, ... for a virtual pipeline), so Megatron
+tools read it too.
 """
 
 from __future__ import annotations
@@ -117,8 +117,7 @@ def describe(save_dir: Path, spec, arch, tok_dir: Path | None, padded_vocab: int
 
 def _publish(save_dir: Path, iteration: int, keep_last: int) -> None:
     """Rank 0, once every rank's shards are written: the temporary folder becomes ``iter_XXXXXXX``, the
-    tracker
-    names it (atomically), old iterations beyond ``keep_last`` go. Until then the previous one is the
+    tracker names it (atomically), old iterations beyond ``keep_last`` go. Until then the previous one is the
     latest."""
     final, tmp = save_dir / iter_name(iteration), save_dir / f".tmp-{iter_name(iteration)}"
     shutil.rmtree(final, ignore_errors=True)
@@ -174,9 +173,8 @@ class Saver:
     Async: megatron-core's async save; the step loop blocks while the state dict is built and a writer process
     is forked with the tensors (a copy from the GPU first, on a GPU), then goes on; every step asks (one small
     all-reduce) whether all ranks' writers are done, and the checkpoint is published (renamed, tracker
-    updated)
-    only then. One save is in flight at a time: the next save, and the end of training, wait for it. A job
-    killed meanwhile leaves ``.tmp-iter_*`` behind and resumes from the previous checkpoint.
+    updated) only then. One save is in flight at a time: the next save, and the end of training, wait for it.
+    A job killed meanwhile leaves ``.tmp-iter_*`` behind and resumes from the previous checkpoint.
     """
 
     def __init__(self, save_dir: Path, *, keep_last: int, async_save: bool) -> None:

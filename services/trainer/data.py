@@ -40,12 +40,11 @@ class ResumableSampler:
 
 class SFTOrder:
     """(dataset, sample) of draw ``n``, for ``total`` draws: blended by ``weights`` with megatron-core's rule
-    (its C++
-    ``build_blending_indices``: each draw goes to the dataset furthest behind its share), each dataset's
-    samples in a
-    seeded shuffle drawn afresh every epoch, from the ``part`` (0 train, 1 valid, 2 test) of each dataset that
-    ``split`` cuts as megatron-core cuts documents (None: the whole dataset). Deterministic, so a resumed job
-    continues the same order; nothing per draw is materialised for a single dataset."""
+    (its C++ ``build_blending_indices``: each draw goes to the dataset furthest behind its share), each
+    dataset's samples in a seeded shuffle drawn afresh every epoch, from the ``part`` (0 train, 1 valid, 2
+    test) of each dataset that ``split`` cuts as megatron-core cuts documents (None: the whole dataset).
+    Deterministic, so a resumed job continues the same order; nothing per draw is materialised for a single
+    dataset."""
 
     def __init__(
         self,
@@ -134,8 +133,8 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         """Tokens, next-token labels and loss mask, and the pack layout: ``segment_ids`` (which sample each
-        token
-        is, ModelLink's attention-mask values; 0 = padding) and ``position_ids`` restarting at each sample."""
+        token is, ModelLink's attention-mask values; 0 = padding) and ``position_ids`` restarting at each
+        sample."""
         d, i = self.index[idx % len(self.index)]
         ids_ds, labels_ds, mask_ds = self.triples[d]
         s = self.seq_length

@@ -9,8 +9,8 @@ from llm.indexed_dataset import IndexedDatasetReader
 
 def neat_packed(prefixes: list[str]) -> bool:
     """Whether SFT data holds neat packs (several samples per row, to be kept apart), judged from the first
-    rows
-    of each dataset's attention-mask file (`megastack preprocess --neat-pack` writes every row that way)."""
+    rows of each dataset's attention-mask file (`megastack preprocess --neat-pack` writes every row that
+    way)."""
     for p in prefixes:
         masks = IndexedDatasetReader(f"{p}_packed_attention_mask_document")
         if any(int(np.max(masks[i], initial=0)) > 1 for i in range(min(16, len(masks)))):

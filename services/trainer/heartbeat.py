@@ -38,8 +38,7 @@ def stale_ranks(
     save_dir: str | Path, world: int, timeout_s: float, since: float, now: float | None = None
 ) -> list[tuple[int, float]]:
     """(rank, seconds without a beat) of the ranks silent for more than ``timeout_s``; a rank that has not
-    beaten
-    yet counts from ``since`` (the attempt's start)."""
+    beaten yet counts from ``since`` (the attempt's start)."""
     now = time.time() if now is None else now
     out = []
     for rank in range(world):

@@ -1,8 +1,6 @@
 """What a training job writes into its save folder and the trainer service reads back: the one contract
-between
-the rank-side code (train, ray_driver, checkpointing, heartbeat) and the service's head (launcher), which
-imports
-only this module from that side (no torch, no megatron-core, no Ray cluster code)."""
+between the rank-side code (train, ray_driver, checkpointing, heartbeat) and the service's head (launcher),
+which imports only this module from that side (no torch, no megatron-core, no Ray cluster code)."""
 
 STATUS_FILE = "megastack-status.json"  # last logged step's metrics (train.Reporter), atomically replaced
 METRICS_FILE = "metrics.jsonl"  # every logged step, across restarts

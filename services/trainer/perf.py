@@ -3,12 +3,10 @@ times.
 
 MFU (model FLOPs utilisation) = the model FLOPs a step needs (6 N per token plus attention, forward and
 backward; recomputed activations do not count, as MFU goes) / step time / the job's peak. The peak is the sum
-over ranks of
-``resources.peak_tflops_per_worker`` when given (a GPU's datasheet figure for its precision), else of what
-each
-rank measured on its own device at start: the best of a few square matrix products in the job's precision.
-A measured peak is what this device reaches in a plain GEMM, so MFU against it reads higher than against a
-datasheet figure.
+over ranks of ``resources.peak_tflops_per_worker`` when given (a GPU's datasheet figure for its precision),
+else of what each rank measured on its own device at start: the best of a few square matrix products in the
+job's precision. A measured peak is what this device reaches in a plain GEMM, so MFU against it reads higher
+than against a datasheet figure.
 """
 
 from __future__ import annotations

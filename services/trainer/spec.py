@@ -196,8 +196,7 @@ def check_roots(spec: TrainSpec) -> None:
 def check_save_dir(spec: TrainSpec) -> Path:
     """The resolved save folder, or InvalidArgument: it must be new, empty, or one megastack's trainer wrote
     (resume), and never overlap an input; the trainer cleans old ``iter_*`` folders and rewrites
-    ``tokenizer/``
-    there, so it must not hold anything else."""
+    ``tokenizer/`` there, so it must not hold anything else."""
     from shared.atomic import check_output_folder
 
     return check_output_folder(

@@ -60,11 +60,9 @@ def _config(spec: TrainSpec, arch):
 
 def packed_impl(spec: TrainSpec) -> str:
     """The transformer implementation for this job's data: neat-packed SFT needs the explicit block-diagonal
-    mask,
-    which megatron-core's local spec applies; TE's attention would ignore it under its causal mask type (its
-    packed-sequence path is not wired here yet), so ``auto`` picks the local spec and ``transformer_engine``
-    is
-    refused (at submit too: spec.check_packing)."""
+    mask, which megatron-core's local spec applies; TE's attention would ignore it under its causal mask type
+    (its packed-sequence path is not wired here yet), so ``auto`` picks the local spec and
+    ``transformer_engine`` is refused (at submit too: spec.check_packing)."""
     from services.trainer.datafiles import neat_packed
 
     if spec.kind != "sft" or not neat_packed([p for p, _ in (*spec.data_paths, *spec.valid_data_paths)]):

@@ -4,11 +4,9 @@ megatron-core).
     python tests/helpers/packed_losses.py --arch HF_DIR --packed PREFIX --single PREFIX --seq-length N
 
 Builds a tiny GPTModel (local spec, fp32, seeded), reads both datasets through the trainer's SFTDataset and
-runs
-them through the trainer's forward step. For each sample it prints, as JSON, the largest difference between
-its
-per-token losses inside the pack and alone, and the same for the pack run with isolation switched off (one
-causal sequence, positions 0..s-1), which must differ.
+runs them through the trainer's forward step. For each sample it prints, as JSON, the largest difference
+between its per-token losses inside the pack and alone, and the same for the pack run with isolation switched
+off (one causal sequence, positions 0..s-1), which must differ.
 """
 
 from __future__ import annotations

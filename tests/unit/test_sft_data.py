@@ -1,6 +1,5 @@
 """SFT samples: validation held out of training (or its own sets), blend weights honoured, a seeded shuffle
-per
-epoch, and the same order after a resume."""
+per epoch, and the same order after a resume."""
 
 from __future__ import annotations
 

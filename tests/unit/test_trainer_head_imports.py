@@ -1,6 +1,5 @@
 """The trainer service's head (servicer, launcher) reads what jobs write through services/trainer/jobfiles.py
-and
-loads none of the rank-side stack: no torch, no megatron-core, no Ray placement code."""
+and loads none of the rank-side stack: no torch, no megatron-core, no Ray placement code."""
 
 import subprocess
 import sys

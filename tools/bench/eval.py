@@ -8,8 +8,7 @@ requests) on the default SmolLM2-135M, same checkpoint, same dtype, same batch s
 (b) megastack: `megastack-textgen` (TextgenLM) against a real textgen server process started by the stack.
 Both models are built before the clock starts (the server is already serving, HFLM already loaded);
 what is timed is `lm_eval.simple_evaluate` over the task, the two alternating, best of --repeats each.
-Reported: requests/s,
-accuracy (must agree), and the ratio. Target: megastack at least as fast as `hf`.
+Reported: requests/s, accuracy (must agree), and the ratio. Target: megastack at least as fast as `hf`.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ the corpus (MB/s, docs/s, peak RSS), plus start-up time on a one-line input.
 Megatron-LM's own ``tools/preprocess_data.py`` is not run here: it needs a Megatron-LM checkout and a Python
 >= 3.12 environment with its imports (triton among them) that this offline machine's venv does not have
 (baselines-measured.md section 3 says how it was made to run once). The table says so; no figure measured
-elsewhere is scaled into a ratio.
-Targets: steady state >= 90% of the raw tokenizer, start-up < 1 s, peak RSS < 500 MB and flat from 1x to 4x.
+elsewhere is scaled into a ratio. Targets: steady state >= 90% of the raw tokenizer, start-up < 1 s, peak RSS
+< 500 MB and flat from 1x to 4x.
 """
 
 from __future__ import annotations

@@ -56,8 +56,7 @@ ts.sort(); print(2 * 2048 ** 3 / ts[len(ts) // 2])
 
 def hf_anchor(steps: int = 5, warmup: int = 2, threads: int = 2) -> float:
     """The same model and step in plain HF transformers + torch AdamW (random tokens), measured here in this
-    run:
-    median seconds per step (forward, backward, optimizer step, zero_grad) after ``warmup`` steps."""
+    run: median seconds per step (forward, backward, optimizer step, zero_grad) after ``warmup`` steps."""
     code = f"""
 import statistics, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -280,8 +279,7 @@ def bench_checkpoints(assets: dict, work: Path, saves: int) -> dict:
 
 def bench_layouts(assets: dict, work: Path, iters: int) -> dict:
     """TP=2 and DP=2 (2 ranks x 1 thread) against 1 rank x 2 threads on the same cores: tokens/s per layout
-    and the
-    scaling efficiency (tokens/s over the single rank's; DP=2 trains twice the tokens per step)."""
+    and the scaling efficiency (tokens/s over the single rank's; DP=2 trains twice the tokens per step)."""
     import dataclasses
 
     out = {}

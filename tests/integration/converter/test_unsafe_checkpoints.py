@@ -116,9 +116,8 @@ def test_textgen_refuses_to_serve_it(poisoned):
 
 def test_a_byte_entry_that_would_run_code_is_refused_before_megatron_reads_it(train_assets, tmp_path):
     """DCP's planner torch.loads byte entries (_extra_state, RNG state) with weights_only=False; megastack
-    checks
-    each one with the weights-only unpickler first. The entry here is planted by pointing an _extra_state
-    object at a pickle appended to the data file (the .metadata itself stays plain)."""
+    checks each one with the weights-only unpickler first. The entry here is planted by pointing an
+    _extra_state object at a pickle appended to the data file (the .metadata itself stays plain)."""
     import io
 
     import torch

@@ -108,10 +108,8 @@ def test_a_trainer_killed_during_a_background_save_resumes_from_the_one_before(
 
 def test_a_killed_sft_job_reads_the_same_samples_as_an_uninterrupted_one(train_assets, tiny_models, tmp_path):
     """Two SFT datasets blended 3:1, shuffled with the job seed: a job SIGKILLed after step 4 and resumed
-    from its
-    step-2 checkpoint computes every step's loss bit for bit as the uninterrupted job, so it read the same
-    samples
-    in the same order (a different sample changes the loss)."""
+    from its step-2 checkpoint computes every step's loss bit for bit as the uninterrupted job, so it read the
+    same samples in the same order (a different sample changes the loss)."""
     import dataclasses
 
     from tests.fixtures.training import sft_prefix

@@ -3,9 +3,9 @@
 Each layout's loss and grad norm per step must equal the TP=1/PP=1/DP=1 run's (fp32; rel 1e-5 for the loss,
 1e-4 for the grad norm, which sums squares in another order), and so must its final weights, read back from
 its torch_dist checkpoint at whatever TP/PP it was saved (every tensor within 1e-5 of its largest value).
-Sequence parallelism: the norm weights'
-gradients are partial sums on each TP rank; without their all-reduce the grad norm differs (the test then
-fails). Uneven pipelines: megatron-core's first/last stage sizes with the middle stages even.
+Sequence parallelism: the norm weights' gradients are partial sums on each TP rank; without their all-reduce
+the grad norm differs (the test then fails). Uneven pipelines: megatron-core's first/last stage sizes with the
+middle stages even.
 """
 
 from __future__ import annotations

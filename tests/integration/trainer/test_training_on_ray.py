@@ -118,8 +118,7 @@ def test_a_stopped_rank_is_a_hang_and_the_job_resumes_bit_for_bit(
     trainer, train_assets, tmp_path, steady_run
 ):
     """A rank that stops making progress (SIGSTOP: a deadlock, a stuck filesystem) is not a dead rank: only
-    its
-    heartbeat tells. After resources.hang_timeout_s the attempt restarts from the last checkpoint."""
+    its heartbeat tells. After resources.hang_timeout_s the attempt restarts from the last checkpoint."""
     from services.trainer import metrics as M
 
     stub, _, _ = trainer
