@@ -1,3 +1,4 @@
+# Over 600 lines on purpose: a GPU session gets one file to run in one command, its checks in order.
 """One short run that proves megastack's GPU code paths, on the machine it runs on.
 
     python tools/gpu_check.py                    # on a GPU machine: --device cuda
