@@ -69,6 +69,7 @@ lint: setup
 	@$(VENV)/bin/ruff format --check --quiet protos shared llm services tools tests
 	@$(VENV)/bin/ruff check protos shared llm services tools tests
 	@$(PY) tools/check_imports.py
+	@$(PY) tools/check_rules.py
 	@$(PY) tools/check_devices.py
 	@$(PY) tools/check_docstrings.py
 	@$(VENV)/bin/mypy shared llm services/*/wire.py services/*/config.py

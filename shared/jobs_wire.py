@@ -1,6 +1,15 @@
-"""JobRecord <-> the common protobuf job shapes."""
+"""JobRecord <-> the common protobuf job shapes.
+
+A job's spec is kept in its record (and handed to its worker) as the JSON mapping of the service's spec
+message, the same JSON the HTTP job routes take: :func:`spec_doc` writes it, :func:`spec_message` reads it.
+"""
 
 from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from protos.common.v1 import common_pb2
 from shared.jobs import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, JobRecord
@@ -13,6 +22,17 @@ STATE_TO_PB = {
     CANCELLED: common_pb2.JOB_STATE_CANCELLED,
 }
 PB_TO_STATE: dict[int, str] = {int(v): k for k, v in STATE_TO_PB.items()}
+M = TypeVar("M", bound=Message)
+
+
+def spec_doc(msg: Message) -> dict[str, Any]:
+    """A spec message as the JSON kept on disk (field names as in the .proto, defaults left out)."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def spec_message(doc: dict[str, Any], cls: type[M]) -> M:
+    """The spec message kept as ``doc`` (fields a newer writer added are ignored)."""
+    return json_format.ParseDict(doc, cls(), ignore_unknown_fields=True)
 
 
 def status_pb(rec: JobRecord) -> common_pb2.JobStatus:

@@ -19,3 +19,9 @@ MIN_TOP_P = 1e-6
 1e-300 would be 0, 'off', in float32)."""
 
 MAX_REQUEST_ID_CHARS = 128
+
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per position a request may ask for (OpenAI's ``logprobs``/``top_logprobs`` limit)."""
+
+MAX_STOP_SEQUENCES = 16
+"""Most stop strings in one request (each is matched on every decoded piece)."""

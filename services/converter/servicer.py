@@ -11,7 +11,7 @@ from protos.converter.v1 import converter_pb2 as pb
 from protos.converter.v1 import converter_pb2_grpc as pb_grpc
 from services.converter import metrics as M
 from services.converter.conversion import validate
-from services.converter.wire import conversion_pb, spec_from_pb, spec_to_json
+from services.converter.wire import conversion_pb, spec_from_pb, spec_from_record, spec_record
 from shared.jobs import JobRecord, JobStore, ProcessRunner
 from shared.jobs_wire import state_filter
 from shared.roots import under_roots
@@ -37,7 +37,9 @@ class ConverterServicer(pb_grpc.ConverterServiceServicer):
     def _ended(rec: JobRecord) -> None:
         M.JOBS.labels(rec.state).inc()
         if rec.result:
-            M.DURATION.labels(rec.spec["target_format"]).observe(rec.result.get("seconds", 0.0))
+            M.DURATION.labels(spec_from_record(rec.spec).target_format).observe(
+                rec.result.get("seconds", 0.0)
+            )
             M.BYTES.inc(rec.result.get("bytes_written", 0))
             M.PEAK_RSS.set(rec.result.get("peak_rss_bytes", 0))
             parity = rec.result.get("parity") or {}
@@ -56,7 +58,7 @@ class ConverterServicer(pb_grpc.ConverterServiceServicer):
         if request.validate_only:
             return pb.SubmitConversionResponse(job_id="")
         rec, new = self.store.create(
-            spec_to_json(spec), labels=dict(request.labels), request_id=request.request_id
+            spec_record(spec), labels=dict(request.labels), request_id=request.request_id
         )
         if new:
             self.runner.submit(rec)

@@ -10,7 +10,7 @@ from protos.converter.v1 import converter_pb2 as pb
 from services.converter.conversion import ConvertSpec
 from shared.errors import InvalidArgument
 from shared.jobs import JobRecord
-from shared.jobs_wire import status_pb
+from shared.jobs_wire import spec_doc, spec_message, status_pb
 
 FORMAT_TO_PB = {
     "hf": common_pb2.CHECKPOINT_FORMAT_HF,
@@ -60,62 +60,38 @@ def spec_from_pb(s: pb.ConversionSpec) -> ConvertSpec:
     )
 
 
-def spec_to_json(spec: ConvertSpec) -> dict[str, Any]:
-    return {
-        "load_dir": str(spec.load_dir),
-        "save_dir": str(spec.save_dir),
-        "target_format": spec.target_format,
-        "source_format": spec.source_format,
-        "tp": spec.tp,
-        "pp": spec.pp,
-        "num_layer_list": list(spec.num_layer_list),
-        "layers_per_virtual_stage": spec.layers_per_virtual_stage,
-        "params_dtype": spec.params_dtype,
-        "divisible_by": spec.divisible_by,
-        "lora_dir": str(spec.lora_dir) if spec.lora_dir else None,
-        "verify": spec.verify,
-        "overwrite": spec.overwrite,
-        "iteration": spec.iteration,
-    }
-
-
-def spec_from_json(d: dict[str, Any]) -> ConvertSpec:
-    return ConvertSpec(
-        load_dir=Path(d["load_dir"]),
-        save_dir=Path(d["save_dir"]),
-        target_format=d["target_format"],
-        source_format=d["source_format"],
-        tp=d["tp"],
-        pp=d["pp"],
-        num_layer_list=tuple(d["num_layer_list"]),
-        layers_per_virtual_stage=d["layers_per_virtual_stage"],
-        params_dtype=d["params_dtype"],
-        divisible_by=d["divisible_by"],
-        lora_dir=Path(d["lora_dir"]) if d["lora_dir"] else None,
-        verify=d["verify"],
-        overwrite=d["overwrite"],
-        iteration=d["iteration"],
+def spec_to_pb(spec: ConvertSpec) -> pb.ConversionSpec:
+    """The domain spec as the message (spec_from_pb of it gives ``spec`` back)."""
+    return pb.ConversionSpec(
+        load_dir=str(spec.load_dir),
+        save_dir=str(spec.save_dir),
+        target_format=FORMAT_TO_PB[spec.target_format],
+        source_format=FORMAT_TO_PB.get(spec.source_format or "", common_pb2.CHECKPOINT_FORMAT_UNSPECIFIED),
+        target_tensor_parallel_size=spec.tp,
+        target_pipeline_parallel_size=spec.pp,
+        num_layer_list=spec.num_layer_list,
+        num_layers_per_virtual_pipeline_stage=spec.layers_per_virtual_stage,
+        params_dtype=DTYPE_TO_PB.get(spec.params_dtype or "", common_pb2.DTYPE_UNSPECIFIED),
+        make_vocab_size_divisible_by=spec.divisible_by,
+        lora_load=str(spec.lora_dir) if spec.lora_dir else "",
+        verify=spec.verify,
+        overwrite=spec.overwrite,
+        iteration=spec.iteration,
     )
+
+
+def spec_record(spec: ConvertSpec) -> dict[str, Any]:
+    """What a job record (and the worker's spec.json) keeps: the message's JSON mapping."""
+    return spec_doc(spec_to_pb(spec))
+
+
+def spec_from_record(doc: dict[str, Any]) -> ConvertSpec:
+    """The domain spec of a job record."""
+    return spec_from_pb(spec_message(doc, pb.ConversionSpec))
 
 
 def conversion_pb(rec: JobRecord) -> pb.Conversion:
-    d, r = rec.spec, rec.result
-    spec = pb.ConversionSpec(
-        load_dir=d["load_dir"],
-        save_dir=d["save_dir"],
-        target_format=FORMAT_TO_PB[d["target_format"]],
-        source_format=FORMAT_TO_PB.get(d["source_format"] or "", common_pb2.CHECKPOINT_FORMAT_UNSPECIFIED),
-        target_tensor_parallel_size=d["tp"],
-        target_pipeline_parallel_size=d["pp"],
-        num_layer_list=d["num_layer_list"],
-        num_layers_per_virtual_pipeline_stage=d["layers_per_virtual_stage"],
-        params_dtype=DTYPE_TO_PB.get(d["params_dtype"] or "", common_pb2.DTYPE_UNSPECIFIED),
-        make_vocab_size_divisible_by=d["divisible_by"],
-        lora_load=d["lora_dir"] or "",
-        verify=d["verify"],
-        overwrite=d["overwrite"],
-        iteration=d["iteration"],
-    )
+    r = rec.result
     result = pb.ConversionResult()
     if r:
         result = pb.ConversionResult(
@@ -137,4 +113,4 @@ def conversion_pb(rec: JobRecord) -> pb.Conversion:
                     weights_exact=bool(p.get("weights_exact")),
                 )
             )
-    return pb.Conversion(status=status_pb(rec), spec=spec, result=result)
+    return pb.Conversion(status=status_pb(rec), spec=spec_message(rec.spec, pb.ConversionSpec), result=result)

@@ -13,7 +13,7 @@ import signal
 import sys
 
 from services.converter.conversion import convert
-from services.converter.wire import spec_from_json
+from services.converter.wire import spec_from_record
 from shared.errors import ServiceError
 from shared.jobs import Reporter
 
@@ -34,7 +34,7 @@ def main(path: str) -> int:
     )
     signal.signal(signal.SIGTERM, _on_sigterm)
     rep = Reporter()
-    spec = spec_from_json(json.loads(open(path).read()))
+    spec = spec_from_record(json.loads(open(path).read()))
     try:
         result = convert(spec, lambda done, total, msg: rep.progress(done, total, "tensors", msg))
     except ServiceError as e:

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class EvalSpec:
     include_paths: tuple[str, ...] = ()
     name: str = ""
     apply_chat_template: bool = False
-    labels: dict[str, str] = field(default_factory=dict)
 
     def model_kind(self) -> str:
         kinds = [k for k in ("textgen_address", "hf_checkpoint", "completions_url") if getattr(self, k)]
@@ -47,15 +46,6 @@ class EvalSpec:
                 "give exactly one model: textgen_address, hf_checkpoint or completions_url", field="model"
             )
         return kinds[0]
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["tasks"], d["include_paths"] = list(self.tasks), list(self.include_paths)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> EvalSpec:
-        return cls(**{**d, "tasks": tuple(d["tasks"]), "include_paths": tuple(d["include_paths"])})
 
 
 def offline_env() -> None:

@@ -20,7 +20,7 @@ from services.evaluator.harness import (
     offline_env,
     task_manager,
 )
-from services.evaluator.wire import evaluation_pb, spec_from_pb
+from services.evaluator.wire import evaluation_pb, spec_from_pb, spec_record
 from shared.errors import InvalidArgument
 from shared.jobs import JobRecord, JobStore, ProcessRunner
 from shared.jobs_wire import state_filter
@@ -57,7 +57,7 @@ class EvaluatorServicer(pb_grpc.EvaluatorServiceServicer):
 
     def _argv(self, rec: JobRecord) -> list[str]:
         d = self.store.job_dir(rec.job_id)
-        spec = {**rec.spec, "include_paths": [*self.include_paths, *rec.spec["include_paths"]]}
+        spec = {**rec.spec, "include_paths": [*self.include_paths, *rec.spec.get("include_paths", [])]}
         (d / "spec.json").write_text(json.dumps(spec))
         return [sys.executable, "-m", "services.evaluator.worker", str(d / "spec.json"), str(d)]
 
@@ -78,14 +78,16 @@ class EvaluatorServicer(pb_grpc.EvaluatorServiceServicer):
             raise InvalidArgument(
                 "give a model: textgen_address, hf_checkpoint or completions_url", field="model"
             )
-        spec = spec_from_pb(request.spec, dict(request.labels))
+        spec = spec_from_pb(request.spec)
         check_confined(spec)  # before any task folder is read or any model called
         tm = self.index.manager(spec.include_paths)
         check_spec(spec, list(tm.all_tasks))
         check_data(tm, spec.tasks)
         check_reachable(spec)
+        if request.validate_only:  # the checks of a submit, nothing created
+            return pb.SubmitEvaluationResponse(job_id="")
         rec, new = self.store.create(
-            spec.to_json(), labels=dict(request.labels), request_id=request.request_id
+            spec_record(spec), labels=dict(request.labels), request_id=request.request_id
         )
         if new:
             self.runner.submit(rec)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from protos.evaluator.v1 import evaluator_pb2 as pb
 from services.evaluator.harness import EvalSpec
 from shared.jobs import JobRecord
-from shared.jobs_wire import status_pb
+from shared.jobs_wire import spec_doc, spec_message, status_pb
 
 
-def spec_from_pb(s: pb.EvaluationSpec, labels: dict[str, str]) -> EvalSpec:
+def spec_from_pb(s: pb.EvaluationSpec) -> EvalSpec:
+    """The message as the domain spec (zero values take the defaults)."""
     return EvalSpec(
         tasks=tuple(s.tasks),
         textgen_address=s.textgen_address,
@@ -21,11 +24,11 @@ def spec_from_pb(s: pb.EvaluationSpec, labels: dict[str, str]) -> EvalSpec:
         include_paths=tuple(s.include_paths),
         name=s.name,
         apply_chat_template=s.apply_chat_template,
-        labels=labels,
     )
 
 
 def spec_to_pb(s: EvalSpec) -> pb.EvaluationSpec:
+    """The domain spec as the message (spec_from_pb of it gives ``s`` back)."""
     out = pb.EvaluationSpec(
         tasks=s.tasks,
         num_fewshot=s.num_fewshot,
@@ -45,7 +48,18 @@ def spec_to_pb(s: EvalSpec) -> pb.EvaluationSpec:
     return out
 
 
+def spec_record(spec: EvalSpec) -> dict[str, Any]:
+    """What a job record (and the worker's spec.json) keeps: the message's JSON mapping."""
+    return spec_doc(spec_to_pb(spec))
+
+
+def spec_from_record(doc: dict[str, Any]) -> EvalSpec:
+    """The domain spec of a job record."""
+    return spec_from_pb(spec_message(doc, pb.EvaluationSpec))
+
+
 def evaluation_pb(rec: JobRecord) -> pb.Evaluation:
+    """A job record as the Evaluation message."""
     r = rec.result or {}
     result = pb.EvaluationResult(
         tasks=[
@@ -57,4 +71,4 @@ def evaluation_pb(rec: JobRecord) -> pb.Evaluation:
         num_requests=r.get("num_requests", 0),
         seconds=r.get("seconds", 0.0),
     )
-    return pb.Evaluation(status=status_pb(rec), spec=spec_to_pb(EvalSpec.from_json(rec.spec)), result=result)
+    return pb.Evaluation(status=status_pb(rec), spec=spec_message(rec.spec, pb.EvaluationSpec), result=result)

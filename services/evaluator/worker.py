@@ -8,7 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from services.evaluator.harness import EvalSpec, run
+from services.evaluator.harness import run
+from services.evaluator.wire import spec_from_record
 from shared.errors import ServiceError
 from shared.jobs import Reporter
 
@@ -21,7 +22,7 @@ def main(spec_path: str, work_dir: str) -> int:
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rep = Reporter()
-    spec = EvalSpec.from_json(json.loads(Path(spec_path).read_text()))
+    spec = spec_from_record(json.loads(Path(spec_path).read_text()))
     try:
         result = run(
             spec, Path(work_dir), lambda done, total, what: rep.progress(done, total, "requests", what)

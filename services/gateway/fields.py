@@ -1,9 +1,11 @@
-"""Typed reads of request fields, shared by every gateway dialect (Megatron, OpenAI, WebSocket, tokenizer
-routes).
+"""Request parameters, read once for every gateway dialect (Megatron, OpenAI, WebSocket, tokenizer routes).
 
-Each reader returns the value or raises HTTPError(400) naming the field. Integers are bounded by the
-proto field they travel in (``shared.limits``), floats must be finite: the protobuf runtime would
-otherwise raise on ``2**35`` or ``2**64`` and the client would see a 500.
+Typed reads return the value or raise HTTPError(400) naming the field. Integers are bounded by the proto
+field they travel in (``shared.limits``), floats must be finite: the protobuf runtime would otherwise raise
+on ``2**35`` or ``2**64`` and the client would see a 500. The rules every dialect shares are here and
+nowhere else: the greedy rule and the sampling message built from it (:func:`sampling_params`), stop lists
+(:func:`stop_list`) and finish-reason names (:func:`finish_name`). A dialect keeps only its own contract:
+field names, defaults, ranges and, for Megatron, its exact messages.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Any
 
 from protos.textgen.v1 import textgen_pb2 as pb
 from services.gateway.http import HTTPError
-from shared.limits import INT32_MAX, MIN_TEMPERATURE, MIN_TOP_P
+from shared.limits import INT32_MAX, MAX_STOP_SEQUENCES, MIN_TEMPERATURE, MIN_TOP_P
 
 
 def is_int(value: Any) -> bool:
+    """A JSON integer (``true``/``false`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -66,6 +69,50 @@ def sampling_is_greedy(temperature: float, top_k: int, top_p: float) -> bool:
     return temperature < MIN_TEMPERATURE or top_k == 1 or 0.0 < top_p < MIN_TOP_P
 
 
+def sampling_params(
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    repetition_penalty: float,
+    *,
+    top_p_decay: float = 0.0,
+    top_p_bound: float = 0.0,
+) -> pb.SamplingParams:
+    """The textgen sampling message of every dialect: greedy by :func:`sampling_is_greedy` (then the other
+    values do not travel), ``top_k`` <= 0 and ``top_p`` >= 1 mean off; a ``top_k`` above 1 with a
+    ``top_p`` in (0, 1) is a 400 naming top_p, since the engine applies one of the two."""
+    if sampling_is_greedy(temperature, top_k, top_p):
+        return pb.SamplingParams(greedy=True, seed=seed, repetition_penalty=repetition_penalty)
+    top_k = max(top_k, 0)
+    top_p = 0.0 if top_p >= 1.0 else top_p
+    if top_k > 0 and top_p > 0.0:
+        raise HTTPError(400, "top_k and top_p are exclusive: set one of them", "top_p")
+    return pb.SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        top_p_decay=top_p_decay,
+        top_p_bound=top_p_bound,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+    )
+
+
+def stop_list(doc: dict[str, Any], key: str = "stop") -> list[str]:
+    """``doc[key]``: a string or a list of at most MAX_STOP_SEQUENCES strings (empty ones ignored)."""
+    stop = doc.get(key)
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not (
+        isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOP_SEQUENCES
+    ):
+        raise HTTPError(400, f"{key} must be a string or a list of at most {MAX_STOP_SEQUENCES} strings", key)
+    return [s for s in stop if s]
+
+
 # The one table of finish-reason names (OpenAI's words) for every dialect that reports one.
 FINISH_NAMES = {
     pb.FINISH_REASON_LENGTH: "length",
@@ -77,4 +124,5 @@ FINISH_NAMES = {
 
 
 def finish_name(reason: int) -> str:
+    """The finish reason's name in every dialect's answers (OpenAI's words)."""
     return FINISH_NAMES.get(reason, "stop")

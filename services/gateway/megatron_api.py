@@ -13,7 +13,7 @@ from typing import Any
 from flask_restful import Resource
 
 from protos.textgen.v1 import textgen_pb2 as pb
-from services.gateway.fields import sampling_is_greedy
+from services.gateway.fields import sampling_params
 from services.gateway.http import HTTPError, json_body, json_response
 from shared.limits import INT32_MAX, INT64_MAX
 
@@ -169,15 +169,14 @@ def parse(doc: dict[str, Any], max_prompts: int = MAX_PROMPTS) -> MegatronReques
 
 
 def to_grpc(r: MegatronRequest) -> pb.GenerateRequest:
-    sampling = pb.SamplingParams(
-        greedy=sampling_is_greedy(r.temperature, r.top_k, r.top_p),
-        temperature=r.temperature,
-        top_k=r.top_k,
-        top_p=r.top_p,
+    sampling = sampling_params(
+        r.temperature,
+        r.top_k,
+        r.top_p,
+        r.random_seed,
+        r.repetition_penalty,
         top_p_decay=r.top_p_decay,
         top_p_bound=r.top_p_bound,
-        seed=r.random_seed,
-        repetition_penalty=r.repetition_penalty,
     )
     stopping = pb.StoppingParams(
         max_new_tokens=r.tokens_to_generate,

@@ -18,7 +18,7 @@ from flask import Response, stream_with_context
 from flask_restful import Resource
 
 from protos.textgen.v1 import textgen_pb2 as pb
-from services.gateway.fields import finish_name, integer, number, sampling_is_greedy, token_ids
+from services.gateway.fields import finish_name, integer, number, sampling_params, stop_list, token_ids
 from services.gateway.http import (
     SSE_DONE,
     SSE_HEADERS,
@@ -29,9 +29,7 @@ from services.gateway.http import (
     stream_error,
 )
 from shared.errors import ServiceError
-from shared.limits import INT64_MAX
-
-MAX_LOGPROBS = 20
+from shared.limits import INT64_MAX, MAX_TOP_LOGPROBS
 
 
 def _check_unsupported(doc: dict[str, Any]) -> None:
@@ -45,17 +43,6 @@ def _check_unsupported(doc: dict[str, Any]) -> None:
         raise HTTPError(400, "suffix is not supported", "suffix")
     if doc.get("logit_bias") not in (None, {}):
         raise HTTPError(400, "logit_bias is not supported", "logit_bias")
-
-
-def _stops(doc: dict[str, Any]) -> list[str]:
-    stop = doc.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
-        return stop
-    raise HTTPError(400, "stop must be a string or a list of at most 16 strings", "stop")
 
 
 def _prompts(doc: dict[str, Any]) -> list[pb.Prompt]:
@@ -106,10 +93,10 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
         want = doc.get("logprobs", False)
         if not isinstance(want, bool):
             raise HTTPError(400, "logprobs must be a boolean", "logprobs")
-        logprobs = integer(doc, "top_logprobs", 0, 0, MAX_LOGPROBS) if want else None
+        logprobs = integer(doc, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) if want else None
         echo = False
     else:
-        logprobs = integer(doc, "logprobs", None, 0, MAX_LOGPROBS)
+        logprobs = integer(doc, "logprobs", None, 0, MAX_TOP_LOGPROBS)
         echo = doc.get("echo", False)
         if not isinstance(echo, bool):
             raise HTTPError(400, "echo must be a boolean", "echo")
@@ -122,16 +109,8 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
     stream_options = doc.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise HTTPError(400, "stream_options must be an object", "stream_options")
-    greedy = sampling_is_greedy(temperature, top_k, top_p)
-    sampling = pb.SamplingParams(
-        greedy=greedy,
-        temperature=1.0 if greedy else temperature,
-        top_k=max(top_k, 0),
-        top_p=0.0 if top_p >= 1.0 or top_k > 0 else top_p,
-        seed=seed,
-        repetition_penalty=penalty,
-    )
-    stopping = pb.StoppingParams(max_new_tokens=max_tokens, stop=_stops(doc), ignore_eos=ignore_eos)
+    sampling = sampling_params(temperature, top_k, top_p, seed, penalty)
+    stopping = pb.StoppingParams(max_new_tokens=max_tokens, stop=stop_list(doc), ignore_eos=ignore_eos)
     params = pb.GenerationParams(
         sampling=sampling,
         stopping=stopping,

@@ -26,7 +26,7 @@ from flask_sock import ConnectionClosed, Sock
 
 from protos.textgen.v1 import textgen_pb2 as pb
 from services.gateway import metrics as M
-from services.gateway.fields import finish_name, integer, number, sampling_is_greedy
+from services.gateway.fields import finish_name, integer, number, sampling_params, stop_list
 from services.gateway.http import HTTPError, error_body, stream_error
 from shared.errors import ServiceError
 from shared.limits import INT64_MAX
@@ -97,21 +97,9 @@ def parse(raw: Any) -> pb.GenerateStreamRequest:
     top_p = number(doc, "top_p", 0.0, 0.0, 1.0)
     penalty = number(doc, "repetition_penalty", 1.0, 0.0, 100.0, lo_open=True)
     seed = integer(doc, "seed", -1, 0, INT64_MAX)
-    stop = doc.get("stop", [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise HTTPError(400, "stop must be a string or a list of non-empty strings", "stop")
-    greedy = sampling_is_greedy(temperature, top_k, top_p)
-    sampling = pb.SamplingParams(
-        greedy=greedy,
-        temperature=1.0 if greedy else temperature,
-        top_k=top_k,
-        top_p=0.0 if top_p >= 1.0 else top_p,
-        seed=seed,
-        repetition_penalty=penalty,
-    )
+    sampling = sampling_params(temperature, top_k, top_p, seed, penalty)
     params = pb.GenerationParams(
-        sampling=sampling, stopping=pb.StoppingParams(max_new_tokens=max_new, stop=stop)
+        sampling=sampling, stopping=pb.StoppingParams(max_new_tokens=max_new, stop=stop_list(doc))
     )
     return pb.GenerateStreamRequest(prompts=[pb.Prompt(text=prompt)], params=params)
 

@@ -18,9 +18,8 @@ from services.textgen.sequences import (
     TopK,
 )
 from shared.errors import InvalidArgument
+from shared.limits import MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
 
-MAX_TOP_LOGPROBS = 20
-MAX_STOP_SEQUENCES = 16
 FINISH = {
     LENGTH: pb.FINISH_REASON_LENGTH,
     EOS: pb.FINISH_REASON_EOS,

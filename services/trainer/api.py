@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "resolve_arch": "services.trainer.spec",
         "spec_from_dict": "services.trainer.wire",
         "spec_to_pb": "services.trainer.wire",
+        "spec_record": "services.trainer.wire",
         "load_yaml": "services.trainer.wire",
         "run_local": "services.trainer.torchrun",
         "RayLauncher": "services.trainer.launcher",

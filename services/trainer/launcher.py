@@ -25,6 +25,7 @@ from typing import Any
 from services.trainer import metrics as M
 from services.trainer.jobfiles import ATTEMPT_FILE, RESOURCE_WAIT_ENV, STATUS_FILE
 from services.trainer.spec import TrainSpec
+from services.trainer.wire import spec_from_record
 from shared.errors import FailedPrecondition, Unavailable
 from shared.jobs import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, JobRecord, JobStore
 from shared.paths import REPO_ROOT
@@ -179,7 +180,7 @@ class RayLauncher:
         rec = self.store.get(job_id)
         if rec.terminal:
             return
-        spec = TrainSpec.from_json(rec.spec["json"])
+        spec = spec_from_record(rec.spec)
         status = _read_json(Path(spec.save_dir) / STATUS_FILE)
         attempt = _read_json(Path(spec.save_dir) / ATTEMPT_FILE)
         now = time.monotonic()

@@ -11,7 +11,7 @@ from protos.trainer.v1 import trainer_pb2 as pb
 from protos.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from services.trainer.launcher import RayLauncher
 from services.trainer.spec import absolutize, check_roots, validate
-from services.trainer.wire import job_pb, spec_from_pb
+from services.trainer.wire import job_pb, spec_from_pb, spec_record
 from shared.jobs import JobStore
 from shared.jobs_wire import state_filter
 
@@ -33,7 +33,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             return pb.SubmitTrainJobResponse(job_id="")
         _ = self.launcher.client  # the cluster must be reachable before a record exists
         rec, new = self.store.create(
-            {"json": spec.to_json()}, labels=dict(request.labels), request_id=request.request_id
+            spec_record(spec), labels=dict(request.labels), request_id=request.request_id
         )
         if new:
             try:

@@ -9,7 +9,7 @@ from protos.trainer.v1 import trainer_pb2 as pb
 from services.trainer.spec import TrainSpec, absolutize
 from shared.errors import InvalidArgument
 from shared.jobs import JobRecord
-from shared.jobs_wire import status_pb
+from shared.jobs_wire import spec_doc, spec_message, status_pb
 
 KINDS = {pb.TRAIN_JOB_KIND_PRETRAIN: "pretrain", pb.TRAIN_JOB_KIND_SFT: "sft"}
 KINDS_PB = {v: k for k, v in KINDS.items()}
@@ -136,11 +136,22 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
     )
 
 
+def spec_record(spec: TrainSpec) -> dict[str, Any]:
+    """What a job record keeps: the message's JSON mapping (as the HTTP job routes take it)."""
+    return spec_doc(spec_to_pb(spec))
+
+
+def spec_from_record(doc: dict[str, Any]) -> TrainSpec:
+    """The domain spec of a job record."""
+    return spec_from_pb(spec_message(doc, pb.TrainJobSpec))
+
+
 def job_pb(rec: JobRecord) -> pb.TrainJob:
+    """A job record as the TrainJob message."""
     m = rec.extra.get("metrics") or {}
     return pb.TrainJob(
         status=status_pb(rec),
-        spec=spec_to_pb(TrainSpec.from_json(rec.spec["json"])),
+        spec=spec_message(rec.spec, pb.TrainJobSpec),
         metrics=pb.TrainMetrics(
             step=int(m.get("step", 0)),
             loss=m.get("loss", 0.0),

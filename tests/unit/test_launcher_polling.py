@@ -10,6 +10,7 @@ import pytest
 from services.trainer.jobfiles import STATUS_FILE
 from services.trainer.launcher import RayLauncher
 from services.trainer.spec import TrainSpec
+from services.trainer.wire import spec_record
 from shared.jobs import RUNNING, SUCCEEDED, JobStore
 
 pytestmark = pytest.mark.unit
@@ -35,7 +36,7 @@ def launcher_with_job(tmp_path, ray_poll_interval_s: float = 5.0):
         data_paths=(("x", 1.0),),
     )
     (tmp_path / "run").mkdir()
-    rec, _ = store.create({"json": spec.to_json()})
+    rec, _ = store.create(spec_record(spec))
     # submitted a minute ago (status files older than the record are an earlier job's)
     store.update(rec.job_id, extra={"submission_id": rec.job_id}, created_unix_s=time.time() - 60)
     launcher = RayLauncher(store, ray_address="http://127.0.0.1:1", ray_poll_interval_s=ray_poll_interval_s)
@@ -120,7 +121,7 @@ def submit_with(tmp_path, client, agent_wait_s: float):
         save_dir=str(tmp_path / "run"),
         data_paths=(("x", 1.0),),
     )
-    rec, _ = store.create({"json": spec.to_json()})
+    rec, _ = store.create(spec_record(spec))
     launcher = RayLauncher(store, ray_address="http://127.0.0.1:1", agent_wait_s=agent_wait_s)
     launcher._client = client
     return launcher.submit(rec, spec), store.get(rec.job_id)

@@ -24,8 +24,9 @@ REPO = HERE.parent.parent
 RESULTS = REPO / "bench-results"
 DOC = REPO / "docs" / "benchmarks.md"
 SKIP = {"__init__.py", "common.py", "run_all.py"}
-# tqdm redraws and ANSI colours make no sense in a document
+# ANSI colours and tqdm redraws are kept out of the .txt; progress-bar lines out of the document
 NOISE = re.compile(r"\x1b\[[0-9;]*m|.*\r(?!\n)")
+PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s*warnings\.warn\(|UserWarning: ")
 
 
 def run(name: str) -> int:
@@ -85,7 +86,7 @@ def render() -> str:
             f"- every figure: `bench-results/{name}.json`; what it printed:",
             "",
             "```",
-            printed.rstrip(),
+            "\n".join(line for line in printed.rstrip().splitlines() if not PROGRESS.search(line)),
             "```",
             "",
         ]
@@ -95,10 +96,12 @@ def render() -> str:
 def main() -> int:
     names = sorted(p.stem for p in HERE.glob("*.py") if p.name not in SKIP)
     only = set(sys.argv[1:])
-    unknown = only - set(names)
+    unknown = only - set(names) - {"--render"}
     if unknown:
         print(f"no such benchmark: {', '.join(sorted(unknown))} (have: {', '.join(names)})", file=sys.stderr)
         return 2
+    if only == {"--render"}:  # docs/benchmarks.md again from the kept output, nothing run
+        only, names = set(), []
     failed = [name for name in names if (not only or name in only) and run(name)]
     DOC.write_text(render())
     print(f"\nwrote {DOC.relative_to(REPO)}")

@@ -228,18 +228,20 @@ def run_torchrun(s, spec_path: Path) -> tuple[float, float | None]:
 
 def run_ray(s, work: Path, beside=None) -> tuple[float, float | None, Any]:
     """The job through the trainer's Ray launcher; then ``beside()`` while the (now idle) head still runs."""
-    from services.trainer.api import RayLauncher
+    from services.trainer.api import RayLauncher, spec_record
     from shared.jobs import JobStore
-    from tools.stack import Stack, ray_head
+    from tools.stack import Stack, ray_auth_env, ray_head
 
     head = ray_head(work, free_ports=True, num_cpus=2)
     stack = Stack(work, [head])
     stack.start_one(head, dict(os.environ))
+    # the head runs with token auth (as `make up` starts it): this process's job client must send the token
+    os.environ.update(ray_auth_env(work))
     try:
         stack.wait_healthy(head, 120)
         store = JobStore(work / f"jobs-{Path(s.save_dir).name}", "train")
         launcher = RayLauncher(store, ray_address=head.endpoints["dashboard"])
-        rec, _ = store.create({"json": s.to_json()})
+        rec, _ = store.create(spec_record(s))
         sampler = RunQueueSampler(Path(s.save_dir))
         t0 = time.perf_counter()
         launcher.submit(rec, s)

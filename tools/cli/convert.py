@@ -77,6 +77,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="submit to a converter service instead of running here",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every check a conversion makes before it writes anything, then stop (with --server: the "
+        "service's own checks, nothing submitted)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -85,7 +91,13 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def run(a: argparse.Namespace) -> int:
-    from services.converter.api import ConvertSpec
+    return _remote(a) if a.server else _local(a)
+
+
+def _local(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from services.converter.api import ConvertSpec, convert, validate
 
     spec = ConvertSpec(
         load_dir=a.load_dir,
@@ -103,14 +115,10 @@ def run(a: argparse.Namespace) -> int:
         overwrite=a.overwrite,
         iteration=a.iteration,
     )
-    return _remote(spec, a) if a.server else _local(spec, a)
-
-
-def _local(spec, a: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from services.converter.api import convert
-
+    if a.dry_run:
+        validate(spec)  # the checks convert() makes first (and the service makes at submit)
+        print(f"{a.load_dir} -> {a.save_dir}: valid (nothing written)")
+        return 0
     bars: list[tqdm] = []  # created on the first progress report: nothing is drawn for refused input
 
     def progress(done: int, total: int, message: str) -> None:
@@ -133,7 +141,8 @@ def _local(spec, a: argparse.Namespace) -> int:
     return 0
 
 
-def _remote(spec, a: argparse.Namespace) -> int:
+def _remote(a: argparse.Namespace) -> int:
+    """The request built from the arguments; the service validates it (validate_only for --dry-run)."""
     from tqdm import tqdm
 
     from protos.common.v1 import common_pb2
@@ -144,23 +153,29 @@ def _remote(spec, a: argparse.Namespace) -> int:
     from tools.cli.rpc import rpc
 
     req = pb.ConversionSpec(
-        load_dir=str(Path(spec.load_dir).absolute()),
-        save_dir=str(Path(spec.save_dir).absolute()),
-        target_format=FORMAT_TO_PB[spec.target_format],
-        source_format=FORMAT_TO_PB.get(spec.source_format or "", 0),
-        target_tensor_parallel_size=spec.tp,
-        target_pipeline_parallel_size=spec.pp,
-        num_layer_list=spec.num_layer_list,
-        num_layers_per_virtual_pipeline_stage=spec.layers_per_virtual_stage,
-        params_dtype=DTYPE_TO_PB.get(spec.params_dtype or "", 0),
-        make_vocab_size_divisible_by=spec.divisible_by,
-        lora_load=str(spec.lora_dir or ""),
-        verify=spec.verify,
-        overwrite=spec.overwrite,
-        iteration=spec.iteration,
+        load_dir=str(a.load_dir.absolute()),
+        save_dir=str(a.save_dir.absolute()),
+        target_format=FORMAT_TO_PB[a.target_format],
+        source_format=FORMAT_TO_PB.get(a.source_format or "", 0),
+        target_tensor_parallel_size=a.target_tensor_parallel_size,
+        target_pipeline_parallel_size=a.target_pipeline_parallel_size,
+        num_layer_list=a.num_layer_list,
+        num_layers_per_virtual_pipeline_stage=a.num_layers_per_virtual_pipeline_stage,
+        params_dtype=DTYPE_TO_PB.get(DTYPES.get(a.params_dtype, a.params_dtype) or "", 0),
+        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+        lora_load=str(a.lora_load.absolute()) if a.lora_load else "",
+        verify=a.verify,
+        overwrite=a.overwrite,
+        iteration=a.iteration,
     )
     with make_channel(a.server) as ch:
         stub = pb_grpc.ConverterServiceStub(ch)
+        if a.dry_run:
+            rpc(stub.SubmitConversion, pb.SubmitConversionRequest(spec=req, validate_only=True))
+            print(
+                f"{a.load_dir} -> {a.save_dir}: valid (checked by the converter service; nothing submitted)"
+            )
+            return 0
         job_id = rpc(stub.SubmitConversion, pb.SubmitConversionRequest(spec=req)).job_id
         print(f"submitted {job_id}", file=sys.stderr)
         bar = tqdm(total=0, unit="tensor", disable=a.no_progress, desc=job_id, leave=False)

@@ -75,6 +75,10 @@ def run(a: argparse.Namespace) -> int:
         spec.textgen_address = a.model
     channel, stub = _stub(a.server)
     with channel:
+        if a.dry_run:
+            rpc(stub.SubmitEvaluation, pb.SubmitEvaluationRequest(spec=spec, validate_only=True))
+            print("valid (checked by the evaluator service; nothing submitted)")
+            return 0
         job_id = rpc(stub.SubmitEvaluation, pb.SubmitEvaluationRequest(spec=spec)).job_id
         print(job_id, flush=True)
         if a.detach:
@@ -254,6 +258,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--apply-chat-template", action="store_true")
     r.add_argument("--detach", "-d", action="store_true", help="print the job id and return")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the service checks the run as a submit does (tasks, data, model reachable); nothing submitted",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=run)
     st = esub.add_parser("status", help="one run's state, progress and headline scores")

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -241,10 +242,14 @@ class _Run:
         if not o.split_sentences and all(isinstance(d, str) for d in docs):
             encoded = self.tok.encode_batch(docs) if docs else []
             lengths = np.fromiter((len(x) for x in encoded), dtype=np.int64, count=len(encoded))
-            if eod is None and bos is None and (lengths > 0).all():  # hot path: one flat array per batch
-                flat = np.fromiter(
-                    (t for x in encoded for t in x), dtype=writer.dtype, count=int(lengths.sum())
-                )
+            if (lengths > 0).all():  # hot path: one document = one sequence, one flat array per batch
+                for ids in encoded:  # fresh lists from the tokenizer: extended in place
+                    if eod is not None:
+                        ids.append(eod)
+                    if bos is not None:
+                        ids.insert(0, bos)
+                lengths += (eod is not None) + (bos is not None)
+                flat = np.fromiter(chain.from_iterable(encoded), dtype=writer.dtype, count=int(lengths.sum()))
                 writer.add_flat(flat, lengths)
                 return len(docs), int(lengths.sum())
             per_doc = [[ids] if ids else [] for ids in encoded]

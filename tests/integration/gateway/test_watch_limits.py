@@ -43,10 +43,10 @@ def stack(tmp_path_factory, textgen):
     from pathlib import Path
 
     from services.converter.conversion import ConvertSpec
-    from services.converter.wire import spec_to_json
+    from services.converter.wire import spec_record
 
     spec = ConvertSpec(load_dir=Path("/x"), save_dir=Path("/y"), target_format="mcore")
-    rec, _ = store.create(spec_to_json(spec), labels={}, request_id="")
+    rec, _ = store.create(spec_record(spec), labels={}, request_id="")
     gw = start_gateway(
         (textgen.address,),
         converter_addr=server.address,

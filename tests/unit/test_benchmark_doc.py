@@ -1,0 +1,41 @@
+"""The README's benchmark figures come from docs/benchmarks.md, which `make bench` writes from what each
+benchmark printed: every figure in the README's table must be found there, and every benchmark has a
+section."""
+
+import re
+
+import pytest
+
+from shared.paths import REPO_ROOT
+
+pytestmark = pytest.mark.unit
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?=x|%| s\b| ms\b| MB\b| MiB\b|\b)")
+
+
+def readme_rows() -> list[str]:
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| `")]
+
+
+def figures(row: str) -> list[str]:
+    """The measured figures of a README row: decimals (2.99, 1.07x, 0.28 s); whole numbers are left out
+    (core counts, dates, sizes of the inputs)."""
+    return [n for n in NUMBER.findall(row) if "." in n]
+
+
+def test_every_benchmark_has_a_section():
+    names = sorted(p.stem for p in (REPO_ROOT / "tools" / "bench").glob("*.py"))
+    names = [n for n in names if n not in ("__init__", "common", "run_all")]
+    doc = DOC.read_text()
+    assert names and all(f"\n## {n}\n" in doc for n in names), names
+    assert "FAILED" not in doc
+
+
+def test_readme_figures_are_in_the_benchmark_doc():
+    doc = DOC.read_text()
+    rows = readme_rows()
+    assert len(rows) >= 5
+    missing = [(row.split("|")[1].strip(), f) for row in rows for f in figures(row) if f not in doc]
+    assert not missing, f"README figures not in docs/benchmarks.md (run make bench, copy from it): {missing}"
