@@ -17,7 +17,7 @@ from tests.integration.converter.conftest import leftovers
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory):
+def address(tmp_path_factory):
     store = JobStore(tmp_path_factory.mktemp("jobs"), "convert")
     servicer = ConverterServicer(store, max_concurrent=1, cancel_grace_s=10)
     server = build_server(
@@ -29,10 +29,15 @@ def stub(tmp_path_factory):
     )
     server.start()
     server.set_serving(True)
-    with make_channel(server.address) as ch:
-        yield pb_grpc.ConverterServiceStub(ch)
+    yield server.address
     servicer.runner.shutdown()
     server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def stub(address):
+    with make_channel(address) as ch:
+        yield pb_grpc.ConverterServiceStub(ch)
 
 
 def spec(src, dst, fmt=common_pb2.CHECKPOINT_FORMAT_MCORE, **kw):
@@ -85,7 +90,7 @@ def test_bad_specs_are_refused_before_a_job_exists(stub, tiny_models, tmp_path, 
     assert len(stub.ListConversions(pb.ListConversionsRequest()).conversions) == before
 
 
-def test_validate_only_checks_like_a_submit_and_creates_nothing(stub, tiny_models, tmp_path):
+def test_validate_only_checks_like_a_submit_and_creates_nothing(stub, address, tiny_models, tmp_path, capsys):
     before = len(stub.ListConversions(pb.ListConversionsRequest()).conversions)
     ok = stub.SubmitConversion(
         pb.SubmitConversionRequest(spec=spec(tiny_models["llama"], tmp_path / "o"), validate_only=True)
@@ -99,7 +104,18 @@ def test_validate_only_checks_like_a_submit_and_creates_nothing(stub, tiny_model
             )
         )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "TP=3 does not divide" in e.value.details()
+    from tools.cli.main import main
+
+    argv = ["convert", "--load-dir", str(tiny_models["llama"]), "--save-dir", str(tmp_path / "o")]
+    argv += ["--target-format", "mcore", "--dry-run"]
+    assert main([*argv, "--server", address]) == 0
+    assert "valid (checked by the converter service; nothing submitted)" in capsys.readouterr().out
+    assert main(argv) == 0  # here: the checks convert() makes before it writes
+    assert "valid (nothing written)" in capsys.readouterr().out
+    assert main([*argv, "--target-tensor-parallel-size", "3", "--server", address]) == 2
+    assert "TP=3 does not divide" in capsys.readouterr().err
     assert len(stub.ListConversions(pb.ListConversionsRequest()).conversions) == before
+    assert not (tmp_path / "o").exists()
 
 
 def test_same_request_id_returns_the_same_job(stub, tiny_models, tmp_path):

@@ -145,6 +145,24 @@ def test_bad_specs_are_refused_before_a_job_exists(stub, served, spec, code, fra
     assert len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations) == before
 
 
+def test_validate_only_and_the_cli_dry_run_check_like_a_submit_and_create_nothing(
+    stub, served, evaluator_address, capsys
+):
+    from tools.cli.main import main
+
+    before = len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations)
+    spec = pb.EvaluationSpec(tasks=["megastack_capitals"], textgen_address=served[0].address, limit=2)
+    assert stub.SubmitEvaluation(pb.SubmitEvaluationRequest(spec=spec, validate_only=True)).job_id == ""
+    with pytest.raises(grpc.RpcError) as e:
+        spec.tasks[:] = ["megastack_capital"]
+        stub.SubmitEvaluation(pb.SubmitEvaluationRequest(spec=spec, validate_only=True))
+    assert "unknown task 'megastack_capital'" in e.value.details()
+    argv = ["eval", "--server", evaluator_address, "run", "megastack_capitals", "--model", served[0].address]
+    assert main([*argv, "--dry-run"]) == 0
+    assert "valid (checked by the evaluator service; nothing submitted)" in capsys.readouterr().out
+    assert len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations) == before
+
+
 def test_no_model_and_unreachable_models_are_clear_and_fast(stub, tmp_path):
     with pytest.raises(grpc.RpcError) as e:
         stub.SubmitEvaluation(
