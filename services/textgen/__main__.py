@@ -19,6 +19,7 @@ def build(cfg: TextgenConfig) -> ServiceParts:
     M.QUEUE_CAPACITY.set(cfg.max_queue_size)
     M.BATCH_CAPACITY.set(cfg.max_batch_size)
     served = load_served_model(cfg)
+    M.bind_model(served.name)  # the model_name label of the vllm:* twins
     warmup(served)
     servicer = TextGenServicer(
         served,

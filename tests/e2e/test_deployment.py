@@ -191,6 +191,15 @@ def test_load_200_requests_32_clients_two_replicas(stack):
     )
     # the server's counts are the client's counts; 429 only for sequences a full queue refused
     assert sum(served) == codes[200] and refused == codes[429]
+    # the vLLM-named twins count the same, labelled with the served model's name (dashboards made for vLLM)
+    for a, b in zip(tg_after, tg_before):
+        for ours, theirs in (
+            ("megastack_textgen_request_success_total", "vllm:request_success_total"),
+            ("megastack_textgen_generation_tokens_total", "vllm:generation_tokens_total"),
+            ("megastack_textgen_e2e_request_latency_seconds_count", "vllm:e2e_request_latency_seconds_count"),
+        ):
+            assert total(a, theirs) - total(b, theirs) == total(a, ours) - total(b, ours), theirs
+        assert any(k.startswith("vllm:num_requests_running{") and 'model_name="' in k for k in a)
     assert (
         total(gw_after, "megastack_gateway_http_requests_total", route="/api", status="200")
         - total(gw_before, "megastack_gateway_http_requests_total", route="/api", status="200")
