@@ -5,8 +5,9 @@ from __future__ import annotations
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from services.textgen.config import TextgenConfig
 from services.textgen.loader import load_served_model
-from services.textgen.servicer import TextGenServicer, Watchdog
+from services.textgen.servicer import TextGenServicer
 from services.textgen.warmup import warmup
+from services.textgen.watchdog import Watchdog
 from shared.grpc.server import Registration
 from shared.service import ServiceParts, run_service
 

@@ -568,7 +568,7 @@ class Engine:
         now = time.monotonic()
         self.last_progress_at = now
         if reason == CANCELLED:
-            M.FAILURE.labels("cancelled").inc()
+            M.FAILURE.labels(CANCELLED).inc()
         elif reason == ERROR:
             M.FAILURE.labels("generation").inc()
         else:

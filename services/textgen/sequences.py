@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from services.textgen.sampling import SamplingSpec
@@ -13,14 +14,19 @@ from services.textgen.sampling import SamplingSpec
 if TYPE_CHECKING:
     from services.textgen.engine import Engine
 
-LENGTH, EOS, STOP_SEQUENCE, EOL, CANCELLED, ERROR = (
-    "length",
-    "eos",
-    "stop_sequence",
-    "eol",
-    "cancelled",
-    "error",
-)
+
+class Finish(StrEnum):
+    """Why a sequence ended (the values are the metrics' ``finished_reason`` labels)."""
+
+    LENGTH = "length"  # max_new_tokens or the context
+    EOS = "eos"  # the end-of-sequence token
+    STOP_SEQUENCE = "stop_sequence"  # a stop string
+    EOL = "eol"  # Megatron's stop_on_eol / stop_on_double_eol
+    CANCELLED = "cancelled"  # the caller left or cancelled
+    ERROR = "error"  # a fault contained to this sequence
+
+
+LENGTH, EOS, STOP_SEQUENCE, EOL, CANCELLED, ERROR = Finish
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class SequenceResult:
     prompt_top: list[TopK] | None
     logprobs: list[float] | None
     top: list[TopK] | None
-    finish_reason: str
+    finish_reason: Finish
     stop_sequence: str = ""
     queue_s: float = 0.0
     first_token_s: float = 0.0

@@ -6,8 +6,10 @@ from collections.abc import Sequence
 
 from llm.tokenizers import Tokenizer
 from protos.textgen.v1 import textgen_pb2 as pb
+from services.textgen.detokenizer import IncrementalDetokenizer
 from services.textgen.sampling import SamplingSpec
 from services.textgen.sequences import (
+    CANCELLED,
     EOL,
     EOS,
     LENGTH,
@@ -25,7 +27,7 @@ FINISH = {
     EOS: pb.FINISH_REASON_EOS,
     STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
     EOL: pb.FINISH_REASON_EOL,
-    "cancelled": pb.FINISH_REASON_CANCELLED,
+    CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
 
 
@@ -153,28 +155,27 @@ def completion(index: int, r: SequenceResult, params: pb.GenerationParams, tok: 
 
 
 class StreamText:
-    """Turns generated ids into text deltas: complete UTF-8 only, stop strings never leaked."""
+    """Turns generated ids into text deltas, O(1) per token: complete UTF-8 only, stop strings never leaked
+    (the last ``len(longest stop) - 1`` characters wait until more text shows they start no stop string)."""
 
     def __init__(self, tok: Tokenizer, stops: Sequence[str]) -> None:
-        self.tok = tok
+        self.detok = IncrementalDetokenizer(tok.decode)
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.ids: list[int] = []
-        self.sent = 0
+        self.pending = ""  # decoded, not yet sent (at most hold characters between pushes)
+        self.sent = 0  # characters sent
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
+        self.pending += self.detok.push(token_id)
+        safe = len(self.pending) - self.hold if self.stops else len(self.pending)
+        if safe <= 0:
             return ""
-        safe = len(text) - self.hold if self.stops else len(text)
-        if safe <= self.sent:
-            return ""
-        delta = text[self.sent : safe]
-        self.sent = safe
+        delta, self.pending = self.pending[:safe], self.pending[safe:]
+        self.sent += len(delta)
         return delta
 
     def finish(self, final_text: str) -> str:
+        """What the final text (cut before a stop string) adds to what was sent."""
         delta = final_text[self.sent :] if len(final_text) > self.sent else ""
         self.sent = max(self.sent, len(final_text))
         return delta

@@ -19,7 +19,7 @@ from services.textgen.config import TextgenConfig
 from services.textgen.loader import load_served_model
 from services.textgen.sampling import SamplingSpec
 from services.textgen.sequences import ERROR, LENGTH, SequenceRequest, StopSpec
-from services.textgen.servicer import Watchdog
+from services.textgen.watchdog import Watchdog
 from shared.logging import REQUEST_ID
 
 PROMPTS = ["The murder was committed", "He fell", "Alyosha looked at him", "one two three four five six"]
