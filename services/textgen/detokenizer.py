@@ -10,7 +10,7 @@ does at a piece's start (SentencePiece's leading space, byte-level merges) exact
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 # tokens kept before the unread ones: enough context for any tokenizer's leading-space or byte rules
 CONTEXT = 6
@@ -19,7 +19,7 @@ CONTEXT = 6
 class IncrementalDetokenizer:
     """``push(id)`` returns the text that token completes ("" while its bytes are not a whole character)."""
 
-    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
         self.decode = decode
         self.ids: list[int] = []
         self.prefix = 0  # window start
