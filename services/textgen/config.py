@@ -34,6 +34,14 @@ class TextgenConfig(ServiceConfig):
         4096, help="Padded prompt tokens prefilled together in one engine step."
     )
     max_prompts_per_request: int = setting(128, help="Prompts accepted in one Generate call (Megatron: 128).")
+    batch_invariant: str = setting(
+        "scoring",
+        help="Which sequences get tokens and log-probs that do not depend on what else is batched: `scoring` "
+        "(prompt log-probs only, as lm-eval sends; the default), `all`, or `off`. Such a sequence is "
+        "prefilled and decoded in forward passes of its own (same shapes whatever the load), at the cost "
+        "of batching it.",
+        choices=("off", "scoring", "all"),
+    )
     num_threads: int = setting(0, help="torch intra-op threads; 0 = all cores.")
     watchdog_s: float = setting(
         60.0,

@@ -1,3 +1,4 @@
+# Over 600 lines: one class owns the engine loop until scheduling moves out to its own module (issue 18).
 """Continuous batching: sequences join the running batch between decode steps and leave when done.
 
 One engine thread owns the model and the KV cache. Each loop iteration it (1) finishes cancelled
@@ -95,6 +96,7 @@ class _Seq:
     stop_window: int = 0
     request_id: str = "-"
     done: bool = False
+    alone: bool = False  # batch-invariant: every forward pass of this sequence is its own
 
 
 class Engine:
@@ -211,6 +213,7 @@ class Engine:
                         stop_window=window,
                         request_id=rid,
                         generator=None if s.is_greedy else make_generator(s.seed, self.model.device),
+                        alone=self._alone(r),
                     )
                 )
                 handles.append(h)
@@ -223,6 +226,18 @@ class Engine:
             self._cv.notify_all()
 
     # -- engine thread ---------------------------------------------------------------------------
+    def _alone(self, r: SequenceRequest) -> bool:
+        """Batch-invariant mode: a scoring-only sequence (``scoring``) or every sequence (``all``) runs its
+        forward passes alone, so its tokens and log-probs are the same bits at any load, in any order."""
+        mode = self.cfg.batch_invariant
+        return mode == "all" or (mode == "scoring" and r.stopping.max_new_tokens == 0 and r.prompt_logprobs)
+
+    def _groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
+        """The forward passes of one step: the batchable sequences together, each batch-invariant one
+        alone."""
+        together = [s for s in seqs if not s.alone]
+        return ([together] if together else []) + [[s] for s in seqs if s.alone]
+
     def _wait_for_work(self, stop: threading.Event | None) -> bool:
         with self._cv:
             while not self._waiting and not self._running:
@@ -369,7 +384,11 @@ class Engine:
                     continue
                 reps[key] = s
             compute.append(s)
-        outs = dict((id(s), out) for s, out in self._batched(compute, self._prefill_forward, "prefill"))
+        outs = {
+            id(s): out
+            for part in self._groups(compute)
+            for s, out in self._batched(part, self._prefill_forward, "prefill")
+        }
         M.PROMPT_TOKENS.inc(sum(len(s.req.prompt_ids) for s in group))
         for s, rep in followers:  # before the representatives finish: they read their rows
             if id(rep) not in outs:
@@ -451,7 +470,7 @@ class Engine:
 
     # -- decode --------------------------------------------------------------------------------------
     def _decode(self, seqs: list[_Seq]) -> None:
-        outs = self._batched(seqs, self._decode_forward, "decode")
+        outs = [o for part in self._groups(seqs) for o in self._batched(part, self._decode_forward, "decode")]
         M.BATCH_SIZE.observe(len(seqs))
         for s, (row, pick) in outs:
             self._guarded(s, "sampling", lambda s=s, row=row, pick=pick: self._decode_accept(s, row, pick))
@@ -464,9 +483,9 @@ class Engine:
         slot_list = [s.slot for s in seqs]
         slots = torch.tensor(slot_list, dtype=torch.long, device=dev)  # (B,)
         t0 = time.perf_counter()
-        hidden = self.model.decode(
-            tokens, positions, slots, self.cache, contiguous=slot_list == list(range(len(seqs)))
-        )
+        # a batch-invariant sequence always reads its cache through the gather (the same strides at any slot)
+        contiguous = slot_list == list(range(len(seqs))) and not seqs[0].alone
+        hidden = self.model.decode(tokens, positions, slots, self.cache, contiguous=contiguous)
         logits = self.model.logits(hidden)  # (B, V)
         picks = self._argmax_rows(logits)
         M.FORWARD_TIME.labels("decode").observe(time.perf_counter() - t0)

@@ -109,7 +109,7 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
         model,
         cache,
         tokenizer_info(tokenizer),
-        EngineConfig(cfg.max_batch_size, cfg.max_queue_size, cfg.max_prefill_tokens),
+        EngineConfig(cfg.max_batch_size, cfg.max_queue_size, cfg.max_prefill_tokens, cfg.batch_invariant),
     )
     logger.info(
         "loaded %s (%s, %s, %.1fM params) on %s/%s in %.1fs; KV cache %.0f MiB for %d x %d tokens",

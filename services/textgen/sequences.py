@@ -100,6 +100,10 @@ class EngineConfig:
     max_batch_size: int
     max_queue_size: int
     max_prefill_tokens: int
+    batch_invariant: str = "scoring"  # off | scoring | all: which sequences are computed alone (see Engine)
+
+
+BATCH_INVARIANT = ("off", "scoring", "all")
 
 
 class SequenceHandle:

@@ -126,6 +126,7 @@ class TextGenServicer(pb_grpc.TextGenServiceServicer):
             num_parameters=s.model.num_parameters(),
             source_format=s.source_format,
             chat_template=tok.chat_template,
+            batch_invariant=self.engine.cfg.batch_invariant,
         )
 
     def GetLoad(self, request, context: grpc.ServicerContext) -> pb.GetLoadResponse:

@@ -210,3 +210,49 @@ def test_prompt_plus_tokens_longer_than_context_is_refused_with_megatron_message
         served.engine.submit([req([5] * 100, n=29)])
     with pytest.raises(InvalidArgument, match="outside the vocabulary"):
         served.engine.submit([req([10**6], n=1)])
+
+
+def _engine_with(tiny_models, mode: str):
+    s = load_served_model(
+        TextgenConfig(
+            model_dir=tiny_models["llama"],
+            max_batch_size=32,
+            max_queue_size=64,
+            max_prompts_per_request=64,
+            max_context_tokens=128,
+            batch_invariant=mode,
+            port=0,
+            metrics_port=0,
+        )
+    )
+    s.engine.start()
+    return s
+
+
+@pytest.mark.parametrize("mode", ["all", "scoring"])
+def test_batch_invariant_sequences_get_the_same_bits_alone_and_among_31_others(tiny_models, mode):
+    """Greedy generation (mode all) and prompt scoring (modes all and scoring) give bitwise the same tokens
+    and log-probs at concurrency 1 and 32, in any order."""
+    import random
+
+    s = _engine_with(tiny_models, mode)
+    try:
+        tok = s.tokenizer
+        target = tok.encode(PROMPTS[2])
+        rng = random.Random(7)
+        others = [[rng.randrange(5, tok.vocab_size) for _ in range(rng.randrange(3, 40))] for _ in range(31)]
+        scoring = req(target, n=0, prompt_logprobs=True, top_logprobs=2)
+        kinds = [scoring] + ([req(target, n=10, logprobs=True)] if mode == "all" else [])
+        for r in kinds:
+            alone = s.engine.submit([r])[0].result()
+            crowd = [req(o, n=rng.randrange(1, 12)) for o in others]
+            for order in range(2):
+                batch = crowd[:] if order else crowd[::-1]
+                batch.insert(rng.randrange(len(batch) + 1), r)
+                results = [h.result() for h in s.engine.submit(batch)]
+                mine = results[batch.index(r)]
+                assert mine.token_ids == alone.token_ids
+                assert mine.logprobs == alone.logprobs and mine.prompt_logprobs == alone.prompt_logprobs
+                assert mine.prompt_top == alone.prompt_top
+    finally:
+        s.engine.stop()
