@@ -24,4 +24,13 @@ MAX_TOP_LOGPROBS = 20
 """Most alternatives per position a request may ask for (OpenAI's ``logprobs``/``top_logprobs`` limit)."""
 
 MAX_STOP_SEQUENCES = 16
-"""Most stop strings in one request (each is matched on every decoded piece)."""
+"""Most stop strings (and, separately, stop token ids) in one request."""
+
+MAX_OPENAI_PENALTY = 2.0
+"""OpenAI's presence_penalty and frequency_penalty lie in [-2, 2]."""
+
+MAX_LOGIT_BIAS = 100.0
+"""A logit_bias value lies in [-100, 100]; -100 bans the token."""
+
+MAX_LOGIT_BIAS_TOKENS = 1024
+"""Most tokens one request may bias."""

@@ -15,7 +15,14 @@ from typing import Any
 
 from protos.textgen.v1 import textgen_pb2 as pb
 from services.gateway.http import HTTPError
-from shared.limits import INT32_MAX, MAX_STOP_SEQUENCES, MIN_TEMPERATURE, MIN_TOP_P
+from shared.limits import (
+    INT32_MAX,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_STOP_SEQUENCES,
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
+)
 
 
 def is_int(value: Any) -> bool:
@@ -34,9 +41,18 @@ def integer(doc: dict[str, Any], key: str, default: Any, lo: int, hi: int = INT3
 
 
 def number(
-    doc: dict[str, Any], key: str, default: float, lo: float, hi: float, *, lo_open: bool = False
+    doc: dict[str, Any],
+    key: str,
+    default: float,
+    lo: float,
+    hi: float,
+    *,
+    lo_open: bool = False,
+    name: str = "",
+    field: str = "",
 ) -> float:
-    """``doc[key]`` as a finite number in [lo, hi] (or (lo, hi]); ``default`` when absent or null."""
+    """``doc[key]`` as a finite number in [lo, hi] (or (lo, hi]); ``default`` when absent or null. The error
+    says ``name`` and names ``field`` (both default to ``key``)."""
     value = doc.get(key)
     if value is None:
         return default
@@ -48,7 +64,7 @@ def number(
     )
     if not ok:
         bound = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
-        raise HTTPError(400, f"{key} must be a number in {bound}", key)
+        raise HTTPError(400, f"{name or key} must be a number in {bound}", field or key)
     return float(value)
 
 
@@ -78,12 +94,23 @@ def sampling_params(
     *,
     top_p_decay: float = 0.0,
     top_p_bound: float = 0.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
 ) -> pb.SamplingParams:
     """The textgen sampling message of every dialect: greedy by :func:`sampling_is_greedy` (then the other
     values do not travel), ``top_k`` <= 0 and ``top_p`` >= 1 mean off; a ``top_k`` above 1 with a
     ``top_p`` in (0, 1) is a 400 naming top_p, since the engine applies one of the two."""
+    # what changes the logits travels whether decoding is greedy or not
+    common = dict(
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=logit_bias or {},
+    )
     if sampling_is_greedy(temperature, top_k, top_p):
-        return pb.SamplingParams(greedy=True, seed=seed, repetition_penalty=repetition_penalty)
+        return pb.SamplingParams(greedy=True, **common)
     top_k = max(top_k, 0)
     top_p = 0.0 if top_p >= 1.0 else top_p
     if top_k > 0 and top_p > 0.0:
@@ -94,9 +121,26 @@ def sampling_params(
         top_p=top_p,
         top_p_decay=top_p_decay,
         top_p_bound=top_p_bound,
-        seed=seed,
-        repetition_penalty=repetition_penalty,
+        **common,
     )
+
+
+def logit_bias(doc: dict[str, Any], key: str = "logit_bias") -> dict[int, float]:
+    """OpenAI's ``{"<token id>": bias}`` (JSON keys are strings) as ids -> finite numbers in [-100, 100]."""
+    value = doc.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS_TOKENS:
+        raise HTTPError(400, f"{key} must be an object of at most {MAX_LOGIT_BIAS_TOKENS} token ids", key)
+    out = {}
+    for k, v in value.items():
+        token = int(k) if isinstance(k, str) and k.isdigit() else None
+        if token is None or token > INT32_MAX:
+            raise HTTPError(400, f"{key}: {k!r} is not a token id", key)
+        out[token] = number(
+            {"v": v}, "v", 0.0, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, name=f"{key}[{k}]", field=key
+        )
+    return out
 
 
 def stop_list(doc: dict[str, Any], key: str = "stop") -> list[str]:

@@ -18,7 +18,15 @@ from flask import Response, stream_with_context
 from flask_restful import Resource
 
 from protos.textgen.v1 import textgen_pb2 as pb
-from services.gateway.fields import finish_name, integer, number, sampling_params, stop_list, token_ids
+from services.gateway.fields import (
+    finish_name,
+    integer,
+    logit_bias,
+    number,
+    sampling_params,
+    stop_list,
+    token_ids,
+)
 from services.gateway.http import (
     SSE_DONE,
     SSE_HEADERS,
@@ -29,20 +37,15 @@ from services.gateway.http import (
     stream_error,
 )
 from shared.errors import ServiceError
-from shared.limits import INT64_MAX, MAX_TOP_LOGPROBS
+from shared.limits import INT64_MAX, MAX_OPENAI_PENALTY, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
 
 
 def _check_unsupported(doc: dict[str, Any]) -> None:
     for key in ("n", "best_of"):
         if doc.get(key) not in (None, 1):
             raise HTTPError(400, f"{key} > 1 is not supported", key)
-    for key in ("presence_penalty", "frequency_penalty"):
-        if doc.get(key) not in (None, 0, 0.0):
-            raise HTTPError(400, f"{key} is not supported (use repetition_penalty)", key)
     if doc.get("suffix") not in (None, ""):
         raise HTTPError(400, "suffix is not supported", "suffix")
-    if doc.get("logit_bias") not in (None, {}):
-        raise HTTPError(400, "logit_bias is not supported", "logit_bias")
 
 
 def _prompts(doc: dict[str, Any]) -> list[pb.Prompt]:
@@ -89,6 +92,17 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
     top_k = integer(doc, "top_k", 0, -1) or 0
     seed = integer(doc, "seed", -1, 0, INT64_MAX)
     penalty = number(doc, "repetition_penalty", 1.0, 0.0, 100.0, lo_open=True)
+    presence = number(doc, "presence_penalty", 0.0, -MAX_OPENAI_PENALTY, MAX_OPENAI_PENALTY)
+    frequency = number(doc, "frequency_penalty", 0.0, -MAX_OPENAI_PENALTY, MAX_OPENAI_PENALTY)
+    min_tokens = integer(doc, "min_tokens", 0, 0, max_tokens)
+    stop_ids = doc.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or len(stop_ids) > MAX_STOP_SEQUENCES:
+        raise HTTPError(
+            400, f"stop_token_ids must be a list of at most {MAX_STOP_SEQUENCES} token ids", "stop_token_ids"
+        )
+    stop_ids = token_ids(stop_ids, "stop_token_ids")
+    if stop_ids is None:
+        raise HTTPError(400, "stop_token_ids must be a list of token ids", "stop_token_ids")
     if chat:
         want = doc.get("logprobs", False)
         if not isinstance(want, bool):
@@ -109,8 +123,23 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
     stream_options = doc.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise HTTPError(400, "stream_options must be an object", "stream_options")
-    sampling = sampling_params(temperature, top_k, top_p, seed, penalty)
-    stopping = pb.StoppingParams(max_new_tokens=max_tokens, stop=stop_list(doc), ignore_eos=ignore_eos)
+    sampling = sampling_params(
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        penalty,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        logit_bias=logit_bias(doc),
+    )
+    stopping = pb.StoppingParams(
+        max_new_tokens=max_tokens,
+        stop=stop_list(doc),
+        ignore_eos=ignore_eos,
+        min_tokens=min_tokens,
+        stop_token_ids=stop_ids,
+    )
     params = pb.GenerationParams(
         sampling=sampling,
         stopping=stopping,

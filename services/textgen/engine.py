@@ -30,6 +30,8 @@ import torch
 from services.textgen import metrics as M
 from services.textgen.modeling import DecoderLM, KVCache
 from services.textgen.sampling import (
+    apply_logit_bias,
+    apply_openai_penalties,
     apply_repetition_penalty,
     make_generator,
     next_top_p,
@@ -504,7 +506,13 @@ class Engine:
         """Pick the next token of ``s`` from its logits row [V] (``pick`` is its argmax) and record it."""
         st = s.req.sampling
         stopping = s.req.stopping
-        if st.is_greedy and st.repetition_penalty in (0.0, 1.0) and not stopping.prevent_newline_after_colon:
+        too_soon = len(s.gen_ids) < stopping.min_tokens  # EOS and stop ids are not allowed yet
+        if (
+            st.is_greedy
+            and not st.adjusts_logits
+            and not stopping.prevent_newline_after_colon
+            and not too_soon
+        ):
             t = pick
         else:
             x = row[
@@ -515,6 +523,14 @@ class Engine:
                     list(s.req.prompt_ids) + s.gen_ids, dtype=torch.long, device=x.device
                 ).unique()
                 x = apply_repetition_penalty(x, seen[seen < x.shape[-1]], st.repetition_penalty)
+            x = apply_openai_penalties(x, s.gen_ids, st.presence_penalty, st.frequency_penalty)
+            x = apply_logit_bias(x, st.logit_bias)
+            if too_soon:
+                banned = [*stopping.stop_token_ids] + ([self.tok.eos_id] if not stopping.ignore_eos else [])
+                banned = [i for i in banned if i is not None and i < x.shape[-1]]
+                if banned:
+                    x = x.clone()
+                    x[banned] = float("-inf")
             if (
                 stopping.prevent_newline_after_colon
                 and self.tok.colon_id is not None
@@ -552,7 +568,8 @@ class Engine:
 
     def _stop_reason(self, s: _Seq, token: int) -> tuple[str | None, str]:
         stop, tok = s.req.stopping, self.tok
-        if token == tok.eos_id and not stop.ignore_eos:
+        early = len(s.gen_ids) < stop.min_tokens  # only the length (and Megatron's EOL rules) end it yet
+        if not early and ((token == tok.eos_id and not stop.ignore_eos) or token in stop.stop_token_ids):
             return EOS, ""
         prev = s.gen_ids[-2] if len(s.gen_ids) > 1 else (s.req.prompt_ids[-1] if s.req.prompt_ids else None)
         if stop.stop_on_double_eol and (
@@ -562,7 +579,7 @@ class Engine:
             return EOL, ""
         if stop.stop_on_eol and token is not None and token in (tok.newline_id, tok.double_newline_id):
             return EOL, ""
-        if stop.stop:
+        if stop.stop and not early:
             tail = tok.decode(s.gen_ids[-s.stop_window :])
             for st in stop.stop:
                 if st and st in tail:

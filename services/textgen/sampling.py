@@ -16,7 +16,8 @@ WebSocket, direct gRPC), so that sampling always draws from finite probabilities
   filtering off;
 - logits are sampled in float32 whatever the model's dtype (a float16 row divided by a small
   temperature overflows);
-- a repetition penalty is applied in float64 and kept >= 1e-300;
+- a repetition penalty is applied in float64 and kept >= 1e-300; OpenAI's presence and frequency
+  penalties and ``logit_bias`` (-100 bans the token) after it, in float32, greedy decoding included;
 - when the probabilities are still not finite (an extreme repetition penalty, inf logits), the draw
   falls back to the argmax of the scaled row, NaN counted as -inf; a row without a single finite or
   +inf value (a broken model) raises :class:`SamplingError`, which fails that sequence only.
@@ -36,6 +37,8 @@ Tensor = torch.Tensor
 
 __all__ = [
     "MIN_TEMPERATURE",
+    "apply_logit_bias",
+    "apply_openai_penalties",
     "SamplingError",
     "SamplingSpec",
     "apply_repetition_penalty",
@@ -61,6 +64,19 @@ class SamplingSpec:
     top_p_bound: float = 0.0
     seed: int = -1
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's, on generated tokens
+    frequency_penalty: float = 0.0  # OpenAI's, on generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits row changes before the choice (then greedy is the argmax of the changed row)."""
+        return (
+            self.repetition_penalty not in (0.0, 1.0)
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or bool(self.logit_bias)
+        )
 
     @property
     def is_greedy(self) -> bool:
@@ -95,6 +111,28 @@ def apply_repetition_penalty(logits: Tensor, seen_ids: Tensor, penalty: float) -
     scores = logits.gather(-1, seen_ids).double()
     scores = torch.where(scores < 0, scores * p, scores / p)
     return logits.scatter(-1, seen_ids, scores.to(logits.dtype))
+
+
+def apply_openai_penalties(logits: Tensor, generated: list[int], presence: float, frequency: float) -> Tensor:
+    """OpenAI's presence and frequency penalties on one row [V]: every token generated so far loses
+    ``presence`` once and ``frequency`` per occurrence (prompt tokens are not counted)."""
+    if not generated or (presence == 0.0 and frequency == 0.0):
+        return logits
+    ids = torch.tensor(generated, dtype=torch.long, device=logits.device)
+    ids = ids[ids < logits.shape[-1]]
+    counts = torch.bincount(ids, minlength=logits.shape[-1]).to(torch.float32)  # (V,)
+    return logits.float() - frequency * counts - presence * (counts > 0).to(torch.float32)
+
+
+def apply_logit_bias(logits: Tensor, bias: tuple[tuple[int, float], ...]) -> Tensor:
+    """``bias`` (token id, value) added to the row [V]; -100 is a ban (the token gets -inf)."""
+    if not bias:
+        return logits
+    x = logits.float().clone()
+    for token, value in bias:
+        if token < x.shape[-1]:
+            x[token] = float("-inf") if value <= -100.0 else x[token] + value
+    return x
 
 
 def _argmax(x: Tensor) -> int:

@@ -37,6 +37,8 @@ class StopSpec:
     stop_on_double_eol: bool = False
     prevent_newline_after_colon: bool = False
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end the sequence before this many
+    stop_token_ids: tuple[int, ...] = ()  # end the sequence like EOS
 
 
 @dataclass(frozen=True)

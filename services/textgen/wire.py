@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from llm.tokenizers import Tokenizer
@@ -20,7 +21,13 @@ from services.textgen.sequences import (
     TopK,
 )
 from shared.errors import InvalidArgument
-from shared.limits import MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
+from shared.limits import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_OPENAI_PENALTY,
+    MAX_STOP_SEQUENCES,
+    MAX_TOP_LOGPROBS,
+)
 
 FINISH = {
     LENGTH: pb.FINISH_REASON_LENGTH,
@@ -48,6 +55,20 @@ def sampling_spec(s: pb.SamplingParams) -> SamplingSpec:
             raise InvalidArgument("top_p_bound must be in [0, top_p]", field="top_p_bound")
     if s.repetition_penalty < 0:
         raise InvalidArgument("repetition_penalty must be > 0", field="repetition_penalty")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not abs(getattr(s, name)) <= MAX_OPENAI_PENALTY:
+            raise InvalidArgument(
+                f"{name} must be in [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}]", field=name
+            )
+    if len(s.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise InvalidArgument(f"logit_bias: at most {MAX_LOGIT_BIAS_TOKENS} tokens", field="logit_bias")
+    for token, value in s.logit_bias.items():
+        if token < 0 or not (math.isfinite(value) and abs(value) <= MAX_LOGIT_BIAS):
+            raise InvalidArgument(
+                f"logit_bias: token ids must be >= 0 and values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] "
+                f"(got {token}: {value})",
+                field="logit_bias",
+            )
     return SamplingSpec(
         greedy=s.greedy,
         temperature=temperature,
@@ -57,6 +78,9 @@ def sampling_spec(s: pb.SamplingParams) -> SamplingSpec:
         top_p_bound=s.top_p_bound,
         seed=s.seed,
         repetition_penalty=s.repetition_penalty or 1.0,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        logit_bias=tuple(sorted(s.logit_bias.items())),
     )
 
 
@@ -66,6 +90,12 @@ def stop_spec(s: pb.StoppingParams) -> StopSpec:
     stops = tuple(x for x in s.stop if x)
     if len(stops) > MAX_STOP_SEQUENCES:
         raise InvalidArgument(f"at most {MAX_STOP_SEQUENCES} stop sequences", field="stop")
+    if not 0 <= s.min_tokens <= s.max_new_tokens:
+        raise InvalidArgument("min_tokens must be in [0, max_new_tokens]", field="min_tokens")
+    if len(s.stop_token_ids) > MAX_STOP_SEQUENCES or any(t < 0 for t in s.stop_token_ids):
+        raise InvalidArgument(
+            f"stop_token_ids: at most {MAX_STOP_SEQUENCES} ids, each >= 0", field="stop_token_ids"
+        )
     return StopSpec(
         max_new_tokens=s.max_new_tokens,
         stop=stops,
@@ -73,6 +103,8 @@ def stop_spec(s: pb.StoppingParams) -> StopSpec:
         stop_on_double_eol=s.stop_on_double_eol,
         prevent_newline_after_colon=s.prevent_newline_after_colon,
         ignore_eos=s.ignore_eos,
+        min_tokens=s.min_tokens,
+        stop_token_ids=tuple(s.stop_token_ids),
     )
 
 
@@ -100,6 +132,15 @@ def sequence_requests(
         raise InvalidArgument("prompt_logprobs_from must be >= 0", field="prompt_logprobs_from")
     sampling = sampling_spec(params.sampling)
     stopping = stop_spec(params.stopping)
+    for field, ids in (
+        ("logit_bias", [t for t, _ in sampling.logit_bias]),
+        ("stop_token_ids", stopping.stop_token_ids),
+    ):
+        bad = next((t for t in ids if t >= tok.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(
+                f"{field}: token id {bad} is not in the vocabulary (0..{tok.vocab_size - 1})", field=field
+            )
     return [
         SequenceRequest(
             prompt_ids=prompt_ids(p, tok, params.add_bos),
@@ -116,7 +157,7 @@ def sequence_requests(
 
 def generated_text(r: SequenceResult, tok: Tokenizer, stops: Sequence[str]) -> str:
     """Generated text without a final EOS token, cut before the first stop string."""
-    ids = r.token_ids[:-1] if r.finish_reason == EOS and r.token_ids else r.token_ids
+    ids = r.token_ids[:-1] if r.finish_reason == EOS and r.token_ids else r.token_ids  # EOS or a stop id
     text = tok.decode(ids)
     cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return text[: min(cuts)] if cuts else text

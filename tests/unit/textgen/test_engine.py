@@ -256,3 +256,49 @@ def test_batch_invariant_sequences_get_the_same_bits_alone_and_among_31_others(t
                 assert mine.prompt_top == alone.prompt_top
     finally:
         s.engine.stop()
+
+
+def penalised_ref(hf, ids: list[int], n: int, presence: float, frequency: float, bias: dict[int, float]):
+    """Greedy decoding of HF logits after OpenAI's penalties and logit_bias, computed here independently."""
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            x = hf(torch.tensor([ids])).logits[0, -1].float()
+            for t in set(out):
+                x[t] -= frequency * out.count(t) + presence
+            for t, b in bias.items():
+                x[t] = float("-inf") if b <= -100 else x[t] + b
+            out.append(int(x.argmax()))
+            ids.append(out[-1])
+    return out
+
+
+def test_presence_frequency_penalties_and_logit_bias_match_a_reference(served, hf):
+    ids = served.tokenizer.encode(PROMPTS[0])
+    plain = greedy_ref(hf, ids, 12)
+    bias = {plain[0]: -100.0, plain[3]: 3.0}
+    sampling = SamplingSpec(
+        greedy=True, presence_penalty=0.8, frequency_penalty=1.5, logit_bias=tuple(bias.items())
+    )
+    r = served.engine.submit([req(ids, sampling=sampling)])[0].result()
+    assert r.token_ids == penalised_ref(hf, ids, 12, 0.8, 1.5, bias)
+    assert plain[0] not in r.token_ids and r.token_ids != plain
+
+
+def test_min_tokens_holds_off_eos_and_stop_ids_which_then_end_the_sequence(served):
+    tok = served.tokenizer
+    ids = tok.encode(PROMPTS[1])
+    eos = tok.eos_id
+    push_eos = SamplingSpec(greedy=True, logit_bias=((eos, 100.0),))
+    r = served.engine.submit([req(ids, n=10, sampling=push_eos, ignore_eos=False, stop={"min_tokens": 4})])[0]
+    r = r.result()
+    assert r.finish_reason == EOS and len(r.token_ids) == 5 and r.token_ids[-1] == eos
+    assert eos not in r.token_ids[:4]
+    stop_id = tok.encode(" the")[-1]
+    push_stop = SamplingSpec(greedy=True, logit_bias=((stop_id, 100.0),))
+    r = served.engine.submit([req(ids, n=10, sampling=push_stop, stop={"stop_token_ids": (stop_id,)})])[0]
+    r = r.result()
+    assert r.finish_reason == EOS and r.token_ids == [
+        stop_id
+    ]  # ended by the stop id, which the text leaves out
+    assert generated_text(r, tok, []) == ""

@@ -3,6 +3,8 @@ import torch
 
 from services.textgen.sampling import (
     SamplingSpec,
+    apply_logit_bias,
+    apply_openai_penalties,
     apply_repetition_penalty,
     make_generator,
     next_top_p,
@@ -128,3 +130,20 @@ def test_a_row_without_a_finite_logit_is_a_sampling_error():
         sample_row(torch.full((5,), float("nan")), SamplingSpec(greedy=True), 0.0, None)
     with pytest.raises(SamplingError):
         sample_row(torch.full((5,), float("-inf")), SamplingSpec(seed=1), 0.0, make_generator(1))
+
+
+def test_openai_penalties_count_generated_tokens_only():
+    row = torch.zeros(6)
+    out = apply_openai_penalties(row, [2, 2, 5], presence=0.5, frequency=0.25)
+    # token 2: 2 occurrences -> -0.5 - 0.5; token 5: one -> -0.25 - 0.5; never-generated tokens untouched
+    assert out.tolist() == [0.0, 0.0, -1.0, 0.0, 0.0, -0.75]
+    assert apply_openai_penalties(row, [], 2.0, 2.0) is row
+    assert apply_openai_penalties(row, [1], -1.0, 0.0)[1] == 1.0  # negative values encourage
+
+
+def test_logit_bias_adds_and_minus_100_bans():
+    row = torch.tensor([1.0, 2.0, 3.0])
+    out = apply_logit_bias(row, ((0, 5.0), (2, -100.0), (9, 50.0)))  # an id past the row is ignored
+    assert out[0] == 6.0 and out[1] == 2.0 and out[2] == float("-inf")
+    assert sample_row(out, SamplingSpec(greedy=True), 0.0, None) == 0
+    assert row.tolist() == [1.0, 2.0, 3.0]  # the caller's row is not changed

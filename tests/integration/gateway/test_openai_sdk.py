@@ -1,0 +1,105 @@
+"""The OpenAI routes driven by the official ``openai`` Python package, as applications reach them: every
+answer must parse into the SDK's own types, and a bad parameter is the SDK's BadRequestError naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_completion_types_usage_and_logprobs(client):
+    r = client.completions.create(
+        model="llama", prompt="He fell to the", max_tokens=6, temperature=0, logprobs=2
+    )
+    assert isinstance(r, openai.types.Completion) and r.object == "text_completion"
+    c = r.choices[0]
+    assert c.index == 0 and c.finish_reason in ("length", "stop") and isinstance(c.text, str)
+    assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == r.usage.completion_tokens
+    assert all(len(top) <= 2 for top in c.logprobs.top_logprobs)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_penalties_and_logit_bias_change_the_greedy_text_as_asked(client, gateway):
+    import requests
+
+    base = dict(model="llama", prompt="The murder was", max_tokens=8, temperature=0)
+    plain = client.completions.create(**base, logprobs=0)
+    # a generated token whose text tokenizes back to itself alone: ban its id
+    pieces = plain.choices[0].logprobs.tokens
+    ids = [
+        requests.post(f"{gateway.url}/tokenize", json={"prompt": p}, timeout=10).json()["tokens"]
+        for p in pieces
+    ]
+    k = next(i for i, x in enumerate(ids) if len(x) == 1)
+    piece = pieces[k]
+    banned = client.completions.create(**base, logit_bias={str(ids[k][0]): -100}, logprobs=0)
+    assert banned.choices[0].logprobs.tokens[:k] == plain.choices[0].logprobs.tokens[:k]
+    assert banned.choices[0].logprobs.tokens[k] != piece
+    penalised = client.completions.create(**base, presence_penalty=2.0, frequency_penalty=2.0)
+    again = client.completions.create(**base, presence_penalty=2.0, frequency_penalty=2.0)
+    assert penalised.choices[0].text == again.choices[0].text  # greedy with penalties is deterministic
+    assert isinstance(penalised, openai.types.Completion)
+
+
+def test_vllm_extras_min_tokens_and_stop_token_ids(client):
+    r = client.completions.create(
+        model="llama",
+        prompt="x",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"min_tokens": 5, "ignore_eos": False},
+    )
+    assert r.usage.completion_tokens >= 5
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="llama", prompt="x", max_tokens=4, extra_body={"min_tokens": 9})
+    assert e.value.body["param"] == "min_tokens"
+
+
+def test_chat_with_logprobs_and_a_stream_with_usage(client):
+    msgs = [{"role": "user", "content": "Say something."}]
+    r = client.chat.completions.create(
+        model="llama", messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    assert isinstance(r, openai.types.chat.ChatCompletion) and r.choices[0].message.role == "assistant"
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 for t in r.choices[0].logprobs.content)
+    chunks = list(
+        client.chat.completions.create(
+            model="llama",
+            messages=msgs,
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(isinstance(c, openai.types.chat.ChatCompletionChunk) for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert (
+        text == r.choices[0].message.content
+        and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    )
+
+
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"not-an-id": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids"),
+        ({"n": 2}, "n"),
+    ],
+)
+def test_bad_parameters_are_the_sdks_bad_request_naming_the_field(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="llama", prompt="x", max_tokens=2, **kw)
+    assert e.value.status_code == 400 and e.value.body["param"] == param, e.value.body
