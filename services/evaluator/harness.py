@@ -38,6 +38,8 @@ class EvalSpec:
     include_paths: tuple[str, ...] = ()
     name: str = ""
     apply_chat_template: bool = False
+    system_instruction: str = ""
+    fewshot_as_multiturn: bool = False
 
     def model_kind(self) -> str:
         kinds = [k for k in ("textgen_address", "hf_checkpoint", "completions_url") if getattr(self, k)]
@@ -85,6 +87,11 @@ def check_spec(spec: EvalSpec, known: list[str]) -> None:
         raise InvalidArgument("limit must be > 0 (or unset for every document)", field="limit")
     if spec.batch_size < 1:
         raise InvalidArgument("batch_size must be >= 1", field="batch_size")
+    if spec.fewshot_as_multiturn and not spec.apply_chat_template:
+        raise InvalidArgument(
+            "fewshot_as_multiturn lays few-shot examples out as chat turns: it needs apply_chat_template",
+            field="fewshot_as_multiturn",
+        )
     if kind == "hf_checkpoint" and not (Path(spec.hf_checkpoint) / "config.json").is_file():
         raise InvalidArgument(
             f"hf_checkpoint {spec.hf_checkpoint} is not an HF folder (no config.json)", field="hf_checkpoint"
@@ -217,6 +224,17 @@ def check_reachable(spec: EvalSpec) -> None:
                     f"textgen at {spec.textgen_address} is not reachable or not serving",
                     field="textgen_address",
                 )
+            if spec.apply_chat_template:
+                from protos.textgen.v1 import textgen_pb2, textgen_pb2_grpc
+
+                info = textgen_pb2_grpc.TextGenServiceStub(ch).GetModelInfo(
+                    textgen_pb2.GetModelInfoRequest(), timeout=10
+                )
+                if not info.has_chat_template:
+                    raise InvalidArgument(
+                        f"the model served at {spec.textgen_address} ({info.name}) has no chat template",
+                        field="apply_chat_template",
+                    )
     elif spec.completions_url:
         base = spec.completions_url.split("/v1/")[0]
         try:
@@ -348,6 +366,8 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
             torch_random_seed=spec.seed,
             fewshot_random_seed=spec.seed,
             apply_chat_template=spec.apply_chat_template,
+            system_instruction=spec.system_instruction or None,
+            fewshot_as_multiturn=spec.fewshot_as_multiturn,
         )
     except Exception as e:
         hint = _dataset_hint(e, spec.tasks)
@@ -356,6 +376,14 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
         raise
     seconds = time.perf_counter() - t0
     results_path = work_dir / "results.json"
+    # what this run asked for, and the engine's numeric mode (whether its scores can move with the load)
+    info = getattr(model, "info", None)
+    results["megastack"] = {
+        "apply_chat_template": spec.apply_chat_template,
+        "system_instruction": spec.system_instruction,
+        "fewshot_as_multiturn": spec.fewshot_as_multiturn,
+        "batch_invariant": info.batch_invariant if info is not None else None,
+    }
     results_path.write_text(json.dumps(results, indent=1, default=str))
     summary = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
     (work_dir / "summary.md").write_text(summary)

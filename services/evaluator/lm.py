@@ -76,6 +76,25 @@ class TextgenLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.info.name
 
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The served model's own chat template (what ``apply_chat_template`` lays prompts out with)."""
+        return self.info.chat_template if chat_template else ""
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """``chat_history`` as the served model lays out a conversation (its tokenizer's Jinja template,
+        rendered as transformers renders it)."""
+        from llm.chat_template import render
+
+        return render(
+            self.info.chat_template,
+            chat_history,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.info.bos_token,
+            eos_token=self.info.eos_token,
+        )
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         ids = self._encodings.get(string)
         if ids is None:

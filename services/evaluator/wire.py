@@ -24,6 +24,8 @@ def spec_from_pb(s: pb.EvaluationSpec) -> EvalSpec:
         include_paths=tuple(s.include_paths),
         name=s.name,
         apply_chat_template=s.apply_chat_template,
+        system_instruction=s.system_instruction,
+        fewshot_as_multiturn=s.fewshot_as_multiturn,
     )
 
 
@@ -38,6 +40,8 @@ def spec_to_pb(s: EvalSpec) -> pb.EvaluationSpec:
         include_paths=s.include_paths,
         name=s.name,
         apply_chat_template=s.apply_chat_template,
+        system_instruction=s.system_instruction,
+        fewshot_as_multiturn=s.fewshot_as_multiturn,
     )
     if s.textgen_address:
         out.textgen_address = s.textgen_address

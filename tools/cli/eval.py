@@ -66,6 +66,8 @@ def run(a: argparse.Namespace) -> int:
         name=a.name,
         include_paths=[str(p) for p in a.include_path],
         apply_chat_template=a.apply_chat_template,
+        system_instruction=a.system_instruction,
+        fewshot_as_multiturn=a.fewshot_as_multiturn,
     )
     if a.hf:
         spec.hf_checkpoint = str(a.hf.absolute())
@@ -256,7 +258,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="a folder of extra task YAMLs (repeatable)",
     )
-    r.add_argument("--apply-chat-template", action="store_true")
+    r.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="lay prompts out with the served model's own chat template (refused when it has none)",
+    )
+    r.add_argument("--system-instruction", default="", help="a system message before each prompt")
+    r.add_argument(
+        "--fewshot-as-multiturn",
+        action="store_true",
+        help="few-shot examples as alternating chat turns (with --apply-chat-template)",
+    )
     r.add_argument("--detach", "-d", action="store_true", help="print the job id and return")
     r.add_argument(
         "--dry-run",

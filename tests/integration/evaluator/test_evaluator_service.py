@@ -16,6 +16,7 @@ from protos.evaluator.v1 import evaluator_pb2_grpc as pb_grpc
 from services.evaluator.__main__ import SERVICE
 from services.evaluator.servicer import EvaluatorServicer
 from shared.grpc.channel import make_channel
+from shared.grpc.interceptors import ERROR_FIELD_KEY
 from shared.grpc.server import Registration, build_server
 from shared.jobs import JobStore
 from tests.fixtures.servers import start_gateway, start_textgen
@@ -275,6 +276,60 @@ def test_cli_run_results_compare(evaluator_address, served, capsys):
     assert "megastack_capitals" in json.loads(capsys.readouterr().out)["results"]
     assert main(["eval", "--server", addr, "run", "megastack_capital", "--model", tg.address]) == 2
     assert "close names: megastack_capitals" in capsys.readouterr().err
+
+
+def test_chat_template_runs_with_the_served_models_own_template(stub, served, tiny_models, tmp_path):
+    """SmolLM2-Instruct's template lays out the prompts (system instruction and few-shot turns included);
+    a model without a template is refused at submit, naming the field."""
+    tg, _ = served
+    ev = follow(
+        stub,
+        submit(
+            stub,
+            textgen_address=tg.address,
+            tasks=["megastack_capitals"],
+            limit=4,
+            num_fewshot=1,
+            apply_chat_template=True,
+            system_instruction="Answer with the capital.",
+            fewshot_as_multiturn=True,
+        ),
+    )
+    assert ev.status.state == common_pb2.JOB_STATE_SUCCEEDED, ev.status.error
+    # lm-eval's base model raises NotImplementedError for chat templates: the run succeeding means TextgenLM
+    # laid the prompts out, with the served model's template
+    from services.evaluator.lm import TextgenLM
+
+    lm = TextgenLM(tg.address)
+    text = lm.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}])
+    assert text.startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n")
+    assert text.endswith("<|im_start|>assistant\n") and lm.chat_template(True) == lm.info.chat_template
+    run = json.loads(open(ev.result.results_path).read())["megastack"]
+    assert run == {
+        "apply_chat_template": True,
+        "system_instruction": "Answer with the capital.",
+        "fewshot_as_multiturn": True,
+        "batch_invariant": "scoring",
+    }
+    import shutil
+
+    plain = shutil.copytree(tiny_models["llama"], tmp_path / "no-template")
+    for f in plain.rglob("chat_template.jinja"):
+        f.unlink()
+    cfg = plain / "tokenizer_config.json"
+    cfg.write_text(json.dumps({k: v for k, v in json.loads(cfg.read_text()).items() if k != "chat_template"}))
+    bare = start_textgen(plain)
+    try:
+        for spec, field in (
+            (dict(textgen_address=bare.address, apply_chat_template=True), "apply_chat_template"),
+            (dict(textgen_address=tg.address, fewshot_as_multiturn=True), "fewshot_as_multiturn"),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                submit(stub, tasks=["megastack_capitals"], limit=2, **spec)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            assert (ERROR_FIELD_KEY, field) in e.value.trailing_metadata()
+    finally:
+        bare.stop()
 
 
 def test_hf_checkpoint_runs(stub, tiny_models):
