@@ -54,25 +54,36 @@ def make_prompts(model_dir: Path, n: int, length: int = 32) -> list[list[int]]:
     raise RuntimeError("corpus too short")
 
 
-def baseline_hf(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype: str) -> dict:
+def hf_model(model_dir: Path, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+
+
+def hf_generate(model, prompts: list[list[int]], n: int) -> float:
+    """Seconds for greedy ``generate()`` of exactly ``n`` new tokens for ``prompts`` as one batch."""
+    import torch
+
+    x = torch.tensor(prompts)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=model.config.eos_token_id,
+        )
+    return time.perf_counter() - t0
+
+
+def baseline_hf(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype: str) -> dict:
+    model = hf_model(model_dir, dtype)
 
     def gen(ids: list[int], n: int) -> float:
-        x = torch.tensor([ids])
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=model.config.eos_token_id,
-            )
-        return time.perf_counter() - t0
+        return hf_generate(model, [ids], n)
 
     gen(prompts[0], 4)  # warm-up
     one = statistics.median(gen(prompts[0], 1) for _ in range(3))
@@ -92,27 +103,9 @@ def baseline_hf(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtyp
 def baseline_hf_static(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype: str) -> dict:
     """HF ``generate()`` over all prompts as one static batch (the prompts are of one length: no padding),
     the best a server that batches whole requests together can do: median of 3 after a warm-up."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
-    x = torch.tensor(prompts)
-
-    def gen(n: int) -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=model.config.eos_token_id,
-            )
-        return time.perf_counter() - t0
-
-    gen(4)  # warm-up
-    wall = statistics.median(gen(new_tokens) for _ in range(3))
+    model = hf_model(model_dir, dtype)
+    hf_generate(model, prompts, 4)  # warm-up
+    wall = statistics.median(hf_generate(model, prompts, new_tokens) for _ in range(3))
     return {"tokens_per_s": len(prompts) * new_tokens / wall, "wall_s": wall, "batch": len(prompts)}
 
 
