@@ -34,3 +34,6 @@ MAX_LOGIT_BIAS = 100.0
 
 MAX_LOGIT_BIAS_TOKENS = 1024
 """Most tokens one request may bias."""
+
+MAX_N = 16
+"""Most sequences one prompt may ask for (OpenAI's ``n``)."""

@@ -37,13 +37,12 @@ from services.gateway.http import (
     stream_error,
 )
 from shared.errors import ServiceError
-from shared.limits import INT64_MAX, MAX_OPENAI_PENALTY, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
+from shared.limits import INT64_MAX, MAX_N, MAX_OPENAI_PENALTY, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
 
 
 def _check_unsupported(doc: dict[str, Any]) -> None:
-    for key in ("n", "best_of"):
-        if doc.get(key) not in (None, 1):
-            raise HTTPError(400, f"{key} > 1 is not supported", key)
+    if doc.get("best_of") not in (None, 1):
+        raise HTTPError(400, "best_of > 1 is not supported", "best_of")
     if doc.get("suffix") not in (None, ""):
         raise HTTPError(400, "suffix is not supported", "suffix")
 
@@ -77,6 +76,7 @@ class Options:
     logprobs: int | None
     include_usage: bool
     params: pb.GenerationParams
+    n: int = 1
 
 
 def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
@@ -95,6 +95,7 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
     presence = number(doc, "presence_penalty", 0.0, -MAX_OPENAI_PENALTY, MAX_OPENAI_PENALTY)
     frequency = number(doc, "frequency_penalty", 0.0, -MAX_OPENAI_PENALTY, MAX_OPENAI_PENALTY)
     min_tokens = integer(doc, "min_tokens", 0, 0, max_tokens)
+    n = integer(doc, "n", 1, 1, MAX_N)
     stop_ids = doc.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or len(stop_ids) > MAX_STOP_SEQUENCES:
         raise HTTPError(
@@ -147,6 +148,7 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
         prompt_logprobs=echo and logprobs is not None,
         logprobs=logprobs is not None,
         top_logprobs=logprobs or 0,
+        n=n,
     )
     return Options(
         stream=stream,
@@ -154,6 +156,7 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
         logprobs=logprobs,
         include_usage=bool(stream_options.get("include_usage")),
         params=params,
+        n=n,
     )
 
 
@@ -183,8 +186,9 @@ def completion_logprobs(c: pb.Completion, echo: bool, n: int) -> dict[str, Any]:
     }
 
 
-def usage(completions: list[pb.Completion]) -> dict[str, int]:
-    p = sum(len(c.prompt_token_ids) for c in completions)
+def usage(completions: list[pb.Completion], n: int = 1) -> dict[str, int]:
+    """Token counts as OpenAI reports them: a prompt counts once, however many of its n choices came back."""
+    p = sum(len(c.prompt_token_ids) for c in completions if c.index % n == 0)
     g = sum(len(c.token_ids) for c in completions)
     return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
 
@@ -257,7 +261,7 @@ class Completions(_Base):
                 "created": created,
                 "model": model,
                 "choices": choices,
-                "usage": usage(list(resp.completions)),
+                "usage": usage(list(resp.completions), opts.n),
             }
         )
 
@@ -288,7 +292,7 @@ class Completions(_Base):
                             "created": created,
                             "model": model,
                             "choices": [],
-                            "usage": usage(done),
+                            "usage": usage(done, opts.n),
                         }
                     )
                 return
@@ -306,6 +310,31 @@ class Completions(_Base):
                 yield chunk(msg.index, msg.text, None, lp)
 
         return render
+
+
+def _chat_choice(c: pb.Completion, opts: Options) -> dict[str, Any]:
+    """One chat choice (with OpenAI's chat logprobs when asked for)."""
+    choice: dict[str, Any] = {
+        "index": c.index,
+        "message": {"role": "assistant", "content": c.text},
+        "finish_reason": finish_name(c.finish_reason),
+        "logprobs": None,
+    }
+    if opts.logprobs is not None:
+        tops = list(c.top_logprobs) or [pb.TopLogprobs()] * len(c.tokens)
+        choice["logprobs"] = {
+            "content": [
+                {
+                    "token": t,
+                    "logprob": lp,
+                    "top_logprobs": [{"token": a, "logprob": b} for a, b in zip(top.tokens, top.logprobs)]
+                    if opts.logprobs
+                    else [],
+                }
+                for t, lp, top in zip(c.tokens, c.logprobs, tops)
+            ]
+        }
+    return choice
 
 
 def _messages(doc: dict[str, Any]) -> list[pb.ChatMessage]:
@@ -343,51 +372,30 @@ class ChatCompletions(_Base):
                 self._renderer(cid, created, model, opts),
             )
         resp = self.pool.unary("Generate", pb.GenerateRequest(prompts=prompts, params=opts.params))
-        c = resp.completions[0]
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": c.text},
-            "finish_reason": finish_name(c.finish_reason),
-            "logprobs": None,
-        }
-        if opts.logprobs is not None:
-            choice["logprobs"] = {
-                "content": [
-                    {
-                        "token": t,
-                        "logprob": lp,
-                        "top_logprobs": [{"token": a, "logprob": b} for a, b in zip(top.tokens, top.logprobs)]
-                        if opts.logprobs
-                        else [],
-                    }
-                    for t, lp, top in zip(
-                        c.tokens, c.logprobs, list(c.top_logprobs) or [pb.TopLogprobs()] * len(c.tokens)
-                    )
-                ]
-            }
         return json_response(
             {
                 "id": cid,
                 "object": "chat.completion",
                 "created": created,
                 "model": model,
-                "choices": [choice],
-                "usage": usage([c]),
+                "choices": [_chat_choice(c, opts) for c in resp.completions],
+                "usage": usage(list(resp.completions), opts.n),
             }
         )
 
     @staticmethod
     def _renderer(cid: str, created: int, model: str, opts: Options):
-        state = {"started": False, "done": []}
+        started: set[int] = set()  # choices whose role chunk went out
+        done: list[pb.Completion] = []
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> str:
+        def chunk(index: int, delta: dict[str, Any], finish: str | None) -> str:
             return sse(
                 {
                     "id": cid,
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
                 }
             )
 
@@ -401,20 +409,22 @@ class ChatCompletions(_Base):
                             "created": created,
                             "model": model,
                             "choices": [],
-                            "usage": usage(state["done"]),
+                            "usage": usage(done, opts.n),
                         }
                     )
                 return
-            if not state["started"]:
-                state["started"] = True
-                yield chunk({"role": "assistant", "content": ""}, None)
+            if msg.index not in started:
+                started.add(msg.index)
+                yield chunk(msg.index, {"role": "assistant", "content": ""}, None)
             if msg.finished:
-                state["done"].append(msg.completion)
+                done.append(msg.completion)
                 yield chunk(
-                    {"content": msg.text} if msg.text else {}, finish_name(msg.completion.finish_reason)
+                    msg.index,
+                    {"content": msg.text} if msg.text else {},
+                    finish_name(msg.completion.finish_reason),
                 )
             elif msg.text:
-                yield chunk({"content": msg.text}, None)
+                yield chunk(msg.index, {"content": msg.text}, None)
 
         return render
 

@@ -375,8 +375,12 @@ class Engine:
             M.QUEUE_TIME.observe(now - s.submitted_at)
         # Scoring-only requests that differ only in their last token (the answers of a multiple-choice
         # question) share one forward pass: the distribution over that last token is the same for all.
+        # Generating sequences with the same prompt (OpenAI's n) share one prefill: the others get a copy
+        # of its KV slot and its last logits row, then each samples on its own.
         reps: dict[tuple, _Seq] = {}
         followers: list[tuple[_Seq, _Seq]] = []
+        twin_reps: dict[tuple, _Seq] = {}
+        twins: list[tuple[_Seq, _Seq]] = []
         compute: list[_Seq] = []
         for s in group:
             key = _shared_key(s)
@@ -385,6 +389,13 @@ class Engine:
                     followers.append((s, reps[key]))
                     continue
                 reps[key] = s
+            elif s.req.stopping.max_new_tokens > 0:
+                r = s.req
+                tkey = (r.prompt_ids, r.prompt_logprobs, r.top_logprobs, r.scored_from, s.alone)
+                if tkey in twin_reps:
+                    twins.append((s, twin_reps[tkey]))
+                    continue
+                twin_reps[tkey] = s
             compute.append(s)
         outs = {
             id(s): out
@@ -397,6 +408,11 @@ class Engine:
                 self._fail(s, "prefill", RuntimeError("the shared forward pass failed"))
                 continue
             self._guarded(s, "scoring", lambda s=s, rep=rep: self._follow(s, rep, outs[id(rep)][2]))
+        for s, rep in twins:  # before the representatives run on: their slots may be freed when they finish
+            if id(rep) not in outs:
+                self._fail(s, "prefill", RuntimeError("the shared forward pass failed"))
+                continue
+            self._guarded(s, "prefill", lambda s=s, rep=rep: self._twin(s, rep, *outs[id(rep)][:2]))
         for s in compute:
             if id(s) in outs:
                 row, pick, _ = outs[id(s)]
@@ -440,6 +456,12 @@ class Engine:
                 start += n
         M.FORWARD_TIME.labels("prefill").observe(time.perf_counter() - t0)
         return list(zip(rows, picks, score_rows))
+
+    def _twin(self, s: _Seq, rep: _Seq, row: torch.Tensor, pick: int) -> None:
+        self.cache.copy_slot(rep.slot, s.slot, len(s.req.prompt_ids))
+        s.prompt_logprobs = None if rep.prompt_logprobs is None else list(rep.prompt_logprobs)
+        s.prompt_top = None if rep.prompt_top is None else list(rep.prompt_top)
+        self._after_prefill(s, row, pick)
 
     def _follow(self, s: _Seq, rep: _Seq, row: torch.Tensor | None) -> None:
         s.prompt_logprobs = [*rep.prompt_logprobs[:-1], float(row[s.req.prompt_ids[-1]])]

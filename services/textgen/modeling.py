@@ -80,6 +80,12 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Positions ``[0, length)`` of slot ``src`` into slot ``dst``, every layer (a shared prefill)."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
 
 def _inv_freq(arch: ArchConfig, device: torch.device) -> Tensor:
     d = arch.head_dim

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -24,6 +25,7 @@ from shared.errors import InvalidArgument
 from shared.limits import (
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_TOKENS,
+    MAX_N,
     MAX_OPENAI_PENALTY,
     MAX_STOP_SEQUENCES,
     MAX_TOP_LOGPROBS,
@@ -130,6 +132,15 @@ def sequence_requests(
         raise InvalidArgument(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}", field="top_logprobs")
     if params.prompt_logprobs_from < 0:
         raise InvalidArgument("prompt_logprobs_from must be >= 0", field="prompt_logprobs_from")
+    n = params.n or 1
+    if not 1 <= n <= MAX_N:
+        raise InvalidArgument(f"n must be in [1, {MAX_N}]", field="n")
+    if len(prompts) * n > max_prompts:
+        raise InvalidArgument(
+            f"{len(prompts)} prompts x n={n} is more than {max_prompts} sequences per request "
+            "(max_prompts_per_request)",
+            field="n",
+        )
     sampling = sampling_spec(params.sampling)
     stopping = stop_spec(params.stopping)
     for field, ids in (
@@ -141,17 +152,19 @@ def sequence_requests(
             raise InvalidArgument(
                 f"{field}: token id {bad} is not in the vocabulary (0..{tok.vocab_size - 1})", field=field
             )
+    seeded = sampling.seed >= 0
     return [
         SequenceRequest(
-            prompt_ids=prompt_ids(p, tok, params.add_bos),
-            sampling=sampling,
+            prompt_ids=ids,
+            sampling=dataclasses.replace(sampling, seed=sampling.seed + j) if seeded and j else sampling,
             stopping=stopping,
             prompt_logprobs=params.prompt_logprobs,
             logprobs=params.logprobs,
             top_logprobs=params.top_logprobs,
             prompt_logprobs_from=params.prompt_logprobs_from,
         )
-        for p in prompts
+        for ids in (prompt_ids(p, tok, params.add_bos) for p in prompts)
+        for j in range(n)
     ]
 
 

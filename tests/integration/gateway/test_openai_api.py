@@ -91,7 +91,8 @@ def test_chat_completion_and_stream(gateway):
     "body,status,field",
     [
         ({"prompt": "x", "model": "gpt-9"}, 404, "model"),
-        ({"prompt": "x", "n": 2}, 400, "n"),
+        ({"prompt": "x", "n": 17}, 400, "n"),
+        ({"prompt": "x", "best_of": 3}, 400, "best_of"),
         ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
         ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
         ({"prompt": [1, "a"]}, 400, "prompt"),

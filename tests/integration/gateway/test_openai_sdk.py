@@ -96,10 +96,52 @@ def test_chat_with_logprobs_and_a_stream_with_usage(client):
         ({"logit_bias": {"not-an-id": 1}}, "logit_bias"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
         ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
     ],
 )
 def test_bad_parameters_are_the_sdks_bad_request_naming_the_field(client, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="llama", prompt="x", max_tokens=2, **kw)
     assert e.value.status_code == 400 and e.value.body["param"] == param, e.value.body
+
+
+def test_n_choices_are_seeded_reproducible_and_count_the_prompt_once(client):
+    kw = dict(
+        model="llama",
+        prompt="Once upon a time",
+        max_tokens=6,
+        temperature=1.0,
+        seed=5,
+        n=3,
+        extra_body={"ignore_eos": True},
+    )
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    one = client.completions.create(**{**kw, "n": 1})
+    assert [c.index for c in a.choices] == [0, 1, 2] and [c.text for c in a.choices] == [
+        c.text for c in b.choices
+    ]
+    assert len({c.text for c in a.choices}) > 1  # three samples
+    assert a.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    assert a.usage.completion_tokens == 3 * 6
+    chunks = list(
+        client.chat.completions.create(
+            model="llama",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            temperature=1.0,
+            seed=5,
+            n=2,
+            extra_body={"ignore_eos": True},
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    by_index: dict[int, list] = {0: [], 1: []}
+    for c in chunks:
+        for ch in c.choices:
+            by_index[ch.index].append(ch)
+    for index, parts in by_index.items():
+        assert parts[0].delta.role == "assistant" and parts[-1].finish_reason is not None, index
+    assert chunks[-1].usage.completion_tokens == 8

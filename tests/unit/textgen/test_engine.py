@@ -302,3 +302,41 @@ def test_min_tokens_holds_off_eos_and_stop_ids_which_then_end_the_sequence(serve
         stop_id
     ]  # ended by the stop id, which the text leaves out
     assert generated_text(r, tok, []) == ""
+
+
+def test_n_sequences_share_one_prefill_and_each_samples_with_its_derived_seed(tiny_models):
+    """OpenAI's n: the j-th sequence of a prompt samples with seed + j, exactly as a request of its own with
+    that seed would (batch-invariant engine, so the comparison is bit for bit), after one shared prefill."""
+    from prometheus_client import REGISTRY
+
+    from protos.textgen.v1 import textgen_pb2 as pb
+    from services.textgen.wire import sequence_requests
+
+    s = _engine_with(tiny_models, "all")
+    try:
+        params = pb.GenerationParams(
+            sampling=pb.SamplingParams(temperature=1.0, seed=11),
+            stopping=pb.StoppingParams(max_new_tokens=8, ignore_eos=True),
+            logprobs=True,
+            n=3,
+        )
+        prompt = pb.Prompt(text=PROMPTS[0])
+        reqs = sequence_requests([prompt], params, s.tokenizer, max_prompts=8)
+        assert [r.sampling.seed for r in reqs] == [11, 12, 13]
+
+        def prefills() -> float:
+            labels = {"method": "prefill"}
+            return REGISTRY.get_sample_value("megastack_textgen_batch_forward_duration_seconds_count", labels)
+
+        before = prefills()
+        together = [h.result() for h in s.engine.submit(reqs)]
+        assert prefills() - before == 1  # one prefill for the three
+        alone = [s.engine.submit([r])[0].result() for r in reqs]
+        assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+        assert [r.logprobs for r in together] == [r.logprobs for r in alone]
+        assert len({tuple(r.token_ids) for r in together}) > 1  # three samples, not one copied
+        with pytest.raises(InvalidArgument) as e:
+            sequence_requests([prompt] * 3, params, s.tokenizer, max_prompts=8)
+        assert e.value.field == "n"
+    finally:
+        s.engine.stop()
