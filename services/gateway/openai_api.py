@@ -40,9 +40,9 @@ from shared.errors import ServiceError
 from shared.limits import INT64_MAX, MAX_N, MAX_OPENAI_PENALTY, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
 
 
-def _check_unsupported(doc: dict[str, Any]) -> None:
-    if doc.get("best_of") not in (None, 1):
-        raise HTTPError(400, "best_of > 1 is not supported", "best_of")
+def _check_unsupported(doc: dict[str, Any], chat: bool) -> None:
+    if chat and doc.get("best_of") not in (None, 1):
+        raise HTTPError(400, "best_of is a completions parameter", "best_of")
     if doc.get("suffix") not in (None, ""):
         raise HTTPError(400, "suffix is not supported", "suffix")
 
@@ -77,10 +77,11 @@ class Options:
     include_usage: bool
     params: pb.GenerationParams
     n: int = 1
+    best_of: int = 1  # candidates generated per prompt; the n with the highest cumulative logprob return
 
 
 def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
-    _check_unsupported(doc)
+    _check_unsupported(doc, chat)
     max_tokens = integer(
         doc,
         "max_completion_tokens" if chat and "max_completion_tokens" in doc else "max_tokens",
@@ -96,6 +97,9 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
     frequency = number(doc, "frequency_penalty", 0.0, -MAX_OPENAI_PENALTY, MAX_OPENAI_PENALTY)
     min_tokens = integer(doc, "min_tokens", 0, 0, max_tokens)
     n = integer(doc, "n", 1, 1, MAX_N)
+    best_of = n if chat else integer(doc, "best_of", n, 1, MAX_N)
+    if best_of < n:
+        raise HTTPError(400, f"best_of ({best_of}) must be >= n ({n})", "best_of")
     stop_ids = doc.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or len(stop_ids) > MAX_STOP_SEQUENCES:
         raise HTTPError(
@@ -118,6 +122,8 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
     stream = doc.get("stream", False)
     if not isinstance(stream, bool):
         raise HTTPError(400, "stream must be a boolean", "stream")
+    if stream and best_of > n:
+        raise HTTPError(400, "best_of > n cannot be streamed (the best are known at the end)", "best_of")
     ignore_eos = doc.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise HTTPError(400, "ignore_eos must be a boolean", "ignore_eos")
@@ -148,8 +154,10 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
         prompt_logprobs=echo and logprobs is not None,
         logprobs=logprobs is not None,
         top_logprobs=logprobs or 0,
-        n=n,
+        n=best_of,
     )
+    if best_of > n:
+        params.logprobs = True  # the candidates are ranked by their cumulative logprob
     return Options(
         stream=stream,
         echo=echo,
@@ -157,6 +165,7 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
         include_usage=bool(stream_options.get("include_usage")),
         params=params,
         n=n,
+        best_of=best_of,
     )
 
 
@@ -184,6 +193,18 @@ def completion_logprobs(c: pb.Completion, echo: bool, n: int) -> dict[str, Any]:
         "top_logprobs": tops if n else None,
         "text_offset": offsets,
     }
+
+
+def pick_best(completions: list[pb.Completion], n: int, candidates: int) -> list[pb.Completion]:
+    """Of each prompt's ``candidates`` completions (consecutive), the ``n`` with the highest cumulative
+    logprob, best first (vLLM's best_of before its V1 engine); all of them when ``candidates == n``."""
+    if candidates == n:
+        return completions
+    out = []
+    for start in range(0, len(completions), candidates):
+        group = completions[start : start + candidates]
+        out += sorted(group, key=lambda c: -sum(c.logprobs))[:n]
+    return out
 
 
 def usage(completions: list[pb.Completion], n: int = 1) -> dict[str, int]:
@@ -242,11 +263,11 @@ class Completions(_Base):
             )
         resp = self.pool.unary("Generate", pb.GenerateRequest(prompts=prompts, params=opts.params))
         choices = []
-        for c in resp.completions:
+        for index, c in enumerate(pick_best(list(resp.completions), opts.n, opts.best_of)):
             text = (c.prompt_text + c.text) if opts.echo else c.text
             choices.append(
                 {
-                    "index": c.index,
+                    "index": index,
                     "text": text,
                     "finish_reason": finish_name(c.finish_reason),
                     "logprobs": completion_logprobs(c, opts.echo, opts.logprobs or 0)
@@ -261,7 +282,7 @@ class Completions(_Base):
                 "created": created,
                 "model": model,
                 "choices": choices,
-                "usage": usage(list(resp.completions), opts.n),
+                "usage": usage(list(resp.completions), opts.best_of),
             }
         )
 

@@ -92,7 +92,7 @@ def test_chat_completion_and_stream(gateway):
     [
         ({"prompt": "x", "model": "gpt-9"}, 404, "model"),
         ({"prompt": "x", "n": 17}, 400, "n"),
-        ({"prompt": "x", "best_of": 3}, 400, "best_of"),
+        ({"prompt": "x", "best_of": 0}, 400, "best_of"),
         ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
         ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
         ({"prompt": [1, "a"]}, 400, "prompt"),

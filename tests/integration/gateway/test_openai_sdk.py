@@ -98,6 +98,8 @@ def test_chat_with_logprobs_and_a_stream_with_usage(client):
         ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids"),
         ({"n": 17}, "n"),
         ({"n": 0}, "n"),
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"best_of": 2, "stream": True}, "best_of"),
     ],
 )
 def test_bad_parameters_are_the_sdks_bad_request_naming_the_field(client, kw, param):
@@ -145,3 +147,22 @@ def test_n_choices_are_seeded_reproducible_and_count_the_prompt_once(client):
     for index, parts in by_index.items():
         assert parts[0].delta.role == "assistant" and parts[-1].finish_reason is not None, index
     assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(client):
+    kw = dict(
+        model="llama",
+        prompt="He fell",
+        max_tokens=5,
+        temperature=1.0,
+        seed=9,
+        extra_body={"ignore_eos": True},
+    )
+    # the candidates best_of=4 draws are the n=4 choices of the same seed (choice j samples with seed + j)
+    four = client.completions.create(**kw, n=4, logprobs=0)
+    best = client.completions.create(**kw, n=2, best_of=4, logprobs=0)
+    ranked = sorted(four.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert best.usage.completion_tokens == 4 * 5  # every candidate's tokens count
+    assert best.usage.prompt_tokens == four.usage.prompt_tokens
