@@ -378,11 +378,13 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
     results_path = work_dir / "results.json"
     # what this run asked for, and the engine's numeric mode (whether its scores can move with the load)
     info = getattr(model, "info", None)
+    determinism = model.determinism() if hasattr(model, "determinism") else None
     results["megastack"] = {
         "apply_chat_template": spec.apply_chat_template,
         "system_instruction": spec.system_instruction,
         "fewshot_as_multiturn": spec.fewshot_as_multiturn,
         "batch_invariant": info.batch_invariant if info is not None else None,
+        "determinism": determinism,
     }
     results_path.write_text(json.dumps(results, indent=1, default=str))
     summary = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
@@ -407,4 +409,5 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
         "summary": summary,
         "seconds": seconds,
         "num_requests": int(model._total),
+        "determinism": -1.0 if determinism is None else determinism,
     }

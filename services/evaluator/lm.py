@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 
 
+DETERMINISM_SAMPLE = 16  # scored requests re-scored alone after a run (TextgenLM.determinism)
+
+
 @register_model("megastack-textgen")
 class TextgenLM(TemplateLM):
     def __init__(
@@ -58,6 +61,8 @@ class TextgenLM(TemplateLM):
         self._max_length = min(max_length, self.info.max_context_tokens)
         self.max_gen_toks = max_gen_toks
         self._encodings: dict[str, tuple[int, ...]] = {}
+        # a sample of what was scored (prompt, first scored position, log-probs), re-scored alone afterwards
+        self._scored: list[tuple[list[int], int, list[float]]] = []
 
     # -- what TemplateLM needs -------------------------------------------------------------------
     @property
@@ -144,31 +149,54 @@ class TextgenLM(TemplateLM):
         in_flight: deque = deque()  # two calls in flight: the engine starts the next one without a round trip
 
         def collect() -> None:
-            chunk, first, future = in_flight.popleft()
+            chunk, future = in_flight.popleft()
             for k, c in zip(chunk, self._result(future).completions):
-                skip = max(1, starts[k]) - first
-                out[k] = (list(c.prompt_logprobs)[skip:], list(c.prompt_top_logprobs)[skip:])
+                out[k] = (list(c.prompt_logprobs), list(c.prompt_top_logprobs))
+                if len(self._scored) < DETERMINISM_SAMPLE and len(chunk) > 1:
+                    self._scored.append((prompts[k], max(1, starts[k]), out[k][0]))
             self._done += len(chunk)
             self._report(what)
 
         for chunk in self._chunks(order, prompts):
-            first = max(1, min(starts[k] for k in chunk))
+            # each prompt scored from its own first position: what it gets back does not depend on the others
             params = pb.GenerationParams(
                 sampling=pb.SamplingParams(greedy=True),
                 stopping=pb.StoppingParams(max_new_tokens=0),
                 prompt_logprobs=True,
                 top_logprobs=1,
-                prompt_logprobs_from=first,
             )
             request = pb.GenerateRequest(
-                prompts=[pb.Prompt(tokens=pb.TokenIds(ids=prompts[k])) for k in chunk], params=params
+                prompts=[
+                    pb.Prompt(tokens=pb.TokenIds(ids=prompts[k]), logprobs_from=max(1, starts[k]))
+                    for k in chunk
+                ],
+                params=params,
             )
-            in_flight.append((chunk, first, self.stub.Generate.future(request, timeout=self.timeout_s)))
+            in_flight.append((chunk, self.stub.Generate.future(request, timeout=self.timeout_s)))
             if len(in_flight) == 2:
                 collect()
         while in_flight:
             collect()
         return out
+
+    def determinism(self) -> float | None:
+        """The fraction of a sample of scored requests whose log-probs come back bit for bit the same when
+        each is sent again alone (a different batch composition from the run's); None when nothing was
+        scored in a batch."""
+        if not self._scored:
+            return None
+        same = 0
+        for ids, start, logprobs in self._scored:
+            params = pb.GenerationParams(
+                sampling=pb.SamplingParams(greedy=True),
+                stopping=pb.StoppingParams(max_new_tokens=0),
+                prompt_logprobs=True,
+                prompt_logprobs_from=start,
+            )
+            request = pb.GenerateRequest(prompts=[pb.Prompt(tokens=pb.TokenIds(ids=ids))], params=params)
+            again = list(self._call(self.stub.Generate, request).completions[0].prompt_logprobs)
+            same += again == logprobs
+        return same / len(self._scored)
 
     def _chunks(self, order: list[int], prompts: list[list[int]]):
         """Calls of ``batch_size`` distinct forward passes: prompts that differ only in their last token

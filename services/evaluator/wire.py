@@ -74,5 +74,6 @@ def evaluation_pb(rec: JobRecord) -> pb.Evaluation:
         summary=r.get("summary", ""),
         num_requests=r.get("num_requests", 0),
         seconds=r.get("seconds", 0.0),
+        determinism=r.get("determinism", -1.0),
     )
     return pb.Evaluation(status=status_pb(rec), spec=spec_message(rec.spec, pb.EvaluationSpec), result=result)

@@ -130,7 +130,7 @@ def sequence_requests(
         )
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}", field="top_logprobs")
-    if params.prompt_logprobs_from < 0:
+    if params.prompt_logprobs_from < 0 or any(p.logprobs_from < 0 for p in prompts):
         raise InvalidArgument("prompt_logprobs_from must be >= 0", field="prompt_logprobs_from")
     n = params.n or 1
     if not 1 <= n <= MAX_N:
@@ -161,9 +161,9 @@ def sequence_requests(
             prompt_logprobs=params.prompt_logprobs,
             logprobs=params.logprobs,
             top_logprobs=params.top_logprobs,
-            prompt_logprobs_from=params.prompt_logprobs_from,
+            prompt_logprobs_from=p.logprobs_from or params.prompt_logprobs_from,
         )
-        for ids in (prompt_ids(p, tok, params.add_bos) for p in prompts)
+        for p, ids in ((p, prompt_ids(p, tok, params.add_bos)) for p in prompts)
         for j in range(n)
     ]
 

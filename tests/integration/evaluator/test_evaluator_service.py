@@ -103,6 +103,9 @@ def test_offline_suite_end_to_end_beats_chance(stub, served):
     stored = json.loads(Path(ev.result.results_path).read_text())
     assert stored["results"]["megastack_capitals"]["acc,none"] == s["megastack_capitals"]["acc,none"]
     assert "megastack_capitals" in ev.result.summary and "|" in ev.result.summary
+    # textgen's default batch invariance: requests re-scored alone after the run match bit for bit
+    assert stored["megastack"]["batch_invariant"] == "scoring" and ev.result.determinism == 1.0
+    assert stored["megastack"]["determinism"] == 1.0
 
 
 def test_grpc_lm_and_local_completions_through_the_gateway_agree(stub, served):
@@ -310,6 +313,7 @@ def test_chat_template_runs_with_the_served_models_own_template(stub, served, ti
         "system_instruction": "Answer with the capital.",
         "fewshot_as_multiturn": True,
         "batch_invariant": "scoring",
+        "determinism": 1.0,
     }
     import shutil
 
