@@ -121,11 +121,14 @@ def test_promtool_accepts_every_metrics_page_and_the_rules(stack):
             continue
         page = requests.get(url, timeout=10).text
         out = subprocess.run(["promtool", "check", "metrics"], input=page, capture_output=True, text=True)
-        assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), (
-            p.name,
-            out.stdout,
-            out.stderr,
-        )
+        # textgen's vllm:* twins keep vLLM's names on purpose (dashboards made for vLLM): promtool's style
+        # lint flags the colon in them, and nothing else may be flagged
+        problems = [
+            line
+            for line in (out.stdout + out.stderr).splitlines()
+            if line.strip() and not re.fullmatch(r"vllm:\w+ metric names should not contain ':'", line.strip())
+        ]
+        assert not problems, (p.name, out.stdout, out.stderr)
     rules = subprocess.run(
         ["promtool", "check", "rules", str(PROMETHEUS_DIR / "alerts.yml")], capture_output=True, text=True
     )
