@@ -126,7 +126,8 @@ def test_promtool_accepts_every_metrics_page_and_the_rules(stack):
         problems = [
             line
             for line in (out.stdout + out.stderr).splitlines()
-            if line.strip() and not re.fullmatch(r"vllm:\w+ metric names should not contain ':'", line.strip())
+            if line.strip()
+            and not re.fullmatch(r"vllm:\w+ metric names should not contain ':'", line.strip())
         ]
         assert not problems, (p.name, out.stdout, out.stderr)
     rules = subprocess.run(
