@@ -174,7 +174,13 @@ class TextgenLM(TemplateLM):
             )
             in_flight.append((chunk, self.stub.Generate.future(request, timeout=self.timeout_s)))
             if len(in_flight) == 2:
-                collect()
+                try:
+                    collect()
+                except BaseException:
+                    for _, pending in in_flight:  # nothing left running (or to finalise) behind a failure
+                        pending.cancel()
+                    in_flight.clear()
+                    raise
         while in_flight:
             collect()
         return out

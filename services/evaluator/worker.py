@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -42,4 +43,10 @@ def main(spec_path: str, work_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    code = main(sys.argv[1], sys.argv[2])
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The record is written. Exit now: a gRPC future left pending by a run whose textgen went away can
+    # deadlock in its __del__ while the interpreter shuts down (seen: the worker lived on, its job "running").
+    os._exit(code)
