@@ -230,19 +230,19 @@ def check_textgen(c: Check, assets: dict, device: str, dtype: str) -> None:
         last = list(events)[-1]
         _wait_idle(s.engine)
         c.figures["cancel_frees_slot"] = (
-            last.finish_reason == CANCELLED and len(s.engine._free_slots) == s.engine.cache.num_slots
+            last.finish_reason == CANCELLED and s.engine.pool.num_free() == s.engine.pool.usable
         )
         c.expect(
             c.figures["cancel_frees_slot"],
-            f"cancel: {last.finish_reason}, free slots {len(s.engine._free_slots)}",
+            f"cancel: {last.finish_reason}, free blocks {s.engine.pool.num_free()}/{s.engine.pool.usable}",
         )
         # a fault in one sequence's decode fails it alone
         real, poison_len = s.model.decode, 60
 
-        def decode(tokens, positions, slots, cache, **kw):
+        def decode(tokens, positions, tables, cache):
             if int(positions.max()) >= poison_len:
                 raise RuntimeError("injected decode fault")
-            return real(tokens, positions, slots, cache, **kw)
+            return real(tokens, positions, tables, cache)
 
         s.model.decode = decode
         try:

@@ -20,6 +20,8 @@ def build(cfg: TextgenConfig) -> ServiceParts:
     M.QUEUE_CAPACITY.set(cfg.max_queue_size)
     M.BATCH_CAPACITY.set(cfg.max_batch_size)
     served = load_served_model(cfg)
+    M.KV_CACHE_BLOCKS.set(served.engine.pool.usable)
+    M.KV_CACHE_BLOCK_SIZE.set(served.engine.pool.block_size)
     M.bind_model(served.name)  # the model_name label of the vllm:* twins
     warmup(served)
     servicer = TextGenServicer(

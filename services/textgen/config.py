@@ -23,7 +23,28 @@ class TextgenConfig(ServiceConfig):
         "float32", help="Weights and activations dtype.", choices=("float32", "bfloat16", "float16")
     )
     device: str = setting("auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
-    max_batch_size: int = setting(16, help="Sequences decoded together (KV-cache slots).")
+    max_batch_size: int = setting(
+        256, help="Sequences running (decoded together) at most; the KV cache's blocks bound it too."
+    )
+    kv_cache_mb: int = setting(
+        0,
+        help="Memory for the paged KV cache, MiB. 0 = automatic: on CUDA 80% of the device memory free once "
+        "the weights are loaded, on CPU 2048 MiB (at most half the available memory). Never more than "
+        "max_batch_size sequences of the full context need.",
+    )
+    kv_cache_blocks: int = setting(
+        0,
+        help="Number of KV-cache blocks, overriding kv_cache_mb when > 0 (vLLM's num_gpu_blocks_override; "
+        "tests use it to run out of blocks on purpose). The pool must hold one sequence of the full context.",
+    )
+    block_size: int = setting(
+        16, help="Tokens per KV-cache block (the unit of allocation and prefix caching)."
+    )
+    prefix_caching: bool = setting(
+        True,
+        help="Automatic prefix caching: full blocks of a prompt that an earlier request already computed "
+        "(same tokens from the start) are reused instead of prefilled again.",
+    )
     max_queue_size: int = setting(
         256, help="Sequences waiting for a slot before new ones get RESOURCE_EXHAUSTED (HTTP 429)."
     )
@@ -57,6 +78,7 @@ class TextgenConfig(ServiceConfig):
             "max_context_tokens",
             "max_prefill_tokens",
             "max_prompts_per_request",
+            "block_size",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -67,5 +89,8 @@ class TextgenConfig(ServiceConfig):
             )
         if not self.watchdog_s > 0:
             raise ValueError(f"watchdog_s must be > 0, got {self.watchdog_s}")
+        for name in ("kv_cache_mb", "kv_cache_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")

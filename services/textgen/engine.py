@@ -1,49 +1,40 @@
-# Over 600 lines: one class owns the engine loop until scheduling moves out to its own module (issue 18).
-"""Continuous batching: sequences join the running batch between decode steps and leave when done.
+"""Continuous batching over a paged KV cache: sequences join the running batch between decode steps and
+leave when done.
 
-One engine thread owns the model and the KV cache. Each loop iteration it (1) finishes cancelled
-sequences, (2) prefills waiting sequences into free slots (bounded by a token budget), and (3) runs
-one decode step for every running sequence. Callers talk to it through :class:`SequenceHandle`:
-events arrive on a queue (tokens as they are produced, then the result), and ``cancel()`` frees the
-slot before the next step.
+One engine thread owns the model and the KV cache. Each loop iteration reads schedule -> execute ->
+update: the :class:`~services.textgen.scheduler.Scheduler` admits waiting sequences (block tables, prefix
+cache hits, budgets), the engine prefills what the cache did not have, the scheduler reserves a block for
+every running sequence's next position (preempting the newest when the pool is dry), and one decode step
+runs for every running sequence. Callers talk to it through :class:`SequenceHandle`: events arrive on a
+queue (tokens as they are produced, then the result), and ``cancel()`` frees the blocks before the next step.
 
 Failures are contained per sequence: a forward pass that raises for a group is run again for each of
 its sequences alone, and the sampling, log-probs, accept and stop detection of each sequence run
 under their own guard, so a fault ends exactly the sequences it belongs to (with an error naming
-their request id, their slots freed) and every other sequence goes on at the next step.
+their request id, their blocks freed) and every other sequence goes on at the next step.
 ``last_progress_at`` (a token accepted or a sequence finished) is what the health watchdog reads.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
+from services.textgen import choosing
 from services.textgen import metrics as M
-from services.textgen.modeling import DecoderLM, KVCache
-from services.textgen.sampling import (
-    apply_logit_bias,
-    apply_openai_penalties,
-    apply_repetition_penalty,
-    make_generator,
-    next_top_p,
-    sample_row,
-)
+from services.textgen.blocks import BlockPool
+from services.textgen.modeling import DecoderLM, PagedKVCache
+from services.textgen.sampling import make_generator
+from services.textgen.scheduler import Scheduler, Seq, shared_key
 from services.textgen.sequences import (
     CANCELLED,
-    EOL,
-    EOS,
     ERROR,
     LENGTH,
-    STOP_SEQUENCE,
     EngineConfig,
     SequenceHandle,
     SequenceRequest,
@@ -58,66 +49,36 @@ from shared.logging import REQUEST_ID
 logger = logging.getLogger(__name__)
 
 
-def token_logprobs(row: torch.Tensor, token: int, k: int) -> tuple[float, TopK | None]:
-    """Log-probability of ``token`` under the model's distribution (log-softmax of the raw row [V]),
-    and its top-``k`` alternatives when ``k > 0``."""
-    logp = torch.log_softmax(row.float(), dim=-1)  # (V,)
-    top = None
-    if k:
-        vals, idx = torch.topk(logp, k)
-        top = TopK(tuple(idx.tolist()), tuple(vals.tolist()))
-    return float(logp[token]), top
-
-
-def _shared_key(s: _Seq) -> tuple | None:
-    """Scoring-only sequences (prompt log-probs, nothing generated) with the same key differ only in their
-    last prompt token, e.g. the answers of a multiple-choice question: one forward pass scores them all."""
-    r = s.req
-    if r.stopping.max_new_tokens == 0 and r.prompt_logprobs and r.scored_from < len(r.prompt_ids):
-        return (r.prompt_ids[:-1], r.top_logprobs, r.scored_from)
-    return None
-
-
-@dataclass(eq=False)
-class _Seq:
-    handle: SequenceHandle
-    req: SequenceRequest
-    submitted_at: float
-    generator: torch.Generator | None
-    top_p: float
-    slot: int = -1
-    next_pos: int = 0
-    gen_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[TopK] = field(default_factory=list)
-    prompt_logprobs: list[float] | None = None
-    prompt_top: list[TopK] | None = None
-    started_at: float = 0.0
-    first_token_at: float = 0.0
-    last_token_at: float = 0.0
-    stop_window: int = 0
-    request_id: str = "-"
-    done: bool = False
-    alone: bool = False  # batch-invariant: every forward pass of this sequence is its own
-
-
 class Engine:
-    def __init__(self, model: DecoderLM, cache: KVCache, tok: TokenizerInfo, cfg: EngineConfig) -> None:
+    def __init__(self, model: DecoderLM, cache: PagedKVCache, tok: TokenizerInfo, cfg: EngineConfig) -> None:
         self.model = model
         self.cache = cache
         self.tok = tok
         self.cfg = cfg
-        self.max_len = cache.max_len
+        self.pool = BlockPool(cache.num_blocks, cache.block_size, prefix_caching=cfg.prefix_caching)
+        self.sched = Scheduler(self.pool, cfg)
+        self.max_len = model.max_len
+        if self.sched.max_tokens() < self.max_len:
+            raise ValueError(
+                f"the KV cache holds {self.sched.max_tokens()} tokens, fewer than one sequence of the "
+                f"context length ({self.max_len})"
+            )
         self._cv = threading.Condition()
-        self._waiting: deque[_Seq] = deque()
-        self._running: list[_Seq] = []
-        self._free_slots = list(range(cache.num_slots))
-        heapq.heapify(self._free_slots)
         self._stopping = False
         self._loop_active = False
         self._thread: threading.Thread | None = None
         self.last_progress_at = time.monotonic()  # a token accepted or a sequence finished
         self.steps = 0
+        self.peak_running = 0  # the most sequences decoded together so far
+        self._reported = (0, 0, 0)  # prefix-cache queries, hits, preemptions already counted in metrics
+
+    @property
+    def _waiting(self):  # noqa: ANN202 - the scheduler's queue
+        return self.sched.waiting
+
+    @property
+    def _running(self) -> list[Seq]:
+        return self.sched.running
 
     # -- public API (any thread) -----------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
@@ -207,7 +168,7 @@ class Engine:
                 s = r.sampling
                 window = 2 * max((len(x) for x in r.stopping.stop), default=0) + 8 if r.stopping.stop else 0
                 self._waiting.append(
-                    _Seq(
+                    Seq(
                         handle=h,
                         req=r,
                         submitted_at=now,
@@ -234,7 +195,7 @@ class Engine:
         mode = self.cfg.batch_invariant
         return mode == "all" or (mode == "scoring" and r.stopping.max_new_tokens == 0 and r.prompt_logprobs)
 
-    def _groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
+    def _groups(self, seqs: list[Seq]) -> list[list[Seq]]:
         """The forward passes of one step: the batchable sequences together, each batch-invariant one
         alone."""
         together = [s for s in seqs if not s.alone]
@@ -250,13 +211,18 @@ class Engine:
 
     def _step(self) -> None:
         with self._cv:
-            admitted = self._admit()
+            admitted, gone = self.sched.admit(lambda s: s.handle.cancelled)
+        for s in gone:
+            self._finish(s, CANCELLED)
         try:
             self._reap_cancelled()
             if admitted:
                 self._prefill(admitted)
             if self._running:
-                self._decode(list(self._running))
+                with self._cv:  # preempted sequences go back to the queue that submit() appends to
+                    self.sched.reserve_decode()
+                if self._running:
+                    self._decode(list(self._running))
         except Exception as e:  # noqa: BLE001 - last line of defence: the loop never dies, nothing stays stuck
             # The per-stage guards below catch every fault of a sequence's work; reaching here means the
             # engine's own bookkeeping failed, so nothing it holds can be trusted to advance.
@@ -270,49 +236,27 @@ class Engine:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
+        self.peak_running = max(self.peak_running, len(self._running))
         M.NUM_WAITING.set(len(self._waiting))
         M.NUM_RUNNING.set(len(self._running))
-        M.KV_CACHE_USAGE.set(len(self._running) / self.cache.num_slots)
-
-    def _admit(self) -> list[_Seq]:
-        """Pop waiting sequences that fit in free slots and the prefill token budget (lock held).
-
-        A scoring-only sequence that shares all but its last token with one already admitted rides on
-        that one's forward pass (see ``_shared_key``): it takes no slot and no prefill budget.
-        """
-        group: list[_Seq] = []
-        keys: set[tuple] = set()
-        longest = 0
-        while self._waiting:
-            s = self._waiting[0]
-            if s.handle.cancelled:
-                self._waiting.popleft()
-                self._finish(s, CANCELLED)
-                continue
-            key = _shared_key(s)
-            if key is not None and key in keys:
-                group.append(self._waiting.popleft())
-                continue
-            if not self._free_slots:
-                break
-            n = len(s.req.prompt_ids)
-            if group and max(longest, n) * (len(group) + 1) > self.cfg.max_prefill_tokens:
-                break
-            self._waiting.popleft()
-            s.slot = heapq.heappop(self._free_slots)
-            longest = max(longest, n)
-            group.append(s)
-            if key is not None:
-                keys.add(key)
-        return group
+        M.KV_CACHE_USAGE.set(self.pool.usage())
+        now = (self.pool.queries, self.pool.hits, self.sched.preemptions)
+        q, h, p = (a - b for a, b in zip(now, self._reported))
+        if q:
+            M.PREFIX_CACHE_QUERIES.inc(q)
+        if h:
+            M.PREFIX_CACHE_HITS.inc(h)
+        if p:
+            M.PREEMPTIONS.inc(p)
+        self._reported = now
 
     def _reap_cancelled(self) -> None:
         for s in [s for s in self._running if s.handle.cancelled]:
             self._finish(s, CANCELLED)
 
     # -- failure containment ----------------------------------------------------------------------
-    def _fail(self, s: _Seq, stage: str, e: BaseException) -> None:
-        """End ``s`` with an error naming its request; its slot is freed. Never raises."""
+    def _fail(self, s: Seq, stage: str, e: BaseException) -> None:
+        """End ``s`` with an error naming its request; its blocks are freed. Never raises."""
         if s.done:
             return
         logger.error(
@@ -329,16 +273,16 @@ class Engine:
                 ERROR,
                 error=f"generation failed in {stage} (request_id={s.request_id}): {type(e).__name__}",
             )
-        except Exception:  # noqa: BLE001 - the handle's queue itself failed: at least give the slot back
+        except Exception:  # noqa: BLE001 - the handle's queue itself failed: at least give the blocks back
             logger.exception("request_id=%s: could not report the failure", s.request_id)
             self._release(s)
 
     def _batched(
-        self, group: list[_Seq], forward: Callable[[list[_Seq]], list], stage: str
-    ) -> list[tuple[_Seq, object]]:
+        self, group: list[Seq], forward: Callable[[list[Seq]], list], stage: str
+    ) -> list[tuple[Seq, object]]:
         """``forward(group)`` -> one output per sequence. When it raises for the whole group, each
         sequence is run alone, so a fault fails exactly the sequences that fail on their own and the
-        rest get the outputs they would have had (the forward passes only write their own KV slots)."""
+        rest get the outputs they would have had (the forward passes only write their own KV blocks)."""
         try:
             return list(zip(group, forward(group)))
         except Exception as e:  # noqa: BLE001
@@ -352,7 +296,7 @@ class Engine:
                 type(e).__name__,
                 e,
             )
-        out: list[tuple[_Seq, object]] = []
+        out: list[tuple[Seq, object]] = []
         for s in group:
             try:
                 out.extend(zip([s], forward([s])))
@@ -360,7 +304,7 @@ class Engine:
                 self._fail(s, stage, e)
         return out
 
-    def _guarded(self, s: _Seq, stage: str, work: Callable[[], None]) -> None:
+    def _guarded(self, s: Seq, stage: str, work: Callable[[], None]) -> None:
         """One sequence's own work (sampling, log-probs, accept, stop detection); a fault ends only it."""
         try:
             work()
@@ -368,28 +312,29 @@ class Engine:
             self._fail(s, stage, e)
 
     # -- prefill -------------------------------------------------------------------------------------
-    def _prefill(self, group: list[_Seq]) -> None:
+    def _prefill(self, group: list[Seq]) -> None:
         now = time.monotonic()
         for s in group:
-            s.started_at = now
-            M.QUEUE_TIME.observe(now - s.submitted_at)
+            if not s.resumed:
+                s.started_at = now
+                M.QUEUE_TIME.observe(now - s.submitted_at)
         # Scoring-only requests that differ only in their last token (the answers of a multiple-choice
         # question) share one forward pass: the distribution over that last token is the same for all.
-        # Generating sequences with the same prompt (OpenAI's n) share one prefill: the others get a copy
-        # of its KV slot and its last logits row, then each samples on its own.
-        reps: dict[tuple, _Seq] = {}
-        followers: list[tuple[_Seq, _Seq]] = []
-        twin_reps: dict[tuple, _Seq] = {}
-        twins: list[tuple[_Seq, _Seq]] = []
-        compute: list[_Seq] = []
+        # Generating sequences with the same prompt (OpenAI's n) share one prefill: the others take its
+        # full blocks and a copy of its last block, and its last logits row, then each samples on its own.
+        reps: dict[tuple, Seq] = {}
+        followers: list[tuple[Seq, Seq]] = []
+        twin_reps: dict[tuple, Seq] = {}
+        twins: list[tuple[Seq, Seq]] = []
+        compute: list[Seq] = []
         for s in group:
-            key = _shared_key(s)
+            key = shared_key(s)
             if key is not None:
                 if key in reps:
                     followers.append((s, reps[key]))
                     continue
                 reps[key] = s
-            elif s.req.stopping.max_new_tokens > 0:
+            elif s.req.stopping.max_new_tokens > 0 and not s.resumed:
                 r = s.req
                 tkey = (r.prompt_ids, r.prompt_logprobs, r.top_logprobs, r.scored_from, s.alone)
                 if tkey in twin_reps:
@@ -402,13 +347,13 @@ class Engine:
             for part in self._groups(compute)
             for s, out in self._batched(part, self._prefill_forward, "prefill")
         }
-        M.PROMPT_TOKENS.inc(sum(len(s.req.prompt_ids) for s in group))
+        M.PROMPT_TOKENS.inc(sum(len(s.req.prompt_ids) for s in group if not s.resumed))
         for s, rep in followers:  # before the representatives finish: they read their rows
             if id(rep) not in outs:
                 self._fail(s, "prefill", RuntimeError("the shared forward pass failed"))
                 continue
             self._guarded(s, "scoring", lambda s=s, rep=rep: self._follow(s, rep, outs[id(rep)][2]))
-        for s, rep in twins:  # before the representatives run on: their slots may be freed when they finish
+        for s, rep in twins:  # before the representatives run on: their blocks may be freed when they finish
             if id(rep) not in outs:
                 self._fail(s, "prefill", RuntimeError("the shared forward pass failed"))
                 continue
@@ -419,19 +364,32 @@ class Engine:
                 self._guarded(
                     s, "sampling", lambda s=s, row=row, pick=pick: self._after_prefill(s, row, pick)
                 )
-        self._running.sort(key=lambda x: x.slot)
 
-    def _prefill_forward(self, compute: list[_Seq]) -> list[tuple]:
-        """Prefill ``compute`` into their slots. Per sequence: (last logits row or None, pick, score row)."""
-        lengths = [len(s.req.prompt_ids) for s in compute]
+    def _tables(self, seqs: list[Seq]) -> torch.Tensor:
+        """Block tables [B, nb], padded with the null block."""
+        width = max(len(s.blocks) for s in seqs)
+        return torch.tensor(
+            [s.blocks + [0] * (width - len(s.blocks)) for s in seqs],
+            dtype=torch.long,
+            device=self.model.device,
+        )
+
+    def _prefill_forward(self, compute: list[Seq]) -> list[tuple]:
+        """Prefill what the prefix cache did not hold of ``compute``. Per sequence: (last logits row or None,
+        pick, score row)."""
+        contexts = [s.context() for s in compute]
+        starts = [s.num_cached for s in compute]
+        lengths = [len(c) - a for c, a in zip(contexts, starts)]
         T = max(lengths)
         dev = self.model.device
-        padded = [list(s.req.prompt_ids) + [0] * (T - n) for s, n in zip(compute, lengths)]
+        padded = [c[a:] + [0] * (T - n) for c, a, n in zip(contexts, starts, lengths)]
         tokens = torch.tensor(padded, dtype=torch.long, device=dev)  # (B, T), one copy to the device
-        slots = torch.tensor([s.slot for s in compute], dtype=torch.long, device=dev)  # (B,)
         t0 = time.perf_counter()
-        hidden = self.model.prefill(tokens, slots, self.cache)  # (B, T, H)
-        decoding = [j for j, s in enumerate(compute) if s.req.stopping.max_new_tokens > 0]
+        hidden = self.model.prefill(tokens, starts, lengths, self._tables(compute), self.cache)  # (B, T, H)
+        M.PREFILL_COMPUTED_TOKENS.inc(sum(lengths))
+        for s, c in zip(compute, contexts):
+            self.sched.commit(s, len(c))
+        decoding = [j for j, s in enumerate(compute) if s.req.stopping.max_new_tokens > 0 and not s.resumed]
         rows: list[torch.Tensor | None] = [None] * len(compute)
         picks: list[int | None] = [None] * len(compute)
         if decoding:
@@ -441,10 +399,14 @@ class Engine:
             for j, row, pick in zip(decoding, last_logits, self._argmax_rows(last_logits)):
                 rows[j], picks[j] = row, pick
         score_rows: list[torch.Tensor | None] = [None] * len(compute)
-        scoring = [j for j, s in enumerate(compute) if s.req.prompt_logprobs]
+        scoring = [j for j, s in enumerate(compute) if s.req.prompt_logprobs and not s.resumed]
         if scoring:
-            # one lm-head matmul for every scored position of the group (not one per sequence)
-            spans = [(compute[j].req.scored_from - 1, lengths[j] - 1) for j in scoring]
+            # one lm-head matmul for every scored position of the group (not one per sequence); row i of
+            # hidden is position starts[j] + i, and the cache never holds a scored position's predecessor
+            spans = [
+                (compute[j].req.scored_from - 1 - starts[j], len(contexts[j]) - 1 - starts[j])
+                for j in scoring
+            ]
             flat = torch.cat(
                 [hidden[j, a:b] for j, (a, b) in zip(scoring, spans) if b > a] or [hidden[0, :0]]
             )  # (N, H)
@@ -457,20 +419,32 @@ class Engine:
         M.FORWARD_TIME.labels("prefill").observe(time.perf_counter() - t0)
         return list(zip(rows, picks, score_rows))
 
-    def _twin(self, s: _Seq, rep: _Seq, row: torch.Tensor, pick: int) -> None:
-        self.cache.copy_slot(rep.slot, s.slot, len(s.req.prompt_ids))
+    def _twin(self, s: Seq, rep: Seq, row: torch.Tensor, pick: int) -> None:
+        """``s`` has ``rep``'s prompt: it takes ``rep``'s full blocks (shared) and a copy of its last one."""
+        n, bs = len(s.req.prompt_ids), self.pool.block_size
+        full = n // bs
+        self.pool.release(s.blocks[:full])
+        self.pool.share(rep.blocks[:full])
+        s.blocks[:full] = rep.blocks[:full]
+        s.hashes = list(rep.hashes[:full])
+        if n % bs:
+            self.cache.copy_block(rep.blocks[full], s.blocks[full])
         s.prompt_logprobs = None if rep.prompt_logprobs is None else list(rep.prompt_logprobs)
         s.prompt_top = None if rep.prompt_top is None else list(rep.prompt_top)
         self._after_prefill(s, row, pick)
 
-    def _follow(self, s: _Seq, rep: _Seq, row: torch.Tensor | None) -> None:
+    def _follow(self, s: Seq, rep: Seq, row: torch.Tensor | None) -> None:
         s.prompt_logprobs = [*rep.prompt_logprobs[:-1], float(row[s.req.prompt_ids[-1]])]
         s.prompt_top = list(rep.prompt_top) if rep.prompt_top is not None else None
         s.next_pos = len(s.req.prompt_ids)
         M.REQUEST_PROMPT_TOKENS.observe(s.next_pos)
         self._finish(s, LENGTH)
 
-    def _after_prefill(self, s: _Seq, row: torch.Tensor | None, pick: int | None) -> None:
+    def _after_prefill(self, s: Seq, row: torch.Tensor | None, pick: int | None) -> None:
+        if s.resumed:  # a preempted sequence has its cache back: it decodes on from its last token
+            s.next_pos = len(s.req.prompt_ids) + len(s.gen_ids) - 1
+            self._running.append(s)
+            return
         s.next_pos = len(s.req.prompt_ids)
         M.REQUEST_PROMPT_TOKENS.observe(s.next_pos)
         if s.req.stopping.max_new_tokens == 0:
@@ -479,7 +453,7 @@ class Engine:
         self._running.append(s)
         self._choose_and_accept(s, row, pick)
 
-    def _score_prompt(self, s: _Seq, logp: torch.Tensor | None) -> torch.Tensor | None:
+    def _score_prompt(self, s: Seq, logp: torch.Tensor | None) -> torch.Tensor | None:
         """Prompt log-probs (and top-k) of ``s`` from its rows of log-probs (row i predicts prompt token
         ``scored_from + i``); returns the row that predicts its last token."""
         if logp is None:
@@ -493,30 +467,27 @@ class Engine:
         return logp[-1]
 
     # -- decode --------------------------------------------------------------------------------------
-    def _decode(self, seqs: list[_Seq]) -> None:
+    def _decode(self, seqs: list[Seq]) -> None:
         outs = [o for part in self._groups(seqs) for o in self._batched(part, self._decode_forward, "decode")]
         M.BATCH_SIZE.observe(len(seqs))
         for s, (row, pick) in outs:
             self._guarded(s, "sampling", lambda s=s, row=row, pick=pick: self._decode_accept(s, row, pick))
 
-    def _decode_forward(self, seqs: list[_Seq]) -> list[tuple[torch.Tensor, int]]:
+    def _decode_forward(self, seqs: list[Seq]) -> list[tuple[torch.Tensor, int]]:
         """One decode step of ``seqs``: per sequence its logits row [V] and its argmax."""
         dev = self.model.device
         tokens = torch.tensor([s.gen_ids[-1] for s in seqs], dtype=torch.long, device=dev)  # (B,)
         positions = torch.tensor([s.next_pos for s in seqs], dtype=torch.long, device=dev)  # (B,)
-        slot_list = [s.slot for s in seqs]
-        slots = torch.tensor(slot_list, dtype=torch.long, device=dev)  # (B,)
         t0 = time.perf_counter()
-        # a batch-invariant sequence always reads its cache through the gather (the same strides at any slot)
-        contiguous = slot_list == list(range(len(seqs))) and not seqs[0].alone
-        hidden = self.model.decode(tokens, positions, slots, self.cache, contiguous=contiguous)
+        hidden = self.model.decode(tokens, positions, self._tables(seqs), self.cache)
         logits = self.model.logits(hidden)  # (B, V)
         picks = self._argmax_rows(logits)
         M.FORWARD_TIME.labels("decode").observe(time.perf_counter() - t0)
         return list(zip(logits, picks))
 
-    def _decode_accept(self, s: _Seq, row: torch.Tensor, pick: int) -> None:
+    def _decode_accept(self, s: Seq, row: torch.Tensor, pick: int) -> None:
         s.next_pos += 1
+        self.sched.commit(s, s.next_pos)
         self._choose_and_accept(s, row, pick)
 
     # -- choose and accept (one sequence) ------------------------------------------------------------
@@ -524,52 +495,15 @@ class Engine:
         """Greedy picks of a batch of rows [B, V] in one call, within the tokenizer's vocabulary."""
         return torch.argmax(logits[:, : self.tok.vocab_size], dim=-1).tolist()
 
-    def _choose_and_accept(self, s: _Seq, row: torch.Tensor, pick: int) -> None:
+    def _choose_and_accept(self, s: Seq, row: torch.Tensor, pick: int) -> None:
         """Pick the next token of ``s`` from its logits row [V] (``pick`` is its argmax) and record it."""
-        st = s.req.sampling
-        stopping = s.req.stopping
-        too_soon = len(s.gen_ids) < stopping.min_tokens  # EOS and stop ids are not allowed yet
-        if (
-            st.is_greedy
-            and not st.adjusts_logits
-            and not stopping.prevent_newline_after_colon
-            and not too_soon
-        ):
-            t = pick
-        else:
-            x = row[
-                : self.tok.vocab_size
-            ]  # (V,) ids past the tokenizer's vocabulary (padding) are never chosen
-            if st.repetition_penalty not in (0.0, 1.0):
-                seen = torch.tensor(
-                    list(s.req.prompt_ids) + s.gen_ids, dtype=torch.long, device=x.device
-                ).unique()
-                x = apply_repetition_penalty(x, seen[seen < x.shape[-1]], st.repetition_penalty)
-            x = apply_openai_penalties(x, s.gen_ids, st.presence_penalty, st.frequency_penalty)
-            x = apply_logit_bias(x, st.logit_bias)
-            if too_soon:
-                banned = [*stopping.stop_token_ids] + ([self.tok.eos_id] if not stopping.ignore_eos else [])
-                banned = [i for i in banned if i is not None and i < x.shape[-1]]
-                if banned:
-                    x = x.clone()
-                    x[banned] = float("-inf")
-            if (
-                stopping.prevent_newline_after_colon
-                and self.tok.colon_id is not None
-                and self.tok.newline_id is not None
-            ):
-                prev = s.gen_ids[-1] if s.gen_ids else s.req.prompt_ids[-1]
-                if prev == self.tok.colon_id:
-                    x = x.clone()
-                    x[self.tok.newline_id] = -1e10
-            t = sample_row(x, st, s.top_p, s.generator)
-            s.top_p = next_top_p(st, s.top_p)
+        t, s.top_p = choosing.choose_token(s.req, s.gen_ids, row, pick, self.tok, s.top_p, s.generator)
         lp, top = None, None
         if s.req.logprobs or s.req.top_logprobs > 0:
-            lp, top = token_logprobs(row, t, s.req.top_logprobs)
+            lp, top = choosing.token_logprobs(row, t, s.req.top_logprobs)
         self._accept(s, t, lp, top, time.monotonic())
 
-    def _accept(self, s: _Seq, token: int, lp: float | None, top: TopK | None, now: float) -> None:
+    def _accept(self, s: Seq, token: int, lp: float | None, top: TopK | None, now: float) -> None:
         s.gen_ids.append(token)
         if s.req.logprobs:
             s.logprobs.append(lp if lp is not None else 0.0)
@@ -588,38 +522,19 @@ class Engine:
         if reason is not None:
             self._finish(s, reason, stop_sequence=matched)
 
-    def _stop_reason(self, s: _Seq, token: int) -> tuple[str | None, str]:
-        stop, tok = s.req.stopping, self.tok
-        early = len(s.gen_ids) < stop.min_tokens  # only the length (and Megatron's EOL rules) end it yet
-        if not early and ((token == tok.eos_id and not stop.ignore_eos) or token in stop.stop_token_ids):
-            return EOS, ""
-        prev = s.gen_ids[-2] if len(s.gen_ids) > 1 else (s.req.prompt_ids[-1] if s.req.prompt_ids else None)
-        if stop.stop_on_double_eol and (
-            (token == tok.double_newline_id and token is not None)
-            or (token == tok.newline_id and prev == tok.newline_id)
-        ):
-            return EOL, ""
-        if stop.stop_on_eol and token is not None and token in (tok.newline_id, tok.double_newline_id):
-            return EOL, ""
-        if stop.stop and not early:
-            tail = tok.decode(s.gen_ids[-s.stop_window :])
-            for st in stop.stop:
-                if st and st in tail:
-                    return STOP_SEQUENCE, st
-        if len(s.gen_ids) >= stop.max_new_tokens or s.next_pos + 1 >= self.max_len:
-            return LENGTH, ""
-        return None, ""
+    def _stop_reason(self, s: Seq, token: int) -> tuple[str | None, str]:
+        return choosing.stop_reason(
+            s.req, s.gen_ids, token, self.tok, s.stop_window, s.next_pos + 1 >= self.max_len
+        )
 
-    def _release(self, s: _Seq) -> None:
-        """``s`` leaves the batch: done, out of the running list, its KV slot free."""
+    def _release(self, s: Seq) -> None:
+        """``s`` leaves the batch: done, out of the running list, its blocks given back."""
         s.done = True
         if s in self._running:
             self._running.remove(s)
-        if s.slot >= 0:
-            heapq.heappush(self._free_slots, s.slot)
-            s.slot = -1
+        self.sched.free(s)
 
-    def _finish(self, s: _Seq, reason: str, *, error: str | None = None, stop_sequence: str = "") -> None:
+    def _finish(self, s: Seq, reason: str, *, error: str | None = None, stop_sequence: str = "") -> None:
         if s.done:
             return
         self._release(s)

@@ -15,7 +15,7 @@ from llm.models.base import ArchConfig
 from llm.tokenizers import Tokenizer
 from services.textgen.config import TextgenConfig
 from services.textgen.engine import Engine
-from services.textgen.modeling import DecoderLM, KVCache, UnsupportedModel
+from services.textgen.modeling import DecoderLM, PagedKVCache, UnsupportedModel
 from services.textgen.sequences import EngineConfig, TokenizerInfo
 from shared.errors import ServiceError, StartupError
 
@@ -54,23 +54,58 @@ def _free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+CPU_DEFAULT_KV_MB = 2048
+GPU_KV_FRACTION = 0.8
+
+
+def kv_cache_blocks(
+    cfg: TextgenConfig, arch: ArchConfig, max_len: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """How many blocks the pool gets (the null block included): the override, or the memory budget, capped
+    at what ``max_batch_size`` sequences of the full context could ever use."""
+    per_block = PagedKVCache.bytes_per_block(arch, block_size=cfg.block_size, dtype=dtype)
+    per_seq = -(-max_len // cfg.block_size)
+    useful = cfg.max_batch_size * per_seq + 1
+    if cfg.kv_cache_blocks:
+        n = cfg.kv_cache_blocks
+        why = f"MEGASTACK_TEXTGEN_KV_CACHE_BLOCKS={n}"
+    else:
+        if cfg.kv_cache_mb:
+            budget = cfg.kv_cache_mb * 2**20
+        elif device.type == "cuda":
+            budget = int(GPU_KV_FRACTION * _free_bytes(device))
+        else:
+            budget = min(CPU_DEFAULT_KV_MB * 2**20, _free_bytes(device) // 2)
+        n = min(budget // per_block, useful)
+        why = f"MEGASTACK_TEXTGEN_KV_CACHE_MB={cfg.kv_cache_mb or 'auto'} ({budget / 2**20:.0f} MiB)"
+    if n - 1 < per_seq:
+        raise StartupError(
+            f"{why} gives {max(n - 1, 0)} KV-cache blocks of {cfg.block_size} tokens "
+            f"({per_block / 2**20:.2f} MiB each), fewer than one sequence of "
+            f"MEGASTACK_TEXTGEN_MAX_CONTEXT_TOKENS={max_len} needs ({per_seq}); raise the budget or lower "
+            "the context"
+        )
+    return n
+
+
 def _allocate_cache(
     cfg: TextgenConfig, arch: ArchConfig, max_len: int, dtype: torch.dtype, device: torch.device
-) -> KVCache:
-    """The KV cache, or a StartupError naming the settings that size it when it cannot fit."""
-    need = KVCache.bytes_needed(arch, num_slots=cfg.max_batch_size, max_len=max_len, dtype=dtype)
+) -> PagedKVCache:
+    """The paged KV cache, or a StartupError naming the settings that size it when it cannot fit."""
+    n = kv_cache_blocks(cfg, arch, max_len, dtype, device)
+    need = n * PagedKVCache.bytes_per_block(arch, block_size=cfg.block_size, dtype=dtype)
     free = _free_bytes(device)
-    hint = (
-        f"the KV cache for MEGASTACK_TEXTGEN_MAX_BATCH_SIZE={cfg.max_batch_size} sequences x "
-        f"MEGASTACK_TEXTGEN_MAX_CONTEXT_TOKENS={max_len} tokens needs {need / 2**30:.2f} GiB"
-    )
+    hint = f"the KV cache ({n} blocks of {cfg.block_size} tokens) needs {need / 2**30:.2f} GiB"
     if need > 0.9 * free:
-        raise StartupError(f"{hint} but {free / 2**30:.2f} GiB are free on {device}; lower one of them")
+        raise StartupError(
+            f"{hint} but {free / 2**30:.2f} GiB are free on {device}; lower MEGASTACK_TEXTGEN_KV_CACHE_MB"
+        )
     try:
-        return KVCache(arch, num_slots=cfg.max_batch_size, max_len=max_len, dtype=dtype, device=device)
+        return PagedKVCache(arch, num_blocks=n, block_size=cfg.block_size, dtype=dtype, device=device)
     except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
         raise StartupError(
-            f"{hint} and could not be allocated on {device} ({type(e).__name__}); lower one of them"
+            f"{hint} and could not be allocated on {device} ({type(e).__name__}); lower "
+            "MEGASTACK_TEXTGEN_KV_CACHE_MB"
         ) from None
 
 
@@ -109,10 +144,17 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
         model,
         cache,
         tokenizer_info(tokenizer),
-        EngineConfig(cfg.max_batch_size, cfg.max_queue_size, cfg.max_prefill_tokens, cfg.batch_invariant),
+        EngineConfig(
+            cfg.max_batch_size,
+            cfg.max_queue_size,
+            cfg.max_prefill_tokens,
+            cfg.batch_invariant,
+            prefix_caching=cfg.prefix_caching,
+        ),
     )
     logger.info(
-        "loaded %s (%s, %s, %.1fM params) on %s/%s in %.1fs; KV cache %.0f MiB for %d x %d tokens",
+        "loaded %s (%s, %s, %.1fM params) on %s/%s in %.1fs; KV cache %.0f MiB: %d blocks of %d tokens "
+        "(%d tokens), context %d",
         path,
         reader.format,
         reader.arch.architecture,
@@ -121,7 +163,9 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
         dtype_name(dtype),
         time.perf_counter() - t0,
         cache.nbytes() / 2**20,
-        cfg.max_batch_size,
+        cache.num_blocks - 1,
+        cfg.block_size,
+        (cache.num_blocks - 1) * cfg.block_size,
         max_len,
     )
     return ServedModel(

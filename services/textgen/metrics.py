@@ -24,9 +24,29 @@ QUEUE_CAPACITY = Gauge(
     "Sequences that may wait before new ones are refused (max_queue_size).",
 )
 BATCH_CAPACITY = Gauge(
-    "megastack_textgen_batch_capacity", "KV-cache slots: sequences decoded together (max_batch_size)."
+    "megastack_textgen_batch_capacity", "Sequences that may run (be decoded) together (max_batch_size)."
 )
-_KV_CACHE_USAGE = Gauge("megastack_textgen_kv_cache_usage_ratio", "Fraction of KV-cache slots in use (0..1).")
+_KV_CACHE_USAGE = Gauge(
+    "megastack_textgen_kv_cache_usage_ratio",
+    "Fraction of the KV cache's blocks referenced by a sequence (0..1; unused cached prefixes count free).",
+)
+KV_CACHE_BLOCKS = Gauge("megastack_textgen_kv_cache_blocks", "Blocks in the KV-cache pool (usable ones).")
+KV_CACHE_BLOCK_SIZE = Gauge("megastack_textgen_kv_cache_block_size", "Tokens per KV-cache block.")
+_PREFIX_CACHE_QUERIES = Counter(
+    "megastack_textgen_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache."
+)
+_PREFIX_CACHE_HITS = Counter(
+    "megastack_textgen_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not computed)."
+)
+_PREEMPTIONS = Counter(
+    "megastack_textgen_num_preemptions_total",
+    "Running sequences preempted when the KV cache ran out (their cache is recomputed later).",
+)
+PREFILL_COMPUTED_TOKENS = Counter(
+    "megastack_textgen_prefill_computed_tokens_total",
+    "Context tokens run through a prefill forward pass (prompt tokens minus prefix-cache hits, plus "
+    "recomputation after preemption).",
+)
 _TTFT = Histogram(
     "megastack_textgen_time_to_first_token_seconds",
     "Submit to first generated token.",
@@ -116,6 +136,13 @@ NUM_WAITING = _Twin(
 )
 NUM_RUNNING = _Twin(_NUM_RUNNING, _vllm(Gauge, "vllm:num_requests_running", "Requests in the running batch."))
 KV_CACHE_USAGE = _Twin(_KV_CACHE_USAGE, _vllm(Gauge, "vllm:kv_cache_usage_perc", "KV-cache usage, 0..1."))
+PREFIX_CACHE_QUERIES = _Twin(
+    _PREFIX_CACHE_QUERIES, _vllm(Counter, "vllm:prefix_cache_queries", "Prefix cache queries, in tokens.")
+)
+PREFIX_CACHE_HITS = _Twin(
+    _PREFIX_CACHE_HITS, _vllm(Counter, "vllm:prefix_cache_hits", "Prefix cache hits, in tokens.")
+)
+PREEMPTIONS = _Twin(_PREEMPTIONS, _vllm(Counter, "vllm:num_preemptions", "Cumulative preemptions."))
 TTFT = _Twin(
     _TTFT,
     _vllm(Histogram, "vllm:time_to_first_token_seconds", "Time to first token.", buckets=LATENCY_BUCKETS_S),
@@ -155,6 +182,9 @@ VLLM_TWINS = {
     "vllm:num_requests_waiting": "megastack_textgen_num_requests_waiting",
     "vllm:num_requests_running": "megastack_textgen_num_requests_running",
     "vllm:kv_cache_usage_perc": "megastack_textgen_kv_cache_usage_ratio",
+    "vllm:prefix_cache_queries_total": "megastack_textgen_prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total": "megastack_textgen_prefix_cache_hits_total",
+    "vllm:num_preemptions_total": "megastack_textgen_num_preemptions_total",
     "vllm:time_to_first_token_seconds": "megastack_textgen_time_to_first_token_seconds",
     "vllm:inter_token_latency_seconds": "megastack_textgen_inter_token_latency_seconds",
     "vllm:e2e_request_latency_seconds": "megastack_textgen_e2e_request_latency_seconds",
@@ -170,6 +200,8 @@ VLLM_TWINS = {
 def bind_model(name: str) -> None:
     """The ``model_name`` label of every vLLM twin: the served model's name (what /v1/models lists)."""
     MODEL[0] = name
+    for counter in (PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, PREEMPTIONS):
+        counter.theirs.labels(name)
     for reason in ("stop", "length", "abort"):
         _VLLM_SUCCESS.labels(name, reason)
 

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from services.textgen.sampling import SamplingSpec
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch-free at run time: the scheduler imports this module
     from services.textgen.engine import Engine
+    from services.textgen.sampling import SamplingSpec
 
 
 class Finish(StrEnum):
@@ -103,6 +102,7 @@ class EngineConfig:
     max_queue_size: int
     max_prefill_tokens: int
     batch_invariant: str = "scoring"  # off | scoring | all: which sequences are computed alone (see Engine)
+    prefix_caching: bool = True  # reuse cached full blocks of a prompt's prefix (see blocks.BlockPool)
 
 
 BATCH_INVARIANT = ("off", "scoring", "all")

@@ -222,16 +222,16 @@ def test_ws_bad_messages_are_answered_on_the_open_socket(gateway, path):
 
 def test_grpc_internal_names_the_request_id(gateway, textgen, monkeypatch):
     """A genuine engine fault is the one 500: INTERNAL with the request id, and the replica goes on."""
-    import services.textgen.engine as engine_mod
+    import services.textgen.choosing as choosing
 
-    real = engine_mod.sample_row
+    real = choosing.sample_row
 
     def sample_row(logits, spec, top_p, generator):
         if spec.seed == 777:
             raise RuntimeError("injected")
         return real(logits, spec, top_p, generator)
 
-    monkeypatch.setattr(engine_mod, "sample_row", sample_row)
+    monkeypatch.setattr(choosing, "sample_row", sample_row)
     r = put_api(
         gateway.url,
         {"prompts": ["a"], "tokens_to_generate": 3, "random_seed": 777},

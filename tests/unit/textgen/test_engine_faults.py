@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-import services.textgen.engine as engine_mod
+import services.textgen.choosing as choosing
 from services.textgen.config import TextgenConfig
 from services.textgen.loader import load_served_model
 from services.textgen.sampling import SamplingSpec
@@ -95,7 +95,8 @@ def run_with(served, others, poison: SequenceRequest, *, poison_first: bool = Fa
     while served.engine.load() != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert served.engine.load() == (0, 0)
-    assert sorted(served.engine._free_slots) == list(range(served.engine.cache.num_slots))
+    served.engine.pool.check()
+    assert served.engine.pool.num_free() == served.engine.pool.usable  # every block back
     # and the engine goes on serving
     assert [h.result().token_ids for h in served.engine.submit(reqs[:1])] == expected[:1]
     return failed
@@ -104,10 +105,10 @@ def run_with(served, others, poison: SequenceRequest, *, poison_first: bool = Fa
 def test_fault_in_decode_forward_fails_only_that_sequence(served, others, monkeypatch):
     real = served.model.decode
 
-    def decode(tokens, positions, slots, cache, **kw):
+    def decode(tokens, positions, tables, cache):
         if int(positions.max()) >= POISON_LEN:
             raise RuntimeError("injected decode fault")
-        return real(tokens, positions, slots, cache, **kw)
+        return real(tokens, positions, tables, cache)
 
     monkeypatch.setattr(served.model, "decode", decode)
     failed = run_with(served, others, poison_request())
@@ -118,10 +119,10 @@ def test_fault_in_decode_forward_fails_only_that_sequence(served, others, monkey
 def test_fault_in_prefill_forward_fails_only_that_sequence(served, others, monkeypatch, poison_first):
     real = served.model.prefill
 
-    def prefill(tokens, slots, cache):
-        if tokens.shape[1] >= POISON_LEN:
+    def prefill(tokens, starts, lengths, tables, cache):
+        if max(a + n for a, n in zip(starts, lengths)) >= POISON_LEN:  # (its prefix may be cached)
             raise RuntimeError("injected prefill fault")
-        return real(tokens, slots, cache)
+        return real(tokens, starts, lengths, tables, cache)
 
     monkeypatch.setattr(served.model, "prefill", prefill)
     failed = run_with(served, others, poison_request(), poison_first=poison_first)
@@ -129,27 +130,27 @@ def test_fault_in_prefill_forward_fails_only_that_sequence(served, others, monke
 
 
 def test_fault_in_sampling_fails_only_that_sequence(served, others, monkeypatch):
-    real = engine_mod.sample_row
+    real = choosing.sample_row
 
     def sample_row(logits, spec, top_p, generator):
         if spec.seed == SEED:
             raise ValueError("injected sampling fault")
         return real(logits, spec, top_p, generator)
 
-    monkeypatch.setattr(engine_mod, "sample_row", sample_row)
+    monkeypatch.setattr(choosing, "sample_row", sample_row)
     failed = run_with(served, others, poison_request(sampling=SamplingSpec(seed=SEED, temperature=0.7)))
     assert "sampling" in failed.error
 
 
 def test_fault_in_logprobs_fails_only_that_sequence(served, others, monkeypatch):
-    real = engine_mod.token_logprobs
+    real = choosing.token_logprobs
 
     def token_logprobs(row, token, k):
         if k == 3:
             raise IndexError("injected logprobs fault")
         return real(row, token, k)
 
-    monkeypatch.setattr(engine_mod, "token_logprobs", token_logprobs)
+    monkeypatch.setattr(choosing, "token_logprobs", token_logprobs)
     run_with(served, others, poison_request(logprobs=True, top_logprobs=3))
 
 
@@ -247,15 +248,15 @@ def test_a_loop_that_turns_without_progress_is_reported(tiny_models):
     dog = Watchdog(s, states.append, timeout_s=0.5)
     dog.start()
     try:
-        with s.engine._cv:  # a sequence that is waiting for ever: admitted never (no free slot)
-            free, s.engine._free_slots = s.engine._free_slots, []
+        with s.engine._cv:  # a sequence that is waiting for ever: admitted never (no free block)
+            taken = s.engine.pool.allocate(s.engine.pool.num_free())
         h = s.engine.submit([greedy([5, 6, 7], n=2)])[0]
         deadline = time.monotonic() + 3
         while not states and time.monotonic() < deadline:
             time.sleep(0.02)
         assert states == [False]
         with s.engine._cv:
-            s.engine._free_slots = free
+            s.engine.pool.release(taken)
             s.engine._cv.notify_all()
         assert h.result().finish_reason == LENGTH
     finally:

@@ -1,0 +1,195 @@
+"""Which sequences run in the next engine step, and where their keys and values live. Torch-free.
+
+The engine loop reads: ``admit`` (waiting -> prefill, within the budgets) -> forward passes ->
+``commit`` (register the blocks just written in the prefix cache) -> ``reserve_decode`` (a block for every
+running sequence's next position, preempting the newest sequences when the pool runs dry) -> decode.
+
+Budgets per step: at most ``max_batch_size`` sequences running, at most ``max_prefill_tokens`` padded
+prompt tokens prefilled together, and admission only while the pool keeps a small watermark of free blocks
+for the running sequences to grow into. A preempted sequence gives back every block and goes to the front of
+the queue; when admitted again it recomputes its keys and values (prompt and the tokens generated so far,
+which it keeps, so nothing is emitted twice) and carries on decoding.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.textgen.blocks import BlockPool, chain_hashes, next_hash
+from services.textgen.sequences import EngineConfig, SequenceHandle, SequenceRequest, TopK
+
+
+@dataclass(eq=False)
+class Seq:
+    """One sequence's state in the engine (the request, what it produced, where its cache lives)."""
+
+    handle: SequenceHandle
+    req: SequenceRequest
+    submitted_at: float
+    generator: Any  # torch.Generator for sampled sequences, None for greedy
+    top_p: float
+    alone: bool = False  # batch-invariant: every forward pass of this sequence is its own
+    stop_window: int = 0
+    request_id: str = "-"
+    blocks: list[int] = field(default_factory=list)  # block table: position p is in blocks[p // bs]
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full, written blocks
+    num_cached: int = 0  # leading tokens whose keys and values came from the prefix cache (this admission)
+    order: int = -1  # admission order: preemption takes the highest
+    preemptions: int = 0
+    next_pos: int = 0  # keys/values are written for positions < next_pos; gen_ids[-1] goes at next_pos
+    gen_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[TopK] = field(default_factory=list)
+    prompt_logprobs: list[float] | None = None
+    prompt_top: list[TopK] | None = None
+    started_at: float = 0.0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    done: bool = False
+
+    @property
+    def resumed(self) -> bool:
+        """Preempted after generating: admission recomputes its cache and samples nothing."""
+        return bool(self.gen_ids)
+
+    def context(self) -> list[int]:
+        """The tokens whose keys and values a (re)admission writes: the prompt, and after a preemption the
+        generated tokens but the last (which the next decode step feeds)."""
+        return [*self.req.prompt_ids, *self.gen_ids[:-1]]
+
+    def token_at(self, pos: int) -> int:
+        n = len(self.req.prompt_ids)
+        return self.req.prompt_ids[pos] if pos < n else self.gen_ids[pos - n]
+
+    def cacheable_prefix(self) -> int:
+        """How many leading context tokens may come from the prefix cache: all but the last (the last
+        one's logits are needed), none before a scored position (its logits are needed too), none for a
+        batch-invariant sequence (its numerics must not depend on what ran before it)."""
+        if self.alone:
+            return 0
+        limit = len(self.context()) - 1
+        if self.req.prompt_logprobs and not self.resumed:
+            limit = min(limit, self.req.scored_from - 1)
+        return max(0, limit)
+
+
+def shared_key(s: Seq) -> tuple | None:
+    """Scoring-only sequences (prompt log-probs, nothing generated) with the same key differ only in their
+    last prompt token, e.g. the answers of a multiple-choice question: one forward pass scores them all."""
+    r = s.req
+    if r.stopping.max_new_tokens == 0 and r.prompt_logprobs and r.scored_from < len(r.prompt_ids):
+        return (r.prompt_ids[:-1], r.top_logprobs, r.scored_from)
+    return None
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, cfg: EngineConfig) -> None:
+        self.pool = pool
+        self.cfg = cfg
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
+        self.preemptions = 0
+        self._order = 0
+        # keep a few blocks free for the running sequences to grow into before admitting more (vLLM: 1%)
+        self.watermark = max(1, pool.usable // 100)
+
+    def max_tokens(self) -> int:
+        """The longest context one sequence can ever hold: every usable block."""
+        return self.pool.usable * self.pool.block_size
+
+    # -- admission -------------------------------------------------------------------------------------
+    def admit(self, cancelled: Callable[[Seq], bool]) -> tuple[list[Seq], list[Seq]]:
+        """Pop the waiting sequences that start this step: (admitted, cancelled ones to finish).
+
+        An admitted sequence holds a block table covering its context, the leading blocks taken from the
+        prefix cache where they were cached (``num_cached`` tokens need no computing). A scoring-only
+        sequence that shares all but its last token with one admitted this step rides on that one's
+        forward pass (``shared_key``) and takes no blocks.
+        """
+        group: list[Seq] = []
+        gone: list[Seq] = []
+        keys: set[tuple] = set()
+        longest = 0
+        pool, bs = self.pool, self.pool.block_size
+        while self.waiting:
+            s = self.waiting[0]
+            if cancelled(s):
+                gone.append(self.waiting.popleft())
+                continue
+            key = shared_key(s)
+            if key is not None and key in keys:
+                group.append(self.waiting.popleft())
+                continue
+            if len(self.running) + sum(1 for g in group if g.blocks) >= self.cfg.max_batch_size:
+                break
+            ctx = s.context()
+            hashes = chain_hashes(ctx, bs, limit=s.cacheable_prefix())
+            hit = pool.peek(hashes)
+            todo = len(ctx) - len(hit) * bs
+            if group and max(longest, todo) * (len(group) + 1) > self.cfg.max_prefill_tokens:
+                break
+            need = pool.blocks_for(len(ctx)) - len(hit)
+            busy = bool(group or self.running)  # alone on an idle engine: the whole pool is its own
+            if pool.num_free_after(hit) - need < (self.watermark if busy else 0):
+                break
+            self.waiting.popleft()
+            pool.lookup(hashes)  # takes the hit blocks, counts queries and hits
+            s.blocks = hit + pool.allocate(need)
+            s.hashes = hashes[: len(hit)]
+            s.num_cached = len(hit) * bs
+            s.order = self._order
+            self._order += 1
+            longest = max(longest, todo)
+            group.append(s)
+            if key is not None:
+                keys.add(key)
+        return group, gone
+
+    # -- after a forward pass --------------------------------------------------------------------------
+    def commit(self, s: Seq, written: int) -> None:
+        """Positions < ``written`` of ``s`` now hold keys and values: register its newly full blocks."""
+        bs = self.pool.block_size
+        for i in range(len(s.hashes), min(written // bs, len(s.blocks))):
+            h = next_hash(
+                s.hashes[-1] if s.hashes else None, [s.token_at(p) for p in range(i * bs, (i + 1) * bs)]
+            )
+            self.pool.register(s.blocks[i], h)
+            s.hashes.append(h)
+
+    # -- decode ----------------------------------------------------------------------------------------
+    def reserve_decode(self) -> list[Seq]:
+        """A block for the next position of every running sequence, oldest first. When the pool is dry,
+        the newest running sequence is preempted (blocks freed, back to the front of the queue) until the
+        older ones fit. Returns the preempted sequences."""
+        bs = self.pool.block_size
+        preempted: list[Seq] = []
+        for s in sorted(self.running, key=lambda x: x.order):
+            if s.done or s in preempted:
+                continue
+            need = s.next_pos // bs + 1 - len(s.blocks)
+            while need > 0 and self.pool.num_free() < need:
+                victim = max((r for r in self.running if r not in preempted), key=lambda x: x.order)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is s:
+                    break
+            if s not in preempted and need > 0:
+                s.blocks += self.pool.allocate(need)
+        for s in reversed(preempted):  # the oldest preempted ends up first in the queue
+            self.waiting.appendleft(s)
+        return preempted
+
+    def _preempt(self, s: Seq) -> None:
+        self.running.remove(s)
+        self.free(s)
+        s.preemptions += 1
+        self.preemptions += 1
+
+    def free(self, s: Seq) -> None:
+        """Give back every block of ``s`` (cached full blocks stay in the prefix cache)."""
+        if s.blocks:
+            self.pool.release(s.blocks)
+        s.blocks, s.hashes, s.num_cached = [], [], 0

@@ -1,0 +1,147 @@
+"""The engine over the paged KV cache, with real forward passes on tiny models: prefix caching, preemption
+under memory pressure, blocks given back, concurrency bounded by blocks and not slots."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from llm.checkpoints import open_checkpoint
+from services.textgen import metrics as M
+from services.textgen.config import TextgenConfig
+from services.textgen.loader import kv_cache_blocks, load_served_model
+from services.textgen.sampling import SamplingSpec
+from services.textgen.sequences import CANCELLED, LENGTH, SequenceRequest, StopSpec
+from tests.fixtures.tiny import load_hf, make_tiny_hf
+
+
+def greedy(ids, n=12, **kw) -> SequenceRequest:
+    return SequenceRequest(
+        prompt_ids=tuple(ids),
+        sampling=SamplingSpec(greedy=True),
+        stopping=StopSpec(max_new_tokens=n, ignore_eos=True),
+        **kw,
+    )
+
+
+def serve(model_dir, **over):
+    cfg = dict(
+        model_dir=model_dir,
+        max_queue_size=1024,
+        max_prompts_per_request=1024,
+        max_context_tokens=128,
+        port=0,
+        metrics_port=0,
+    )
+    cfg.update(over)
+    s = load_served_model(TextgenConfig(**cfg))
+    s.engine.start()
+    return s
+
+
+def wait_idle(engine, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while engine.load() != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.load() == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def long_llama(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama with a 2048-token context (the shared fixtures stop at 256)."""
+    return make_tiny_hf(
+        "llama", tmp_path_factory.mktemp("long") / "llama", tiny_tokenizer, max_position_embeddings=2048
+    )
+
+
+def test_a_1000_token_shared_prefix_is_prefilled_once_and_changes_no_output(long_llama):
+    rng = random.Random(0)
+    prefix = [rng.randrange(3, 500) for _ in range(1000)]
+    a, b = prefix + [11, 12, 13], prefix + [21, 22]
+    cached = serve(long_llama, max_context_tokens=1100)
+    plain = serve(long_llama, max_context_tokens=1100, prefix_caching=False)
+    try:
+        computed, hits = M.PREFILL_COMPUTED_TOKENS, M.PREFIX_CACHE_HITS.ours
+        first = cached.engine.submit([greedy(a, logprobs=True)])[0].result()
+        before = (computed._value.get(), hits._value.get())
+        second = cached.engine.submit([greedy(b, logprobs=True)])[0].result()
+        after = (computed._value.get(), hits._value.get())
+        # 62 full blocks of 16 (992 tokens) came from the cache: only the last 10 tokens were computed
+        assert after[1] - before[1] == 992
+        assert after[0] - before[0] == len(b) - 992
+        ref = [h.result() for h in plain.engine.submit([greedy(a, logprobs=True), greedy(b, logprobs=True)])]
+        assert first.token_ids == ref[0].token_ids and second.token_ids == ref[1].token_ids
+        assert second.logprobs == pytest.approx(ref[1].logprobs, abs=1e-4)
+        # and both against HF
+        hf = load_hf(long_llama)
+        with torch.no_grad():
+            ids = list(b)
+            for t in second.token_ids:
+                assert int(hf(torch.tensor([ids])).logits[0, -1].argmax()) == t
+                ids.append(t)
+    finally:
+        cached.engine.stop()
+        plain.engine.stop()
+
+
+def test_preemption_under_a_few_blocks_loses_and_duplicates_no_token(tiny_models):
+    """200 requests through 8 blocks of 16 tokens (4 sequences' worth): the running ones are preempted
+    and recomputed again and again, and every output equals the output of a pool big enough for all."""
+    rng = random.Random(1)
+    reqs = [
+        greedy([rng.randrange(3, 500) for _ in range(rng.randint(2, 20))], n=rng.randint(1, 24))
+        for _ in range(200)
+    ]
+    roomy = serve(tiny_models["llama"], max_batch_size=256)
+    tight = serve(tiny_models["llama"], max_batch_size=256, kv_cache_blocks=9, max_context_tokens=64)
+    try:
+        ref = [h.result() for h in roomy.engine.submit(reqs)]
+        before = M.PREEMPTIONS.ours._value.get()
+        got = [h.result() for h in tight.engine.submit(reqs)]
+        assert M.PREEMPTIONS.ours._value.get() - before > 0  # the pool did run dry
+        assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+        assert all(r.finish_reason == LENGTH for r in got)
+        wait_idle(tight.engine)
+        tight.engine.pool.check()
+        assert tight.engine.pool.num_free() == tight.engine.pool.usable
+    finally:
+        roomy.engine.stop()
+        tight.engine.stop()
+
+
+def test_1000_cancelled_streams_give_back_every_block(tiny_models):
+    s = serve(tiny_models["gpt2"], max_batch_size=64)
+    try:
+        for round_ in range(10):
+            handles = s.engine.submit([greedy([5 + round_, 6, 7, 8 + i % 50], n=60) for i in range(100)])
+            for i, h in enumerate(handles):
+                if i % 2:
+                    next(h.events())  # some are cancelled mid-stream, the others while they wait or start
+                h.cancel()
+            assert all(h.result().finish_reason in (CANCELLED, LENGTH) for h in handles)
+        wait_idle(s.engine)
+        s.engine.pool.check()
+        assert s.engine.pool.num_free() == s.engine.pool.usable
+    finally:
+        s.engine.stop()
+
+
+def test_128_sequences_run_together_bounded_by_blocks_not_slots(tiny_models):
+    s = serve(tiny_models["qwen2"], max_batch_size=256)
+    try:
+        reqs = [greedy([3 + i % 400, 4, 5 + i % 7], n=40) for i in range(128)]
+        results = [h.result() for h in s.engine.submit(reqs)]
+        assert all(len(r.token_ids) == 40 for r in results)
+        assert s.engine.peak_running == 128
+    finally:
+        s.engine.stop()
+
+
+def test_the_default_budget_holds_128_sequences_of_300_tokens_of_the_default_model(default_model_dir):
+    arch = open_checkpoint(default_model_dir).arch
+    cfg = TextgenConfig(model_dir=default_model_dir, port=0, metrics_port=0)
+    n = kv_cache_blocks(cfg, arch, cfg.max_context_tokens, torch.float32, torch.device("cpu"))
+    assert (n - 1) * cfg.block_size >= 128 * 300
