@@ -54,6 +54,12 @@ class TextgenConfig(ServiceConfig):
     max_prefill_tokens: int = setting(
         4096, help="Padded prompt tokens prefilled together in one engine step."
     )
+    prefill_chunk_tokens: int = setting(
+        256,
+        help="Chunked prefill: while sequences are decoding, prompt tokens prefilled per engine step (a long "
+        "prompt is split over steps so running streams keep producing tokens); an idle engine prefills a "
+        "prompt whole. Scoring and batch-invariant sequences are never split.",
+    )
     max_prompts_per_request: int = setting(128, help="Prompts accepted in one Generate call (Megatron: 128).")
     batch_invariant: str = setting(
         "scoring",
@@ -79,6 +85,7 @@ class TextgenConfig(ServiceConfig):
             "max_prefill_tokens",
             "max_prompts_per_request",
             "block_size",
+            "prefill_chunk_tokens",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -105,7 +105,7 @@ class Engine:
     def run_until_idle(self) -> None:
         """Step in the calling thread until nothing waits or runs (warm-up before the loop starts)."""
         with torch.inference_mode():
-            while self._waiting or self._running:
+            while self._waiting or self.sched.active():
                 self._step()
 
     def stop(self) -> None:
@@ -120,7 +120,7 @@ class Engine:
 
     def load(self) -> tuple[int, int]:
         with self._cv:
-            return len(self._waiting), len(self._running)
+            return len(self._waiting), self.sched.active()
 
     def validate(self, req: SequenceRequest) -> None:
         n = len(req.prompt_ids)
@@ -153,7 +153,7 @@ class Engine:
         rid = REQUEST_ID.get()
         handles = []
         with self._cv:
-            if not self._waiting and not self._running:
+            if not self._waiting and not self.sched.active():
                 self.last_progress_at = now  # progress is measured from when the engine became busy
             if self._stopping:
                 raise ResourceExhausted("the engine is shutting down")
@@ -203,7 +203,7 @@ class Engine:
 
     def _wait_for_work(self, stop: threading.Event | None) -> bool:
         with self._cv:
-            while not self._waiting and not self._running:
+            while not self._waiting and not self.sched.active():
                 if self._stopping or (stop is not None and stop.is_set()):
                     return False
                 self._cv.wait(timeout=0.25)
@@ -216,8 +216,9 @@ class Engine:
             self._finish(s, CANCELLED)
         try:
             self._reap_cancelled()
-            if admitted:
-                self._prefill(admitted)
+            plan = self.sched.plan_prefill()
+            if plan:
+                self._prefill(plan)
             if self._running:
                 with self._cv:  # preempted sequences go back to the queue that submit() appends to
                     self.sched.reserve_decode()
@@ -230,15 +231,15 @@ class Engine:
                 "engine step failed outside a sequence's work; failing %d running sequences",
                 len(self._running),
             )
-            for seq in [*admitted, *self._running]:
+            for seq in [*admitted, *self.sched.prefilling, *self._running]:
                 self._fail(seq, "step", e)
         self.steps += 1
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        self.peak_running = max(self.peak_running, len(self._running))
+        self.peak_running = max(self.peak_running, len(self._running))  # decoding together
         M.NUM_WAITING.set(len(self._waiting))
-        M.NUM_RUNNING.set(len(self._running))
+        M.NUM_RUNNING.set(self.sched.active())
         M.KV_CACHE_USAGE.set(self.pool.usage())
         now = (self.pool.queries, self.pool.hits, self.sched.preemptions)
         q, h, p = (a - b for a, b in zip(now, self._reported))
@@ -251,7 +252,7 @@ class Engine:
         self._reported = now
 
     def _reap_cancelled(self) -> None:
-        for s in [s for s in self._running if s.handle.cancelled]:
+        for s in [s for s in [*self.sched.prefilling, *self._running] if s.handle.cancelled]:
             self._finish(s, CANCELLED)
 
     # -- failure containment ----------------------------------------------------------------------
@@ -312,12 +313,23 @@ class Engine:
             self._fail(s, stage, e)
 
     # -- prefill -------------------------------------------------------------------------------------
-    def _prefill(self, group: list[Seq]) -> None:
+    def _prefill(self, plan: list[tuple[Seq, int]]) -> None:
+        """Run this step's prefill work: each sequence's context up to its planned end. A sequence whose
+        context is complete leaves ``prefilling`` (to decode, or finished); the others wait for their
+        next chunk."""
         now = time.monotonic()
-        for s in group:
-            if not s.resumed:
+        group: list[Seq] = []
+        partial: list[Seq] = []
+        for s, end in plan:
+            s.chunk_end = end
+            if s.started_at == 0.0:
                 s.started_at = now
                 M.QUEUE_TIME.observe(now - s.submitted_at)
+            if end == len(s.context()):
+                self.sched.prefilling.remove(s)
+                group.append(s)
+            else:
+                partial.append(s)
         # Scoring-only requests that differ only in their last token (the answers of a multiple-choice
         # question) share one forward pass: the distribution over that last token is the same for all.
         # Generating sequences with the same prompt (OpenAI's n) share one prefill: the others take its
@@ -326,7 +338,7 @@ class Engine:
         followers: list[tuple[Seq, Seq]] = []
         twin_reps: dict[tuple, Seq] = {}
         twins: list[tuple[Seq, Seq]] = []
-        compute: list[Seq] = []
+        compute: list[Seq] = list(partial)
         for s in group:
             key = shared_key(s)
             if key is not None:
@@ -334,7 +346,7 @@ class Engine:
                     followers.append((s, reps[key]))
                     continue
                 reps[key] = s
-            elif s.req.stopping.max_new_tokens > 0 and not s.resumed:
+            elif s.req.stopping.max_new_tokens > 0 and not s.resumed and s.num_computed == 0:
                 r = s.req
                 tkey = (r.prompt_ids, r.prompt_logprobs, r.top_logprobs, r.scored_from, s.alone)
                 if tkey in twin_reps:
@@ -358,8 +370,10 @@ class Engine:
                 self._fail(s, "prefill", RuntimeError("the shared forward pass failed"))
                 continue
             self._guarded(s, "prefill", lambda s=s, rep=rep: self._twin(s, rep, *outs[id(rep)][:2]))
+        if partial:
+            self.last_progress_at = time.monotonic()  # a chunk of a long prompt is progress too
         for s in compute:
-            if id(s) in outs:
+            if id(s) in outs and s not in partial:
                 row, pick, _ = outs[id(s)]
                 self._guarded(
                     s, "sampling", lambda s=s, row=row, pick=pick: self._after_prefill(s, row, pick)
@@ -378,18 +392,25 @@ class Engine:
         """Prefill what the prefix cache did not hold of ``compute``. Per sequence: (last logits row or None,
         pick, score row)."""
         contexts = [s.context() for s in compute]
-        starts = [s.num_cached for s in compute]
-        lengths = [len(c) - a for c, a in zip(contexts, starts)]
+        starts = [s.num_computed for s in compute]
+        ends = [s.chunk_end for s in compute]
+        lengths = [e - a for e, a in zip(ends, starts)]
+        last = [e == len(c) for e, c in zip(ends, contexts)]  # the final chunk: logits are needed
         T = max(lengths)
         dev = self.model.device
-        padded = [c[a:] + [0] * (T - n) for c, a, n in zip(contexts, starts, lengths)]
+        padded = [c[a:e] + [0] * (T - n) for c, a, e, n in zip(contexts, starts, ends, lengths)]
         tokens = torch.tensor(padded, dtype=torch.long, device=dev)  # (B, T), one copy to the device
         t0 = time.perf_counter()
         hidden = self.model.prefill(tokens, starts, lengths, self._tables(compute), self.cache)  # (B, T, H)
         M.PREFILL_COMPUTED_TOKENS.inc(sum(lengths))
-        for s, c in zip(compute, contexts):
-            self.sched.commit(s, len(c))
-        decoding = [j for j, s in enumerate(compute) if s.req.stopping.max_new_tokens > 0 and not s.resumed]
+        for s, e in zip(compute, ends):
+            self.sched.commit(s, e)
+            s.num_computed = e
+        decoding = [
+            j
+            for j, s in enumerate(compute)
+            if last[j] and s.req.stopping.max_new_tokens > 0 and not s.resumed
+        ]
         rows: list[torch.Tensor | None] = [None] * len(compute)
         picks: list[int | None] = [None] * len(compute)
         if decoding:
@@ -399,7 +420,7 @@ class Engine:
             for j, row, pick in zip(decoding, last_logits, self._argmax_rows(last_logits)):
                 rows[j], picks[j] = row, pick
         score_rows: list[torch.Tensor | None] = [None] * len(compute)
-        scoring = [j for j, s in enumerate(compute) if s.req.prompt_logprobs and not s.resumed]
+        scoring = [j for j, s in enumerate(compute) if last[j] and s.req.prompt_logprobs and not s.resumed]
         if scoring:
             # one lm-head matmul for every scored position of the group (not one per sequence); row i of
             # hidden is position starts[j] + i, and the cache never holds a scored position's predecessor
@@ -567,7 +588,7 @@ class Engine:
 
     def _fail_all(self, why: str) -> None:
         with self._cv:
-            pending = list(self._waiting) + list(self._running)
+            pending = list(self._waiting) + list(self.sched.prefilling) + list(self._running)
             self._waiting.clear()
         for s in pending:
             self._finish(s, ERROR, error=why)

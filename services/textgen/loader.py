@@ -150,6 +150,7 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
             cfg.max_prefill_tokens,
             cfg.batch_invariant,
             prefix_caching=cfg.prefix_caching,
+            prefill_chunk_tokens=cfg.prefill_chunk_tokens,
         ),
     )
     logger.info(

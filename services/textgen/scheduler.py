@@ -6,7 +6,13 @@ running sequence's next position, preempting the newest sequences when the pool 
 
 Budgets per step: at most ``max_batch_size`` sequences running, at most ``max_prefill_tokens`` padded
 prompt tokens prefilled together, and admission only while the pool keeps a small watermark of free blocks
-for the running sequences to grow into. A preempted sequence gives back every block and goes to the front of
+for the running sequences to grow into.
+
+Chunked prefill: while sequences are decoding, prompts are prefilled at most ``prefill_chunk_tokens`` tokens
+per step (``plan_prefill``), so a long prompt does not stall the running streams for its whole prefill; a
+sequence stays in ``prefilling`` until its last chunk, whose logits give its first token. On an idle engine
+a prompt is prefilled whole. Scoring and batch-invariant sequences are never split (their positions'
+numbers must not depend on the chunking). A preempted sequence gives back every block and goes to the front of
 the queue; when admitted again it recomputes its keys and values (prompt and the tokens generated so far,
 which it keeps, so nothing is emitted twice) and carries on decoding.
 """
@@ -36,7 +42,8 @@ class Seq:
     request_id: str = "-"
     blocks: list[int] = field(default_factory=list)  # block table: position p is in blocks[p // bs]
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full, written blocks
-    num_cached: int = 0  # leading tokens whose keys and values came from the prefix cache (this admission)
+    num_computed: int = 0  # leading context tokens in its blocks: the prefix-cache hit, then prefill chunks
+    chunk_end: int = 0  # where this step's prefill of its context ends
     order: int = -1  # admission order: preemption takes the highest
     preemptions: int = 0
     next_pos: int = 0  # keys/values are written for positions < next_pos; gen_ids[-1] goes at next_pos
@@ -76,6 +83,12 @@ class Seq:
         return max(0, limit)
 
 
+def chunkable(s: Seq) -> bool:
+    """A sequence whose prefill may be split over steps: one that generates (scored prompt positions and
+    batch-invariant sequences are computed in one forward pass)."""
+    return not s.alone and not (s.req.prompt_logprobs and not s.resumed)
+
+
 def shared_key(s: Seq) -> tuple | None:
     """Scoring-only sequences (prompt log-probs, nothing generated) with the same key differ only in their
     last prompt token, e.g. the answers of a multiple-choice question: one forward pass scores them all."""
@@ -91,6 +104,7 @@ class Scheduler:
         self.cfg = cfg
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
+        self.prefilling: list[Seq] = []  # admitted, context not all computed yet (chunked prefill)
         self.preemptions = 0
         self._order = 0
         # keep a few blocks free for the running sequences to grow into before admitting more (vLLM: 1%)
@@ -105,7 +119,7 @@ class Scheduler:
         """Pop the waiting sequences that start this step: (admitted, cancelled ones to finish).
 
         An admitted sequence holds a block table covering its context, the leading blocks taken from the
-        prefix cache where they were cached (``num_cached`` tokens need no computing). A scoring-only
+        prefix cache where they were cached (``num_computed`` tokens need no computing). A scoring-only
         sequence that shares all but its last token with one admitted this step rides on that one's
         forward pass (``shared_key``) and takes no blocks.
         """
@@ -123,30 +137,55 @@ class Scheduler:
             if key is not None and key in keys:
                 group.append(self.waiting.popleft())
                 continue
-            if len(self.running) + sum(1 for g in group if g.blocks) >= self.cfg.max_batch_size:
+            busy = bool(group or self.running or self.prefilling)
+            if self.active() + sum(1 for g in group if g.blocks) >= self.cfg.max_batch_size:
                 break
             ctx = s.context()
             hashes = chain_hashes(ctx, bs, limit=s.cacheable_prefix())
             hit = pool.peek(hashes)
             todo = len(ctx) - len(hit) * bs
+            if self.running and chunkable(s):
+                todo = min(todo, self.cfg.prefill_chunk_tokens)
             if group and max(longest, todo) * (len(group) + 1) > self.cfg.max_prefill_tokens:
                 break
             need = pool.blocks_for(len(ctx)) - len(hit)
-            busy = bool(group or self.running)  # alone on an idle engine: the whole pool is its own
+            # alone on an idle engine, a sequence may take the whole pool
             if pool.num_free_after(hit) - need < (self.watermark if busy else 0):
                 break
             self.waiting.popleft()
             pool.lookup(hashes)  # takes the hit blocks, counts queries and hits
             s.blocks = hit + pool.allocate(need)
             s.hashes = hashes[: len(hit)]
-            s.num_cached = len(hit) * bs
+            s.num_computed = len(hit) * bs
             s.order = self._order
             self._order += 1
             longest = max(longest, todo)
             group.append(s)
             if key is not None:
                 keys.add(key)
+        self.prefilling.extend(group)
         return group, gone
+
+    def active(self) -> int:
+        """Sequences holding blocks: decoding or being prefilled."""
+        return len(self.running) + len(self.prefilling)
+
+    def plan_prefill(self) -> list[tuple[Seq, int]]:
+        """The prefill work of this step: (sequence, context position its keys and values reach). While
+        sequences are decoding, the chunkable ones share ``prefill_chunk_tokens`` in admission order (a
+        sequence the budget does not reach waits for the next step); otherwise each is prefilled whole."""
+        budget = self.cfg.prefill_chunk_tokens if self.running else None
+        plan = []
+        for s in self.prefilling:
+            total = len(s.context())
+            if budget is None or not chunkable(s):
+                plan.append((s, total))
+                continue
+            take = min(total - s.num_computed, budget)
+            if take > 0:
+                budget -= take
+                plan.append((s, s.num_computed + take))
+        return plan
 
     # -- after a forward pass --------------------------------------------------------------------------
     def commit(self, s: Seq, written: int) -> None:
@@ -189,7 +228,10 @@ class Scheduler:
         self.preemptions += 1
 
     def free(self, s: Seq) -> None:
-        """Give back every block of ``s`` (cached full blocks stay in the prefix cache)."""
+        """Give back every block of ``s`` (cached full blocks stay in the prefix cache); it leaves the
+        prefilling list if it was there."""
+        if s in self.prefilling:
+            self.prefilling.remove(s)
         if s.blocks:
             self.pool.release(s.blocks)
-        s.blocks, s.hashes, s.num_cached = [], [], 0
+        s.blocks, s.hashes, s.num_computed, s.chunk_end = [], [], 0, 0

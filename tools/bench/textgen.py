@@ -7,11 +7,18 @@ SmolLM2-135M), same machine, one script:
 (a) baselines: HF ``model.generate()`` serving the requests one at a time (what Megatron's global lock
     gives), greedy, exactly ``--new-tokens`` tokens each; and HF ``generate()`` over all of them as one
     static batch (no padding: the prompts are of one length);
-(b) megastack: the real stack (textgen + gateway processes), ``--requests`` streaming
-    ``/v1/completions`` calls from 1, 4 and 16 concurrent clients.
+(b) megastack: the real stack (textgen + gateway processes, default settings), ``--requests`` streaming
+    ``/v1/completions`` calls from 1, 4 and 16 concurrent clients, then 64 clients over 64 prompts;
+(c) the paged cache's workloads, each against the same stack with the feature turned off:
+    - shared prefix: 16 requests from 16 clients, each a 1,000-token shared prefix + 16 tokens of its
+      own, 16 new tokens; prefix caching on vs off (``MEGASTACK_TEXTGEN_PREFIX_CACHING=false``);
+    - long prompt arrival: the inter-token latency p99 of 8 running streams, alone and while a
+      1,500-token prompt arrives; chunked prefill on (default) vs off (one chunk of everything).
 Reported: generated tokens/s, p50/p99 time to first token and inter-token latency, ratios to (a).
 Targets: 16 clients >= 4x the sequential baseline's tokens/s and >= 1.5x the static batch's; 1 client within
-15% of HF's per-token latency. vLLM's CPU engine and llama.cpp's server are not driven by this bench yet.
+15% of HF's per-token latency; 64 clients: none refused, tokens/s >= 16 clients'; shared prefix >= 3x
+without caching; long prompt: streams' ITL p99 <= 2x without it. vLLM's CPU engine and llama.cpp's server
+are not driven by this bench yet.
 """
 
 from __future__ import annotations
@@ -138,6 +145,80 @@ def stream_one(url: str, ids: list[int], new_tokens: int) -> dict:
     }
 
 
+def long_ids(model_dir: Path, length: int, offset: int = 0) -> list[int]:
+    """``length`` tokens of the shipped corpus, its blocks one after another, from token ``offset``."""
+    from llm.tokenizers import Tokenizer
+    from tools.assets import ensure_asset
+
+    tok = Tokenizer.load(model_dir)
+    ids: list[int] = []
+    for d in json.loads(ensure_asset("markov-corpus").read_text()):
+        for b in d["blocks"]:
+            ids += tok.encode(b["text"])
+            if len(ids) >= offset + length:
+                return ids[offset : offset + length]
+    raise RuntimeError("corpus too short")
+
+
+def complete(url: str, ids: list[int], new_tokens: int) -> float:
+    """Seconds for one non-streaming completion."""
+    t0 = time.perf_counter()
+    body = {"prompt": [ids], "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+    r = requests.post(f"{url}/v1/completions", json=body, timeout=900)
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+def shared_prefix(url: str, model_dir: Path) -> dict:
+    """16 clients, each prompt a 1,000-token shared prefix + 16 tokens of its own, 16 new tokens."""
+    prefix = long_ids(model_dir, 1000)
+    tails = make_prompts(model_dir, 16, 16)
+    complete(url, long_ids(model_dir, 40, 5000), 2)  # warm-up, nothing shared with the workload
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda t: complete(url, prefix + t, 16), tails))
+    wall = time.perf_counter() - t0
+    return {"requests": 16, "tokens_per_s": 16 * 16 / wall, "wall_s": wall}
+
+
+def long_prompt_arrival(url: str, model_dir: Path, prompts: list[list[int]]) -> dict:
+    """ITL p99 of 8 streams of 96 tokens alone, then with a 1,500-token prompt arriving 1 s in."""
+    quiet = megastack_level(url, prompts[:8], 96, 8)
+    long = long_ids(model_dir, 1500, 2000)
+    with cf.ThreadPoolExecutor(1) as ex:
+        t0 = time.perf_counter()
+        streams = cf.ThreadPoolExecutor(8)
+        futs = [streams.submit(stream_one, url, ids, 96) for ids in prompts[:8]]
+        time.sleep(1.0)
+        arrival = ex.submit(complete, url, long, 1)
+        results = [f.result() for f in futs]
+        long_s = arrival.result()
+        streams.shutdown()
+    itl = [x for r in results for x in r["itl"]]
+    return {
+        "itl_p99_alone_ms": quiet["itl_p99_ms"],
+        "itl_p99_with_long_prompt_ms": pct(itl, 99) * 1000,
+        "ratio": pct(itl, 99) * 1000 / quiet["itl_p99_ms"],
+        "long_prompt_s": long_s,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def start_stack(model_dir: Path, dtype: str, **env: str):
+    from tools.stack import StackOptions, up
+
+    return up(
+        StackOptions(
+            run_dir=Path(tempfile.mkdtemp(prefix="bench-textgen-")),
+            model_dir=model_dir,
+            services=("textgen", "gateway"),
+            free_ports=True,
+            textgen_env={"MEGASTACK_TEXTGEN_DTYPE": dtype, **env},
+        ),
+        log=lambda _: None,
+    )
+
+
 def megastack_level(url: str, prompts: list[list[int]], new_tokens: int, clients: int) -> dict:
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as ex:
@@ -165,7 +246,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     a = ap.parse_args()
-    prompts = make_prompts(a.model, a.requests)
+    prompts = make_prompts(a.model, max(a.requests, 64))
+    wide, prompts = prompts[:64], prompts[: a.requests]
     print(
         f"baseline: HF generate(), {a.requests} requests one at a time, {a.new_tokens} new tokens each ...",
         flush=True,
@@ -173,19 +255,7 @@ def main() -> int:
     base = baseline_hf(a.model, prompts, a.new_tokens, a.dtype)
     print(f"baseline: HF generate(), all {a.requests} requests as one static batch ...", flush=True)
     static = baseline_hf_static(a.model, prompts, a.new_tokens, a.dtype)
-    from tools.stack import StackOptions, up
-
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-textgen-"))
-    stack = up(
-        StackOptions(
-            run_dir=run_dir,
-            model_dir=a.model,
-            services=("textgen", "gateway"),
-            free_ports=True,
-            textgen_env={"MEGASTACK_TEXTGEN_DTYPE": a.dtype, "MEGASTACK_TEXTGEN_MAX_BATCH_SIZE": "16"},
-        ),
-        log=lambda _: None,
-    )
+    stack = start_stack(a.model, a.dtype)
     levels = []
     try:
         url = stack.endpoint("gateway", "http")
@@ -193,6 +263,24 @@ def main() -> int:
         for clients in (1, 4, 16):
             print(f"megastack: {clients} concurrent clients ...", flush=True)
             levels.append(megastack_level(url, prompts, a.new_tokens, clients))
+        print("megastack: 64 concurrent clients ...", flush=True)
+        levels.append(megastack_level(url, wide, a.new_tokens, 64))
+        print("megastack: shared 1,000-token prefix, prefix caching on ...", flush=True)
+        cached = shared_prefix(url, a.model)
+        print("megastack: 8 streams while a 1,500-token prompt arrives, chunked prefill on ...", flush=True)
+        chunked = long_prompt_arrival(url, a.model, prompts)
+    finally:
+        stack.down()
+    stack = start_stack(a.model, a.dtype, MEGASTACK_TEXTGEN_PREFIX_CACHING="false")
+    try:
+        print("megastack: shared 1,000-token prefix, prefix caching off ...", flush=True)
+        uncached = shared_prefix(stack.endpoint("gateway", "http"), a.model)
+    finally:
+        stack.down()
+    stack = start_stack(a.model, a.dtype, MEGASTACK_TEXTGEN_PREFILL_CHUNK_TOKENS="100000")
+    try:
+        print("megastack: 8 streams while a 1,500-token prompt arrives, chunked prefill off ...", flush=True)
+        unchunked = long_prompt_arrival(stack.endpoint("gateway", "http"), a.model, prompts)
     finally:
         stack.down()
     for lv in levels:
@@ -237,7 +325,7 @@ def main() -> int:
     print(
         table(["run", "tokens/s", "x baseline", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms"], rows)
     )
-    l1, l16 = levels[0], levels[-1]
+    l1, l16, l64 = levels[0], levels[2], levels[3]
     ok16 = l16["throughput_ratio"] >= 4.0
     ok1 = l1["latency_ratio"] <= 1.15
     vs_static = l16["tokens_per_s"] / static["tokens_per_s"]
@@ -250,6 +338,26 @@ def main() -> int:
         f"16 clients: {vs_static:.2f}x HF's static batch of {static['batch']} "
         f"({static['tokens_per_s']:.1f} tokens/s; target >= 1.5x): {'met' if ok_static else 'NOT met'}"
     )
+    ok64 = l64["tokens"] == 64 * a.new_tokens and l64["tokens_per_s"] >= l16["tokens_per_s"]
+    print(
+        f"64 clients: {l64['tokens']} of {64 * a.new_tokens} tokens (none refused), "
+        f"{l64['tokens_per_s']:.1f} tokens/s vs {l16['tokens_per_s']:.1f} at 16 "
+        f"(target: all served, >= 16 clients'): {'met' if ok64 else 'NOT met'}"
+    )
+    prefix_x = cached["tokens_per_s"] / uncached["tokens_per_s"]
+    ok_prefix = prefix_x >= 3.0
+    print(
+        f"shared 1,000-token prefix, 16 clients: {cached['tokens_per_s']:.1f} tokens/s with prefix caching, "
+        f"{uncached['tokens_per_s']:.1f} without = {prefix_x:.2f}x (target >= 3x): "
+        f"{'met' if ok_prefix else 'NOT met'}"
+    )
+    for name, r in (("on", chunked), ("off", unchunked)):
+        print(
+            f"8 streams, a 1,500-token prompt arrives, chunked prefill {name}: ITL p99 "
+            f"{r['itl_p99_with_long_prompt_ms']:.0f} ms vs {r['itl_p99_alone_ms']:.0f} ms alone = "
+            f"{r['ratio']:.2f}x (target <= 2x: {'met' if r['ratio'] <= 2 else 'NOT met'}); the long prompt "
+            f"took {r['long_prompt_s']:.1f} s"
+        )
     print("vLLM's CPU engine, llama.cpp's llama-server: not run (this bench does not drive them yet)")
     print(
         f"1 client: per-token latency {l1['itl_p50_ms']:.1f} ms vs HF decode "
@@ -265,10 +373,15 @@ def main() -> int:
             "vllm_cpu": "not run",
             "llama_cpp_server": "not run",
             "megastack": levels,
+            "shared_prefix": {"prefix_caching_on": cached, "prefix_caching_off": uncached, "ratio": prefix_x},
+            "long_prompt_arrival": {"chunked_prefill_on": chunked, "chunked_prefill_off": unchunked},
             "targets": {
                 "throughput_16_clients_ge_4x": ok16,
                 "latency_1_client_le_1_15x": ok1,
                 "throughput_16_clients_ge_1_5x_hf_static_batch": ok_static,
+                "clients_64_all_served_and_ge_16_clients": ok64,
+                "shared_prefix_ge_3x": ok_prefix,
+                "long_prompt_itl_p99_le_2x": chunked["ratio"] <= 2,
             },
         },
     )

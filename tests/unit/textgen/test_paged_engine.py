@@ -145,3 +145,43 @@ def test_the_default_budget_holds_128_sequences_of_300_tokens_of_the_default_mod
     cfg = TextgenConfig(model_dir=default_model_dir, port=0, metrics_port=0)
     n = kv_cache_blocks(cfg, arch, cfg.max_context_tokens, torch.float32, torch.device("cpu"))
     assert (n - 1) * cfg.block_size >= 128 * 300
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_with_the_same_tokens(long_llama):
+    """While 4 streams decode, a 600-token prompt is prefilled 64 tokens per step, a decode step between
+    any two chunks; its tokens equal those of the same prompt prefilled whole on an idle engine."""
+    rng = random.Random(5)
+    long = [rng.randrange(3, 500) for _ in range(600)]
+    chunked = serve(long_llama, max_context_tokens=700, prefill_chunk_tokens=64, prefix_caching=False)
+    try:
+        alone = chunked.engine.submit([greedy(long, n=8)])[0].result().token_ids  # idle: prefilled whole
+        calls: list[tuple[str, int]] = []
+        model = chunked.model
+        real_prefill, real_decode = model.prefill, model.decode
+
+        def prefill(tokens, starts, lengths, tables, cache):
+            calls.append(("prefill", max(a + n for a, n in zip(starts, lengths))))
+            return real_prefill(tokens, starts, lengths, tables, cache)
+
+        def decode(tokens, positions, tables, cache):
+            calls.append(("decode", len(tokens)))
+            return real_decode(tokens, positions, tables, cache)
+
+        model.prefill, model.decode = prefill, decode
+        try:
+            streams = chunked.engine.submit([greedy([7 + i, 8, 9], n=40) for i in range(4)])
+            first = next(streams[0].events())  # the streams are decoding
+            assert first.token_id >= 0
+            got = chunked.engine.submit([greedy(long, n=8)])[0].result().token_ids
+            assert all(h.result().finish_reason == LENGTH for h in streams)
+        finally:
+            model.prefill, model.decode = real_prefill, real_decode
+        assert got == alone
+        ends = [end for kind, end in calls if kind == "prefill" and end > 3]
+        assert ends[:3] == [64, 128, 192] and ends[-1] == 600  # 10 chunks of at most 64 tokens
+        kinds = [kind for kind, _ in calls]
+        first_chunk = kinds.index("prefill", kinds.index("decode"))
+        chunk_steps = kinds[first_chunk : first_chunk + 2 * len(ends)]
+        assert chunk_steps == ["prefill", "decode"] * len(ends)  # the streams decoded between chunks
+    finally:
+        chunked.engine.stop()

@@ -106,18 +106,18 @@ def test_a_cached_prefix_is_taken_not_computed():
     first = seq(list(range(100, 113)))  # 13 tokens: 3 full blocks
     s.waiting.append(first)
     prefill(s, admit(s))
-    assert first.num_cached == 0 and len(first.hashes) == 3
+    assert first.num_computed == 0 and len(first.hashes) == 3
     second = seq(list(range(100, 112)) + [1, 2, 3])  # same 12 first tokens
     s.waiting.append(second)
     (got,) = admit(s)
-    assert got.num_cached == 12 and got.blocks[:3] == first.blocks[:3]
+    assert got.num_computed == 12 and got.blocks[:3] == first.blocks[:3]
     assert [s.pool.refcount(b) for b in got.blocks[:3]] == [2, 2, 2]
     assert s.pool.hits == 12 and s.pool.queries == 12 + 12  # the first queried 3 blocks and missed
     # the same prompt again: all but its last token may come from the cache, so 2 of 3 full blocks of 12
     third = seq(list(range(100, 112)))
     s.waiting.append(third)
     (got,) = admit(s)
-    assert got.num_cached == 8
+    assert got.num_computed == 8
 
 
 def test_scored_positions_and_batch_invariant_sequences_are_never_taken_from_the_cache():
@@ -129,8 +129,8 @@ def test_scored_positions_and_batch_invariant_sequences_are_never_taken_from_the
     alone = seq(list(range(50, 66)), alone=True)
     s.waiting.extend([scored, alone])
     a, b = admit(s)
-    assert a.num_cached == 4  # one block: positions 0..3, all before position 5
-    assert b.num_cached == 0
+    assert a.num_computed == 4  # one block: positions 0..3, all before position 5
+    assert b.num_computed == 0
 
 
 def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_resumes_with_its_tokens():
@@ -168,3 +168,27 @@ def test_random_workload_never_loses_a_token_or_a_block():
     assert all(len(q.gen_ids) == q.req.stopping.max_new_tokens for q in seqs)
     assert s.preemptions > 0  # the workload did run the pool dry
     assert s.pool.num_free() == s.pool.usable
+
+
+def test_prefill_is_chunked_only_while_others_decode_and_never_for_scoring():
+    s = sched(num_blocks=201, bs=4)
+    s.cfg = EngineConfig(64, 1024, 4096, prefill_chunk_tokens=10)
+    long = seq(range(100, 137), n=4)  # 37 tokens
+    s.waiting.append(long)
+    admit(s)
+    assert s.plan_prefill() == [(long, 37)]  # idle engine: whole
+    s.prefilling.clear()
+    s.free(long)
+    s.running.append(seq(range(5), n=4))  # something decodes now
+    long, other, scored = (
+        seq(range(100, 137), n=4),
+        seq(range(300, 312), n=4),
+        seq(range(400, 430), n=0, scoring_from=3),
+    )
+    s.waiting.extend([long, other, scored])
+    admit(s)
+    plan = s.plan_prefill()
+    assert plan == [(long, 10), (scored, 30)]  # the budget of 10 went to the oldest; scoring is whole
+    for q, end in plan:
+        q.num_computed = end
+    assert s.plan_prefill()[0] == (long, 20)
