@@ -71,6 +71,9 @@ class Engine:
         self.steps = 0
         self.peak_running = 0  # the most sequences decoded together so far
         self._reported = (0, 0, 0)  # prefix-cache queries, hits, preemptions already counted in metrics
+        # the decode step that rides on this step's prefill forward pass (see _prefill_and_decode)
+        self._riders: list[Seq] = []
+        self._rider_outs: list[tuple[torch.Tensor, int]] | None = None
 
     @property
     def _waiting(self):  # noqa: ANN202 - the scheduler's queue
@@ -217,9 +220,11 @@ class Engine:
         try:
             self._reap_cancelled()
             plan = self.sched.plan_prefill()
-            if plan:
+            if plan and self._running:
+                self._prefill_and_decode(plan)
+            elif plan:
                 self._prefill(plan)
-            if self._running:
+            elif self._running:
                 with self._cv:  # preempted sequences go back to the queue that submit() appends to
                     self.sched.reserve_decode()
                 if self._running:
@@ -313,6 +318,32 @@ class Engine:
             self._fail(s, stage, e)
 
     # -- prefill -------------------------------------------------------------------------------------
+    def _prefill_and_decode(self, plan: list[tuple[Seq, int]]) -> None:
+        """Prefill work while sequences decode: their decode step rides on the prefill's forward pass (one
+        pass, the weights read once: chunked prefill then costs the streams little). Batch-invariant
+        sequences, and every decoding sequence when that pass fails, get a decode pass of their own;
+        sequences whose prefill completes now decode from the next step on."""
+        with self._cv:  # preempted sequences go back to the queue that submit() appends to
+            self.sched.reserve_decode()
+        decoding = list(self._running)
+        riders = [s for s in decoding if not s.alone]
+        self._riders, self._rider_outs = riders, None
+        try:
+            self._prefill(plan)
+            outs = self._rider_outs
+        finally:
+            self._riders, self._rider_outs = [], None
+        if outs is not None:
+            M.BATCH_SIZE.observe(len(riders))
+            for s, (row, pick) in zip(riders, outs):
+                if not s.done:
+                    self._guarded(
+                        s, "sampling", lambda s=s, row=row, pick=pick: self._decode_accept(s, row, pick)
+                    )
+        rest = [s for s in decoding if not s.done and (outs is None or s.alone)]
+        if rest:
+            self._decode(rest)
+
     def _prefill(self, plan: list[tuple[Seq, int]]) -> None:
         """Run this step's prefill work: each sequence's context up to its planned end. A sequence whose
         context is complete leaves ``prefilling`` (to decode, or finished); the others wait for their
@@ -401,7 +432,29 @@ class Engine:
         padded = [c[a:e] + [0] * (T - n) for c, a, e, n in zip(contexts, starts, ends, lengths)]
         tokens = torch.tensor(padded, dtype=torch.long, device=dev)  # (B, T), one copy to the device
         t0 = time.perf_counter()
-        hidden = self.model.prefill(tokens, starts, lengths, self._tables(compute), self.cache)  # (B, T, H)
+        riders, self._riders = ([] if compute[0].alone else self._riders), []  # one ride per step
+        hidden = None
+        if riders:
+            try:
+                d_tokens, d_positions = self._decode_inputs(riders)
+                d_hidden, hidden = self.model.step(
+                    (d_tokens, d_positions, self._tables(riders)),
+                    (tokens, starts, lengths, self._tables(compute)),
+                    self.cache,
+                )  # (D, H), (B, T, H)
+                d_logits = self.model.logits(d_hidden)  # (D, V)
+                self._rider_outs = list(zip(d_logits, self._argmax_rows(d_logits)))
+            except Exception as e:  # noqa: BLE001 - contained: prefill and decode then run apart
+                logger.warning(
+                    "the shared prefill + decode pass failed (%s: %s); running them apart",
+                    type(e).__name__,
+                    e,
+                )
+                riders, hidden = [], None
+        if hidden is None:
+            hidden = self.model.prefill(
+                tokens, starts, lengths, self._tables(compute), self.cache
+            )  # (B, T, H)
         M.PREFILL_COMPUTED_TOKENS.inc(sum(lengths))
         for s, e in zip(compute, ends):
             self.sched.commit(s, e)
@@ -437,7 +490,7 @@ class Engine:
                 n = max(0, b - a)
                 score_rows[j] = self._score_prompt(compute[j], logp[start : start + n] if n else None)
                 start += n
-        M.FORWARD_TIME.labels("prefill").observe(time.perf_counter() - t0)
+        M.FORWARD_TIME.labels("mixed" if riders else "prefill").observe(time.perf_counter() - t0)
         return list(zip(rows, picks, score_rows))
 
     def _twin(self, s: Seq, rep: Seq, row: torch.Tensor, pick: int) -> None:
@@ -496,15 +549,20 @@ class Engine:
 
     def _decode_forward(self, seqs: list[Seq]) -> list[tuple[torch.Tensor, int]]:
         """One decode step of ``seqs``: per sequence its logits row [V] and its argmax."""
-        dev = self.model.device
-        tokens = torch.tensor([s.gen_ids[-1] for s in seqs], dtype=torch.long, device=dev)  # (B,)
-        positions = torch.tensor([s.next_pos for s in seqs], dtype=torch.long, device=dev)  # (B,)
+        tokens, positions = self._decode_inputs(seqs)
         t0 = time.perf_counter()
         hidden = self.model.decode(tokens, positions, self._tables(seqs), self.cache)
         logits = self.model.logits(hidden)  # (B, V)
         picks = self._argmax_rows(logits)
         M.FORWARD_TIME.labels("decode").observe(time.perf_counter() - t0)
         return list(zip(logits, picks))
+
+    def _decode_inputs(self, seqs: list[Seq]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's last token and its position [B], [B]."""
+        dev = self.model.device
+        tokens = torch.tensor([s.gen_ids[-1] for s in seqs], dtype=torch.long, device=dev)  # (B,)
+        positions = torch.tensor([s.next_pos for s in seqs], dtype=torch.long, device=dev)  # (B,)
+        return tokens, positions
 
     def _decode_accept(self, s: Seq, row: torch.Tensor, pick: int) -> None:
         s.next_pos += 1

@@ -79,7 +79,7 @@ _FAILURE = Counter(
 )
 FORWARD_TIME = Histogram(
     "megastack_textgen_batch_forward_duration_seconds",
-    "Model forward time per engine step.",
+    "Model forward time per engine step (mixed: a prefill with the decode step riding on it).",
     ["method"],
     buckets=LATENCY_BUCKETS_S,
 )
@@ -210,5 +210,5 @@ for reason in ("length", "eos", "stop_sequence", "eol"):
     _SUCCESS.labels(reason)
 for err in ("cancelled", "overloaded", "validation", "generation"):
     _FAILURE.labels(err)
-for method in ("prefill", "decode"):
+for method in ("prefill", "decode", "mixed"):
     FORWARD_TIME.labels(method)

@@ -254,95 +254,52 @@ class DecoderLM:
         self, tokens: Tensor, starts: list[int], lengths: list[int], tables: Tensor, cache: PagedKVCache
     ) -> Tensor:
         """Prompt tokens [N, T], right-padded: row i holds ``lengths[i]`` tokens for positions
-        ``starts[i]..`` (the positions before are already in its blocks: a cached prefix). Writes their keys
-        and values through the block tables [N, nb]; returns the final hidden states [N, T, H].
+        ``starts[i]..`` (the positions before are already in its blocks: a cached prefix or earlier
+        chunks). Writes their keys and values through the block tables [N, nb]; returns the final hidden
+        states [N, T, H].
 
-        With no cached prefix the attention runs on the fresh keys under a causal mask (right padding is
+        With nothing before them the attention runs on the fresh keys under a causal mask (right padding is
         harmless: real tokens never attend to later ones); otherwise it reads each row's whole context
         through its block table, masked to its own positions.
         """
-        a, dev = self.arch, self.device
-        N, T = tokens.shape
-        start = torch.tensor(starts, dtype=torch.long, device=dev)  # (N,)
-        length = torch.tensor(lengths, dtype=torch.long, device=dev)  # (N,)
-        steps = torch.arange(T, device=dev)  # (T,)
-        positions = (start[:, None] + steps[None, :]).clamp_(max=self.max_len - 1)  # (N, T)
-        valid = (steps[None, :] < length[:, None]).reshape(-1)  # (N*T,)
-        sel = valid.nonzero().squeeze(1)
-        write = cache.rows(tables, positions).reshape(-1)[sel]  # (n,) rows of the real tokens
-        fresh = not any(starts)
-        if not fresh:
-            S = max(s + n for s, n in zip(starts, lengths))
-            ctx_pos = torch.arange(S, device=dev)  # (S,)
-            ends = start + length  # (N,)
-            ctx = cache.rows(tables, ctx_pos.expand(N, S).contiguous())  # (N, S)
-            ctx = torch.where(ctx_pos[None, :] < ends[:, None], ctx, 0)  # the null block past each end
-            allowed = (ctx_pos[None, None, :] <= positions[:, :, None]) & (
-                ctx_pos[None, None, :] < ends[:, None, None]
-            )  # (N, T, S)
-            mask = allowed[:, None]  # (N, 1, T, S)
-        x = self._embed(tokens, positions)
-        cos = sin = None
-        if self.rope is not None:
-            cos, sin = self.rope.cos[positions][:, None], self.rope.sin[positions][:, None]  # (N, 1, T, d)
-        g, d = a.num_query_groups, a.head_dim
-        for i, lw in enumerate(self.layers):
-            h = self._norm(x, lw.ln1_w, lw.ln1_b)
-            qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
-            q = qkv[..., : self.q_size].view(N, T, a.num_attention_heads, d).transpose(1, 2)
-            k = qkv[..., self.q_size : self.q_size + self.kv_size].view(N, T, g, d).transpose(1, 2)
-            v = qkv[..., self.q_size + self.kv_size :].view(N, T, g, d).transpose(1, 2)
-            if cos is not None:
-                q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
-            ck, cv = cache.k[i], cache.v[i]
-            ck[write] = k.transpose(1, 2).reshape(N * T, g, d)[sel]
-            cv[write] = v.transpose(1, 2).reshape(N * T, g, d)[sel]
-            if fresh:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
-            else:
-                keys, values = _gather(ck, ctx), _gather(cv, ctx)  # (N, g, S, d)
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
-            x = x + F.linear(o.transpose(1, 2).reshape(N, T, self.q_size), lw.proj_w, lw.proj_b)
-            x = x + self._mlp(self._norm(x, lw.ln2_w, lw.ln2_b), lw)
-        return self._norm(x, self.final_w, self.final_b)
+        part = _PrefillPart(self, tokens, starts, lengths, tables, cache)
+        return self._run([part])[0]
 
     def decode(self, tokens: Tensor, positions: Tensor, tables: Tensor, cache: PagedKVCache) -> Tensor:
         """One step: tokens/positions [B], block tables [B, nb] (padded with the null block, wide enough
         for every position); returns final hidden [B, H]. Keys and values are read through the tables."""
-        a, dev = self.arch, self.device
-        B = tokens.shape[0]
-        span = int(positions.max()) + 1
-        x = self._embed(tokens, positions)
-        write = cache.rows(tables, positions[:, None]).reshape(B)  # (B,)
-        ctx_pos = torch.arange(span, device=dev)  # (span,)
-        ctx = cache.rows(tables, ctx_pos.expand(B, span).contiguous())  # (B, span)
-        mask = None
-        if B > 1:
-            inside = ctx_pos[None, :] <= positions[:, None]  # (B, span)
-            ctx = torch.where(inside, ctx, 0)
-            mask = inside[:, None, None, :]
-        cos = sin = None
-        if self.rope is not None:
-            cos, sin = self.rope.cos[positions][:, None, :], self.rope.sin[positions][:, None, :]
-        g, d = a.num_query_groups, a.head_dim
+        return self._run([_DecodePart(self, tokens, positions, tables, cache)])[0]
+
+    def step(
+        self,
+        decode: tuple[Tensor, Tensor, Tensor],
+        prefill: tuple[Tensor, list[int], list[int], Tensor],
+        cache: PagedKVCache,
+    ) -> tuple[Tensor, Tensor]:
+        """A decode step and a prefill in one forward pass: ``decode`` is (tokens, positions, tables) as
+        for :meth:`decode`, ``prefill`` (tokens, starts, lengths, tables) as for :meth:`prefill`. Every
+        token goes through the same matmuls (the weights are read once for both); attention is per part.
+        Returns (decode hidden [B, H], prefill hidden [N, T, H])."""
+        d = _DecodePart(self, *decode, cache)
+        p = _PrefillPart(self, *prefill, cache)
+        out = self._run([d, p])
+        return out[0], out[1]
+
+    def _run(self, parts: list[_Part]) -> list[Tensor]:
+        """The layers over the tokens of every part, flattened [n, H]; attention part by part."""
+        x = torch.cat([part.x for part in parts]) if len(parts) > 1 else parts[0].x
+        sizes = [part.n for part in parts]
         for i, lw in enumerate(self.layers):
-            h = self._norm(x, lw.ln1_w, lw.ln1_b)
-            qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
-            q = qkv[:, : self.q_size].view(B, a.num_attention_heads, d)
-            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(B, g, d)
-            v = qkv[:, self.q_size + self.kv_size :].view(B, g, d)
-            if cos is not None:
-                q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
-            ck, cv = cache.k[i], cache.v[i]
-            ck[write] = k
-            cv[write] = v
-            keys, values = _gather(ck, ctx), _gather(cv, ctx)  # (B, g, span, d)
-            o = F.scaled_dot_product_attention(
-                q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=self.gqa
-            )
-            x = x + F.linear(o.reshape(B, self.q_size), lw.proj_w, lw.proj_b)
+            qkv = F.linear(self._norm(x, lw.ln1_w, lw.ln1_b), lw.qkv_w, lw.qkv_b)  # (n, q + 2kv)
+            if len(parts) == 1:
+                o = parts[0].attend(i, qkv)
+            else:
+                o = torch.cat([part.attend(i, q) for part, q in zip(parts, qkv.split(sizes))])
+            x = x + F.linear(o, lw.proj_w, lw.proj_b)
             x = x + self._mlp(self._norm(x, lw.ln2_w, lw.ln2_b), lw)
-        return self._norm(x, self.final_w, self.final_b)
+        x = self._norm(x, self.final_w, self.final_b)
+        outs = x.split(sizes) if len(parts) > 1 else [x]
+        return [part.shape_out(o) for part, o in zip(parts, outs)]
 
     def num_parameters(self) -> int:
         seen: set[int] = set()
@@ -355,3 +312,117 @@ class DecoderLM:
                 seen.add(id(t))
                 total += t.numel()
         return total
+
+
+class _Part:
+    """One kind of work in a forward pass: its tokens' embeddings [n, H] (``x``), its attention over the
+    cache (``attend``: qkv [n, q + 2kv] -> [n, q], writing its keys and values), its output's shape."""
+
+    n: int
+    x: Tensor
+
+    def attend(self, i: int, qkv: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def shape_out(self, hidden: Tensor) -> Tensor:
+        return hidden
+
+
+class _DecodePart(_Part):
+    def __init__(self, m: DecoderLM, tokens: Tensor, positions: Tensor, tables: Tensor, cache: PagedKVCache):
+        self.m, self.cache = m, cache
+        B = self.n = tokens.shape[0]
+        span = int(positions.max()) + 1
+        self.x = m._embed(tokens, positions)  # (B, H)
+        self.write = cache.rows(tables, positions[:, None]).reshape(B)  # (B,)
+        ctx_pos = torch.arange(span, device=m.device)  # (span,)
+        self.ctx = cache.rows(tables, ctx_pos.expand(B, span).contiguous())  # (B, span)
+        self.mask = None
+        if B > 1:
+            inside = ctx_pos[None, :] <= positions[:, None]  # (B, span)
+            self.ctx = torch.where(inside, self.ctx, 0)
+            self.mask = inside[:, None, None, :]
+        self.cos = self.sin = None
+        if m.rope is not None:
+            self.cos, self.sin = m.rope.cos[positions][:, None, :], m.rope.sin[positions][:, None, :]
+
+    def attend(self, i: int, qkv: Tensor) -> Tensor:
+        m, a, B = self.m, self.m.arch, self.n
+        g, d = a.num_query_groups, a.head_dim
+        q = qkv[:, : m.q_size].view(B, a.num_attention_heads, d)
+        k = qkv[:, m.q_size : m.q_size + m.kv_size].view(B, g, d)
+        v = qkv[:, m.q_size + m.kv_size :].view(B, g, d)
+        if self.cos is not None:
+            q, k = m.rope.rotate(q, self.cos, self.sin), m.rope.rotate(k, self.cos, self.sin)
+        ck, cv = self.cache.k[i], self.cache.v[i]
+        ck[self.write] = k
+        cv[self.write] = v
+        keys, values = _gather(ck, self.ctx), _gather(cv, self.ctx)  # (B, g, span, d)
+        o = F.scaled_dot_product_attention(
+            q[:, :, None, :], keys, values, attn_mask=self.mask, enable_gqa=m.gqa
+        )
+        return o.reshape(B, m.q_size)
+
+
+class _PrefillPart(_Part):
+    def __init__(
+        self,
+        m: DecoderLM,
+        tokens: Tensor,
+        starts: list[int],
+        lengths: list[int],
+        tables: Tensor,
+        cache: PagedKVCache,
+    ):
+        self.m, self.cache = m, cache
+        dev = m.device
+        N, T = self.shape = tokens.shape
+        self.n = N * T
+        start = torch.tensor(starts, dtype=torch.long, device=dev)  # (N,)
+        length = torch.tensor(lengths, dtype=torch.long, device=dev)  # (N,)
+        steps = torch.arange(T, device=dev)  # (T,)
+        positions = (start[:, None] + steps[None, :]).clamp_(max=m.max_len - 1)  # (N, T)
+        valid = (steps[None, :] < length[:, None]).reshape(-1)  # (N*T,)
+        self.sel = valid.nonzero().squeeze(1)
+        self.write = cache.rows(tables, positions).reshape(-1)[self.sel]  # (n,) rows of the real tokens
+        self.fresh = not any(starts)
+        if not self.fresh:
+            S = max(a + n for a, n in zip(starts, lengths))
+            ctx_pos = torch.arange(S, device=dev)  # (S,)
+            ends = start + length  # (N,)
+            ctx = cache.rows(tables, ctx_pos.expand(N, S).contiguous())  # (N, S)
+            self.ctx = torch.where(ctx_pos[None, :] < ends[:, None], ctx, 0)  # the null block past each end
+            allowed = (ctx_pos[None, None, :] <= positions[:, :, None]) & (
+                ctx_pos[None, None, :] < ends[:, None, None]
+            )  # (N, T, S)
+            self.mask = allowed[:, None]  # (N, 1, T, S)
+        self.x = m._embed(tokens, positions).reshape(N * T, -1)  # (N*T, H)
+        self.cos = self.sin = None
+        if m.rope is not None:
+            self.cos, self.sin = (
+                m.rope.cos[positions][:, None],
+                m.rope.sin[positions][:, None],
+            )  # (N, 1, T, d)
+
+    def attend(self, i: int, qkv: Tensor) -> Tensor:
+        m, a = self.m, self.m.arch
+        N, T = self.shape
+        g, d = a.num_query_groups, a.head_dim
+        qkv = qkv.view(N, T, -1)
+        q = qkv[..., : m.q_size].view(N, T, a.num_attention_heads, d).transpose(1, 2)
+        k = qkv[..., m.q_size : m.q_size + m.kv_size].view(N, T, g, d).transpose(1, 2)
+        v = qkv[..., m.q_size + m.kv_size :].view(N, T, g, d).transpose(1, 2)
+        if self.cos is not None:
+            q, k = m.rope.rotate(q, self.cos, self.sin), m.rope.rotate(k, self.cos, self.sin)
+        ck, cv = self.cache.k[i], self.cache.v[i]
+        ck[self.write] = k.transpose(1, 2).reshape(N * T, g, d)[self.sel]
+        cv[self.write] = v.transpose(1, 2).reshape(N * T, g, d)[self.sel]
+        if self.fresh:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=m.gqa)
+        else:
+            keys, values = _gather(ck, self.ctx), _gather(cv, self.ctx)  # (N, g, S, d)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=m.gqa)
+        return o.transpose(1, 2).reshape(N * T, m.q_size)
+
+    def shape_out(self, hidden: Tensor) -> Tensor:
+        return hidden.view(*self.shape, -1)

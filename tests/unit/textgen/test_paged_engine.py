@@ -147,41 +147,68 @@ def test_the_default_budget_holds_128_sequences_of_300_tokens_of_the_default_mod
     assert (n - 1) * cfg.block_size >= 128 * 300
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_with_the_same_tokens(long_llama):
-    """While 4 streams decode, a 600-token prompt is prefilled 64 tokens per step, a decode step between
-    any two chunks; its tokens equal those of the same prompt prefilled whole on an idle engine."""
+def test_a_long_prompt_is_prefilled_in_chunks_that_carry_the_decode_steps_with_the_same_tokens(long_llama):
+    """While 4 streams decode, a 600-token prompt is prefilled 64 tokens per step, each chunk in one forward
+    pass with the streams' decode step; its tokens equal those of the same prompt prefilled whole on an idle
+    engine, and the streams' tokens equal theirs without the long prompt."""
     rng = random.Random(5)
     long = [rng.randrange(3, 500) for _ in range(600)]
+    streams_reqs = [greedy([7 + i, 8, 9], n=40) for i in range(4)]
     chunked = serve(long_llama, max_context_tokens=700, prefill_chunk_tokens=64, prefix_caching=False)
     try:
         alone = chunked.engine.submit([greedy(long, n=8)])[0].result().token_ids  # idle: prefilled whole
+        streams_alone = [h.result().token_ids for h in chunked.engine.submit(streams_reqs)]
         calls: list[tuple[str, int]] = []
         model = chunked.model
-        real_prefill, real_decode = model.prefill, model.decode
+        real = model.prefill, model.decode, model.step
 
         def prefill(tokens, starts, lengths, tables, cache):
             calls.append(("prefill", max(a + n for a, n in zip(starts, lengths))))
-            return real_prefill(tokens, starts, lengths, tables, cache)
+            return real[0](tokens, starts, lengths, tables, cache)
 
         def decode(tokens, positions, tables, cache):
             calls.append(("decode", len(tokens)))
-            return real_decode(tokens, positions, tables, cache)
+            return real[1](tokens, positions, tables, cache)
 
-        model.prefill, model.decode = prefill, decode
+        def step(dec, pre, cache):
+            calls.append(("step", max(a + n for a, n in zip(pre[1], pre[2]))))
+            return real[2](dec, pre, cache)
+
+        model.prefill, model.decode, model.step = prefill, decode, step
         try:
-            streams = chunked.engine.submit([greedy([7 + i, 8, 9], n=40) for i in range(4)])
-            first = next(streams[0].events())  # the streams are decoding
-            assert first.token_id >= 0
+            streams = chunked.engine.submit(streams_reqs)
+            assert next(streams[0].events()).token_id >= 0  # the streams are decoding
             got = chunked.engine.submit([greedy(long, n=8)])[0].result().token_ids
-            assert all(h.result().finish_reason == LENGTH for h in streams)
+            streams_got = [h.result().token_ids for h in streams]
         finally:
-            model.prefill, model.decode = real_prefill, real_decode
-        assert got == alone
-        ends = [end for kind, end in calls if kind == "prefill" and end > 3]
-        assert ends[:3] == [64, 128, 192] and ends[-1] == 600  # 10 chunks of at most 64 tokens
-        kinds = [kind for kind, _ in calls]
-        first_chunk = kinds.index("prefill", kinds.index("decode"))
-        chunk_steps = kinds[first_chunk : first_chunk + 2 * len(ends)]
-        assert chunk_steps == ["prefill", "decode"] * len(ends)  # the streams decoded between chunks
+            model.prefill, model.decode, model.step = real
+        assert got == alone and streams_got == streams_alone
+        chunks = [(kind, end) for kind, end in calls if kind != "decode" and end > 3]
+        assert [end for _, end in chunks] == [64 * i for i in range(1, 10)] + [600]  # 10 chunks of <= 64
+        assert all(kind == "step" for kind, _ in chunks)  # each carried the streams' decode step
     finally:
         chunked.engine.stop()
+
+
+def test_when_the_shared_prefill_and_decode_pass_fails_both_run_apart_and_lose_nothing(tiny_models):
+    s = serve(tiny_models["llama"], max_batch_size=64, prefill_chunk_tokens=4)
+    try:
+        reqs = [greedy([3 + i, 40 + i, 5, 6, 7, 8, 9, 10, 11][: 3 + i % 6], n=16) for i in range(12)]
+        ref = [h.result().token_ids for h in s.engine.submit(reqs)]  # reference: the same engine, same way
+        calls = []
+
+        def step(*a, **kw):
+            calls.append(1)
+            raise RuntimeError("injected fault in the shared pass")
+
+        real, s.model.step = s.model.step, step
+        try:
+            first = s.engine.submit(reqs[:1])
+            next(first[0].events())
+            rest = s.engine.submit(reqs[1:])  # their prefill meets the first one's decode steps
+            got = [h.result().token_ids for h in first + rest]
+        finally:
+            s.model.step = real
+        assert calls and got == ref
+    finally:
+        s.engine.stop()
