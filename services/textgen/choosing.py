@@ -29,6 +29,20 @@ def token_logprobs(row: torch.Tensor, token: int, k: int) -> tuple[float, TopK |
     return float(logp[token]), top
 
 
+def prompt_scores(req: SequenceRequest, logp: torch.Tensor | None) -> tuple[list[float], list[TopK] | None]:
+    """Prompt log-probs (and top-k when asked) from rows of log-probs [N, V], row i predicting prompt token
+    ``scored_from + i``; None rows: nothing to score."""
+    if logp is None:
+        return [], [] if req.top_logprobs else None
+    ids = torch.tensor(req.prompt_ids[req.scored_from :], dtype=torch.long, device=logp.device)
+    scores = logp.gather(-1, ids[:, None]).squeeze(-1).tolist()
+    top = None
+    if req.top_logprobs:
+        vals, idx = torch.topk(logp, req.top_logprobs, dim=-1)
+        top = [TopK(tuple(i), tuple(v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    return scores, top
+
+
 def choose_token(
     req: SequenceRequest,
     gen_ids: list[int],

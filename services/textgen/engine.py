@@ -25,12 +25,12 @@ from collections.abc import Callable
 
 import torch
 
-from services.textgen import choosing
+from services.textgen import choosing, containment
 from services.textgen import metrics as M
 from services.textgen.blocks import BlockPool
 from services.textgen.modeling import DecoderLM, PagedKVCache
 from services.textgen.sampling import make_generator
-from services.textgen.scheduler import Scheduler, Seq, shared_key
+from services.textgen.scheduler import Scheduler, Seq, share_prefills
 from services.textgen.sequences import (
     CANCELLED,
     ERROR,
@@ -286,36 +286,10 @@ class Engine:
     def _batched(
         self, group: list[Seq], forward: Callable[[list[Seq]], list], stage: str
     ) -> list[tuple[Seq, object]]:
-        """``forward(group)`` -> one output per sequence. When it raises for the whole group, each
-        sequence is run alone, so a fault fails exactly the sequences that fail on their own and the
-        rest get the outputs they would have had (the forward passes only write their own KV blocks)."""
-        try:
-            return list(zip(group, forward(group)))
-        except Exception as e:  # noqa: BLE001
-            if len(group) == 1:
-                self._fail(group[0], stage, e)
-                return []
-            logger.warning(
-                "%s failed for %d sequences (%s: %s); running each alone",
-                stage,
-                len(group),
-                type(e).__name__,
-                e,
-            )
-        out: list[tuple[Seq, object]] = []
-        for s in group:
-            try:
-                out.extend(zip([s], forward([s])))
-            except Exception as e:  # noqa: BLE001
-                self._fail(s, stage, e)
-        return out
+        return containment.batched(group, forward, stage, self._fail)
 
     def _guarded(self, s: Seq, stage: str, work: Callable[[], None]) -> None:
-        """One sequence's own work (sampling, log-probs, accept, stop detection); a fault ends only it."""
-        try:
-            work()
-        except Exception as e:  # noqa: BLE001
-            self._fail(s, stage, e)
+        containment.guarded(s, stage, work, self._fail)
 
     # -- prefill -------------------------------------------------------------------------------------
     def _prefill_and_decode(self, plan: list[tuple[Seq, int]]) -> None:
@@ -361,30 +335,9 @@ class Engine:
                 group.append(s)
             else:
                 partial.append(s)
-        # Scoring-only requests that differ only in their last token (the answers of a multiple-choice
-        # question) share one forward pass: the distribution over that last token is the same for all.
-        # Generating sequences with the same prompt (OpenAI's n) share one prefill: the others take its
-        # full blocks and a copy of its last block, and its last logits row, then each samples on its own.
-        reps: dict[tuple, Seq] = {}
-        followers: list[tuple[Seq, Seq]] = []
-        twin_reps: dict[tuple, Seq] = {}
-        twins: list[tuple[Seq, Seq]] = []
-        compute: list[Seq] = list(partial)
-        for s in group:
-            key = shared_key(s)
-            if key is not None:
-                if key in reps:
-                    followers.append((s, reps[key]))
-                    continue
-                reps[key] = s
-            elif s.req.stopping.max_new_tokens > 0 and not s.resumed and s.num_computed == 0:
-                r = s.req
-                tkey = (r.prompt_ids, r.prompt_logprobs, r.top_logprobs, r.scored_from, s.alone)
-                if tkey in twin_reps:
-                    twins.append((s, twin_reps[tkey]))
-                    continue
-                twin_reps[tkey] = s
-            compute.append(s)
+        # multiple-choice answers share one forward pass, OpenAI's n one prefill (see share_prefills)
+        compute, followers, twins = share_prefills(group)
+        compute = partial + compute
         outs = {
             id(s): out
             for part in self._groups(compute)
@@ -530,15 +483,8 @@ class Engine:
     def _score_prompt(self, s: Seq, logp: torch.Tensor | None) -> torch.Tensor | None:
         """Prompt log-probs (and top-k) of ``s`` from its rows of log-probs (row i predicts prompt token
         ``scored_from + i``); returns the row that predicts its last token."""
-        if logp is None:
-            s.prompt_logprobs, s.prompt_top = [], [] if s.req.top_logprobs else None
-            return None
-        ids = torch.tensor(s.req.prompt_ids[s.req.scored_from :], dtype=torch.long, device=logp.device)
-        s.prompt_logprobs = logp.gather(-1, ids[:, None]).squeeze(-1).tolist()
-        if s.req.top_logprobs:
-            vals, idx = torch.topk(logp, s.req.top_logprobs, dim=-1)
-            s.prompt_top = [TopK(tuple(i), tuple(v)) for i, v in zip(idx.tolist(), vals.tolist())]
-        return logp[-1]
+        s.prompt_logprobs, s.prompt_top = choosing.prompt_scores(s.req, logp)
+        return None if logp is None else logp[-1]
 
     # -- decode --------------------------------------------------------------------------------------
     def _decode(self, seqs: list[Seq]) -> None:

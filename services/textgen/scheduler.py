@@ -98,6 +98,38 @@ def shared_key(s: Seq) -> tuple | None:
     return None
 
 
+def share_prefills(group: list[Seq]) -> tuple[list[Seq], list[tuple[Seq, Seq]], list[tuple[Seq, Seq]]]:
+    """Split sequences whose prefill completes this step into (those to compute, followers, twins).
+
+    A follower (scoring-only, equal to an earlier one but for its last token: ``shared_key``) reads its
+    representative's rows. A twin (a generating sequence with the same prompt and scoring as an earlier
+    one, OpenAI's n) takes its representative's full blocks, a copy of its last block and its last logits
+    row, then samples on its own. Followers and twins are paired with their representative, which is
+    computed.
+    """
+    reps: dict[tuple, Seq] = {}
+    twin_reps: dict[tuple, Seq] = {}
+    compute: list[Seq] = []
+    followers: list[tuple[Seq, Seq]] = []
+    twins: list[tuple[Seq, Seq]] = []
+    for s in group:
+        key = shared_key(s)
+        if key is not None:
+            if key in reps:
+                followers.append((s, reps[key]))
+                continue
+            reps[key] = s
+        elif s.req.stopping.max_new_tokens > 0 and not s.resumed and s.num_computed == 0:
+            r = s.req
+            tkey = (r.prompt_ids, r.prompt_logprobs, r.top_logprobs, r.scored_from, s.alone)
+            if tkey in twin_reps:
+                twins.append((s, twin_reps[tkey]))
+                continue
+            twin_reps[tkey] = s
+        compute.append(s)
+    return compute, followers, twins
+
+
 class Scheduler:
     def __init__(self, pool: BlockPool, cfg: EngineConfig) -> None:
         self.pool = pool

@@ -192,3 +192,13 @@ def test_prefill_is_chunked_only_while_others_decode_and_never_for_scoring():
     for q, end in plan:
         q.num_computed = end
     assert s.plan_prefill()[0] == (long, 20)
+
+
+def test_multiple_choice_answers_follow_and_equal_prompts_are_twins():
+    from services.textgen.scheduler import share_prefills
+
+    ctx = list(range(10, 20))
+    a, b = seq(ctx + [1], n=0, scoring_from=10), seq(ctx + [2], n=0, scoring_from=10)  # answers 1 and 2
+    g1, g2, g3 = seq(ctx, n=5), seq(ctx, n=5), seq(ctx, n=5, alone=True)
+    compute, followers, twins = share_prefills([a, b, g1, g2, g3])
+    assert compute == [a, g1, g3] and followers == [(b, a)] and twins == [(g2, g1)]
