@@ -60,9 +60,9 @@ GPU_KV_FRACTION = 0.8
 
 def kv_cache_blocks(
     cfg: TextgenConfig, arch: ArchConfig, max_len: int, dtype: torch.dtype, device: torch.device
-) -> int:
+) -> tuple[int, str]:
     """How many blocks the pool gets (the null block included): the override, or the memory budget, capped
-    at what ``max_batch_size`` sequences of the full context could ever use."""
+    at what ``max_batch_size`` sequences of the full context could ever use; and the settings that said so."""
     per_block = PagedKVCache.bytes_per_block(arch, block_size=cfg.block_size, dtype=dtype)
     per_seq = -(-max_len // cfg.block_size)
     useful = cfg.max_batch_size * per_seq + 1
@@ -77,7 +77,11 @@ def kv_cache_blocks(
         else:
             budget = min(CPU_DEFAULT_KV_MB * 2**20, _free_bytes(device) // 2)
         n = min(budget // per_block, useful)
-        why = f"MEGASTACK_TEXTGEN_KV_CACHE_MB={cfg.kv_cache_mb or 'auto'} ({budget / 2**20:.0f} MiB)"
+        why = (
+            f"MEGASTACK_TEXTGEN_KV_CACHE_MB={cfg.kv_cache_mb or 'auto'} ({budget / 2**20:.0f} MiB; at most "
+            f"MEGASTACK_TEXTGEN_MAX_BATCH_SIZE={cfg.max_batch_size} x MEGASTACK_TEXTGEN_MAX_CONTEXT_TOKENS="
+            f"{max_len} tokens)"
+        )
     if n - 1 < per_seq:
         raise StartupError(
             f"{why} gives {max(n - 1, 0)} KV-cache blocks of {cfg.block_size} tokens "
@@ -85,27 +89,24 @@ def kv_cache_blocks(
             f"MEGASTACK_TEXTGEN_MAX_CONTEXT_TOKENS={max_len} needs ({per_seq}); raise the budget or lower "
             "the context"
         )
-    return n
+    return n, why
 
 
 def _allocate_cache(
     cfg: TextgenConfig, arch: ArchConfig, max_len: int, dtype: torch.dtype, device: torch.device
 ) -> PagedKVCache:
     """The paged KV cache, or a StartupError naming the settings that size it when it cannot fit."""
-    n = kv_cache_blocks(cfg, arch, max_len, dtype, device)
+    n, why = kv_cache_blocks(cfg, arch, max_len, dtype, device)
     need = n * PagedKVCache.bytes_per_block(arch, block_size=cfg.block_size, dtype=dtype)
     free = _free_bytes(device)
-    hint = f"the KV cache ({n} blocks of {cfg.block_size} tokens) needs {need / 2**30:.2f} GiB"
+    hint = f"the KV cache ({n} blocks of {cfg.block_size} tokens, from {why}) needs {need / 2**30:.2f} GiB"
     if need > 0.9 * free:
-        raise StartupError(
-            f"{hint} but {free / 2**30:.2f} GiB are free on {device}; lower MEGASTACK_TEXTGEN_KV_CACHE_MB"
-        )
+        raise StartupError(f"{hint} but {free / 2**30:.2f} GiB are free on {device}; lower the setting")
     try:
         return PagedKVCache(arch, num_blocks=n, block_size=cfg.block_size, dtype=dtype, device=device)
     except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
         raise StartupError(
-            f"{hint} and could not be allocated on {device} ({type(e).__name__}); lower "
-            "MEGASTACK_TEXTGEN_KV_CACHE_MB"
+            f"{hint} and could not be allocated on {device} ({type(e).__name__}); lower the setting"
         ) from None
 
 

@@ -176,13 +176,19 @@ def test_missing_tensors_are_one_line(tiny_models, tmp_path):
 def test_kv_cache_larger_than_memory_is_one_line_naming_the_settings(tiny_models):
     out = _textgen(
         tiny_models["llama"],
+        MEGASTACK_TEXTGEN_KV_CACHE_MB="50000000",
         MEGASTACK_TEXTGEN_MAX_BATCH_SIZE="50000000",
         MEGASTACK_TEXTGEN_MAX_QUEUE_SIZE="50000000",
     )
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     [line] = error_lines(out.stderr)
-    assert (
-        "MEGASTACK_TEXTGEN_MAX_BATCH_SIZE=50000000" in line
-        and "MEGASTACK_TEXTGEN_MAX_CONTEXT_TOKENS" in line
-        and "GiB" in line
-    ), line
+    assert "MEGASTACK_TEXTGEN_KV_CACHE_MB=50000000" in line and "GiB" in line, line
+
+
+def test_kv_cache_too_small_for_one_sequence_is_one_line_naming_the_settings(tiny_models):
+    out = _textgen(tiny_models["llama"], MEGASTACK_TEXTGEN_KV_CACHE_BLOCKS="3")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    [line] = error_lines(out.stderr)
+    assert "MEGASTACK_TEXTGEN_KV_CACHE_BLOCKS=3" in line and "MEGASTACK_TEXTGEN_MAX_CONTEXT_TOKENS" in line, (
+        line
+    )

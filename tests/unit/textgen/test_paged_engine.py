@@ -143,7 +143,7 @@ def test_128_sequences_run_together_bounded_by_blocks_not_slots(tiny_models):
 def test_the_default_budget_holds_128_sequences_of_300_tokens_of_the_default_model(default_model_dir):
     arch = open_checkpoint(default_model_dir).arch
     cfg = TextgenConfig(model_dir=default_model_dir, port=0, metrics_port=0)
-    n = kv_cache_blocks(cfg, arch, cfg.max_context_tokens, torch.float32, torch.device("cpu"))
+    n, _ = kv_cache_blocks(cfg, arch, cfg.max_context_tokens, torch.float32, torch.device("cpu"))
     assert (n - 1) * cfg.block_size >= 128 * 300
 
 
