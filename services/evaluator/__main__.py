@@ -28,7 +28,12 @@ def build(cfg: EvaluatorConfig) -> ServiceParts:
     )
     if lost:
         logger.warning("marked %d interrupted evaluations as failed", len(lost))
-    servicer = EvaluatorServicer(store, max_concurrent=cfg.max_concurrent, include_paths=cfg.include_paths)
+    servicer = EvaluatorServicer(
+        store,
+        max_concurrent=cfg.max_concurrent,
+        include_paths=cfg.include_paths,
+        request_cache=cfg.jobs_dir / "request-cache.sqlite" if cfg.request_cache else None,
+    )
     return ServiceParts(
         registrations=[Registration(pb_grpc.add_EvaluatorServiceServicer_to_server, servicer, SERVICE)],
         on_shutdown=[servicer.runner.shutdown],

@@ -17,6 +17,12 @@ class EvaluatorConfig(JobServiceConfig):
         RUN_DIR / "evaluator", help="Evaluation records, lm-eval results and logs (survive restarts)."
     )
     max_concurrent: int = setting(1, help="Evaluations running at once (each is its own process).")
+    request_cache: bool = setting(
+        True,
+        help="Keep every answer textgen gives (scores, generations) in jobs_dir/request-cache.sqlite, keyed "
+        "by the served checkpoint's and tokenizer's fingerprints, the engine's numeric mode and the request: "
+        "a re-run sends nothing already answered, a killed run resumes with what is missing.",
+    )
     include_paths: tuple[str, ...] = setting(
         (), help="Extra folders of lm-eval task YAMLs available to every run."
     )

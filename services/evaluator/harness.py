@@ -248,14 +248,17 @@ def check_reachable(spec: EvalSpec) -> None:
             )
 
 
-def _model(spec: EvalSpec, progress: Progress):
+def _model(spec: EvalSpec, progress: Progress, request_cache: Path | None = None):
     """The lm-eval model object and, for the record, the arguments it was built with. lm-eval's own
     models (``hf``, ``local-completions``) are built as ``simple_evaluate`` would build them, with their
     requests counted and reported."""
     if spec.textgen_address:
         from services.evaluator.lm import TextgenLM
+        from services.evaluator.request_cache import RequestCache
 
-        return TextgenLM(spec.textgen_address, batch_size=spec.batch_size, progress=progress), None
+        cache = RequestCache(request_cache) if request_cache is not None else None
+        lm = TextgenLM(spec.textgen_address, batch_size=spec.batch_size, progress=progress, cache=cache)
+        return lm, None
     from lm_eval.api.registry import get_model
 
     if spec.hf_checkpoint:
@@ -336,8 +339,15 @@ def _dataset_hint(e: BaseException, tasks: tuple[str, ...]) -> FailedPreconditio
     )
 
 
-def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: None) -> dict[str, Any]:
-    """Evaluate; write results.json and summary.md into ``work_dir``; return the result record."""
+def run(
+    spec: EvalSpec,
+    work_dir: Path,
+    progress: Progress = lambda d, t, w: None,
+    *,
+    request_cache: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate; write results.json and summary.md into ``work_dir``; return the result record. With
+    ``request_cache`` (a sqlite file) a textgen model's answers are read from and kept in it."""
     offline_env()
     import lm_eval
     import lm_eval.models  # noqa: F401 - registers the built-in models (lm-eval only does it while its registry is empty)
@@ -347,7 +357,7 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
     tm = task_manager(spec.include_paths)
     check_spec(spec, tm.all_tasks)
     check_data(tm, spec.tasks)
-    model, model_args = _model(spec, progress)
+    model, model_args = _model(spec, progress, request_cache)
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         results = lm_eval.simple_evaluate(
@@ -385,6 +395,11 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
         "fewshot_as_multiturn": spec.fewshot_as_multiturn,
         "batch_invariant": info.batch_invariant if info is not None else None,
         "determinism": determinism,
+        "request_cache": (
+            {"hits": model.cache.hits, "misses": model.cache.misses, "sent": model.sent}
+            if getattr(model, "cache", None) is not None
+            else None
+        ),
     }
     results_path.write_text(json.dumps(results, indent=1, default=str))
     summary = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
@@ -410,4 +425,6 @@ def run(spec: EvalSpec, work_dir: Path, progress: Progress = lambda d, t, w: Non
         "seconds": seconds,
         "num_requests": int(model._total),
         "determinism": -1.0 if determinism is None else determinism,
+        "requests_sent": int(getattr(model, "sent", model._total)),
+        "cache_hits": int(model.cache.hits) if getattr(model, "cache", None) is not None else 0,
     }

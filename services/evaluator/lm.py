@@ -5,7 +5,8 @@ log-probabilities and the top-1 alternative per position); ``generate_until`` ge
 strings. Requests travel in batches of ``batch_size`` prompts per Generate call, so the engine batches
 them. Tokenization, truncation and slicing follow lm-eval's own API models (``TemplateLM._encode_pair``,
 ``max_length`` windows), which is why this model and lm-eval's ``local-completions`` pointed at the
-gateway produce the same scores.
+gateway produce the same scores. With a :class:`~services.evaluator.request_cache.RequestCache`, answers
+already known for this model and numeric mode are read from it and never sent.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lm_eval.api.registry import register_model
 
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
+from services.evaluator.request_cache import RequestCache, namespace, request_key
 from shared.errors import Unavailable, from_rpc_error
 from shared.grpc.channel import make_channel
 
@@ -41,6 +43,7 @@ class TextgenLM(TemplateLM):
         max_gen_toks: int = 256,
         timeout_s: float = 600.0,
         progress: Progress | None = None,
+        cache: RequestCache | None = None,
         **_: object,
     ) -> None:
         super().__init__()
@@ -59,6 +62,12 @@ class TextgenLM(TemplateLM):
                 f"textgen at {address} is unreachable ({e.code().name}: {e.details()})"
             ) from None
         self._max_length = min(max_length, self.info.max_context_tokens)
+        if cache is not None and not self.info.checkpoint_id:
+            logger.warning("textgen at %s does not say which checkpoint it serves: no request cache", address)
+            cache = None
+        self.cache = cache
+        self._ns = namespace(self.info) if cache is not None else ""
+        self.sent = 0  # prompts sent to textgen (scored or generated), cache hits aside
         self.max_gen_toks = max_gen_toks
         self._encodings: dict[str, tuple[int, ...]] = {}
         # a sample of what was scored (prompt, first scored position, log-probs), re-scored alone afterwards
@@ -139,21 +148,36 @@ class TextgenLM(TemplateLM):
 
     def _score(
         self, prompts: list[list[int]], starts: list[int], what: str
-    ) -> list[tuple[list[float], list[pb.TopLogprobs]]]:
-        """Log-probs (and top-1) of ``prompts[k][starts[k]:]`` given what precedes, ``batch_size`` forward
-        passes per call. Prompts go in order of length and content, so the answers of one question (equal
-        but for the last token) travel in the same call, where the engine scores them with one forward pass,
-        and padding stays small; each call asks only for the positions its prompts need."""
-        out: list[tuple[list[float], list[pb.TopLogprobs]] | None] = [None] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i][:-1]))
+    ) -> list[tuple[list[float], list[int]]]:
+        """Log-probs and top-1 token ids of ``prompts[k][starts[k]:]`` given what precedes, ``batch_size``
+        forward passes per call. Prompts go in order of length and content, so the answers of one question
+        (equal but for the last token) travel in the same call, where the engine scores them with one forward
+        pass, and padding stays small; each call asks only for the positions its prompts need. Answers in
+        the request cache are not sent; each call's answers are stored as it returns."""
+        out: list[tuple[list[float], list[int]] | None] = [None] * len(prompts)
+        keys = [request_key(self._ns, "score", p, str(max(1, a))) for p, a in zip(prompts, starts)]
+        if self.cache is not None:
+            known = self.cache.get_many(keys)
+            for k, key in enumerate(keys):
+                if key in known:
+                    out[k] = (known[key][0], known[key][1])
+            self._done += sum(x is not None for x in out)
+            self._report(what)
+        todo = [k for k in range(len(prompts)) if out[k] is None]
+        order = sorted(todo, key=lambda i: (len(prompts[i]), prompts[i][:-1]))
         in_flight: deque = deque()  # two calls in flight: the engine starts the next one without a round trip
 
         def collect() -> None:
             chunk, future = in_flight.popleft()
+            answers = {}
             for k, c in zip(chunk, self._result(future).completions):
-                out[k] = (list(c.prompt_logprobs), list(c.prompt_top_logprobs))
+                out[k] = (list(c.prompt_logprobs), [t.token_ids[0] for t in c.prompt_top_logprobs])
+                answers[keys[k]] = out[k]
                 if len(self._scored) < DETERMINISM_SAMPLE and len(chunk) > 1:
                     self._scored.append((prompts[k], max(1, starts[k]), out[k][0]))
+            if self.cache is not None:
+                self.cache.put_many(answers)
+            self.sent += len(chunk)
             self._done += len(chunk)
             self._report(what)
 
@@ -256,7 +280,7 @@ class TextgenLM(TemplateLM):
             requests, inputs, starts, self._score(inputs, starts, "loglikelihood")
         ):
             targets = inp[start:]
-            answer = (float(sum(lps)), all(t.token_ids[0] == tok for t, tok in zip(tops, targets)))
+            answer = (float(sum(lps)), all(t == tok for t, tok in zip(tops, targets)))
             results.append(answer)
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -306,10 +330,23 @@ class TextgenLM(TemplateLM):
         out: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         params_of: dict[tuple, pb.GenerationParams] = {}
+        cache_keys: list[str] = []
         for i, req in enumerate(requests):
             key, params = self._gen_params(req.args[1])
+            ids = self.tok_encode(req.args[0])[-(self.max_length - params.stopping.max_new_tokens) :]
+            cache_keys.append(
+                request_key(self._ns, "generate", ids, params.SerializeToString(deterministic=True))
+            )
             groups.setdefault(key, []).append(i)
             params_of[key] = params
+        if self.cache is not None:
+            known = self.cache.get_many(cache_keys)
+            for i, ck in enumerate(cache_keys):
+                if ck in known:
+                    out[i] = known[ck]
+            groups = {k: [i for i in idxs if out[i] is None] for k, idxs in groups.items()}
+            self._done += sum(x is not None for x in out)
+            self._report("generate_until")
         for key, idxs in groups.items():
             params = params_of[key]
             room = self.max_length - params.stopping.max_new_tokens
@@ -323,6 +360,9 @@ class TextgenLM(TemplateLM):
                 for i, c in zip(chunk, resp.completions):
                     out[i] = c.text
                     self.cache_hook.add_partial("generate_until", requests[i].args, c.text)
+                if self.cache is not None:
+                    self.cache.put_many({cache_keys[i]: out[i] for i in chunk})
+                self.sent += len(chunk)
                 self._done += len(chunk)
                 self._report("generate_until")
         return [x or "" for x in out]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 
@@ -49,8 +50,16 @@ class TaskIndex:
 
 
 class EvaluatorServicer(pb_grpc.EvaluatorServiceServicer):
-    def __init__(self, store: JobStore, *, max_concurrent: int, include_paths: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        max_concurrent: int,
+        include_paths: tuple[str, ...] = (),
+        request_cache: Path | None = None,
+    ) -> None:
         self.store = store
+        self.request_cache = request_cache
         self.include_paths = include_paths
         self.index = TaskIndex(include_paths)
         self.runner = ProcessRunner(store, self._argv, max_concurrent=max_concurrent, on_end=self._ended)
@@ -59,7 +68,8 @@ class EvaluatorServicer(pb_grpc.EvaluatorServiceServicer):
         d = self.store.job_dir(rec.job_id)
         spec = {**rec.spec, "include_paths": [*self.include_paths, *rec.spec.get("include_paths", [])]}
         (d / "spec.json").write_text(json.dumps(spec))
-        return [sys.executable, "-m", "services.evaluator.worker", str(d / "spec.json"), str(d)]
+        cache = [str(self.request_cache)] if self.request_cache is not None else []
+        return [sys.executable, "-m", "services.evaluator.worker", str(d / "spec.json"), str(d), *cache]
 
     @staticmethod
     def _ended(rec: JobRecord) -> None:

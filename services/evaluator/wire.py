@@ -75,5 +75,7 @@ def evaluation_pb(rec: JobRecord) -> pb.Evaluation:
         num_requests=r.get("num_requests", 0),
         seconds=r.get("seconds", 0.0),
         determinism=r.get("determinism", -1.0),
+        requests_sent=r.get("requests_sent", r.get("num_requests", 0)),
+        cache_hits=r.get("cache_hits", 0),
     )
     return pb.Evaluation(status=status_pb(rec), spec=spec_message(rec.spec, pb.EvaluationSpec), result=result)

@@ -1,4 +1,5 @@
-"""python -m services.evaluator.worker SPEC_JSON WORK_DIR: one evaluation in its own process."""
+"""python -m services.evaluator.worker SPEC_JSON WORK_DIR [REQUEST_CACHE]: one evaluation in its own
+process."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from shared.jobs import Reporter
 logger = logging.getLogger("services.evaluator.worker")
 
 
-def main(spec_path: str, work_dir: str) -> int:
+def main(spec_path: str, work_dir: str, request_cache: str | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -26,7 +27,10 @@ def main(spec_path: str, work_dir: str) -> int:
     spec = spec_from_record(json.loads(Path(spec_path).read_text()))
     try:
         result = run(
-            spec, Path(work_dir), lambda done, total, what: rep.progress(done, total, "requests", what)
+            spec,
+            Path(work_dir),
+            lambda done, total, what: rep.progress(done, total, "requests", what),
+            request_cache=Path(request_cache) if request_cache else None,
         )
     except ServiceError as e:
         rep.error(e.message)
@@ -43,7 +47,7 @@ def main(spec_path: str, work_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1], sys.argv[2])
+    code = main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from llm.checkpoints import open_checkpoint
+from llm.checkpoints.fingerprint import checkpoint_id, tokenizer_id
 from llm.devices import dtype_name, resolve_device, resolve_dtype
 from llm.models.base import ArchConfig
 from llm.tokenizers import Tokenizer
@@ -33,6 +34,8 @@ class ServedModel:
     dtype: str
     device: str
     max_context_tokens: int
+    checkpoint_id: str = ""  # llm.checkpoints.fingerprint: what caches of this model's outputs are keyed by
+    tokenizer_id: str = ""
 
 
 def tokenizer_info(tok: Tokenizer) -> TokenizerInfo:
@@ -130,6 +133,7 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
         if tok_dir is None:
             raise StartupError(f"{path}: no tokenizer files found next to the checkpoint")
         tokenizer = Tokenizer.load(tok_dir)
+        ids = (checkpoint_id(path), tokenizer_id(tok_dir))
         max_len = min(cfg.max_context_tokens, reader.arch.max_position_embeddings)
         model = DecoderLM(
             reader.arch, reader.canonical_tensors(), dtype=dtype, device=device, max_len=max_len
@@ -180,4 +184,6 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
         dtype=dtype_name(dtype),
         device=str(device),
         max_context_tokens=max_len,
+        checkpoint_id=ids[0],
+        tokenizer_id=ids[1],
     )

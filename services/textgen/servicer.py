@@ -127,6 +127,11 @@ class TextGenServicer(pb_grpc.TextGenServiceServicer):
             source_format=s.source_format,
             chat_template=tok.chat_template,
             batch_invariant=self.engine.cfg.batch_invariant,
+            checkpoint_id=s.checkpoint_id,
+            tokenizer_id=s.tokenizer_id,
+            kv_cache_blocks=self.engine.pool.usable,
+            kv_block_size=self.engine.pool.block_size,
+            prefix_caching=self.engine.pool.prefix_caching,
         )
 
     def GetLoad(self, request, context: grpc.ServicerContext) -> pb.GetLoadResponse:

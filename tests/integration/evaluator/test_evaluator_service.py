@@ -407,3 +407,40 @@ def test_jobs_read_only_under_the_data_roots_and_call_only_allowed_endpoints(
     assert dict(e.value.trailing_metadata()).get("x-error-field") == field
     assert "data roots" in e.value.details() or "allowed model endpoint" in e.value.details()
     assert len(stub.ListEvaluations(pb.ListEvaluationsRequest()).evaluations) == before
+
+
+def test_a_rerun_is_answered_from_the_request_cache(served, tmp_path):
+    """With the request cache (the service's default), evaluating the same model again sends nothing to
+    textgen and gives the same scores; the record says how many answers came from the cache."""
+    tg, _ = served
+    servicer = EvaluatorServicer(
+        JobStore(tmp_path / "jobs", "eval"),
+        max_concurrent=1,
+        request_cache=tmp_path / "jobs" / "cache.sqlite",
+    )
+    server = build_server(
+        service="evaluator",
+        registrations=[Registration(pb_grpc.add_EvaluatorServiceServicer_to_server, servicer, SERVICE)],
+        host="127.0.0.1",
+        port=0,
+        max_workers=8,
+    )
+    server.start()
+    server.set_serving(True)
+    try:
+        with make_channel(server.address) as ch:
+            st = pb_grpc.EvaluatorServiceStub(ch)
+            runs = []
+            for _ in range(2):
+                ev = follow(st, submit(st, textgen_address=tg.address, tasks=["megastack_capitals"], limit=6))
+                assert ev.status.state == SUCCEEDED, ev.status.error
+                runs.append(ev)
+        first, again = runs
+        assert first.result.requests_sent == first.result.num_requests > 0 and first.result.cache_hits == 0
+        assert again.result.requests_sent == 0 and again.result.cache_hits == first.result.num_requests
+        assert scores(again) == scores(first)
+        stored = json.loads(Path(again.result.results_path).read_text())["megastack"]["request_cache"]
+        assert stored == {"hits": first.result.num_requests, "misses": 0, "sent": 0}
+    finally:
+        servicer.runner.shutdown()
+        server.stop(0)
