@@ -175,7 +175,8 @@ def main() -> int:
     print(
         f"request cache: re-run {warm['seconds']:.2f} s vs {cold['seconds']:.2f} s uncached = {share:.1%} "
         f"(target <= 5%: {'met' if share <= 0.05 else 'NOT met'}); {warm['sent']} requests sent, "
-        f"{warm['hits']} answered from the cache; scores {'agree' if warm['acc'] == cold['acc'] else 'DIFFER'}"
+        f"{warm['hits']} answered from the cache; scores "
+        f"{'agree' if warm['acc'] == cold['acc'] else 'DIFFER'}"
     )
     save(
         "eval",
