@@ -7,6 +7,9 @@ __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "TextgenLM": "services.evaluator.lm",
+        "RequestCache": "services.evaluator.request_cache",
+        "read_samples": "services.evaluator.significance",
+        "compare_samples": "services.evaluator.significance",
         "offline_env": "services.evaluator.harness",
         "task_manager": "services.evaluator.harness",
     },

@@ -339,6 +339,41 @@ def _dataset_hint(e: BaseException, tasks: tuple[str, ...]) -> FailedPreconditio
     )
 
 
+def write_samples(path: Path, samples: dict[str, list[dict[str, Any]]]) -> None:
+    """One line per scored sample: task, doc_id, its numeric per-sample metrics and its (filtered) answer,
+    what ``megastack eval compare`` pairs two runs on. Written whole, then renamed (atomic)."""
+    lines = []
+    for task, docs in samples.items():
+        for d in docs:
+            metrics = {
+                k: v
+                for k, v in d.items()
+                if k not in SAMPLE_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            answer = d.get("filtered_resps", d.get("resps", ""))
+            lines.append(
+                json.dumps(
+                    {"task": task, "doc_id": d.get("doc_id"), "metrics": metrics, "answer": str(answer)[:200]}
+                )
+            )
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
+
+
+SAMPLE_FIELDS = (
+    "doc_id",
+    "doc",
+    "target",
+    "arguments",
+    "resps",
+    "filtered_resps",
+    "doc_hash",
+    "prompt_hash",
+    "target_hash",
+)
+
+
 def run(
     spec: EvalSpec,
     work_dir: Path,
@@ -369,7 +404,7 @@ def run(
             batch_size=spec.batch_size,
             task_manager=tm,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=True,  # per-sample scores go to samples.jsonl (eval compare's paired tests)
             use_cache=str(work_dir / "lm-cache"),
             random_seed=spec.seed,
             numpy_random_seed=spec.seed,
@@ -401,6 +436,8 @@ def run(
             else None
         ),
     }
+    samples = results.pop("samples", None) or {}
+    write_samples(work_dir / "samples.jsonl", samples)
     results_path.write_text(json.dumps(results, indent=1, default=str))
     summary = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
     (work_dir / "summary.md").write_text(summary)

@@ -119,7 +119,7 @@ def main() -> int:
             base_runs.append(timed_eval(hf, tm))
             for m in MODES:
                 runs[m].append(timed_eval(lms[m], tm))
-        from services.evaluator.request_cache import RequestCache
+        from services.evaluator.api import RequestCache
 
         print("request cache: the task with an empty cache, then again from it ...", flush=True)
         cache_path = Path(tempfile.mkdtemp(prefix="bench-eval-cache-")) / "cache.sqlite"

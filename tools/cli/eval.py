@@ -160,6 +160,19 @@ def compare_rows(runs: list) -> list[tuple[str, str, list[float | None]]]:
     return rows
 
 
+def _paired(runs: list, max_flipped: int) -> dict[tuple[str, str], object]:
+    """(task, metric) -> the paired comparison of two runs' per-sample scores, when both wrote them."""
+    from pathlib import Path
+
+    from services.evaluator.api import compare_samples, read_samples
+
+    paths = [Path(ev.result.results_path).with_name("samples.jsonl") for ev in runs]
+    if len(runs) != 2 or not all(p.is_file() for p in paths):
+        return {}
+    found = compare_samples(read_samples(paths[0]), read_samples(paths[1]), max_flipped=max_flipped)
+    return {(c.task, c.metric): c for c in found}
+
+
 def compare(a: argparse.Namespace) -> int:
     channel, stub = _stub(a.server)
     with channel:
@@ -168,12 +181,23 @@ def compare(a: argparse.Namespace) -> int:
         if not ev.result.tasks:
             print(f"megastack eval: {ev.status.job_id} has no results ({_state(ev)})", file=sys.stderr)
             return 1
+    paired = _paired(runs, a.samples)
     heads = [ev.status.job_id for ev in runs]
-    table = [["task", "metric", *heads] + (["delta"] if len(runs) == 2 else [])]
+    extra = ["delta", "stderr", "p", "n"] if len(runs) == 2 else []
+    table = [["task", "metric", *heads, *extra]]
+    flagged = []
     for task, metric, values in compare_rows(runs):
         cells = ["-" if v is None else f"{v:.4f}" for v in values]
         if len(runs) == 2:
             cells.append("-" if None in values else f"{values[1] - values[0]:+.4f}")
+            c = paired.get((task, metric.split(",")[0]))
+            if c is None:
+                cells += ["-", "-", "-"]
+            else:
+                star = " *" if c.significant else ""
+                cells += [f"{c.stderr:.4f}", f"{c.p_value:.3g} ({c.test}){star}", str(c.n)]
+                if c.significant:
+                    flagged.append(c)
         table.append([task, metric.replace(",none", ""), *cells])
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for i, row in enumerate(table):
@@ -186,6 +210,21 @@ def compare(a: argparse.Namespace) -> int:
             f"limit={ev.spec.limit or 'all'}  "
             f"fewshot={ev.spec.num_fewshot if ev.spec.num_fewshot >= 0 else 'default'}"
         )
+    if len(runs) == 2:
+        if not paired:
+            print("no per-sample scores in both runs: delta only, no significance test")
+        else:
+            print(
+                "p: paired over the samples both runs scored (McNemar's exact test for 0/1 metrics, a paired "
+                "bootstrap otherwise); * = significant at 0.05"
+                + (f": {', '.join(f'{c.task} {c.metric}' for c in flagged)}" if flagged else ": none")
+            )
+        for c in paired.values() if a.samples else ():
+            for f in c.flipped:
+                print(
+                    f"  {c.task} {c.metric} doc {f['doc_id']}: {f['a']:g} -> {f['b']:g}  "
+                    f"{f['answer_a']} -> {f['answer_b']}"
+                )
     return 0
 
 
@@ -284,8 +323,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rs.add_argument("job_id")
     rs.add_argument("--json", action="store_true", help="print lm-eval's results JSON")
     rs.set_defaults(func=results)
-    c = esub.add_parser("compare", help="two (or more) runs side by side, with the difference")
+    c = esub.add_parser(
+        "compare",
+        help="two (or more) runs side by side; for two, the difference with its standard error and a paired "
+        "significance test over the samples both scored",
+    )
     c.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    c.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="list up to N samples per metric whose score flipped",
+    )
     c.set_defaults(func=compare)
     ca = esub.add_parser("cancel", help="stop a run (its answered requests are kept)")
     ca.add_argument("job_id")

@@ -83,6 +83,13 @@ def follow(stub, job_id, on_event=None) -> pb.Evaluation:
     return last
 
 
+def stub_get(address: str, job_id: str) -> pb.Evaluation:
+    with make_channel(address) as ch:
+        return (
+            pb_grpc.EvaluatorServiceStub(ch).GetEvaluation(pb.GetEvaluationRequest(job_id=job_id)).evaluation
+        )
+
+
 def scores(ev: pb.Evaluation) -> dict[str, dict[str, float]]:
     return {t.task: dict(t.metrics) for t in ev.result.tasks}
 
@@ -267,7 +274,7 @@ def test_cli_run_results_compare(evaluator_address, served, capsys):
         assert rc == 0, out
         ids.append(out.splitlines()[0].strip())
         assert "megastack_capitals" in out and "acc" in out
-    assert main(["eval", "--server", addr, "compare", *ids]) == 0
+    assert main(["eval", "--server", addr, "compare", *ids, "--samples", "6"]) == 0
     table = capsys.readouterr().out
     row = next(
         line for line in table.splitlines() if line.startswith("| megastack_capitals") and "| acc " in line
@@ -275,6 +282,18 @@ def test_cli_run_results_compare(evaluator_address, served, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     a, b, delta = float(cells[2]), float(cells[3]), float(cells[4])
     assert delta == pytest.approx(b - a, abs=1e-4)
+    # the paired test over the 6 samples both runs scored: McNemar for accuracy, its p-value in [0, 1]
+    assert cells[7] == "6" and "(mcnemar)" in cells[6] and 0 <= float(cells[6].split()[0]) <= 1
+    assert "paired over the samples both runs scored" in table
+    # each run's per-sample scores add up to its aggregate
+    for job in ids:
+        ev = stub_get(addr, job)
+        lines = Path(ev.result.results_path).with_name("samples.jsonl").read_text().splitlines()
+        accs = [json.loads(x)["metrics"]["acc"] for x in lines]
+        assert len(accs) == 6 and sum(accs) / 6 == pytest.approx(scores(ev)["megastack_capitals"]["acc,none"])
+    flips = [line for line in table.splitlines() if line.startswith("  megastack_capitals acc doc ")]
+    net = round(abs(delta) * 6)  # discordant pairs: at least the net change, and of its parity
+    assert len(flips) >= net and (len(flips) - net) % 2 == 0
     assert main(["eval", "--server", addr, "results", ids[0], "--json"]) == 0
     assert "megastack_capitals" in json.loads(capsys.readouterr().out)["results"]
     assert main(["eval", "--server", addr, "run", "megastack_capital", "--model", tg.address]) == 2
