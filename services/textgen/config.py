@@ -64,9 +64,9 @@ class TextgenConfig(ServiceConfig):
     batch_invariant: str = setting(
         "scoring",
         help="Which sequences get tokens and log-probs that do not depend on what else is batched: `scoring` "
-        "(prompt log-probs only, as lm-eval sends; the default), `all`, or `off`. Such a sequence is "
-        "prefilled and decoded in forward passes of its own (same shapes whatever the load), at the cost "
-        "of batching it.",
+        "(the default: scoring-only sequences, as lm-eval sends, and sampled ones with a seed), `all`, or "
+        "`off`. Such a sequence is prefilled and decoded in forward passes of its own (same shapes whatever "
+        "the load), at the cost of batching it.",
         choices=("off", "scoring", "all"),
     )
     num_threads: int = setting(0, help="torch intra-op threads; 0 = all cores.")

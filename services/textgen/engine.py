@@ -193,10 +193,15 @@ class Engine:
 
     # -- engine thread ---------------------------------------------------------------------------
     def _alone(self, r: SequenceRequest) -> bool:
-        """Batch-invariant mode: a scoring-only sequence (``scoring``) or every sequence (``all``) runs its
-        forward passes alone, so its tokens and log-probs are the same bits at any load, in any order."""
+        """Batch-invariant mode: the sequences that must reproduce (``scoring``: scoring-only ones, and
+        sampled ones with a seed) or every sequence (``all``) run their forward passes alone, so their tokens
+        and log-probs are the same bits at any load, in any order."""
         mode = self.cfg.batch_invariant
-        return mode == "all" or (mode == "scoring" and r.stopping.max_new_tokens == 0 and r.prompt_logprobs)
+        if mode == "all":
+            return True
+        scoring = r.stopping.max_new_tokens == 0 and r.prompt_logprobs
+        seeded = not r.sampling.is_greedy and r.sampling.seed >= 0
+        return mode == "scoring" and (scoring or seeded)
 
     def _groups(self, seqs: list[Seq]) -> list[list[Seq]]:
         """The forward passes of one step: the batchable sequences together, each batch-invariant one

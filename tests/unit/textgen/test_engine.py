@@ -243,7 +243,8 @@ def test_batch_invariant_sequences_get_the_same_bits_alone_and_among_31_others(t
         rng = random.Random(7)
         others = [[rng.randrange(5, tok.vocab_size) for _ in range(rng.randrange(3, 40))] for _ in range(31)]
         scoring = req(target, n=0, prompt_logprobs=True, top_logprobs=2)
-        kinds = [scoring] + ([req(target, n=10, logprobs=True)] if mode == "all" else [])
+        seeded = req(target, n=10, logprobs=True, sampling=SamplingSpec(temperature=1.0, top_k=20, seed=11))
+        kinds = [scoring, seeded] + ([req(target, n=10, logprobs=True)] if mode == "all" else [])
         for r in kinds:
             alone = s.engine.submit([r])[0].result()
             crowd = [req(o, n=rng.randrange(1, 12)) for o in others]
