@@ -76,10 +76,6 @@ class Engine:
         self._rider_outs: list[tuple[torch.Tensor, int]] | None = None
 
     @property
-    def _waiting(self):  # noqa: ANN202 - the scheduler's queue
-        return self.sched.waiting
-
-    @property
     def _running(self) -> list[Seq]:
         return self.sched.running
 
@@ -108,7 +104,7 @@ class Engine:
     def run_until_idle(self) -> None:
         """Step in the calling thread until nothing waits or runs (warm-up before the loop starts)."""
         with torch.inference_mode():
-            while self._waiting or self.sched.active():
+            while self.sched.waiting or self.sched.active():
                 self._step()
 
     def stop(self) -> None:
@@ -123,7 +119,7 @@ class Engine:
 
     def load(self) -> tuple[int, int]:
         with self._cv:
-            return len(self._waiting), self.sched.active()
+            return len(self.sched.waiting), self.sched.active()
 
     def validate(self, req: SequenceRequest) -> None:
         n = len(req.prompt_ids)
@@ -156,21 +152,21 @@ class Engine:
         rid = REQUEST_ID.get()
         handles = []
         with self._cv:
-            if not self._waiting and not self.sched.active():
+            if not self.sched.waiting and not self.sched.active():
                 self.last_progress_at = now  # progress is measured from when the engine became busy
             if self._stopping:
                 raise ResourceExhausted("the engine is shutting down")
-            if len(self._waiting) + len(reqs) > self.cfg.max_queue_size:
+            waiting = len(self.sched.waiting)
+            if waiting + len(reqs) > self.cfg.max_queue_size:
                 M.FAILURE.labels("overloaded").inc(len(reqs))
                 raise ResourceExhausted(
-                    f"queue full: {len(self._waiting)} sequences waiting (limit {self.cfg.max_queue_size}); "
-                    "retry later"
+                    f"queue full: {waiting} sequences waiting (limit {self.cfg.max_queue_size}); retry later"
                 )
             for index, r in enumerate(reqs):
                 h = SequenceHandle(self, index, sink)
                 s = r.sampling
                 window = 2 * max((len(x) for x in r.stopping.stop), default=0) + 8 if r.stopping.stop else 0
-                self._waiting.append(
+                self.sched.waiting.append(
                     Seq(
                         handle=h,
                         req=r,
@@ -183,7 +179,7 @@ class Engine:
                     )
                 )
                 handles.append(h)
-            M.NUM_WAITING.set(len(self._waiting))
+            M.NUM_WAITING.set(len(self.sched.waiting))
             self._cv.notify_all()
         return handles
 
@@ -211,7 +207,7 @@ class Engine:
 
     def _wait_for_work(self, stop: threading.Event | None) -> bool:
         with self._cv:
-            while not self._waiting and not self.sched.active():
+            while not self.sched.waiting and not self.sched.active():
                 if self._stopping or (stop is not None and stop.is_set()):
                     return False
                 self._cv.wait(timeout=0.25)
@@ -248,7 +244,7 @@ class Engine:
 
     def _update_gauges(self) -> None:
         self.peak_running = max(self.peak_running, len(self._running))  # decoding together
-        M.NUM_WAITING.set(len(self._waiting))
+        M.NUM_WAITING.set(len(self.sched.waiting))
         M.NUM_RUNNING.set(self.sched.active())
         M.KV_CACHE_USAGE.set(self.pool.usage())
         now = (self.pool.queries, self.pool.hits, self.sched.preemptions)
@@ -597,7 +593,7 @@ class Engine:
 
     def _fail_all(self, why: str) -> None:
         with self._cv:
-            pending = list(self._waiting) + list(self.sched.prefilling) + list(self._running)
-            self._waiting.clear()
+            pending = list(self.sched.waiting) + list(self.sched.prefilling) + list(self._running)
+            self.sched.waiting.clear()
         for s in pending:
             self._finish(s, ERROR, error=why)
