@@ -10,6 +10,7 @@ field names, defaults, ranges and, for Megatron, its exact messages.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -155,6 +156,72 @@ def stop_list(doc: dict[str, Any], key: str = "stop") -> list[str]:
     ):
         raise HTTPError(400, f"{key} must be a string or a list of at most {MAX_STOP_SEQUENCES} strings", key)
     return [s for s in stop if s]
+
+
+MAX_SCHEMA_CHARS = 100_000
+
+
+def _schema_text(value: Any, field: str) -> str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise HTTPError(400, f"{field}: the schema is not valid JSON", field) from None
+    if not isinstance(value, dict):
+        raise HTTPError(400, f"{field}: the schema must be a JSON object", field)
+    text = json.dumps(value)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise HTTPError(400, f"{field}: the schema is longer than {MAX_SCHEMA_CHARS} characters", field)
+    return text
+
+
+def guided(doc: dict[str, Any]) -> pb.Guided | None:
+    """Structured output, in OpenAI's words (``response_format``: ``json_object``, or ``json_schema`` with
+    ``{"name", "schema"}``) or vLLM's (``guided_json``, ``guided_regex``, ``guided_choice``, or the newer
+    ``structured_outputs: {"json" | "regex" | "choice": ...}``); at most one. None: free text."""
+    found: list[tuple[str, pb.Guided]] = []
+    rf = doc.get("response_format")
+    if rf is not None:
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise HTTPError(
+                400, "response_format.type must be text, json_object or json_schema", "response_format"
+            )
+        if kind == "json_object":
+            found.append(("response_format", pb.Guided(json_object=True)))
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or "schema" not in js:
+                raise HTTPError(400, "response_format.json_schema must be {name, schema}", "response_format")
+            found.append(
+                ("response_format", pb.Guided(json_schema=_schema_text(js["schema"], "response_format")))
+            )
+    so = doc.get("structured_outputs")
+    if so is not None and not isinstance(so, dict):
+        raise HTTPError(400, "structured_outputs must be an object", "structured_outputs")
+    vllm = {
+        "guided_json": doc.get("guided_json"),
+        "guided_regex": doc.get("guided_regex"),
+        "guided_choice": doc.get("guided_choice"),
+    }
+    for key, name in (("json", "guided_json"), ("regex", "guided_regex"), ("choice", "guided_choice")):
+        if so and so.get(key) is not None:
+            vllm[name] = so[key]
+    if vllm["guided_json"] is not None:
+        found.append(("guided_json", pb.Guided(json_schema=_schema_text(vllm["guided_json"], "guided_json"))))
+    if vllm["guided_regex"] is not None:
+        if not isinstance(vllm["guided_regex"], str) or not vllm["guided_regex"]:
+            raise HTTPError(400, "guided_regex must be a non-empty string", "guided_regex")
+        found.append(("guided_regex", pb.Guided(regex=vllm["guided_regex"])))
+    if vllm["guided_choice"] is not None:
+        choice = vllm["guided_choice"]
+        if not (isinstance(choice, list) and choice and all(isinstance(c, str) and c for c in choice)):
+            raise HTTPError(400, "guided_choice must be a list of non-empty strings", "guided_choice")
+        found.append(("guided_choice", pb.Guided(choice=pb.Choices(values=choice))))
+    if len(found) > 1:
+        names = ", ".join(n for n, _ in found)
+        raise HTTPError(400, f"give one structured-output constraint, not several ({names})", found[1][0])
+    return found[0][1] if found else None
 
 
 # The one table of finish-reason names (OpenAI's words) for every dialect that reports one.

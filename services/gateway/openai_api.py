@@ -20,6 +20,7 @@ from flask_restful import Resource
 from protos.textgen.v1 import textgen_pb2 as pb
 from services.gateway.fields import (
     finish_name,
+    guided,
     integer,
     logit_bias,
     number,
@@ -45,6 +46,10 @@ def _check_unsupported(doc: dict[str, Any], chat: bool) -> None:
         raise HTTPError(400, "best_of is a completions parameter", "best_of")
     if doc.get("suffix") not in (None, ""):
         raise HTTPError(400, "suffix is not supported", "suffix")
+    if doc.get("tools"):  # refused, never silently ignored: the model would answer without them
+        raise HTTPError(400, "tools (function calling) are not supported yet", "tools")
+    if doc.get("tool_choice") not in (None, "none"):
+        raise HTTPError(400, "tool_choice is not supported yet (no tools)", "tool_choice")
 
 
 def _prompts(doc: dict[str, Any]) -> list[pb.Prompt]:
@@ -156,6 +161,9 @@ def parse_options(doc: dict[str, Any], *, chat: bool) -> Options:
         top_logprobs=logprobs or 0,
         n=best_of,
     )
+    constraint = guided(doc)
+    if constraint is not None:
+        params.guided.CopyFrom(constraint)
     if best_of > n:
         params.logprobs = True  # the candidates are ranked by their cumulative logprob
     return Options(

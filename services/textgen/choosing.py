@@ -51,11 +51,14 @@ def choose_token(
     tok: TokenizerInfo,
     top_p: float,
     generator: torch.Generator | None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[int, float]:
-    """The next token from the logits row [V] (``pick`` is its argmax) and the sequence's next top_p."""
+    """The next token from the logits row [V] (``pick`` is its argmax) and the sequence's next top_p;
+    ``allowed`` (bool [>= V]): the tokens a structured-output constraint lets come next."""
     st, stopping = req.sampling, req.stopping
     too_soon = len(gen_ids) < stopping.min_tokens  # EOS and stop ids are not allowed yet
-    if st.is_greedy and not st.adjusts_logits and not stopping.prevent_newline_after_colon and not too_soon:
+    plain = not st.adjusts_logits and not stopping.prevent_newline_after_colon and not too_soon
+    if st.is_greedy and plain and allowed is None:
         return pick, top_p
     x = row[: tok.vocab_size]  # (V,) ids past the tokenizer's vocabulary (padding) are never chosen
     if st.repetition_penalty not in (0.0, 1.0):
@@ -74,6 +77,8 @@ def choose_token(
         if prev == tok.colon_id:
             x = x.clone()
             x[tok.newline_id] = -1e10
+    if allowed is not None:
+        x = x.masked_fill(~allowed[: x.shape[-1]], float("-inf"))
     return sample_row(x, st, top_p, generator), next_top_p(st, top_p)
 
 

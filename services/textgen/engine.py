@@ -28,6 +28,7 @@ import torch
 from services.textgen import choosing, containment
 from services.textgen import metrics as M
 from services.textgen.blocks import BlockPool
+from services.textgen.guided import GuideState
 from services.textgen.modeling import DecoderLM, PagedKVCache
 from services.textgen.sampling import make_generator
 from services.textgen.scheduler import Scheduler, Seq, share_prefills
@@ -176,6 +177,7 @@ class Engine:
                         request_id=rid,
                         generator=None if s.is_greedy else make_generator(s.seed, self.model.device),
                         alone=self._alone(r),
+                        guide=self._guide(r),
                     )
                 )
                 handles.append(h)
@@ -198,6 +200,10 @@ class Engine:
         scoring = r.stopping.max_new_tokens == 0 and r.prompt_logprobs
         seeded = not r.sampling.is_greedy and r.sampling.seed >= 0
         return mode == "scoring" and (scoring or seeded)
+
+    def _guide(self, r: SequenceRequest) -> GuideState | None:
+        """A structured-output sequence's own walk through its compiled constraint."""
+        return GuideState(r.guide_index, self.model.out_w.shape[0]) if r.guide_index is not None else None
 
     def _groups(self, seqs: list[Seq]) -> list[list[Seq]]:
         """The forward passes of one step: the batchable sequences together, each batch-invariant one
@@ -523,7 +529,12 @@ class Engine:
 
     def _choose_and_accept(self, s: Seq, row: torch.Tensor, pick: int) -> None:
         """Pick the next token of ``s`` from its logits row [V] (``pick`` is its argmax) and record it."""
-        t, s.top_p = choosing.choose_token(s.req, s.gen_ids, row, pick, self.tok, s.top_p, s.generator)
+        allowed = s.guide.allowed(row.device) if s.guide is not None else None
+        t, s.top_p = choosing.choose_token(
+            s.req, s.gen_ids, row, pick, self.tok, s.top_p, s.generator, allowed
+        )
+        if s.guide is not None and t != self.tok.eos_id:
+            s.guide.advance(t)
         lp, top = None, None
         if s.req.logprobs or s.req.top_logprobs > 0:
             lp, top = choosing.token_logprobs(row, t, s.req.top_logprobs)

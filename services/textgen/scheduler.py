@@ -38,6 +38,7 @@ class Seq:
     generator: Any  # torch.Generator for sampled sequences, None for greedy
     top_p: float
     alone: bool = False  # batch-invariant: every forward pass of this sequence is its own
+    guide: Any = None  # structured output: its walk through the constraint (guided.GuideState)
     stop_window: int = 0
     request_id: str = "-"
     blocks: list[int] = field(default_factory=list)  # block table: position p is in blocks[p // bs]

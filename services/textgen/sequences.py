@@ -7,7 +7,7 @@ import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch-free at run time: the scheduler imports this module
     from services.textgen.engine import Engine
@@ -49,6 +49,7 @@ class SequenceRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs_from: int = 0  # score prompt positions max(1, this)..n-1
+    guide_index: Any = None  # a compiled structured-output constraint (services.textgen.guided), or None
 
     @property
     def scored_from(self) -> int:

@@ -10,6 +10,7 @@ import grpc
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from services.textgen import wire
+from services.textgen.guided import Constraints
 from services.textgen.loader import ServedModel
 from services.textgen.sequences import ERROR, SequenceHandle, SequenceResult, TokenEvent
 from shared.errors import Internal, InvalidArgument
@@ -27,11 +28,18 @@ class TextGenServicer(pb_grpc.TextGenServiceServicer):
         self.max_prompts = max_prompts
         self.max_queue_size = max_queue_size
         self.max_batch_size = max_batch_size
+        self.constraints = Constraints(self.tok, served.model.out_w.shape[0])  # structured output, cached
 
     def _submit(
         self, request, context: grpc.ServicerContext, sink: queue.SimpleQueue | None = None
     ) -> list[SequenceHandle]:
-        reqs = wire.sequence_requests(request.prompts, request.params, self.tok, max_prompts=self.max_prompts)
+        reqs = wire.sequence_requests(
+            request.prompts,
+            request.params,
+            self.tok,
+            max_prompts=self.max_prompts,
+            constraints=self.constraints,
+        )
         handles = self.engine.submit(reqs, sink=sink)
         # Fires when the RPC ends for any reason; after a normal finish cancel() is a no-op.
         context.add_callback(lambda: [h.cancel() for h in handles])

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from llm.tokenizers import Tokenizer
 from protos.textgen.v1 import textgen_pb2 as pb
 from services.textgen.detokenizer import IncrementalDetokenizer
+from services.textgen.guided import Constraints
 from services.textgen.sampling import SamplingSpec
 from services.textgen.sequences import (
     CANCELLED,
@@ -120,7 +121,12 @@ def prompt_ids(p: pb.Prompt, tok: Tokenizer, add_bos: bool) -> tuple[int, ...]:
 
 
 def sequence_requests(
-    prompts: Sequence[pb.Prompt], params: pb.GenerationParams, tok: Tokenizer, *, max_prompts: int
+    prompts: Sequence[pb.Prompt],
+    params: pb.GenerationParams,
+    tok: Tokenizer,
+    *,
+    max_prompts: int,
+    constraints: Constraints | None = None,
 ) -> list[SequenceRequest]:
     if not prompts:
         raise InvalidArgument("prompts is empty", field="prompts")
@@ -152,6 +158,13 @@ def sequence_requests(
             raise InvalidArgument(
                 f"{field}: token id {bad} is not in the vocabulary (0..{tok.vocab_size - 1})", field=field
             )
+    index = None
+    if params.HasField("guided") and params.guided.WhichOneof("kind") is not None:
+        if constraints is None:
+            raise InvalidArgument(
+                "structured output is not available on this server", field="response_format"
+            )
+        index = constraints.index(params.guided)  # compiled here, in the RPC thread (cached)
     seeded = sampling.seed >= 0
     return [
         SequenceRequest(
@@ -162,6 +175,7 @@ def sequence_requests(
             logprobs=params.logprobs,
             top_logprobs=params.top_logprobs,
             prompt_logprobs_from=p.logprobs_from or params.prompt_logprobs_from,
+            guide_index=index,
         )
         for p, ids in ((p, prompt_ids(p, tok, params.add_bos)) for p in prompts)
         for j in range(n)

@@ -166,3 +166,14 @@ def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(clie
     assert [c.index for c in best.choices] == [0, 1]
     assert best.usage.completion_tokens == 4 * 5  # every candidate's tokens count
     assert best.usage.prompt_tokens == four.usage.prompt_tokens
+
+
+def test_tools_are_refused_not_ignored(client):
+    tools = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    ]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4, tools=tools
+        )
+    assert "tools" in str(e.value.body)
