@@ -39,7 +39,6 @@ from services.textgen.sequences import (
     EngineConfig,
     SequenceHandle,
     SequenceRequest,
-    SequenceResult,
     TokenEvent,
     TokenizerInfo,
     TopK,
@@ -585,22 +584,7 @@ class Engine:
             M.SUCCESS.labels(reason).inc()
             M.E2E.observe(now - s.submitted_at)
             M.REQUEST_GENERATION_TOKENS.observe(len(s.gen_ids))
-        s.handle._put(
-            SequenceResult(
-                prompt_ids=list(s.req.prompt_ids),
-                token_ids=list(s.gen_ids),
-                prompt_logprobs=s.prompt_logprobs,
-                prompt_top=s.prompt_top,
-                logprobs=s.logprobs if s.req.logprobs else None,
-                top=s.top if s.req.top_logprobs else None,
-                finish_reason=reason,
-                stop_sequence=stop_sequence,
-                queue_s=(s.started_at or now) - s.submitted_at,
-                first_token_s=(s.first_token_at - s.submitted_at) if s.first_token_at else 0.0,
-                total_s=now - s.submitted_at,
-                error=error,
-            )
-        )
+        s.handle._put(s.result(reason, now, error=error, stop_sequence=stop_sequence))
 
     def _fail_all(self, why: str) -> None:
         with self._cv:

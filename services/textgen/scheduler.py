@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.textgen.blocks import BlockPool, chain_hashes, next_hash
-from services.textgen.sequences import EngineConfig, SequenceHandle, SequenceRequest, TopK
+from services.textgen.sequences import (
+    EngineConfig,
+    Finish,
+    SequenceHandle,
+    SequenceRequest,
+    SequenceResult,
+    TopK,
+)
 
 
 @dataclass(eq=False)
@@ -67,6 +74,23 @@ class Seq:
         """The tokens whose keys and values a (re)admission writes: the prompt, and after a preemption the
         generated tokens but the last (which the next decode step feeds)."""
         return [*self.req.prompt_ids, *self.gen_ids[:-1]]
+
+    def result(self, reason: Finish, now: float, *, error: str | None, stop_sequence: str) -> SequenceResult:
+        """What the caller gets when the sequence ends (at ``now``)."""
+        return SequenceResult(
+            prompt_ids=list(self.req.prompt_ids),
+            token_ids=list(self.gen_ids),
+            prompt_logprobs=self.prompt_logprobs,
+            prompt_top=self.prompt_top,
+            logprobs=self.logprobs if self.req.logprobs else None,
+            top=self.top if self.req.top_logprobs else None,
+            finish_reason=reason,
+            stop_sequence=stop_sequence,
+            queue_s=(self.started_at or now) - self.submitted_at,
+            first_token_s=(self.first_token_at - self.submitted_at) if self.first_token_at else 0.0,
+            total_s=now - self.submitted_at,
+            error=error,
+        )
 
     def token_at(self, pos: int) -> int:
         n = len(self.req.prompt_ids)
