@@ -248,14 +248,19 @@ def check_textgen(c: Check, assets: dict, device: str, dtype: str) -> None:
         try:
             good = s.engine.submit([_greedy(p, n) for p in prompts])
             bad = s.engine.submit([_greedy(list(range(3, 3 + poison_len)), n)])[0]
-            res = [g.result().token_ids for g in good]
+            done = [g.result() for g in good]
             failed = bad.result()
         finally:
             s.model.decode = real
-        c.figures["fault_fails_alone"] = failed.finish_reason == ERROR and res == ours
+        res = [r.token_ids for r in done]
+        # the others finish whole; in float32 with the same tokens (their passes are re-run alone after the
+        # failed group pass, and only float32 is token-exact across batch compositions, as above)
+        whole = all(r.finish_reason == LENGTH and len(r.token_ids) == n for r in done)
+        c.figures["fault_fails_alone"] = failed.finish_reason == ERROR and whole
+        c.figures["fault_others_equal"] = sum(a == b for a, b in zip(res, ours))
         c.expect(
-            c.figures["fault_fails_alone"],
-            f"fault containment: {failed.finish_reason}, others equal: {res == ours}",
+            c.figures["fault_fails_alone"] and (res == ours or dtype != "float32"),
+            f"fault containment: {failed.finish_reason}, others whole: {whole}, equal: {res == ours}",
         )
         _wait_idle(s.engine)
     finally:
