@@ -6,6 +6,7 @@ Megatron calls the end-of-document token "EOD"; for HF tokenizers it is the EOS 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from functools import cached_property
@@ -138,12 +139,34 @@ class Tokenizer:
         """The text of each token on its own (Megatron's ``segments``)."""
         return [self.decode([i]) for i in ids]
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """``messages`` as prompt text through the chat template (400 naming messages without one)."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """``messages`` as prompt text through the chat template (400 naming messages without one). With
+        ``tools`` (OpenAI tool definitions): a template that uses ``tools`` gets them; for one that does not,
+        they are described in the system message with the answer format the gateway reads back (a JSON
+        object ``{"name": ..., "arguments": {...}}``)."""
         if not self.has_chat_template:
             raise InvalidArgument("the served tokenizer has no chat template", field="messages")
+        if tools and "tools" not in self.chat_template:
+            described = "\n".join(json.dumps(t.get("function", t)) for t in tools)
+            note = (
+                "You can call these functions. To call one, answer with only a JSON object "
+                '{"name": <function name>, "arguments": <object>} and nothing else.\n' + described
+            )
+            if messages and messages[0]["role"] == "system":
+                messages = [
+                    {"role": "system", "content": messages[0]["content"] + "\n\n" + note},
+                    *messages[1:],
+                ]
+            else:
+                messages = [{"role": "system", "content": note}, *messages]
+            tools = None
         return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools or None
         )
 
     def save(self, out_dir: Path) -> None:

@@ -8,6 +8,7 @@ server-sent events ending with ``data: [DONE]``. Unsupported options are refused
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from services.gateway.http import (
     sse,
     stream_error,
 )
+from services.gateway.tools import Tools, chat_messages, constraint, parse_tools, read_calls
 from shared.errors import ServiceError
 from shared.limits import INT64_MAX, MAX_N, MAX_OPENAI_PENALTY, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
 
@@ -46,10 +48,8 @@ def _check_unsupported(doc: dict[str, Any], chat: bool) -> None:
         raise HTTPError(400, "best_of is a completions parameter", "best_of")
     if doc.get("suffix") not in (None, ""):
         raise HTTPError(400, "suffix is not supported", "suffix")
-    if doc.get("tools"):  # refused, never silently ignored: the model would answer without them
-        raise HTTPError(400, "tools (function calling) are not supported yet", "tools")
-    if doc.get("tool_choice") not in (None, "none"):
-        raise HTTPError(400, "tool_choice is not supported yet (no tools)", "tool_choice")
+    if not chat and doc.get("tools"):  # refused, never silently ignored
+        raise HTTPError(400, "tools are a chat completions parameter", "tools")
 
 
 def _prompts(doc: dict[str, Any]) -> list[pb.Prompt]:
@@ -341,12 +341,16 @@ class Completions(_Base):
         return render
 
 
-def _chat_choice(c: pb.Completion, opts: Options) -> dict[str, Any]:
-    """One chat choice (with OpenAI's chat logprobs when asked for)."""
+def _chat_choice(c: pb.Completion, opts: Options, tools: Tools) -> dict[str, Any]:
+    """One chat choice (with OpenAI's chat logprobs when asked for; a reply that is a tool call as
+    ``tool_calls``)."""
+    calls = read_calls(c.text, tools) if tools.active and finish_name(c.finish_reason) != "length" else None
     choice: dict[str, Any] = {
         "index": c.index,
-        "message": {"role": "assistant", "content": c.text},
-        "finish_reason": finish_name(c.finish_reason),
+        "message": {"role": "assistant", "content": c.text}
+        if calls is None
+        else {"role": "assistant", "content": None, "tool_calls": calls},
+        "finish_reason": finish_name(c.finish_reason) if calls is None else "tool_calls",
         "logprobs": None,
     }
     if opts.logprobs is not None:
@@ -366,39 +370,41 @@ def _chat_choice(c: pb.Completion, opts: Options) -> dict[str, Any]:
     return choice
 
 
-def _messages(doc: dict[str, Any]) -> list[pb.ChatMessage]:
-    msgs = doc.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise HTTPError(400, "messages must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if (
-            not isinstance(m, dict)
-            or m.get("role") not in ("system", "user", "assistant")
-            or not isinstance(m.get("content"), str)
-        ):
-            raise HTTPError(
-                400, f"messages[{i}] must be {{'role': system|user|assistant, 'content': string}}", "messages"
-            )
-        out.append(pb.ChatMessage(role=m["role"], content=m["content"]))
-    return out
-
-
 class ChatCompletions(_Base):
     def post(self):
         doc = json_body()
+        try:
+            return self._post(doc)
+        except ServiceError as e:
+            if e.field == "response_format" and doc.get("tools") and "response_format" not in doc:
+                # the constraint of a forced tool call is built from the tools' parameters
+                e.field, e.message = "tools", e.message.replace("response_format", "tools")
+            raise
+
+    def _post(self, doc: dict[str, Any]):
         model = self._model(doc)
         opts = parse_options(doc, chat=True)
-        msgs = _messages(doc)
+        tools = parse_tools(doc)
+        forced = constraint(tools)
+        if forced is not None:
+            if opts.params.HasField("guided"):
+                raise HTTPError(400, "a forced tool call and response_format are exclusive", "tool_choice")
+            opts.params.guided.CopyFrom(forced)
+        msgs = chat_messages(doc)
         templ = self.pool.unary(
-            "ApplyChatTemplate", pb.ApplyChatTemplateRequest(messages=msgs, add_generation_prompt=True)
+            "ApplyChatTemplate",
+            pb.ApplyChatTemplateRequest(
+                messages=msgs,
+                add_generation_prompt=True,
+                tools_json=json.dumps(tools.tools) if tools.active else "",
+            ),
         )
         prompts = [pb.Prompt(text=templ.prompt)]
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if opts.stream:
             return self._stream(
                 pb.GenerateStreamRequest(prompts=prompts, params=opts.params),
-                self._renderer(cid, created, model, opts),
+                self._renderer(cid, created, model, opts, tools),
             )
         resp = self.pool.unary("Generate", pb.GenerateRequest(prompts=prompts, params=opts.params))
         return json_response(
@@ -407,15 +413,16 @@ class ChatCompletions(_Base):
                 "object": "chat.completion",
                 "created": created,
                 "model": model,
-                "choices": [_chat_choice(c, opts) for c in resp.completions],
+                "choices": [_chat_choice(c, opts, tools) for c in resp.completions],
                 "usage": usage(list(resp.completions), opts.n),
             }
         )
 
     @staticmethod
-    def _renderer(cid: str, created: int, model: str, opts: Options):
+    def _renderer(cid: str, created: int, model: str, opts: Options, tools: Tools):
         started: set[int] = set()  # choices whose role chunk went out
         done: list[pb.Completion] = []
+        held: dict[int, str] = {}  # with tools, each choice's text until it is known to be a call or not
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None) -> str:
             return sse(
@@ -445,6 +452,21 @@ class ChatCompletions(_Base):
             if msg.index not in started:
                 started.add(msg.index)
                 yield chunk(msg.index, {"role": "assistant", "content": ""}, None)
+            if tools.active:  # a call is known only at the end: the text goes out then, as a call or content
+                held[msg.index] = held.get(msg.index, "") + msg.text
+                if not msg.finished:
+                    return
+                done.append(msg.completion)
+                text = held.pop(msg.index)
+                calls = None
+                if finish_name(msg.completion.finish_reason) != "length":
+                    calls = read_calls(text, tools)
+                if calls is None:
+                    yield chunk(msg.index, {"content": text}, finish_name(msg.completion.finish_reason))
+                else:
+                    delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+                    yield chunk(msg.index, delta, "tool_calls")
+                return
             if msg.finished:
                 done.append(msg.completion)
                 yield chunk(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 
@@ -109,8 +110,18 @@ class TextGenServicer(pb_grpc.TextGenServiceServicer):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         if not messages:
             raise InvalidArgument("messages is empty", field="messages")
+        tools = None
+        if request.tools_json:
+            try:
+                tools = json.loads(request.tools_json)
+            except ValueError:
+                raise InvalidArgument("tools is not valid JSON", field="tools") from None
+            if not isinstance(tools, list):
+                raise InvalidArgument("tools must be a list", field="tools")
         return pb.ApplyChatTemplateResponse(
-            prompt=self.tok.apply_chat_template(messages, add_generation_prompt=request.add_generation_prompt)
+            prompt=self.tok.apply_chat_template(
+                messages, add_generation_prompt=request.add_generation_prompt, tools=tools
+            )
         )
 
     def GetModelInfo(self, request, context: grpc.ServicerContext) -> pb.GetModelInfoResponse:

@@ -168,12 +168,10 @@ def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(clie
     assert best.usage.prompt_tokens == four.usage.prompt_tokens
 
 
-def test_tools_are_refused_not_ignored(client):
+def test_tools_on_completions_are_refused_not_ignored(client):
     tools = [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     ]
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(
-            model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4, tools=tools
-        )
+        client.completions.create(model="llama", prompt="hi", max_tokens=4, extra_body={"tools": tools})
     assert "tools" in str(e.value.body)
