@@ -28,8 +28,8 @@ SUCCEEDED, FAILED, CANCELLED = (
 )
 
 
-def start_evaluator(jobs_dir: Path):
-    servicer = EvaluatorServicer(JobStore(jobs_dir, "eval"), max_concurrent=1)
+def start_evaluator(jobs_dir: Path, request_cache: Path | None = None):
+    servicer = EvaluatorServicer(JobStore(jobs_dir, "eval"), max_concurrent=1, request_cache=request_cache)
     server = build_server(
         service="evaluator",
         registrations=[Registration(pb_grpc.add_EvaluatorServiceServicer_to_server, servicer, SERVICE)],
@@ -432,20 +432,7 @@ def test_a_rerun_is_answered_from_the_request_cache(served, tmp_path):
     """With the request cache (the service's default), evaluating the same model again sends nothing to
     textgen and gives the same scores; the record says how many answers came from the cache."""
     tg, _ = served
-    servicer = EvaluatorServicer(
-        JobStore(tmp_path / "jobs", "eval"),
-        max_concurrent=1,
-        request_cache=tmp_path / "jobs" / "cache.sqlite",
-    )
-    server = build_server(
-        service="evaluator",
-        registrations=[Registration(pb_grpc.add_EvaluatorServiceServicer_to_server, servicer, SERVICE)],
-        host="127.0.0.1",
-        port=0,
-        max_workers=8,
-    )
-    server.start()
-    server.set_serving(True)
+    servicer, server = start_evaluator(tmp_path / "jobs", tmp_path / "jobs" / "cache.sqlite")
     try:
         with make_channel(server.address) as ch:
             st = pb_grpc.EvaluatorServiceStub(ch)
