@@ -342,3 +342,20 @@ def test_n_sequences_share_one_prefill_and_each_samples_with_its_derived_seed(ti
         assert e.value.field == "n"
     finally:
         s.engine.stop()
+
+
+def test_a_seeded_request_gives_the_same_text_on_another_replica(tiny_models):
+    """Two replicas (separately loaded engines: same model, dtype and device type), one busy with 15 other
+    sequences: the same seeded request returns the same tokens and log-probs on both."""
+    first, second = _engine_with(tiny_models, "scoring"), _engine_with(tiny_models, "scoring")
+    try:
+        ids = first.tokenizer.encode(PROMPTS[0])
+        seeded = req(ids, n=12, logprobs=True, sampling=SamplingSpec(temperature=0.9, top_p=0.9, seed=77))
+        a = first.engine.submit([seeded])[0].result()
+        crowd = [req([5 + i, 6, 7], n=10) for i in range(15)]
+        handles = second.engine.submit([*crowd[:7], seeded, *crowd[7:]])
+        b = [h.result() for h in handles][7]
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    finally:
+        first.engine.stop()
+        second.engine.stop()
