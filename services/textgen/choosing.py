@@ -87,11 +87,12 @@ def stop_reason(
     gen_ids: list[int],
     token: int,
     tok: TokenizerInfo,
-    stop_window: int,
+    seen: str | None,
     at_context_end: bool,
 ) -> tuple[str | None, str]:
-    """Why ``token`` (just appended to ``gen_ids``) ends the sequence, and the stop string it matched; None
-    when it goes on."""
+    """Why ``token`` (just appended to ``gen_ids``) ends the sequence, and the stop string it matched
+    (``seen``: the stop string the generated text now contains, from the sequence's StopWatch); None when it
+    goes on."""
     stop = req.stopping
     early = len(gen_ids) < stop.min_tokens  # only the length (and Megatron's EOL rules) end it yet
     if not early and ((token == tok.eos_id and not stop.ignore_eos) or token in stop.stop_token_ids):
@@ -104,11 +105,8 @@ def stop_reason(
         return EOL, ""
     if stop.stop_on_eol and token is not None and token in (tok.newline_id, tok.double_newline_id):
         return EOL, ""
-    if stop.stop and not early:
-        tail = tok.decode(gen_ids[-stop_window:])
-        for st in stop.stop:
-            if st and st in tail:
-                return STOP_SEQUENCE, st
+    if seen is not None and not early:
+        return STOP_SEQUENCE, seen
     if len(gen_ids) >= stop.max_new_tokens or at_context_end:
         return LENGTH, ""
     return None, ""

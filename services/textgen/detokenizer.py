@@ -34,3 +34,21 @@ class IncrementalDetokenizer:
         self.read = len(self.ids)
         self.prefix = max(self.prefix, self.read - CONTEXT)
         return now[len(before) :]
+
+
+class StopWatch:
+    """Stop strings in a sequence's generated text, O(1) per token: ``push(id)`` feeds the same incremental
+    detokenization as streaming and returns the stop string the text now contains (None while it has none).
+    Only the last ``2 * longest stop`` characters are kept between tokens (the new piece is searched with
+    them, whatever its length): a stop string is seen the token it completes."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> None:
+        self.detok = IncrementalDetokenizer(decode)
+        self.stops = [s for s in stops if s]
+        self.keep = 2 * max((len(s) for s in self.stops), default=1)
+        self.tail = ""
+
+    def push(self, token_id: int) -> str | None:
+        text = self.tail + self.detok.push(token_id)  # a piece may bring several characters at once
+        self.tail = text[-self.keep :]
+        return next((s for s in self.stops if s in text), None)

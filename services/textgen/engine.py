@@ -28,6 +28,7 @@ import torch
 from services.textgen import choosing, containment
 from services.textgen import metrics as M
 from services.textgen.blocks import BlockPool
+from services.textgen.detokenizer import StopWatch
 from services.textgen.guided import GuideState
 from services.textgen.modeling import DecoderLM, PagedKVCache
 from services.textgen.sampling import make_generator
@@ -165,14 +166,12 @@ class Engine:
             for index, r in enumerate(reqs):
                 h = SequenceHandle(self, index, sink)
                 s = r.sampling
-                window = 2 * max((len(x) for x in r.stopping.stop), default=0) + 8 if r.stopping.stop else 0
                 self.sched.waiting.append(
                     Seq(
                         handle=h,
                         req=r,
                         submitted_at=now,
                         top_p=s.top_p,
-                        stop_window=window,
                         request_id=rid,
                         generator=None if s.is_greedy else make_generator(s.seed, self.model.device),
                         alone=self._alone(r),
@@ -559,9 +558,12 @@ class Engine:
             self._finish(s, reason, stop_sequence=matched)
 
     def _stop_reason(self, s: Seq, token: int) -> tuple[str | None, str]:
-        return choosing.stop_reason(
-            s.req, s.gen_ids, token, self.tok, s.stop_window, s.next_pos + 1 >= self.max_len
-        )
+        seen = None
+        if s.req.stopping.stop:
+            if s.stops is None:  # the incremental detokenization streaming uses, O(1) per token
+                s.stops = StopWatch(self.tok.decode, s.req.stopping.stop)
+            seen = s.stops.push(token)
+        return choosing.stop_reason(s.req, s.gen_ids, token, self.tok, seen, s.next_pos + 1 >= self.max_len)
 
     def _release(self, s: Seq) -> None:
         """``s`` leaves the batch: done, out of the running list, its blocks given back."""

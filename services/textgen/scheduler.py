@@ -46,7 +46,7 @@ class Seq:
     top_p: float
     alone: bool = False  # batch-invariant: every forward pass of this sequence is its own
     guide: Any = None  # structured output: its walk through the constraint (guided.GuideState)
-    stop_window: int = 0
+    stops: Any = None  # its stop strings' watch over the generated text (detokenizer.StopWatch)
     request_id: str = "-"
     blocks: list[int] = field(default_factory=list)  # block table: position p is in blocks[p // bs]
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full, written blocks

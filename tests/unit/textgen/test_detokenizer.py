@@ -54,3 +54,24 @@ def test_stream_text_holds_back_what_may_start_a_stop_string(tok):
     assert whole.startswith(sent) and len(whole) - len(sent) <= len("STOP") - 1
     assert "STOP" in whole and ("STOP" not in sent or sent.index("STOP") + 4 <= len(sent))
     assert sent + st.finish(whole) == whole
+
+
+def test_stop_watch_sees_a_stop_string_the_token_it_completes(tok):
+    from services.textgen.detokenizer import StopWatch
+
+    ids = tok.encode("one two three four five six seven")
+    watch = StopWatch(tok.decode, ("four f", "zzz"))
+    seen = [watch.push(i) for i in ids]
+    first = next(k for k in range(len(ids)) if "four f" in tok.decode(ids[: k + 1]))
+    assert seen[:first] == [None] * first and seen[first] == "four f"
+    assert len(watch.tail) <= 2 * len("four f")  # bounded, whatever the length of the text
+
+
+def test_stop_watch_finds_a_stop_inside_one_long_piece():
+    from services.textgen.detokenizer import StopWatch
+
+    pieces = {1: "ab", 2: "-" * 40 + "xyz" + "-" * 40, 3: "q"}
+    watch = StopWatch(lambda ids: "".join(pieces[i] for i in ids), ("xyz", "bq"))
+    assert [watch.push(i) for i in (1, 2, 3)] == [None, "xyz", None]  # seen the token it completes
+    watch = StopWatch(lambda ids: "".join(pieces[i] for i in ids), ("-q",))
+    assert [watch.push(i) for i in (1, 2, 3)] == [None, None, "-q"]  # across two pieces
