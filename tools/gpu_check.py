@@ -263,6 +263,25 @@ def check_textgen(c: Check, assets: dict, device: str, dtype: str) -> None:
             f"fault containment: {failed.finish_reason}, others whole: {whole}, equal: {res == ours}",
         )
         _wait_idle(s.engine)
+        # structured output: the token mask travels to the device of the logits
+        from protos.textgen.v1 import textgen_pb2 as tpb
+        from services.textgen.api import Constraints
+
+        choices = ["alpha-7", "beta-3"]
+        index = Constraints(s.tokenizer, s.model.out_w.shape[0]).index(
+            tpb.Guided(choice=tpb.Choices(values=choices))
+        )
+        guided = SequenceRequest(
+            prompt_ids=tuple(prompts[0]),
+            sampling=SamplingSpec(greedy=True),
+            stopping=StopSpec(max_new_tokens=24),
+            guide_index=index,
+        )
+        text = s.tokenizer.decode(s.engine.submit([guided])[0].result().token_ids).replace(
+            s.tokenizer.eos_token, ""
+        )
+        c.figures["structured_output"] = text in choices
+        c.expect(text in choices, f"structured output {text!r} is not one of {choices}")
     finally:
         s.engine.stop()
 

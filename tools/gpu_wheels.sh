@@ -9,7 +9,7 @@ PY=${PY:-.venv/bin/python}
 PYVER=${GPU_PYTHON:-3.12}
 mkdir -p .whl
 pins=()
-for dist in megatron-core prometheus_client psutil; do
+for dist in megatron-core prometheus_client psutil outlines_core; do
   pin=$(grep -i -E "^${dist}==" requirements.lock || true)
   [ -n "$pin" ] || { echo "gpu-wheels: $dist is not in requirements.lock" >&2; exit 2; }
   pins+=("$pin")

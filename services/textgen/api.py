@@ -14,5 +14,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "CANCELLED": "services.textgen.sequences",
         "ERROR": "services.textgen.sequences",
         "LENGTH": "services.textgen.sequences",
+        "Constraints": "services.textgen.guided",
     },
 )
