@@ -333,6 +333,7 @@ def test_chat_template_runs_with_the_served_models_own_template(stub, served, ti
         "fewshot_as_multiturn": True,
         "batch_invariant": "scoring",
         "determinism": 1.0,
+        "request_cache": None,  # this module's evaluator runs without one
     }
     import shutil
 
