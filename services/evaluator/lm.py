@@ -156,13 +156,7 @@ class TextgenLM(TemplateLM):
         the request cache are not sent; each call's answers are stored as it returns."""
         out: list[tuple[list[float], list[int]] | None] = [None] * len(prompts)
         keys = [request_key(self._ns, "score", p, str(max(1, a))) for p, a in zip(prompts, starts)]
-        if self.cache is not None:
-            known = self.cache.get_many(keys)
-            for k, key in enumerate(keys):
-                if key in known:
-                    out[k] = (known[key][0], known[key][1])
-            self._done += sum(x is not None for x in out)
-            self._report(what)
+        self._from_cache(keys, out, what)
         todo = [k for k in range(len(prompts)) if out[k] is None]
         order = sorted(todo, key=lambda i: (len(prompts[i]), prompts[i][:-1]))
         in_flight: deque = deque()  # two calls in flight: the engine starts the next one without a round trip
@@ -208,6 +202,17 @@ class TextgenLM(TemplateLM):
         while in_flight:
             collect()
         return out
+
+    def _from_cache(self, keys: list[str], out: list, what: str) -> None:
+        """``out[k]`` = the cached answer of ``keys[k]`` where the request cache has one, counted as done."""
+        if self.cache is None:
+            return
+        known = self.cache.get_many(keys)
+        for k, key in enumerate(keys):
+            if key in known:
+                out[k] = known[key]
+        self._done += sum(x is not None for x in out)
+        self._report(what)
 
     def determinism(self) -> float | None:
         """The fraction of a sample of scored requests whose log-probs come back bit for bit the same when
@@ -331,31 +336,24 @@ class TextgenLM(TemplateLM):
         groups: dict[tuple, list[int]] = {}
         params_of: dict[tuple, pb.GenerationParams] = {}
         cache_keys: list[str] = []
+        prompt_ids: list[list[int]] = []  # each request's prompt, cut to leave room for its generation
         for i, req in enumerate(requests):
             key, params = self._gen_params(req.args[1])
-            ids = self.tok_encode(req.args[0])[-(self.max_length - params.stopping.max_new_tokens) :]
+            prompt_ids.append(
+                self.tok_encode(req.args[0])[-(self.max_length - params.stopping.max_new_tokens) :]
+            )
             cache_keys.append(
-                request_key(self._ns, "generate", ids, params.SerializeToString(deterministic=True))
+                request_key(self._ns, "generate", prompt_ids[i], params.SerializeToString(deterministic=True))
             )
             groups.setdefault(key, []).append(i)
             params_of[key] = params
-        if self.cache is not None:
-            known = self.cache.get_many(cache_keys)
-            for i, ck in enumerate(cache_keys):
-                if ck in known:
-                    out[i] = known[ck]
-            groups = {k: [i for i in idxs if out[i] is None] for k, idxs in groups.items()}
-            self._done += sum(x is not None for x in out)
-            self._report("generate_until")
+        self._from_cache(cache_keys, out, "generate_until")
+        groups = {k: [i for i in idxs if out[i] is None] for k, idxs in groups.items()}
         for key, idxs in groups.items():
             params = params_of[key]
-            room = self.max_length - params.stopping.max_new_tokens
             for j in range(0, len(idxs), self.batch_size_per_call):
                 chunk = idxs[j : j + self.batch_size_per_call]
-                prompts = [
-                    pb.Prompt(tokens=pb.TokenIds(ids=self.tok_encode(requests[i].args[0])[-room:]))
-                    for i in chunk
-                ]
+                prompts = [pb.Prompt(tokens=pb.TokenIds(ids=prompt_ids[i])) for i in chunk]
                 resp = self._call(self.stub.Generate, pb.GenerateRequest(prompts=prompts, params=params))
                 for i, c in zip(chunk, resp.completions):
                     out[i] = c.text

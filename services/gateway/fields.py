@@ -221,7 +221,11 @@ def guided(doc: dict[str, Any]) -> pb.Guided | None:
     if len(found) > 1:
         names = ", ".join(n for n, _ in found)
         raise HTTPError(400, f"give one structured-output constraint, not several ({names})", found[1][0])
-    return found[0][1] if found else None
+    if not found:
+        return None
+    name, constraint = found[0]
+    constraint.field = name  # textgen names this field when the constraint cannot be compiled
+    return constraint
 
 
 # The one table of finish-reason names (OpenAI's words) for every dialect that reports one.

@@ -373,15 +373,6 @@ def _chat_choice(c: pb.Completion, opts: Options, tools: Tools) -> dict[str, Any
 class ChatCompletions(_Base):
     def post(self):
         doc = json_body()
-        try:
-            return self._post(doc)
-        except ServiceError as e:
-            if e.field == "response_format" and doc.get("tools") and "response_format" not in doc:
-                # the constraint of a forced tool call is built from the tools' parameters
-                e.field, e.message = "tools", e.message.replace("response_format", "tools")
-            raise
-
-    def _post(self, doc: dict[str, Any]):
         model = self._model(doc)
         opts = parse_options(doc, chat=True)
         tools = parse_tools(doc)

@@ -96,7 +96,7 @@ def constraint(tools: Tools) -> pb.Guided | None:
         return None
     chosen = [t for t in tools.tools if tools.choice == "required" or t["function"]["name"] == tools.named]
     schema = _call_schema(chosen[0]) if len(chosen) == 1 else {"anyOf": [_call_schema(t) for t in chosen]}
-    return pb.Guided(json_schema=json.dumps(schema))
+    return pb.Guided(json_schema=json.dumps(schema), field="tools")
 
 
 def read_calls(text: str, tools: Tools) -> list[dict[str, Any]] | None:

@@ -27,12 +27,8 @@ def chain_hashes(tokens: Sequence[int], block_size: int, *, limit: int | None = 
     """The hash of every full block of ``tokens[:limit]``: block i's hash covers tokens[0 : (i+1)*bs]."""
     n = len(tokens) if limit is None else min(limit, len(tokens))
     out: list[bytes] = []
-    prev = b""
     for start in range(0, n - block_size + 1, block_size):
-        h = hashlib.blake2b(prev, digest_size=16)
-        h.update(array("q", tokens[start : start + block_size]).tobytes())
-        prev = h.digest()
-        out.append(prev)
+        out.append(next_hash(out[-1] if out else None, tokens[start : start + block_size]))
     return out
 
 

@@ -335,7 +335,7 @@ class Engine:
             if s.started_at == 0.0:
                 s.started_at = now
                 M.QUEUE_TIME.observe(now - s.submitted_at)
-            if end == len(s.context()):
+            if end == s.context_len():
                 self.sched.prefilling.remove(s)
                 group.append(s)
             else:

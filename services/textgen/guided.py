@@ -47,7 +47,6 @@ UNENFORCED = (
     "maxProperties",
 )
 MAX_CHOICES = 256
-FIELD = {"json_schema": "response_format", "json_object": "response_format", "regex": "guided_regex"}
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -99,46 +98,44 @@ def regex_of(g: pb.Guided) -> tuple[str, str]:
 
     kind = g.WhichOneof("kind")
     if kind == "regex":
+        field = g.field or "guided_regex"
         try:
             re.compile(g.regex)
         except re.error as e:
-            raise InvalidArgument(
-                f"guided_regex is not a valid regular expression: {e}", field="guided_regex"
-            ) from None
-        return g.regex, "guided_regex"
+            raise InvalidArgument(f"{field} is not a valid regular expression: {e}", field=field) from None
+        return g.regex, field
     if kind == "choice":
+        field = g.field or "guided_choice"
         values = list(g.choice.values)
         if not values or len(values) > MAX_CHOICES or any(not v for v in values):
-            raise InvalidArgument(
-                f"guided_choice must be 1..{MAX_CHOICES} non-empty strings", field="guided_choice"
-            )
-        return "(" + "|".join(re.escape(v) for v in values) + ")", "guided_choice"
+            raise InvalidArgument(f"{field} must be 1..{MAX_CHOICES} non-empty strings", field=field)
+        return "(" + "|".join(re.escape(v) for v in values) + ")", field
+    field = g.field or "response_format"
     schema = '{"type": "object"}' if kind == "json_object" else g.json_schema
     try:
-        _check_enforceable(json.loads(schema))
-        return build_regex_from_schema(schema), "response_format"
+        _check_enforceable(json.loads(schema), field)
+        return build_regex_from_schema(schema), field
     except (ValueError, TypeError) as e:
         raise InvalidArgument(
-            f"response_format: the JSON schema cannot be used for constrained decoding ({e})",
-            field="response_format",
+            f"{field}: the JSON schema cannot be used for constrained decoding ({e})", field=field
         ) from None
 
 
-def _check_enforceable(node: Any, path: str = "$") -> None:
+def _check_enforceable(node: Any, field: str, path: str = "$") -> None:
     """InvalidArgument naming the first keyword of the schema that decoding would not enforce."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key in UNENFORCED and not (path.endswith(".properties") or path.endswith(".$defs")):
                 raise InvalidArgument(
-                    f"response_format: the schema keyword {key!r} (at {path}) cannot be enforced while "
+                    f"{field}: the schema keyword {key!r} (at {path}) cannot be enforced while "
                     f"decoding; drop it (supported: type, properties, required, enum, const, items, "
                     f"minItems/maxItems, minLength/maxLength, pattern, format, anyOf/oneOf/allOf, $ref)",
-                    field="response_format",
+                    field=field,
                 )
-            _check_enforceable(value, f"{path}.{key}")
+            _check_enforceable(value, field, f"{path}.{key}")
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            _check_enforceable(value, f"{path}[{i}]")
+            _check_enforceable(value, field, f"{path}[{i}]")
 
 
 class Constraints:

@@ -70,6 +70,10 @@ class Seq:
         """Preempted after generating: admission recomputes its cache and samples nothing."""
         return bool(self.gen_ids)
 
+    def context_len(self) -> int:
+        """``len(self.context())``, without building it."""
+        return len(self.req.prompt_ids) + max(0, len(self.gen_ids) - 1)
+
     def context(self) -> list[int]:
         """The tokens whose keys and values a (re)admission writes: the prompt, and after a preemption the
         generated tokens but the last (which the next decode step feeds)."""
@@ -102,7 +106,7 @@ class Seq:
         batch-invariant sequence (its numerics must not depend on what ran before it)."""
         if self.alone:
             return 0
-        limit = len(self.context()) - 1
+        limit = self.context_len() - 1
         if self.req.prompt_logprobs and not self.resumed:
             limit = min(limit, self.req.scored_from - 1)
         return max(0, limit)
@@ -234,7 +238,7 @@ class Scheduler:
         budget = self.cfg.prefill_chunk_tokens if self.running else None
         plan = []
         for s in self.prefilling:
-            total = len(s.context())
+            total = s.context_len()
             if budget is None or not chunkable(s):
                 plan.append((s, total))
                 continue

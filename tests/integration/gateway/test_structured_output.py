@@ -86,6 +86,7 @@ def test_completions_choice_and_regex_through_vllm_extras(client):
         ),
         ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"guided_regex": "([a-"}, "guided_regex"),
+        ({"guided_json": {"type": "integer", "minimum": 3}}, "guided_json"),
         ({"guided_choice": "sunny"}, "guided_choice"),
         ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_regex"),
     ],
