@@ -212,6 +212,11 @@ def plan(opts: StackOptions) -> list[Proc]:
                 stage=1,
             )
         )
+    grpc_of = {p.name: p.endpoints["grpc"] for p in procs if p.name in ("converter", "evaluator")}
+    for p in procs:  # the trainer exports and scores the checkpoints a spec's `evaluate` asks for
+        if p.name == "trainer":
+            p.env.setdefault("MEGASTACK_TRAINER_CONVERTER_ADDR", grpc_of.get("converter", ""))
+            p.env.setdefault("MEGASTACK_TRAINER_EVALUATOR_ADDR", grpc_of.get("evaluator", ""))
     for p in procs:  # an evaluation may call the stack's own model endpoints (and those the operator allows)
         if p.name == "evaluator":
             ours = [

@@ -55,16 +55,23 @@ def detect_format(path: Path) -> str:
     )
 
 
-def open_checkpoint(path: Path | str, fmt: str | None = None) -> CheckpointReader:
-    """A :class:`CheckpointReader` over ``path`` in ``fmt`` (detected when None)."""
+def open_checkpoint(
+    path: Path | str, fmt: str | None = None, iteration: int | None = None
+) -> CheckpointReader:
+    """A :class:`CheckpointReader` over ``path`` in ``fmt`` (detected when None); ``iteration`` picks one
+    iteration of a Megatron save folder instead of the newest."""
     from llm.checkpoints.hf import HFCheckpoint
     from llm.checkpoints.megatron import MegatronCheckpoint
 
     path = Path(path)
     fmt = fmt or detect_format(path)
     if fmt == "hf":
+        if iteration is not None:
+            raise InvalidArgument(
+                f"{path} is an HF checkpoint: it has no iterations to choose from", field="load_iteration"
+            )
         return _HFReader(HFCheckpoint(path))
-    return MegatronCheckpoint(path, fmt)
+    return MegatronCheckpoint(path, fmt, iteration)
 
 
 class _HFReader:

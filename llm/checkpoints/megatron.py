@@ -27,7 +27,7 @@ import torch
 from llm.checkpoints import layout as L
 from llm.models.base import ArchConfig, megatron_layer_of, megatron_names
 from llm.models.registry import family
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, NotFound
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META_FILE = "megastack.json"
@@ -35,9 +35,13 @@ TOKENIZER_DIR = "tokenizer"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
-def iteration_dir(path: Path) -> Path | None:
-    """The folder holding the newest checkpoint (iter_XXXXXXX or release), from the tracker file."""
+def iteration_dir(path: Path, iteration: int | None = None) -> Path | None:
+    """The folder holding the newest checkpoint (iter_XXXXXXX or release), from the tracker file; with
+    ``iteration``, that iteration's folder (None when it is not there)."""
     path = Path(path)
+    if iteration is not None:
+        d = path / f"iter_{iteration:07d}"
+        return d if d.is_dir() else None
     tracker = path / TRACKER
     if tracker.is_file():
         text = tracker.read_text().strip()
@@ -303,10 +307,17 @@ class _DistSource:
 class MegatronCheckpoint:
     """Random access to the canonical tensors of a Megatron checkpoint (format "mcore" or "legacy")."""
 
-    def __init__(self, path: Path | str, fmt: str) -> None:
+    def __init__(self, path: Path | str, fmt: str, iteration: int | None = None) -> None:
         self.path = Path(path)
         self.format = fmt
-        d = iteration_dir(self.path)
+        d = iteration_dir(self.path, iteration)
+        if d is None and iteration is not None:
+            have = sorted(int(p.name[5:]) for p in self.path.glob("iter_*") if p.name[5:].isdigit())
+            raise NotFound(
+                f"{self.path} has no checkpoint of iteration {iteration} (it has: "
+                f"{', '.join(map(str, have)) or 'none'})",
+                field="load_iteration",
+            )
         if d is None:
             raise InvalidArgument(f"{self.path}: no iteration folder (iter_* or release)", field="load_dir")
         self.iter_dir = d

@@ -48,6 +48,7 @@ class ConvertSpec:
     verify: bool = False
     overwrite: bool = False
     iteration: int = 0  # Megatron targets: 0 = "release"
+    load_iteration: int | None = None  # Megatron sources: this iteration instead of the newest
 
 
 @dataclass
@@ -66,7 +67,22 @@ def peak_rss_bytes() -> int:
 
 
 def _inputs(spec: ConvertSpec) -> list[Path]:
-    return [Path(spec.load_dir)] + ([Path(spec.lora_dir)] if spec.lora_dir is not None else [])
+    """What the conversion reads. One iteration of a save folder reads that iteration's folder and the
+    folder's own files (tracker, megastack.json, tokenizer/), so a target beside it in the same save folder
+    (the trainer's per-checkpoint exports) is allowed, and one that would replace the save folder is not."""
+    lora = [Path(spec.lora_dir)] if spec.lora_dir is not None else []
+    load = Path(spec.load_dir)
+    if spec.load_iteration is None:
+        return [load, *lora]
+    from llm.checkpoints.megatron import META_FILE, TOKENIZER_DIR, TRACKER
+
+    return [
+        load / f"iter_{spec.load_iteration:07d}",
+        load / META_FILE,
+        load / TOKENIZER_DIR,
+        load / TRACKER,
+        *lora,
+    ]
 
 
 def validate(spec: ConvertSpec) -> CheckpointReader:
@@ -85,7 +101,7 @@ def validate(spec: ConvertSpec) -> CheckpointReader:
         raise InvalidArgument(
             f"{load} is a {detected} checkpoint, not {spec.source_format}", field="source_format"
         )
-    reader = open_checkpoint(load, detected)
+    reader = open_checkpoint(load, detected, spec.load_iteration)
     if spec.target_format == "hf" and (
         spec.tp != 1 or spec.pp != 1 or spec.num_layer_list or spec.layers_per_virtual_stage
     ):

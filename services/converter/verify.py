@@ -47,7 +47,7 @@ def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(to_device(tokens, module_device(model))).logits.float().cpu()
 
 
-def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
+def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor, iteration: int | None = None) -> torch.Tensor:
     from llm.mcore import dist as mdist
     from llm.mcore.model import (
         build_gpt_model,
@@ -57,7 +57,7 @@ def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
         transformer_config,
     )
 
-    reader = open_checkpoint(path, fmt)
+    reader = open_checkpoint(path, fmt, iteration)
     arch = reader.arch
     mdist.init()
     padded = int(reader.meta.get("padded_vocab_size") or padded_vocab_size(arch.vocab_size))
@@ -102,8 +102,8 @@ def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
     return logits[..., : arch.vocab_size].float().cpu()
 
 
-def logits_of(path: Path, fmt: str, tokens: torch.Tensor) -> torch.Tensor:
-    return hf_logits(path, tokens) if fmt == "hf" else megatron_logits(path, fmt, tokens)
+def logits_of(path: Path, fmt: str, tokens: torch.Tensor, iteration: int | None = None) -> torch.Tensor:
+    return hf_logits(path, tokens) if fmt == "hf" else megatron_logits(path, fmt, tokens, iteration)
 
 
 def weights_exact(a, b) -> bool:
@@ -120,7 +120,7 @@ def parity(spec, reader, out_dir: Path, dtype: torch.dtype) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # DCP deprecation notes from megatron's loader
     tokens = sample_tokens(reader, reader.arch)
-    src = logits_of(Path(spec.load_dir), reader.format, tokens)
+    src = logits_of(Path(spec.load_dir), reader.format, tokens, spec.load_iteration)
     dst = logits_of(out_dir, spec.target_format, tokens)
     diff = (src - dst).abs()
     out: dict[str, Any] = {

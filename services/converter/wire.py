@@ -39,6 +39,7 @@ def spec_from_pb(s: pb.ConversionSpec) -> ConvertSpec:
         "num_layers_per_virtual_pipeline_stage",
         "make_vocab_size_divisible_by",
         "iteration",
+        "load_iteration",
     ):
         if getattr(s, name) < 0:
             raise InvalidArgument(f"{name} must be >= 0", field=name)
@@ -57,6 +58,7 @@ def spec_from_pb(s: pb.ConversionSpec) -> ConvertSpec:
         verify=s.verify,
         overwrite=s.overwrite,
         iteration=s.iteration,
+        load_iteration=s.load_iteration or None,
     )
 
 
@@ -77,6 +79,7 @@ def spec_to_pb(spec: ConvertSpec) -> pb.ConversionSpec:
         verify=spec.verify,
         overwrite=spec.overwrite,
         iteration=spec.iteration,
+        load_iteration=spec.load_iteration or 0,
     )
 
 

@@ -12,6 +12,7 @@ field, becomes a 400):
     POST /v1/jobs/<kind>/<id>/cancel       {"reason": "..."} (optional)
     GET  /v1/jobs/<kind>/<id>/events       server-sent events: the job at each change, until it ends
     GET  /v1/jobs/training/<id>/logs       the job's log lines (all ranks)
+    GET  /v1/jobs/training/<id>/evaluations  its checkpoints' scores (spec.evaluate): the leaderboard rows
 """
 
 from __future__ import annotations
@@ -299,6 +300,32 @@ class TrainingLogs(Resource):
         return json_response({"job_id": job_id, "lines": lines})
 
 
+class TrainingEvaluations(Resource):
+    """The checkpoints a training job's ``evaluate`` asked for, each with its state and scores; ``final`` once
+    the job has ended and every row is succeeded or failed."""
+
+    def __init__(self, clients: JobClients) -> None:
+        self.clients = clients
+
+    def get(self, job_id: str):
+        k = KINDS["training"]
+        job = self.clients.call(k, "GetTrainJob", trainer_pb2.GetTrainJobRequest(job_id=job_id)).job
+        ended = job.status.state in (
+            common_pb2.JOB_STATE_SUCCEEDED,
+            common_pb2.JOB_STATE_FAILED,
+            common_pb2.JOB_STATE_CANCELLED,
+        )
+        rows = [to_json(e) for e in job.evaluations]
+        return json_response(
+            {
+                "job_id": job_id,
+                "evaluate": to_json(job.spec.evaluate) if job.spec.HasField("evaluate") else None,
+                "final": ended and all(r.get("state") in ("succeeded", "failed") for r in rows),
+                "evaluations": rows,
+            }
+        )
+
+
 def register(api, clients: JobClients) -> None:
     args = (clients,)
     api.add_resource(JobList, "/v1/jobs", "/v1/jobs/<string:kind>", resource_class_args=args)
@@ -306,3 +333,6 @@ def register(api, clients: JobClients) -> None:
     api.add_resource(JobCancel, "/v1/jobs/<string:kind>/<string:job_id>/cancel", resource_class_args=args)
     api.add_resource(JobEvents, "/v1/jobs/<string:kind>/<string:job_id>/events", resource_class_args=args)
     api.add_resource(TrainingLogs, "/v1/jobs/training/<string:job_id>/logs", resource_class_args=args)
+    api.add_resource(
+        TrainingEvaluations, "/v1/jobs/training/<string:job_id>/evaluations", resource_class_args=args
+    )

@@ -7,6 +7,7 @@ import logging
 
 from protos.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from services.trainer.config import TrainerConfig
+from services.trainer.evaluations import CheckpointEvaluations
 from services.trainer.launcher import RayLauncher
 from services.trainer.servicer import TrainerServicer
 from shared.grpc.server import Registration
@@ -38,14 +39,23 @@ def build(cfg: TrainerConfig) -> ServiceParts:
         logger.info(
             "following %d unfinished jobs from before the restart: %s", len(active), ", ".join(active)
         )
+    evaluations = CheckpointEvaluations(
+        store,
+        converter_addr=cfg.converter_addr,
+        evaluator_addr=cfg.evaluator_addr,
+        poll_interval_s=cfg.poll_interval_s,
+    )
     launcher.start()
+    evaluations.start()
     return ServiceParts(
         registrations=[
             Registration(
-                pb_grpc.add_TrainerServiceServicer_to_server, TrainerServicer(store, launcher), SERVICE
+                pb_grpc.add_TrainerServiceServicer_to_server,
+                TrainerServicer(store, launcher, evaluations),
+                SERVICE,
             )
         ],
-        on_shutdown=[launcher.stop],
+        on_shutdown=[launcher.stop, evaluations.stop],
     )
 
 

@@ -31,6 +31,16 @@ class TrainerConfig(JobServiceConfig):
         "cluster has fewer in all (an autoscaling cluster adds nodes); 0 = fail at once, naming the field.",
     )
     poll_interval_s: float = setting(1.0, help="Seconds between status polls of running jobs.")
+    converter_addr: str = setting(
+        "",
+        help="converter gRPC address; exports the checkpoints a spec's `evaluate` asks for (empty: "
+        "such specs are refused, naming the field). `make up` sets it.",
+    )
+    evaluator_addr: str = setting(
+        "",
+        help="evaluator gRPC address; scores the exported checkpoints a spec's `evaluate` asks for "
+        "(empty: such specs are refused). `make up` sets it.",
+    )
     ray_poll_interval_s: float = setting(
         5.0,
         help="While a job's status file shows fresh steps, seconds between asking Ray "

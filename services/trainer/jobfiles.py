@@ -14,3 +14,6 @@ HEARTBEAT_DIR = (
     ".megastack-heartbeat"  # rank-<N> files: the wall time of the rank's last progress (heartbeat)
 )
 RESOURCE_WAIT_ENV = "MEGASTACK_RESOURCE_WAIT_S"  # set by the launcher from MEGASTACK_TRAINER_RESOURCE_WAIT_S
+# + iter_XXXXXXX: the trainer service is exporting that checkpoint; rotation keeps it meanwhile
+HOLD_PREFIX = ".megastack-hold-"
+EVAL_EXPORT_DIR = "hf-evaluations"  # iter_XXXXXXX/: HF exports of the checkpoints spec.evaluate scores

@@ -9,6 +9,7 @@ import grpc
 
 from protos.trainer.v1 import trainer_pb2 as pb
 from protos.trainer.v1 import trainer_pb2_grpc as pb_grpc
+from services.trainer.evaluations import CheckpointEvaluations
 from services.trainer.launcher import RayLauncher
 from services.trainer.spec import absolutize, check_roots, validate
 from services.trainer.wire import job_pb, spec_from_pb, spec_record
@@ -17,9 +18,12 @@ from shared.jobs_wire import state_filter
 
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
-    def __init__(self, store: JobStore, launcher: RayLauncher) -> None:
+    def __init__(
+        self, store: JobStore, launcher: RayLauncher, evaluations: CheckpointEvaluations | None = None
+    ) -> None:
         self.store = store
         self.launcher = launcher
+        self.evaluations = evaluations or CheckpointEvaluations(store, converter_addr="", evaluator_addr="")
 
     def SubmitTrainJob(
         self, request: pb.SubmitTrainJobRequest, context: grpc.ServicerContext
@@ -29,6 +33,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         validate(
             spec
         )  # a bad spec is refused here, before anything reaches the cluster (the one place it is checked)
+        self.evaluations.check(spec)  # `evaluate` needs the converter and evaluator this trainer talks to
         if request.validate_only:  # the CLI's --dry-run
             return pb.SubmitTrainJobResponse(job_id="")
         _ = self.launcher.client  # the cluster must be reachable before a record exists

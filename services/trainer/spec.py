@@ -29,6 +29,17 @@ DECAY_STYLES = ("cosine", "linear", "constant")
 
 
 @dataclass(frozen=True)
+class CheckpointEval:
+    """Which saved checkpoints the trainer service exports and has the evaluator score, and how."""
+
+    tasks: tuple[str, ...]
+    limit: int = 0  # documents per task; 0 = all
+    num_fewshot: int = 0
+    every_n_saves: int = 1  # the final checkpoint always
+    batch_size: int = 0  # 0 = the evaluator's default
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     name: str
     kind: str  # pretrain | sft
@@ -81,6 +92,7 @@ class TrainSpec:
     num_threads: int = 0  # 0 = cpus_per_worker
     hang_timeout_s: float = 600.0  # no heartbeat from a rank this long: the attempt is restarted
     peak_tflops_per_worker: float = 0.0  # one rank's peak for MFU; 0 = each rank measures its device at start
+    evaluate: CheckpointEval | None = None  # score saved checkpoints (services/trainer/evaluations.py)
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -100,6 +112,8 @@ class TrainSpec:
         d["data_paths"] = tuple(tuple(x) for x in d["data_paths"])
         d["valid_data_paths"] = tuple(tuple(x) for x in d.get("valid_data_paths", ()))
         d["num_layer_list"] = tuple(d["num_layer_list"])
+        if d.get("evaluate"):
+            d["evaluate"] = CheckpointEval(**{**d["evaluate"], "tasks": tuple(d["evaluate"]["tasks"])})
         return cls(**d)
 
 
@@ -204,6 +218,16 @@ def check_save_dir(spec: TrainSpec) -> Path:
     )
 
 
+def _check_evaluate(e: CheckpointEval) -> None:
+    if not e.tasks or any(not t.strip() for t in e.tasks):
+        raise _bad(
+            "evaluate.tasks must name at least one lm-eval task (and no empty names)", "evaluate.tasks"
+        )
+    for name in ("limit", "num_fewshot", "every_n_saves", "batch_size"):
+        if getattr(e, name) < 0:
+            raise _bad(f"evaluate.{name} must be >= 0, got {getattr(e, name)}", f"evaluate.{name}")
+
+
 def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
     if spec.kind not in ("pretrain", "sft"):
         raise _bad("kind must be pretrain or sft", "kind")
@@ -258,6 +282,8 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
             "resources.peak_tflops_per_worker must be >= 0 (0 = measured at start)",
             "resources.peak_tflops_per_worker",
         )
+    if spec.evaluate is not None:
+        _check_evaluate(spec.evaluate)
     if not spec.hang_timeout_s > 0:
         raise _bad("resources.hang_timeout_s must be > 0", "resources.hang_timeout_s")
     if spec.max_retries < 0:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from protos.trainer.v1 import trainer_pb2 as pb
-from services.trainer.spec import TrainSpec, absolutize
+from services.trainer.spec import CheckpointEval, TrainSpec, absolutize
 from shared.errors import InvalidArgument
 from shared.jobs import JobRecord
 from shared.jobs_wire import spec_doc, spec_message, status_pb
@@ -73,6 +73,17 @@ def spec_from_pb(s: pb.TrainJobSpec) -> TrainSpec:
         num_threads=r.num_threads,
         hang_timeout_s=_or(r.hang_timeout_s, 600.0),
         peak_tflops_per_worker=r.peak_tflops_per_worker,
+        evaluate=_evaluate_from_pb(s.evaluate) if s.HasField("evaluate") else None,
+    )
+
+
+def _evaluate_from_pb(e: pb.CheckpointEvaluationSpec) -> CheckpointEval:
+    return CheckpointEval(
+        tasks=tuple(e.tasks),
+        limit=e.limit,
+        num_fewshot=e.num_fewshot,
+        every_n_saves=e.every_n_saves or 1,
+        batch_size=e.batch_size,
     )
 
 
@@ -133,6 +144,15 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
             hang_timeout_s=s.hang_timeout_s,
             peak_tflops_per_worker=s.peak_tflops_per_worker,
         ),
+        evaluate=None
+        if s.evaluate is None
+        else pb.CheckpointEvaluationSpec(
+            tasks=s.evaluate.tasks,
+            limit=s.evaluate.limit,
+            num_fewshot=s.evaluate.num_fewshot,
+            every_n_saves=s.evaluate.every_n_saves,
+            batch_size=s.evaluate.batch_size,
+        ),
     )
 
 
@@ -167,6 +187,23 @@ def job_pb(rec: JobRecord) -> pb.TrainJob:
         ),
         ray_submission_id=rec.extra.get("submission_id", ""),
         ray_address=rec.extra.get("ray_address", ""),
+        evaluations=[evaluation_pb(e) for e in (rec.result or {}).get("evaluations", [])],
+    )
+
+
+def evaluation_pb(e: dict[str, Any]) -> pb.CheckpointEvaluation:
+    """One row of a job's checkpoint evaluations (services.trainer.evaluations keeps them in the record's
+    result)."""
+    from protos.evaluator.v1 import evaluator_pb2 as epb
+
+    return pb.CheckpointEvaluation(
+        step=e["step"],
+        state=e["state"],
+        hf_dir=e.get("hf_dir", ""),
+        conversion_job_id=e.get("conversion_job_id", ""),
+        evaluation_job_id=e.get("evaluation_job_id", ""),
+        scores=[epb.TaskScores(**t) for t in e.get("scores", [])],
+        error=e.get("error", ""),
     )
 
 

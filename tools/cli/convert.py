@@ -72,6 +72,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--iteration", type=int, default=0, help="Megatron targets: iteration number (0 = release)"
     )
     p.add_argument(
+        "--load-iteration",
+        "--ckpt-step",
+        type=int,
+        default=0,
+        help="Megatron sources: convert this saved iteration instead of the newest (0 = newest)",
+    )
+    p.add_argument(
         "--server",
         default=None,
         metavar="HOST:PORT",
@@ -114,6 +121,7 @@ def _local(a: argparse.Namespace) -> int:
         verify=a.verify,
         overwrite=a.overwrite,
         iteration=a.iteration,
+        load_iteration=a.load_iteration or None,
     )
     if a.dry_run:
         validate(spec)  # the checks convert() makes first (and the service makes at submit)
@@ -167,6 +175,7 @@ def _remote(a: argparse.Namespace) -> int:
         verify=a.verify,
         overwrite=a.overwrite,
         iteration=a.iteration,
+        load_iteration=a.load_iteration,
     )
     with make_channel(a.server) as ch:
         stub = pb_grpc.ConverterServiceStub(ch)

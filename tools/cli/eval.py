@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from tools.cli.endpoints import endpoint
+from tools.cli.leaderboard import add_parser as add_leaderboard
+from tools.cli.leaderboard import headline as _headline
 
 
 def _stub(server: str):
@@ -39,15 +41,6 @@ def _line(ev) -> str:
     if ev.status.error:
         parts.append(f"({ev.status.error})")
     return "  ".join(parts)
-
-
-def _headline(metrics) -> tuple[str, float] | None:
-    """The metric a task is usually quoted by: accuracy first, then exact match, then perplexity."""
-    for prefix in ("acc_norm,", "acc,", "exact_match,", "word_perplexity,", "perplexity,"):
-        for k in sorted(metrics):
-            if k.startswith(prefix):
-                return k.split(",")[0], metrics[k]
-    return next(iter(sorted(metrics.items())), None)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -344,3 +337,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ls = esub.add_parser("list", help="runs, newest first")
     ls.add_argument("--limit", type=int, default=20)
     ls.set_defaults(func=list_runs)
+    add_leaderboard(esub)

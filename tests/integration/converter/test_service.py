@@ -8,27 +8,14 @@ import pytest
 from protos.common.v1 import common_pb2
 from protos.converter.v1 import converter_pb2 as pb
 from protos.converter.v1 import converter_pb2_grpc as pb_grpc
-from services.converter.__main__ import SERVICE
-from services.converter.servicer import ConverterServicer
 from shared.grpc.channel import make_channel
-from shared.grpc.server import Registration, build_server
-from shared.jobs import JobStore
+from tests.fixtures.servers import start_converter
 from tests.integration.converter.conftest import leftovers
 
 
 @pytest.fixture(scope="module")
 def address(tmp_path_factory):
-    store = JobStore(tmp_path_factory.mktemp("jobs"), "convert")
-    servicer = ConverterServicer(store, max_concurrent=1, cancel_grace_s=10)
-    server = build_server(
-        service="converter",
-        registrations=[Registration(pb_grpc.add_ConverterServiceServicer_to_server, servicer, SERVICE)],
-        host="127.0.0.1",
-        port=0,
-        max_workers=8,
-    )
-    server.start()
-    server.set_serving(True)
+    servicer, server = start_converter(tmp_path_factory.mktemp("jobs"))
     yield server.address
     servicer.runner.shutdown()
     server.stop(0)

@@ -13,33 +13,15 @@ from llm.mcore.dist import free_port
 from protos.common.v1 import common_pb2
 from protos.evaluator.v1 import evaluator_pb2 as pb
 from protos.evaluator.v1 import evaluator_pb2_grpc as pb_grpc
-from services.evaluator.__main__ import SERVICE
-from services.evaluator.servicer import EvaluatorServicer
 from shared.grpc.channel import make_channel
 from shared.grpc.interceptors import ERROR_FIELD_KEY
-from shared.grpc.server import Registration, build_server
-from shared.jobs import JobStore
-from tests.fixtures.servers import start_gateway, start_textgen
+from tests.fixtures.servers import start_evaluator, start_gateway, start_textgen
 
 SUCCEEDED, FAILED, CANCELLED = (
     common_pb2.JOB_STATE_SUCCEEDED,
     common_pb2.JOB_STATE_FAILED,
     common_pb2.JOB_STATE_CANCELLED,
 )
-
-
-def start_evaluator(jobs_dir: Path, request_cache: Path | None = None):
-    servicer = EvaluatorServicer(JobStore(jobs_dir, "eval"), max_concurrent=1, request_cache=request_cache)
-    server = build_server(
-        service="evaluator",
-        registrations=[Registration(pb_grpc.add_EvaluatorServiceServicer_to_server, servicer, SERVICE)],
-        host="127.0.0.1",
-        port=0,
-        max_workers=8,
-    )
-    server.start()
-    server.set_serving(True)
-    return servicer, server
 
 
 @pytest.fixture(scope="module")

@@ -8,29 +8,13 @@ import json
 import pytest
 import requests
 
-from protos.converter.v1 import converter_pb2_grpc as pb_grpc
-from services.converter.__main__ import SERVICE
-from services.converter.servicer import ConverterServicer
-from shared.grpc.server import Registration, build_server
-from shared.jobs import JobStore
 from shared.net import free_port
-from tests.fixtures.servers import start_gateway
+from tests.fixtures.servers import start_converter, start_gateway
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, textgen):
-    servicer = ConverterServicer(
-        JobStore(tmp_path_factory.mktemp("jobs"), "convert"), max_concurrent=1, cancel_grace_s=10
-    )
-    server = build_server(
-        service="converter",
-        registrations=[Registration(pb_grpc.add_ConverterServiceServicer_to_server, servicer, SERVICE)],
-        host="127.0.0.1",
-        port=0,
-        max_workers=8,
-    )
-    server.start()
-    server.set_serving(True)
+    servicer, server = start_converter(tmp_path_factory.mktemp("jobs"))
     # the trainer is "not deployed" (no address); the evaluator's address answers nothing
     gw = start_gateway(
         (textgen.address,),
