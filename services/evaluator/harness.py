@@ -56,6 +56,25 @@ def offline_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _compile_templates_once() -> None:
+    """lm-eval compiles a task's Jinja template again for every document it renders (about 0.7 ms each: 1.6 s
+    of building a 600-request 5-shot task, most of a re-run answered from the request cache). Here each
+    template string is compiled once and reused; the rendering is lm-eval's own, unchanged."""
+    from functools import lru_cache
+
+    import lm_eval.utils as U
+
+    if getattr(U.apply_template, "megastack_cached", False):
+        return
+    compiled = lru_cache(maxsize=4096)(U.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compiled(template).render(**doc)
+
+    apply_template.megastack_cached = True  # type: ignore[attr-defined]
+    U.apply_template = apply_template
+
+
 def task_manager(include_paths: tuple[str, ...] = ()):
     from lm_eval.tasks import TaskManager
 
@@ -63,6 +82,7 @@ def task_manager(include_paths: tuple[str, ...] = ()):
     from services.evaluator.suite import render
 
     index_cache.install()
+    _compile_templates_once()
 
     for p in include_paths:
         if not Path(p).is_dir():

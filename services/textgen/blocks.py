@@ -23,12 +23,15 @@ from collections.abc import Sequence
 NULL_BLOCK = 0
 
 
-def chain_hashes(tokens: Sequence[int], block_size: int, *, limit: int | None = None) -> list[bytes]:
-    """The hash of every full block of ``tokens[:limit]``: block i's hash covers tokens[0 : (i+1)*bs]."""
+def chain_hashes(
+    tokens: Sequence[int], block_size: int, *, limit: int | None = None, seed: bytes | None = None
+) -> list[bytes]:
+    """The hash of every full block of ``tokens[:limit]``: block i's hash covers tokens[0 : (i+1)*bs]
+    (and ``seed``, which starts a chain of its own)."""
     n = len(tokens) if limit is None else min(limit, len(tokens))
     out: list[bytes] = []
     for start in range(0, n - block_size + 1, block_size):
-        out.append(next_hash(out[-1] if out else None, tokens[start : start + block_size]))
+        out.append(next_hash(out[-1] if out else seed, tokens[start : start + block_size]))
     return out
 
 

@@ -32,7 +32,7 @@ from services.textgen.detokenizer import StopWatch
 from services.textgen.guided import GuideState
 from services.textgen.modeling import DecoderLM, PagedKVCache
 from services.textgen.sampling import make_generator
-from services.textgen.scheduler import Scheduler, Seq, share_prefills
+from services.textgen.scheduler import Scheduler, Seq, packable, share_prefills
 from services.textgen.sequences import (
     CANCELLED,
     ERROR,
@@ -204,10 +204,13 @@ class Engine:
         return GuideState(r.guide_index, self.model.out_w.shape[0]) if r.guide_index is not None else None
 
     def _groups(self, seqs: list[Seq]) -> list[list[Seq]]:
-        """The forward passes of one step: the batchable sequences together, each batch-invariant one
-        alone."""
+        """The forward passes of one step: the batchable sequences together; the batch-invariant prompts to
+        score together in one packed pass (``DecoderLM.prefill_packed``: each row's numbers are its own
+        whatever else is packed with it); every other batch-invariant sequence alone."""
         together = [s for s in seqs if not s.alone]
-        return ([together] if together else []) + [[s] for s in seqs if s.alone]
+        packed = [s for s in seqs if packable(s)]
+        alone = [[s] for s in seqs if s.alone and not packable(s)]
+        return ([together] if together else []) + ([packed] if packed else []) + alone
 
     def _wait_for_work(self, stop: threading.Event | None) -> bool:
         with self._cv:
@@ -387,11 +390,18 @@ class Engine:
         last = [e == len(c) for e, c in zip(ends, contexts)]  # the final chunk: logits are needed
         T = max(lengths)
         dev = self.model.device
-        padded = [c[a:e] + [0] * (T - n) for c, a, e, n in zip(contexts, starts, ends, lengths)]
-        tokens = torch.tensor(padded, dtype=torch.long, device=dev)  # (B, T), one copy to the device
         t0 = time.perf_counter()
         riders, self._riders = ([] if compute[0].alone else self._riders), []  # one ride per step
         hidden = None
+        invariant = all(packable(s) for s in compute)
+        if invariant:  # whole prompts, packed without padding: (B, T, H) below is only a view for indexing
+            hidden = torch.nn.utils.rnn.pad_sequence(
+                self.model.prefill_packed(contexts, starts, self._tables(compute), self.cache),
+                batch_first=True,
+            )  # (B, T, H)
+        else:
+            padded = [c[a:e] + [0] * (T - n) for c, a, e, n in zip(contexts, starts, ends, lengths)]
+            tokens = torch.tensor(padded, dtype=torch.long, device=dev)  # (B, T), one copy to the device
         if riders:
             try:
                 d_tokens, d_positions = self._decode_inputs(riders)
@@ -442,7 +452,8 @@ class Engine:
             flat = torch.cat(
                 [hidden[j, a:b] for j, (a, b) in zip(scoring, spans) if b > a] or [hidden[0, :0]]
             )  # (N, H)
-            logp = torch.log_softmax(self.model.logits(flat).float(), dim=-1) if len(flat) else None  # (N, V)
+            logits = self.model.logits_invariant(flat) if invariant else self.model.logits(flat)
+            logp = torch.log_softmax(logits.float(), dim=-1) if len(flat) else None  # (N, V)
             start = 0
             for j, (a, b) in zip(scoring, spans):
                 n = max(0, b - a)

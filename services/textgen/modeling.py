@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from llm.models.base import ArchConfig, split_qkv
 
 Tensor = torch.Tensor
+# A matmul's rows do not depend on how many other rows it holds once it holds this many (CPU GEMM kernels pick
+# another path for a handful of rows; measured on this project's CPU: 1-3, 5-7, 9-11 rows differ, 12+ agree);
+# batch-invariant passes pad to it (see DecoderLM.prefill_packed).
+MIN_INVARIANT_ROWS = 16
 ROPE_SCALING = ("default", "linear", "llama3")
 LAYER_TENSORS = (
     "self_attention.linear_qkv.layer_norm_weight",
@@ -265,6 +269,29 @@ class DecoderLM:
         part = _PrefillPart(self, tokens, starts, lengths, tables, cache)
         return self._run([part])[0]
 
+    def prefill_packed(
+        self, prompts: list[list[int]], starts: list[int], tables: Tensor, cache: PagedKVCache
+    ) -> list[Tensor]:
+        """Prompts back to back without padding, positions ``starts[i]..`` of each (those before are in its
+        blocks: a prefix-cache hit); hidden [len(p) - start, H] per prompt.
+
+        Batch-invariant: a prompt's numbers are the same whatever else is in the pass and whatever came from
+        the cache. Attention runs per prompt over its whole context, and every matmul holds at least
+        ``MIN_INVARIANT_ROWS`` rows (padding rows write no keys), where a row's result no longer depends on
+        the others. Prompts that must reproduce (the evaluator's scoring) thus share passes and prefixes.
+        """
+        part = _PackedPart(self, prompts, starts, tables, cache)
+        return list(self._run([part])[0][: part.real].split(part.lengths))
+
+    def logits_invariant(self, hidden: Tensor) -> Tensor:
+        """:meth:`logits` of ``hidden`` [n, H], the matmul padded to ``MIN_INVARIANT_ROWS`` rows: a row's
+        logits do not depend on how many rows came with it."""
+        n = hidden.shape[0]
+        if n >= MIN_INVARIANT_ROWS:
+            return self.logits(hidden)
+        pad = hidden.new_zeros(MIN_INVARIANT_ROWS - n, hidden.shape[1])
+        return self.logits(torch.cat([hidden, pad]))[:n]
+
     def decode(self, tokens: Tensor, positions: Tensor, tables: Tensor, cache: PagedKVCache) -> Tensor:
         """One step: tokens/positions [B], block tables [B, nb] (padded with the null block, wide enough
         for every position); returns final hidden [B, H]. Keys and values are read through the tables."""
@@ -426,3 +453,78 @@ class _PrefillPart(_Part):
 
     def shape_out(self, hidden: Tensor) -> Tensor:
         return hidden.view(*self.shape, -1)
+
+
+class _PackedPart(_Part):
+    """The rows still to compute of whole prompts, back to back [n, H] (``real`` rows, then padding up to
+    ``MIN_INVARIANT_ROWS``). Each prompt attends over its own context only, read from the cache (a cached
+    prefix and this pass's rows alike), with every matmul padded to ``MIN_INVARIANT_ROWS`` rows: row p's
+    numbers depend on the prompt's tokens up to p and its length, not on how many rows this pass holds, so
+    a prompt scored after a prefix-cache hit gets the bits of one computed whole."""
+
+    def __init__(
+        self, m: DecoderLM, prompts: list[list[int]], starts: list[int], tables: Tensor, cache: PagedKVCache
+    ):
+        self.m, self.cache = m, cache
+        dev = m.device
+        self.totals = [len(p) for p in prompts]
+        self.lengths = [len(p) - a for p, a in zip(prompts, starts)]
+        self.real = sum(self.lengths)
+        pad = max(0, MIN_INVARIANT_ROWS - self.real)
+        self.n = self.real + pad
+        tokens = [t for p, a in zip(prompts, starts) for t in p[a:]] + [0] * pad
+        spans = [torch.arange(a, n, device=dev) for a, n in zip(starts, self.totals)]  # positions per prompt
+        positions = torch.cat([*spans, torch.zeros(pad, dtype=torch.long, device=dev)]).clamp_(
+            max=m.max_len - 1
+        )  # (n,)
+        self.x = m._embed(torch.tensor(tokens, dtype=torch.long, device=dev), positions)  # (n, H)
+        self.ctx = [
+            cache.rows(tables[j : j + 1], torch.arange(n, device=dev)[None]).reshape(n)
+            for j, n in enumerate(self.totals)
+        ]  # each prompt's whole context, (total,)
+        self.write = [c[a:] for c, a in zip(self.ctx, starts)]  # the rows this pass writes, (length,)
+        self.allowed = [
+            torch.arange(n, device=dev)[None, :] <= sp[:, None] for sp, n in zip(spans, self.totals)
+        ]  # (length, total): causal
+        self.cos = self.sin = None
+        if m.rope is not None:
+            self.cos, self.sin = m.rope.cos[positions][None], m.rope.sin[positions][None]  # (1, n, d)
+
+    def attend(self, i: int, qkv: Tensor) -> Tensor:
+        m, a = self.m, self.m.arch
+        g, d, h = a.num_query_groups, a.head_dim, a.num_attention_heads
+        ck, cv = self.cache.k[i], self.cache.v[i]
+        outs, at = [], 0
+        for r, write, ctx, allowed in zip(self.lengths, self.write, self.ctx, self.allowed):
+            x = qkv[at : at + r]  # (r, q + 2kv)
+            q = x[:, : m.q_size].view(r, h, d).transpose(0, 1)  # (h, r, d)
+            k = x[:, m.q_size : m.q_size + m.kv_size].view(r, g, d).transpose(0, 1)  # (g, r, d)
+            v = x[:, m.q_size + m.kv_size :].view(r, g, d)  # (r, g, d)
+            if self.cos is not None:
+                cos, sin = self.cos[:, at : at + r], self.sin[:, at : at + r]
+                q, k = m.rope.rotate(q, cos, sin), m.rope.rotate(k, cos, sin)
+            ck[write] = k.transpose(0, 1)
+            cv[write] = v
+            keys = ck.index_select(0, ctx).transpose(0, 1)  # (g, total, d)
+            values = cv.index_select(0, ctx).transpose(0, 1)  # (g, total, d)
+            outs.append(_invariant_attention(q, keys, values, allowed).transpose(0, 1).reshape(r, m.q_size))
+            at += r
+        if self.n > self.real:
+            outs.append(qkv.new_zeros(self.n - self.real, m.q_size))
+        return torch.cat(outs)
+
+
+def _invariant_attention(q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor) -> Tensor:
+    """Attention of queries q [h, r, d] over keys/values [g, S, d] (query heads grouped per key head),
+    ``allowed`` [r, S]; returns [h, r, d]. Both matmuls hold at least ``MIN_INVARIANT_ROWS`` query rows (zero
+    rows added), so a query's result does not depend on how many others came with it."""
+    h, r, d = q.shape
+    g, S, _ = keys.shape
+    R = max(r, MIN_INVARIANT_ROWS)
+    qp = torch.cat([q, q.new_zeros(h, R - r, d)], 1) if R > r else q  # (h, R, d)
+    scores = torch.bmm(qp.reshape(g, (h // g) * R, d), keys.transpose(1, 2))  # (g, h/g*R, S)
+    scores = scores.view(h, R, S)[:, :r] * (1.0 / math.sqrt(d))
+    w = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)  # (h, r, S)
+    wp = torch.cat([w, w.new_zeros(h, R - r, S)], 1) if R > r else w  # (h, R, S)
+    out = torch.bmm(wp.reshape(g, (h // g) * R, S), values)  # (g, h/g*R, d)
+    return out.view(h, R, d)[:, :r]

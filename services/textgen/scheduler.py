@@ -34,6 +34,8 @@ from services.textgen.sequences import (
     TopK,
 )
 
+INVARIANT_CHAIN = b"batch-invariant scoring"  # the prefix-cache chain of packed passes (Seq.hash_seed)
+
 
 @dataclass(eq=False)
 class Seq:
@@ -100,11 +102,24 @@ class Seq:
         n = len(self.req.prompt_ids)
         return self.req.prompt_ids[pos] if pos < n else self.gen_ids[pos - n]
 
+    @property
+    def invariant_scoring(self) -> bool:
+        """A batch-invariant prompt to score (nothing generated): computed in packed passes
+        (``DecoderLM.prefill_packed``), whose every row is the same whatever it is computed with."""
+        r = self.req
+        return self.alone and r.stopping.max_new_tokens == 0 and bool(r.prompt_logprobs)
+
+    @property
+    def hash_seed(self) -> bytes | None:
+        """Where its prefix-cache chain starts: invariant scoring reads and writes blocks of its own (written
+        by packed passes, so a hit holds the bits its own pass would compute); everything else shares one."""
+        return INVARIANT_CHAIN if self.invariant_scoring else None
+
     def cacheable_prefix(self) -> int:
         """How many leading context tokens may come from the prefix cache: all but the last (the last
         one's logits are needed), none before a scored position (its logits are needed too), none for a
-        batch-invariant sequence (its numerics must not depend on what ran before it)."""
-        if self.alone:
+        batch-invariant sequence that generates (its numerics must not depend on what ran before it)."""
+        if self.alone and not self.invariant_scoring:
             return 0
         limit = self.context_len() - 1
         if self.req.prompt_logprobs and not self.resumed:
@@ -116,6 +131,11 @@ def chunkable(s: Seq) -> bool:
     """A sequence whose prefill may be split over steps: one that generates (scored prompt positions and
     batch-invariant sequences are computed in one forward pass)."""
     return not s.alone and not (s.req.prompt_logprobs and not s.resumed)
+
+
+def packable(s: Seq) -> bool:
+    """A batch-invariant prompt to score: it shares packed passes with the others."""
+    return s.invariant_scoring
 
 
 def shared_key(s: Seq) -> tuple | None:
@@ -202,7 +222,7 @@ class Scheduler:
             if self.active() + sum(1 for g in group if g.blocks) >= self.cfg.max_batch_size:
                 break
             ctx = s.context()
-            hashes = chain_hashes(ctx, bs, limit=s.cacheable_prefix())
+            hashes = chain_hashes(ctx, bs, limit=s.cacheable_prefix(), seed=s.hash_seed)
             hit = pool.peek(hashes)
             todo = len(ctx) - len(hit) * bs
             if self.running and chunkable(s):
@@ -254,7 +274,8 @@ class Scheduler:
         bs = self.pool.block_size
         for i in range(len(s.hashes), min(written // bs, len(s.blocks))):
             h = next_hash(
-                s.hashes[-1] if s.hashes else None, [s.token_at(p) for p in range(i * bs, (i + 1) * bs)]
+                s.hashes[-1] if s.hashes else s.hash_seed,
+                [s.token_at(p) for p in range(i * bs, (i + 1) * bs)],
             )
             self.pool.register(s.blocks[i], h)
             s.hashes.append(h)

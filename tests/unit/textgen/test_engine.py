@@ -213,7 +213,7 @@ def test_prompt_plus_tokens_longer_than_context_is_refused_with_megatron_message
         served.engine.submit([req([10**6], n=1)])
 
 
-def _engine_with(tiny_models, mode: str):
+def _engine_with(tiny_models, mode: str, **cfg):
     s = load_served_model(
         TextgenConfig(
             model_dir=tiny_models["llama"],
@@ -224,6 +224,7 @@ def _engine_with(tiny_models, mode: str):
             batch_invariant=mode,
             port=0,
             metrics_port=0,
+            **cfg,
         )
     )
     s.engine.start()
@@ -256,8 +257,53 @@ def test_batch_invariant_sequences_get_the_same_bits_alone_and_among_31_others(t
                 assert mine.token_ids == alone.token_ids
                 assert mine.logprobs == alone.logprobs and mine.prompt_logprobs == alone.prompt_logprobs
                 assert mine.prompt_top == alone.prompt_top
+        # prompts to score share one packed pass: each gets the bits it gets alone, whatever it is packed with
+        crowd = [req(o, n=0, prompt_logprobs=True, top_logprobs=2) for o in others]
+        for order in range(2):
+            batch = crowd[:] if order else crowd[::-1]
+            batch.insert(rng.randrange(len(batch) + 1), scoring)
+            before = s.engine.steps
+            results = [h.result() for h in s.engine.submit(batch)]
+            assert s.engine.steps - before < len(batch) // 2  # packed: far fewer passes than prompts
+            for r, got in zip(batch, results):
+                solo = s.engine.submit([r])[0].result()
+                assert got.prompt_logprobs == solo.prompt_logprobs and got.prompt_top == solo.prompt_top
     finally:
         s.engine.stop()
+
+
+def test_invariant_scoring_after_a_prefix_hit_has_the_bits_of_a_whole_pass(tiny_models):
+    """Few-shot prompts share a prefix: scored after it is cached (only their own rows computed, in one
+    packed pass), each prompt's log-probs equal those of a pass that computes it whole, on an engine
+    without a prefix cache; prompts that generate never read those blocks."""
+    import random
+
+    rng = random.Random(3)
+    shots = [rng.randrange(5, 200) for _ in range(70)]  # a shared prefix of 4 full blocks
+    prompts = [shots + [rng.randrange(5, 200) for _ in range(rng.randrange(2, 30))] for _ in range(12)]
+    # as the evaluator asks: the continuation after the shots is scored (lm-eval's loglikelihood)
+    reqs = [
+        req(p, n=0, prompt_logprobs=True, top_logprobs=2, prompt_logprobs_from=len(shots)) for p in prompts
+    ]
+    cached, whole = (
+        _engine_with(tiny_models, "scoring"),
+        _engine_with(tiny_models, "scoring", prefix_caching=False),
+    )
+    try:
+        first = cached.engine.submit(reqs[:1])[0].result()
+        hits = cached.engine.pool.hits
+        got = [h.result() for h in cached.engine.submit(reqs[1:])]
+        assert cached.engine.pool.hits - hits >= 11 * 64  # every later prompt read the 4 cached blocks
+        ref = [h.result() for h in whole.engine.submit(reqs)]
+        assert whole.engine.pool.hits == 0
+        for a, b in zip([first, *got], ref):
+            assert a.prompt_logprobs == b.prompt_logprobs and a.prompt_top == b.prompt_top
+        hits = cached.engine.pool.hits  # a generating prompt has its own chain: the scoring blocks stay apart
+        cached.engine.submit([req(prompts[0], n=2)])[0].result()
+        assert cached.engine.pool.hits == hits
+    finally:
+        cached.engine.stop()
+        whole.engine.stop()
 
 
 def penalised_ref(hf, ids: list[int], n: int, presence: float, frequency: float, bias: dict[int, float]):
