@@ -72,6 +72,7 @@ def _compile_templates_once() -> None:
         return compiled(template).render(**doc)
 
     apply_template.megastack_cached = True  # type: ignore[attr-defined]
+    apply_template.original = U.apply_template  # type: ignore[attr-defined]
     U.apply_template = apply_template
 
 

@@ -116,3 +116,25 @@ def test_named_suites_resolve_to_their_datasets_and_a_cached_one_passes(tmp_path
         harness.check_data(tm, ("gsm8k",))
     (tmp_path / "datasets--openai--gsm8k").mkdir()
     harness.check_data(tm, ("gsm8k",))
+
+
+def test_lm_evals_templates_render_the_same_compiled_once(monkeypatch):
+    """The task manager has lm-eval compile each template string once; what it renders is unchanged."""
+    import lm_eval.utils as U
+
+    from services.evaluator import harness
+
+    original = getattr(U.apply_template, "original", U.apply_template)  # lm-eval's own
+    monkeypatch.setattr(U, "apply_template", original)  # restored after the test
+    template = "Question: What is {{a}} + {{b}}?\nAnswer:{{ ' ' ~ choices[label] }}"
+    docs = [{"a": i, "b": 2 * i, "choices": ["x", str(3 * i)], "label": 1} for i in range(50)]
+    expected = [original(template, d) for d in docs]
+    calls = []
+    real = U.env.from_string
+    monkeypatch.setattr(U.env, "from_string", lambda t: calls.append(t) or real(t))
+    harness._compile_templates_once()
+    assert U.apply_template is not original
+    assert [U.apply_template(template, d) for d in docs] == expected
+    assert calls == [template]  # compiled once for 50 documents
+    harness._compile_templates_once()  # a second install keeps the first
+    assert U.apply_template(template, docs[0]) == expected[0] and calls == [template]

@@ -13,7 +13,9 @@ default SmolLM2-135M, same checkpoint, same dtype, same batch size, one script:
     with the load) and one with ``MEGASTACK_TEXTGEN_BATCH_INVARIANT=off``, the cost of that guarantee
     measured in the same run.
 Both models are built before the clock starts (the servers are already serving, HFLM already loaded);
-what is timed is `lm_eval.simple_evaluate` over the task, the three alternating, best of --repeats each.
+what is timed is `lm_eval.simple_evaluate` over the task, the three alternating, best of --repeats each. Each
+megastack run gets a fresh server: its prefix cache starts empty, so no run reuses what an earlier one
+computed (a shared few-shot prefix is computed once within the run, as it would be the first time).
 Reported: requests/s, accuracy (must agree), and the ratios. Then the evaluator's request cache: the task
 once more with an empty cache, and again from it (nothing sent to textgen); its time against the uncached
 run's (target: at most 5%).
@@ -25,6 +27,7 @@ import argparse
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from shared.paths import DEFAULT_MODEL_DIR
@@ -89,9 +92,6 @@ def main() -> int:
     import lm_eval.models  # noqa: F401
     from lm_eval.models.huggingface import HFLM
 
-    from services.evaluator.api import TextgenLM
-    from tools.stack import StackOptions, up
-
     tm = task_manager()
     print(
         f"baseline: lm-eval `hf` on {a.model.name} ({a.dtype}), batch {a.batch_size}; megastack: a textgen "
@@ -104,34 +104,11 @@ def main() -> int:
         batch_size=a.batch_size,
         device="cpu" if not _cuda() else "cuda",
     )
-    stacks = {}
-    for mode in MODES:
-        stacks[mode] = up(
-            StackOptions(
-                run_dir=Path(tempfile.mkdtemp(prefix=f"bench-eval-{mode}-")),
-                model_dir=a.model,
-                services=("textgen",),
-                free_ports=True,
-                textgen_env={
-                    "MEGASTACK_TEXTGEN_DTYPE": a.dtype,
-                    "MEGASTACK_TEXTGEN_MAX_BATCH_SIZE": str(a.batch_size),
-                    "MEGASTACK_TEXTGEN_BATCH_INVARIANT": mode,
-                },
-            ),
-            log=lambda _: None,
-        )
     results = {}
-    try:
-        lms = {
-            m: TextgenLM(st.endpoint("textgen", "grpc"), batch_size=a.batch_size) for m, st in stacks.items()
-        }
-        for task, what, target in WORKLOADS:
-            if a.task and task not in a.task:
-                continue
-            results[task] = run_workload(a, task, what, target, hf, lms, stacks, tm)
-    finally:
-        for st in stacks.values():
-            st.down()
+    for task, what, target in WORKLOADS:
+        if a.task and task not in a.task:
+            continue
+        results[task] = run_workload(a, task, what, target, hf, tm)
     save(
         "eval",
         {
@@ -143,8 +120,34 @@ def main() -> int:
     return 0
 
 
-def run_workload(a, task: str, what: str, target: float, hf, lms, stacks, tm) -> dict:
-    """One task: lm-eval hf and megastack alternating, best of --repeats; then the request cache."""
+@contextmanager
+def textgen_server(a, mode: str):
+    """A fresh textgen server (its prefix cache empty) in batch-invariance ``mode``: its gRPC address."""
+    from tools.stack import StackOptions, up
+
+    st = up(
+        StackOptions(
+            run_dir=Path(tempfile.mkdtemp(prefix=f"bench-eval-{mode}-")),
+            model_dir=a.model,
+            services=("textgen",),
+            free_ports=True,
+            textgen_env={
+                "MEGASTACK_TEXTGEN_DTYPE": a.dtype,
+                "MEGASTACK_TEXTGEN_MAX_BATCH_SIZE": str(a.batch_size),
+                "MEGASTACK_TEXTGEN_BATCH_INVARIANT": mode,
+            },
+        ),
+        log=lambda _: None,
+    )
+    try:
+        yield st.endpoint("textgen", "grpc")
+    finally:
+        st.down()
+
+
+def run_workload(a, task: str, what: str, target: float, hf, tm) -> dict:
+    """One task: lm-eval hf and megastack alternating, best of --repeats, megastack on a fresh server each
+    time (its prefix cache empty: every run is a first run); then the request cache, on a fresh server too."""
     from services.evaluator.api import RequestCache, TextgenLM
 
     print(f"\n== {task}: {what}", flush=True)
@@ -154,13 +157,16 @@ def run_workload(a, task: str, what: str, target: float, hf, lms, stacks, tm) ->
         print(f"round {i + 1}/{a.repeats}: lm-eval hf, then megastack-textgen ({', '.join(MODES)}) ...")
         base_runs.append(timed_eval(hf, tm, task))
         for m in MODES:
-            runs[m].append(timed_eval(lms[m], tm, task))
+            with textgen_server(a, m) as address:  # started before the clock starts
+                runs[m].append(timed_eval(TextgenLM(address, batch_size=a.batch_size), tm, task))
     print("request cache: the task with an empty cache, then again from it ...", flush=True)
     cache_path = Path(tempfile.mkdtemp(prefix="bench-eval-cache-")) / "cache.sqlite"
-    address = stacks["scoring"].endpoint("textgen", "grpc")
-    cold = timed_eval(TextgenLM(address, batch_size=a.batch_size, cache=RequestCache(cache_path)), tm, task)
-    warm_lm = TextgenLM(address, batch_size=a.batch_size, cache=RequestCache(cache_path))
-    warm = timed_eval(warm_lm, tm, task) | {"sent": warm_lm.sent, "hits": warm_lm.cache.hits}
+    with textgen_server(a, "scoring") as address:
+        cold = timed_eval(
+            TextgenLM(address, batch_size=a.batch_size, cache=RequestCache(cache_path)), tm, task
+        )
+        warm_lm = TextgenLM(address, batch_size=a.batch_size, cache=RequestCache(cache_path))
+        warm = timed_eval(warm_lm, tm, task) | {"sent": warm_lm.sent, "hits": warm_lm.cache.hits}
     base = best_of(base_runs)
     ours = {m: best_of(r) for m, r in runs.items()}
     for o in ours.values():
