@@ -100,7 +100,10 @@ def test_each_saved_checkpoint_is_exported_scored_and_on_the_leaderboard(
     assert not (a.get("decoder.final_layernorm.weight") == b.get("decoder.final_layernorm.weight")).all()
 
     assert main(board) == 0
-    table = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().out
+    with capsys.disabled():  # into the test log: the leaderboard of a real training run
+        print(f"\nmegastack eval leaderboard --training-job {job_id}\n{printed}")
+    table = printed.splitlines()
     assert table[0].split() == ["step", "state", "megastack_capitals", "acc_norm"]  # the headline metric
     assert [line.split()[:2] for line in table[1:]] == [["5", "succeeded"], ["10", "succeeded"]]
     assert (
