@@ -8,48 +8,38 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from llm.models.base import ArchConfig, require
+from llm.models.mapping import TableFamily, rename, stacked_qkv, transpose
 
-from llm.models.base import (
-    ArchConfig,
-    GetTensor,
-    ModelFamily,
-    Tensor,
-    fuse_qkv,
-    layer_prefix,
-    require,
-    split_qkv,
+# The tensors, as tables (llm/models/mapping.py): the globals, and one layer under transformer.h.<i>.
+GLOBALS = (
+    rename("transformer.wte.weight", "embedding.word_embeddings.weight"),
+    rename("transformer.wpe.weight", "embedding.position_embeddings.weight"),
+    rename("transformer.ln_f.weight", "decoder.final_layernorm.weight"),
+    rename("transformer.ln_f.bias", "decoder.final_layernorm.bias"),
+)
+LAYER = (
+    rename("ln_1.weight", "self_attention.linear_qkv.layer_norm_weight"),
+    rename("ln_1.bias", "self_attention.linear_qkv.layer_norm_bias"),
+    transpose("attn.c_proj.weight", "self_attention.linear_proj.weight"),
+    rename("attn.c_proj.bias", "self_attention.linear_proj.bias"),
+    rename("ln_2.weight", "mlp.linear_fc1.layer_norm_weight"),
+    rename("ln_2.bias", "mlp.linear_fc1.layer_norm_bias"),
+    transpose("mlp.c_fc.weight", "mlp.linear_fc1.weight"),
+    rename("mlp.c_fc.bias", "mlp.linear_fc1.bias"),
+    transpose("mlp.c_proj.weight", "mlp.linear_fc2.weight"),
+    rename("mlp.c_proj.bias", "mlp.linear_fc2.bias"),
+    stacked_qkv("attn.c_attn.weight", "self_attention.linear_qkv.weight", transpose=True),
+    stacked_qkv("attn.c_attn.bias", "self_attention.linear_qkv.bias"),
 )
 
-# HF per-layer name -> (canonical per-layer name, transpose?)
-LAYER_MAP = {
-    "ln_1.weight": ("self_attention.linear_qkv.layer_norm_weight", False),
-    "ln_1.bias": ("self_attention.linear_qkv.layer_norm_bias", False),
-    "attn.c_proj.weight": ("self_attention.linear_proj.weight", True),
-    "attn.c_proj.bias": ("self_attention.linear_proj.bias", False),
-    "ln_2.weight": ("mlp.linear_fc1.layer_norm_weight", False),
-    "ln_2.bias": ("mlp.linear_fc1.layer_norm_bias", False),
-    "mlp.c_fc.weight": ("mlp.linear_fc1.weight", True),
-    "mlp.c_fc.bias": ("mlp.linear_fc1.bias", False),
-    "mlp.c_proj.weight": ("mlp.linear_fc2.weight", True),
-    "mlp.c_proj.bias": ("mlp.linear_fc2.bias", False),
-}
-GLOBAL_MAP = {
-    "transformer.wte.weight": "embedding.word_embeddings.weight",
-    "transformer.wpe.weight": "embedding.position_embeddings.weight",
-    "transformer.ln_f.weight": "decoder.final_layernorm.weight",
-    "transformer.ln_f.bias": "decoder.final_layernorm.bias",
-}
 
-
-def _t(x: Tensor) -> Tensor:
-    return x.t().contiguous()
-
-
-class GPT2Family(ModelFamily):
+class GPT2Family(TableFamily):
     name = "gpt2"
     hf_architectures = ("GPT2LMHeadModel",)
     hf_layer_prefix = "transformer.h."
+    GLOBALS = GLOBALS
+    LAYER = LAYER
 
     def arch_from_hf_config(self, cfg: dict[str, Any]) -> ArchConfig:
         src = "GPT2LMHeadModel"
@@ -100,43 +90,3 @@ class GPT2Family(ModelFamily):
             "attn_pdrop": 0.0,
             "torch_dtype": "float32",
         }
-
-    def hf_names(self, arch: ArchConfig, layer: int | None) -> list[str]:
-        if layer is None:
-            return list(GLOBAL_MAP)
-        p = f"transformer.h.{layer}."
-        return [p + k for k in LAYER_MAP] + [p + "attn.c_attn.weight", p + "attn.c_attn.bias"]
-
-    def to_megatron(self, arch: ArchConfig, layer: int | None, get: GetTensor) -> dict[str, Tensor]:
-        if layer is None:
-            return {mc: get(hf) for hf, mc in GLOBAL_MAP.items()}
-        nh, d = arch.num_attention_heads, arch.head_dim
-        hf, mc = f"transformer.h.{layer}.", layer_prefix(layer)
-        out = {}
-        for src, (dst, transpose) in LAYER_MAP.items():
-            t = get(hf + src)
-            out[mc + dst] = _t(t) if transpose else t
-        q, k, v = torch.chunk(get(hf + "attn.c_attn.weight").t(), 3, dim=0)  # [3H, H]: rows q | k | v
-        out[mc + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, num_groups=nh, head_dim=d)
-        qb, kb, vb = torch.chunk(get(hf + "attn.c_attn.bias"), 3, dim=0)
-        out[mc + "self_attention.linear_qkv.bias"] = fuse_qkv(qb, kb, vb, num_groups=nh, head_dim=d)
-        return out
-
-    def to_hf(self, arch: ArchConfig, layer: int | None, get: GetTensor) -> dict[str, Tensor]:
-        if layer is None:
-            return {hf: get(mc) for hf, mc in GLOBAL_MAP.items()}
-        nh, d = arch.num_attention_heads, arch.head_dim
-        hf, mc = f"transformer.h.{layer}.", layer_prefix(layer)
-        out = {}
-        for dst, (src, transpose) in LAYER_MAP.items():
-            t = get(mc + src)
-            out[hf + dst] = _t(t) if transpose else t
-        q, k, v = split_qkv(
-            get(mc + "self_attention.linear_qkv.weight"), num_heads=nh, num_groups=nh, head_dim=d
-        )
-        out[hf + "attn.c_attn.weight"] = torch.cat([q, k, v], dim=0).t().contiguous()
-        qb, kb, vb = split_qkv(
-            get(mc + "self_attention.linear_qkv.bias"), num_heads=nh, num_groups=nh, head_dim=d
-        )
-        out[hf + "attn.c_attn.bias"] = torch.cat([qb, kb, vb], dim=0)
-        return out

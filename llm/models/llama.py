@@ -4,31 +4,29 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
+from llm.models.base import ArchConfig, require
+from llm.models.mapping import TableFamily, gated_mlp, qkv, rename, untied
 
-from llm.models.base import (
-    ArchConfig,
-    GetTensor,
-    ModelFamily,
-    Tensor,
-    fuse_qkv,
-    layer_prefix,
-    require,
-    split_qkv,
+
+def _qkv_bias(arch: ArchConfig) -> bool:
+    return arch.qkv_bias
+
+
+# The tensors, as tables (llm/models/mapping.py): the globals, and one layer under model.layers.<i>.
+GLOBALS = (
+    rename("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
+    rename("model.norm.weight", "decoder.final_layernorm.weight"),
+    rename("lm_head.weight", "output_layer.weight", when=untied),
 )
-
-# HF per-layer name -> canonical per-layer name, for the tensors that are copied as they are.
-LAYER_MAP = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
-    "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
-}
-GLOBAL_MAP = {
-    "model.embed_tokens.weight": "embedding.word_embeddings.weight",
-    "model.norm.weight": "decoder.final_layernorm.weight",
-    "lm_head.weight": "output_layer.weight",
-}
+LAYER = (
+    rename("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+    rename("self_attn.o_proj.weight", "self_attention.linear_proj.weight"),
+    rename("post_attention_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
+    rename("mlp.down_proj.weight", "mlp.linear_fc2.weight"),
+    qkv(*(f"self_attn.{x}_proj.weight" for x in "qkv"), "self_attention.linear_qkv.weight"),
+    qkv(*(f"self_attn.{x}_proj.bias" for x in "qkv"), "self_attention.linear_qkv.bias", when=_qkv_bias),
+    gated_mlp("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.linear_fc1.weight"),
+)
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]]:
@@ -41,10 +39,12 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]]:
     return theta, tuple(sorted(scaling.items()))
 
 
-class LlamaFamily(ModelFamily):
+class LlamaFamily(TableFamily):
     name = "llama"
     hf_architectures: ClassVar[tuple[str, ...]] = ("LlamaForCausalLM", "MistralForCausalLM")
     hf_layer_prefix = "model.layers."
+    GLOBALS = GLOBALS
+    LAYER = LAYER
     qkv_bias = False
 
     def arch_from_hf_config(self, cfg: dict[str, Any]) -> ArchConfig:
@@ -100,70 +100,3 @@ class LlamaFamily(ModelFamily):
             "eos_token_id": arch.eos_token_id,
             "torch_dtype": "float32",
         }
-
-    def hf_names(self, arch: ArchConfig, layer: int | None) -> list[str]:
-        if layer is None:
-            return ["model.embed_tokens.weight", "model.norm.weight"] + (
-                [] if arch.tie_word_embeddings else ["lm_head.weight"]
-            )
-        p = f"model.layers.{layer}."
-        names = [p + k for k in LAYER_MAP] + [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
-        if arch.qkv_bias:
-            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-        return names + [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-
-    def to_megatron(self, arch: ArchConfig, layer: int | None, get: GetTensor) -> dict[str, Tensor]:
-        if layer is None:
-            return {
-                mc: get(hf)
-                for hf, mc in GLOBAL_MAP.items()
-                if hf != "lm_head.weight" or not arch.tie_word_embeddings
-            }
-        ng, d = arch.num_query_groups, arch.head_dim
-        hf, mc = f"model.layers.{layer}.", layer_prefix(layer)
-        out = {mc + dst: get(hf + src) for src, dst in LAYER_MAP.items()}
-        q, k, v = (get(hf + f"self_attn.{x}_proj.weight") for x in "qkv")
-        out[mc + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, num_groups=ng, head_dim=d)
-        if arch.qkv_bias:
-            qb, kb, vb = (get(hf + f"self_attn.{x}_proj.bias") for x in "qkv")
-            out[mc + "self_attention.linear_qkv.bias"] = fuse_qkv(qb, kb, vb, num_groups=ng, head_dim=d)
-        out[mc + "mlp.linear_fc1.weight"] = torch.cat(
-            [get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], dim=0
-        )
-        return out
-
-    def to_hf(self, arch: ArchConfig, layer: int | None, get: GetTensor) -> dict[str, Tensor]:
-        if layer is None:
-            return {
-                hf: get(mc)
-                for hf, mc in GLOBAL_MAP.items()
-                if hf != "lm_head.weight" or not arch.tie_word_embeddings
-            }
-        nh, ng, d = arch.num_attention_heads, arch.num_query_groups, arch.head_dim
-        hf, mc = f"model.layers.{layer}.", layer_prefix(layer)
-        out = {hf + dst: get(mc + src) for dst, src in LAYER_MAP.items()}
-        q, k, v = split_qkv(
-            get(mc + "self_attention.linear_qkv.weight"), num_heads=nh, num_groups=ng, head_dim=d
-        )
-        out.update(
-            {
-                hf + "self_attn.q_proj.weight": q,
-                hf + "self_attn.k_proj.weight": k,
-                hf + "self_attn.v_proj.weight": v,
-            }
-        )
-        if arch.qkv_bias:
-            qb, kb, vb = split_qkv(
-                get(mc + "self_attention.linear_qkv.bias"), num_heads=nh, num_groups=ng, head_dim=d
-            )
-            out.update(
-                {
-                    hf + "self_attn.q_proj.bias": qb,
-                    hf + "self_attn.k_proj.bias": kb,
-                    hf + "self_attn.v_proj.bias": vb,
-                }
-            )
-        gate, up = torch.chunk(get(mc + "mlp.linear_fc1.weight"), 2, dim=0)
-        out[hf + "mlp.gate_proj.weight"] = gate.contiguous()
-        out[hf + "mlp.up_proj.weight"] = up.contiguous()
-        return out
