@@ -62,11 +62,11 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512, lines: list[str] | Non
     return out_dir
 
 
-FAMILIES = ("llama", "qwen2", "gpt2")
+FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
 
 
 def hf_config(family: str, vocab_size: int, **over):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
     if family == "llama":
@@ -89,6 +89,20 @@ def hf_config(family: str, vocab_size: int, **over):
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            initializer_range=0.1,
+            rms_norm_eps=1e-5,
+            **common,
+        )
+    elif family == "qwen3":  # head_dim 24 is not hidden / heads (16): Qwen3's explicit head_dim
+        cfg = Qwen3Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
             max_position_embeddings=256,
             tie_word_embeddings=True,
             initializer_range=0.1,
@@ -128,6 +142,13 @@ def make_tiny_hf(family: str, out_dir: Path, tok_dir: Path, *, seed: int = 0, **
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
+    if (
+        family == "qwen3"
+    ):  # random q/k norm weights (HF starts them at 1), so a dropped one cannot go unnoticed
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1.0, 0.2)
+                layer.self_attn.k_norm.weight.normal_(1.0, 0.2)
     model.save_pretrained(str(out_dir))
     for f in tok_dir.iterdir():
         if f.is_file():

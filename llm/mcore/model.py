@@ -58,6 +58,7 @@ def transformer_config(
         activation_func=F.silu if arch.gated else gelu_tanh,
         add_bias_linear=arch.linear_bias,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -156,8 +157,8 @@ def layer_spec(arch: ArchConfig, config, *, impl: str = "auto", vp_stage: int | 
     )
 
     if resolve_impl(impl) == "transformer_engine":
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = specs.get_gpt_layer_local_spec(normalization=arch.normalization)
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    spec = specs.get_gpt_layer_local_spec(normalization=arch.normalization, qk_layernorm=arch.qk_layernorm)
     norm = ModuleSpec(module=SequenceParallelNorm)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm

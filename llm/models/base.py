@@ -25,7 +25,7 @@ GetTensor = Callable[[str], Tensor]
 class ArchConfig:
     """A decoder-only transformer, independent of any checkpoint naming."""
 
-    family: str  # registry key: llama | qwen2 | gpt2
+    family: str  # registry key: llama | qwen2 | qwen3 | gpt2
     architecture: str  # HF architectures[0]
     vocab_size: int  # real (unpadded) vocabulary
     hidden_size: int
@@ -42,6 +42,7 @@ class ArchConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # HF rope_scaling as sorted items (hashable)
     qkv_bias: bool = False
+    qk_layernorm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     linear_bias: bool = False  # biases on linear_proj and the MLP (GPT-2)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -84,6 +85,7 @@ class ArchConfig:
             2 * norm
             + h * self.qkv_out_features
             + (self.qkv_out_features if self.qkv_bias else 0)
+            + (2 * self.head_dim if self.qk_layernorm else 0)
             + self.num_attention_heads * self.head_dim * h
             + (2 if self.gated else 1) * f * h
             + f * h
@@ -222,6 +224,8 @@ def megatron_names(arch: ArchConfig, layer: int | None) -> list[str]:
     names.append(p + "self_attention.linear_qkv.weight")
     if arch.qkv_bias:
         names.append(p + "self_attention.linear_qkv.bias")
+    if arch.qk_layernorm:
+        names += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
     names.append(p + "self_attention.linear_proj.weight")
     if arch.linear_bias:
         names.append(p + "self_attention.linear_proj.bias")

@@ -55,6 +55,8 @@ class LayerWeights:
     fc1_b: Tensor | None
     fc2_w: Tensor
     fc2_b: Tensor | None
+    q_norm: Tensor | None = None  # RMSNorm weights [d] over each head's queries / keys (Qwen3)
+    k_norm: Tensor | None = None
 
 
 class PagedKVCache:
@@ -226,6 +228,8 @@ class DecoderLM:
             fc1_b=pop("mlp.linear_fc1.bias"),
             fc2_w=pop("mlp.linear_fc2.weight"),
             fc2_b=pop("mlp.linear_fc2.bias"),
+            q_norm=pop("self_attention.q_layernorm.weight"),
+            k_norm=pop("self_attention.k_layernorm.weight"),
         )
 
     # -- building blocks -------------------------------------------------------------------------
@@ -233,6 +237,14 @@ class DecoderLM:
         if self.arch.normalization == "RMSNorm":
             return F.rms_norm(x, (x.shape[-1],), weight, self.arch.norm_eps)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.arch.norm_eps)
+
+    def qk_norm(self, i: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Layer ``i``'s RMSNorm over each head's queries and keys ([..., d]), where the model has one."""
+        lw = self.layers[i]
+        if lw.q_norm is None:
+            return q, k
+        eps = self.arch.norm_eps
+        return F.rms_norm(q, (q.shape[-1],), lw.q_norm, eps), F.rms_norm(k, (k.shape[-1],), lw.k_norm, eps)
 
     def _mlp(self, x: Tensor, lw: LayerWeights) -> Tensor:
         h = F.linear(x, lw.fc1_w, lw.fc1_b)
@@ -379,6 +391,7 @@ class _DecodePart(_Part):
         q = qkv[:, : m.q_size].view(B, a.num_attention_heads, d)
         k = qkv[:, m.q_size : m.q_size + m.kv_size].view(B, g, d)
         v = qkv[:, m.q_size + m.kv_size :].view(B, g, d)
+        q, k = m.qk_norm(i, q, k)
         if self.cos is not None:
             q, k = m.rope.rotate(q, self.cos, self.sin), m.rope.rotate(k, self.cos, self.sin)
         ck, cv = self.cache.k[i], self.cache.v[i]
@@ -439,6 +452,7 @@ class _PrefillPart(_Part):
         q = qkv[..., : m.q_size].view(N, T, a.num_attention_heads, d).transpose(1, 2)
         k = qkv[..., m.q_size : m.q_size + m.kv_size].view(N, T, g, d).transpose(1, 2)
         v = qkv[..., m.q_size + m.kv_size :].view(N, T, g, d).transpose(1, 2)
+        q, k = m.qk_norm(i, q, k)
         if self.cos is not None:
             q, k = m.rope.rotate(q, self.cos, self.sin), m.rope.rotate(k, self.cos, self.sin)
         ck, cv = self.cache.k[i], self.cache.v[i]
@@ -500,6 +514,7 @@ class _PackedPart(_Part):
             q = x[:, : m.q_size].view(r, h, d).transpose(0, 1)  # (h, r, d)
             k = x[:, m.q_size : m.q_size + m.kv_size].view(r, g, d).transpose(0, 1)  # (g, r, d)
             v = x[:, m.q_size + m.kv_size :].view(r, g, d)  # (r, g, d)
+            q, k = m.qk_norm(i, q, k)
             if self.cos is not None:
                 cos, sin = self.cos[:, at : at + r], self.sin[:, at : at + r]
                 q, k = m.rope.rotate(q, cos, sin), m.rope.rotate(k, cos, sin)
