@@ -9,16 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from llm.models.base import ArchConfig, require
-from llm.models.mapping import TableFamily, rename, stacked_qkv, transpose
+from llm.models.mapping import Mapping, TableFamily, rename, stacked_qkv, transpose
 
 # The tensors, as tables (llm/models/mapping.py): the globals, and one layer under transformer.h.<i>.
-GLOBALS = (
+GLOBALS: tuple[Mapping, ...] = (
     rename("transformer.wte.weight", "embedding.word_embeddings.weight"),
     rename("transformer.wpe.weight", "embedding.position_embeddings.weight"),
     rename("transformer.ln_f.weight", "decoder.final_layernorm.weight"),
     rename("transformer.ln_f.bias", "decoder.final_layernorm.bias"),
 )
-LAYER = (
+LAYER: tuple[Mapping, ...] = (
     rename("ln_1.weight", "self_attention.linear_qkv.layer_norm_weight"),
     rename("ln_1.bias", "self_attention.linear_qkv.layer_norm_bias"),
     transpose("attn.c_proj.weight", "self_attention.linear_proj.weight"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from llm.models.base import ArchConfig, require
-from llm.models.mapping import TableFamily, gated_mlp, qkv, rename, untied
+from llm.models.mapping import Mapping, TableFamily, gated_mlp, qkv, rename, untied
 
 
 def _qkv_bias(arch: ArchConfig) -> bool:
@@ -13,18 +13,29 @@ def _qkv_bias(arch: ArchConfig) -> bool:
 
 
 # The tensors, as tables (llm/models/mapping.py): the globals, and one layer under model.layers.<i>.
-GLOBALS = (
+GLOBALS: tuple[Mapping, ...] = (
     rename("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
     rename("model.norm.weight", "decoder.final_layernorm.weight"),
     rename("lm_head.weight", "output_layer.weight", when=untied),
 )
-LAYER = (
+LAYER: tuple[Mapping, ...] = (
     rename("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
     rename("self_attn.o_proj.weight", "self_attention.linear_proj.weight"),
     rename("post_attention_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
     rename("mlp.down_proj.weight", "mlp.linear_fc2.weight"),
-    qkv(*(f"self_attn.{x}_proj.weight" for x in "qkv"), "self_attention.linear_qkv.weight"),
-    qkv(*(f"self_attn.{x}_proj.bias" for x in "qkv"), "self_attention.linear_qkv.bias", when=_qkv_bias),
+    qkv(
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attention.linear_qkv.weight",
+    ),
+    qkv(
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.bias",
+        "self_attention.linear_qkv.bias",
+        when=_qkv_bias,
+    ),
     gated_mlp("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.linear_fc1.weight"),
 )
 

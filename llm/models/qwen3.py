@@ -9,14 +9,14 @@ from typing import Any
 from llm.models.base import ArchConfig
 from llm.models.llama import LAYER as LLAMA_LAYER
 from llm.models.llama import LlamaFamily
-from llm.models.mapping import rename
+from llm.models.mapping import Mapping, rename
 
 
 def _qk_layernorm(arch: ArchConfig) -> bool:
     return arch.qk_layernorm
 
 
-LAYER = (
+LAYER: tuple[Mapping, ...] = (
     *LLAMA_LAYER,
     rename("self_attn.q_norm.weight", "self_attention.q_layernorm.weight", when=_qk_layernorm),
     rename("self_attn.k_norm.weight", "self_attention.k_layernorm.weight", when=_qk_layernorm),
