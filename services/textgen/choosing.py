@@ -67,7 +67,7 @@ def choose_token(
     x = apply_openai_penalties(x, gen_ids, st.presence_penalty, st.frequency_penalty)
     x = apply_logit_bias(x, st.logit_bias)
     if too_soon:
-        banned = [*stopping.stop_token_ids] + ([tok.eos_id] if not stopping.ignore_eos else [])
+        banned = [*stopping.stop_token_ids] + (list(tok.ends) if not stopping.ignore_eos else [])
         banned = [i for i in banned if i is not None and i < x.shape[-1]]
         if banned:
             x = x.clone()
@@ -95,7 +95,7 @@ def stop_reason(
     goes on."""
     stop = req.stopping
     early = len(gen_ids) < stop.min_tokens  # only the length (and Megatron's EOL rules) end it yet
-    if not early and ((token == tok.eos_id and not stop.ignore_eos) or token in stop.stop_token_ids):
+    if not early and ((token in tok.ends and not stop.ignore_eos) or token in stop.stop_token_ids):
         return EOS, ""
     prev = gen_ids[-2] if len(gen_ids) > 1 else (req.prompt_ids[-1] if req.prompt_ids else None)
     if stop.stop_on_double_eol and (

@@ -542,7 +542,7 @@ class Engine:
         t, s.top_p = choosing.choose_token(
             s.req, s.gen_ids, row, pick, self.tok, s.top_p, s.generator, allowed
         )
-        if s.guide is not None and t != self.tok.eos_id:
+        if s.guide is not None and t not in self.tok.ends:
             s.guide.advance(t)
         lp, top = None, None
         if s.req.logprobs or s.req.top_logprobs > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class ServedModel:
     tokenizer_id: str = ""
 
 
-def tokenizer_info(tok: Tokenizer) -> TokenizerInfo:
+def tokenizer_info(tok: Tokenizer, eos_ids: tuple[int, ...] = ()) -> TokenizerInfo:
     return TokenizerInfo(
         eos_id=tok.eos_id,
         newline_id=tok.single_token_id("\n"),
@@ -46,7 +47,27 @@ def tokenizer_info(tok: Tokenizer) -> TokenizerInfo:
         colon_id=tok.single_token_id(":"),
         vocab_size=tok.vocab_size,
         decode=tok.decode,
+        eos_ids=eos_ids,
     )
+
+
+def model_eos_ids(path: Path, hf_config: dict) -> tuple[int, ...]:
+    """The ids the model's own files say end a sequence: ``eos_token_id`` of ``generation_config.json``
+    (what HF ``generate()`` stops on; Llama 3 Instruct lists three) and of its config, ids or lists."""
+    found: list[int] = []
+    gen = Path(path) / "generation_config.json"
+    docs = [hf_config]
+    if gen.is_file():
+        try:
+            docs.insert(0, json.loads(gen.read_text()))
+        except ValueError:
+            raise StartupError(f"{gen} is not valid JSON") from None
+    for doc in docs:
+        value = doc.get("eos_token_id")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                found.append(v)
+    return tuple(dict.fromkeys(found))
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -133,6 +154,7 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
         if tok_dir is None:
             raise StartupError(f"{path}: no tokenizer files found next to the checkpoint")
         tokenizer = Tokenizer.load(tok_dir)
+        eos_ids = model_eos_ids(path, reader.hf_config)
         ids = (checkpoint_id(path), tokenizer_id(tok_dir))
         max_len = min(cfg.max_context_tokens, reader.arch.max_position_embeddings)
         model = DecoderLM(
@@ -148,7 +170,7 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
     engine = Engine(
         model,
         cache,
-        tokenizer_info(tokenizer),
+        tokenizer_info(tokenizer, eos_ids),
         EngineConfig(
             cfg.max_batch_size,
             cfg.max_queue_size,

@@ -95,6 +95,14 @@ class TokenizerInfo:
     colon_id: int | None
     vocab_size: int
     decode: Callable[[list[int]], str]
+    # every id that ends a sequence like EOS: the tokenizer's, and the model's lists (Llama 3 Instruct's
+    # generation_config.json: <|end_of_text|>, <|eom_id|>, <|eot_id|>)
+    eos_ids: tuple[int, ...] = ()
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        """The end-of-sequence ids (``eos_id`` and ``eos_ids``)."""
+        return tuple(dict.fromkeys([*([self.eos_id] if self.eos_id is not None else []), *self.eos_ids]))
 
 
 @dataclass(frozen=True)

@@ -66,12 +66,12 @@ class TextGenServicer(pb_grpc.TextGenServiceServicer):
         handles = self._submit(request, context, sink)
         params = request.params
         texts = [wire.StreamText(self.tok, list(params.stopping.stop)) for _ in handles]
-        eos, ignore_eos = self.tok.eos_id, params.stopping.ignore_eos
+        ends, ignore_eos = self.served.engine.tok.ends, params.stopping.ignore_eos
         remaining = len(handles)
         while remaining:
             index, ev = sink.get()
             if isinstance(ev, TokenEvent):
-                is_eos = ev.token_id == eos and not ignore_eos
+                is_eos = ev.token_id in ends and not ignore_eos
                 delta = "" if is_eos else texts[index].push(ev.token_id)
                 token = pb.Token(id=ev.token_id, text=self.tok.decode([ev.token_id]))
                 if ev.logprob is not None:

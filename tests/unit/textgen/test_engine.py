@@ -406,3 +406,30 @@ def test_a_seeded_request_gives_the_same_text_on_another_replica(tiny_models):
     finally:
         first.engine.stop()
         second.engine.stop()
+
+
+def test_every_eos_id_of_generation_config_ends_a_sequence(tiny_models, tmp_path):
+    """Llama 3 Instruct's generation_config.json lists several EOS ids: each ends a sequence as EOS does (and
+    min_tokens holds each off), as HF generate() stops on any of them."""
+    import json
+    import shutil
+
+    model = shutil.copytree(tiny_models["llama"], tmp_path / "llama3ish")
+    hf_model = load_hf(model)
+    ids = list(range(5, 25))
+    plain = greedy_ref(hf_model, ids, 6)
+    extra = plain[2]  # an id the model produces on its own, third
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, extra]}))
+    s = load_served_model(
+        TextgenConfig(model_dir=model, max_batch_size=2, max_context_tokens=64, port=0, metrics_port=0)
+    )
+    s.engine.start()
+    try:
+        assert extra in s.engine.tok.ends and 0 in s.engine.tok.ends
+        r = s.engine.submit([req(ids, n=6, ignore_eos=False)])[0].result()
+        assert r.finish_reason == EOS and r.token_ids == plain[: plain.index(extra) + 1]
+        held = s.engine.submit([req(ids, n=6, ignore_eos=False, stop={"min_tokens": 6})])[0].result()
+        assert extra not in held.token_ids and len(held.token_ids) == 6
+        assert s.engine.submit([req(ids, n=6)])[0].result().token_ids == plain  # ignore_eos: as before
+    finally:
+        s.engine.stop()
