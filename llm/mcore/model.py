@@ -156,9 +156,10 @@ def layer_spec(arch: ArchConfig, config, *, impl: str = "auto", vp_stage: int | 
         get_num_layers_to_build,
     )
 
+    qk = {"qk_layernorm": True} if arch is not None and arch.qk_layernorm else {}  # Qwen3's q/k norms
     if resolve_impl(impl) == "transformer_engine":
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    spec = specs.get_gpt_layer_local_spec(normalization=arch.normalization, qk_layernorm=arch.qk_layernorm)
+        return specs.get_gpt_layer_with_transformer_engine_spec(**qk)
+    spec = specs.get_gpt_layer_local_spec(normalization=arch.normalization, **qk)
     norm = ModuleSpec(module=SequenceParallelNorm)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm

@@ -41,6 +41,7 @@ class ArchConfig:
     position_embedding: str  # rope | learned_absolute
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # HF rope_scaling as sorted items (hashable)
+    sliding_window: int | None = None  # attention sees the last N positions only (Mistral v0.1); None = all
     qkv_bias: bool = False
     qk_layernorm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     linear_bias: bool = False  # biases on linear_proj and the MLP (GPT-2)

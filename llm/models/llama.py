@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from llm.models.base import ArchConfig, require
 from llm.models.mapping import Mapping, TableFamily, gated_mlp, qkv, rename, untied
+from shared.errors import InvalidArgument
 
 
 def _qkv_bias(arch: ArchConfig) -> bool:
@@ -86,13 +87,29 @@ class LlamaFamily(TableFamily):
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            sliding_window=self._sliding_window(cfg),
         )
+
+    def _sliding_window(self, cfg: dict[str, Any]) -> int | None:
+        """Mistral's ``sliding_window`` (null in v0.2 and later); Qwen's only with ``use_sliding_window``."""
+        window = cfg.get("sliding_window")
+        if "use_sliding_window" in cfg:  # Qwen: the window on the layers from max_window_layers on only
+            if cfg["use_sliding_window"]:
+                raise InvalidArgument(
+                    f"{cfg.get('architectures', ['?'])[0]}: use_sliding_window (sliding-window attention on "
+                    "some layers) is not supported; serve or convert it with use_sliding_window false",
+                    field="use_sliding_window",
+                )
+            return None
+        return int(window) if window else None
 
     def hf_config_from_arch(self, arch: ArchConfig) -> dict[str, Any]:
         rope = {"rope_theta": arch.rope_theta, "rope_type": "default", **dict(arch.rope_scaling)}
+        mistral = arch.architecture == "MistralForCausalLM"
         return {
             "architectures": [arch.architecture],
-            "model_type": "llama",
+            "model_type": "mistral" if mistral else "llama",
+            **({"sliding_window": arch.sliding_window} if mistral else {}),
             "vocab_size": arch.vocab_size,
             "hidden_size": arch.hidden_size,
             "intermediate_size": arch.ffn_hidden_size,

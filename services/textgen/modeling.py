@@ -200,6 +200,8 @@ class DecoderLM:
         self.q_size = arch.num_attention_heads * arch.head_dim
         self.kv_size = arch.num_query_groups * arch.head_dim
         self.gqa = arch.num_query_groups != arch.num_attention_heads
+        # a key is seen from positions < its own + window (Mistral's sliding window; HF's mask), or always
+        self.window = arch.sliding_window if arch.sliding_window and arch.sliding_window < max_len else None
 
     def _layer(self, w: dict[str, Tensor], i: int) -> LayerWeights:
         a, p = self.arch, f"decoder.layers.{i}."
@@ -377,9 +379,11 @@ class _DecodePart(_Part):
         ctx_pos = torch.arange(span, device=m.device)  # (span,)
         self.ctx = cache.rows(tables, ctx_pos.expand(B, span).contiguous())  # (B, span)
         self.mask = None
-        if B > 1:
+        if B > 1 or m.window is not None:
             inside = ctx_pos[None, :] <= positions[:, None]  # (B, span)
             self.ctx = torch.where(inside, self.ctx, 0)
+            if m.window is not None:
+                inside = inside & (ctx_pos[None, :] > positions[:, None] - m.window)
             self.mask = inside[:, None, None, :]
         self.cos = self.sin = None
         if m.rope is not None:
@@ -425,7 +429,7 @@ class _PrefillPart(_Part):
         valid = (steps[None, :] < length[:, None]).reshape(-1)  # (N*T,)
         self.sel = valid.nonzero().squeeze(1)
         self.write = cache.rows(tables, positions).reshape(-1)[self.sel]  # (n,) rows of the real tokens
-        self.fresh = not any(starts)
+        self.fresh = not any(starts) and m.window is None
         if not self.fresh:
             S = max(a + n for a, n in zip(starts, lengths))
             ctx_pos = torch.arange(S, device=dev)  # (S,)
@@ -435,6 +439,8 @@ class _PrefillPart(_Part):
             allowed = (ctx_pos[None, None, :] <= positions[:, :, None]) & (
                 ctx_pos[None, None, :] < ends[:, None, None]
             )  # (N, T, S)
+            if m.window is not None:
+                allowed = allowed & (ctx_pos[None, None, :] > positions[:, :, None] - m.window)
             self.mask = allowed[:, None]  # (N, 1, T, S)
         self.x = m._embed(tokens, positions).reshape(N * T, -1)  # (N*T, H)
         self.cos = self.sin = None
@@ -498,8 +504,10 @@ class _PackedPart(_Part):
         ]  # each prompt's whole context, (total,)
         self.write = [c[a:] for c, a in zip(self.ctx, starts)]  # the rows this pass writes, (length,)
         self.allowed = [
-            torch.arange(n, device=dev)[None, :] <= sp[:, None] for sp, n in zip(spans, self.totals)
-        ]  # (length, total): causal
+            (torch.arange(n, device=dev)[None, :] <= sp[:, None])
+            & (torch.arange(n, device=dev)[None, :] > sp[:, None] - (m.window or n + 1))
+            for sp, n in zip(spans, self.totals)
+        ]  # (length, total): causal, within the sliding window
         self.cos = self.sin = None
         if m.rope is not None:
             self.cos, self.sin = m.rope.cos[positions][None], m.rope.sin[positions][None]  # (1, n, d)

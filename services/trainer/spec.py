@@ -339,6 +339,13 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         if neat_packed([p for p, _ in (*spec.data_paths, *spec.valid_data_paths)]):
             raise _bad(NEAT_PACK_TE, "training.transformer_impl")
     arch, padded, tok = resolve_arch(spec)
+    if arch.sliding_window is not None and spec.seq_length > arch.sliding_window:
+        raise _bad(
+            f"the model attends over a sliding window of {arch.sliding_window} positions (sliding_window), "
+            "which megatron-core's local layer spec cannot express: train with data.seq_length <= "
+            f"{arch.sliding_window} (the window then covers every sequence), got {spec.seq_length}",
+            "data.seq_length",
+        )
     from llm.checkpoints import layout as L
     from llm.mcore.model import padded_vocab_size
 

@@ -48,3 +48,24 @@ def test_hf_config_round_trip(tiny_models):
         ckpt = HFCheckpoint(tiny_models[family])
         cfg = ckpt.family.hf_config_from_arch(ckpt.arch)
         assert ckpt.family.arch_from_hf_config(cfg) == ckpt.arch
+
+
+def test_sliding_window_is_carried_for_mistral_and_refused_where_it_is_per_layer():
+    from llm.models.registry import arch_from_hf_config
+
+    base = dict(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    mistral = arch_from_hf_config({**base, "architectures": ["MistralForCausalLM"], "sliding_window": 8})
+    assert mistral.sliding_window == 8 and mistral.family == "llama"
+    cfg = family_for_architecture("MistralForCausalLM").hf_config_from_arch(mistral)
+    assert cfg["model_type"] == "mistral" and cfg["sliding_window"] == 8  # HF loads it as Mistral again
+    assert arch_from_hf_config(cfg) == mistral
+    v02 = arch_from_hf_config({**base, "architectures": ["MistralForCausalLM"], "sliding_window": None})
+    assert v02.sliding_window is None
+    qwen = {**base, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096}
+    assert arch_from_hf_config({**qwen, "use_sliding_window": False}).sliding_window is None
+    with pytest.raises(InvalidArgument) as e:  # Qwen's window covers only some layers: refused by name
+        arch_from_hf_config({**qwen, "use_sliding_window": True})
+    assert e.value.field == "use_sliding_window"

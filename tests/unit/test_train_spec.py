@@ -223,3 +223,21 @@ def test_uneven_pipelines_megatron_core_can_build_pass(assets, six_layers):
         d = doc(assets, model=six_layers, parallel=parallel, training={"global_batch_size": 12})
         d["model"].pop("init_from")
         validate(spec_from_dict(d))
+
+
+def test_a_sliding_window_shorter_than_the_sequence_is_refused_naming_the_field(
+    assets, tiny_models, tmp_path
+):
+    """megatron-core's local spec has no sliding-window attention: a Mistral v0.1-style window shorter than
+    the training sequence would train another model than the one served; within the window it is the same."""
+    cfg = json.loads((tiny_models["llama"] / "config.json").read_text())
+    cfg.update(architectures=["MistralForCausalLM"], sliding_window=32)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = {"architecture": str(tmp_path / "config.json"), "tokenizer": str(tiny_models["llama"])}
+    d = doc(assets, model=model, data={"seq_length": 64})
+    d["model"].pop("init_from")
+    with pytest.raises(InvalidArgument, match="sliding window of 32") as e:
+        validate(spec_from_dict(d))
+    assert e.value.field == "data.seq_length"
+    d["data"]["seq_length"] = 32
+    validate(spec_from_dict(d))

@@ -433,3 +433,66 @@ def test_every_eos_id_of_generation_config_ends_a_sequence(tiny_models, tmp_path
         assert s.engine.submit([req(ids, n=6)])[0].result().token_ids == plain  # ignore_eos: as before
     finally:
         s.engine.stop()
+
+
+def test_a_sliding_window_model_matches_hf_past_its_window(tiny_tokenizer, tmp_path):
+    """Mistral v0.1's sliding window (8 positions here): greedy tokens and prompt log-probs of a 40-token
+    prompt equal HF's, which masks keys older than the window; the packed scoring pass honours it too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    cfg = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=8,
+        initializer_range=0.1,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(str(tmp_path / "mistral"))
+    tok.save_pretrained(str(tmp_path / "mistral"))
+    hf_model = load_hf(tmp_path / "mistral")
+    ids = [(7 * i) % 200 + 5 for i in range(40)]
+    with torch.no_grad():
+        full = hf_model(torch.tensor([ids])).logits[0].float()
+        no_window = (
+            AutoModelForCausalLM.from_pretrained(str(tmp_path / "mistral"), sliding_window=None)(
+                torch.tensor([ids])
+            )
+            .logits[0]
+            .float()
+        )
+    assert (full - no_window).abs().max() > 1e-3  # the window matters for this prompt
+    ref_lp = torch.log_softmax(full[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    for mode in ("off", "scoring"):
+        s = _engine_with_dir(tmp_path / "mistral", mode)
+        try:
+            assert s.model.window == 8
+            r = s.engine.submit([req(ids, n=8)])[0].result()
+            assert r.token_ids == greedy_ref(hf_model, ids, 8)
+            scored = s.engine.submit([req(ids, n=0, prompt_logprobs=True)])[0].result()
+            assert torch.allclose(torch.tensor(scored.prompt_logprobs), ref_lp, atol=1e-4)
+        finally:
+            s.engine.stop()
+
+
+def _engine_with_dir(model_dir, mode: str):
+    s = load_served_model(
+        TextgenConfig(
+            model_dir=model_dir,
+            max_batch_size=4,
+            max_context_tokens=128,
+            batch_invariant=mode,
+            port=0,
+            metrics_port=0,
+        )
+    )
+    s.engine.start()
+    return s
