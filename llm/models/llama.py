@@ -13,6 +13,10 @@ def _qkv_bias(arch: ArchConfig) -> bool:
     return arch.qkv_bias
 
 
+def _linear_bias(arch: ArchConfig) -> bool:
+    return arch.linear_bias
+
+
 # The tensors, as tables (llm/models/mapping.py): the globals, and one layer under model.layers.<i>.
 GLOBALS: tuple[Mapping, ...] = (
     rename("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
@@ -38,6 +42,10 @@ LAYER: tuple[Mapping, ...] = (
         when=_qkv_bias,
     ),
     gated_mlp("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.linear_fc1.weight"),
+    # attention_bias + mlp_bias (megatron-core's add_bias_linear: the output projection and the MLP together)
+    rename("self_attn.o_proj.bias", "self_attention.linear_proj.bias", when=_linear_bias),
+    gated_mlp("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.linear_fc1.bias", when=_linear_bias),
+    rename("mlp.down_proj.bias", "mlp.linear_fc2.bias", when=_linear_bias),
 )
 
 
@@ -57,7 +65,8 @@ class LlamaFamily(TableFamily):
     hf_layer_prefix = "model.layers."
     GLOBALS = GLOBALS
     LAYER = LAYER
-    qkv_bias = False
+    qkv_bias = False  # q/k/v biases whatever the config says (Qwen2)
+    o_proj_bias = True  # HF's attention_bias puts a bias on o_proj too (Llama, Qwen3; not Qwen2)
 
     def arch_from_hf_config(self, cfg: dict[str, Any]) -> ArchConfig:
         src = cfg.get("architectures", [self.hf_architectures[0]])[0]
@@ -83,12 +92,25 @@ class LlamaFamily(TableFamily):
             rope_theta=theta,
             rope_scaling=scaling,
             qkv_bias=bool(cfg.get("attention_bias", self.qkv_bias)) or self.qkv_bias,
-            linear_bias=bool(cfg.get("mlp_bias", False)),
+            linear_bias=self._linear_bias(cfg, src),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
             sliding_window=self._sliding_window(cfg),
         )
+
+    def _linear_bias(self, cfg: dict[str, Any], src: str) -> bool:
+        """Biases on o_proj and the MLP: megatron-core has one switch for both (add_bias_linear), so HF's
+        attention_bias (o_proj) and mlp_bias must agree; otherwise the model is refused by name."""
+        mlp = bool(cfg.get("mlp_bias", False))
+        proj = bool(cfg.get("attention_bias", False)) and self.o_proj_bias
+        if proj != mlp:
+            raise InvalidArgument(
+                f"{src}: attention_bias={proj} and mlp_bias={mlp} differ; megatron-core has one switch for "
+                "the output projection's and the MLP's biases (add_bias_linear), so they must agree",
+                field="mlp_bias",
+            )
+        return mlp
 
     def _sliding_window(self, cfg: dict[str, Any]) -> int | None:
         """Mistral's ``sliding_window`` (null in v0.2 and later); Qwen's only with ``use_sliding_window``."""

@@ -12,6 +12,7 @@ class Qwen2Family(LlamaFamily):
     name = "qwen2"
     hf_architectures = ("Qwen2ForCausalLM",)
     qkv_bias = True
+    o_proj_bias = False
 
     def hf_config_from_arch(self, arch: ArchConfig) -> dict[str, Any]:
         cfg = super().hf_config_from_arch(arch)

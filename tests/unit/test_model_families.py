@@ -1,5 +1,7 @@
 """HF <-> Megatron canonical layout: exact round trips, key coverage, QKV interleave."""
 
+import json
+
 import pytest
 import torch
 
@@ -69,3 +71,47 @@ def test_sliding_window_is_carried_for_mistral_and_refused_where_it_is_per_layer
     with pytest.raises(InvalidArgument) as e:  # Qwen's window covers only some layers: refused by name
         arch_from_hf_config({**qwen, "use_sliding_window": True})
     assert e.value.field == "use_sliding_window"
+
+
+def test_llama_biases_go_both_ways_or_are_refused_by_name(tiny_tokenizer, tmp_path):
+    """attention_bias + mlp_bias (every q/k/v/o and MLP projection biased): HF -> torch_dist -> HF is exact,
+    megatron-core's logits match HF's (--verify), textgen's greedy tokens too; the two flags differing is
+    refused, naming the field."""
+    from llm.checkpoints import open_checkpoint
+    from llm.models.registry import arch_from_hf_config
+    from services.converter.conversion import ConvertSpec, convert
+    from tools.tiny import make_tiny_hf
+
+    src = make_tiny_hf("llama", tmp_path / "biased", tiny_tokenizer, attention_bias=True, mlp_bias=True)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(src))
+    with torch.no_grad():  # HF starts biases at zero: random ones, so a dropped bias shows
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(str(src))
+    ckpt = HFCheckpoint(src)
+    assert ckpt.arch.qkv_bias and ckpt.arch.linear_bias
+    assert "model.layers.0.self_attn.o_proj.bias" in ckpt.family.hf_tensor_names(ckpt.arch)
+    r = convert(ConvertSpec(load_dir=src, save_dir=tmp_path / "mcore", target_format="mcore", verify=True))
+    assert r.parity["max_abs_logit_diff"] < 1e-4 and r.parity["weights_exact"]
+    convert(ConvertSpec(load_dir=tmp_path / "mcore", save_dir=tmp_path / "back", target_format="hf"))
+    back = open_checkpoint(tmp_path / "back")
+    for name in ckpt.family.hf_tensor_names(ckpt.arch):
+        assert torch.equal(back.ckpt.get(name), ckpt.get(name)), name
+    from services.textgen.config import TextgenConfig
+    from services.textgen.loader import load_served_model
+    from tests.unit.textgen.test_engine import greedy_ref, req
+
+    served = load_served_model(TextgenConfig(model_dir=src, max_context_tokens=64, port=0, metrics_port=0))
+    served.engine.start()
+    try:  # the engine serves the biases too: greedy tokens as HF's
+        ids = list(range(5, 21))
+        assert served.engine.submit([req(ids, n=8)])[0].result().token_ids == greedy_ref(model.eval(), ids, 8)
+    finally:
+        served.engine.stop()
+    cfg = json.loads((src / "config.json").read_text())
+    with pytest.raises(InvalidArgument) as e:
+        arch_from_hf_config({**cfg, "mlp_bias": False})
+    assert e.value.field == "mlp_bias"
