@@ -142,6 +142,7 @@ class ModelFamily:
     name: ClassVar[str]
     hf_architectures: ClassVar[tuple[str, ...]]
     hf_layer_prefix: ClassVar[str]  # e.g. "model.layers." (the layer index follows)
+    covers: ClassVar[str] = ""  # what the family's mapping covers, in words (convert --list-families)
 
     def arch_from_hf_config(self, cfg: dict[str, Any]) -> ArchConfig:
         """The ArchConfig an HF config.json describes (400 naming a missing key)."""

@@ -37,6 +37,7 @@ LAYER: tuple[Mapping, ...] = (
 class GPT2Family(TableFamily):
     name = "gpt2"
     hf_architectures = ("GPT2LMHeadModel",)
+    covers = "MHA, Conv1D weights, learned positions, biases, LayerNorm"
     hf_layer_prefix = "transformer.h."
     GLOBALS = GLOBALS
     LAYER = LAYER

@@ -62,6 +62,7 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]]:
 class LlamaFamily(TableFamily):
     name = "llama"
     hf_architectures: ClassVar[tuple[str, ...]] = ("LlamaForCausalLM", "MistralForCausalLM")
+    covers = "GQA, RoPE (llama3 scaling), attention_bias + mlp_bias, Mistral's sliding window"
     hf_layer_prefix = "model.layers."
     GLOBALS = GLOBALS
     LAYER = LAYER

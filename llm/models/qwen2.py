@@ -11,6 +11,7 @@ from llm.models.llama import LlamaFamily
 class Qwen2Family(LlamaFamily):
     name = "qwen2"
     hf_architectures = ("Qwen2ForCausalLM",)
+    covers = "GQA, q/k/v biases, tied embeddings"
     qkv_bias = True
     o_proj_bias = False
 

@@ -26,6 +26,7 @@ LAYER: tuple[Mapping, ...] = (
 class Qwen3Family(LlamaFamily):
     name = "qwen3"
     hf_architectures = ("Qwen3ForCausalLM",)
+    covers = "GQA, q/k RMSNorm, head_dim != hidden / heads"
     LAYER = LAYER
 
     def arch_from_hf_config(self, cfg: dict[str, Any]) -> ArchConfig:

@@ -115,3 +115,19 @@ def test_llama_biases_go_both_ways_or_are_refused_by_name(tiny_tokenizer, tmp_pa
     with pytest.raises(InvalidArgument) as e:
         arch_from_hf_config({**cfg, "mlp_bias": False})
     assert e.value.field == "mlp_bias"
+
+
+def test_list_families_prints_every_registered_family_and_whether_its_tests_run(capsys):
+    from llm.models.registry import FAMILIES as REGISTERED
+    from tools.cli.main import main
+
+    with pytest.raises(SystemExit) as e:  # like --help: no --load-dir needed
+        main(["convert", "--list-families"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["family", "HF", "architectures"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == set(REGISTERED)
+    for name, line in rows.items():  # the per-family tests run over tools/tiny.py FAMILIES
+        assert line.rstrip().endswith("yes" if name in FAMILIES else "no"), line
+        assert all(a in line for a in REGISTERED[name].hf_architectures)

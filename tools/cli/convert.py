@@ -19,6 +19,38 @@ def _layer_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def families_table() -> str:
+    """Every model family the converter knows: its HF architectures, what its table maps, the formats and
+    parallel layouts, and whether the per-family tests run it (tools/tiny.py FAMILIES: round trips HF ->
+    torch_dist/legacy at TP 1-2 x PP 1-2 with megatron-core logits parity, textgen greedy == HF)."""
+    from llm.models.registry import FAMILIES
+    from tools.tiny import FAMILIES as TESTED
+
+    rows = [("family", "HF architectures", "what it covers", "formats", "parallel", "per-family tests")]
+    for name, fam in FAMILIES.items():
+        rows.append(
+            (
+                name,
+                ", ".join(fam.hf_architectures),
+                fam.covers,
+                "hf, mcore, legacy",
+                "TP, PP, VPP (legacy); no EP yet",
+                "yes" if name in TESTED else "no",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+class _ListFamilies(argparse.Action):
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(families_table())
+        parser.exit(0)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
@@ -26,6 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Convert HF <-> Megatron checkpoints (torch_dist or legacy mp_rank layout), reshard "
         "TP/PP, "
         "change dtype, merge LoRA, and verify logits parity. Output is written atomically.",
+    )
+    p.add_argument(
+        "--list-families",
+        action=_ListFamilies,
+        help="print the model families, what each maps, formats, parallel layouts and tests, and exit",
     )
     p.add_argument("--load-dir", type=Path, required=True, help="source checkpoint folder")
     p.add_argument(
