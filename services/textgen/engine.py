@@ -251,17 +251,8 @@ class Engine:
 
     def _update_gauges(self) -> None:
         self.peak_running = max(self.peak_running, len(self._running))  # decoding together
-        M.NUM_WAITING.set(len(self.sched.waiting))
-        M.NUM_RUNNING.set(self.sched.active())
-        M.KV_CACHE_USAGE.set(self.pool.usage())
         now = (self.pool.queries, self.pool.hits, self.sched.preemptions)
-        q, h, p = (a - b for a, b in zip(now, self._reported))
-        if q:
-            M.PREFIX_CACHE_QUERIES.inc(q)
-        if h:
-            M.PREFIX_CACHE_HITS.inc(h)
-        if p:
-            M.PREEMPTIONS.inc(p)
+        M.report_engine(len(self.sched.waiting), self.sched.active(), self.pool.usage(), now, self._reported)
         self._reported = now
 
     def _reap_cancelled(self) -> None:

@@ -212,3 +212,16 @@ for err in ("cancelled", "overloaded", "validation", "generation"):
     _FAILURE.labels(err)
 for method in ("prefill", "decode", "mixed"):
     FORWARD_TIME.labels(method)
+
+
+def report_engine(
+    waiting: int, running: int, kv_usage: float, counts: tuple[int, int, int], before: tuple[int, int, int]
+) -> None:
+    """After an engine step: the queue and batch gauges, KV usage, and the growth of the prefix-cache
+    queries / hits and preemption counts since ``before``."""
+    NUM_WAITING.set(waiting)
+    NUM_RUNNING.set(running)
+    KV_CACHE_USAGE.set(kv_usage)
+    for counter, now, then in zip((PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, PREEMPTIONS), counts, before):
+        if now > then:
+            counter.inc(now - then)

@@ -214,9 +214,13 @@ def test_prompt_plus_tokens_longer_than_context_is_refused_with_megatron_message
 
 
 def _engine_with(tiny_models, mode: str, **cfg):
+    return _engine_with_dir(tiny_models["llama"], mode, **cfg)
+
+
+def _engine_with_dir(model_dir, mode: str, **cfg):
     s = load_served_model(
         TextgenConfig(
-            model_dir=tiny_models["llama"],
+            model_dir=model_dir,
             max_batch_size=32,
             max_queue_size=64,
             max_prompts_per_request=64,
@@ -481,18 +485,3 @@ def test_a_sliding_window_model_matches_hf_past_its_window(tiny_tokenizer, tmp_p
             assert torch.allclose(torch.tensor(scored.prompt_logprobs), ref_lp, atol=1e-4)
         finally:
             s.engine.stop()
-
-
-def _engine_with_dir(model_dir, mode: str):
-    s = load_served_model(
-        TextgenConfig(
-            model_dir=model_dir,
-            max_batch_size=4,
-            max_context_tokens=128,
-            batch_invariant=mode,
-            port=0,
-            metrics_port=0,
-        )
-    )
-    s.engine.start()
-    return s
