@@ -204,10 +204,10 @@ class Engine:
         return GuideState(r.guide_index, self.model.out_w.shape[0]) if r.guide_index is not None else None
 
     def _groups(self, seqs: list[Seq]) -> list[list[Seq]]:
-        """The forward passes of one step: the batchable sequences together; the batch-invariant prompts to
-        score together in one packed pass (``DecoderLM.prefill_packed``: each row's numbers are its own
-        whatever else is packed with it); every other batch-invariant sequence alone."""
-        together = [s for s in seqs if not s.alone]
+        """The forward passes of one step: the batchable sequences together; the prompts to score together in
+        one packed pass (``DecoderLM.prefill_packed``: no padding, each row's numbers its own whatever else
+        is packed with it); every other batch-invariant sequence alone."""
+        together = [s for s in seqs if not s.alone and not packable(s)]
         packed = [s for s in seqs if packable(s)]
         alone = [[s] for s in seqs if s.alone and not packable(s)]
         return ([together] if together else []) + ([packed] if packed else []) + alone
@@ -382,10 +382,12 @@ class Engine:
         T = max(lengths)
         dev = self.model.device
         t0 = time.perf_counter()
-        riders, self._riders = ([] if compute[0].alone else self._riders), []  # one ride per step
+        packed = all(packable(s) for s in compute)
+        riders: list[Seq] = []
+        if not (compute[0].alone or packed):  # the decode step rides on one padded prefill pass per step
+            riders, self._riders = self._riders, []
         hidden = None
-        invariant = all(packable(s) for s in compute)
-        if invariant:  # whole prompts, packed without padding: (B, T, H) below is only a view for indexing
+        if packed:  # whole prompts, packed without padding: (B, T, H) below is only a view for indexing
             hidden = torch.nn.utils.rnn.pad_sequence(
                 self.model.prefill_packed(contexts, starts, self._tables(compute), self.cache),
                 batch_first=True,
@@ -443,7 +445,7 @@ class Engine:
             flat = torch.cat(
                 [hidden[j, a:b] for j, (a, b) in zip(scoring, spans) if b > a] or [hidden[0, :0]]
             )  # (N, H)
-            logits = self.model.logits_invariant(flat) if invariant else self.model.logits(flat)
+            logits = self.model.logits_invariant(flat) if packed else self.model.logits(flat)
             logp = torch.log_softmax(logits.float(), dim=-1) if len(flat) else None  # (N, V)
             start = 0
             for j, (a, b) in zip(scoring, spans):

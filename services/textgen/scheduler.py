@@ -134,8 +134,11 @@ def chunkable(s: Seq) -> bool:
 
 
 def packable(s: Seq) -> bool:
-    """A batch-invariant prompt to score: it shares packed passes with the others."""
-    return s.invariant_scoring
+    """A prompt to score (nothing generated): it goes through packed passes, no padding, with the others.
+    Batch-invariant ones (``invariant_scoring``) read only their own prefix-cache chain; with invariance off
+    they share the common one."""
+    r = s.req
+    return r.stopping.max_new_tokens == 0 and bool(r.prompt_logprobs) and not s.resumed
 
 
 def shared_key(s: Seq) -> tuple | None:
