@@ -67,9 +67,10 @@ class TextgenConfig(ServiceConfig):
         "scoring",
         help="Which sequences get tokens and log-probs that do not depend on what else is batched: `scoring` "
         "(the default: scoring-only sequences, as lm-eval sends, and sampled ones with a seed), `all`, or "
-        "`off`. Prompts to score share packed passes whose every row is the same whatever it is packed "
-        "with (and reuse cached prefixes written by such passes); sequences that generate run in forward "
-        "passes of their own, at the cost of batching them.",
+        "`off`. Prompts to score go through packed passes (no padding) in every mode, whose every row is "
+        "the same whatever it is packed with; invariant ones reuse only cached prefixes written by such "
+        "passes. Invariant sequences that generate run in forward passes of their own, at the cost of "
+        "batching them.",
         choices=("off", "scoring", "all"),
     )
     num_threads: int = setting(0, help="torch intra-op threads; 0 = all cores.")

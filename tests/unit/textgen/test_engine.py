@@ -308,6 +308,14 @@ def test_invariant_scoring_after_a_prefix_hit_has_the_bits_of_a_whole_pass(tiny_
     finally:
         cached.engine.stop()
         whole.engine.stop()
+    off = _engine_with(tiny_models, "off")  # invariance off: the same packed passes, on the common chain
+    try:
+        first = off.engine.submit(reqs[:1])[0].result()
+        got = [first, *(h.result() for h in off.engine.submit(reqs[1:]))]
+        assert off.engine.pool.hits >= 11 * 64 and off.engine.steps < len(reqs)
+        assert [g.prompt_logprobs for g in got] == [b.prompt_logprobs for b in ref]
+    finally:
+        off.engine.stop()
 
 
 def penalised_ref(hf, ids: list[int], n: int, presence: float, frequency: float, bias: dict[int, float]):
