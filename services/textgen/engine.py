@@ -379,22 +379,19 @@ class Engine:
         ends = [s.chunk_end for s in compute]
         lengths = [e - a for e, a in zip(ends, starts)]
         last = [e == len(c) for e, c in zip(ends, contexts)]  # the final chunk: logits are needed
-        T = max(lengths)
-        dev = self.model.device
         t0 = time.perf_counter()
         packed = all(packable(s) for s in compute)
         riders: list[Seq] = []
         if not (compute[0].alone or packed):  # the decode step rides on one padded prefill pass per step
             riders, self._riders = self._riders, []
-        hidden = None
-        if packed:  # whole prompts, packed without padding: (B, T, H) below is only a view for indexing
-            hidden = torch.nn.utils.rnn.pad_sequence(
-                self.model.prefill_packed(contexts, starts, self._tables(compute), self.cache),
-                batch_first=True,
-            )  # (B, T, H)
+        # hidden[j]: sequence j's rows, row i = position starts[j] + i ((B, T, H) padded, or one per prompt)
+        hidden: torch.Tensor | list[torch.Tensor] | None = None
+        if packed:  # whole prompts, packed without padding
+            hidden = self.model.prefill_packed(contexts, starts, self._tables(compute), self.cache)
         else:
+            T = max(lengths)
             padded = [c[a:e] + [0] * (T - n) for c, a, e, n in zip(contexts, starts, ends, lengths)]
-            tokens = torch.tensor(padded, dtype=torch.long, device=dev)  # (B, T), one copy to the device
+            tokens = torch.tensor(padded, dtype=torch.long, device=self.model.device)  # (B, T), one copy
         if riders:
             try:
                 d_tokens, d_positions = self._decode_inputs(riders)
@@ -429,7 +426,7 @@ class Engine:
         picks: list[int | None] = [None] * len(compute)
         if decoding:
             last_logits = self.model.logits(
-                torch.stack([hidden[j, lengths[j] - 1] for j in decoding])
+                torch.stack([hidden[j][lengths[j] - 1] for j in decoding])
             )  # (D, V)
             for j, row, pick in zip(decoding, last_logits, self._argmax_rows(last_logits)):
                 rows[j], picks[j] = row, pick
@@ -443,7 +440,7 @@ class Engine:
                 for j in scoring
             ]
             flat = torch.cat(
-                [hidden[j, a:b] for j, (a, b) in zip(scoring, spans) if b > a] or [hidden[0, :0]]
+                [hidden[j][a:b] for j, (a, b) in zip(scoring, spans) if b > a] or [hidden[0][:0]]
             )  # (N, H)
             logits = self.model.logits_invariant(flat) if packed else self.model.logits(flat)
             logp = torch.log_softmax(logits.float(), dim=-1) if len(flat) else None  # (N, V)

@@ -248,6 +248,11 @@ class DecoderLM:
         eps = self.arch.norm_eps
         return F.rms_norm(q, (q.shape[-1],), lw.q_norm, eps), F.rms_norm(k, (k.shape[-1],), lw.k_norm, eps)
 
+    def visible(self, key_pos: Tensor, query_pos: Tensor) -> Tensor:
+        """Which keys a query sees (broadcast shapes): the causal ones, within the sliding window if any."""
+        seen = key_pos <= query_pos
+        return seen if self.window is None else seen & (key_pos > query_pos - self.window)
+
     def _mlp(self, x: Tensor, lw: LayerWeights) -> Tensor:
         h = F.linear(x, lw.fc1_w, lw.fc1_b)
         if self.arch.gated:
@@ -380,10 +385,8 @@ class _DecodePart(_Part):
         self.ctx = cache.rows(tables, ctx_pos.expand(B, span).contiguous())  # (B, span)
         self.mask = None
         if B > 1 or m.window is not None:
-            inside = ctx_pos[None, :] <= positions[:, None]  # (B, span)
+            inside = m.visible(ctx_pos[None, :], positions[:, None])  # (B, span)
             self.ctx = torch.where(inside, self.ctx, 0)
-            if m.window is not None:
-                inside = inside & (ctx_pos[None, :] > positions[:, None] - m.window)
             self.mask = inside[:, None, None, :]
         self.cos = self.sin = None
         if m.rope is not None:
@@ -436,11 +439,9 @@ class _PrefillPart(_Part):
             ends = start + length  # (N,)
             ctx = cache.rows(tables, ctx_pos.expand(N, S).contiguous())  # (N, S)
             self.ctx = torch.where(ctx_pos[None, :] < ends[:, None], ctx, 0)  # the null block past each end
-            allowed = (ctx_pos[None, None, :] <= positions[:, :, None]) & (
+            allowed = m.visible(ctx_pos[None, None, :], positions[:, :, None]) & (
                 ctx_pos[None, None, :] < ends[:, None, None]
             )  # (N, T, S)
-            if m.window is not None:
-                allowed = allowed & (ctx_pos[None, None, :] > positions[:, :, None] - m.window)
             self.mask = allowed[:, None]  # (N, 1, T, S)
         self.x = m._embed(tokens, positions).reshape(N * T, -1)  # (N*T, H)
         self.cos = self.sin = None
@@ -504,10 +505,8 @@ class _PackedPart(_Part):
         ]  # each prompt's whole context, (total,)
         self.write = [c[a:] for c, a in zip(self.ctx, starts)]  # the rows this pass writes, (length,)
         self.allowed = [
-            (torch.arange(n, device=dev)[None, :] <= sp[:, None])
-            & (torch.arange(n, device=dev)[None, :] > sp[:, None] - (m.window or n + 1))
-            for sp, n in zip(spans, self.totals)
-        ]  # (length, total): causal, within the sliding window
+            m.visible(torch.arange(n, device=dev)[None, :], sp[:, None]) for sp, n in zip(spans, self.totals)
+        ]  # (length, total)
         self.cos = self.sin = None
         if m.rope is not None:
             self.cos, self.sin = m.rope.cos[positions][None], m.rope.sin[positions][None]  # (1, n, d)
