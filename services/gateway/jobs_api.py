@@ -310,18 +310,12 @@ class TrainingEvaluations(Resource):
     def get(self, job_id: str):
         k = KINDS["training"]
         job = self.clients.call(k, "GetTrainJob", trainer_pb2.GetTrainJobRequest(job_id=job_id)).job
-        ended = job.status.state in (
-            common_pb2.JOB_STATE_SUCCEEDED,
-            common_pb2.JOB_STATE_FAILED,
-            common_pb2.JOB_STATE_CANCELLED,
-        )
-        rows = [to_json(e) for e in job.evaluations]
         return json_response(
             {
                 "job_id": job_id,
                 "evaluate": to_json(job.spec.evaluate) if job.spec.HasField("evaluate") else None,
-                "final": ended and all(r.get("state") in ("succeeded", "failed") for r in rows),
-                "evaluations": rows,
+                "final": job.evaluations_final,
+                "evaluations": [to_json(e) for e in job.evaluations],
             }
         )
 

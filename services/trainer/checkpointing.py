@@ -24,16 +24,12 @@ import torch
 import torch.distributed as dist
 
 from llm.checkpoints.megatron import TRACKER
-from services.trainer.jobfiles import HOLD_PREFIX, SAVES_FILE
+from services.trainer.jobfiles import SAVES_FILE, hold_file, iter_name
 from shared.atomic import mark_output, write_text_atomic
 from shared.proc import die_with_parent
 
 logger = logging.getLogger(__name__)
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def iter_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 def latest_iteration(save_dir: Path) -> int | None:
@@ -118,14 +114,15 @@ def describe(save_dir: Path, spec, arch, tok_dir: Path | None, padded_vocab: int
 def _publish(save_dir: Path, iteration: int, keep_last: int) -> None:
     """Rank 0, once every rank's shards are written: the temporary folder becomes ``iter_XXXXXXX``, the
     tracker names it (atomically), old iterations beyond ``keep_last`` go, except one the trainer service
-    holds while it exports it for evaluation (``HOLD_PREFIX``). Until then the previous one is the latest."""
+    holds while it exports it for evaluation (``jobfiles.hold_file``). Until then the previous one is the
+    latest."""
     final, tmp = save_dir / iter_name(iteration), save_dir / f".tmp-{iter_name(iteration)}"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     write_text_atomic(save_dir / TRACKER, str(iteration))
     done = sorted(int(p.name[5:]) for p in save_dir.glob("iter_*") if p.name[5:].isdigit())
     for old in done[:-keep_last] if keep_last > 0 else []:
-        if not (save_dir / f"{HOLD_PREFIX}{iter_name(old)}").exists():
+        if not hold_file(save_dir, old).exists():
             shutil.rmtree(save_dir / iter_name(old), ignore_errors=True)
 
 

@@ -28,7 +28,7 @@ from protos.converter.v1 import converter_pb2 as cpb
 from protos.converter.v1 import converter_pb2_grpc as cpb_grpc
 from protos.evaluator.v1 import evaluator_pb2 as epb
 from protos.evaluator.v1 import evaluator_pb2_grpc as epb_grpc
-from services.trainer.jobfiles import EVAL_EXPORT_DIR, HOLD_PREFIX
+from services.trainer.jobfiles import EVAL_EXPORT_DIR, hold_file, iter_name
 from services.trainer.spec import TrainSpec
 from services.trainer.wire import spec_from_record
 from shared.errors import FailedPrecondition
@@ -40,10 +40,6 @@ EXPORTING, EVALUATING, SUCCEEDED, FAILED = "exporting", "evaluating", "succeeded
 FINAL = (SUCCEEDED, FAILED)
 ENDED = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 RPC_TIMEOUT_S = 30.0
-
-
-def iter_name(step: int) -> str:
-    return f"iter_{step:07d}"
 
 
 def chosen(spec: TrainSpec, step: int) -> bool:
@@ -140,7 +136,7 @@ class CheckpointEvaluations:
 
     def _export(self, rec: JobRecord, spec: TrainSpec, step: int) -> dict[str, Any] | None:
         save = Path(spec.save_dir)
-        hold = save / f"{HOLD_PREFIX}{iter_name(step)}"
+        hold = hold_file(save, step)
         hold.touch()
         hf_dir = save / EVAL_EXPORT_DIR / iter_name(step)
         row: dict[str, Any] = {"step": step, "state": EXPORTING, "hf_dir": str(hf_dir)}
@@ -182,11 +178,12 @@ class CheckpointEvaluations:
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 return
-            self._fail(spec, row, f"export lost: {_rpc_error(e)}")
+            hold_file(spec.save_dir, row["step"]).unlink(missing_ok=True)
+            row.update(state=FAILED, error=f"export lost: {_rpc_error(e)}")
             return
         if conv.status.state not in ENDED:
             return
-        Path(spec.save_dir, f"{HOLD_PREFIX}{iter_name(row['step'])}").unlink(missing_ok=True)
+        hold_file(spec.save_dir, row["step"]).unlink(missing_ok=True)
         if conv.status.state != common_pb2.JOB_STATE_SUCCEEDED:
             row.update(state=FAILED, error=f"export failed: {conv.status.error}")
             return
@@ -234,8 +231,3 @@ class CheckpointEvaluations:
             {"task": t.task, "metrics": dict(t.metrics), "num_samples": t.num_samples}
             for t in ev.result.tasks
         ]
-
-    @staticmethod
-    def _fail(spec: TrainSpec, row: dict[str, Any], error: str) -> None:
-        Path(spec.save_dir, f"{HOLD_PREFIX}{iter_name(row['step'])}").unlink(missing_ok=True)
-        row.update(state=FAILED, error=error)

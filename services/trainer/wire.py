@@ -188,6 +188,9 @@ def job_pb(rec: JobRecord) -> pb.TrainJob:
         ray_submission_id=rec.extra.get("submission_id", ""),
         ray_address=rec.extra.get("ray_address", ""),
         evaluations=[evaluation_pb(e) for e in (rec.result or {}).get("evaluations", [])],
+        # services.trainer.evaluations marks it; a job that asks for none is final when it ends
+        evaluations_final=bool((rec.result or {}).get("evaluations_final"))
+        or (rec.terminal and not rec.spec.get("evaluate")),
     )
 
 

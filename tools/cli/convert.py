@@ -38,8 +38,9 @@ def families_table() -> str:
                 "yes" if name in TESTED else "no",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    from tools.cli.text import aligned
+
+    return aligned([list(r) for r in rows])
 
 
 class _ListFamilies(argparse.Action):

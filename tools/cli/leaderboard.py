@@ -14,8 +14,7 @@ import sys
 import time
 
 from tools.cli.endpoints import endpoint
-
-FINAL = ("succeeded", "failed")
+from tools.cli.text import aligned
 
 
 def rows_of(job) -> list[dict]:
@@ -64,14 +63,10 @@ def table(rows: list[dict]) -> str:
             v = r["scores"].get(t, {}).get(heads[t])
             cells.append("-" if v is None else f"{v:.4f}")
         body.append(cells + ([r["error"]] if r["error"] else []))
-    widths = [max(len(x[i]) for x in [header, *body] if i < len(x)) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths + [0])).rstrip() for cells in body]
-    return "\n".join(lines)
+    return aligned([header, *body])
 
 
 def leaderboard(a: argparse.Namespace) -> int:
-    from protos.common.v1 import common_pb2
     from protos.trainer.v1 import trainer_pb2 as pb
     from protos.trainer.v1 import trainer_pb2_grpc as pb_grpc
     from shared.grpc.channel import make_channel
@@ -82,13 +77,7 @@ def leaderboard(a: argparse.Namespace) -> int:
         stub = pb_grpc.TrainerServiceStub(ch)
         while True:
             job = rpc(stub.GetTrainJob, pb.GetTrainJobRequest(job_id=a.training_job)).job
-            rows = rows_of(job)
-            ended = job.status.state in (
-                common_pb2.JOB_STATE_SUCCEEDED,
-                common_pb2.JOB_STATE_FAILED,
-                common_pb2.JOB_STATE_CANCELLED,
-            ) and all(r["state"] in FINAL for r in rows)
-            if ended or time.monotonic() >= deadline:
+            if job.evaluations_final or time.monotonic() >= deadline:
                 break
             time.sleep(1.0)
     if not job.spec.HasField("evaluate"):
@@ -97,6 +86,7 @@ def leaderboard(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    rows = rows_of(job)
     if a.format == "json":
         print(json.dumps({"training_job": a.training_job, "checkpoints": rows}, indent=1))
     elif a.format == "csv":
