@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any, ClassVar
 
 from llm.models.base import ArchConfig, require
 from llm.models.mapping import Mapping, TableFamily, gated_mlp, qkv, rename, untied
 from shared.errors import InvalidArgument
-
-
-def _qkv_bias(arch: ArchConfig) -> bool:
-    return arch.qkv_bias
-
-
-def _linear_bias(arch: ArchConfig) -> bool:
-    return arch.linear_bias
-
 
 # The tensors, as tables (llm/models/mapping.py): the globals, and one layer under model.layers.<i>.
 GLOBALS: tuple[Mapping, ...] = (
@@ -39,13 +31,15 @@ LAYER: tuple[Mapping, ...] = (
         "self_attn.k_proj.bias",
         "self_attn.v_proj.bias",
         "self_attention.linear_qkv.bias",
-        when=_qkv_bias,
+        when=attrgetter("qkv_bias"),
     ),
     gated_mlp("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.linear_fc1.weight"),
     # attention_bias + mlp_bias (megatron-core's add_bias_linear: the output projection and the MLP together)
-    rename("self_attn.o_proj.bias", "self_attention.linear_proj.bias", when=_linear_bias),
-    gated_mlp("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.linear_fc1.bias", when=_linear_bias),
-    rename("mlp.down_proj.bias", "mlp.linear_fc2.bias", when=_linear_bias),
+    rename("self_attn.o_proj.bias", "self_attention.linear_proj.bias", when=attrgetter("linear_bias")),
+    gated_mlp(
+        "mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.linear_fc1.bias", when=attrgetter("linear_bias")
+    ),
+    rename("mlp.down_proj.bias", "mlp.linear_fc2.bias", when=attrgetter("linear_bias")),
 )
 
 
@@ -97,7 +91,7 @@ class LlamaFamily(TableFamily):
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            sliding_window=self._sliding_window(cfg),
+            sliding_window=self._sliding_window(cfg, src),
         )
 
     def _linear_bias(self, cfg: dict[str, Any], src: str) -> bool:
@@ -113,13 +107,13 @@ class LlamaFamily(TableFamily):
             )
         return mlp
 
-    def _sliding_window(self, cfg: dict[str, Any]) -> int | None:
+    def _sliding_window(self, cfg: dict[str, Any], src: str) -> int | None:
         """Mistral's ``sliding_window`` (null in v0.2 and later); Qwen's only with ``use_sliding_window``."""
         window = cfg.get("sliding_window")
         if "use_sliding_window" in cfg:  # Qwen: the window on the layers from max_window_layers on only
             if cfg["use_sliding_window"]:
                 raise InvalidArgument(
-                    f"{cfg.get('architectures', ['?'])[0]}: use_sliding_window (sliding-window attention on "
+                    f"{src}: use_sliding_window (sliding-window attention on "
                     "some layers) is not supported; serve or convert it with use_sliding_window false",
                     field="use_sliding_window",
                 )

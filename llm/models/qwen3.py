@@ -4,6 +4,7 @@ RoPE, an explicit head_dim, usually no q/k/v biases."""
 from __future__ import annotations
 
 import dataclasses
+from operator import attrgetter
 from typing import Any
 
 from llm.models.base import ArchConfig
@@ -11,15 +12,10 @@ from llm.models.llama import LAYER as LLAMA_LAYER
 from llm.models.llama import LlamaFamily
 from llm.models.mapping import Mapping, rename
 
-
-def _qk_layernorm(arch: ArchConfig) -> bool:
-    return arch.qk_layernorm
-
-
 LAYER: tuple[Mapping, ...] = (
     *LLAMA_LAYER,
-    rename("self_attn.q_norm.weight", "self_attention.q_layernorm.weight", when=_qk_layernorm),
-    rename("self_attn.k_norm.weight", "self_attention.k_layernorm.weight", when=_qk_layernorm),
+    rename("self_attn.q_norm.weight", "self_attention.q_layernorm.weight", when=attrgetter("qk_layernorm")),
+    rename("self_attn.k_norm.weight", "self_attention.k_layernorm.weight", when=attrgetter("qk_layernorm")),
 )
 
 
