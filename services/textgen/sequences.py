@@ -7,6 +7,7 @@ import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch-free at run time: the scheduler imports this module
@@ -99,9 +100,9 @@ class TokenizerInfo:
     # generation_config.json: <|end_of_text|>, <|eom_id|>, <|eot_id|>)
     eos_ids: tuple[int, ...] = ()
 
-    @property
+    @cached_property
     def ends(self) -> tuple[int, ...]:
-        """The end-of-sequence ids (``eos_id`` and ``eos_ids``)."""
+        """The end-of-sequence ids (``eos_id`` and ``eos_ids``), worked out once: read for every token."""
         return tuple(dict.fromkeys([*([self.eos_id] if self.eos_id is not None else []), *self.eos_ids]))
 
 
