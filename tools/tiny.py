@@ -65,50 +65,29 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512, lines: list[str] | Non
 FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
 
 
+# The dense decoders' shared tiny shape (GQA: 4 heads over 2 key/value groups)
+DENSE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
+)
+
+
 def hf_config(family: str, vocab_size: int, **over):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
     if family == "llama":
-        cfg = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-            initializer_range=0.1,
-            rms_norm_eps=1e-5,
-            **common,
-        )
+        cfg = LlamaConfig(**DENSE, tie_word_embeddings=False, **common)
     elif family == "qwen2":
-        cfg = Qwen2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            initializer_range=0.1,
-            rms_norm_eps=1e-5,
-            **common,
-        )
+        cfg = Qwen2Config(**DENSE, tie_word_embeddings=True, **common)
     elif family == "qwen3":  # head_dim 24 is not hidden / heads (16): Qwen3's explicit head_dim
-        cfg = Qwen3Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=24,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            initializer_range=0.1,
-            rms_norm_eps=1e-5,
-            **common,
-        )
+        cfg = Qwen3Config(**DENSE, head_dim=24, tie_word_embeddings=True, **common)
     elif family == "gpt2":
         cfg = GPT2Config(
             n_embd=64,

@@ -452,20 +452,10 @@ def test_a_sliding_window_model_matches_hf_past_its_window(tiny_tokenizer, tmp_p
     prompt equal HF's, which masks keys older than the window; the packed scoring pass honours it too."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
 
+    from tools.tiny import DENSE
+
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
-    cfg = MistralConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        sliding_window=8,
-        initializer_range=0.1,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    cfg = MistralConfig(**DENSE, vocab_size=len(tok), sliding_window=8, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(str(tmp_path / "mistral"))
