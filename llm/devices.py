@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
 DTYPES = {
     "float32": torch.float32,
@@ -62,3 +65,32 @@ def to_device(batch, device: torch.device | str):
     if isinstance(batch, tuple):
         return tuple(to_device(v, device) for v in batch)
     return batch
+
+
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def linear_kernel(device: torch.device, dtype: torch.dtype) -> Linear:
+    """The ``F.linear`` to run inference matmuls with on ``device`` in ``dtype``.
+
+    On CPU in float32 that is oneDNN's linear (the op PyTorch's CPU compiler emits) where this build has it:
+    ``F.linear`` sends float32 to MKL's GEMM, which on a 2-core host runs a decode step's thin matmuls
+    (1-16 rows against weights read cold from memory) at half the memory bandwidth oneDNN reaches
+    (``tools/bench/textgen.py`` measures the step both ways). Its rows also agree bit for bit from 2 rows
+    up. bfloat16 already goes to oneDNN through ``F.linear``; other devices keep ``F.linear``. The op is
+    checked against ``F.linear`` once before it is chosen; any doubt falls back to ``F.linear``.
+    """
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return F.linear
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        x, w, b = (torch.randn(s, generator=g, device=device) for s in ((3, 2, 24), (40, 24), (40,)))
+        if not torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5):
+            return F.linear
+    except (AttributeError, RuntimeError):  # an op this build lacks, or refuses
+        return F.linear
+    return _onednn_linear

@@ -8,6 +8,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "TextgenConfig": "services.textgen.config",
         "load_served_model": "services.textgen.loader",
+        "DecoderLM": "services.textgen.modeling",
+        "PagedKVCache": "services.textgen.modeling",
         "SamplingSpec": "services.textgen.sampling",
         "SequenceRequest": "services.textgen.sequences",
         "StopSpec": "services.textgen.sequences",

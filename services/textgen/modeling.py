@@ -19,12 +19,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llm.devices import linear_kernel
 from llm.models.base import ArchConfig, split_qkv
 
 Tensor = torch.Tensor
 # A matmul's rows do not depend on how many other rows it holds once it holds this many (CPU GEMM kernels pick
-# another path for a handful of rows; measured on this project's CPU: 1-3, 5-7, 9-11 rows differ, 12+ agree);
-# batch-invariant passes pad to it (see DecoderLM.prefill_packed).
+# another path for a handful of rows; measured on this project's CPU: MKL's float32 GEMM differs at 1-3, 5-7
+# and 9-11 rows and agrees from 12, oneDNN's linear agrees from 2); batch-invariant passes pad to it (see
+# DecoderLM.prefill_packed).
 MIN_INVARIANT_ROWS = 16
 ROPE_SCALING = ("default", "linear", "llama3")
 LAYER_TENSORS = (
@@ -168,6 +170,7 @@ class DecoderLM:
         self.dtype = dtype
         self.device = device
         self.max_len = max_len
+        self.linear = linear_kernel(device, dtype)  # F.linear, or the faster equivalent on this device
         w = {name: t.to(device=device, dtype=dtype) for name, t in tensors}
         missing = [
             n for n in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight") if n not in w
@@ -254,13 +257,13 @@ class DecoderLM:
         return seen if self.window is None else seen & (key_pos > query_pos - self.window)
 
     def _mlp(self, x: Tensor, lw: LayerWeights) -> Tensor:
-        h = F.linear(x, lw.fc1_w, lw.fc1_b)
+        h = self.linear(x, lw.fc1_w, lw.fc1_b)
         if self.arch.gated:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
-        return F.linear(h, lw.fc2_w, lw.fc2_b)
+        return self.linear(h, lw.fc2_w, lw.fc2_b)
 
     def _embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         x = F.embedding(tokens, self.word_emb)
@@ -270,7 +273,7 @@ class DecoderLM:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final-normed hidden [..., H] -> float32 logits [..., V]."""
-        return F.linear(hidden, self.out_w).float()
+        return self.linear(hidden, self.out_w).float()
 
     # -- forward passes --------------------------------------------------------------------------
     def prefill(
@@ -336,12 +339,12 @@ class DecoderLM:
         x = torch.cat([part.x for part in parts]) if len(parts) > 1 else parts[0].x
         sizes = [part.n for part in parts]
         for i, lw in enumerate(self.layers):
-            qkv = F.linear(self._norm(x, lw.ln1_w, lw.ln1_b), lw.qkv_w, lw.qkv_b)  # (n, q + 2kv)
+            qkv = self.linear(self._norm(x, lw.ln1_w, lw.ln1_b), lw.qkv_w, lw.qkv_b)  # (n, q + 2kv)
             if len(parts) == 1:
                 o = parts[0].attend(i, qkv)
             else:
                 o = torch.cat([part.attend(i, q) for part, q in zip(parts, qkv.split(sizes))])
-            x = x + F.linear(o, lw.proj_w, lw.proj_b)
+            x = x + self.linear(o, lw.proj_w, lw.proj_b)
             x = x + self._mlp(self._norm(x, lw.ln2_w, lw.ln2_b), lw)
         x = self._norm(x, self.final_w, self.final_b)
         outs = x.split(sizes) if len(parts) > 1 else [x]

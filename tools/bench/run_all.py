@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RESULTS = REPO / "bench-results"
 DOC = REPO / "docs" / "benchmarks.md"
-SKIP = {"__init__.py", "common.py", "run_all.py"}
+SKIP = {"__init__.py", "common.py", "run_all.py", "decode_step.py"}  # decode_step: a part of textgen
 # ANSI colours and tqdm redraws are kept out of the .txt; progress-bar lines out of the document
 NOISE = re.compile(r"\x1b\[[0-9;]*m|.*\r(?!\n)")
 PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s*warnings\.warn\(|UserWarning: ")

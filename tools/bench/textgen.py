@@ -19,6 +19,9 @@ Targets: 16 clients >= 4x the sequential baseline's tokens/s and >= 1.5x the sta
 15% of HF's per-token latency; 64 clients: none refused, tokens/s >= 16 clients'; shared prefix >= 3x
 without caching; long prompt: streams' ITL p99 <= 2x without it. vLLM's CPU engine and llama.cpp's server
 are not driven by this bench yet.
+(d) the decode step in process (``tools/bench/decode_step.py``): ms per step at 1 and 16 sequences with
+    ``F.linear`` and with the engine's matmul kernel, float32 and bfloat16, against the memory-bandwidth
+    roofline measured in the same run; issue 18's per-token targets (<= 20 ms float32, <= 12 ms bfloat16).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 import requests
 
 from shared.paths import DEFAULT_MODEL_DIR
+from tools.bench import decode_step
 from tools.bench.common import save, table
 
 
@@ -258,6 +262,8 @@ def main() -> int:
         flush=True,
     )
     base = baseline_hf(a.model, prompts, a.new_tokens, a.dtype)
+    print("decode step in process: F.linear vs the engine's kernel, float32 and bfloat16 ...", flush=True)
+    step = decode_step.measure(a.model)
     print(f"baseline: HF generate(), all {a.requests} requests as one static batch ...", flush=True)
     static = baseline_hf_static(a.model, prompts, a.new_tokens, a.dtype)
     stack = start_stack(a.model, a.dtype)
@@ -378,6 +384,7 @@ def main() -> int:
         f"{base['decode_ms_per_token']:.1f} ms "
         f"= {l1['latency_ratio']:.2f}x (target <= 1.15x): {'met' if ok1 else 'NOT met'}"
     )
+    print("\n".join(decode_step.report(step)))
     save(
         "textgen",
         {
@@ -387,6 +394,7 @@ def main() -> int:
             "vllm_cpu": "not run",
             "llama_cpp_server": "not run",
             "megastack": levels,
+            "decode_step": step,
             "structured_output_16_clients": masked | {"itl_cost": mask_cost},
             "shared_prefix": {"prefix_caching_on": cached, "prefix_caching_off": uncached, "ratio": prefix_x},
             "long_prompt_arrival": {"chunked_prefill_on": chunked, "chunked_prefill_off": unchunked},
