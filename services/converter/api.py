@@ -9,7 +9,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "ConvertSpec": "services.converter.conversion",
         "convert": "services.converter.conversion",
         "validate": "services.converter.conversion",
-        "DTYPE_TO_PB": "services.converter.wire",
-        "FORMAT_TO_PB": "services.converter.wire",
+        "EXPECTABLE": "services.converter.conversion",
+        "spec_to_pb": "services.converter.wire",
     },
 )

@@ -49,6 +49,7 @@ class ConvertSpec:
     overwrite: bool = False
     iteration: int = 0  # Megatron targets: 0 = "release"
     load_iteration: int | None = None  # Megatron sources: this iteration instead of the newest
+    expect: tuple[tuple[str, Any], ...] = ()  # (EXPECTABLE name, value) the caller says the source has
 
 
 @dataclass
@@ -85,6 +86,57 @@ def _inputs(spec: ConvertSpec) -> list[Path]:
     ]
 
 
+# What a caller may state about the source (Megatron's argument names): read from the checkpoint anyway, so a
+# stated value is only checked, and a mismatch refused naming both (users of Megatron's and Pai's converters
+# repeat the source's layout and architecture in flags; a wrong one must not pass silently).
+EXPECTABLE = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "family",
+)
+
+
+def source_facts(reader: CheckpointReader) -> dict[str, tuple[Any, str]]:
+    """Each EXPECTABLE name: (what the checkpoint has, where that comes from); None where the checkpoint does
+    not fix it (a torch_dist checkpoint loads at any TP and PP)."""
+    arch = reader.arch
+    if reader.format == "hf":
+        where = "its config.json"
+        tp = pp = (1, "an HF checkpoint is not split")
+    else:
+        where = (
+            "its megastack.json" if getattr(reader, "meta", None) else "the Megatron arguments saved in it"
+        )
+        lay = reader.parallel_layout()
+        tp = (lay["tensor_parallel"], "its mp_rank_* folders")
+        pp = (lay["pipeline_parallel"], "its mp_rank_* folders")
+    facts = {name: (getattr(arch, name), where) for name in EXPECTABLE[2:]}
+    return facts | {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
+
+
+def check_expectations(reader: CheckpointReader, expect: tuple[tuple[str, Any], ...], load: Path) -> None:
+    """400 naming both values where a stated fact of the source differs from the checkpoint's."""
+    facts = source_facts(reader)
+    for name, want in expect:
+        if name not in facts:
+            raise InvalidArgument(
+                f"source.{name}: not something a source is checked for; use one of {', '.join(EXPECTABLE)}",
+                field="source",
+            )
+        got, where = facts[name]
+        if got is not None and got != want:
+            raise InvalidArgument(
+                f"the source was said to have {name} {want}, but {load} has {name} {got} (from {where}); "
+                "leave the flag out: the converter reads it from the checkpoint",
+                field=f"source.{name}",
+            )
+
+
 def validate(spec: ConvertSpec) -> CheckpointReader:
     """Every check that can fail before anything is written; returns the opened source."""
     if spec.target_format not in FORMATS:
@@ -102,6 +154,7 @@ def validate(spec: ConvertSpec) -> CheckpointReader:
             f"{load} is a {detected} checkpoint, not {spec.source_format}", field="source_format"
         )
     reader = open_checkpoint(load, detected, spec.load_iteration)
+    check_expectations(reader, spec.expect, load)
     if spec.target_format == "hf" and (
         spec.tp != 1 or spec.pp != 1 or spec.num_layer_list or spec.layers_per_virtual_stage
     ):
@@ -373,5 +426,22 @@ def summary(spec: ConvertSpec, reader: CheckpointReader, r: ConvertResult, dtype
         )
         if p.get("weights_exact") is not None:
             rows.append(("weights exact", "yes" if p["weights_exact"] else "no"))
+        if p.get("layers"):
+            over = p["first_layer_over"] or ("not judged" if spec.lora_dir else "none")
+            rows.append(("first layer over", f"{over} (tolerance {p['tolerance']:.0e}, relative)"))
+            rows.append(("tolerance because", p["tolerance_reason"]))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return text + ("\n\n" + layer_table(r.parity) if r.parity.get("layers") else "")
+
+
+def layer_table(p: dict[str, Any]) -> str:
+    """The per-layer parity of ``--verify``: max |diff| of the hidden states, their typical magnitude, the
+    relative difference (services/converter/verify.py layer_diffs)."""
+    rows = [("hidden state", "max |diff|", "typical |value|", "relative diff", "")]
+    for d in p["layers"]:
+        rel = d["relative_diff"]
+        flag = "over" if p["tolerance"] and rel > p["tolerance"] else ""
+        rows.append((d["name"], f"{d['max_abs_diff']:.3g}", f"{d['scale']:.3g}", f"{rel:.2e}", flag))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

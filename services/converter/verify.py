@@ -39,15 +39,22 @@ def sample_tokens(reader, arch: ArchConfig, length: int = 32) -> torch.Tensor:
     return torch.stack([torch.tensor(ids, device=cpu), second])
 
 
-def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+# One side's run: float32 logits [b, s, V] and hidden states [b, s, H] at the same points of both libraries:
+# the embedding's output, the output of every layer but the last, and the final norm's output (what HF's
+# ``output_hidden_states`` gives: its last entry is already normed).
+Run = tuple[torch.Tensor, list[torch.Tensor]]
+
+
+def hf_run(path: Path, tokens: torch.Tensor) -> Run:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(to_device(tokens, module_device(model))).logits.float().cpu()
+        out = model(to_device(tokens, module_device(model)), output_hidden_states=True)
+    return out.logits.float().cpu(), [h.float().cpu() for h in out.hidden_states]
 
 
-def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor, iteration: int | None = None) -> torch.Tensor:
+def megatron_run(path: Path, fmt: str, tokens: torch.Tensor, iteration: int | None = None) -> Run:
     from llm.mcore import dist as mdist
     from llm.mcore.model import (
         build_gpt_model,
@@ -97,13 +104,25 @@ def megatron_logits(path: Path, fmt: str, tokens: torch.Tensor, iteration: int |
     tokens = to_device(tokens, device)
     b, s = tokens.shape
     position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-    with torch.no_grad():
-        logits = model(tokens, position_ids, None)
-    return logits[..., : arch.vocab_size].float().cpu()
+    hidden: list[torch.Tensor] = []
+
+    def keep(module, args, output) -> None:  # megatron-core's layers return (hidden [s, b, H], context)
+        h = output[0] if isinstance(output, tuple) else output
+        hidden.append(h.detach().float().transpose(0, 1).cpu())
+
+    points = [model.embedding, *list(model.decoder.layers)[:-1], model.decoder.final_layernorm]
+    hooks = [m.register_forward_hook(keep) for m in points]
+    try:
+        with torch.no_grad():
+            logits = model(tokens, position_ids, None)
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits[..., : arch.vocab_size].float().cpu(), hidden
 
 
-def logits_of(path: Path, fmt: str, tokens: torch.Tensor, iteration: int | None = None) -> torch.Tensor:
-    return hf_logits(path, tokens) if fmt == "hf" else megatron_logits(path, fmt, tokens, iteration)
+def run_of(path: Path, fmt: str, tokens: torch.Tensor, iteration: int | None = None) -> Run:
+    return hf_run(path, tokens) if fmt == "hf" else megatron_run(path, fmt, tokens, iteration)
 
 
 def weights_exact(a, b) -> bool:
@@ -120,8 +139,8 @@ def parity(spec, reader, out_dir: Path, dtype: torch.dtype) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # DCP deprecation notes from megatron's loader
     tokens = sample_tokens(reader, reader.arch)
-    src = logits_of(Path(spec.load_dir), reader.format, tokens, spec.load_iteration)
-    dst = logits_of(out_dir, spec.target_format, tokens)
+    src, src_hidden = run_of(Path(spec.load_dir), reader.format, tokens, spec.load_iteration)
+    dst, dst_hidden = run_of(out_dir, spec.target_format, tokens)
     diff = (src - dst).abs()
     out: dict[str, Any] = {
         "max_abs_logit_diff": float(diff.max()),
@@ -130,12 +149,81 @@ def parity(spec, reader, out_dir: Path, dtype: torch.dtype) -> dict[str, Any]:
         "num_positions": int(tokens.numel()),
         "weights_exact": None,
     }
-    if spec.lora_dir is None:
-        target = open_checkpoint(out_dir, spec.target_format)
-        same_dtype = (
-            target.get("decoder.final_layernorm.weight").dtype
-            == reader.get("decoder.final_layernorm.weight").dtype
-        )
-        if same_dtype:
-            out["weights_exact"] = weights_exact(reader, target)
+    target = open_checkpoint(out_dir, spec.target_format)
+    stored = (reader.dtype(), target.dtype())
+    if spec.lora_dir is None and stored[0] == stored[1]:
+        out["weights_exact"] = weights_exact(reader, target)
+    tol, why = tolerance(*stored, lora=spec.lora_dir is not None)
+    layers = layer_diffs(src_hidden, dst_hidden)
+    over = [d["name"] for d in layers if d["relative_diff"] > tol]
+    out.update(
+        layers=layers,
+        tolerance=tol,
+        tolerance_reason=why,
+        first_layer_over=over[0] if over and spec.lora_dir is None else "",
+    )
     return out
+
+
+def hidden_names(count: int) -> list[str]:
+    """Names of ``count`` hidden states: the embedding, after layers 1..count-2 (1-based), the final norm."""
+    return ["embedding", *(f"after layer {i}" for i in range(1, count - 1)), "final norm"]
+
+
+def layer_diffs(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[dict[str, Any]]:
+    """Per hidden state [b, s, H]: max |a - b|, the typical size of a position's vector (median RMS over
+    positions) and the relative difference: the largest ||a - b|| / ||a|| over positions. Judged per
+    position, so the huge activations a few positions carry (SmolLM2's first token reaches 2.4e4 where the
+    typical RMS is ~1) do not set the bar for the others."""
+    if len(a) != len(b):
+        raise RuntimeError(f"the two models gave {len(a)} and {len(b)} hidden states")
+    out = []
+    for name, x, y in zip(hidden_names(len(a)), a, b):
+        norms = x.norm(dim=-1).clamp_min(1e-30)  # (b, s)
+        out.append(
+            {
+                "name": name,
+                "max_abs_diff": float((x - y).abs().max()),
+                "scale": float(norms.median()) / x.shape[-1] ** 0.5,
+                "relative_diff": float(((x - y).norm(dim=-1) / norms).max()),
+            }
+        )
+    return out
+
+
+# Largest normal relative difference of a hidden state (layer_diffs: per position, ||diff|| / ||value||), by
+# the coarser of the two checkpoints' stored dtypes; both sides run in float32, so the weights' rounding is
+# all that differs.
+SAME = (
+    1e-4,
+    "the same weights on both sides ({dtype}), both run in float32: only the order of summation in the two "
+    "libraries' kernels differs (SmolLM2-135M: at most 2e-6 over its 30 layers)",
+)
+TOLERANCE = {
+    torch.float16: (
+        2e-2,
+        "float16 keeps 11 significant bits: each weight moves by up to 2^-11 (0.05%) and the moves add up "
+        "over the layers",
+    ),
+    torch.bfloat16: (
+        1e-1,
+        "bfloat16 keeps 8 significant bits: each weight moves by up to 2^-8 (0.4%) and the moves add up "
+        "over the layers (a random 4-layer Llama: 1.6% at its final norm); differences of a few % per "
+        "position and a top-1 agreement in the high 90s are normal, a layer far above its neighbours is not",
+    ),
+}
+COARSER = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tolerance(source: torch.dtype, target: torch.dtype, *, lora: bool = False) -> tuple[float, str]:
+    """The relative tolerance for hidden states between checkpoints stored in ``source`` and ``target``
+    dtypes, and why."""
+    if lora:
+        return (
+            0.0,
+            "a LoRA merge changes the weights: the report shows where the target departs from the base",
+        )
+    if source == target:
+        return SAME[0], SAME[1].format(dtype=str(source).removeprefix("torch."))
+    coarse = max((source, target), key=lambda d: COARSER.index(d) if d in COARSER else 0)
+    return TOLERANCE.get(coarse, TOLERANCE[torch.bfloat16])

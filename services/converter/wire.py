@@ -7,7 +7,7 @@ from typing import Any
 
 from protos.common.v1 import common_pb2
 from protos.converter.v1 import converter_pb2 as pb
-from services.converter.conversion import ConvertSpec
+from services.converter.conversion import EXPECTABLE, ConvertSpec
 from shared.errors import InvalidArgument
 from shared.jobs import JobRecord
 from shared.jobs_wire import spec_doc, spec_message, status_pb
@@ -59,7 +59,16 @@ def spec_from_pb(s: pb.ConversionSpec) -> ConvertSpec:
         overwrite=s.overwrite,
         iteration=s.iteration,
         load_iteration=s.load_iteration or None,
+        expect=_expect_from_pb(s.source),
     )
+
+
+def _expect_from_pb(m: pb.SourceExpectation) -> tuple[tuple[str, Any], ...]:
+    """The stated (non-zero, non-empty) facts, in EXPECTABLE order."""
+    for name in EXPECTABLE:
+        if name != "family" and getattr(m, name) < 0:
+            raise InvalidArgument(f"source.{name} must be >= 0 (0 = not stated)", field=f"source.{name}")
+    return tuple((name, getattr(m, name)) for name in EXPECTABLE if getattr(m, name))
 
 
 def spec_to_pb(spec: ConvertSpec) -> pb.ConversionSpec:
@@ -80,6 +89,7 @@ def spec_to_pb(spec: ConvertSpec) -> pb.ConversionSpec:
         overwrite=spec.overwrite,
         iteration=spec.iteration,
         load_iteration=spec.load_iteration or 0,
+        source=pb.SourceExpectation(**dict(spec.expect)),
     )
 
 
@@ -114,6 +124,10 @@ def conversion_pb(rec: JobRecord) -> pb.Conversion:
                     top1_agreement=p["top1_agreement"],
                     num_positions=p["num_positions"],
                     weights_exact=bool(p.get("weights_exact")),
+                    layers=[pb.LayerParity(**d) for d in p.get("layers", [])],
+                    tolerance=p.get("tolerance", 0.0),
+                    tolerance_reason=p.get("tolerance_reason", ""),
+                    first_layer_over=p.get("first_layer_over", ""),
                 )
             )
     return pb.Conversion(status=status_pb(rec), spec=spec_message(rec.spec, pb.ConversionSpec), result=result)

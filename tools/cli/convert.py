@@ -129,7 +129,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "service's own checks, nothing submitted)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group(
+        "what the source is (never needed: read from the checkpoint; a value given is checked, and a "
+        "mismatch is an error naming both)"
+    )
+    for flag, help_ in SOURCE_FLAGS:
+        g.add_argument(flag, type=int, default=0, metavar="N", help=help_)
+    g.add_argument("--model-family", default="", metavar="NAME", help="llama, qwen2, qwen3, gpt2, ...")
     p.set_defaults(func=run)
+
+
+# Megatron's names for the source's layout and architecture (Pai's mcore -> HF scripts pass them all)
+SOURCE_FLAGS = (
+    ("--tensor-model-parallel-size", "the source's TP (legacy; torch_dist loads at any TP; HF: 1)"),
+    ("--pipeline-model-parallel-size", "the source's PP (legacy; torch_dist loads at any PP; HF: 1)"),
+    ("--num-layers", None),
+    ("--hidden-size", None),
+    ("--ffn-hidden-size", None),
+    ("--num-attention-heads", None),
+    ("--num-query-groups", None),
+)
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -139,14 +158,17 @@ def run(a: argparse.Namespace) -> int:
     return _remote(a) if a.server else _local(a)
 
 
-def _local(a: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _spec(a: argparse.Namespace, *, absolute: bool = False):
+    """The conversion the arguments ask for (paths made absolute for a service on another cwd)."""
+    from services.converter.api import EXPECTABLE, ConvertSpec
 
-    from services.converter.api import ConvertSpec, convert, validate
+    def path(p: Path | None) -> Path | None:
+        return p.absolute() if absolute and p is not None else p
 
-    spec = ConvertSpec(
-        load_dir=a.load_dir,
-        save_dir=a.save_dir,
+    stated = {n: getattr(a, n) for n in EXPECTABLE if n != "family"} | {"family": a.model_family}
+    return ConvertSpec(
+        load_dir=path(a.load_dir),
+        save_dir=path(a.save_dir),
         target_format=a.target_format,
         source_format=a.source_format,
         tp=a.target_tensor_parallel_size,
@@ -155,12 +177,21 @@ def _local(a: argparse.Namespace) -> int:
         layers_per_virtual_stage=a.num_layers_per_virtual_pipeline_stage,
         params_dtype=DTYPES.get(a.params_dtype, a.params_dtype),
         divisible_by=a.make_vocab_size_divisible_by,
-        lora_dir=a.lora_load,
+        lora_dir=path(a.lora_load),
         verify=a.verify,
         overwrite=a.overwrite,
         iteration=a.iteration,
         load_iteration=a.load_iteration or None,
+        expect=tuple((n, v) for n, v in stated.items() if v),
     )
+
+
+def _local(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from services.converter.api import convert, validate
+
+    spec = _spec(a)
     if a.dry_run:
         validate(spec)  # the checks convert() makes first (and the service makes at submit)
         print(f"{a.load_dir} -> {a.save_dir}: valid (nothing written)")
@@ -194,27 +225,11 @@ def _remote(a: argparse.Namespace) -> int:
     from protos.common.v1 import common_pb2
     from protos.converter.v1 import converter_pb2 as pb
     from protos.converter.v1 import converter_pb2_grpc as pb_grpc
-    from services.converter.api import DTYPE_TO_PB, FORMAT_TO_PB
+    from services.converter.api import spec_to_pb
     from shared.grpc.channel import make_channel
     from tools.cli.rpc import rpc
 
-    req = pb.ConversionSpec(
-        load_dir=str(a.load_dir.absolute()),
-        save_dir=str(a.save_dir.absolute()),
-        target_format=FORMAT_TO_PB[a.target_format],
-        source_format=FORMAT_TO_PB.get(a.source_format or "", 0),
-        target_tensor_parallel_size=a.target_tensor_parallel_size,
-        target_pipeline_parallel_size=a.target_pipeline_parallel_size,
-        num_layer_list=a.num_layer_list,
-        num_layers_per_virtual_pipeline_stage=a.num_layers_per_virtual_pipeline_stage,
-        params_dtype=DTYPE_TO_PB.get(DTYPES.get(a.params_dtype, a.params_dtype) or "", 0),
-        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
-        lora_load=str(a.lora_load.absolute()) if a.lora_load else "",
-        verify=a.verify,
-        overwrite=a.overwrite,
-        iteration=a.iteration,
-        load_iteration=a.load_iteration,
-    )
+    req = spec_to_pb(_spec(a, absolute=True))
     with make_channel(a.server) as ch:
         stub = pb_grpc.ConverterServiceStub(ch)
         if a.dry_run:

@@ -38,6 +38,10 @@ def test_round_trip(tmp_path, tiny_models, family, fmt, tp, pp):
     assert there.parity["weights_exact"] is True
     home = convert(ConvertSpec(load_dir=mid, save_dir=back, target_format="hf", verify=True))
     assert home.parity["max_abs_logit_diff"] <= 1e-5
+    for p in (there.parity, home.parity):  # every hidden state, the same points in both libraries
+        names = [d["name"] for d in p["layers"]]
+        assert names[0] == "embedding" and names[-1] == "final norm" and len(names) == 3  # 2 layers
+        assert p["first_layer_over"] == "" and p["tolerance"] == 1e-4
     same_weights(src, back)
     # the HF side needs no original folder: config and tokenizer travel inside the Megatron checkpoint
     assert (back / "config.json").is_file() and (back / "tokenizer.json").is_file()
