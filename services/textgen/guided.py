@@ -196,7 +196,7 @@ class GuideState:
         return bits.reshape(-1)[: self.vocab].bool().to(device)
 
     def advance(self, token: int) -> None:
-        self.guide.advance(token)
+        self.guide.advance(token, return_tokens=False)  # by default it builds the list of allowed ids
 
     def finished(self) -> bool:
         return self.guide.is_finished()
