@@ -40,3 +40,18 @@ def test_readme_figures_are_in_the_benchmark_doc():
     assert len(rows) >= 5
     missing = [(row.split("|")[1].strip(), f) for row in rows for f in figures(row) if f not in doc]
     assert not missing, f"README figures not in docs/benchmarks.md (run make bench, copy from it): {missing}"
+
+
+def test_running_some_benchmarks_keeps_the_others_sections(tmp_path, monkeypatch):
+    import json
+
+    from tools.bench import run_all
+
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    head = {"command": "python tools/bench/b.py", "returncode": 0, "seconds": 3}
+    (tmp_path / "b.txt").write_text(json.dumps(head) + "\nb's new table\n")
+    previous = "# Benchmarks\n\n## a\n\na's old table\n\n## b\n\nb's old table\n\n## c\n\nc's old table\n"
+    doc = run_all.render(previous)
+    assert "a's old table" in doc and "c's old table" in doc and "b's new table" in doc
+    assert "b's old table" not in doc
+    assert [line for line in doc.splitlines() if line.startswith("## ")] == ["## a", "## b", "## c"]

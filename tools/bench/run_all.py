@@ -23,7 +23,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RESULTS = REPO / "bench-results"
 DOC = REPO / "docs" / "benchmarks.md"
-SKIP = {"__init__.py", "common.py", "run_all.py", "decode_step.py"}  # decode_step: a part of textgen
+# helpers, and parts of the textgen benchmark that it runs
+SKIP = {"__init__.py", "common.py", "run_all.py", "decode_step.py", "baselines.py"}
 # ANSI colours and tqdm redraws are kept out of the .txt; progress-bar lines out of the document
 NOISE = re.compile(r"\x1b\[[0-9;]*m|.*\r(?!\n)")
 PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s*warnings\.warn\(|UserWarning: ")
@@ -58,8 +59,15 @@ def run(name: str) -> int:
     return rc
 
 
-def render() -> str:
-    """docs/benchmarks.md from every benchmark's kept output."""
+def kept_sections(doc: str) -> dict[str, str]:
+    """The ``## name`` sections of an existing docs/benchmarks.md, by name."""
+    parts = re.split(r"^## (\S+)\n", doc, flags=re.M)
+    return {name: f"## {name}\n{body}".rstrip("\n") + "\n" for name, body in zip(parts[1::2], parts[2::2])}
+
+
+def render(previous: str = "") -> str:
+    """docs/benchmarks.md from every benchmark's kept output; a benchmark with no output here (this checkout
+    ran only some) keeps its section of ``previous``, the document as it was."""
     out = [
         "# Benchmarks",
         "",
@@ -68,8 +76,13 @@ def render() -> str:
         "every ratio below compares figures measured minutes apart, never a figure from elsewhere.",
         "",
     ]
-    for txt in sorted(RESULTS.glob("*.txt")):
-        name = txt.stem
+    kept = kept_sections(previous)
+    have = {p.stem: p for p in RESULTS.glob("*.txt")} if RESULTS.is_dir() else {}
+    for name in sorted(set(have) | set(kept)):
+        if name not in have:
+            out += [kept[name]]
+            continue
+        txt = have[name]
         head_line, _, printed = txt.read_text().partition("\n")
         head = json.loads(head_line)
         result = RESULTS / f"{name}.json"
@@ -103,7 +116,7 @@ def main() -> int:
     if only == {"--render"}:  # docs/benchmarks.md again from the kept output, nothing run
         only, names = set(), []
     failed = [name for name in names if (not only or name in only) and run(name)]
-    DOC.write_text(render())
+    DOC.write_text(render(DOC.read_text() if DOC.is_file() else ""))
     print(f"\nwrote {DOC.relative_to(REPO)}")
     return 1 if failed else 0
 

@@ -17,8 +17,10 @@ SmolLM2-135M), same machine, one script:
 Reported: generated tokens/s, p50/p99 time to first token and inter-token latency, ratios to (a).
 Targets: 16 clients >= 4x the sequential baseline's tokens/s and >= 1.5x the static batch's; 1 client within
 15% of HF's per-token latency; 64 clients: none refused, tokens/s >= 16 clients'; shared prefix >= 3x
-without caching; long prompt: streams' ITL p99 <= 2x without it. vLLM's CPU engine and llama.cpp's server
-are not driven by this bench yet.
+without caching; long prompt: streams' ITL p99 <= 2x without it; 16 clients >= vLLM's CPU engine.
+(e) the engines users would pick instead, where installed beside the project (tools/bench/baselines.py
+    says how; the bench installs nothing): vLLM's CPU engine and llama.cpp's llama-server, same client,
+    same prompts, 1, 4 and 16 clients, after megastack's runs.
 (d) the decode step in process (``tools/bench/decode_step.py``): ms per step at 1 and 16 sequences with
     ``F.linear`` and with the engine's matmul kernel, float32 and bfloat16, against the memory-bandwidth
     roofline measured in the same run; issue 18's per-token targets (<= 20 ms float32, <= 12 ms bfloat16).
@@ -38,7 +40,7 @@ from pathlib import Path
 import requests
 
 from shared.paths import DEFAULT_MODEL_DIR
-from tools.bench import decode_step
+from tools.bench import baselines, decode_step
 from tools.bench.common import save, table
 
 
@@ -248,6 +250,30 @@ def megastack_level(
     }
 
 
+def run_baselines(model: Path, dtype: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Each other engine (tools/bench/baselines.py) at 1, 4 and 16 clients where installed: name -> its
+    levels, or the reason it was not run."""
+    out: dict = {}
+    for name, found in (
+        ("vLLM CPU engine", baselines.vllm(model, dtype, len(prompts))),
+        ("llama.cpp llama-server", baselines.llama_server(dtype, len(prompts))),
+    ):
+        if isinstance(found, str):
+            out[name] = found
+            continue
+        print(f"{found.name}: starting ...", flush=True)
+        try:
+            with baselines.serving(found) as url:
+                stream_one(url, prompts[0], 8, found.extra)  # warm-up
+                out[name] = []
+                for clients in (1, 4, 16):
+                    print(f"{found.name}: {clients} concurrent clients ...", flush=True)
+                    out[name].append(megastack_level(url, prompts, new_tokens, clients, found.extra))
+        except (RuntimeError, requests.RequestException) as e:
+            out[name] = f"failed: {e}"
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=16)
@@ -296,7 +322,8 @@ def main() -> int:
         unchunked = long_prompt_arrival(stack.endpoint("gateway", "http"), a.model, prompts)
     finally:
         stack.down()
-    for lv in levels:
+    others = run_baselines(a.model, a.dtype, prompts, a.new_tokens)
+    for lv in levels + [lv for o in others.values() if isinstance(o, list) for lv in o]:
         lv["throughput_ratio"] = lv["tokens_per_s"] / base["tokens_per_s"]
         lv["latency_ratio"] = lv["itl_p50_ms"] / base["decode_ms_per_token"]
     rows = [
@@ -331,6 +358,19 @@ def main() -> int:
                 f"{lv['itl_p99_ms']:.1f}",
             ]
         )
+    for name, runs in others.items():
+        for lv in runs if isinstance(runs, list) else []:
+            rows.append(
+                [
+                    f"{name}, {lv['clients']} clients",
+                    f"{lv['tokens_per_s']:.1f}",
+                    f"{lv['throughput_ratio']:.2f}",
+                    f"{lv['ttft_p50_s']:.3f}",
+                    f"{lv['ttft_p99_s']:.3f}",
+                    f"{lv['itl_p50_ms']:.1f}",
+                    f"{lv['itl_p99_ms']:.1f}",
+                ]
+            )
     print(
         f"\nmodel {a.model.name} ({a.dtype}), {a.requests} requests x {a.new_tokens} tokens, prompts of 32 "
         "tokens"
@@ -378,7 +418,18 @@ def main() -> int:
             f"{r['ratio']:.2f}x (target <= 2x: {'met' if r['ratio'] <= 2 else 'NOT met'}); the long prompt "
             f"took {r['long_prompt_s']:.1f} s"
         )
-    print("vLLM's CPU engine, llama.cpp's llama-server: not run (this bench does not drive them yet)")
+    ok_vllm = None
+    for name, runs in others.items():
+        if not isinstance(runs, list):
+            print(f"{name}: {runs}")
+            continue
+        theirs = next(lv for lv in runs if lv["clients"] == 16)["tokens_per_s"]
+        vs = l16["tokens_per_s"] / theirs
+        line = f"16 clients: {vs:.2f}x {name}'s {theirs:.1f} tokens/s"
+        if name.startswith("vLLM"):
+            ok_vllm = vs >= 1.0
+            line += f" (target >= 1x): {'met' if ok_vllm else 'NOT met'}"
+        print(line)
     print(
         f"1 client: per-token latency {l1['itl_p50_ms']:.1f} ms vs HF decode "
         f"{base['decode_ms_per_token']:.1f} ms "
@@ -391,8 +442,7 @@ def main() -> int:
             "config": vars(a) | {"model": str(a.model)},
             "baseline_hf_generate": base,
             "baseline_hf_static_batch": static,
-            "vllm_cpu": "not run",
-            "llama_cpp_server": "not run",
+            "baselines": others,
             "megastack": levels,
             "decode_step": step,
             "structured_output_16_clients": masked | {"itl_cost": mask_cost},
@@ -406,6 +456,7 @@ def main() -> int:
                 "shared_prefix_ge_3x": ok_prefix,
                 "structured_output_mask_le_10pct": ok_mask,
                 "long_prompt_itl_p99_le_2x": chunked["ratio"] <= 2,
+                "throughput_16_clients_ge_vllm": ok_vllm,  # None: vLLM not installed
             },
         },
     )
