@@ -302,8 +302,21 @@ def main() -> int:
             levels.append(megastack_level(url, prompts, a.new_tokens, clients))
         print("megastack: 64 concurrent clients ...", flush=True)
         levels.append(megastack_level(url, wide, a.new_tokens, 64))
-        print("megastack: 16 clients, every token through a structured-output mask ...", flush=True)
-        masked = megastack_level(url, prompts, a.new_tokens, 16, {"guided_regex": GUIDE_ALL})
+        # the mask's cost: 3 pairs of runs, masked and not, back to back (the host drifts 10-25% over minutes)
+        pairs = []
+        for r in range(3):
+            print(
+                f"megastack: 16 clients, with and without a structured-output mask, pair {r + 1}/3 ...",
+                flush=True,
+            )
+            pairs.append(
+                (
+                    megastack_level(url, prompts, a.new_tokens, 16, {"guided_regex": GUIDE_ALL}),
+                    megastack_level(url, prompts, a.new_tokens, 16),
+                )
+            )
+        masked = min((p[0] for p in pairs), key=lambda lv: lv["itl_p50_ms"])
+        unmasked = min((p[1] for p in pairs), key=lambda lv: lv["itl_p50_ms"])
         print("megastack: shared 1,000-token prefix, prefix caching on ...", flush=True)
         cached = shared_prefix(url, a.model)
         print("megastack: 8 streams while a 1,500-token prompt arrives, chunked prefill on ...", flush=True)
@@ -397,12 +410,13 @@ def main() -> int:
         f"{l64['tokens_per_s']:.1f} tokens/s vs {l16['tokens_per_s']:.1f} at 16 "
         f"(target: all served, >= 16 clients'): {'met' if ok64 else 'NOT met'}"
     )
-    mask_cost = masked["itl_p50_ms"] / l16["itl_p50_ms"] - 1
+    mask_cost = masked["itl_p50_ms"] / unmasked["itl_p50_ms"] - 1
     ok_mask = mask_cost <= 0.10
     print(
         f"structured output at 16 clients: ITL p50 {masked['itl_p50_ms']:.1f} ms with a mask on every "
-        f"token vs {l16['itl_p50_ms']:.1f} ms without = {mask_cost:+.1%} (target <= +10%): "
-        f"{'met' if ok_mask else 'NOT met'}"
+        f"token vs {unmasked['itl_p50_ms']:.1f} ms without, best of 3 back-to-back pairs = {mask_cost:+.1%} "
+        f"(target <= +10%): {'met' if ok_mask else 'NOT met'}; per pair: "
+        + ", ".join(f"{m['itl_p50_ms'] / u['itl_p50_ms'] - 1:+.1%}" for m, u in pairs)
     )
     prefix_x = cached["tokens_per_s"] / uncached["tokens_per_s"]
     ok_prefix = prefix_x >= 3.0
@@ -445,7 +459,7 @@ def main() -> int:
             "baselines": others,
             "megastack": levels,
             "decode_step": step,
-            "structured_output_16_clients": masked | {"itl_cost": mask_cost},
+            "structured_output_16_clients": {"pairs": pairs, "itl_cost": mask_cost},
             "shared_prefix": {"prefix_caching_on": cached, "prefix_caching_off": uncached, "ratio": prefix_x},
             "long_prompt_arrival": {"chunked_prefill_on": chunked, "chunked_prefill_off": unchunked},
             "targets": {
