@@ -416,7 +416,8 @@ def main() -> int:
     ok_mask = mask_cost <= 0.10
     print(
         f"structured output at 16 clients: ITL p50 {masked['itl_p50_ms']:.1f} ms with a mask on every "
-        f"token vs {unmasked['itl_p50_ms']:.1f} ms without, the median of 3 back-to-back pairs = {mask_cost:+.1%} "
+        f"token vs {unmasked['itl_p50_ms']:.1f} ms without, the median of 3 back-to-back pairs = "
+        f"{mask_cost:+.1%} "
         f"(target <= +10%): {'met' if ok_mask else 'NOT met'}; per pair: "
         + ", ".join(f"{m['itl_p50_ms'] / u['itl_p50_ms'] - 1:+.1%}" for m, u in pairs)
     )
