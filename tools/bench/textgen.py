@@ -252,6 +252,19 @@ def megastack_level(
     }
 
 
+def level_row(engine: str, lv: dict) -> list[str]:
+    """One row of the results table for a client level of ``engine``."""
+    return [
+        f"{engine}, {lv['clients']} clients",
+        f"{lv['tokens_per_s']:.1f}",
+        f"{lv['throughput_ratio']:.2f}",
+        f"{lv['ttft_p50_s']:.3f}",
+        f"{lv['ttft_p99_s']:.3f}",
+        f"{lv['itl_p50_ms']:.1f}",
+        f"{lv['itl_p99_ms']:.1f}",
+    ]
+
+
 def run_baselines(model: Path, dtype: str, prompts: list[list[int]], new_tokens: int) -> dict:
     """Each other engine (tools/bench/baselines.py) at 1, 4 and 16 clients where installed: name -> its
     levels, or the reason it was not run."""
@@ -361,31 +374,8 @@ def main() -> int:
             "-",
         ],
     ]
-    for lv in levels:
-        rows.append(
-            [
-                f"megastack, {lv['clients']} clients",
-                f"{lv['tokens_per_s']:.1f}",
-                f"{lv['throughput_ratio']:.2f}",
-                f"{lv['ttft_p50_s']:.3f}",
-                f"{lv['ttft_p99_s']:.3f}",
-                f"{lv['itl_p50_ms']:.1f}",
-                f"{lv['itl_p99_ms']:.1f}",
-            ]
-        )
-    for name, runs in others.items():
-        for lv in runs if isinstance(runs, list) else []:
-            rows.append(
-                [
-                    f"{name}, {lv['clients']} clients",
-                    f"{lv['tokens_per_s']:.1f}",
-                    f"{lv['throughput_ratio']:.2f}",
-                    f"{lv['ttft_p50_s']:.3f}",
-                    f"{lv['ttft_p99_s']:.3f}",
-                    f"{lv['itl_p50_ms']:.1f}",
-                    f"{lv['itl_p99_ms']:.1f}",
-                ]
-            )
+    rows += [level_row("megastack", lv) for lv in levels]
+    rows += [level_row(name, lv) for name, runs in others.items() if isinstance(runs, list) for lv in runs]
     print(
         f"\nmodel {a.model.name} ({a.dtype}), {a.requests} requests x {a.new_tokens} tokens, prompts of 32 "
         "tokens"
