@@ -436,9 +436,9 @@ def summary(spec: ConvertSpec, reader: CheckpointReader, r: ConvertResult, dtype
 
 
 def layer_table(p: dict[str, Any]) -> str:
-    """The per-layer parity of ``--verify``: max |diff| of the hidden states, their typical magnitude, the
+    """The per-layer parity of ``--verify``: max |diff| of the hidden states, their typical RMS, the
     relative difference (services/converter/verify.py layer_diffs)."""
-    rows = [("hidden state", "max |diff|", "typical |value|", "relative diff", "")]
+    rows = [("hidden state", "max |diff|", "typical RMS", "relative diff", "")]
     for d in p["layers"]:
         rel = d["relative_diff"]
         flag = "over" if p["tolerance"] and rel > p["tolerance"] else ""
