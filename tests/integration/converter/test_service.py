@@ -47,6 +47,9 @@ def test_submit_watch_get_list(stub, tiny_models, tmp_path):
     assert final.status.state == common_pb2.JOB_STATE_SUCCEEDED, final.status.error
     assert final.status.progress.total > 0 and final.status.progress.done == final.status.progress.total
     assert final.result.parity.max_abs_logit_diff <= 1e-5 and final.result.parity.weights_exact
+    layers = final.result.parity.layers  # the per-layer report travels in the job's result
+    assert [x.name for x in layers] == ["embedding", "after layer 1", "final norm"]
+    assert final.result.parity.first_layer_over == "" and final.result.parity.tolerance == 1e-4
     assert "top-1 agreement" in final.result.summary and any(
         "tensors" in line for e in events for line in e.log_lines
     )
@@ -67,6 +70,11 @@ def test_submit_watch_get_list(stub, tiny_models, tmp_path):
             "TP=3 does not divide",
         ),
         (lambda m, t: spec(m, t), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
+        (
+            lambda m, t: spec(m, t / "o", source=pb.SourceExpectation(num_layers=7)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "said to have num_layers 7, but",
+        ),
     ],
 )
 def test_bad_specs_are_refused_before_a_job_exists(stub, tiny_models, tmp_path, make, code, fragment):
