@@ -52,3 +52,7 @@ def test_when_the_kernel_disagrees_with_f_linear_it_is_not_chosen(monkeypatch):
 
     monkeypatch.setattr(devices, "_onednn_linear", lambda x, w, b=None: F.linear(x, w, b) + 1.0)
     assert devices.linear_kernel(CPU, torch.float32) is F.linear
+
+
+def test_other_devices_keep_f_linear_without_running_anything_there():
+    assert linear_kernel(torch.device("cuda"), torch.float32) is F.linear  # decided by the device type alone
