@@ -26,6 +26,7 @@ from llm.models.base import MappedView, megatron_names
 from services.converter.writers import TorchDistWriter, legacy_rank_dir, megatron_args, write_megatron_extras
 from shared.atomic import atomic_dir, check_target
 from shared.errors import InvalidArgument
+from shared.text import aligned
 
 logger = logging.getLogger(__name__)
 FORMATS = ("hf", "mcore", "legacy")
@@ -89,9 +90,8 @@ def _inputs(spec: ConvertSpec) -> list[Path]:
 # What a caller may state about the source (Megatron's argument names): read from the checkpoint anyway, so a
 # stated value is only checked, and a mismatch refused naming both (users of Megatron's and Pai's converters
 # repeat the source's layout and architecture in flags; a wrong one must not pass silently).
-EXPECTABLE = (
-    "tensor_model_parallel_size",
-    "pipeline_model_parallel_size",
+LAYOUT_FACTS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+ARCH_FACTS = (
     "num_layers",
     "hidden_size",
     "ffn_hidden_size",
@@ -99,6 +99,7 @@ EXPECTABLE = (
     "num_query_groups",
     "family",
 )
+EXPECTABLE = LAYOUT_FACTS + ARCH_FACTS
 
 
 def source_facts(reader: CheckpointReader) -> dict[str, tuple[Any, str]]:
@@ -115,8 +116,7 @@ def source_facts(reader: CheckpointReader) -> dict[str, tuple[Any, str]]:
         lay = reader.parallel_layout()
         tp = (lay["tensor_parallel"], "its mp_rank_* folders")
         pp = (lay["pipeline_parallel"], "its mp_rank_* folders")
-    facts = {name: (getattr(arch, name), where) for name in EXPECTABLE[2:]}
-    return facts | {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
+    return dict(zip(LAYOUT_FACTS, (tp, pp))) | {name: (getattr(arch, name), where) for name in ARCH_FACTS}
 
 
 def check_expectations(reader: CheckpointReader, expect: tuple[tuple[str, Any], ...], load: Path) -> None:
@@ -438,10 +438,9 @@ def summary(spec: ConvertSpec, reader: CheckpointReader, r: ConvertResult, dtype
 def layer_table(p: dict[str, Any]) -> str:
     """The per-layer parity of ``--verify``: max |diff| of the hidden states, their typical RMS, the
     relative difference (services/converter/verify.py layer_diffs)."""
-    rows = [("hidden state", "max |diff|", "typical RMS", "relative diff", "")]
+    rows = [["hidden state", "max |diff|", "typical RMS", "relative diff", ""]]
     for d in p["layers"]:
         rel = d["relative_diff"]
         flag = "over" if p["tolerance"] and rel > p["tolerance"] else ""
-        rows.append((d["name"], f"{d['max_abs_diff']:.3g}", f"{d['scale']:.3g}", f"{rel:.2e}", flag))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        rows.append([d["name"], f"{d['max_abs_diff']:.3g}", f"{d['scale']:.3g}", f"{rel:.2e}", flag])
+    return aligned(rows)

@@ -179,13 +179,14 @@ def layer_diffs(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[dict[str, 
         raise RuntimeError(f"the two models gave {len(a)} and {len(b)} hidden states")
     out = []
     for name, x, y in zip(hidden_names(len(a)), a, b):
+        d = x - y
         norms = x.norm(dim=-1).clamp_min(1e-30)  # (b, s)
         out.append(
             {
                 "name": name,
-                "max_abs_diff": float((x - y).abs().max()),
+                "max_abs_diff": float(d.abs().max()),
                 "scale": float(norms.median()) / x.shape[-1] ** 0.5,
-                "relative_diff": float(((x - y).norm(dim=-1) / norms).max()),
+                "relative_diff": float((d.norm(dim=-1) / norms).max()),
             }
         )
     return out

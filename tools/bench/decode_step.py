@@ -62,7 +62,6 @@ def measure(model_dir: Path, rounds: int = 3) -> dict:
     from llm.checkpoints import open_checkpoint
     from services.textgen.api import DecoderLM, PagedKVCache
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     reader = open_checkpoint(model_dir)
     cpu = torch.device("cpu")
     out: dict = {"rows": [], "bandwidth_gbs": [], "threads": torch.get_num_threads()}

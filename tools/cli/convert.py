@@ -38,7 +38,7 @@ def families_table() -> str:
                 "yes" if name in TESTED else "no",
             )
         )
-    from tools.cli.text import aligned
+    from shared.text import aligned
 
     return aligned([list(r) for r in rows])
 

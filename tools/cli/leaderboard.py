@@ -13,8 +13,8 @@ import json
 import sys
 import time
 
+from shared.text import aligned
 from tools.cli.endpoints import endpoint
-from tools.cli.text import aligned
 
 
 def rows_of(job) -> list[dict]:

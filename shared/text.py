@@ -1,4 +1,4 @@
-"""Plain-text output of the CLI."""
+"""Plain-text tables: what the CLI prints, and the summaries services return for it to print."""
 
 from __future__ import annotations
 
