@@ -228,11 +228,12 @@ class RayLauncher:
                 )
                 if k in status
             }
+            total = int(status.get("train_iters") or spec.train_iters)  # hf-deepspeed epochs: the job counts
             changes["progress"] = {
                 "done": status.get("step", 0),
-                "total": spec.train_iters,
+                "total": total,
                 "unit": "steps",
-                "message": f"step {status.get('step', 0)}/{spec.train_iters}",
+                "message": f"step {status.get('step', 0)}/{total}",
                 "metrics": metrics,
             }
             M.set_job(job_id, spec.name, status)
@@ -278,7 +279,7 @@ def _steps_are_fresh(status: dict[str, Any] | None, rec: JobRecord, spec: TrainS
     """The job is running and its last step, not the final one, was written within three step times."""
     if rec.state != RUNNING or not status or status.get("updated_unix_s", 0) < rec.created_unix_s:
         return False
-    if status.get("step", 0) >= spec.train_iters:
+    if status.get("step", 0) >= int(status.get("train_iters") or spec.train_iters):
         return False
     return time.time() - status["updated_unix_s"] < 3 * max(1.0, float(status.get("step_time_s") or 0))
 

@@ -26,6 +26,8 @@ LAYOUT_FIELDS = {
 }
 RECOMPUTE = ("none", "full", "selective")
 DECAY_STYLES = ("cosine", "linear", "constant")
+HF_DEEPSPEED = "hf-deepspeed"
+KINDS = ("pretrain", "sft", HF_DEEPSPEED)
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class CheckpointEval:
 @dataclass(frozen=True)
 class TrainSpec:
     name: str
-    kind: str  # pretrain | sft
+    kind: str  # pretrain | sft | hf-deepspeed
     seq_length: int
     train_iters: int
     save_dir: str
@@ -93,6 +95,16 @@ class TrainSpec:
     hang_timeout_s: float = 600.0  # no heartbeat from a rank this long: the attempt is restarted
     peak_tflops_per_worker: float = 0.0  # one rank's peak for MFU; 0 = each rank measures its device at start
     evaluate: CheckpointEval | None = None  # score saved checkpoints (services/trainer/evaluations.py)
+    # hf-deepspeed (services/trainer/hf_deepspeed.py): an HF model, instruction records, DeepSpeed ZeRO
+    hf_model: str = ""
+    data_files: tuple[str, ...] = ()
+    valid_data_files: tuple[str, ...] = ()
+    epochs: int = 0  # passes over data_files; 0 = train_iters steps
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    bucket_size: int = 0  # 0 = the model's parameter count
+    export_hf_dir: str = ""  # the trained model as HF safetensors at the end
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -112,6 +124,8 @@ class TrainSpec:
         d["data_paths"] = tuple(tuple(x) for x in d["data_paths"])
         d["valid_data_paths"] = tuple(tuple(x) for x in d.get("valid_data_paths", ()))
         d["num_layer_list"] = tuple(d["num_layer_list"])
+        for name in ("data_files", "valid_data_files"):
+            d[name] = tuple(d.get(name, ()))
         if d.get("evaluate"):
             d["evaluate"] = CheckpointEval(**{**d["evaluate"], "tasks": tuple(d["evaluate"]["tasks"])})
         return cls(**d)
@@ -134,6 +148,8 @@ def dataset_prefixes(spec: TrainSpec) -> list[str]:
 
 
 def _prefixes(kind: str, paths) -> list[str]:
+    if kind == HF_DEEPSPEED:  # reads JSON records, no indexed datasets
+        return []
     if kind == "sft":
         return [
             f"{p}_packed_{k}_document" for p, _ in paths for k in ("input_ids", "labels", "attention_mask")
@@ -184,7 +200,8 @@ def trainer_owned(folder: Path) -> bool:
 
 def job_inputs(spec: TrainSpec) -> list[Path]:
     """Every path the job reads: the save folder may not equal, contain or sit inside any of them."""
-    out = [Path(p) for p in (spec.init_from, spec.architecture, spec.tokenizer) if p]
+    out = [Path(p) for p in (spec.init_from, spec.architecture, spec.tokenizer, spec.hf_model) if p]
+    out += [Path(p) for p in (*spec.data_files, *spec.valid_data_files)]
     for prefix in dataset_prefixes(spec):
         out += [Path(prefix + ".bin"), Path(prefix + ".idx")]
     return out
@@ -200,6 +217,10 @@ def check_roots(spec: TrainSpec) -> None:
         (spec.tokenizer, "model.tokenizer"),
         (spec.save_dir, "checkpoint.save_dir"),
         (spec.data_cache_dir, "data.cache_dir"),
+        (spec.hf_model, "model.hf_model"),
+        (spec.export_hf_dir, "checkpoint.export_hf_dir"),
+        *((p, "data.files") for p in spec.data_files),
+        *((p, "data.valid_files") for p in spec.valid_data_files),
         *((p, "data.paths") for p, _ in spec.data_paths),
         *((p, "data.valid_paths") for p, _ in spec.valid_data_paths),
     ):
@@ -229,8 +250,22 @@ def _check_evaluate(e: CheckpointEval) -> None:
 
 
 def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
-    if spec.kind not in ("pretrain", "sft"):
-        raise _bad("kind must be pretrain or sft", "kind")
+    if spec.kind not in KINDS:
+        raise _bad(f"kind must be one of {', '.join(KINDS)}", "kind")
+    if spec.kind == HF_DEEPSPEED:
+        from services.trainer.hf_spec import validate_hf_deepspeed
+
+        return validate_hf_deepspeed(spec)
+    for name, value in (
+        ("model.hf_model", spec.hf_model),
+        ("data.files", spec.data_files),
+        ("data.valid_files", spec.valid_data_files),
+        ("training.epochs", spec.epochs),
+        ("deepspeed", spec.zero_stage or spec.offload_optimizer or spec.offload_param or spec.bucket_size),
+        ("checkpoint.export_hf_dir", spec.export_hf_dir),
+    ):
+        if value:
+            raise _bad(f"{name} is for kind hf-deepspeed; a {spec.kind} job does not read it", name)
     for name in ("seq_length", "train_iters", "micro_batch_size", "tp", "pp", "vpp", "dp", "log_interval"):
         if getattr(spec, name) < 1:
             raise _bad(f"{name} must be >= 1, got {getattr(spec, name)}", name)
@@ -424,6 +459,10 @@ def absolutize(spec: TrainSpec, base: Path | None = None) -> TrainSpec:
         init_from=fix(spec.init_from),
         architecture=fix(spec.architecture),
         tokenizer=fix(spec.tokenizer),
+        hf_model=fix(spec.hf_model),
+        export_hf_dir=fix(spec.export_hf_dir),
+        data_files=tuple(fix(p) for p in spec.data_files),
+        valid_data_files=tuple(fix(p) for p in spec.valid_data_files),
         save_dir=fix(spec.save_dir),
         data_cache_dir=fix(spec.data_cache_dir),
         data_paths=tuple((fix(p), w) for p, w in spec.data_paths),

@@ -1,5 +1,7 @@
 """The training entrypoint run by every rank: ``python -m services.trainer.train SPEC_JSON``.
 
+(``hf-deepspeed`` specs go to ``services.trainer.hf_deepspeed``; everything below is megatron-core.)
+
 megatron-core end to end: GPTModel chunks (local spec; CPU/gloo or GPU/nccl from the same code), DDP,
 Megatron's optimizer (FP32 / mixed precision / distributed) with gradient clipping, LR warmup and
 decay, the pipeline schedules (1F1B, interleaved), activation recomputation, and torch_dist
@@ -10,7 +12,6 @@ MASTER_PORT (set by the Ray driver, or torchrun). The last pipeline stage's firs
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -25,10 +26,9 @@ from llm.mcore.packing import block_causal_mask, follow_positions, has_isolated_
 from services.trainer import checkpointing as ckpt
 from services.trainer import heartbeat
 from services.trainer.data import batches, build_datasets
-from services.trainer.jobfiles import METRICS_FILE, STATUS_FILE
 from services.trainer.perf import flops_per_token, job_peak_tflops, rank_step_times
+from services.trainer.reporting import Reporter
 from services.trainer.spec import NEAT_PACK_TE, TrainSpec, check_save_dir, resolve_arch
-from shared.atomic import write_text_atomic
 
 logger = logging.getLogger("services.trainer.train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -181,55 +181,6 @@ def _forward_step(data_iterator, model):
         return loss, {"lm loss": loss.detach().clone()}
 
     return output, loss_func
-
-
-class Reporter:
-    """Metrics from the last pipeline stage's first rank: log line, TensorBoard, status file."""
-
-    def __init__(self, spec: TrainSpec, enabled: bool) -> None:
-        self.spec, self.enabled = spec, enabled
-        self.path = Path(spec.save_dir) / STATUS_FILE
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(spec.save_dir) / "tensorboard"))
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                self.tb = None
-        self.last_checkpoint = 0
-
-    def step(self, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        metrics = {
-            **metrics,
-            "last_checkpoint_step": self.last_checkpoint,
-            "train_iters": self.spec.train_iters,
-            "updated_unix_s": time.time(),
-        }
-        print("@@metrics " + json.dumps(metrics), flush=True)  # noqa: T201 - the job log carries the curve
-        write_text_atomic(self.path, json.dumps(metrics))
-        with open(self.path.with_name(METRICS_FILE), "a") as f:  # the whole curve, across restarts
-            f.write(json.dumps(metrics) + "\n")
-        if self.tb is not None:
-            step = metrics["step"]
-            for tag, key in (
-                ("lm-loss", "loss"),
-                ("learning-rate", "lr"),
-                ("grad-norm", "grad_norm"),
-                ("throughput/tokens_per_s", "tokens_per_s"),
-                ("throughput/tflops", "tflops"),
-                ("throughput/mfu", "mfu"),
-                ("loss-scale", "loss_scale"),
-                ("time/step_s", "step_time_s"),
-                ("validation/lm-loss", "valid_loss"),
-            ):
-                if key in metrics:
-                    self.tb.add_scalar(tag, metrics[key], step)
-            for r, seconds in enumerate(metrics.get("rank_step_time_s", ())):
-                self.tb.add_scalar(f"time/step_s/rank{r}", seconds, step)
-            self.tb.flush()
 
 
 def _mean_loss(losses: list[dict]) -> torch.Tensor | None:
@@ -444,6 +395,10 @@ def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     # "-": the spec comes on stdin (the Ray rank actor pipes it, so a killed actor leaves no file behind)
     spec = TrainSpec.from_json(sys.stdin.read() if argv[0] == "-" else Path(argv[0]).read_text())
+    if spec.kind == "hf-deepspeed":  # an HF model under DeepSpeed ZeRO, not megatron-core
+        from services.trainer import hf_deepspeed
+
+        return hf_deepspeed.run(spec)
     return run(spec)
 
 

@@ -11,7 +11,11 @@ from shared.errors import InvalidArgument
 from shared.jobs import JobRecord
 from shared.jobs_wire import spec_doc, spec_message, status_pb
 
-KINDS = {pb.TRAIN_JOB_KIND_PRETRAIN: "pretrain", pb.TRAIN_JOB_KIND_SFT: "sft"}
+KINDS = {
+    pb.TRAIN_JOB_KIND_PRETRAIN: "pretrain",
+    pb.TRAIN_JOB_KIND_SFT: "sft",
+    pb.TRAIN_JOB_KIND_HF_DEEPSPEED: "hf-deepspeed",
+}
 KINDS_PB = {v: k for k, v in KINDS.items()}
 
 
@@ -74,6 +78,15 @@ def spec_from_pb(s: pb.TrainJobSpec) -> TrainSpec:
         hang_timeout_s=_or(r.hang_timeout_s, 600.0),
         peak_tflops_per_worker=r.peak_tflops_per_worker,
         evaluate=_evaluate_from_pb(s.evaluate) if s.HasField("evaluate") else None,
+        hf_model=s.model.hf_model,
+        data_files=tuple(d.files),
+        valid_data_files=tuple(d.valid_files),
+        epochs=t.epochs,
+        zero_stage=s.deepspeed.zero_stage,
+        offload_optimizer=s.deepspeed.offload_optimizer,
+        offload_param=s.deepspeed.offload_param,
+        bucket_size=s.deepspeed.bucket_size,
+        export_hf_dir=c.export_hf_dir,
     )
 
 
@@ -91,13 +104,17 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
     return pb.TrainJobSpec(
         name=s.name,
         kind=KINDS_PB[s.kind],
-        model=pb.ModelSpec(init_from=s.init_from, architecture=s.architecture, tokenizer=s.tokenizer),
+        model=pb.ModelSpec(
+            init_from=s.init_from, architecture=s.architecture, tokenizer=s.tokenizer, hf_model=s.hf_model
+        ),
         data=pb.DataSpec(
             paths=[pb.DataPath(prefix=p, weight=w) for p, w in s.data_paths],
             split=s.split,
             seq_length=s.seq_length,
             cache_dir=s.data_cache_dir,
             valid_paths=[pb.DataPath(prefix=p, weight=w) for p, w in s.valid_data_paths],
+            files=s.data_files,
+            valid_files=s.valid_data_files,
         ),
         parallel=pb.ParallelSpec(
             tensor_parallel=s.tp,
@@ -131,9 +148,14 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
             eval_interval=s.eval_interval,
             eval_iters=s.eval_iters,
             transformer_impl=s.transformer_impl,
+            epochs=s.epochs,
         ),
         checkpoint=pb.CheckpointSpec(
-            save_dir=s.save_dir, save_interval=s.save_interval, no_resume=s.no_resume, async_save=s.async_save
+            save_dir=s.save_dir,
+            save_interval=s.save_interval,
+            no_resume=s.no_resume,
+            async_save=s.async_save,
+            export_hf_dir=s.export_hf_dir,
         ),
         resources=pb.ResourceSpec(
             cpus_per_worker=s.cpus_per_worker,
@@ -152,6 +174,12 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
             num_fewshot=s.evaluate.num_fewshot,
             every_n_saves=s.evaluate.every_n_saves,
             batch_size=s.evaluate.batch_size,
+        ),
+        deepspeed=pb.DeepSpeedSpec(
+            zero_stage=s.zero_stage,
+            offload_optimizer=s.offload_optimizer,
+            offload_param=s.offload_param,
+            bucket_size=s.bucket_size,
         ),
     )
 
@@ -219,7 +247,7 @@ def spec_from_dict(doc: dict[str, Any]) -> TrainSpec:
 
     doc = dict(doc)
     if isinstance(doc.get("kind"), str) and not doc["kind"].startswith("TRAIN_JOB_KIND_"):
-        doc["kind"] = "TRAIN_JOB_KIND_" + doc["kind"].upper()
+        doc["kind"] = "TRAIN_JOB_KIND_" + doc["kind"].upper().replace("-", "_")
     msg = pb.TrainJobSpec()
     try:
         json_format.ParseDict(doc, msg)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from llm.indexed_dataset import IndexedDatasetWriter, optimal_dtype
-from tools.preprocess.handlers import HANDLERS, Packer, SFTEncoder, split_sentences, text_of
+from llm.sft_records import SFTEncoder
+from tools.preprocess.handlers import HANDLERS, Packer, split_sentences, text_of
 from tools.preprocess.readers import InputError, Record, iter_records, list_inputs
 
 BATCH_DOCS = 512

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm.sft_records import InputError
+
 SUFFIXES = (
     ".jsonl",
     ".json",
@@ -29,14 +31,6 @@ SUFFIXES = (
     ".json.zst",
 )
 MAX_JSON_ARRAY_BYTES = 256 << 20
-
-
-class InputError(Exception):
-    """Bad input at a known place: ``where`` is 'file:line' (or 'file:row N')."""
-
-    def __init__(self, where: str, reason: str, kind: str) -> None:
-        super().__init__(f"{where}: {reason}")
-        self.where, self.reason, self.kind = where, reason, kind
 
 
 @dataclass
