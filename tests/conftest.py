@@ -91,3 +91,10 @@ def train_assets(tmp_path_factory, tiny_tokenizer):
     from tests.fixtures.training import make_train_assets
 
     return make_train_assets(tmp_path_factory.mktemp("train"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def instruction_assets(tmp_path_factory, tiny_models):
+    from tests.fixtures.training import make_instruction_assets
+
+    return make_instruction_assets(tmp_path_factory.mktemp("instruct"), tiny_models)
