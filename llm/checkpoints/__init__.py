@@ -18,7 +18,7 @@ from shared.errors import InvalidArgument, NotFound
 class CheckpointReader(Protocol):
     path: Path
     arch: ArchConfig
-    format: str  # hf | mcore | legacy
+    format: str  # hf | mcore | legacy | deepspeed (a source only)
     hf_config: dict
 
     def names(self) -> list[str]:
@@ -35,7 +35,8 @@ class CheckpointReader(Protocol):
 
 
 def detect_format(path: Path) -> str:
-    """``hf``, ``mcore`` or ``legacy``, from the files in ``path``; 404/400 naming load_dir otherwise."""
+    """``hf``, ``deepspeed``, ``mcore`` or ``legacy``, from the files in ``path``; 404/400 naming load_dir
+    otherwise."""
     from llm.checkpoints import megatron
 
     path = Path(path)
@@ -45,12 +46,16 @@ def detect_format(path: Path) -> str:
         raise InvalidArgument(f"{path} is not a folder", field="load_dir")
     if (path / "config.json").is_file():
         return "hf"
+    from llm.checkpoints.deepspeed import is_deepspeed_checkpoint
+
+    if is_deepspeed_checkpoint(path):
+        return "deepspeed"
     fmt = megatron.detect_megatron_format(path)
     if fmt is not None:
         return fmt
     raise InvalidArgument(
-        f"{path} is not a checkpoint: no config.json (HF) and no latest_checkpointed_iteration.txt, "
-        "iter_*/release folder (Megatron)",
+        f"{path} is not a checkpoint: no config.json (HF), no latest_checkpointed_iteration.txt, "
+        "iter_*/release folder (Megatron), no latest file or global_step* folder (DeepSpeed)",
         field="load_dir",
     )
 
@@ -71,6 +76,10 @@ def open_checkpoint(
                 f"{path} is an HF checkpoint: it has no iterations to choose from", field="load_iteration"
             )
         return _HFReader(HFCheckpoint(path))
+    if fmt == "deepspeed":
+        from llm.checkpoints.deepspeed import DeepSpeedCheckpoint
+
+        return _DeepSpeedReader(DeepSpeedCheckpoint(path, iteration))
     return MegatronCheckpoint(path, fmt, iteration)
 
 
@@ -107,3 +116,15 @@ class _HFReader:
 
     def dtype(self) -> torch.dtype:
         return self.ckpt.get(self.ckpt.family.hf_tensor_names(self.arch)[0]).dtype
+
+
+class _DeepSpeedReader(_HFReader):
+    """A DeepSpeed save folder, consolidated to fp32, read like an HF folder."""
+
+    format = "deepspeed"
+
+    def tokenizer_dir(self) -> Path | None:
+        return self.ckpt.tokenizer_dir() if self.ckpt.tokenizer_files() else None
+
+    def dtype(self) -> torch.dtype:
+        return torch.float32

@@ -5,8 +5,11 @@ fp32 master partitions every rank saved. ZeRO stage 0 keeps no partitions: its f
 ``module`` of ``mp_rank_00_model_states.pt``. The HF side needs the model's config and tokenizer,
 which megastack's trainer copies into the save folder (``hf_model/``) when a job starts.
 
-DeepSpeed's files are pickles (``torch.load`` with full unpickling, as DeepSpeed itself loads them):
-read only checkpoints you trust, like any DeepSpeed checkpoint.
+DeepSpeed's files are pickles that DeepSpeed's loader unpickles in full. Before any of them is loaded,
+:func:`check_pickles` lists the globals each one names without executing it (torch's
+``get_unsafe_globals_in_checkpoint`` reads the opcodes) and refuses a file that names anything beyond
+the three DeepSpeed classes its ZeRO optimizer states are made of: a folder from anywhere cannot run code
+in the converter.
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ import torch
 from shared.errors import InvalidArgument
 
 MODEL_INFO = "hf_model"
+STEP_PREFIX = "global_step"
+# what DeepSpeed 0.19's checkpoints name beyond tensors and containers (ZeRO 1-3 optimizer states, fp32 and
+# bf16; loss scalers of fp16 runs): an enum, a dataclass and two plain classes
+ALLOWED_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
 TOKENIZER_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 NOT_TOKENIZER = ("config.json", "generation_config.json", "megastack.json", "model.safetensors.index.json")
 
@@ -44,6 +58,30 @@ def resolve_tag(folder: Path, tag: str | None = None) -> str:
     return tag
 
 
+def check_pickles(folder: Path, tag: str) -> None:
+    """InvalidArgument (load_dir) when a ``.pt`` file of the tag names a global outside ALLOWED_GLOBALS."""
+    files = sorted((Path(folder) / tag).glob("*.pt"))
+    if not files:
+        raise InvalidArgument(f"{Path(folder) / tag} holds no DeepSpeed .pt files", field="load_dir")
+    for f in files:
+        try:
+            names = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
+        except Exception as e:  # noqa: BLE001 - truncated or not a torch file
+            raise InvalidArgument(
+                f"{f}: not a readable torch file ({type(e).__name__}: {e})", field="load_dir"
+            ) from None
+        if names - ALLOWED_GLOBALS:
+            raise InvalidArgument(
+                f"{f} names {', '.join(sorted(names - ALLOWED_GLOBALS))}, which a DeepSpeed checkpoint of "
+                "model and optimizer states does not hold; megastack does not unpickle it",
+                field="load_dir",
+            )
+
+
+def tag_of(iteration: int | None) -> str | None:
+    return None if iteration is None else f"{STEP_PREFIX}{iteration}"
+
+
 def zero_stage(folder: Path, tag: str) -> int:
     """0 when the tag holds no ZeRO optimizer partitions, else the stage the checkpoint records."""
     parts = sorted((Path(folder) / tag).glob("*zero_pp_rank_*optim_states.pt"))
@@ -57,6 +95,7 @@ def fp32_state_dict(folder: Path, tag: str | None = None) -> dict[str, torch.Ten
     """The model's full fp32 weights, by the module's own parameter names."""
     folder = Path(folder)
     tag = resolve_tag(folder, tag)
+    check_pickles(folder, tag)
     if zero_stage(folder, tag) == 0:
         files = sorted((folder / tag).glob("mp_rank_*_model_states.pt"))
         if len(files) != 1:
@@ -118,3 +157,64 @@ def export_hf(
     with atomic_dir(Path(out_dir), overwrite=overwrite, inputs=[folder, *inputs]) as tmp:
         write_hf_checkpoint(tmp, tensors, config={**config, "torch_dtype": "float32"}, extra_files=extra)
     return Path(out_dir)
+
+
+class DeepSpeedCheckpoint:
+    """A DeepSpeed save folder seen as an HF checkpoint: the consolidated fp32 weights under their HF names,
+    with the config and tokenizer of ``hf_model/`` (what ``llm.checkpoints.open_checkpoint`` reads)."""
+
+    def __init__(self, path: Path | str, iteration: int | None = None) -> None:
+        from llm.models.registry import arch_from_hf_config, family
+
+        self.path = Path(path)
+        self.tag = resolve_tag(self.path, tag_of(iteration))
+        self.config = hf_config(self.path)
+        self.arch = arch_from_hf_config(self.config, str(self.path / MODEL_INFO / "config.json"))
+        self.family = family(self.arch.family)
+        _, tensors = hf_tensors(self.path, self.tag)
+        self._state = dict(tensors)
+
+    def names(self) -> set[str]:
+        return set(self._state)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._state:
+            raise InvalidArgument(f"{self.path}/{self.tag}: tensor {name} is missing", field="load_dir")
+        return self._state[name]
+
+    def canonical_tensors(self):
+        missing = [n for n in self.family.hf_tensor_names(self.arch) if n not in self._state]
+        if missing:
+            raise InvalidArgument(
+                f"{self.path}/{self.tag}: {len(missing)} tensors missing for {self.arch.architecture}, "
+                f"first: "
+                f"{missing[0]}",
+                field="load_dir",
+            )
+        yield from self.family.hf_to_megatron(self.arch, self.get)
+
+    def tokenizer_dir(self) -> Path:
+        return self.path / MODEL_INFO
+
+    def tokenizer_files(self) -> list[Path]:
+        from llm.checkpoints.hf import TOKENIZER_FILES
+
+        return [self.tokenizer_dir() / f for f in TOKENIZER_FILES if (self.tokenizer_dir() / f).is_file()]
+
+    def hf_model(self):
+        """The transformers model with these weights (what ``--verify`` runs on the source side)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(str(self.path / MODEL_INFO))
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(self._state, strict=False)
+        if unexpected or [m for m in missing if m != "lm_head.weight"]:
+            raise InvalidArgument(
+                f"{self.path}/{self.tag}: weights do not fit {self.arch.architecture} "
+                f"(missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})",
+                field="load_dir",
+            )
+        if "lm_head.weight" in missing:
+            model.tie_weights()
+        return model.eval()

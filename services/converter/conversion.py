@@ -29,7 +29,11 @@ from shared.errors import InvalidArgument
 from shared.text import aligned
 
 logger = logging.getLogger(__name__)
-FORMATS = ("hf", "mcore", "legacy")
+FORMATS = ("hf", "mcore", "legacy")  # what the converter writes
+SOURCE_FORMATS = (
+    *FORMATS,
+    "deepspeed",
+)  # what it reads: also DeepSpeed save folders (llm.checkpoints.deepspeed)
 Progress = Callable[[int, int, str], None]
 
 
@@ -106,9 +110,9 @@ def source_facts(reader: CheckpointReader) -> dict[str, tuple[Any, str]]:
     """Each EXPECTABLE name: (what the checkpoint has, where that comes from); None where the checkpoint does
     not fix it (a torch_dist checkpoint loads at any TP and PP)."""
     arch = reader.arch
-    if reader.format == "hf":
-        where = "its config.json"
-        tp = pp = (1, "an HF checkpoint is not split")
+    if reader.format in ("hf", "deepspeed"):
+        where = "its config.json" if reader.format == "hf" else "its hf_model/config.json"
+        tp = pp = (1, "an HF checkpoint is not split" if reader.format == "hf" else "ZeRO shards are joined")
     else:
         where = (
             "its megastack.json" if getattr(reader, "meta", None) else "the Megatron arguments saved in it"
@@ -144,8 +148,10 @@ def validate(spec: ConvertSpec) -> CheckpointReader:
             f"target format must be one of {', '.join(FORMATS)}, got {spec.target_format!r}",
             field="target_format",
         )
-    if spec.source_format is not None and spec.source_format not in FORMATS:
-        raise InvalidArgument(f"source format must be one of {', '.join(FORMATS)}", field="source_format")
+    if spec.source_format is not None and spec.source_format not in SOURCE_FORMATS:
+        raise InvalidArgument(
+            f"source format must be one of {', '.join(SOURCE_FORMATS)}", field="source_format"
+        )
     load = Path(spec.load_dir).absolute()
     check_target(Path(spec.save_dir), inputs=_inputs(spec), overwrite=spec.overwrite)
     detected = detect_format(load)

@@ -48,7 +48,10 @@ Run = tuple[torch.Tensor, list[torch.Tensor]]
 def hf_run(path: Path, tokens: torch.Tensor) -> Run:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return _hf_forward(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(), tokens)
+
+
+def _hf_forward(model, tokens: torch.Tensor) -> Run:
     with torch.no_grad():
         out = model(to_device(tokens, module_device(model)), output_hidden_states=True)
     return out.logits.float().cpu(), [h.float().cpu() for h in out.hidden_states]
@@ -122,6 +125,10 @@ def megatron_run(path: Path, fmt: str, tokens: torch.Tensor, iteration: int | No
 
 
 def run_of(path: Path, fmt: str, tokens: torch.Tensor, iteration: int | None = None) -> Run:
+    if fmt == "deepspeed":  # the consolidated weights in the transformers model of hf_model/config.json
+        from llm.checkpoints.deepspeed import DeepSpeedCheckpoint
+
+        return _hf_forward(DeepSpeedCheckpoint(path, iteration).hf_model(), tokens)
     return hf_run(path, tokens) if fmt == "hf" else megatron_run(path, fmt, tokens, iteration)
 
 

@@ -16,6 +16,7 @@ FORMAT_TO_PB = {
     "hf": common_pb2.CHECKPOINT_FORMAT_HF,
     "mcore": common_pb2.CHECKPOINT_FORMAT_MCORE,
     "legacy": common_pb2.CHECKPOINT_FORMAT_LEGACY,
+    "deepspeed": common_pb2.CHECKPOINT_FORMAT_DEEPSPEED,  # a source only
 }
 PB_TO_FORMAT = {v: k for k, v in FORMAT_TO_PB.items()}
 DTYPE_FROM_PB = {

@@ -69,7 +69,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--save-dir", type=Path, required=True, help="target folder (must not exist unless --overwrite)"
     )
-    p.add_argument("--source-format", choices=FORMATS, default=None, help="default: detected from --load-dir")
+    p.add_argument(
+        "--source-format",
+        choices=(*FORMATS, "deepspeed"),
+        default=None,
+        help="default: detected from --load-dir (deepspeed: a DeepSpeed save folder of an hf-deepspeed job)",
+    )
     p.add_argument("--target-format", choices=FORMATS, required=True)
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="N")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="M")

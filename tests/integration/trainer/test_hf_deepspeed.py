@@ -77,6 +77,13 @@ def test_zero_stage_reproduces_ddp(instruction_assets, tmp_path, ddp_curve, stag
     )
     status = json.loads((run / "megastack-status.json").read_text())
     assert status["done"] and status["step"] == 8 and status["last_checkpoint_step"] == 8
+    # the converter reads the save folder as a source of its own: consolidated, to torch_dist at TP=2
+    from services.converter.conversion import ConvertSpec, convert
+
+    result = convert(
+        ConvertSpec(load_dir=run, save_dir=tmp_path / "mcore", target_format="mcore", tp=2, verify=True)
+    )
+    assert result.parity["weights_exact"] and result.parity["max_abs_logit_diff"] < 1e-4, result.parity
     if stage == 3:
         from transformers import AutoModelForCausalLM
 
@@ -91,9 +98,53 @@ def test_zero_stage_reproduces_ddp(instruction_assets, tmp_path, ddp_curve, stag
         with torch.no_grad():
             logits = model(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
         assert (logits - trained).abs().max().item() <= 1e-5
-        assert (
-            open_checkpoint(tmp_path / "hf").arch.num_layers == model.config.num_hidden_layers
-        )  # megastack reads it
+        assert open_checkpoint(tmp_path / "hf").arch.num_layers == model.config.num_hidden_layers
+        _served_greedy_equals_transformers(tmp_path / "hf", model)
+
+
+def _served_greedy_equals_transformers(model_dir: Path, model) -> None:
+    from protos.textgen.v1 import textgen_pb2 as tpb
+    from protos.textgen.v1 import textgen_pb2_grpc as tpb_grpc
+    from shared.grpc.channel import make_channel
+    from tests.fixtures.servers import start_textgen
+
+    handle = start_textgen(model_dir)
+    try:
+        with make_channel(handle.address) as ch:
+            resp = tpb_grpc.TextGenServiceStub(ch).Generate(
+                tpb.GenerateRequest(
+                    prompts=[tpb.Prompt(tokens=tpb.TokenIds(ids=[5, 6, 7, 8]))],
+                    params=tpb.GenerationParams(
+                        sampling=tpb.SamplingParams(greedy=True),
+                        stopping=tpb.StoppingParams(max_new_tokens=8, ignore_eos=True),
+                    ),
+                )
+            )
+    finally:
+        handle.stop()
+    with torch.no_grad():
+        want = model.generate(
+            torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, do_sample=False, min_new_tokens=8
+        )
+    assert list(resp.completions[0].token_ids) == want[0, 4:].tolist()
+
+
+def test_a_deepspeed_folder_naming_other_globals_is_refused_unread(instruction_assets, tmp_path):
+    import pathlib
+    import shutil
+
+    from services.converter.conversion import ConvertSpec, convert
+
+    run = tmp_path / "run"
+    (run / "global_step1").mkdir(parents=True)
+    (run / "latest").write_text("global_step1")
+    shutil.copytree(instruction_assets["hf"], run / "hf_model")
+    torch.save(
+        {"module": {}, "x": pathlib.PurePosixPath("/")}, run / "global_step1" / "mp_rank_00_model_states.pt"
+    )
+    with pytest.raises(InvalidArgument, match="PurePosixPath.*does not unpickle") as e:
+        convert(ConvertSpec(load_dir=run, save_dir=tmp_path / "out", target_format="hf"))
+    assert e.value.field == "load_dir" and not (tmp_path / "out").exists()
 
 
 def _refused(assets, tmp_path, field: str, match: str, **over) -> None:
