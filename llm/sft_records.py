@@ -53,6 +53,7 @@ class ShareGptKeys:
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> ShareGptKeys:
+        """The keys of a ``--map-keys`` mapping (``messages`` and ``tags``), defaults for the rest."""
         fields = {"messages": m.get("messages", cls.messages), **(m.get("tags") or {})}
         return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
 
@@ -80,6 +81,7 @@ class SFTEncoder:
         self.special = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
 
     def messages(self, doc: dict[str, Any], where: str) -> list[dict[str, str]]:
+        """The record as chat messages (``role``, ``content``); InputError naming ``where`` if keys lack."""
         return self._alpaca(doc, where) if self.style == "alpaca" else self._sharegpt(doc, where)
 
     def _alpaca(self, doc: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -146,6 +148,7 @@ class SFTEncoder:
         return pieces
 
     def encode(self, doc: dict[str, Any], where: str) -> tuple[list[int], list[int]]:
+        """(input ids, labels): labels are -100 but on the assistant's tokens and its end-of-turn marker."""
         msgs = self.messages(doc, where)
         if self.prompt_type == "alpaca":
             pieces = self._alpaca_text(msgs)
@@ -241,6 +244,7 @@ class RecordEncoder:
         self.encoders[record_style(doc)].messages(doc, where)
 
     def encode(self, doc: dict[str, Any], where: str) -> tuple[list[int], list[int]]:
+        """(input ids, prompt-masked labels) of the record, in its own style (:meth:`SFTEncoder.encode`)."""
         return self.encoders[record_style(doc)].encode(doc, where)
 
 

@@ -39,12 +39,12 @@ NOT_TOKENIZER = ("config.json", "generation_config.json", "megastack.json", "mod
 
 
 def is_deepspeed_checkpoint(folder: Path) -> bool:
-    return (Path(folder) / "latest").is_file() or any(
-        Path(folder).glob("global_step*/mp_rank_*_model_states.pt")
-    )
+    """Whether ``folder`` is a DeepSpeed save folder (a ``latest`` tag, or ``global_step*`` model states)."""
+    return (Path(folder) / "latest").is_file() or any(Path(folder).glob("global_step*/*model_states.pt"))
 
 
 def resolve_tag(folder: Path, tag: str | None = None) -> str:
+    """``tag``, or the one ``latest`` names; InvalidArgument (load_dir) when there is no such folder."""
     folder = Path(folder)
     if tag is None:
         try:
@@ -79,6 +79,7 @@ def check_pickles(folder: Path, tag: str) -> None:
 
 
 def tag_of(iteration: int | None) -> str | None:
+    """The DeepSpeed tag of a step (``--load-iteration N`` -> ``global_stepN``); None for the latest."""
     return None if iteration is None else f"{STEP_PREFIX}{iteration}"
 
 
@@ -111,6 +112,7 @@ def fp32_state_dict(folder: Path, tag: str | None = None) -> dict[str, torch.Ten
 
 
 def hf_config(folder: Path) -> dict:
+    """The HF config saved beside the checkpoint (``hf_model/config.json``)."""
     path = Path(folder) / MODEL_INFO / "config.json"
     if not path.is_file():
         raise InvalidArgument(
@@ -175,14 +177,17 @@ class DeepSpeedCheckpoint:
         self._state = dict(tensors)
 
     def names(self) -> set[str]:
+        """The HF tensor names of the consolidated weights."""
         return set(self._state)
 
     def get(self, name: str) -> torch.Tensor:
+        """One HF tensor (fp32)."""
         if name not in self._state:
             raise InvalidArgument(f"{self.path}/{self.tag}: tensor {name} is missing", field="load_dir")
         return self._state[name]
 
     def canonical_tensors(self):
+        """The weights in Megatron canonical layout (the family's mapping from the HF names)."""
         missing = [n for n in self.family.hf_tensor_names(self.arch) if n not in self._state]
         if missing:
             raise InvalidArgument(
@@ -194,9 +199,11 @@ class DeepSpeedCheckpoint:
         yield from self.family.hf_to_megatron(self.arch, self.get)
 
     def tokenizer_dir(self) -> Path:
+        """``hf_model/``: the tokenizer the trainer copied at the job's start."""
         return self.path / MODEL_INFO
 
     def tokenizer_files(self) -> list[Path]:
+        """The tokenizer files present in ``hf_model/``."""
         from llm.checkpoints.hf import TOKENIZER_FILES
 
         return [self.tokenizer_dir() / f for f in TOKENIZER_FILES if (self.tokenizer_dir() / f).is_file()]

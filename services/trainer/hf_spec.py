@@ -138,7 +138,7 @@ def _check_model(spec):
 def validate_hf_deepspeed(spec) -> None:  # noqa: C901 - one check per rule
     """Raise InvalidArgument (naming the field) for anything an hf-deepspeed job could not run."""
     from services.trainer.hf_data import steps_per_epoch
-    from services.trainer.spec import check_save_dir, job_inputs
+    from services.trainer.spec_common import check_save_dir, job_inputs
 
     _refuse_megatron_fields(spec)
     for name, f in (
@@ -164,7 +164,7 @@ def validate_hf_deepspeed(spec) -> None:  # noqa: C901 - one check per rule
             "training.global_batch_size",
         )
     _check_device_options(spec)
-    from services.trainer.spec import DECAY_STYLES, PRECISIONS
+    from services.trainer.spec_common import DECAY_STYLES, PRECISIONS
 
     if spec.precision not in PRECISIONS:
         raise _bad(f"training.precision must be one of {', '.join(PRECISIONS)}", "training.precision")

@@ -15,19 +15,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm.mcore import TRANSFORMER_IMPLS as IMPLS
+from services.trainer.spec_common import (  # noqa: F401 - the spec's names, imported from here by callers
+    DECAY_STYLES,
+    HF_DEEPSPEED,
+    KINDS,
+    PRECISIONS,
+    RECOMPUTE,
+    _prefixes,
+    check_save_dir,
+    dataset_prefixes,
+    job_inputs,
+    trainer_owned,
+)
 from shared.errors import InvalidArgument
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # llm.checkpoints.layout speaks the converter's field names; a training spec has its own
 LAYOUT_FIELDS = {
     "num_layer_list": "parallel.num_layer_list",
     "target_pipeline_parallel_size": "parallel.pipeline_parallel",
     "num_layers_per_virtual_pipeline_stage": "parallel.virtual_pipeline",
 }
-RECOMPUTE = ("none", "full", "selective")
-DECAY_STYLES = ("cosine", "linear", "constant")
-HF_DEEPSPEED = "hf-deepspeed"
-KINDS = ("pretrain", "sft", HF_DEEPSPEED)
 
 
 @dataclass(frozen=True)
@@ -142,21 +149,6 @@ def _bad(message: str, field: str) -> InvalidArgument:
     return InvalidArgument(message, field=field)
 
 
-def dataset_prefixes(spec: TrainSpec) -> list[str]:
-    """The indexed-dataset prefixes the job reads (SFT: the input_ids/labels/attention_mask trio)."""
-    return _prefixes(spec.kind, [*spec.data_paths, *spec.valid_data_paths])
-
-
-def _prefixes(kind: str, paths) -> list[str]:
-    if kind == HF_DEEPSPEED:  # reads JSON records, no indexed datasets
-        return []
-    if kind == "sft":
-        return [
-            f"{p}_packed_{k}_document" for p, _ in paths for k in ("input_ids", "labels", "attention_mask")
-        ]
-    return [p for p, _ in paths]
-
-
 def resolve_arch(spec: TrainSpec):
     """(ArchConfig, padded vocab of the init checkpoint or None, tokenizer folder) for the spec."""
     from llm.checkpoints import open_checkpoint
@@ -188,25 +180,6 @@ def resolve_arch(spec: TrainSpec):
     return arch_from_hf_config(json.loads(cfg_file.read_text()), str(cfg_file)), None, tok
 
 
-def trainer_owned(folder: Path) -> bool:
-    """A save folder an earlier megastack trainer wrote (before the output marker existed)."""
-    try:
-        return (
-            json.loads((Path(folder) / "megastack.json").read_text()).get("created_by") == "megastack trainer"
-        )
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def job_inputs(spec: TrainSpec) -> list[Path]:
-    """Every path the job reads: the save folder may not equal, contain or sit inside any of them."""
-    out = [Path(p) for p in (spec.init_from, spec.architecture, spec.tokenizer, spec.hf_model) if p]
-    out += [Path(p) for p in (*spec.data_files, *spec.valid_data_files)]
-    for prefix in dataset_prefixes(spec):
-        out += [Path(prefix + ".bin"), Path(prefix + ".idx")]
-    return out
-
-
 def check_roots(spec: TrainSpec) -> None:
     """Every path of a submitted job under the data roots (shared/roots.py), each refusal naming its field."""
     from shared.roots import under_roots
@@ -226,17 +199,6 @@ def check_roots(spec: TrainSpec) -> None:
     ):
         if value:
             under_roots(value, name)
-
-
-def check_save_dir(spec: TrainSpec) -> Path:
-    """The resolved save folder, or InvalidArgument: it must be new, empty, or one megastack's trainer wrote
-    (resume), and never overlap an input; the trainer cleans old ``iter_*`` folders and rewrites
-    ``tokenizer/`` there, so it must not hold anything else."""
-    from shared.atomic import check_output_folder
-
-    return check_output_folder(
-        Path(spec.save_dir), inputs=job_inputs(spec), field="checkpoint.save_dir", owned=trainer_owned
-    )
 
 
 def _check_evaluate(e: CheckpointEval) -> None:
