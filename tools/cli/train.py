@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from tools.cli.endpoints import endpoint
+from tools.cli.import_args import FORMATS as IMPORT_FORMATS
 
 
 def _stub(server: str):
@@ -222,14 +223,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="turn a Megatron flag list or a Pai positional argument list into a spec YAML",
         description="Read an existing command line: Megatron-LM pretrain_gpt.py flags (torchrun launcher "
         "arguments allowed in front), or the positional arguments of Pai-Megatron-Patch "
-        "run_mcore_qwen.sh (Qwen2.5) / run_pretrain_megatron_llama.sh (Llama 2). Every argument "
+        "run_mcore_qwen.sh (Qwen2.5) / run_pretrain_megatron_llama.sh (Llama 2) / "
+        "run_ds_train_huggingface_llama.sh (HF + DeepSpeed: an hf-deepspeed spec), or the flags of "
+        "ds_train_huggingface_llama.py. Every argument "
         "is reported as mapped, without effect, or not mapped; nothing is dropped silently.",
     )
     im.add_argument("args", nargs=argparse.REMAINDER, help="the arguments, after `--`")
     im.add_argument(
         "--from-file", help="read the command line from a file (line continuations and comments allowed)"
     )
-    im.add_argument("--format", default="auto", choices=("auto", "megatron", "pai-qwen2.5", "pai-llama2"))
+    im.add_argument("--format", default="auto", choices=IMPORT_FORMATS, help="default: told by the arguments")
     im.add_argument(
         "--output", "-o", default="imported.yaml", help="spec YAML to write (default %(default)s)"
     )
