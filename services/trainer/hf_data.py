@@ -51,6 +51,10 @@ class Samples:
         pad = tok.pad_id if tok.pad_id is not None else tok.eod_id
         return cls(ids, labels, int(pad))
 
+    def unanswered(self) -> int:
+        """Samples with no labelled token left once cut to the sequence length (they train nothing)."""
+        return sum(all(t == IGNORE for t in lab[1:]) for lab in self.labels)
+
     def __len__(self) -> int:
         return len(self.ids)
 

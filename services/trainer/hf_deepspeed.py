@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -249,6 +250,15 @@ def train(spec: TrainSpec, *, engine: str = "deepspeed", on_step=None, on_end=No
     tok = FastTokenizer.from_dir(Path(spec.tokenizer or spec.hf_model))
     samples = Samples.from_files(spec.data_files, tok, spec.seq_length)
     valid = Samples.from_files(spec.valid_data_files, tok, spec.seq_length) if spec.valid_data_files else None
+    cut = samples.unanswered()
+    if cut and rank == 0:
+        logger.warning(
+            "%d of %d records keep no answer token within data.seq_length=%d (their prompts fill it); "
+            "they take part in batches but train nothing",
+            cut,
+            len(samples),
+            spec.seq_length,
+        )
     total = total_steps(spec.train_iters, spec.epochs, len(samples), spec.global_batch_size)
     eng, device = build_engine(spec, engine, total)
     save_dir = Path(spec.save_dir)
@@ -366,7 +376,20 @@ def run(spec: TrainSpec) -> int:
     _init_distributed(spec)
     train(spec)
     dist.destroy_process_group()
-    return 0
+    return leave(0)
+
+
+def leave(code: int) -> NoReturn:
+    """End the rank now that everything it writes is on disk. Once in about ten CPU runs the interpreter's
+    teardown aborted (SIGABRT, "terminate called without an active exception": a native thread of the
+    process-group stack still joinable when its owner was destroyed) after the last checkpoint, export and
+    status line were written, failing a finished job; the rank therefore skips the teardown."""
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m services.trainer.hf_deepspeed", description=main.__doc__)
     ap.add_argument("spec", help="a TrainSpec JSON file (kind hf-deepspeed)")
     ap.add_argument("--engine", choices=("deepspeed", "ddp"), default="deepspeed")
-    ap.add_argument("--losses", default="", help="rank 0 writes {'losses': [...], 'peak_rss_mb': N} here")
+    ap.add_argument(
+        "--losses", default="", help="rank 0 writes {'losses', 'step_times', 'peak_rss_mb' (per rank)} here"
+    )
     ap.add_argument(
         "--probe",
         default="",
@@ -403,16 +428,24 @@ def main(argv: list[str] | None = None) -> int:
             input_ids=first["input_ids"].to(device), attention_mask=first["attention_mask"].to(device)
         ).logits
 
-    losses = train(spec, engine=args.engine, on_end=read_logits if args.probe else None)
+    step_times: list[float] = []
+    losses = train(
+        spec,
+        engine=args.engine,
+        on_step=lambda _, m: step_times.append(m["step_time_s"]),
+        on_end=read_logits if args.probe else None,
+    )
     if args.probe and dist.get_rank() == 0:
         torch.save(probe["logits"].detach().float().cpu(), args.probe)
     peak = torch.tensor([_peak_rss_mb()], dtype=torch.float64)
     peaks = [torch.zeros_like(peak) for _ in range(dist.get_world_size())]
     dist.all_gather(peaks, peak)
     if args.losses and dist.get_rank() == 0:
-        Path(args.losses).write_text(json.dumps({"losses": losses, "peak_rss_mb": [float(p) for p in peaks]}))
+        Path(args.losses).write_text(
+            json.dumps({"losses": losses, "step_times": step_times, "peak_rss_mb": [float(p) for p in peaks]})
+        )
     dist.destroy_process_group()
-    return 0
+    return leave(0)
 
 
 def _peak_rss_mb() -> float:

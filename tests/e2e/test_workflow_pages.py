@@ -1,5 +1,5 @@
-"""Every command of the migration guides (docs/workflows/{megatron-lm,pai-megatron-patch,modellink}.md) runs,
-in order, on a tiny model against a real stack: the pages cannot rot.
+"""Every command of the migration guides (docs/workflows/: megatron-lm, pai-megatron-patch, modellink and
+hf-deepspeed .md) runs, in order, on a tiny model against a real stack: the pages cannot rot.
 
 Substitutions make the runs tiny (the default model -> a tiny Llama; sizes and step counts shrunk; runs/ ->
 a temporary folder). Lines that manage the stack (`make ...`, `megastack up/down`) are the test's job, and
@@ -36,6 +36,7 @@ TINY = {
         "--tokens-to-generate 32": "--tokens-to-generate 8",
     },
     "modellink.md": {"--num-layer-list 14,16": "--num-layer-list 1,1"},
+    "hf-deepspeed.md": {},  # the tiny model in place of SmolLM2 is enough: 16 records, 4 steps an epoch
 }
 COMMAND_TIMEOUT_S = 240
 SKIP = (r"^make ", r"^megastack (up|down)\b", r"\(needs its data")

@@ -17,7 +17,8 @@ Checkpoints: the same job (save every 2 steps) with synchronous and asynchronous
 the same run; the figure is what a save blocks the step loop (median over the saves after each run's
 first). Layouts: TP=2 and DP=2 (2 ranks x 1 thread) against 1 rank x 2 threads on the same two cores.
 Targets: Ray launch overhead < 5% of step time at steady state; report MFU; an async save blocks
-at most 25% of a sync one.
+at most 25% of a sync one. hf-deepspeed jobs (``--part deepspeed``, tools/bench/train_deepspeed.py):
+ZeRO-1/2/3 against DDP (step time, per-rank peak memory, loss difference), the ZeRO-2 job on Ray vs torchrun.
 """
 
 from __future__ import annotations
@@ -371,10 +372,10 @@ def main() -> int:
     ap.add_argument("--saves", type=int, default=4, help="checkpoints per run in the sync / async comparison")
     ap.add_argument(
         "--part",
-        choices=("all", "launcher", "checkpoint", "layouts"),
+        choices=("all", "launcher", "checkpoint", "layouts", "deepspeed"),
         default="all",
         help="launcher: Ray vs torchrun, MFU and the HF anchor; checkpoint: async vs sync saves; layouts: "
-        "TP=2, DP=2",
+        "TP=2, DP=2; deepspeed: hf-deepspeed jobs, ZeRO-1/2/3 vs DDP and on Ray vs torchrun",
     )
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -389,6 +390,13 @@ def main() -> int:
             return s, work / f"{name}.json"
 
         arch = resolve_arch(prepared("probe")[0])[0]
+        if a.part in ("all", "deepspeed"):
+            from tools.bench.train_deepspeed import bench_deepspeed
+
+            deepspeed = bench_deepspeed(work / "deepspeed", rounds=a.rounds)
+            if a.part == "deepspeed":
+                save("train", {"deepspeed": deepspeed})
+                return 0
         if a.part in ("all", "checkpoint"):
             checkpoints = report_checkpoints(bench_checkpoints(assets, work, a.saves), arch)
             if a.part == "checkpoint":
@@ -555,7 +563,11 @@ def main() -> int:
             "ray_overhead_ratio": overhead,
             "ray_daemons_presence_ratio": daemons,
             "target_met": overhead < 0.05,
-            **({"checkpoint": checkpoints, "layouts": layouts} if a.part == "all" else {}),
+            **(
+                {"checkpoint": checkpoints, "layouts": layouts, "deepspeed": deepspeed}
+                if a.part == "all"
+                else {}
+            ),
             "hf_anchor_measured": {
                 "step_s": hf_step,
                 "tokens_per_s": tokens / hf_step,

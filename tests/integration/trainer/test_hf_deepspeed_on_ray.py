@@ -35,6 +35,13 @@ def follow(stub, job_id):
     return last
 
 
+def log_tail(stub, job_id) -> str:
+    """The job's log lines that say why a rank stopped (for failure messages)."""
+    lines = [x for r in stub.GetTrainJobLogs(pb.GetTrainJobLogsRequest(job_id=job_id)) for x in r.lines]
+    keep = [x for x in lines if "Error" in x or "error" in x or "Traceback" in x or "terminate" in x]
+    return "\n".join((keep or lines)[-40:])
+
+
 @pytest.fixture(scope="module")
 def steady(trainer, instruction_assets, tmp_path_factory):
     stub, _, _ = trainer
@@ -63,7 +70,9 @@ def test_a_killed_rank_resumes_from_latest_with_the_same_curve(trainer, instruct
     pids = json.loads((d / "megastack-attempt.json").read_text())["pids"]
     os.kill(pids[1], signal.SIGKILL)  # rank 1 dies between the checkpoints of steps 5 and 10
     job = follow(stub, job_id)
-    assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.error
+    assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, (
+        job.status.error + "\n" + log_tail(stub, job_id)
+    )
     assert job.status.attempt == 2
     got = curve(d)
     assert sorted(got) == list(range(1, 25))
