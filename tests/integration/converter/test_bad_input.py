@@ -147,7 +147,8 @@ def test_cli_error_is_one_line_and_non_zero(tmp_path):
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == (
-        f"megastack: error: {tmp_path / 'src'} is not a checkpoint: no config.json (HF) and no "
-        "latest_checkpointed_iteration.txt, iter_*/release folder (Megatron)"
+        f"megastack: error: {tmp_path / 'src'} is not a checkpoint: no config.json (HF), no "
+        "latest_checkpointed_iteration.txt, iter_*/release folder (Megatron), no latest file or global_step* "
+        "folder (DeepSpeed)"
     )
     check_nothing_written(tmp_path / "x")
