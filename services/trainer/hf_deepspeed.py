@@ -290,17 +290,17 @@ def train(spec: TrainSpec, *, engine: str = "deepspeed", on_step=None, on_end=No
             rank=rank,
             world=world,
         )
-        tokens = torch.zeros(2, dtype=torch.float64, device=device)  # [labelled tokens, loss sum]
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # [tokens (not padding), loss sum]
         for mb in micro:
             mb = {k: v.to(device) for k, v in mb.items()}
             labels = mb.pop("labels")
             loss = masked_loss(eng(**mb).logits, labels)
             eng.backward(loss)
             eng.step()
-            tokens += torch.stack([(labels != -100).sum().double(), loss.detach().double()])
+            sums += torch.stack([mb["attention_mask"].sum().double(), loss.detach().double()])
         step += 1
-        dist.all_reduce(tokens)
-        loss_value = float(tokens[1]) / (len(micro) * world)
+        dist.all_reduce(sums)
+        loss_value = float(sums[1]) / (len(micro) * world)  # the mean of the micro-batches' losses
         losses.append(loss_value)
         heartbeat.beat(spec.save_dir, rank)
         dt = time.perf_counter() - t0
@@ -313,7 +313,7 @@ def train(spec: TrainSpec, *, engine: str = "deepspeed", on_step=None, on_end=No
             else eng.opt.param_groups[0]["lr"],
             "grad_norm": float(grad_norm or 0.0),
             "step_time_s": dt,
-            "tokens_per_s": float(tokens[0]) / dt,
+            "tokens_per_s": float(sums[0]) / dt,  # the records' tokens, padding left out
         }
         if spec.eval_interval and valid is not None and step % spec.eval_interval == 0:
             metrics["valid_loss"] = evaluate(spec, eng, valid, device)

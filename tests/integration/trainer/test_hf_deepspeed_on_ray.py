@@ -16,13 +16,15 @@ from protos.trainer.v1 import trainer_pb2 as pb
 from services.trainer.wire import spec_from_dict, spec_to_pb
 from tests.fixtures.training import curve, hf_ds_doc, wait_for
 
-STEPS = {"train_iters": 0, "epochs": 3}  # 64 records / global batch 8 = 8 steps an epoch: 24 steps
+# 64 records / global batch 8 = 8 steps an epoch: 24 steps; the validation records scored every 8 steps
+STEPS = {"train_iters": 0, "epochs": 3, "eval_interval": 8}
 
 
 def submit(stub, assets, save_dir, **over) -> str:
     doc = hf_ds_doc(
         assets, save_dir, training=STEPS, checkpoint={"save_dir": str(save_dir), "save_interval": 5}
     )
+    doc["data"]["valid_files"] = [str(assets["valid"])]
     for section, values in over.items():
         doc[section] = {**doc.get(section, {}), **values}
     return stub.SubmitTrainJob(pb.SubmitTrainJobRequest(spec=spec_to_pb(spec_from_dict(doc)))).job_id
@@ -58,6 +60,11 @@ def test_a_job_runs_on_ray_and_reports_like_the_others(steady):
     assert sorted(losses) == list(range(1, 25))
     assert sum(losses[s] for s in (22, 23, 24)) < sum(losses[s] for s in (1, 2, 3))
     assert (d / "latest").read_text() == "global_step24" and job.spec.kind == pb.TRAIN_JOB_KIND_HF_DEEPSPEED
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    valid = {r["step"]: r["valid_loss"] for r in rows if "valid_loss" in r and not r.get("done")}
+    assert sorted(valid) == [8, 16, 24] and valid[24] < valid[8], (
+        valid
+    )  # held-out records, scored as it learns
 
 
 def test_a_killed_rank_resumes_from_latest_with_the_same_curve(trainer, instruction_assets, tmp_path, steady):
