@@ -138,7 +138,7 @@ def _check_model(spec):
 def validate_hf_deepspeed(spec) -> None:  # noqa: C901 - one check per rule
     """Raise InvalidArgument (naming the field) for anything an hf-deepspeed job could not run."""
     from services.trainer.hf_data import steps_per_epoch
-    from services.trainer.spec_common import check_save_dir, job_inputs
+    from services.trainer.spec_common import check_resources, check_save_dir, job_inputs
 
     _refuse_megatron_fields(spec)
     for name, f in (
@@ -178,10 +178,7 @@ def validate_hf_deepspeed(spec) -> None:  # noqa: C901 - one check per rule
         raise _bad("optimizer.lr must be > 0", "optimizer.lr")
     if not 0 <= spec.min_lr <= spec.lr:
         raise _bad("optimizer.min_lr must be between 0 and optimizer.lr", "optimizer.min_lr")
-    if not spec.hang_timeout_s > 0:
-        raise _bad("resources.hang_timeout_s must be > 0", "resources.hang_timeout_s")
-    if spec.max_retries < 0:
-        raise _bad("resources.max_retries must be >= 0", "resources.max_retries")
+    check_resources(spec)
     if not spec.save_dir:
         raise _bad("checkpoint.save_dir is required", "checkpoint.save_dir")
     check_save_dir(spec)

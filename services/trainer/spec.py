@@ -22,6 +22,7 @@ from services.trainer.spec_common import (  # noqa: F401 - the spec's names, imp
     PRECISIONS,
     RECOMPUTE,
     _prefixes,
+    check_resources,
     check_save_dir,
     dataset_prefixes,
     job_inputs,
@@ -281,10 +282,7 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         )
     if spec.evaluate is not None:
         _check_evaluate(spec.evaluate)
-    if not spec.hang_timeout_s > 0:
-        raise _bad("resources.hang_timeout_s must be > 0", "resources.hang_timeout_s")
-    if spec.max_retries < 0:
-        raise _bad("resources.max_retries must be >= 0", "resources.max_retries")
+    check_resources(spec)
     if not spec.data_paths:
         raise _bad("data.paths needs at least one dataset prefix", "data.paths")
     if any(w <= 0 for _, w in spec.data_paths):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shared.errors import InvalidArgument
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE = ("none", "full", "selective")
 DECAY_STYLES = ("cosine", "linear", "constant")
@@ -58,3 +60,11 @@ def check_save_dir(spec) -> Path:
     return check_output_folder(
         Path(spec.save_dir), inputs=job_inputs(spec), field="checkpoint.save_dir", owned=trainer_owned
     )
+
+
+def check_resources(spec) -> None:
+    """The retry and hang settings every kind shares (400 naming the field)."""
+    if not spec.hang_timeout_s > 0:
+        raise InvalidArgument("resources.hang_timeout_s must be > 0", field="resources.hang_timeout_s")
+    if spec.max_retries < 0:
+        raise InvalidArgument("resources.max_retries must be >= 0", field="resources.max_retries")

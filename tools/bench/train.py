@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench.common import PY, run_process, save, table
+from tools.bench.train_deepspeed import ANCHOR_LLAMA
 
 WARMUP = 4
 SEQ, MICRO_BATCH = 512, 4
@@ -88,16 +89,7 @@ def build_assets(root: Path) -> dict:
     from tools.assets import ensure_asset
     from tools.preprocess.pipeline import Options, run
 
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
+    cfg = LlamaConfig(**ANCHOR_LLAMA)
     arch_dir = root / "arch"
     arch_dir.mkdir()
     doc = cfg.to_dict()

@@ -25,6 +25,17 @@ from typing import Any
 from tools.bench.common import PY, REPO_ROOT, run_process, table
 
 SEQ, MICRO, GLOBAL, RANKS, STEPS, WARMUP = 256, 2, 8, 2, 12, 3
+# the training bench's model (baselines-measured.md section 5), for train.py's megatron-core runs too
+ANCHOR_LLAMA = {
+    "vocab_size": 49152,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+}
 
 
 def build(root: Path) -> dict:
@@ -34,16 +45,7 @@ def build(root: Path) -> dict:
     from shared.paths import DEFAULT_MODEL_DIR
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
+    cfg = LlamaConfig(**ANCHOR_LLAMA)
     hf = root / "hf"
     LlamaForCausalLM(cfg).save_pretrained(hf)
     for f in Path(DEFAULT_MODEL_DIR).iterdir():
