@@ -34,13 +34,31 @@ ALLOWED_GLOBALS = frozenset(
         "deepspeed.utils.tensor_fragment.fragment_address",
     }
 )
-TOKENIZER_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
-NOT_TOKENIZER = ("config.json", "generation_config.json", "megastack.json", "model.safetensors.index.json")
 
 
 def is_deepspeed_checkpoint(folder: Path) -> bool:
     """Whether ``folder`` is a DeepSpeed save folder (a ``latest`` tag, or ``global_step*`` model states)."""
     return (Path(folder) / "latest").is_file() or any(Path(folder).glob("global_step*/*model_states.pt"))
+
+
+def step_of(tag: str) -> int | None:
+    """N of a ``global_stepN`` tag or folder name; None for anything else."""
+    n = tag[len(STEP_PREFIX) :] if tag.startswith(STEP_PREFIX) else ""
+    return int(n) if n.isdigit() else None
+
+
+def step_folders(folder: Path) -> dict[int, Path]:
+    """The ``global_stepN`` folders of a save folder, by N."""
+    found = ((step_of(p.name), p) for p in Path(folder).glob(f"{STEP_PREFIX}*") if p.is_dir())
+    return {n: p for n, p in found if n is not None}
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files (and generation config) present in ``hf_model/`` of a save folder."""
+    from llm.checkpoints.hf import TOKENIZER_FILES
+
+    info = Path(folder) / MODEL_INFO
+    return [info / f for f in TOKENIZER_FILES if (info / f).is_file()]
 
 
 def resolve_tag(folder: Path, tag: str | None = None) -> str:
@@ -148,14 +166,7 @@ def export_hf(
 
     folder = Path(folder)
     config, tensors = hf_tensors(folder, tag)
-    extra = [
-        f
-        for f in sorted((folder / MODEL_INFO).iterdir())
-        if f.is_file() and f.name not in NOT_TOKENIZER and f.name.endswith(TOKENIZER_SUFFIXES)
-    ]
-    generation = folder / MODEL_INFO / "generation_config.json"
-    if generation.is_file():
-        extra.append(generation)
+    extra = tokenizer_files(folder)
     with atomic_dir(Path(out_dir), overwrite=overwrite, inputs=[folder, *inputs]) as tmp:
         write_hf_checkpoint(tmp, tensors, config={**config, "torch_dtype": "float32"}, extra_files=extra)
     return Path(out_dir)
@@ -204,9 +215,7 @@ class DeepSpeedCheckpoint:
 
     def tokenizer_files(self) -> list[Path]:
         """The tokenizer files present in ``hf_model/``."""
-        from llm.checkpoints.hf import TOKENIZER_FILES
-
-        return [self.tokenizer_dir() / f for f in TOKENIZER_FILES if (self.tokenizer_dir() / f).is_file()]
+        return tokenizer_files(self.path)
 
     def hf_model(self):
         """The transformers model with these weights (what ``--verify`` runs on the source side)."""

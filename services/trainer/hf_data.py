@@ -20,10 +20,6 @@ import torch
 from llm.sft_records import IGNORE, RecordEncoder, read_records
 
 
-def count_records(files: tuple[str, ...] | list[str]) -> int:
-    return sum(len(read_records(f)) for f in files)
-
-
 def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
     return num_samples // global_batch_size
 

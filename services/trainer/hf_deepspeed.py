@@ -31,6 +31,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from llm.checkpoints.deepspeed import MODEL_INFO, step_folders, step_of, tag_of
 from services.trainer import heartbeat
 from services.trainer.hf_data import Samples, lr_factor, masked_loss, total_steps
 from services.trainer.reporting import Reporter
@@ -38,8 +39,6 @@ from services.trainer.spec import TrainSpec, check_save_dir
 from shared.atomic import mark_output
 
 logger = logging.getLogger("services.trainer.hf_deepspeed")
-STEP_DIR = "global_step{}"
-MODEL_INFO = "hf_model"  # the HF config and tokenizer files, copied into the save folder at start
 
 
 def on_gpu(spec: TrainSpec) -> bool:
@@ -122,7 +121,7 @@ class _DDP:
         from torch.nn.parallel import DistributedDataParallel
 
         self.module = DistributedDataParallel(model.to(device))
-        self.opt, self.sched, self.spec = opt, sched, spec
+        self.optimizer, self.sched, self.spec = opt, sched, spec  # `optimizer`: the engine's name for it
         self.ga = 1
         self.micro = 0
         self.device = device
@@ -140,15 +139,16 @@ class _DDP:
         self.last_grad_norm = float(
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.spec.clip_grad)
         )
-        self.opt.step()
+        self.optimizer.step()
         self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def get_global_grad_norm(self) -> float:
         return self.last_grad_norm
 
 
 def _init_distributed(spec: TrainSpec) -> None:
+    torch.set_num_threads(spec.num_threads or max(1, int(spec.cpus_per_worker)))
     backend = spec.backend or ("nccl" if on_gpu(spec) else "gloo")
     if not on_gpu(spec):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -185,11 +185,10 @@ def build_engine(spec: TrainSpec, engine: str, total: int):
 def discard_partial(save_dir: Path) -> list[str]:
     """``global_stepN`` folders newer than the ``latest`` tag: saves an earlier attempt did not finish
     (DeepSpeed writes ``latest`` last). Only DeepSpeed's step folder names are touched (rank 0)."""
-    latest = latest_step(save_dir)
+    latest = latest_step(save_dir) or 0
     gone = []
-    for p in Path(save_dir).glob("global_step*"):
-        n = p.name[len("global_step") :]
-        if p.is_dir() and n.isdigit() and int(n) > (latest or 0):
+    for n, p in step_folders(save_dir).items():
+        if n > latest:
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
     return gone
@@ -197,28 +196,22 @@ def discard_partial(save_dir: Path) -> list[str]:
 
 def latest_step(save_dir: Path) -> int | None:
     try:
-        tag = (Path(save_dir) / "latest").read_text().strip()
+        return step_of((Path(save_dir) / "latest").read_text().strip())
     except OSError:
         return None
-    n = tag[len("global_step") :] if tag.startswith("global_step") else ""
-    return int(n) if n.isdigit() else None
 
 
 def _keep_last(save_dir: Path, keep: int) -> None:
-    steps = sorted(
-        int(p.name[len("global_step") :])
-        for p in Path(save_dir).glob("global_step*")
-        if p.is_dir() and p.name[len("global_step") :].isdigit()
-    )
+    folders = step_folders(save_dir)
     latest = latest_step(save_dir)
-    for n in steps[:-keep] if keep > 0 else []:
+    for n in sorted(folders)[:-keep] if keep > 0 else []:
         if n != latest:
-            shutil.rmtree(Path(save_dir) / STEP_DIR.format(n), ignore_errors=True)
+            shutil.rmtree(folders[n], ignore_errors=True)
 
 
 def describe(save_dir: Path, spec: TrainSpec, world: int) -> None:
-    """megastack.json and the model's config and tokenizer files (``hf_model/``) in the save folder, so
-    the converter turns a checkpoint into HF on its own (rank 0, at start)."""
+    """megastack.json and the model's config and tokenizer files (``hf_model/``: MODEL_INFO) in the save
+    folder, so the converter turns a checkpoint into HF on its own (rank 0, at start)."""
     info = save_dir / MODEL_INFO
     info.mkdir(exist_ok=True)
     for f in Path(spec.hf_model).iterdir():
@@ -308,9 +301,7 @@ def train(spec: TrainSpec, *, engine: str = "deepspeed", on_step=None, on_end=No
         metrics = {
             "step": step,
             "loss": loss_value,
-            "lr": eng.optimizer.param_groups[0]["lr"]
-            if engine == "deepspeed"
-            else eng.opt.param_groups[0]["lr"],
+            "lr": eng.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm or 0.0),
             "step_time_s": dt,
             "tokens_per_s": float(sums[0]) / dt,  # the records' tokens, padding left out
@@ -323,7 +314,7 @@ def train(spec: TrainSpec, *, engine: str = "deepspeed", on_step=None, on_end=No
             reporter.step(metrics)
         if saving and ((spec.save_interval and step % spec.save_interval == 0) or step == total):
             heartbeat.beat(spec.save_dir, rank, force=True)
-            eng.save_checkpoint(str(save_dir), tag=STEP_DIR.format(step), client_state={"step": step})
+            eng.save_checkpoint(str(save_dir), tag=tag_of(step), client_state={"step": step})
             dist.barrier()
             if rank == 0:
                 _keep_last(save_dir, spec.keep_last)
@@ -372,7 +363,6 @@ def evaluate(spec: TrainSpec, eng, valid: Samples, device) -> float:
 
 def run(spec: TrainSpec) -> int:
     """The rank's entrypoint (``services.trainer.train`` dispatches ``hf-deepspeed`` specs here)."""
-    torch.set_num_threads(spec.num_threads or max(1, int(spec.cpus_per_worker)))
     _init_distributed(spec)
     train(spec)
     dist.destroy_process_group()
@@ -418,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
     )
     spec = TrainSpec.from_json(Path(args.spec).read_text())
-    torch.set_num_threads(spec.num_threads or max(1, int(spec.cpus_per_worker)))
     _init_distributed(spec)
     probe: dict[str, torch.Tensor] = {}
 

@@ -24,7 +24,15 @@ REPO = HERE.parent.parent
 RESULTS = REPO / "bench-results"
 DOC = REPO / "docs" / "benchmarks.md"
 # helpers, and parts of the textgen and train benchmarks that they run
-SKIP = {"__init__.py", "common.py", "run_all.py", "decode_step.py", "baselines.py", "train_deepspeed.py"}
+SKIP = {
+    "__init__.py",
+    "common.py",
+    "run_all.py",
+    "decode_step.py",
+    "baselines.py",
+    "train_deepspeed.py",
+    "ray_jobs.py",
+}
 # ANSI colours and tqdm redraws are kept out of the .txt; progress-bar lines out of the document
 NOISE = re.compile(r"\x1b\[[0-9;]*m|.*\r(?!\n)")
 PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s*warnings\.warn\(|UserWarning: ")

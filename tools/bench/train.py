@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench.common import PY, run_process, save, table
+from tools.bench.ray_jobs import local_ray_head, run_job
 from tools.bench.train_deepspeed import ANCHOR_LLAMA
 
 WARMUP = 4
@@ -221,32 +222,13 @@ def run_torchrun(s, spec_path: Path) -> tuple[float, float | None]:
 
 def run_ray(s, work: Path, beside=None) -> tuple[float, float | None, Any]:
     """The job through the trainer's Ray launcher; then ``beside()`` while the (now idle) head still runs."""
-    from services.trainer.api import RayLauncher, spec_record
-    from shared.jobs import JobStore
-    from tools.stack import Stack, ray_auth_env, ray_head
-
-    head = ray_head(work, free_ports=True, num_cpus=2)
-    stack = Stack(work, [head])
-    stack.start_one(head, dict(os.environ))
-    # the head runs with token auth (as `make up` starts it): this process's job client must send the token
-    os.environ.update(ray_auth_env(work))
-    try:
-        stack.wait_healthy(head, 120)
-        store = JobStore(work / f"jobs-{Path(s.save_dir).name}", "train")
-        launcher = RayLauncher(store, ray_address=head.endpoints["dashboard"])
-        rec, _ = store.create(spec_record(s))
+    with local_ray_head(work) as address:
         sampler = RunQueueSampler(Path(s.save_dir))
-        t0 = time.perf_counter()
-        launcher.submit(rec, s)
-        while not store.get(rec.job_id).terminal:  # followed as the trainer service follows it
-            launcher.poll(rec.job_id)
-            time.sleep(launcher.poll_interval_s)
-        took, rq = time.perf_counter() - t0, sampler.stop()
-        if store.get(rec.job_id).state != "succeeded":
-            raise RuntimeError(store.get(rec.job_id).error)
+        try:
+            took = run_job(s, work, address)
+        finally:
+            rq = sampler.stop()
         return took, rq, beside() if beside is not None else None
-    finally:
-        stack.stop_one(head)
 
 
 def bench_checkpoints(assets: dict, work: Path, saves: int) -> dict:

@@ -16,13 +16,12 @@ Measured in one run, all on the same data and seed:
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 from tools.bench.common import PY, REPO_ROOT, run_process, table
+from tools.bench.ray_jobs import local_ray_head, run_job
 
 SEQ, MICRO, GLOBAL, RANKS, STEPS, WARMUP = 256, 2, 8, 2, 12, 3
 # the training bench's model (baselines-measured.md section 5), for train.py's megatron-core runs too
@@ -101,27 +100,8 @@ def torchrun(s, engine: str, work: Path) -> dict:
 
 def on_ray(s, work: Path) -> list[float]:
     """The job through the trainer's Ray launcher (as the trainer service submits it); its step times."""
-    from services.trainer.api import RayLauncher, spec_record
-    from shared.jobs import JobStore
-    from tools.stack import Stack, ray_auth_env, ray_head
-
-    head = ray_head(work, free_ports=True, num_cpus=2)
-    stack = Stack(work, [head])
-    stack.start_one(head, dict(os.environ))
-    os.environ.update(ray_auth_env(work))
-    try:
-        stack.wait_healthy(head, 120)
-        store = JobStore(work / f"jobs-{Path(s.save_dir).name}", "train")
-        launcher = RayLauncher(store, ray_address=head.endpoints["dashboard"])
-        rec, _ = store.create(spec_record(s))
-        launcher.submit(rec, s)
-        while not store.get(rec.job_id).terminal:
-            launcher.poll(rec.job_id)
-            time.sleep(launcher.poll_interval_s)
-        if store.get(rec.job_id).state != "succeeded":
-            raise RuntimeError(store.get(rec.job_id).error)
-    finally:
-        stack.stop_one(head)
+    with local_ray_head(work) as address:
+        run_job(s, work, address)
     rows = [json.loads(x) for x in (Path(s.save_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["step_time_s"] for r in rows if not r.get("done")]
 
