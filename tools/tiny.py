@@ -62,7 +62,11 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512, lines: list[str] | Non
     return out_dir
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
+# Mixture-of-experts families: 4 experts, top-2 (Mixtral renormalises the two; the tiny Qwen3-MoE does too,
+# the tiny Qwen2-MoE does not and adds its gated shared expert)
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("llama", "qwen2", "qwen3", "gpt2", *MOE_FAMILIES)
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=48)
 
 
 # The dense decoders' shared tiny shape (GQA: 4 heads over 2 key/value groups)
@@ -79,7 +83,15 @@ DENSE = dict(
 
 
 def hf_config(family: str, vocab_size: int, **over):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        GPT2Config,
+        LlamaConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
     if family == "llama":
@@ -88,6 +100,34 @@ def hf_config(family: str, vocab_size: int, **over):
         cfg = Qwen2Config(**DENSE, tie_word_embeddings=True, **common)
     elif family == "qwen3":  # head_dim 24 is not hidden / heads (16): Qwen3's explicit head_dim
         cfg = Qwen3Config(**DENSE, head_dim=24, tie_word_embeddings=True, **common)
+    elif family == "mixtral":  # the experts' width is intermediate_size
+        cfg = MixtralConfig(
+            **{**DENSE, "intermediate_size": 48},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+            **common,
+        )
+    elif family == "qwen3_moe":
+        cfg = Qwen3MoeConfig(
+            **DENSE,
+            **MOE,
+            num_experts=4,
+            head_dim=24,
+            norm_topk_prob=True,
+            tie_word_embeddings=True,
+            **common,
+        )
+    elif family == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            **DENSE,
+            **MOE,
+            num_experts=4,
+            shared_expert_intermediate_size=80,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+            **common,
+        )
     elif family == "gpt2":
         cfg = GPT2Config(
             n_embd=64,
@@ -116,14 +156,13 @@ def make_tiny_hf(family: str, out_dir: Path, tok_dir: Path, *, seed: int = 0, **
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(family, len(tok), **over)).eval()
-    if family == "qwen2":  # random q/k/v biases, so a dropped bias cannot go unnoticed
+    if family in ("qwen2", "qwen2_moe"):  # random q/k/v biases, so a dropped bias cannot go unnoticed
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
-    if (
-        family == "qwen3"
-    ):  # random q/k norm weights (HF starts them at 1), so a dropped one cannot go unnoticed
+    # random q/k norm weights (HF starts them at 1), so a dropped one cannot go unnoticed
+    if family in ("qwen3", "qwen3_moe"):
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.normal_(1.0, 0.2)

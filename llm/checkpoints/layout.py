@@ -9,11 +9,12 @@ uneven ones); with a virtual pipeline, Megatron's interleaved order (chunk v of 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
-from llm.models.base import ArchConfig
+from llm.models.base import ArchConfig, expert_prefix
 from shared.errors import InvalidArgument
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
@@ -27,6 +28,52 @@ _COLUMN = (
 )
 _ROW = ("linear_proj.weight", "linear_fc2.weight")
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+_EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+def expert_of(sub: str) -> tuple[int, str] | None:
+    """(expert index, rest) of a layer sub-name inside an expert, e.g. ``mlp.experts.local_experts.3.
+    linear_fc1.weight`` -> (3, ``linear_fc1.weight``); None for any other tensor."""
+    m = _LOCAL_EXPERT.match(sub)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def check_ep(arch: ArchConfig, ep: int) -> None:
+    """Refuses (400) an expert-parallel size that is not 1 for a dense model or does not divide the
+    experts."""
+    if ep < 1:
+        raise InvalidArgument(
+            f"expert parallel size must be >= 1, got {ep}", field="target_expert_parallel_size"
+        )
+    if ep > 1 and not arch.moe:
+        raise InvalidArgument(
+            f"EP={ep} needs a mixture-of-experts model; {arch.architecture} is dense",
+            field="target_expert_parallel_size",
+        )
+    if arch.moe and arch.num_experts % ep:
+        raise InvalidArgument(
+            f"EP={ep} does not divide the {arch.num_experts} experts of {arch.architecture}",
+            field="target_expert_parallel_size",
+        )
+
+
+def dist_key(name: str) -> tuple[str, tuple[int, ...]]:
+    """A canonical name's torch_dist key and its leading stacked offsets, as megatron-core's
+    ``sharded_state_dict`` stores it: a layer tensor stacked over layers (``decoder.layers.<sub>``, offset
+    (layer,)), an expert's stacked over layers and experts (``SequentialMLP``'s
+    ``decoder.layers.mlp.experts.experts.<sub>``, offsets (layer, expert)); a global tensor as it is."""
+    m = _EXPERT.match(name)
+    if m:
+        return "decoder.layers.mlp.experts.experts." + m.group(3), (int(m.group(1)), int(m.group(2)))
+    if name.startswith("decoder.layers."):
+        layer, sub = name[len("decoder.layers.") :].split(".", 1)
+        return "decoder.layers." + sub, (int(layer),)
+    return name, ()
 
 
 def tp_rule(name: str) -> str:
@@ -81,11 +128,14 @@ def check_tp(arch: ArchConfig, tp: int) -> None:
         raise InvalidArgument(
             f"tensor parallel size must be >= 1, got {tp}", field="target_tensor_parallel_size"
         )
-    for what, n in (
+    sizes = [
         ("attention heads", arch.num_attention_heads),
         ("query groups", arch.num_query_groups),
-        ("ffn hidden size", arch.ffn_hidden_size),
-    ):
+        ("ffn hidden size", arch.moe_ffn_hidden_size if arch.moe else arch.ffn_hidden_size),
+    ]
+    if arch.shared_expert_ffn:
+        sizes.append(("shared expert's ffn hidden size", arch.shared_expert_ffn))
+    for what, n in sizes:
         if n % tp:
             raise InvalidArgument(
                 f"TP={tp} does not divide the {n} {what} of {arch.architecture}",
@@ -214,6 +264,19 @@ LINEAR_MODULES = (
     "mlp.linear_fc1",
     "mlp.linear_fc2",
 )
+
+
+def linear_modules(arch: ArchConfig, num_experts: int | None = None) -> list[str]:
+    """A layer's linear modules (each carries an ``_extra_state`` in megatron-core's state dict); with
+    ``num_experts``, those of a rank holding that many experts (an EP rank numbers its own from 0)."""
+    if not arch.moe:
+        return list(LINEAR_MODULES)
+    n = arch.num_experts if num_experts is None else num_experts
+    experts = [f"{expert_prefix(j)}linear_fc{k}" for j in range(n) for k in (1, 2)]
+    shared = (
+        ["mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2"] if arch.shared_expert_ffn else []
+    )
+    return [*LINEAR_MODULES[:2], *experts, *shared]
 
 
 def to_local(sub: str) -> str:

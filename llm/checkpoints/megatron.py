@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from llm.checkpoints import layout as L
-from llm.models.base import ArchConfig, megatron_layer_of, megatron_names
+from llm.models.base import ArchConfig, expert_prefix, megatron_names
 from llm.models.registry import family
 from shared.errors import InvalidArgument, NotFound
 
@@ -124,13 +124,17 @@ def arch_from_args(args: Any, source: str) -> ArchConfig:
         )
     learned = a("position_embedding_type", "learned_absolute") == "learned_absolute"
     qkv_bias = bool(a("add_qkv_bias", False)) or bool(a("add_bias_linear", not learned))
-    fam = "gpt2" if learned else "qwen2" if a("add_qkv_bias", False) else "llama"
+    experts = int(a("num_experts") or 0)
+    shared = int(a("moe_shared_expert_intermediate_size") or 0)
+    qk_norm = bool(a("qk_layernorm", False))
+    if experts:  # the family whose layout the MoE arguments describe
+        fam = "qwen2_moe" if shared else "qwen3_moe" if qk_norm else "mixtral"
+    else:
+        fam = "gpt2" if learned else "qwen3" if qk_norm else "qwen2" if a("add_qkv_bias", False) else "llama"
     heads = int(a("num_attention_heads"))
     return ArchConfig(
         family=fam,
-        architecture={"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[
-            fam
-        ],
+        architecture=family(fam).hf_architectures[0],
         vocab_size=int(a("true_vocab_size") or a("padded_vocab_size")),
         hidden_size=int(a("hidden_size")),
         num_layers=int(a("num_layers")),
@@ -147,6 +151,13 @@ def arch_from_args(args: Any, source: str) -> ArchConfig:
         qkv_bias=qkv_bias,
         linear_bias=bool(a("add_bias_linear", learned)),
         tie_word_embeddings=not a("untie_embeddings_and_output_weights", False),
+        qk_layernorm=qk_norm,
+        num_experts=experts,
+        moe_topk=int(a("moe_router_topk") or 0) if experts else 0,
+        moe_ffn_hidden_size=int(a("moe_ffn_hidden_size") or a("ffn_hidden_size") or 0) if experts else 0,
+        moe_norm_topk=not a("moe_router_pre_softmax", False),
+        shared_expert_ffn=shared,
+        shared_expert_gate=bool(a("moe_shared_expert_gate", False)),
     )
 
 
@@ -155,31 +166,38 @@ class _LegacySource:
 
     def __init__(self, iter_dir: Path) -> None:
         self.dir = iter_dir
-        files: dict[tuple[int, int], Path] = {}
+        found: dict[tuple[int, ...], Path] = {}
         for d in iter_dir.glob("mp_rank_*"):
             m = _RANK_DIR.match(d.name)
-            if not m or not (d / "model_optim_rng.pt").is_file():
-                continue
-            if m.group(3) is not None:
-                raise InvalidArgument(f"{d}: expert-parallel checkpoints are not supported", field="load_dir")
-            files[(int(m.group(1)), int(m.group(2) or 0))] = d / "model_optim_rng.pt"
-        if not files:
+            if m and (d / "model_optim_rng.pt").is_file():
+                found[tuple(int(g) for g in m.groups() if g is not None)] = d / "model_optim_rng.pt"
+        if not found:
             raise InvalidArgument(f"{iter_dir}: no mp_rank_*/model_optim_rng.pt files", field="load_dir")
-        self.tp = max(t for t, _ in files) + 1
-        self.pp = max(p for _, p in files) + 1
-        missing = [(t, p) for t in range(self.tp) for p in range(self.pp) if (t, p) not in files]
+        files = self._ranks(found)  # (tp, pp, ep) -> file
+        self.tp, self.pp, self.ep = (max(k[i] for k in files) + 1 for i in range(3))
+        missing = [
+            (t, p, e)
+            for t in range(self.tp)
+            for p in range(self.pp)
+            for e in range(self.ep)
+            if (t, p, e) not in files
+        ]
         if missing:
-            t, p = missing[0]
-            name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if self.pp > 1 else "")
+            t, p, e = missing[0]
+            name = (
+                f"mp_rank_{t:02d}"
+                + (f"_{p:03d}" if self.pp > 1 else "")
+                + (f"_{e:03d}" if self.ep > 1 else "")
+            )
             raise InvalidArgument(f"{iter_dir}: {name}/model_optim_rng.pt is missing", field="load_dir")
         self.files = files
-        self._index: dict[str, tuple[int, str, str]] = {}
+        self._index: dict[str, tuple[int, int, str, str]] = {}
         counts = []
         for p in range(self.pp):
             sd = self._load(0, p)
             keys = sorted((k for k in sd if re.fullmatch(r"model\d*", k)), key=lambda k: int(k[5:] or 0))
             if not keys:
-                raise InvalidArgument(f"{files[(0, p)]}: no 'model' state dict inside", field="load_dir")
+                raise InvalidArgument(f"{files[(0, p, 0)]}: no 'model' state dict inside", field="load_dir")
             stage = []
             for key in keys:
                 layers = [
@@ -190,19 +208,39 @@ class _LegacySource:
         self.layout = L.PipelineLayout(tuple(tuple(c) for _, c in counts))
         firsts = {(p, v): first for p, v, first, _ in self.layout.chunks()}
         for p, (keys, _) in enumerate(counts):
-            sd = self._load(0, p)
-            for v, key in enumerate(keys):
-                for stored in sd[key]:
-                    parsed = L.from_stored(stored)
-                    if parsed is None:
-                        continue
-                    local, sub = parsed
-                    name = sub if local is None else f"decoder.layers.{firsts[(p, v)] + local}.{sub}"
-                    self._index.setdefault(name, (p, key, stored))
+            for e in range(self.ep):
+                sd = self._load(0, p, e)
+                entries = []
+                for v, key in enumerate(keys):
+                    for stored in sd[key]:
+                        if (parsed := L.from_stored(stored)) is not None:
+                            local, sub = parsed
+                            layer = None if local is None else firsts[(p, v)] + local
+                            entries.append((layer, sub, (p, e, key, stored)))
+                # an EP rank numbers its experts from 0: rank e holds experts e*n .. e*n + n - 1
+                n = len({x[0] for _, sub, _ in entries if (x := L.expert_of(sub))})
+                for layer, sub, where in entries:
+                    expert = L.expert_of(sub)
+                    if expert is not None:
+                        sub = f"{expert_prefix(e * n + expert[0])}{expert[1]}"
+                    name = sub if layer is None else f"decoder.layers.{layer}.{sub}"
+                    self._index.setdefault(name, where)
+
+    def _ranks(self, found: dict[tuple[int, ...], Path]) -> dict[tuple[int, int, int], Path]:
+        """(tp, pp, ep) of each folder. Megatron names a folder mp_rank_TT[_PPP][_EEE], the pipeline rank only
+        when PP > 1 and the expert rank only when EP > 1, so mp_rank_00_001 is PP or EP by the saved args."""
+        if all(len(k) < 3 for k in found):
+            first = found[min(found)]
+            args = load_weights_pickle(first).get("args")
+            ep = int(getattr(args, "expert_model_parallel_size", 1) or 1)
+            pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+            if ep > 1 and pp == 1:
+                return {(k[0], 0, k[1] if len(k) > 1 else 0): f for k, f in found.items()}
+        return {(k[0], k[1] if len(k) > 1 else 0, k[2] if len(k) > 2 else 0): f for k, f in found.items()}
 
     @cache  # noqa: B019 - one reader per conversion; files are mmapped
-    def _load(self, tp: int, pp: int) -> dict[str, Any]:
-        return load_weights_pickle(self.files[(tp, pp)])
+    def _load(self, tp: int, pp: int, ep: int = 0) -> dict[str, Any]:
+        return load_weights_pickle(self.files[(tp, pp, ep)])
 
     def args(self) -> Any:
         return self._load(0, 0).get("args")
@@ -214,12 +252,14 @@ class _LegacySource:
         return name in self._index
 
     def get(self, name: str, gated: bool) -> torch.Tensor:
-        p, key, stored = self._index[name]
+        p, e, key, stored = self._index[name]
         parts = []
         for t in range(self.tp):
-            sd = self._load(t, p)[key]
+            sd = self._load(t, p, e)[key]
             if stored not in sd:
-                raise InvalidArgument(f"{self.files[(t, p)]}: tensor {stored} is missing", field="load_dir")
+                raise InvalidArgument(
+                    f"{self.files[(t, p, e)]}: tensor {stored} is missing", field="load_dir"
+                )
             parts.append(sd[stored])
         merged = L.merge(name, parts, gated=gated)
         if merged.data_ptr() == parts[0].data_ptr():
@@ -262,11 +302,10 @@ class _DistSource:
     def iteration(self) -> int:
         return 0
 
-    def _key(self, name: str) -> tuple[str, int | None]:
-        layer = megatron_layer_of(name)
-        if layer is not None and name not in self.sizes:
-            return "decoder.layers." + name.split(".", 3)[3], layer  # layers stacked on a leading axis
-        return name, None
+    def _key(self, name: str) -> tuple[str, tuple[int, ...]]:
+        if name in self.sizes:
+            return name, ()
+        return L.dist_key(name)  # layers (and experts) stacked on leading axes
 
     def has(self, name: str) -> bool:
         return self._key(name)[0] in self.sizes
@@ -282,18 +321,18 @@ class _DistSource:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
     def get(self, name: str, gated: bool) -> torch.Tensor:
-        key, layer = self._key(name)
+        key, lead = self._key(name)
         size = tuple(self.sizes[key])
-        out_shape = size[1:] if layer is not None else size
-        out = torch.empty(out_shape, dtype=self.dtypes[key])
+        k = len(lead)
+        out = torch.empty(size[k:], dtype=self.dtypes[key])
         covered = 0
         for offsets, sizes, info in self.chunks.get(key, []):
-            if layer is not None and not offsets[0] <= layer < offsets[0] + sizes[0]:
+            if not all(o <= i < o + n for i, o, n in zip(lead, offsets, sizes)):
                 continue
             data = self._read(info)
-            if layer is not None:
-                data = data[layer - offsets[0]]
-                offsets, sizes = offsets[1:], sizes[1:]
+            if k:
+                data = data[tuple(i - o for i, o in zip(lead, offsets))]
+                offsets, sizes = offsets[k:], sizes[k:]
             region = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
             out[region] = data
             covered += data.numel()
@@ -374,9 +413,10 @@ class MegatronCheckpoint:
             return {
                 "tensor_parallel": self._src.tp,
                 "pipeline_parallel": self._src.pp,
+                "expert_parallel": self._src.ep,
                 "layers": self._src.layout.counts,
             }
-        return {"tensor_parallel": None, "pipeline_parallel": None}
+        return {"tensor_parallel": None, "pipeline_parallel": None, "expert_parallel": None}
 
 
 def write_description(out: Path, meta: dict[str, Any], tokenizer_files: list[Path]) -> None:

@@ -86,7 +86,8 @@ class _CpuStream:
         pass
 
     def record_event(self, event=None):
-        return event
+        # the all-to-all token dispatcher (token_dispatcher.py:895) synchronizes on the event it gets back
+        return event if event is not None else _CpuEvent()
 
     def synchronize(self) -> None:
         pass
@@ -171,6 +172,16 @@ def _patch_megatron() -> None:
                     dst[k].copy_(v)
 
     dopt.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def moe_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's moe_utils.py:1192 reads ``te_general_gemm``, which it defines only when
+    Transformer Engine imports (a NameError in the router otherwise, on CPU and on a GPU without TE): define
+    it as absent, so the router takes its torch.mm branch. Idempotent; needed wherever TE is missing."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def apply() -> bool:

@@ -70,9 +70,33 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
         batch_p2p_comm=False,  # interleaved PP=2 on gloo computes wrong losses with batched p2p
+        **moe_config(arch),
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def moe_config(arch: ArchConfig) -> dict[str, Any]:
+    """megatron-core's TransformerConfig fields of a mixture of experts (none for a dense model).
+
+    The router: top-k on the logits then a softmax over the chosen k equals HF's softmax, top-k and
+    renormalisation (Mixtral, norm_topk_prob); ``moe_router_pre_softmax`` (softmax over all experts, top-k
+    weights kept as they are) is HF's norm_topk_prob false (Qwen2-MoE). Tokens are never dropped
+    (dropless, as HF computes); the load-balancing loss is megatron-core's aux loss, coefficient 0 unless
+    a training spec sets one."""
+    if not arch.moe:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_pre_softmax=not arch.moe_norm_topk,
+        moe_shared_expert_intermediate_size=arch.shared_expert_ffn or None,
+        moe_shared_expert_gate=arch.shared_expert_gate,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_aux_loss_coeff=0.0,
+    )
 
 
 def megatron_device() -> torch.device:
@@ -156,7 +180,12 @@ def layer_spec(arch: ArchConfig, config, *, impl: str = "auto", vp_stage: int | 
         get_num_layers_to_build,
     )
 
-    qk = {"qk_layernorm": True} if arch is not None and arch.qk_layernorm else {}  # Qwen3's q/k norms
+    qk: dict[str, Any] = {"qk_layernorm": True} if arch is not None and arch.qk_layernorm else {}  # Qwen3
+    if arch is not None and arch.moe:  # SequentialMLP experts (the grouped GEMM is a GPU-only option)
+        from llm.mcore.cpu_compat import moe_without_transformer_engine
+
+        moe_without_transformer_engine()
+        qk.update(num_experts=arch.num_experts, moe_grouped_gemm=False)
     if resolve_impl(impl) == "transformer_engine":
         return specs.get_gpt_layer_with_transformer_engine_spec(**qk)
     spec = specs.get_gpt_layer_local_spec(normalization=arch.normalization, **qk)

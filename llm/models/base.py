@@ -25,7 +25,7 @@ GetTensor = Callable[[str], Tensor]
 class ArchConfig:
     """A decoder-only transformer, independent of any checkpoint naming."""
 
-    family: str  # registry key: llama | qwen2 | qwen3 | gpt2
+    family: str  # registry key: llama | qwen2 | qwen3 | gpt2 | mixtral | qwen2_moe | qwen3_moe
     architecture: str  # HF architectures[0]
     vocab_size: int  # real (unpadded) vocabulary
     hidden_size: int
@@ -48,6 +48,21 @@ class ArchConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Mixture of experts (every layer's MLP; 0 experts = dense): a router picks moe_topk experts per token,
+    # their SwiGLU MLPs of moe_ffn_hidden_size are summed weighted by the router's softmax probabilities,
+    # renormalised over the chosen ones when moe_norm_topk (Mixtral, Qwen3-MoE), as they come otherwise
+    # (Qwen2-MoE); Qwen2-MoE adds a shared expert of shared_expert_ffn scaled by sigmoid(gate . x).
+    num_experts: int = 0
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_norm_topk: bool = True
+    shared_expert_ffn: int = 0
+    shared_expert_gate: bool = False
+
+    @property
+    def moe(self) -> bool:
+        """Whether the MLPs are mixtures of experts."""
+        return self.num_experts > 0
 
     @property
     def gated(self) -> bool:
@@ -82,15 +97,20 @@ class ArchConfig:
         """Parameters of the model (a tied embedding counted once)."""
         h, L, f = self.hidden_size, self.num_layers, self.ffn_hidden_size
         norm = h * (2 if self.normalization == "LayerNorm" else 1)
+        if self.moe:  # router, experts, shared expert (+ its gate); no MLP biases
+            mlp = self.num_experts * (h + 3 * self.moe_ffn_hidden_size * h) + 3 * self.shared_expert_ffn * h
+            mlp += h if self.shared_expert_gate else 0
+        else:
+            mlp = (2 if self.gated else 1) * f * h + f * h
+            mlp += (2 if self.gated else 1) * f + h if self.linear_bias else 0
         per_layer = (
             2 * norm
             + h * self.qkv_out_features
             + (self.qkv_out_features if self.qkv_bias else 0)
             + (2 * self.head_dim if self.qk_layernorm else 0)
             + self.num_attention_heads * self.head_dim * h
-            + (2 if self.gated else 1) * f * h
-            + f * h
-            + ((h + (2 if self.gated else 1) * f + h) if self.linear_bias else 0)
+            + (h if self.linear_bias else 0)
+            + mlp
         )
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         pos = self.max_position_embeddings * h if self.position_embedding == "learned_absolute" else 0
@@ -143,6 +163,7 @@ class ModelFamily:
     hf_architectures: ClassVar[tuple[str, ...]]
     hf_layer_prefix: ClassVar[str]  # e.g. "model.layers." (the layer index follows)
     covers: ClassVar[str] = ""  # what the family's mapping covers, in words (convert --list-families)
+    moe: ClassVar[bool] = False  # a mixture-of-experts family (expert parallelism applies)
 
     def arch_from_hf_config(self, cfg: dict[str, Any]) -> ArchConfig:
         """The ArchConfig an HF config.json describes (400 naming a missing key)."""
@@ -234,12 +255,31 @@ def megatron_names(arch: ArchConfig, layer: int | None) -> list[str]:
     names.append(p + "mlp.linear_fc1.layer_norm_weight")
     if norm_bias:
         names.append(p + "mlp.linear_fc1.layer_norm_bias")
+    if arch.moe:
+        return names + moe_names(arch, p)
     names.append(p + "mlp.linear_fc1.weight")
     if arch.linear_bias:
         names.append(p + "mlp.linear_fc1.bias")
     names.append(p + "mlp.linear_fc2.weight")
     if arch.linear_bias:
         names.append(p + "mlp.linear_fc2.bias")
+    return names
+
+
+def expert_prefix(j: int) -> str:
+    """Megatron's name prefix of expert ``j`` inside a layer (megatron-core's ``SequentialMLP``)."""
+    return f"mlp.experts.local_experts.{j}."
+
+
+def moe_names(arch: ArchConfig, p: str) -> list[str]:
+    """Canonical names of a mixture-of-experts MLP under layer prefix ``p`` (the pre-MLP norm excluded)."""
+    names = [p + "mlp.router.weight"]
+    for j in range(arch.num_experts):
+        names += [p + expert_prefix(j) + "linear_fc1.weight", p + expert_prefix(j) + "linear_fc2.weight"]
+    if arch.shared_expert_ffn:
+        names += [p + "mlp.shared_experts.linear_fc1.weight", p + "mlp.shared_experts.linear_fc2.weight"]
+    if arch.shared_expert_gate:
+        names.append(p + "mlp.shared_experts.gate_weight")
     return names
 
 

@@ -16,7 +16,16 @@ from typing import ClassVar
 
 import torch
 
-from llm.models.base import ArchConfig, GetTensor, ModelFamily, Tensor, fuse_qkv, layer_prefix, split_qkv
+from llm.models.base import (
+    ArchConfig,
+    GetTensor,
+    ModelFamily,
+    Tensor,
+    expert_prefix,
+    fuse_qkv,
+    layer_prefix,
+    split_qkv,
+)
 
 When = Callable[[ArchConfig], bool]
 
@@ -36,6 +45,10 @@ class Mapping:
 
     def mc_names(self) -> list[str]:
         raise NotImplementedError
+
+    def names_for(self, arch: ArchConfig) -> list[str]:
+        """The HF names this mapping reads for ``arch`` (relative to the group's prefix)."""
+        return self.hf_names()
 
     def to_megatron(self, arch: ArchConfig, get: GetTensor, hf: str, mc: str) -> dict[str, Tensor]:
         """Canonical tensors (names with prefix ``mc``) from HF ones read with prefix ``hf``."""
@@ -164,6 +177,49 @@ class GatedMLP(Mapping):
         return {hf + self.gate: gate.contiguous(), hf + self.up: up.contiguous()}
 
 
+@dataclass(frozen=True)
+class Experts(Mapping):
+    """Every expert of a mixture-of-experts layer: the ``inner`` mappings applied once per expert ``j``,
+    under ``hf.format(j)`` on the HF side (the hub's one-module-per-expert layout, e.g.
+    ``block_sparse_moe.experts.{}.``) and ``expert_prefix(j)`` on the Megatron side (``SequentialMLP``)."""
+
+    hf: str
+    inner: tuple[Mapping, ...]
+
+    def _pairs(self, arch: ArchConfig) -> list[tuple[str, str]]:
+        return [(self.hf.format(j), expert_prefix(j)) for j in range(arch.num_experts)]
+
+    def hf_names(self) -> list[str]:
+        raise TypeError("an Experts mapping's names depend on the architecture: use names_for")
+
+    def mc_names(self) -> list[str]:
+        return ["mlp.experts"]
+
+    def names_for(self, arch: ArchConfig) -> list[str]:
+        """The HF names (relative to the layer) of every expert of ``arch``."""
+        return [h + n for h, _ in self._pairs(arch) for m in self.inner for n in m.hf_names()]
+
+    def to_megatron(self, arch, get, hf, mc):
+        return {
+            k: v
+            for h, e in self._pairs(arch)
+            for m in self.inner
+            for k, v in m.to_megatron(arch, get, hf + h, mc + e).items()
+        }
+
+    def to_hf(self, arch, get, hf, mc):
+        return {
+            k: v
+            for h, e in self._pairs(arch)
+            for m in self.inner
+            for k, v in m.to_hf(arch, get, hf + h, mc + e).items()
+        }
+
+
+def experts(hf: str, *inner: Mapping) -> Experts:
+    return Experts(moe, hf, inner)
+
+
 def rename(hf: str, mc: str, when: When = always) -> Rename:
     return Rename(when, hf, mc)
 
@@ -182,6 +238,11 @@ def stacked_qkv(hf: str, mc: str, *, transpose: bool = False, when: When = alway
 
 def gated_mlp(gate: str, up: str, mc: str, when: When = always) -> GatedMLP:
     return GatedMLP(when, gate, up, mc)
+
+
+def moe(arch: ArchConfig) -> bool:
+    """A mixture-of-experts MLP (the router, the experts, a shared expert)."""
+    return arch.moe
 
 
 def untied(arch: ArchConfig) -> bool:
@@ -203,7 +264,7 @@ class TableFamily(ModelFamily):
 
     def hf_names(self, arch: ArchConfig, layer: int | None) -> list[str]:
         table, hf, _ = self._table(arch, layer)
-        return [hf + n for m in table for n in m.hf_names()]
+        return [hf + n for m in table for n in m.names_for(arch)]
 
     def to_megatron(self, arch: ArchConfig, layer: int | None, get: GetTensor) -> dict[str, Tensor]:
         table, hf, mc = self._table(arch, layer)

@@ -8,12 +8,22 @@ from typing import Any
 from llm.models.base import ArchConfig, ModelFamily
 from llm.models.gpt2 import GPT2Family
 from llm.models.llama import LlamaFamily
+from llm.models.moe import MixtralFamily, Qwen2MoeFamily, Qwen3MoeFamily
 from llm.models.qwen2 import Qwen2Family
 from llm.models.qwen3 import Qwen3Family
 from shared.errors import InvalidArgument
 
 FAMILIES: dict[str, ModelFamily] = {
-    f.name: f for f in (LlamaFamily(), Qwen2Family(), Qwen3Family(), GPT2Family())
+    f.name: f
+    for f in (
+        LlamaFamily(),
+        Qwen2Family(),
+        Qwen3Family(),
+        GPT2Family(),
+        MixtralFamily(),
+        Qwen2MoeFamily(),
+        Qwen3MoeFamily(),
+    )
 }
 BY_ARCHITECTURE: dict[str, ModelFamily] = {a: f for f in FAMILIES.values() for a in f.hf_architectures}
 
@@ -30,7 +40,7 @@ def family_for_architecture(architecture: str) -> ModelFamily:
 
 
 def family(name: str) -> ModelFamily:
-    """A family by name (llama, qwen2, qwen3, gpt2); 400 otherwise."""
+    """A family by name (llama, qwen2, qwen3, gpt2, mixtral, qwen2_moe, qwen3_moe); 400 otherwise."""
     try:
         return FAMILIES[name]
     except KeyError:

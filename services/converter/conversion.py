@@ -22,7 +22,7 @@ from llm.checkpoints import layout as L
 from llm.checkpoints.hf import TOKENIZER_FILES, write_hf_checkpoint
 from llm.devices import dtype_name, resolve_dtype
 from llm.mcore.model import padded_vocab_size
-from llm.models.base import MappedView, megatron_names
+from llm.models.base import MappedView, expert_prefix, megatron_names
 from services.converter.writers import TorchDistWriter, legacy_rank_dir, megatron_args, write_megatron_extras
 from shared.atomic import atomic_dir, check_target
 from shared.errors import InvalidArgument
@@ -45,6 +45,7 @@ class ConvertSpec:
     source_format: str | None = None  # None: detect
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel (legacy targets: mp_rank_TT[_PPP]_EEE folders; torch_dist is layout-free)
     num_layer_list: tuple[int, ...] = ()
     layers_per_virtual_stage: int = 0
     params_dtype: str | None = None  # None: keep the source dtype
@@ -169,6 +170,11 @@ def validate(spec: ConvertSpec) -> CheckpointReader:
             field="target_tensor_parallel_size",
         )
     L.check_tp(reader.arch, spec.tp)
+    L.check_ep(reader.arch, spec.ep)
+    if spec.target_format == "hf" and spec.ep != 1:
+        raise InvalidArgument(
+            "HF checkpoints are not split: use EP=1 for an hf target", field="target_expert_parallel_size"
+        )
     L.PipelineLayout.build(
         reader.arch.num_layers,
         spec.pp,
@@ -287,6 +293,7 @@ def _meta(
         "make_vocab_size_divisible_by": spec.divisible_by,
         "tensor_parallel": spec.tp,
         "pipeline_parallel": spec.pp,
+        "expert_parallel": spec.ep,
         "params_dtype": dtype_name(dtype),
         "layers_per_stage": [list(c) for c in layout.counts] if layout else None,
         "iteration": spec.iteration or "release",
@@ -341,11 +348,14 @@ def _write_legacy(reader, get, out: Path, dtype, spec: ConvertSpec, progress: Pr
         dtype=dtype,
         layout=layout,
         iteration=spec.iteration,
+        ep=spec.ep,
     )
     chunks = layout.chunks()
-    total = len(reader.names()) * tp
+    ep = spec.ep
+    total = len(reader.names()) * tp  # (an EP rank repeats the tensors that are not experts: counted again)
     done, size, n_written = 0, 0, 0
     it_dir = out / _iteration_name(spec)
+    per_rank = arch.num_experts // ep if arch.moe else 0
 
     def tensor(name: str, rank: int) -> torch.Tensor:
         t = get(name)
@@ -353,51 +363,64 @@ def _write_legacy(reader, get, out: Path, dtype, spec: ConvertSpec, progress: Pr
             t = L.pad_vocab(t, padded)
         return L.shard(name, t, tp=tp, rank=rank, gated=arch.gated).to(dtype).clone()
 
+    def layer_entries(layer: int, local: int, e: int) -> Iterator[tuple[str, str]]:
+        """(stored name, canonical name) of one layer in EP rank ``e``: its own experts, numbered from 0."""
+        for name in megatron_names(arch, layer):
+            sub = name.split(".", 3)[3]
+            expert = L.expert_of(sub)
+            if expert is not None:
+                j, rest = expert
+                if j // per_rank != e:
+                    continue
+                sub = f"{expert_prefix(j % per_rank)}{rest}"
+            yield f"decoder.layers.{local}.{L.to_local(sub)}", name
+
+    modules = L.linear_modules(arch, num_experts=per_rank)
     for p in range(pp):
         for r in range(tp):
-            models: dict[str, dict[str, Any]] = {}
-            for stage, v, first, count in chunks:
-                if stage != p:
-                    continue
-                sd: dict[str, Any] = {}
-                if p == 0 and v == 0:
-                    for name in megatron_names(arch, None):
-                        if name.startswith("embedding."):
-                            sd[name] = tensor(name, r)
-                for local in range(count):
-                    for name in megatron_names(arch, first + local):
-                        sub = name.split(".", 3)[3]
-                        sd[f"decoder.layers.{local}.{L.to_local(sub)}"] = tensor(name, r)
-                    for module in L.LINEAR_MODULES:
-                        sd[f"decoder.layers.{local}.{module}._extra_state"] = None
-                if p == pp - 1 and v == layout.vpp - 1:
-                    for name in megatron_names(arch, None):
-                        if name.startswith("decoder.final_layernorm"):
-                            sd[name] = tensor(name, r)
-                    if not arch.tie_word_embeddings:
-                        sd["output_layer.weight"] = tensor("output_layer.weight", r)
-                    elif pp > 1:  # a tied head on a later stage keeps its own copy of the embedding
-                        sd["output_layer.weight"] = tensor("embedding.word_embeddings.weight", r)
-                    sd["output_layer._extra_state"] = None
-                n = sum(1 for value in sd.values() if value is not None)
-                done += n
-                n_written += n
-                progress(min(done, total), total, f"stage {p} rank {r} chunk {v}")
-                models["model" if layout.vpp == 1 else f"model{v}"] = sd
-            path = it_dir / legacy_rank_dir(r, p, pp) / "model_optim_rng.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(
-                {
-                    "args": args,
-                    "checkpoint_version": 3.0,
-                    "iteration": spec.iteration,
-                    **models,
-                    "num_floating_point_operations_so_far": 0,
-                },
-                path,
-            )
-            size += path.stat().st_size
-            del models
+            for e in range(ep):
+                models: dict[str, dict[str, Any]] = {}
+                for stage, v, first, count in chunks:
+                    if stage != p:
+                        continue
+                    sd: dict[str, Any] = {}
+                    if p == 0 and v == 0:
+                        for name in megatron_names(arch, None):
+                            if name.startswith("embedding."):
+                                sd[name] = tensor(name, r)
+                    for local in range(count):
+                        for stored, name in layer_entries(first + local, local, e):
+                            sd[stored] = tensor(name, r)
+                        for module in modules:
+                            sd[f"decoder.layers.{local}.{module}._extra_state"] = None
+                    if p == pp - 1 and v == layout.vpp - 1:
+                        for name in megatron_names(arch, None):
+                            if name.startswith("decoder.final_layernorm"):
+                                sd[name] = tensor(name, r)
+                        if not arch.tie_word_embeddings:
+                            sd["output_layer.weight"] = tensor("output_layer.weight", r)
+                        elif pp > 1:  # a tied head on a later stage keeps its own copy of the embedding
+                            sd["output_layer.weight"] = tensor("embedding.word_embeddings.weight", r)
+                        sd["output_layer._extra_state"] = None
+                    n = sum(1 for value in sd.values() if value is not None)
+                    done += n
+                    n_written += n
+                    progress(min(done, total), total, f"stage {p} rank {r} expert rank {e} chunk {v}")
+                    models["model" if layout.vpp == 1 else f"model{v}"] = sd
+                path = it_dir / legacy_rank_dir(r, p, pp, e, ep) / "model_optim_rng.pt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(
+                    {
+                        "args": args,
+                        "checkpoint_version": 3.0,
+                        "iteration": spec.iteration,
+                        **models,
+                        "num_floating_point_operations_so_far": 0,
+                    },
+                    path,
+                )
+                size += path.stat().st_size
+                del models
     write_megatron_extras(
         out,
         iteration=spec.iteration,
@@ -414,7 +437,12 @@ def summary(spec: ConvertSpec, reader: CheckpointReader, r: ConvertResult, dtype
             f"{spec.load_dir} ({reader.format}, {reader.arch.architecture}, "
             f"{reader.arch.num_parameters() / 1e6:.1f}M params)",
         ),
-        ("target", f"{spec.save_dir} ({spec.target_format}, TP={spec.tp} PP={spec.pp}, {dtype_name(dtype)})"),
+        (
+            "target",
+            f"{spec.save_dir} ({spec.target_format}, TP={spec.tp} PP={spec.pp}"
+            + (f" EP={spec.ep}" if spec.ep > 1 else "")
+            + f", {dtype_name(dtype)})",
+        ),
         ("tensors", str(r.num_tensors)),
         ("bytes written", f"{r.bytes_written / 1e6:.1f} MB"),
         ("time", f"{r.seconds:.2f} s"),

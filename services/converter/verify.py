@@ -78,6 +78,7 @@ def megatron_run(path: Path, fmt: str, tokens: torch.Tensor, iteration: int | No
         fmt == "legacy"
         and reader.parallel_layout()["tensor_parallel"] == 1
         and reader.parallel_layout()["pipeline_parallel"] == 1
+        and reader.parallel_layout()["expert_parallel"] == 1
     )
     if fmt == "mcore":
         state = load_distributed(model.sharded_state_dict(), reader.iter_dir)

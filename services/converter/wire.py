@@ -37,6 +37,7 @@ def spec_from_pb(s: pb.ConversionSpec) -> ConvertSpec:
     for name in (
         "target_tensor_parallel_size",
         "target_pipeline_parallel_size",
+        "target_expert_parallel_size",
         "num_layers_per_virtual_pipeline_stage",
         "make_vocab_size_divisible_by",
         "iteration",
@@ -51,6 +52,7 @@ def spec_from_pb(s: pb.ConversionSpec) -> ConvertSpec:
         source_format=PB_TO_FORMAT.get(s.source_format),
         tp=s.target_tensor_parallel_size or 1,
         pp=s.target_pipeline_parallel_size or 1,
+        ep=s.target_expert_parallel_size or 1,
         num_layer_list=tuple(s.num_layer_list),
         layers_per_virtual_stage=s.num_layers_per_virtual_pipeline_stage,
         params_dtype=DTYPE_FROM_PB.get(s.params_dtype),
@@ -81,6 +83,7 @@ def spec_to_pb(spec: ConvertSpec) -> pb.ConversionSpec:
         source_format=FORMAT_TO_PB.get(spec.source_format or "", common_pb2.CHECKPOINT_FORMAT_UNSPECIFIED),
         target_tensor_parallel_size=spec.tp,
         target_pipeline_parallel_size=spec.pp,
+        target_expert_parallel_size=spec.ep,
         num_layer_list=spec.num_layer_list,
         num_layers_per_virtual_pipeline_stage=spec.layers_per_virtual_stage,
         params_dtype=DTYPE_TO_PB.get(spec.params_dtype or "", common_pb2.DTYPE_UNSPECIFIED),

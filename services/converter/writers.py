@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from llm.checkpoints import layout as L
 from llm.checkpoints.megatron import TRACKER, write_description
-from llm.models.base import ArchConfig, megatron_layer_of
+from llm.models.base import ArchConfig
 
 DATA_FILE = "__0_0.distcp"
 DIST_METADATA = {
@@ -68,16 +68,13 @@ class TorchDistWriter:
         return offset, len(blob)
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        layer = megatron_layer_of(name)
         t = t.detach().contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # torch.save writes the whole storage: save only this tensor's bytes
-        if layer is None:
-            key, offsets, size, chunk = name, (0,) * t.dim(), tuple(t.shape), t
-        else:
-            key = "decoder.layers." + name.split(".", 3)[3]
-            offsets, size = (layer,) + (0,) * t.dim(), (self.arch.num_layers, *t.shape)
-            chunk = t.unsqueeze(0)
+        key, lead = L.dist_key(name)
+        stacked = (self.arch.num_layers, self.arch.num_experts)[: len(lead)]  # layers, then experts
+        offsets, size = (*lead, *(0,) * t.dim()), (*stacked, *t.shape)
+        chunk = t.reshape(*(1,) * len(lead), *t.shape)
         offset = self._f.tell()
         torch.save(chunk, self._f)  # straight into the data file, as DCP's own writer does
         length = self._f.tell() - offset
@@ -93,10 +90,11 @@ class TorchDistWriter:
 
     def _extra_states(self) -> None:
         # megatron-core's local-spec linears carry an (empty) _extra_state, saved as a ShardedObject per
-        # layer.
+        # layer. (A MoE layer's experts keep theirs per expert; the loader asks only for those stored.)
         blob = _saved([None])
         n = self.arch.num_layers
-        for module in L.LINEAR_MODULES:
+        modules = L.LINEAR_MODULES[:2] if self.arch.moe else L.LINEAR_MODULES
+        for module in modules:
             for i in range(n):
                 key = f"decoder.layers.{module}._extra_state/shard_{i}_{n}"
                 offset, length = self._append(blob)
@@ -135,6 +133,7 @@ def megatron_args(
     dtype: torch.dtype,
     layout: L.PipelineLayout,
     iteration: int,
+    ep: int = 1,
 ) -> argparse.Namespace:
     """The training args Megatron stores in legacy checkpoints (and reads back with check_checkpoint_args)."""
     return argparse.Namespace(
@@ -164,6 +163,14 @@ def megatron_args(
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
+        qk_layernorm=arch.qk_layernorm,
+        expert_model_parallel_size=ep,
+        num_experts=arch.num_experts or None,
+        moe_router_topk=arch.moe_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size or None,
+        moe_router_pre_softmax=arch.moe and not arch.moe_norm_topk,
+        moe_shared_expert_intermediate_size=arch.shared_expert_ffn or None,
+        moe_shared_expert_gate=arch.shared_expert_gate,
         tokenizer_type="HuggingFaceTokenizer",
         iteration=iteration,
         consumed_train_samples=0,
@@ -171,8 +178,13 @@ def megatron_args(
     )
 
 
-def legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+def legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """Megatron's ``mp_rank_TT[_PPP][_EEE]``: the pipeline rank when PP > 1, the expert rank when EP > 1."""
+    return (
+        f"mp_rank_{tp_rank:02d}"
+        + (f"_{pp_rank:03d}" if pp > 1 else "")
+        + (f"_{ep_rank:03d}" if ep > 1 else "")
+    )
 
 
 def write_megatron_extras(

@@ -334,6 +334,13 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         if neat_packed([p for p, _ in (*spec.data_paths, *spec.valid_data_paths)]):
             raise _bad(NEAT_PACK_TE, "training.transformer_impl")
     arch, padded, tok = resolve_arch(spec)
+    if arch.moe:
+        raise _bad(
+            f"{arch.architecture} is a mixture of experts: megatron-core training of MoE models (router, "
+            "expert parallelism) is not wired into megastack's training jobs yet; convert, serve and evaluate "
+            "it, or fine-tune it with kind: hf-deepspeed",
+            "model.init_from" if spec.init_from else "model.architecture",
+        )
     if arch.sliding_window is not None and spec.seq_length > arch.sliding_window:
         raise _bad(
             f"the model attends over a sliding window of {arch.sliding_window} positions (sliding_window), "

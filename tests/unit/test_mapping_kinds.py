@@ -138,3 +138,34 @@ def test_a_table_family_keeps_what_its_conditions_allow():
         "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"
     ]
     assert fam.hf_tensor_names(tied) == ["emb", "blocks.0.norm", "blocks.1.norm"]
+
+
+def test_experts_apply_their_mappings_once_per_expert_and_invert_exactly():
+    """The expert kind: the hub's experts.{j}.w1/w3/w2 <-> SequentialMLP's local_experts.{j}.linear_fc1 =
+    [w1; w3] and linear_fc2, for every expert of the architecture and no other."""
+    from llm.models.mapping import experts
+
+    arch = dataclasses.replace(ARCH, num_experts=3, moe_topk=2, moe_ffn_hidden_size=5)
+    m = experts(
+        "moe.experts.{}.", gated_mlp("w1", "w3", "linear_fc1.weight"), rename("w2", "linear_fc2.weight")
+    )
+    src = {
+        f"model.layers.1.moe.experts.{j}.{n}": rand(5, ARCH.hidden_size, seed=10 * j + i)
+        for j in range(3)
+        for i, n in enumerate(("w1", "w3", "w2"))
+    }
+    assert sorted(f"model.layers.1.{n}" for n in m.names_for(arch)) == sorted(src)
+    mc = m.to_megatron(arch, src.__getitem__, "model.layers.1.", "decoder.layers.1.")
+    assert sorted(mc) == sorted(
+        f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc{k}.weight"
+        for j in range(3)
+        for k in (1, 2)
+    )
+    fc1 = mc["decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight"]
+    assert torch.equal(
+        fc1, torch.cat([src["model.layers.1.moe.experts.2.w1"], src["model.layers.1.moe.experts.2.w3"]])
+    )
+    back = m.to_hf(arch, mc.__getitem__, "model.layers.1.", "decoder.layers.1.")
+    assert sorted(back) == sorted(src) and all(torch.equal(back[n], t) for n, t in src.items())
+    dense = dataclasses.replace(ARCH, num_experts=0)
+    assert not m.when(dense)  # a dense architecture has no expert tensors

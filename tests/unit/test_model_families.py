@@ -131,3 +131,20 @@ def test_list_families_prints_every_registered_family_and_whether_its_tests_run(
     for name, line in rows.items():  # the per-family tests run over tools/tiny.py FAMILIES
         assert line.rstrip().endswith("yes" if name in FAMILIES else "no"), line
         assert all(a in line for a in REGISTERED[name].hf_architectures)
+
+
+def test_moe_configs_map_their_router_and_refuse_layouts_megastack_cannot_hold(tiny_models):
+    """Mixtral always renormalises its top-k weights, Qwen only with norm_topk_prob; Qwen configs that make
+    some layers dense are refused naming the setting."""
+    from llm.models.registry import arch_from_hf_config
+
+    archs = {f: HFCheckpoint(tiny_models[f]).arch for f in ("mixtral", "qwen2_moe", "qwen3_moe")}
+    assert [(a.num_experts, a.moe_topk, a.moe_ffn_hidden_size) for a in archs.values()] == [(4, 2, 48)] * 3
+    assert archs["mixtral"].moe_norm_topk and archs["qwen3_moe"].moe_norm_topk
+    assert not archs["qwen2_moe"].moe_norm_topk and archs["qwen2_moe"].shared_expert_ffn == 80
+    assert archs["qwen2_moe"].shared_expert_gate and archs["qwen3_moe"].qk_layernorm
+    cfg = json.loads((tiny_models["qwen3_moe"] / "config.json").read_text())
+    for key, value in (("mlp_only_layers", [1]), ("decoder_sparse_step", 2)):
+        with pytest.raises(InvalidArgument) as e:
+            arch_from_hf_config({**cfg, key: value})
+        assert e.value.field == key

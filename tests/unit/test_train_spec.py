@@ -241,3 +241,14 @@ def test_a_sliding_window_shorter_than_the_sequence_is_refused_naming_the_field(
     assert e.value.field == "data.seq_length"
     d["data"]["seq_length"] = 32
     validate(spec_from_dict(d))
+
+
+def test_a_mixture_of_experts_model_is_refused_by_megatron_jobs_naming_the_field(assets, tiny_models):
+    """MoE training through megatron-core is not wired (no expert-parallel spec, no tested router loss): a
+    Mixtral is refused at submit, naming the model field, instead of starting an untested path."""
+    model = {"architecture": str(tiny_models["mixtral"]), "tokenizer": str(tiny_models["mixtral"])}
+    d = doc(assets, model=model)
+    d["model"].pop("init_from")
+    with pytest.raises(InvalidArgument, match="mixture of experts") as e:
+        validate(spec_from_dict(d))
+    assert e.value.field == "model.architecture"

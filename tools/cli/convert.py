@@ -34,7 +34,7 @@ def families_table() -> str:
                 ", ".join(fam.hf_architectures),
                 fam.covers,
                 "hf, mcore, legacy",
-                "TP, PP, VPP (legacy); no EP yet",
+                "TP, PP, VPP, EP (legacy)" if fam.moe else "TP, PP, VPP (legacy)",
                 "yes" if name in TESTED else "no",
             )
         )
@@ -78,6 +78,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-format", choices=FORMATS, required=True)
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="N")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="M")
+    p.add_argument(
+        "--target-expert-parallel-size",
+        type=int,
+        default=1,
+        metavar="E",
+        help="mixture-of-experts models: split the experts over E ranks (legacy mp_rank_TT[_PPP]_EEE "
+        "folders; torch_dist loads at any EP)",
+    )
     p.add_argument(
         "--num-layer-list",
         type=_layer_list,
@@ -178,6 +186,7 @@ def _spec(a: argparse.Namespace, *, absolute: bool = False):
         source_format=a.source_format,
         tp=a.target_tensor_parallel_size,
         pp=a.target_pipeline_parallel_size,
+        ep=a.target_expert_parallel_size,
         num_layer_list=a.num_layer_list,
         layers_per_virtual_stage=a.num_layers_per_virtual_pipeline_stage,
         params_dtype=DTYPES.get(a.params_dtype, a.params_dtype),

@@ -8,7 +8,7 @@ import torch
 from llm.checkpoints import open_checkpoint
 from llm.checkpoints.hf import HFCheckpoint
 from services.converter.conversion import ConvertSpec, convert
-from tests.fixtures.tiny import FAMILIES
+from tests.fixtures.tiny import FAMILIES, MOE_FAMILIES
 from tests.integration.converter.conftest import hf_reference, torchrun
 
 TARGETS = [
@@ -104,3 +104,52 @@ def test_megatron_core_loads_legacy_pp2_stages_strictly(tmp_path, tiny_models):
     convert(ConvertSpec(load_dir=tiny_models["qwen2"], save_dir=ckpt, target_format="legacy", pp=2))
     out = torchrun(["--pp", "2", "--ckpt", str(ckpt), "--format", "legacy", "--ref", str(ckpt)])
     assert out.returncode == 0 and "OK strict load" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_expert_parallel_legacy_round_trip(tmp_path, tiny_models, family):
+    """HF -> legacy TP=2 x PP=2 x EP=2 (Megatron's mp_rank_TT_PPP_EEE folders, each EP rank holding its two
+    experts numbered from 0) -> legacy EP=1 -> HF, bit-exact, megatron-core's logits == HF's each way; a
+    checkpoint that has lost its megastack.json is still read (EP from the saved Megatron args)."""
+    src, ep, flat, back = tiny_models[family], tmp_path / "ep", tmp_path / "flat", tmp_path / "back"
+    there = convert(
+        ConvertSpec(load_dir=src, save_dir=ep, target_format="legacy", tp=2, pp=2, ep=2, verify=True)
+    )
+    assert there.parity["max_abs_logit_diff"] <= 1e-5 and there.parity["weights_exact"] is True
+    folders = sorted(p.name for p in (ep / "release").iterdir())
+    assert folders == [
+        f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for t in range(2) for p in range(2) for e in range(2)
+    ]
+    rank1 = torch.load(ep / "release" / "mp_rank_00_000_001" / "model_optim_rng.pt", weights_only=False)
+    fc1 = {k for k in rank1["model"] if k.endswith("linear_fc1.weight") and ".experts." in k}
+    assert fc1 == {"decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight",
+                   "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"}  # fmt: skip
+    assert rank1["args"].expert_model_parallel_size == 2 and rank1["args"].num_experts == 4
+    hf = HFCheckpoint(src)
+    expert2 = hf.family.to_megatron(hf.arch, 0, hf.get)[
+        "decoder.layers.0.mlp.experts.local_experts.2.linear_fc1.weight"
+    ]
+    tp0 = rank1["model"]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"]  # global expert 2
+    assert torch.equal(tp0, torch.cat([h.chunk(2)[0] for h in expert2.chunk(2)]))  # TP rank 0's gate and up
+    assert open_checkpoint(ep).parallel_layout()["expert_parallel"] == 2
+    (ep / "megastack.json").unlink()  # described from the args alone now
+    flat_r = convert(ConvertSpec(load_dir=ep, save_dir=flat, target_format="legacy", verify=True))
+    assert flat_r.parity["weights_exact"] is True and flat_r.parity["max_abs_logit_diff"] <= 1e-5
+    assert open_checkpoint(flat).arch.family == family
+    convert(ConvertSpec(load_dir=flat, save_dir=back, target_format="hf"))
+    same_weights(src, back)
+
+
+def test_expert_parallel_sizes_that_cannot_hold_are_refused_naming_the_field(tmp_path, tiny_models):
+    from shared.errors import InvalidArgument
+
+    for family, target, ep, words in [
+        ("llama", "legacy", 2, "is dense"),
+        ("mixtral", "legacy", 3, "does not divide the 4 experts"),
+        ("mixtral", "hf", 2, "HF checkpoints are not split"),
+        ("mixtral", "legacy", 0, "must be >= 1"),
+    ]:
+        out = tmp_path / f"{family}-{ep}-{target}"
+        with pytest.raises(InvalidArgument, match=words) as e:
+            convert(ConvertSpec(load_dir=tiny_models[family], save_dir=out, target_format=target, ep=ep))
+        assert e.value.field == "target_expert_parallel_size" and not out.exists()
