@@ -108,26 +108,17 @@ def hf_config(family: str, vocab_size: int, **over):
             tie_word_embeddings=False,
             **common,
         )
-    elif family == "qwen3_moe":
-        cfg = Qwen3MoeConfig(
-            **DENSE,
-            **MOE,
-            num_experts=4,
-            head_dim=24,
-            norm_topk_prob=True,
-            tie_word_embeddings=True,
-            **common,
+    elif family in (
+        "qwen3_moe",
+        "qwen2_moe",
+    ):  # Qwen3-MoE renormalises its top-2; Qwen2-MoE has a shared expert
+        qwen3 = family == "qwen3_moe"
+        extra = (
+            dict(head_dim=24, norm_topk_prob=True, tie_word_embeddings=True)
+            if qwen3
+            else dict(shared_expert_intermediate_size=80, norm_topk_prob=False, tie_word_embeddings=False)
         )
-    elif family == "qwen2_moe":
-        cfg = Qwen2MoeConfig(
-            **DENSE,
-            **MOE,
-            num_experts=4,
-            shared_expert_intermediate_size=80,
-            norm_topk_prob=False,
-            tie_word_embeddings=False,
-            **common,
-        )
+        cfg = (Qwen3MoeConfig if qwen3 else Qwen2MoeConfig)(**DENSE, **MOE, num_experts=4, **extra, **common)
     elif family == "gpt2":
         cfg = GPT2Config(
             n_embd=64,

@@ -123,6 +123,36 @@ class MixtralFamily(LlamaFamily):
         return cfg
 
 
+def _qwen_moe_arch(arch: ArchConfig, cfg: dict[str, Any], src: str) -> ArchConfig:
+    """Qwen's MoE keys (Qwen2-MoE and Qwen3-MoE) on top of the dense family's ArchConfig."""
+    _every_layer_sparse(cfg, src)
+    shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+    return dataclasses.replace(
+        arch,
+        num_experts=_num_experts(cfg, src),
+        moe_topk=int(require(cfg, "num_experts_per_tok", src)),
+        moe_ffn_hidden_size=int(require(cfg, "moe_intermediate_size", src)),
+        moe_norm_topk=bool(cfg.get("norm_topk_prob", False)),
+        shared_expert_ffn=shared,
+        shared_expert_gate=shared > 0,  # Qwen2-MoE's shared expert always has its sigmoid gate
+    )
+
+
+def _qwen_moe_config(cfg: dict[str, Any], arch: ArchConfig, model_type: str) -> dict[str, Any]:
+    """The dense family's HF config with Qwen's MoE keys."""
+    cfg.update(
+        _moe_config(arch),
+        model_type=model_type,
+        moe_intermediate_size=arch.moe_ffn_hidden_size,
+        norm_topk_prob=arch.moe_norm_topk,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+    if arch.shared_expert_ffn:
+        cfg["shared_expert_intermediate_size"] = arch.shared_expert_ffn
+    return cfg
+
+
 class Qwen3MoeFamily(Qwen3Family):
     moe = True
     name = "qwen3_moe"
@@ -132,26 +162,10 @@ class Qwen3MoeFamily(Qwen3Family):
 
     def arch_from_hf_config(self, cfg: dict[str, Any]) -> ArchConfig:
         src = cfg.get("architectures", [self.hf_architectures[0]])[0]
-        _every_layer_sparse(cfg, src)
-        return dataclasses.replace(
-            super().arch_from_hf_config(cfg),
-            num_experts=_num_experts(cfg, src),
-            moe_topk=int(require(cfg, "num_experts_per_tok", src)),
-            moe_ffn_hidden_size=int(require(cfg, "moe_intermediate_size", src)),
-            moe_norm_topk=bool(cfg.get("norm_topk_prob", False)),
-        )
+        return _qwen_moe_arch(super().arch_from_hf_config(cfg), cfg, src)
 
     def hf_config_from_arch(self, arch: ArchConfig) -> dict[str, Any]:
-        cfg = super().hf_config_from_arch(arch)
-        cfg.update(
-            _moe_config(arch),
-            model_type="qwen3_moe",
-            moe_intermediate_size=arch.moe_ffn_hidden_size,
-            norm_topk_prob=arch.moe_norm_topk,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-        )
-        return cfg
+        return _qwen_moe_config(super().hf_config_from_arch(arch), arch, "qwen3_moe")
 
 
 class Qwen2MoeFamily(Qwen2Family):
@@ -163,26 +177,13 @@ class Qwen2MoeFamily(Qwen2Family):
 
     def arch_from_hf_config(self, cfg: dict[str, Any]) -> ArchConfig:
         src = cfg.get("architectures", [self.hf_architectures[0]])[0]
-        _every_layer_sparse(cfg, src)
-        return dataclasses.replace(
-            super().arch_from_hf_config(cfg),
-            num_experts=_num_experts(cfg, src),
-            moe_topk=int(require(cfg, "num_experts_per_tok", src)),
-            moe_ffn_hidden_size=int(require(cfg, "moe_intermediate_size", src)),
-            moe_norm_topk=bool(cfg.get("norm_topk_prob", False)),
-            shared_expert_ffn=int(require(cfg, "shared_expert_intermediate_size", src)),
-            shared_expert_gate=True,
-        )
+        arch = _qwen_moe_arch(super().arch_from_hf_config(cfg), cfg, src)
+        if not arch.shared_expert_ffn:
+            raise InvalidArgument(
+                f"{src}: config is missing 'shared_expert_intermediate_size'",
+                field="shared_expert_intermediate_size",
+            )
+        return arch
 
     def hf_config_from_arch(self, arch: ArchConfig) -> dict[str, Any]:
-        cfg = super().hf_config_from_arch(arch)
-        cfg.update(
-            _moe_config(arch),
-            model_type="qwen2_moe",
-            moe_intermediate_size=arch.moe_ffn_hidden_size,
-            shared_expert_intermediate_size=arch.shared_expert_ffn,
-            norm_topk_prob=arch.moe_norm_topk,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-        )
-        return cfg
+        return _qwen_moe_config(super().hf_config_from_arch(arch), arch, "qwen2_moe")
