@@ -157,7 +157,7 @@ def arch_from_args(args: Any, source: str) -> ArchConfig:
         moe_ffn_hidden_size=int(a("moe_ffn_hidden_size") or a("ffn_hidden_size") or 0) if experts else 0,
         moe_norm_topk=not a("moe_router_pre_softmax", False),
         shared_expert_ffn=shared,
-        shared_expert_gate=bool(a("moe_shared_expert_gate", False)),
+        shared_expert_gate=bool(a("moe_shared_expert_gate", False) or a("moe_use_shared_expert_gate", False)),
     )
 
 

@@ -173,6 +173,22 @@ def _patch_megatron() -> None:
 
     dopt.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
+    # moe_utils.py:1093 maybe_move_tensor_to_cpu(as_numpy=True) turns CUDA split sizes into numpy arrays
+    # for the all-to-all token dispatcher; a CPU tensor is returned as it is, and all_to_all_single refuses
+    # a tensor as split sizes: give it the list of ints.
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.moe.token_dispatcher as dispatcher
+
+    orig_move = moe_utils.maybe_move_tensor_to_cpu
+
+    def move(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.tolist()
+        return orig_move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = move
+    dispatcher.maybe_move_tensor_to_cpu = move
+
 
 def moe_without_transformer_engine() -> None:
     """megatron-core 0.16.1's moe_utils.py:1192 reads ``te_general_gemm``, which it defines only when

@@ -17,6 +17,7 @@ class Parallelism:
     tp: int = 1
     pp: int = 1
     vpp: int | None = None  # model chunks per pipeline rank; None = no virtual pipeline
+    ep: int = 1  # expert parallel: MoE experts split over this many data-parallel ranks
 
 
 def default_backend() -> str:
@@ -51,6 +52,7 @@ def init(par: Parallelism = Parallelism(), *, backend: str | None = None, seed: 
             tensor_model_parallel_size=par.tp,
             pipeline_model_parallel_size=par.pp,
             virtual_pipeline_model_parallel_size=par.vpp,
+            expert_model_parallel_size=par.ep,
         )
     model_parallel_cuda_manual_seed(seed)
 

@@ -185,7 +185,9 @@ def layer_spec(arch: ArchConfig, config, *, impl: str = "auto", vp_stage: int | 
         from llm.mcore.cpu_compat import moe_without_transformer_engine
 
         moe_without_transformer_engine()
-        qk.update(num_experts=arch.num_experts, moe_grouped_gemm=False)
+        qk.update(
+            num_experts=arch.num_experts, moe_grouped_gemm=bool(getattr(config, "moe_grouped_gemm", False))
+        )
     if resolve_impl(impl) == "transformer_engine":
         return specs.get_gpt_layer_with_transformer_engine_spec(**qk)
     spec = specs.get_gpt_layer_local_spec(normalization=arch.normalization, **qk)

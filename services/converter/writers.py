@@ -89,14 +89,16 @@ class TorchDistWriter:
         self.bytes_written += length
 
     def _extra_states(self) -> None:
-        # megatron-core's local-spec linears carry an (empty) _extra_state, saved as a ShardedObject per
-        # layer. (A MoE layer's experts keep theirs per expert; the loader asks only for those stored.)
+        # megatron-core's local-spec linears carry an (empty) _extra_state, saved as a ShardedObject per layer
+        # (per layer and expert for the experts: shard_<layer>.<expert>_<layers>.<experts>), which
+        # dist_checkpointing.load asks for.
         blob = _saved([None])
-        n = self.arch.num_layers
-        modules = L.LINEAR_MODULES[:2] if self.arch.moe else L.LINEAR_MODULES
-        for module in modules:
-            for i in range(n):
-                key = f"decoder.layers.{module}._extra_state/shard_{i}_{n}"
+        stacked = (self.arch.num_layers, self.arch.num_experts)
+        for module in L.linear_modules(self.arch):
+            for i in range(self.arch.num_layers):
+                key, lead = L.dist_key(f"decoder.layers.{i}.{module}._extra_state")
+                where = ".".join(map(str, lead)) + "_" + ".".join(map(str, stacked[: len(lead)]))
+                key = f"{key}/shard_{where}"
                 offset, length = self._append(blob)
                 self._meta[key] = self.dcp.BytesStorageMetadata()
                 self._storage[self.dcp.MetadataIndex(key)] = _storage_info(DATA_FILE, offset, length)

@@ -72,6 +72,9 @@ class TrainSpec:
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     num_layer_list: tuple[int, ...] = ()
+    ep: int = 1  # MoE: experts split over this many of the data-parallel ranks
+    moe_aux_loss_coeff: float = 0.0
+    moe_grouped_gemm: bool = False
     lr: float = 3e-4
     min_lr: float = 0.0
     weight_decay: float = 0.01
@@ -334,13 +337,7 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         if neat_packed([p for p, _ in (*spec.data_paths, *spec.valid_data_paths)]):
             raise _bad(NEAT_PACK_TE, "training.transformer_impl")
     arch, padded, tok = resolve_arch(spec)
-    if arch.moe:
-        raise _bad(
-            f"{arch.architecture} is a mixture of experts: megatron-core training of MoE models (router, "
-            "expert parallelism) is not wired into megastack's training jobs yet; convert, serve and evaluate "
-            "it, or fine-tune it with kind: hf-deepspeed",
-            "model.init_from" if spec.init_from else "model.architecture",
-        )
+    check_moe(spec, arch)
     if arch.sliding_window is not None and spec.seq_length > arch.sliding_window:
         raise _bad(
             f"the model attends over a sliding window of {arch.sliding_window} positions (sliding_window), "
@@ -409,6 +406,40 @@ def validate(spec: TrainSpec) -> None:  # noqa: C901 - one check per rule
         )
     if tok is None or not Path(tok).is_dir():
         raise _bad("no tokenizer: set model.tokenizer (the init checkpoint carries none)", "model.tokenizer")
+
+
+def check_moe(spec: TrainSpec, arch) -> None:
+    """The mixture-of-experts settings against the model and the layout, each refusal naming its field."""
+    from llm.checkpoints import layout as L
+
+    if not arch.moe:
+        for value, name in (
+            (spec.ep > 1, "parallel.expert_parallel"),
+            (spec.moe_aux_loss_coeff, "training.moe_aux_loss_coeff"),
+            (spec.moe_grouped_gemm, "training.moe_grouped_gemm"),
+        ):
+            if value:
+                raise _bad(f"{name} applies to mixture-of-experts models; {arch.architecture} is dense", name)
+        return
+    try:
+        L.check_ep(arch, spec.ep)
+    except InvalidArgument as e:
+        raise _bad(e.message, "parallel.expert_parallel") from None
+    if spec.dp % spec.ep:  # megatron-core carves the expert-parallel groups out of the data-parallel ranks
+        raise _bad(
+            f"parallel.expert_parallel {spec.ep} must divide data_parallel {spec.dp} (the experts are split "
+            "over data-parallel ranks)",
+            "parallel.expert_parallel",
+        )
+    if spec.moe_aux_loss_coeff < 0:
+        raise _bad("training.moe_aux_loss_coeff must be >= 0", "training.moe_aux_loss_coeff")
+    if spec.moe_grouped_gemm and spec.gpus_per_worker <= 0:
+        raise _bad(
+            "training.moe_grouped_gemm runs the experts as one grouped GEMM, a GPU kernel: set "
+            "resources.gpus_per_worker, or leave it off on CPU ranks (the experts then run one after "
+            "another)",
+            "training.moe_grouped_gemm",
+        )
 
 
 def absolutize(spec: TrainSpec, base: Path | None = None) -> TrainSpec:

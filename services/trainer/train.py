@@ -47,6 +47,9 @@ def _config(spec: TrainSpec, arch):
             num_layers_in_first_pipeline_stage=spec.num_layer_list[0],
             num_layers_in_last_pipeline_stage=spec.num_layer_list[-1],
         )
+    if arch.moe:  # the router's load-balancing loss as the spec weighs it; the grouped GEMM where asked
+        extra.update(moe_aux_loss_coeff=spec.moe_aux_loss_coeff, moe_grouped_gemm=spec.moe_grouped_gemm)
+        extra.update(expert_model_parallel_size=spec.ep)
     return transformer_config(
         arch,
         tp=spec.tp,
@@ -208,7 +211,7 @@ def run(spec: TrainSpec) -> int:
 
     torch.set_num_threads(spec.num_threads or max(1, int(spec.cpus_per_worker)))
     mdist.init(
-        mdist.Parallelism(tp=spec.tp, pp=spec.pp, vpp=spec.vpp if spec.vpp > 1 else None),
+        mdist.Parallelism(tp=spec.tp, pp=spec.pp, vpp=spec.vpp if spec.vpp > 1 else None, ep=spec.ep),
         backend=spec.backend or None,
         seed=spec.seed,
     )

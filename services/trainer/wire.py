@@ -48,6 +48,9 @@ def spec_from_pb(s: pb.TrainJobSpec) -> TrainSpec:
         sequence_parallel=p.sequence_parallel,
         distributed_optimizer=p.distributed_optimizer,
         num_layer_list=tuple(p.num_layer_list),
+        ep=_or(p.expert_parallel, 1),
+        moe_aux_loss_coeff=t.moe_aux_loss_coeff,
+        moe_grouped_gemm=t.moe_grouped_gemm,
         lr=_or(o.lr, 3e-4),
         min_lr=o.min_lr,
         weight_decay=o.weight_decay,
@@ -124,6 +127,7 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
             sequence_parallel=s.sequence_parallel,
             distributed_optimizer=s.distributed_optimizer,
             num_layer_list=s.num_layer_list,
+            expert_parallel=s.ep,
         ),
         optimizer=pb.OptimizerSpec(
             lr=s.lr,
@@ -149,6 +153,8 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
             eval_iters=s.eval_iters,
             transformer_impl=s.transformer_impl,
             epochs=s.epochs,
+            moe_aux_loss_coeff=s.moe_aux_loss_coeff,
+            moe_grouped_gemm=s.moe_grouped_gemm,
         ),
         checkpoint=pb.CheckpointSpec(
             save_dir=s.save_dir,

@@ -2,6 +2,8 @@
 
     torchrun --nproc-per-node 2 tests/helpers/mcore_load.py --tp 2 --ckpt DIR --format mcore --ref REF.pt
 
+(``--ep 2``: a mixture of experts with its experts split over the two ranks.)
+
 Builds the GPTModel stage of this rank, loads the checkpoint the way Megatron users do
 (``dist_checkpointing.load`` for torch_dist, ``load_state_dict(strict=True)`` of this rank's
 mp_rank file for legacy), gathers the TP-split logits and compares them with the reference logits.
@@ -21,6 +23,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--ckpt", type=Path, required=True)
     ap.add_argument("--format", choices=("mcore", "legacy"), required=True)
     ap.add_argument("--ref", type=Path, required=True)
@@ -32,13 +35,15 @@ def main() -> int:
     from llm.mcore import dist as mdist
     from llm.mcore.model import build_gpt_model, transformer_config
 
-    mdist.init(mdist.Parallelism(tp=a.tp, pp=a.pp))
+    mdist.init(mdist.Parallelism(tp=a.tp, pp=a.pp, ep=a.ep))
     reader = MegatronCheckpoint(a.ckpt, a.format)
     arch = reader.arch
     padded = int(reader.meta["padded_vocab_size"])
     model = build_gpt_model(
         arch,
-        transformer_config(arch, tp=a.tp, pp=a.pp),
+        transformer_config(
+            arch, tp=a.tp, pp=a.pp, **({"expert_model_parallel_size": a.ep} if a.ep > 1 else {})
+        ),
         vocab_size=padded,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
@@ -49,7 +54,12 @@ def main() -> int:
 
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(reader.iter_dir)))
     else:
-        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if a.pp > 1 else "")
+        ep_rank = ps.get_expert_model_parallel_rank()
+        name = (
+            f"mp_rank_{tp_rank:02d}"
+            + (f"_{pp_rank:03d}" if a.pp > 1 else "")
+            + (f"_{ep_rank:03d}" if a.ep > 1 else "")
+        )
         model.load_state_dict(
             load_weights_pickle(reader.iter_dir / name / "model_optim_rng.pt")["model"], strict=True
         )

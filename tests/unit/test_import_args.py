@@ -248,3 +248,44 @@ def test_async_save_maps_to_the_spec(bpe, tmp_path):
         split_command_text(GPT2_345M.format(data="d", bpe=bpe, save=tmp_path)) + ["--async-save"]
     )
     assert imp.doc["checkpoint"]["async_save"] is True and "--async-save" in dict(imp.mapped)
+
+
+MIXTRAL = """
+torchrun --nproc_per_node 4 pretrain_gpt.py --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \\
+    --expert-model-parallel-size 2 --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 14336 \\
+    --moe-aux-loss-coeff 1e-2 --moe-router-load-balancing-type aux_loss \\
+    --moe-token-dispatcher-type alltoall \\
+    --moe-grouped-gemm --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336 --num-attention-heads 32 \\
+    --group-query-attention --num-query-groups 8 --swiglu --disable-bias-linear --normalization RMSNorm \\
+    --position-embedding-type rope --untie-embeddings-and-output-weights --max-position-embeddings 4096 \\
+    --vocab-size 32000 --seq-length 4096 --micro-batch-size 1 --global-batch-size 8 --train-iters 100 --bf16
+"""  # the shape of Megatron-LM's examples/mixtral script
+
+
+def test_megatron_moe_flags_become_expert_parallel_and_a_mixtral(tmp_path):
+    imp = import_args(split_command_text(MIXTRAL))
+    d = imp.doc
+    assert d["parallel"]["expert_parallel"] == 2 and d["parallel"]["data_parallel"] == 4
+    assert d["training"]["moe_aux_loss_coeff"] == 0.01 and d["training"]["moe_grouped_gemm"] is True
+    cfg = imp.hf_config
+    assert cfg["architectures"] == ["MixtralForCausalLM"] and cfg["num_local_experts"] == 8
+    assert cfg["num_experts_per_tok"] == 2 and cfg["intermediate_size"] == 14336
+    assert not imp.unmapped
+    assert "--moe-token-dispatcher-type alltoall" in dict(imp.no_effect)
+    capped = import_args(split_command_text(MIXTRAL) + ["--moe-expert-capacity-factor", "1.0"])
+    assert any(
+        item.startswith("--moe-expert-capacity-factor") for item, _ in capped.unmapped
+    )  # dropless only
+
+
+def test_qwen_moe_flags_with_a_gated_shared_expert_become_a_qwen2_moe():
+    flags = MIXTRAL.replace("--moe-grouped-gemm", "--add-qkv-bias --moe-use-shared-expert-gate")
+    flags += (
+        " --moe-shared-expert-intermediate-size 20480 --moe-router-pre-softmax --moe-layer-freq '([1]*32)'"
+    )
+    imp = import_args(split_command_text(flags))
+    cfg = imp.hf_config
+    assert cfg["architectures"] == ["Qwen2MoeForCausalLM"] and cfg["shared_expert_intermediate_size"] == 20480
+    assert cfg["norm_topk_prob"] is False and not imp.unmapped
+    mixed = import_args(split_command_text(MIXTRAL) + ["--moe-layer-freq", "2"])
+    assert any(item.startswith("--moe-layer-freq") for item, _ in mixed.unmapped)

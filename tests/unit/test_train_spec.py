@@ -243,12 +243,32 @@ def test_a_sliding_window_shorter_than_the_sequence_is_refused_naming_the_field(
     validate(spec_from_dict(d))
 
 
-def test_a_mixture_of_experts_model_is_refused_by_megatron_jobs_naming_the_field(assets, tiny_models):
-    """MoE training through megatron-core is not wired (no expert-parallel spec, no tested router loss): a
-    Mixtral is refused at submit, naming the model field, instead of starting an untested path."""
-    model = {"architecture": str(tiny_models["mixtral"]), "tokenizer": str(tiny_models["mixtral"])}
-    d = doc(assets, model=model)
-    d["model"].pop("init_from")
-    with pytest.raises(InvalidArgument, match="mixture of experts") as e:
-        validate(spec_from_dict(d))
-    assert e.value.field == "model.architecture"
+def test_moe_settings_that_cannot_hold_are_refused_naming_the_field(assets, tiny_models):
+    """Expert parallelism and the MoE options against the model and the layout: each refusal names its field;
+    a layout that holds validates."""
+    mixtral = {"architecture": str(tiny_models["mixtral"]), "tokenizer": str(tiny_models["mixtral"])}
+    cases = [
+        (
+            mixtral,
+            {"data_parallel": 2, "expert_parallel": 3},
+            {},
+            "parallel.expert_parallel",
+            "does not divide",
+        ),
+        (mixtral, {"data_parallel": 1, "expert_parallel": 2}, {}, "parallel.expert_parallel", "must divide"),
+        (mixtral, {"data_parallel": 2}, {"moe_grouped_gemm": True}, "training.moe_grouped_gemm", "GPU"),
+        (mixtral, {"data_parallel": 2}, {"moe_aux_loss_coeff": -1.0}, "training.moe_aux_loss_coeff", ">= 0"),
+        (None, {"data_parallel": 2, "expert_parallel": 2}, {}, "parallel.expert_parallel", "is dense"),
+    ]
+    for model, parallel, training, field, words in cases:
+        d = doc(
+            assets, parallel={"tensor_parallel": 1, **parallel}, training={"global_batch_size": 8, **training}
+        )
+        if model:
+            d["model"] = model
+        with pytest.raises(InvalidArgument, match=words) as e:
+            validate(spec_from_dict(d))
+        assert e.value.field == field
+    d = doc(assets, parallel={"tensor_parallel": 1, "data_parallel": 2, "expert_parallel": 2})
+    d["model"] = mixtral
+    validate(spec_from_dict(d))

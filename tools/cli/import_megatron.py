@@ -146,6 +146,11 @@ NO_EFFECT = {
     "no-save-optim": "megastack checkpoints always hold the optimizer (exact resume)",
     "no-save-rng": "megastack checkpoints always hold the RNG state (exact resume)",
     "ckpt-format": "megastack writes torch_dist",
+    "moe-token-dispatcher-type": "megastack dispatches tokens to their experts' ranks with all-to-all",
+    "moe-permute-fusion": "kernel fusion setting",
+    "moe-router-dtype": "numerics detail of the router's GEMM",
+    "moe-token-drop-policy": "megastack keeps every token (dropless): nothing is dropped",
+    "moe-layer-recompute": "megastack recomputes whole layers with recompute: full",
     "use-checkpoint-args": "the architecture comes from the spec",
     "exit-on-missing-checkpoint": "a missing model.init_from fails validation",
     "no-async-tensor-model-parallel-allreduce": "communication detail",
@@ -194,8 +199,16 @@ ARCH_ARGS = {
     "position-embedding-type": str,
     "rotary-base": float,
     "vocab-size": int,
+    "num-experts": int,
+    "moe-router-topk": int,
+    "moe-ffn-hidden-size": int,
+    "moe-shared-expert-intermediate-size": int,
 }
 ARCH_BOOLS = {
+    "qk-layernorm",
+    "moe-router-pre-softmax",
+    "moe-shared-expert-gate",
+    "moe-use-shared-expert-gate",  # Pai's name (Qwen2-MoE's sigmoid-gated shared expert)
     "group-query-attention",
     "swiglu",
     "disable-bias-linear",
@@ -206,6 +219,8 @@ ARCH_BOOLS = {
 SIMPLE = {  # flag -> (spec path, type)
     "tensor-model-parallel-size": ("parallel.tensor_parallel", int),
     "pipeline-model-parallel-size": ("parallel.pipeline_parallel", int),
+    "expert-model-parallel-size": ("parallel.expert_parallel", int),
+    "moe-aux-loss-coeff": ("training.moe_aux_loss_coeff", float),
     "lr": ("optimizer.lr", float),
     "min-lr": ("optimizer.min_lr", float),
     "weight-decay": ("optimizer.weight_decay", float),
@@ -299,6 +314,7 @@ def import_megatron(tokens: list[str], *, name: str = "", world_size: int = 0) -
         ("sequence-parallel", "parallel.sequence_parallel"),
         ("use-distributed-optimizer", "parallel.distributed_optimizer"),
         ("async-save", "checkpoint.async_save"),
+        ("moe-grouped-gemm", "training.moe_grouped_gemm"),
     ):
         if seen.pop(f, None) is not None:
             imp.set(key, True, f"--{f}")
@@ -385,6 +401,7 @@ def import_megatron(tokens: list[str], *, name: str = "", world_size: int = 0) -
             )
         )
     _attention_flags(imp, seen)
+    _moe_flags(imp, seen)
     for flag in list(seen):
         values = seen.pop(flag)
         item = f"--{flag} {' '.join(values)}".strip()
@@ -410,6 +427,40 @@ def import_megatron(tokens: list[str], *, name: str = "", world_size: int = 0) -
     elif launch_items:
         imp.mapped.append((" ".join(launch_items), "one rank: data_parallel 1"))
     return imp
+
+
+def _moe_flags(imp: Imported, seen: dict[str, list[str]]) -> None:
+    """The router settings megastack has one answer for: the aux-loss balancing, every token kept."""
+    if "moe-router-load-balancing-type" in seen:
+        v = one("moe-router-load-balancing-type", seen.pop("moe-router-load-balancing-type"))
+        (imp.mapped if v in ("aux_loss", "none") else imp.unmapped).append(
+            (
+                f"--moe-router-load-balancing-type {v}",
+                "the aux loss, weighted by training.moe_aux_loss_coeff"
+                if v in ("aux_loss", "none")
+                else "megastack balances experts with the aux loss only",
+            )
+        )
+    for flag, fine, why in (
+        (
+            "moe-router-score-function",
+            ("softmax",),
+            "the router's softmax (sigmoid routing is not supported)",
+        ),
+        ("moe-layer-freq", ("1",), "every layer a mixture of experts (mixed dense layers are not supported)"),
+    ):
+        if flag in seen:
+            v = one(flag, seen.pop(flag))
+            ok = v in fine or (flag == "moe-layer-freq" and v.strip("'\"").startswith("([1]*"))
+            (imp.mapped if ok else imp.unmapped).append((f"--{flag} {v}", why))
+    if "moe-expert-capacity-factor" in seen:
+        v = one("moe-expert-capacity-factor", seen.pop("moe-expert-capacity-factor"))
+        imp.unmapped.append(
+            (
+                f"--moe-expert-capacity-factor {v}",
+                "megastack keeps every token (dropless): no capacity factor",
+            )
+        )
 
 
 def _is_number(s: str) -> bool:

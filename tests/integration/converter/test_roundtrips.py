@@ -153,3 +153,17 @@ def test_expert_parallel_sizes_that_cannot_hold_are_refused_naming_the_field(tmp
         with pytest.raises(InvalidArgument, match=words) as e:
             convert(ConvertSpec(load_dir=tiny_models[family], save_dir=out, target_format=target, ep=ep))
         assert e.value.field == "target_expert_parallel_size" and not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["mcore", "legacy"])
+def test_megatron_core_loads_the_experts_at_ep2(tmp_path, tiny_models, fmt):
+    """megatron-core itself at EP=2 (two ranks, two experts each, the all-to-all dispatcher): the legacy files
+    of a --target-expert-parallel-size 2 conversion load strictly per rank, the torch_dist checkpoint through
+    dist_checkpointing, and the logits equal HF's."""
+    src = tiny_models["mixtral"]
+    ckpt = tmp_path / "ckpt"
+    convert(ConvertSpec(load_dir=src, save_dir=ckpt, target_format=fmt, ep=2 if fmt == "legacy" else 1))
+    ref = hf_reference(src, tmp_path / "ref.pt")
+    out = torchrun(["--ep", "2", "--ckpt", str(ckpt), "--format", fmt, "--ref", str(ref)])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "OK" in out.stdout
