@@ -165,6 +165,32 @@ def make_tiny_hf(family: str, out_dir: Path, tok_dir: Path, *, seed: int = 0, **
     return out_dir
 
 
+def corpus_rows(tok_dir: Path, length: int = 64) -> torch.Tensor:
+    """The shipped corpus, tokenized with ``tok_dir`` (each line ended by EOS), as rows of ``length`` tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = [t for line in corpus_lines(3000) for t in [*tok.encode(line), tok.eos_token_id]]
+    n = len(ids) // length * length
+    return torch.tensor(ids[:n], dtype=torch.long, device="cpu").view(-1, length)
+
+
+def train_briefly(model_dir: Path, rows: torch.Tensor, *, steps: int = 100, seed: int = 0) -> Path:
+    """A few AdamW steps of next-token training on ``rows`` (batches of 16), saved over ``model_dir``: a
+    random model's predictions are nearly flat, so one rounding step flips its top-1 token; trained ones are
+    peaked like a real model's."""
+    model = load_hf(model_dir).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for _ in range(steps):
+        batch = rows[torch.randint(0, rows.shape[0], (16,), generator=g, device="cpu")]
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval().save_pretrained(str(model_dir))
+    return model_dir
+
+
 def load_hf(path: Path):
     from transformers import AutoModelForCausalLM
 
