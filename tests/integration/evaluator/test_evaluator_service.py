@@ -433,3 +433,30 @@ def test_a_rerun_is_answered_from_the_request_cache(served, tmp_path):
     finally:
         servicer.runner.shutdown()
         server.stop(0)
+
+
+def test_a_mixture_of_experts_model_scores_through_textgen_as_through_transformers(stub, tiny_models):
+    """The evaluator needs nothing for MoE: the tiny Mixtral served by textgen gets the scores lm-eval's own
+    transformers model gives it, every choice's log-likelihood within 1e-4."""
+    tg = start_textgen(tiny_models["mixtral"])
+    try:
+        served = follow(stub, submit(stub, textgen_address=tg.address, tasks=["megastack_capitals"], limit=8))
+    finally:
+        tg.stop()
+    local = follow(
+        stub, submit(stub, hf_checkpoint=str(tiny_models["mixtral"]), tasks=["megastack_capitals"], limit=8)
+    )
+    for ev in (served, local):
+        assert ev.status.state == SUCCEEDED, ev.status.error
+    assert scores(served)["megastack_capitals"] == pytest.approx(scores(local)["megastack_capitals"], abs=1e-9)
+    import ast
+
+    per_sample = [
+        [json.loads(x) for x in Path(ev.result.results_path).with_name("samples.jsonl").open()]
+        for ev in (served, local)
+    ]
+    assert len(per_sample[0]) == len(per_sample[1]) == 8
+    for a, b in zip(*per_sample):  # each choice's log-likelihood, textgen's vs transformers'
+        assert a["metrics"] == b["metrics"]
+        mine, theirs = ast.literal_eval(a["answer"]), ast.literal_eval(b["answer"])
+        assert [x for x, _ in mine] == pytest.approx([x for x, _ in theirs], abs=1e-4)
