@@ -75,6 +75,7 @@ class TrainSpec:
     ep: int = 1  # MoE: experts split over this many of the data-parallel ranks
     moe_aux_loss_coeff: float = 0.0
     moe_grouped_gemm: bool = False
+    moe_capacity_factor: float = 0.0  # 0 = dropless
     lr: float = 3e-4
     min_lr: float = 0.0
     weight_decay: float = 0.01
@@ -417,6 +418,7 @@ def check_moe(spec: TrainSpec, arch) -> None:
             (spec.ep > 1, "parallel.expert_parallel"),
             (spec.moe_aux_loss_coeff, "training.moe_aux_loss_coeff"),
             (spec.moe_grouped_gemm, "training.moe_grouped_gemm"),
+            (spec.moe_capacity_factor, "training.moe_capacity_factor"),
         ):
             if value:
                 raise _bad(f"{name} applies to mixture-of-experts models; {arch.architecture} is dense", name)
@@ -431,8 +433,12 @@ def check_moe(spec: TrainSpec, arch) -> None:
             "over data-parallel ranks)",
             "parallel.expert_parallel",
         )
-    if spec.moe_aux_loss_coeff < 0:
-        raise _bad("training.moe_aux_loss_coeff must be >= 0", "training.moe_aux_loss_coeff")
+    for value, name in (
+        (spec.moe_aux_loss_coeff, "training.moe_aux_loss_coeff"),
+        (spec.moe_capacity_factor, "training.moe_capacity_factor"),
+    ):
+        if value < 0:
+            raise _bad(f"{name} must be >= 0", name)
     if spec.moe_grouped_gemm and spec.gpus_per_worker <= 0:
         raise _bad(
             "training.moe_grouped_gemm runs the experts as one grouped GEMM, a GPU kernel: set "

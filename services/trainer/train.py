@@ -50,6 +50,8 @@ def _config(spec: TrainSpec, arch):
     if arch.moe:  # the router's load-balancing loss as the spec weighs it; the grouped GEMM where asked
         extra.update(moe_aux_loss_coeff=spec.moe_aux_loss_coeff, moe_grouped_gemm=spec.moe_grouped_gemm)
         extra.update(expert_model_parallel_size=spec.ep)
+        if spec.moe_capacity_factor:  # tokens beyond an expert's capacity dropped, lowest probability first
+            extra.update(moe_expert_capacity_factor=spec.moe_capacity_factor, moe_token_drop_policy="probs")
     return transformer_config(
         arch,
         tp=spec.tp,

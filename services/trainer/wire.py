@@ -51,6 +51,7 @@ def spec_from_pb(s: pb.TrainJobSpec) -> TrainSpec:
         ep=_or(p.expert_parallel, 1),
         moe_aux_loss_coeff=t.moe_aux_loss_coeff,
         moe_grouped_gemm=t.moe_grouped_gemm,
+        moe_capacity_factor=t.moe_capacity_factor,
         lr=_or(o.lr, 3e-4),
         min_lr=o.min_lr,
         weight_decay=o.weight_decay,
@@ -155,6 +156,7 @@ def spec_to_pb(s: TrainSpec) -> pb.TrainJobSpec:
             epochs=s.epochs,
             moe_aux_loss_coeff=s.moe_aux_loss_coeff,
             moe_grouped_gemm=s.moe_grouped_gemm,
+            moe_capacity_factor=s.moe_capacity_factor,
         ),
         checkpoint=pb.CheckpointSpec(
             save_dir=s.save_dir,

@@ -272,10 +272,10 @@ def test_megatron_moe_flags_become_expert_parallel_and_a_mixtral(tmp_path):
     assert cfg["num_experts_per_tok"] == 2 and cfg["intermediate_size"] == 14336
     assert not imp.unmapped
     assert "--moe-token-dispatcher-type alltoall" in dict(imp.no_effect)
-    capped = import_args(split_command_text(MIXTRAL) + ["--moe-expert-capacity-factor", "1.0"])
-    assert any(
-        item.startswith("--moe-expert-capacity-factor") for item, _ in capped.unmapped
-    )  # dropless only
+    capped = import_args(split_command_text(MIXTRAL) + ["--moe-expert-capacity-factor", "1.25"])
+    assert capped.doc["training"]["moe_capacity_factor"] == 1.25 and not capped.unmapped
+    other = import_args(split_command_text(MIXTRAL) + ["--moe-token-drop-policy", "position"])
+    assert any(item.startswith("--moe-token-drop-policy") for item, _ in other.unmapped)
 
 
 def test_qwen_moe_flags_with_a_gated_shared_expert_become_a_qwen2_moe():

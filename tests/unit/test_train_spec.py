@@ -258,6 +258,20 @@ def test_moe_settings_that_cannot_hold_are_refused_naming_the_field(assets, tiny
         (mixtral, {"data_parallel": 1, "expert_parallel": 2}, {}, "parallel.expert_parallel", "must divide"),
         (mixtral, {"data_parallel": 2}, {"moe_grouped_gemm": True}, "training.moe_grouped_gemm", "GPU"),
         (mixtral, {"data_parallel": 2}, {"moe_aux_loss_coeff": -1.0}, "training.moe_aux_loss_coeff", ">= 0"),
+        (
+            mixtral,
+            {"data_parallel": 2},
+            {"moe_capacity_factor": -1.0},
+            "training.moe_capacity_factor",
+            ">= 0",
+        ),
+        (
+            None,
+            {"data_parallel": 2},
+            {"moe_capacity_factor": 1.0},
+            "training.moe_capacity_factor",
+            "is dense",
+        ),
         (None, {"data_parallel": 2, "expert_parallel": 2}, {}, "parallel.expert_parallel", "is dense"),
     ]
     for model, parallel, training, field, words in cases:

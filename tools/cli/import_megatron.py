@@ -149,7 +149,6 @@ NO_EFFECT = {
     "moe-token-dispatcher-type": "megastack dispatches tokens to their experts' ranks with all-to-all",
     "moe-permute-fusion": "kernel fusion setting",
     "moe-router-dtype": "numerics detail of the router's GEMM",
-    "moe-token-drop-policy": "megastack keeps every token (dropless): nothing is dropped",
     "moe-layer-recompute": "megastack recomputes whole layers with recompute: full",
     "use-checkpoint-args": "the architecture comes from the spec",
     "exit-on-missing-checkpoint": "a missing model.init_from fails validation",
@@ -221,6 +220,7 @@ SIMPLE = {  # flag -> (spec path, type)
     "pipeline-model-parallel-size": ("parallel.pipeline_parallel", int),
     "expert-model-parallel-size": ("parallel.expert_parallel", int),
     "moe-aux-loss-coeff": ("training.moe_aux_loss_coeff", float),
+    "moe-expert-capacity-factor": ("training.moe_capacity_factor", float),
     "lr": ("optimizer.lr", float),
     "min-lr": ("optimizer.min_lr", float),
     "weight-decay": ("optimizer.weight_decay", float),
@@ -453,12 +453,14 @@ def _moe_flags(imp: Imported, seen: dict[str, list[str]]) -> None:
             v = one(flag, seen.pop(flag))
             ok = v in fine or (flag == "moe-layer-freq" and v.strip("'\"").startswith("([1]*"))
             (imp.mapped if ok else imp.unmapped).append((f"--{flag} {v}", why))
-    if "moe-expert-capacity-factor" in seen:
-        v = one("moe-expert-capacity-factor", seen.pop("moe-expert-capacity-factor"))
-        imp.unmapped.append(
+    if "moe-token-drop-policy" in seen:
+        v = one("moe-token-drop-policy", seen.pop("moe-token-drop-policy"))
+        (imp.mapped if v == "probs" else imp.unmapped).append(
             (
-                f"--moe-expert-capacity-factor {v}",
-                "megastack keeps every token (dropless): no capacity factor",
+                f"--moe-token-drop-policy {v}",
+                "beyond capacity, the lowest-probability tokens are dropped"
+                if v == "probs"
+                else "megastack drops the lowest-probability tokens (probs) only",
             )
         )
 

@@ -448,7 +448,9 @@ def test_a_mixture_of_experts_model_scores_through_textgen_as_through_transforme
     )
     for ev in (served, local):
         assert ev.status.state == SUCCEEDED, ev.status.error
-    assert scores(served)["megastack_capitals"] == pytest.approx(scores(local)["megastack_capitals"], abs=1e-9)
+    assert scores(served)["megastack_capitals"] == pytest.approx(
+        scores(local)["megastack_capitals"], abs=1e-9
+    )
     import ast
 
     per_sample = [

@@ -1,7 +1,7 @@
 """Mixture-of-experts training through megatron-core: each MoE family's tiny model (4 experts, top-2), its
 experts split over two data-parallel ranks (EP=2, the all-to-all token dispatcher on gloo), trains like a
 single process: the same loss and grad norm at every step (fp32, rel 1e-5 / 1e-4) with the load-balancing
-loss on. The Mixtral run also shows the aux loss is live, that its torch_dist checkpoint (each expert under
+loss on. The Mixtral run also shows the aux loss and a capacity factor are live, that its torch_dist checkpoint (each expert under
 its global index) holds the single process's final weights, and that it converts to HF with megatron-core's
 logits equal to transformers'."""
 
@@ -80,6 +80,11 @@ def test_expert_parallel_trains_like_one_process(train_assets, moe_mcore, tmp_pa
     no_aux = train(train_assets, mcore, tmp_path / "no-aux", {"tensor_parallel": 1})
     assert no_aux[0]["loss"] == one[0]["loss"]  # the same first step (the LM loss is reported) ...
     assert no_aux[0]["grad_norm"] != one[0]["grad_norm"]  # ... but the aux loss is in the gradients
+    # a capacity factor drops the tokens an expert has no room for (lowest probability first): another forward
+    capped = train(
+        train_assets, mcore, tmp_path / "capped", {"tensor_parallel": 1}, moe_capacity_factor=0.5, **aux
+    )
+    assert capped[0]["loss"] != one[0]["loss"] and capped[-1]["loss"] < capped[0]["loss"]
     # each expert saved under its global index by the EP=2 run: the same final weights as the one process's
     final, mine = weights(tmp_path / "one"), weights(tmp_path / "ep2")
     assert mine.keys() == final.keys() and any(".local_experts.3." in n for n in final)
