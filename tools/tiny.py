@@ -166,7 +166,8 @@ def make_tiny_hf(family: str, out_dir: Path, tok_dir: Path, *, seed: int = 0, **
 
 
 def corpus_rows(tok_dir: Path, length: int = 64) -> torch.Tensor:
-    """The shipped corpus, tokenized with ``tok_dir`` (each line ended by EOS), as rows of ``length`` tokens."""
+    """The shipped corpus tokenized with ``tok_dir`` (each line ended by EOS), as rows of ``length``
+    tokens."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))

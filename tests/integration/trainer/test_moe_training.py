@@ -1,9 +1,9 @@
 """Mixture-of-experts training through megatron-core: each MoE family's tiny model (4 experts, top-2), its
 experts split over two data-parallel ranks (EP=2, the all-to-all token dispatcher on gloo), trains like a
 single process: the same loss and grad norm at every step (fp32, rel 1e-5 / 1e-4) with the load-balancing
-loss on. The Mixtral run also shows the aux loss and a capacity factor are live, that its torch_dist checkpoint (each expert under
-its global index) holds the single process's final weights, and that it converts to HF with megatron-core's
-logits equal to transformers'."""
+loss on. The Mixtral run also shows the aux loss and a capacity factor are live, that its torch_dist
+checkpoint (each expert under its global index) holds the single process's final weights, and that it
+converts to HF with megatron-core's logits equal to transformers'."""
 
 from __future__ import annotations
 
