@@ -305,7 +305,13 @@ class _DistSource:
     def _key(self, name: str) -> tuple[str, tuple[int, ...]]:
         if name in self.sizes:
             return name, ()
-        return L.dist_key(name)  # layers (and experts) stacked on leading axes
+        key, lead = L.dist_key(name)  # layers (and experts) stacked on leading axes
+        if key not in self.sizes and key.endswith("mlp.linear_fc1.layer_norm_weight"):
+            # a MoE layer saved under Transformer Engine's spec by Megatron itself: its pre-MLP norm's own key
+            alias = key.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
+            if alias in self.sizes:
+                return alias, lead
+        return key, lead
 
     def has(self, name: str) -> bool:
         return self._key(name)[0] in self.sizes

@@ -189,7 +189,11 @@ def layer_spec(arch: ArchConfig, config, *, impl: str = "auto", vp_stage: int | 
             num_experts=arch.num_experts, moe_grouped_gemm=bool(getattr(config, "moe_grouped_gemm", False))
         )
     if resolve_impl(impl) == "transformer_engine":
-        return specs.get_gpt_layer_with_transformer_engine_spec(**qk)
+        te = specs.get_gpt_layer_with_transformer_engine_spec(**qk)
+        if arch is not None and arch.moe:  # TE's MoE layer keeps its own pre-MLP norm: store it under the
+            # key the local spec (and a dense TE layer's fused norm) uses, so checkpoints cross the specs
+            te.submodules.sharded_state_dict_keys_map = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+        return te
     spec = specs.get_gpt_layer_local_spec(normalization=arch.normalization, **qk)
     norm = ModuleSpec(module=SequenceParallelNorm)
     spec.submodules.input_layernorm = norm

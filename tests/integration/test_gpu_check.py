@@ -30,6 +30,7 @@ def test_every_check_passes_on_the_cpu(tmp_path):
         "textgen[bfloat16]",
         "textgen_smollm2",
         "converter_verify",
+        "moe",
         "training",
         "evaluator_scores",
     }
@@ -49,6 +50,12 @@ def test_every_check_passes_on_the_cpu(tmp_path):
     )
     assert t["loss_last"] < t["loss_first"] and t["transformer_engine"] == "no CUDA device"
     assert checks["converter_verify"]["figures"]["max_abs_logit_diff"] < 1e-4
+    moe = checks["moe"]["figures"]
+    greedy = moe["greedy_vs_hf"]
+    assert (
+        moe["converter"]["max_abs_logit_diff"] < 1e-4
+        and greedy["agreeing_tokens"] == greedy["compared_tokens"]
+    )
     assert checks["evaluator_scores"]["figures"]["max_abs_logprob_diff"] <= 1e-3
 
 
