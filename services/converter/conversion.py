@@ -352,7 +352,9 @@ def _write_legacy(reader, get, out: Path, dtype, spec: ConvertSpec, progress: Pr
     )
     chunks = layout.chunks()
     ep = spec.ep
-    total = len(reader.names()) * tp  # (an EP rank repeats the tensors that are not experts: counted again)
+    names = reader.names()
+    experts = sum(1 for n in names if L.expert_of(n.split(".", 3)[-1]) is not None)
+    total = tp * (ep * (len(names) - experts) + experts)  # each EP rank repeats what is not an expert
     done, size, n_written = 0, 0, 0
     it_dir = out / _iteration_name(spec)
     per_rank = arch.num_experts // ep if arch.moe else 0
@@ -405,7 +407,8 @@ def _write_legacy(reader, get, out: Path, dtype, spec: ConvertSpec, progress: Pr
                     n = sum(1 for value in sd.values() if value is not None)
                     done += n
                     n_written += n
-                    progress(min(done, total), total, f"stage {p} rank {r} expert rank {e} chunk {v}")
+                    where = f"stage {p} rank {r}" + (f" expert rank {e}" if ep > 1 else "") + f" chunk {v}"
+                    progress(min(done, total), total, where)
                     models["model" if layout.vpp == 1 else f"model{v}"] = sd
                 path = it_dir / legacy_rank_dir(r, p, pp, e, ep) / "model_optim_rng.pt"
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from llm.devices import linear_kernel
-from llm.models.base import ArchConfig, expert_prefix, megatron_names, split_qkv
+from llm.models.base import ArchConfig, megatron_names, split_qkv
+from services.textgen.experts import Experts, mixture
 
 Tensor = torch.Tensor
 # A matmul's rows do not depend on how many other rows it holds once it holds this many (CPU GEMM kernels pick
@@ -52,19 +53,6 @@ class LayerWeights:
     q_norm: Tensor | None = None  # RMSNorm weights [d] over each head's queries / keys (Qwen3)
     k_norm: Tensor | None = None
     moe: Experts | None = None
-
-
-@dataclass
-class Experts:
-    """A mixture-of-experts MLP: router [E, H], per expert SwiGLU fc1 [2I, H] and fc2 [H, I]; Qwen2-MoE's
-    shared expert (fc1, fc2) and its gate [1, H]."""
-
-    router: Tensor
-    fc1: list[Tensor]
-    fc2: list[Tensor]
-    shared_fc1: Tensor | None
-    shared_fc2: Tensor | None
-    shared_gate: Tensor | None
 
 
 class PagedKVCache:
@@ -234,18 +222,7 @@ class DecoderLM:
             fc2_b=pop("mlp.linear_fc2.bias"),
             q_norm=pop("self_attention.q_layernorm.weight"),
             k_norm=pop("self_attention.k_layernorm.weight"),
-            moe=self._experts(pop) if a.moe else None,
-        )
-
-    def _experts(self, pop) -> Experts:
-        n = self.arch.num_experts
-        return Experts(
-            router=pop("mlp.router.weight"),
-            fc1=[pop(expert_prefix(j) + "linear_fc1.weight") for j in range(n)],
-            fc2=[pop(expert_prefix(j) + "linear_fc2.weight") for j in range(n)],
-            shared_fc1=pop("mlp.shared_experts.linear_fc1.weight"),
-            shared_fc2=pop("mlp.shared_experts.linear_fc2.weight"),
-            shared_gate=pop("mlp.shared_experts.gate_weight"),
+            moe=Experts.take(pop, a.num_experts) if a.moe else None,
         )
 
     # -- building blocks -------------------------------------------------------------------------
@@ -269,7 +246,8 @@ class DecoderLM:
 
     def _mlp(self, x: Tensor, lw: LayerWeights) -> Tensor:
         if lw.moe is not None:
-            return self._moe(x, lw.moe)
+            ffn = lambda h, fc1, fc2: self._ffn(h, fc1, None, fc2, None)  # noqa: E731
+            return mixture(x, lw.moe, self.arch, linear=self.linear, ffn=ffn, min_rows=MIN_INVARIANT_ROWS)
         return self._ffn(x, lw.fc1_w, lw.fc1_b, lw.fc2_w, lw.fc2_b)
 
     def _ffn(self, x: Tensor, fc1: Tensor, b1: Tensor | None, fc2: Tensor, b2: Tensor | None) -> Tensor:
@@ -280,34 +258,6 @@ class DecoderLM:
         else:
             h = F.gelu(h, approximate="tanh")
         return self.linear(h, fc2, b2)
-
-    def _moe(self, x: Tensor, e: Experts) -> Tensor:
-        """Tokens x [n, H] through their top-k experts, summed weighted by the router's probabilities.
-
-        An expert's matmuls run on the rows routed to it, padded to ``MIN_INVARIANT_ROWS`` (a token's result
-        does not depend on how many others chose the same expert), and each row sums its experts in
-        expert order; so a token's output depends on its own hidden state only, as for a dense MLP."""
-        a = self.arch
-        probs = torch.softmax(self.linear(x, e.router).float(), dim=-1)  # (n, E)
-        weights, chosen = torch.topk(probs, a.moe_topk, dim=-1)  # (n, k)
-        if a.moe_norm_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        for j in chosen.unique().tolist():
-            rows, slot = (chosen == j).nonzero(as_tuple=True)
-            n = rows.shape[0]
-            xs = x[rows]
-            if n < MIN_INVARIANT_ROWS:
-                xs = torch.cat([xs, xs.new_zeros(MIN_INVARIANT_ROWS - n, xs.shape[1])])
-            y = self._ffn(xs, e.fc1[j], None, e.fc2[j], None)[:n]
-            out.index_add_(0, rows, y * weights[rows, slot, None])
-        if e.shared_fc1 is not None:
-            shared = self._ffn(x, e.shared_fc1, None, e.shared_fc2, None)
-            if e.shared_gate is not None:
-                shared = shared * torch.sigmoid(self.linear(x, e.shared_gate))
-            out = out + shared
-        return out
 
     def _embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         x = F.embedding(tokens, self.word_emb)
@@ -401,8 +351,7 @@ class DecoderLM:
         for lw in self.layers:
             tensors += [t for t in vars(lw).values() if isinstance(t, Tensor)]
             if lw.moe is not None:
-                e = lw.moe
-                tensors += [e.router, *e.fc1, *e.fc2, e.shared_fc1, e.shared_fc2, e.shared_gate]
+                tensors += lw.moe.tensors()
         for t in tensors:
             if t is not None and id(t) not in seen:
                 seen.add(id(t))
