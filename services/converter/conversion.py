@@ -95,7 +95,7 @@ def _inputs(spec: ConvertSpec) -> list[Path]:
 # What a caller may state about the source (Megatron's argument names): read from the checkpoint anyway, so a
 # stated value is only checked, and a mismatch refused naming both (users of Megatron's and Pai's converters
 # repeat the source's layout and architecture in flags; a wrong one must not pass silently).
-LAYOUT_FACTS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+LAYOUT_FACTS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
 ARCH_FACTS = (
     "num_layers",
     "hidden_size",
@@ -113,7 +113,10 @@ def source_facts(reader: CheckpointReader) -> dict[str, tuple[Any, str]]:
     arch = reader.arch
     if reader.format in ("hf", "deepspeed"):
         where = "its config.json" if reader.format == "hf" else "its hf_model/config.json"
-        tp = pp = (1, "an HF checkpoint is not split" if reader.format == "hf" else "ZeRO shards are joined")
+        tp = pp = ep = (
+            1,
+            "an HF checkpoint is not split" if reader.format == "hf" else "ZeRO shards are joined",
+        )
     else:
         where = (
             "its megastack.json" if getattr(reader, "meta", None) else "the Megatron arguments saved in it"
@@ -121,7 +124,8 @@ def source_facts(reader: CheckpointReader) -> dict[str, tuple[Any, str]]:
         lay = reader.parallel_layout()
         tp = (lay["tensor_parallel"], "its mp_rank_* folders")
         pp = (lay["pipeline_parallel"], "its mp_rank_* folders")
-    return dict(zip(LAYOUT_FACTS, (tp, pp))) | {name: (getattr(arch, name), where) for name in ARCH_FACTS}
+        ep = (lay["expert_parallel"], "its mp_rank_* folders and saved arguments")
+    return dict(zip(LAYOUT_FACTS, (tp, pp, ep))) | {name: (getattr(arch, name), where) for name in ARCH_FACTS}
 
 
 def check_expectations(reader: CheckpointReader, expect: tuple[tuple[str, Any], ...], load: Path) -> None:

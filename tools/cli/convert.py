@@ -156,6 +156,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 SOURCE_FLAGS = (
     ("--tensor-model-parallel-size", "the source's TP (legacy; torch_dist loads at any TP; HF: 1)"),
     ("--pipeline-model-parallel-size", "the source's PP (legacy; torch_dist loads at any PP; HF: 1)"),
+    ("--expert-model-parallel-size", "the source's EP (legacy MoE; torch_dist loads at any EP; HF: 1)"),
     ("--num-layers", None),
     ("--hidden-size", None),
     ("--ffn-hidden-size", None),

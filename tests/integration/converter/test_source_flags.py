@@ -53,6 +53,7 @@ def test_no_flag_is_needed_and_true_ones_pass(sources, tmp_path):
     [
         ("legacy", "tensor_model_parallel_size", 4, 2, "its mp_rank_* folders"),
         ("legacy", "pipeline_model_parallel_size", 1, 2, "its mp_rank_* folders"),
+        ("legacy", "expert_model_parallel_size", 2, 1, "its mp_rank_* folders and saved arguments"),
         ("legacy", "num_layers", 24, 2, "its megastack.json"),
         ("mcore", "hidden_size", 4096, 64, "its megastack.json"),
         ("mcore", "family", "qwen2", "llama", "its megastack.json"),
@@ -70,6 +71,17 @@ def test_a_stated_value_the_checkpoint_contradicts_is_refused_naming_both(
         e.value
     )
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_an_expert_parallel_source_is_read_and_a_wrong_ep_flag_refused(tiny_models, tmp_path):
+    src = tmp_path / "ep2"
+    convert(ConvertSpec(load_dir=tiny_models["mixtral"], save_dir=src, target_format="legacy", ep=2))
+    to_hf(src, tmp_path / "ok", expert_model_parallel_size=2, family="mixtral")
+    with pytest.raises(InvalidArgument) as e:
+        to_hf(src, tmp_path / "out", expert_model_parallel_size=4)
+    assert e.value.field == "source.expert_model_parallel_size" and "has expert_model_parallel_size 2" in str(
+        e.value
+    )
 
 
 def test_torch_dist_loads_at_any_tp_so_a_stated_tp_is_not_held_against_it(sources, tmp_path):
