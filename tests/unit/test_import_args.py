@@ -289,3 +289,36 @@ def test_qwen_moe_flags_with_a_gated_shared_expert_become_a_qwen2_moe():
     assert cfg["norm_topk_prob"] is False and not imp.unmapped
     mixed = import_args(split_command_text(MIXTRAL) + ["--moe-layer-freq", "2"])
     assert any(item.startswith("--moe-layer-freq") for item, _ in mixed.unmapped)
+
+
+QWEN3 = (
+    "dsw {size} 1 8 1e-5 1e-6 128 128 bf16 1 1 1 {etp} 2 true true true false sel false 100000 "
+    "{data} {data} none 1024000 10240 {out}"
+)  # examples/qwen3/run_mcore_qwen3.sh's 27 positional arguments (CP, ETP, EP after TP and PP)
+
+
+def test_pai_qwen3_positional_arguments_with_expert_parallelism(tiny_tokenizer, tmp_path):
+    imp = import_args(
+        QWEN3.format(size="A3B", etp=1, data="/x/q_text_document", out=tmp_path).split(),
+        tokenizer=str(tiny_tokenizer),
+        world_size=4,
+    )
+    d = imp.doc
+    assert imp.source == "pai-qwen3" and d["parallel"]["expert_parallel"] == 2
+    assert d["parallel"]["data_parallel"] == 4 and d["training"]["moe_aux_loss_coeff"] == 0.001
+    assert d["training"]["moe_grouped_gemm"] is True and d["optimizer"]["weight_decay"] == 0.01
+    cfg = imp.hf_config
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["num_experts"] == 128
+    assert (cfg["num_experts_per_tok"], cfg["moe_intermediate_size"], cfg["head_dim"]) == (8, 768, 128)
+    assert cfg["norm_topk_prob"] is True and not imp.unmapped
+    other_etp = import_args(
+        QWEN3.format(size="A3B", etp=2, data="/x/q", out=tmp_path).split(), tokenizer=str(tiny_tokenizer)
+    )
+    assert any(item == "ETP=2" for item, _ in other_etp.unmapped)  # ETP != TP: not supported
+    dense = import_args(
+        QWEN3.format(size="0.6B", etp=1, data="/x/q", out=tmp_path).split(), tokenizer=str(tiny_tokenizer)
+    )
+    assert dense.hf_config["architectures"] == [
+        "Qwen3ForCausalLM"
+    ] and "expert_parallel" not in dense.doc.get("parallel", {})
+    assert any(item.startswith("ETP=1 EP=2") for item, _ in dense.no_effect)

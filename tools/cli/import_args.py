@@ -4,6 +4,7 @@ Three layouts:
 - ``megatron``: a ``pretrain_gpt.py`` flag list (Megatron-LM's ``examples/gpt3/train_gpt2_345m_*.sh``),
   optionally with the ``torchrun`` launcher arguments in front (they give the world size);
 - ``pai-qwen2.5``: the 25 positional arguments of Pai-Megatron-Patch ``examples/qwen2_5/run_mcore_qwen.sh``;
+- ``pai-qwen3``: the 27 of ``examples/qwen3/run_mcore_qwen3.sh`` (dense and MoE sizes, with ETP and EP);
 - ``pai-llama2``: the 24 positional arguments of ``examples/llama2/run_pretrain_megatron_llama.sh``;
 - ``pai-ds-llama``: the 14 (or 15) positional arguments of ``run_ds_train_huggingface_llama.sh``, Pai's
   HF + DeepSpeed flow (an ``hf-deepspeed`` spec), and ``pai-ds-flags``: the flags that script hands
@@ -22,7 +23,7 @@ import re
 from shared.errors import InvalidArgument
 from tools.cli.import_common import Imported, bad
 from tools.cli.import_megatron import import_megatron
-from tools.cli.import_pai import LLAMA2_ARGS, QWEN25_ARGS, import_pai
+from tools.cli.import_pai import LLAMA2_ARGS, QWEN3_ARGS, QWEN25_ARGS, import_pai
 from tools.cli.import_pai_ds import (
     DS_ARGS_14,
     DS_ARGS_15,
@@ -31,7 +32,7 @@ from tools.cli.import_pai_ds import (
     is_pai_ds_flags,
 )
 
-FORMATS = ("auto", "megatron", "pai-qwen2.5", "pai-llama2", "pai-ds-llama", "pai-ds-flags")
+FORMATS = ("auto", "megatron", "pai-qwen2.5", "pai-qwen3", "pai-llama2", "pai-ds-llama", "pai-ds-flags")
 
 
 def detect(tokens: list[str]) -> str:
@@ -42,6 +43,8 @@ def detect(tokens: list[str]) -> str:
     if tokens and tokens[0] in ("dsw", "dlc"):
         if len(tokens) == len(QWEN25_ARGS):
             return "pai-qwen2.5"
+        if len(tokens) == len(QWEN3_ARGS):
+            return "pai-qwen3"
         if len(tokens) == len(LLAMA2_ARGS):
             return "pai-llama2"
         if len(tokens) in (len(DS_ARGS_14), len(DS_ARGS_15)):
@@ -49,7 +52,8 @@ def detect(tokens: list[str]) -> str:
     raise bad(
         f"cannot tell the layout of {len(tokens)} arguments: a Megatron flag list has --flags; Pai's "
         "run_mcore_qwen.sh "
-        f"takes {len(QWEN25_ARGS)} positional arguments and run_pretrain_megatron_llama.sh "
+        f"takes {len(QWEN25_ARGS)} positional arguments, run_mcore_qwen3.sh {len(QWEN3_ARGS)}, "
+        "run_pretrain_megatron_llama.sh "
         f"{len(LLAMA2_ARGS)}, run_ds_train_huggingface_llama.sh {len(DS_ARGS_14)} or {len(DS_ARGS_15)}, "
         "all starting with dsw or dlc (or pass --format)"
     )

@@ -1,5 +1,6 @@
 """Pai-Megatron-Patch's positional launch scripts (``run_mcore_qwen.sh``: 25 arguments,
-``run_pretrain_megatron_llama.sh``: 24) -> a TrainJobSpec document."""
+``run_mcore_qwen3.sh``: 27 with expert parallelism, ``run_pretrain_megatron_llama.sh``: 24) -> a TrainJobSpec
+document."""
 
 from __future__ import annotations
 
@@ -16,6 +17,18 @@ QWEN25 = {  # size: layers, hidden, heads, ffn, kv groups, max positions, norm e
     "14B": (48, 5120, 40, 13824, 8, 131072, 1e-5, False),
     "32B": (64, 5120, 40, 27648, 8, 131072, 1e-5, False),
     "72B": (80, 8192, 64, 29568, 8, 131072, 1e-5, False),
+}
+# examples/qwen3/run_mcore_qwen3.sh: layers, hidden, heads, ffn, kv groups, tied, MoE (experts, top-k, expert
+# ffn) or None; every size: head_dim 128, q/k norms, 40960 positions, rope base 1e6, eps 1e-6
+QWEN3 = {
+    "0.6B": (28, 1024, 16, 3072, 8, True, None),
+    "1.7B": (28, 2048, 16, 6144, 8, True, None),
+    "4B": (36, 2560, 32, 9728, 8, True, None),
+    "8B": (36, 4096, 32, 12288, 8, False, None),
+    "14B": (40, 5120, 40, 17408, 8, False, None),
+    "32B": (64, 5120, 64, 25600, 8, False, None),
+    "A3B": (48, 2048, 32, 6144, 4, False, (128, 8, 768)),
+    "A22B": (94, 4096, 64, 12288, 4, False, (128, 8, 1536)),
 }
 LLAMA2 = {"7B": (32, 4096, 32, 11008, 32), "13B": (40, 5120, 40, 13824, 40), "70B": (80, 8192, 64, 28672, 8)}
 QWEN25_ARGS = (
@@ -44,6 +57,13 @@ QWEN25_ARGS = (
     "TRAIN_TOKENS_OR_ITERS",
     "WARMUP_TOKENS_OR_ITERS",
     "OUTPUT_BASEPATH",
+)
+QWEN3_ARGS = (
+    *QWEN25_ARGS[:11],  # ENV .. PP
+    "CP",
+    "ETP",
+    "EP",
+    *QWEN25_ARGS[12:],  # SP .. OUTPUT_BASEPATH
 )
 LLAMA2_ARGS = (
     "ENV",
@@ -76,7 +96,7 @@ LLAMA2_ARGS = (
 def import_pai(
     tokens: list[str], layout: str, *, name: str = "", world_size: int = 0, tokenizer: str = ""
 ) -> Imported:
-    names = QWEN25_ARGS if layout == "pai-qwen2.5" else LLAMA2_ARGS
+    names = {"pai-qwen2.5": QWEN25_ARGS, "pai-qwen3": QWEN3_ARGS}.get(layout, LLAMA2_ARGS)
     if len(tokens) != len(names):
         raise bad(f"{layout} takes {len(names)} positional arguments ({' '.join(names)}), got {len(tokens)}")
     a = dict(zip(names, tokens))
@@ -123,6 +143,8 @@ def import_pai(
         (imp.mapped if cp == 1 else imp.unmapped).append(
             (f"CP={cp}", "no context parallelism" if cp == 1 else "context parallelism is not supported")
         )
+    if "EP" in a:
+        _experts(imp, a, tp)
     sp = flag_bool("SP", a["SP"])
     if sp and tp > 1:
         imp.set("parallel.sequence_parallel", True, "SP=true")
@@ -219,8 +241,8 @@ def import_pai(
     out = a["OUTPUT_BASEPATH"]
     imp.set("checkpoint.save_dir", str(Path(out) / "checkpoint" / imp.doc["name"]), f"OUTPUT_BASEPATH={out}")
     for path, value in (
-        ("optimizer.lr_decay_style", "cosine" if layout == "pai-qwen2.5" else "linear"),
-        ("optimizer.weight_decay", 0.1),
+        ("optimizer.lr_decay_style", "linear" if layout == "pai-llama2" else "cosine"),
+        ("optimizer.weight_decay", 0.01 if layout == "pai-qwen3" else 0.1),
         ("optimizer.adam_beta1", 0.9),
         ("optimizer.adam_beta2", 0.95),
         ("optimizer.clip_grad", 1.0),
@@ -237,11 +259,31 @@ def import_pai(
     return imp
 
 
+def _experts(imp: Imported, a: dict[str, str], tp: int) -> None:
+    """run_mcore_qwen3.sh's ETP and EP, and the MoE options its MoE sizes add."""
+    etp, ep = flag_num("ETP", a["ETP"]), flag_num("EP", a["EP"])
+    moe = QWEN3.get(a["MODEL_SIZE"], (None,) * 7)[6]
+    if moe is None:
+        imp.no_effect.append((f"ETP={etp} EP={ep}", f"MODEL_SIZE={a['MODEL_SIZE']} is dense: no experts"))
+        return
+    imp.set("parallel.expert_parallel", ep, f"EP={ep}")
+    (imp.mapped if etp == tp else imp.unmapped).append(
+        (
+            f"ETP={etp}",
+            "the experts split over the TP ranks like the dense MLP (megatron-core's default)"
+            if etp == tp
+            else f"expert tensor parallelism other than TP ({tp}) is not supported",
+        )
+    )
+    imp.set("training.moe_aux_loss_coeff", 0.001, "the script's --moe-aux-loss-coeff 0.001")
+    imp.set("training.moe_grouped_gemm", True, "the script's --moe-grouped-gemm (GPU ranks)")
+
+
 def _pai_arch(layout: str, size: str, seq: int, tokenizer: str) -> dict[str, Any]:
     from llm.models.base import ArchConfig
     from llm.models.registry import family
 
-    table = QWEN25 if layout == "pai-qwen2.5" else LLAMA2
+    table: dict[str, tuple] = {"pai-qwen2.5": QWEN25, "pai-qwen3": QWEN3}.get(layout, LLAMA2)
     if size not in table:
         raise bad(f"MODEL_SIZE {size!r} is not in the script's table ({', '.join(table)})")
     vocab = tokenizer_vocab(tokenizer)
@@ -249,7 +291,32 @@ def _pai_arch(layout: str, size: str, seq: int, tokenizer: str) -> dict[str, Any
         raise bad(
             "training from scratch (PRETRAIN_CHECKPOINT_PATH=none) needs --tokenizer: the HF tokenizer folder"
         )
-    if layout == "pai-qwen2.5":
+    if layout == "pai-qwen3":
+        layers, hidden, heads, ffn, groups, tied, moe = table[size]
+        experts, topk, moe_ffn = moe or (0, 0, 0)
+        arch = ArchConfig(
+            family="qwen3_moe" if moe else "qwen3",
+            architecture="Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM",
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            head_dim=128,
+            ffn_hidden_size=ffn,
+            max_position_embeddings=40960,
+            normalization="RMSNorm",
+            norm_eps=1e-6,
+            activation="swiglu",
+            position_embedding="rope",
+            rope_theta=1e6,
+            qk_layernorm=True,
+            tie_word_embeddings=tied,
+            num_experts=experts,
+            moe_topk=topk,
+            moe_ffn_hidden_size=moe_ffn,
+        )
+    elif layout == "pai-qwen2.5":
         layers, hidden, heads, ffn, groups, max_pos, eps, tied = table[size]
         arch = ArchConfig(
             family="qwen2",
