@@ -7,16 +7,11 @@ converts to HF with megatron-core's logits equal to transformers'."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from services.converter.conversion import ConvertSpec, convert
-from services.trainer.spec import validate
-from services.trainer.torchrun import run_local
-from services.trainer.wire import spec_from_dict
 from tests.fixtures.tiny import MOE_FAMILIES
-from tests.fixtures.training import spec_doc
+from tests.fixtures.training import final_weights, train_steps
 
 STEPS = 4
 
@@ -31,28 +26,7 @@ def moe_mcore(tiny_models, tmp_path_factory):
 
 
 def train(assets, mcore, save_dir, parallel, **training):
-    spec = spec_from_dict(
-        spec_doc(
-            assets,
-            save_dir,
-            model={"init_from": str(mcore)},
-            parallel=parallel,
-            training={"train_iters": STEPS, "global_batch_size": 4, **training},
-            checkpoint={"save_dir": str(save_dir), "save_interval": 0},
-        )
-    )
-    validate(spec)
-    r = run_local(spec, spec.world_size, timeout_s=300)
-    assert r.returncode == 0, r.log[-4000:]
-    rows = [json.loads(x) for x in (save_dir / "metrics.jsonl").read_text().splitlines()]
-    return [x for x in rows if not x.get("done")]
-
-
-def weights(save_dir):
-    from llm.checkpoints import open_checkpoint
-
-    reader = open_checkpoint(save_dir)
-    return {name: reader.get(name).float() for name in reader.names()}
+    return train_steps(assets, save_dir, STEPS, parallel, model={"init_from": str(mcore)}, training=training)
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -86,7 +60,7 @@ def test_expert_parallel_trains_like_one_process(train_assets, moe_mcore, tmp_pa
     )
     assert capped[0]["loss"] != one[0]["loss"] and capped[-1]["loss"] < capped[0]["loss"]
     # each expert saved under its global index by the EP=2 run: the same final weights as the one process's
-    final, mine = weights(tmp_path / "one"), weights(tmp_path / "ep2")
+    final, mine = final_weights(tmp_path / "one"), final_weights(tmp_path / "ep2")
     assert mine.keys() == final.keys() and any(".local_experts.3." in n for n in final)
     for name, ref in final.items():
         scale = float(ref.abs().max()) or 1.0

@@ -10,46 +10,21 @@ middle stages even.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from services.trainer.spec import validate
-from services.trainer.torchrun import run_local
-from services.trainer.wire import spec_from_dict
-from tests.fixtures.training import spec_doc
+from tests.fixtures.training import final_weights, train_steps
 
 STEPS = 6
 
 
-def weights(save_dir):
-    from llm.checkpoints import open_checkpoint
-
-    reader = open_checkpoint(save_dir)
-    return {name: reader.get(name).float() for name in reader.names()}
-
-
 def train(assets, save_dir, parallel, precision: str = "fp32") -> list[dict]:
-    spec = spec_from_dict(
-        spec_doc(
-            assets,
-            save_dir,
-            parallel=parallel,
-            training={"train_iters": STEPS, "global_batch_size": 4, "precision": precision},
-            checkpoint={"save_dir": str(save_dir), "save_interval": 0},
-        )
-    )
-    validate(spec)
-    r = run_local(spec, spec.world_size, timeout_s=300)
-    assert r.returncode == 0, r.log[-4000:]
-    rows = [json.loads(x) for x in (save_dir / "metrics.jsonl").read_text().splitlines()]
-    return [x for x in rows if not x.get("done")]
+    return train_steps(assets, save_dir, STEPS, parallel, training={"precision": precision})
 
 
 @pytest.fixture(scope="module")
 def reference(train_assets, tmp_path_factory):
     d = tmp_path_factory.mktemp("tp1") / "run"
-    return train(train_assets, d, {"tensor_parallel": 1}), weights(d)
+    return train(train_assets, d, {"tensor_parallel": 1}), final_weights(d)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +48,7 @@ def test_layout_matches_the_single_process_run(train_assets, reference, tmp_path
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
     assert reference[-1]["loss"] != reference[0]["loss"]  # the steps did update the weights
-    mine = weights(tmp_path / "run")
+    mine = final_weights(tmp_path / "run")
     assert mine.keys() == final.keys()
     for name, ref in final.items():
         scale = float(ref.abs().max()) or 1.0
