@@ -146,7 +146,8 @@ def make_tiny_hf(family: str, out_dir: Path, tok_dir: Path, *, seed: int = 0, **
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(family, len(tok), **over)).eval()
+    vocab = over.pop("vocab_size", len(tok))  # more rows than the tokenizer has: allowed, as in Qwen's models
+    model = AutoModelForCausalLM.from_config(hf_config(family, vocab, **over)).eval()
     if family in ("qwen2", "qwen2_moe"):  # random q/k/v biases, so a dropped bias cannot go unnoticed
         with torch.no_grad():
             for layer in model.model.layers:
