@@ -30,9 +30,6 @@ _ROW = ("linear_proj.weight", "linear_fc2.weight")
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-_EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(.+)$")
-
-
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
@@ -67,13 +64,13 @@ def dist_key(name: str) -> tuple[str, tuple[int, ...]]:
     ``sharded_state_dict`` stores it: a layer tensor stacked over layers (``decoder.layers.<sub>``, offset
     (layer,)), an expert's stacked over layers and experts (``SequentialMLP``'s
     ``decoder.layers.mlp.experts.experts.<sub>``, offsets (layer, expert)); a global tensor as it is."""
-    m = _EXPERT.match(name)
-    if m:
-        return "decoder.layers.mlp.experts.experts." + m.group(3), (int(m.group(1)), int(m.group(2)))
-    if name.startswith("decoder.layers."):
-        layer, sub = name[len("decoder.layers.") :].split(".", 1)
-        return "decoder.layers." + sub, (int(layer),)
-    return name, ()
+    if not name.startswith("decoder.layers."):
+        return name, ()
+    layer, sub = name[len("decoder.layers.") :].split(".", 1)
+    expert = expert_of(sub)
+    if expert is not None:
+        return "decoder.layers.mlp.experts.experts." + expert[1], (int(layer), expert[0])
+    return "decoder.layers." + sub, (int(layer),)
 
 
 def tp_rule(name: str) -> str:

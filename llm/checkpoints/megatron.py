@@ -35,6 +35,15 @@ TOKENIZER_DIR = "tokenizer"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
+def legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """Megatron's ``mp_rank_TT[_PPP][_EEE]``: the pipeline rank when PP > 1, the expert rank when EP > 1."""
+    return (
+        f"mp_rank_{tp_rank:02d}"
+        + (f"_{pp_rank:03d}" if pp > 1 else "")
+        + (f"_{ep_rank:03d}" if ep > 1 else "")
+    )
+
+
 def iteration_dir(path: Path, iteration: int | None = None) -> Path | None:
     """The folder holding the newest checkpoint (iter_XXXXXXX or release), from the tracker file; with
     ``iteration``, that iteration's folder (None when it is not there)."""
@@ -184,11 +193,7 @@ class _LegacySource:
         ]
         if missing:
             t, p, e = missing[0]
-            name = (
-                f"mp_rank_{t:02d}"
-                + (f"_{p:03d}" if self.pp > 1 else "")
-                + (f"_{e:03d}" if self.ep > 1 else "")
-            )
+            name = legacy_rank_dir(t, p, self.pp, e, self.ep)
             raise InvalidArgument(f"{iter_dir}: {name}/model_optim_rng.pt is missing", field="load_dir")
         self.files = files
         self._index: dict[str, tuple[int, int, str, str]] = {}

@@ -20,10 +20,11 @@ import torch
 from llm.checkpoints import CheckpointReader, detect_format, open_checkpoint
 from llm.checkpoints import layout as L
 from llm.checkpoints.hf import TOKENIZER_FILES, write_hf_checkpoint
+from llm.checkpoints.megatron import legacy_rank_dir
 from llm.devices import dtype_name, resolve_dtype
 from llm.mcore.model import padded_vocab_size
 from llm.models.base import MappedView, expert_prefix, megatron_names
-from services.converter.writers import TorchDistWriter, legacy_rank_dir, megatron_args, write_megatron_extras
+from services.converter.writers import TorchDistWriter, megatron_args, write_megatron_extras
 from shared.atomic import atomic_dir, check_target
 from shared.errors import InvalidArgument
 from shared.text import aligned

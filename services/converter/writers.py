@@ -180,15 +180,6 @@ def megatron_args(
     )
 
 
-def legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
-    """Megatron's ``mp_rank_TT[_PPP][_EEE]``: the pipeline rank when PP > 1, the expert rank when EP > 1."""
-    return (
-        f"mp_rank_{tp_rank:02d}"
-        + (f"_{pp_rank:03d}" if pp > 1 else "")
-        + (f"_{ep_rank:03d}" if ep > 1 else "")
-    )
-
-
 def write_megatron_extras(
     out: Path, *, iteration: int, meta: dict[str, Any], tokenizer_files: list[Path]
 ) -> None:

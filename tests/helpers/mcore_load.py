@@ -31,7 +31,7 @@ def main() -> int:
     a = ap.parse_args()
     from megatron.core import parallel_state as ps
 
-    from llm.checkpoints.megatron import MegatronCheckpoint, load_weights_pickle
+    from llm.checkpoints.megatron import MegatronCheckpoint, legacy_rank_dir, load_weights_pickle
     from llm.mcore import dist as mdist
     from llm.mcore.model import build_gpt_model, transformer_config
 
@@ -54,12 +54,7 @@ def main() -> int:
 
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(reader.iter_dir)))
     else:
-        ep_rank = ps.get_expert_model_parallel_rank()
-        name = (
-            f"mp_rank_{tp_rank:02d}"
-            + (f"_{pp_rank:03d}" if a.pp > 1 else "")
-            + (f"_{ep_rank:03d}" if a.ep > 1 else "")
-        )
+        name = legacy_rank_dir(tp_rank, pp_rank, a.pp, ps.get_expert_model_parallel_rank(), a.ep)
         model.load_state_dict(
             load_weights_pickle(reader.iter_dir / name / "model_optim_rng.pt")["model"], strict=True
         )
