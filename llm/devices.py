@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from llm import thin_linear
+
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -74,23 +76,106 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+class ThinOrWide:
+    """``F.linear`` that sends matmuls of at most ``max_rows`` rows (a decode step; ``thin_linear.MAX_ROWS``
+    of the dtype) to the thin-matmul kernel (``llm.thin_linear``) and wider ones (prefill) to ``wide``.
+    Both are row-invariant on their own side of the line (``tools/bench/decode_step.py`` measures the
+    step both ways)."""
+
+    def __init__(self, lib, wide: Linear, max_rows: int):
+        self.lib, self.wide, self.max_rows = lib, wide, max_rows
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if (
+            0 < rows <= self.max_rows
+            and x.dtype in thin_linear.MAX_ROWS
+            and weight.dtype == x.dtype
+            and weight.is_contiguous()
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+        ):
+            return thin_linear.thin_linear(self.lib, x, weight, bias)
+        return self.wide(x, weight, bias)
+
+
+def _agrees(linear: Linear, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``linear`` computes ``F.linear`` on a few shapes (thin and wide, with and without bias)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in (1, 3, 7, 24):
+        x, w, b = (torch.randn(s, generator=g, device=device) for s in ((rows, 52), (40, 52), (40,)))
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+        for bias in (b, None):
+            want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+            if not torch.allclose(linear(x, w, bias).float(), want, rtol=tol, atol=tol):
+                return False
+    return True
+
+
 def linear_kernel(device: torch.device, dtype: torch.dtype) -> Linear:
     """The ``F.linear`` to run inference matmuls with on ``device`` in ``dtype``.
 
-    On CPU in float32 that is oneDNN's linear (the op PyTorch's CPU compiler emits) where this build has it:
-    ``F.linear`` sends float32 to MKL's GEMM, which on a 2-core host runs a decode step's thin matmuls
-    (1-16 rows against weights read cold from memory) at half the memory bandwidth oneDNN reaches
-    (``tools/bench/textgen.py`` measures the step both ways). Its rows also agree bit for bit from 2 rows
-    up. bfloat16 already goes to oneDNN through ``F.linear``; other devices keep ``F.linear``. The op is
-    checked against ``F.linear`` once before it is chosen; any doubt falls back to ``F.linear``.
+    On CPU in float32 and bfloat16: matmuls of a few rows (a decode step) go to the thin-matmul kernel
+    (``llm.thin_linear``, compiled for this machine), which streams the weights faster than PyTorch's
+    GEMMs on small hosts; wider float32 ones go to oneDNN's linear (``F.linear`` sends float32 to MKL's
+    GEMM, about half as fast for these shapes); in bfloat16 the kernel takes every width (where the CPU
+    lacks native bfloat16, ``F.linear`` is ~4x slower at all of them). Each choice is checked against
+    ``F.linear`` once before it is made; any doubt (a missing op, no compiler, a disagreement) falls back.
+    Other devices keep ``F.linear``.
     """
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return F.linear
+    wide: Linear = F.linear
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        try:
+            if _agrees(_onednn_linear, device, dtype):
+                wide = _onednn_linear
+        except (AttributeError, RuntimeError):  # an op this build lacks, or refuses
+            pass
+    lib = thin_linear.library()
+    if lib is not None:
+        chosen = ThinOrWide(lib, wide, thin_linear.MAX_ROWS[dtype])
+        try:
+            if _agrees(chosen, device, dtype):
+                return chosen
+        except (RuntimeError, MemoryError):
+            pass
+    return wide
+
+
+RmsNorm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def rms_norm_kernel(device: torch.device, dtype: torch.dtype) -> RmsNorm:
+    """``F.rms_norm`` over the last dimension, ``(x, weight, eps)``: on CPU in float32 and bfloat16 the
+    compiled one of ``llm.thin_linear`` (one call where PyTorch runs six ops: ~75 us per decode-step norm
+    on a 2-core host), checked against ``F.rms_norm`` once before it is chosen; elsewhere ``F.rms_norm``."""
+    lib = thin_linear.library() if device.type == "cpu" and dtype in thin_linear.MAX_ROWS else None
+    if lib is None:
+        return _torch_rms_norm
+
+    def compiled(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return thin_linear.rms_norm(lib, x, weight, eps)
+
+    g = torch.Generator(device=device).manual_seed(0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     try:
-        g = torch.Generator(device=device).manual_seed(0)
-        x, w, b = (torch.randn(s, generator=g, device=device) for s in ((3, 2, 24), (40, 24), (40,)))
-        if not torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5):
-            return F.linear
-    except (AttributeError, RuntimeError):  # an op this build lacks, or refuses
-        return F.linear
-    return _onednn_linear
+        for shape in ((1, 52), (5, 3, 77)):
+            x, w = (
+                torch.randn(shape, generator=g, device=device),
+                torch.rand(shape[-1:], generator=g, device=device),
+            )
+            x, w = x.to(dtype), w.to(dtype)
+            if not torch.allclose(
+                compiled(x, w, 1e-6).float(), _torch_rms_norm(x, w, 1e-6).float(), rtol=tol, atol=tol
+            ):
+                return _torch_rms_norm
+    except (RuntimeError, MemoryError):
+        return _torch_rms_norm
+    return compiled

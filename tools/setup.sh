@@ -43,6 +43,17 @@ if ! command -v promtool >/dev/null 2>&1; then
   fi
 fi
 
+if ! command -v cc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    step "installing Debian package gcc (textgen's CPU decode kernel, llm/thin_linear.c, is compiled on first use)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null \
+      || echo "[setup] warning: could not install gcc; textgen decodes with PyTorch's matmuls" >&2
+  else
+    echo "[setup] note: no C compiler (needs root + apt-get); textgen decodes with PyTorch's matmuls" >&2
+  fi
+fi
+
 step "generating protobuf code"
 "$VENV/bin/python" tools/gen_protos.py
 

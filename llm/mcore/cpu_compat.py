@@ -23,6 +23,33 @@ logger = logging.getLogger(__name__)
 _APPLIED = False
 
 
+def import_megatron_without_compiled_fusions() -> bool:
+    """Import megatron-core with its ``@jit_fuser`` functions left eager, on a machine without CUDA.
+
+    ``megatron.core.jit`` binds ``jit_fuser = torch.compile`` when it is imported, and the fused bias /
+    activation / router helpers are wrapped with it at import: that import alone pulls in TorchDynamo and
+    Inductor (about 2 of a rank's ~4 s of megatron-core import on a 2-core host), and a helper that runs
+    would be compiled by Inductor on first use. On CPU ranks neither pays (no fused kernels to gain), so
+    ``torch.compile`` is an identity while megatron-core is imported, which fixes ``jit_fuser`` as one (it
+    is not looked up again). Returns whether it applied: not with CUDA, nor once megatron-core is loaded.
+    """
+    import sys
+
+    if torch.cuda.is_available() or "megatron.core" in sys.modules:
+        return False
+    real = torch.compile
+
+    def identity(model=None, **_kwargs):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = identity
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = real
+    return True
+
+
 def _is_cuda_device(d: object) -> bool:
     if isinstance(d, torch.device):
         return d.type == "cuda"

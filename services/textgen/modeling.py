@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm.devices import linear_kernel
+from llm.devices import linear_kernel, rms_norm_kernel
 from llm.models.base import ArchConfig, megatron_names, split_qkv
 from services.textgen.experts import Experts, mixture
 
@@ -165,6 +165,7 @@ class DecoderLM:
         self.device = device
         self.max_len = max_len
         self.linear = linear_kernel(device, dtype)  # F.linear, or the faster equivalent on this device
+        self.rms_norm = rms_norm_kernel(device, dtype)  # likewise F.rms_norm
         w = {name: t.to(device=device, dtype=dtype) for name, t in tensors}
         needed = [n for g in [None, *range(arch.num_layers)] for n in megatron_names(arch, g)]
         missing = [n for n in needed if n not in w and n != "output_layer.weight"]  # tied when absent
@@ -228,7 +229,7 @@ class DecoderLM:
     # -- building blocks -------------------------------------------------------------------------
     def _norm(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.arch.normalization == "RMSNorm":
-            return F.rms_norm(x, (x.shape[-1],), weight, self.arch.norm_eps)
+            return self.rms_norm(x, weight, self.arch.norm_eps)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.arch.norm_eps)
 
     def qk_norm(self, i: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -393,16 +394,20 @@ class _DecodePart(_Part):
 
     def attend(self, i: int, qkv: Tensor) -> Tensor:
         m, a, B = self.m, self.m.arch, self.n
-        g, d = a.num_query_groups, a.head_dim
-        q = qkv[:, : m.q_size].view(B, a.num_attention_heads, d)
-        k = qkv[:, m.q_size : m.q_size + m.kv_size].view(B, g, d)
+        g, d, h = a.num_query_groups, a.head_dim, a.num_attention_heads
         v = qkv[:, m.q_size + m.kv_size :].view(B, g, d)
-        q, k = m.qk_norm(i, q, k)
-        if self.cos is not None:
-            q, k = m.rope.rotate(q, self.cos, self.sin), m.rope.rotate(k, self.cos, self.sin)
+        if m.layers[i].q_norm is None and self.cos is not None:  # queries and keys rotated in one go
+            qk = m.rope.rotate(qkv[:, : m.q_size + m.kv_size].view(B, h + g, d), self.cos, self.sin)
+            q, k = qk[:, :h], qk[:, h:]
+        else:
+            q = qkv[:, : m.q_size].view(B, h, d)
+            k = qkv[:, m.q_size : m.q_size + m.kv_size].view(B, g, d)
+            q, k = m.qk_norm(i, q, k)
+            if self.cos is not None:
+                q, k = m.rope.rotate(q, self.cos, self.sin), m.rope.rotate(k, self.cos, self.sin)
         ck, cv = self.cache.k[i], self.cache.v[i]
-        ck[self.write] = k
-        cv[self.write] = v
+        ck.index_copy_(0, self.write, k)
+        cv.index_copy_(0, self.write, v)
         keys, values = _gather(ck, self.ctx), _gather(cv, self.ctx)  # (B, g, span, d)
         o = F.scaled_dot_product_attention(
             q[:, :, None, :], keys, values, attn_mask=self.mask, enable_gqa=m.gqa

@@ -400,6 +400,10 @@ def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     # "-": the spec comes on stdin (the Ray rank actor pipes it, so a killed actor leaves no file behind)
     spec = TrainSpec.from_json(sys.stdin.read() if argv[0] == "-" else Path(argv[0]).read_text())
+    if spec.kind != "hf-deepspeed":
+        from llm.mcore.cpu_compat import import_megatron_without_compiled_fusions
+
+        import_megatron_without_compiled_fusions()  # CPU ranks only; a no-op with CUDA
     if spec.kind == "hf-deepspeed":  # an HF model under DeepSpeed ZeRO, not megatron-core
         from services.trainer import hf_deepspeed
 

@@ -1,4 +1,5 @@
-"""llm.devices.linear_kernel: the inference matmul chosen per device and dtype computes F.linear."""
+"""llm.devices.linear_kernel: the inference matmul chosen per device and dtype computes F.linear; the
+thin-matmul kernel (llm.thin_linear) it sends decode steps to computes F.linear, row by row."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.devices import linear_kernel
+from llm import thin_linear
+from llm.devices import ThinOrWide, linear_kernel
 
 CPU = torch.device("cpu")
 
@@ -23,12 +25,80 @@ def test_the_cpu_float32_kernel_computes_f_linear(shape, bias):
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_oneDNN_is_chosen_for_cpu_float32_where_the_build_has_it():
+def test_oneDNN_and_the_thin_kernel_are_chosen_for_cpu_float32_where_they_can_be():
     chosen = linear_kernel(CPU, torch.float32)
-    if torch.backends.mkldnn.is_available():
-        assert chosen is not F.linear
-    else:
-        assert chosen is F.linear
+    wide = chosen.wide if isinstance(chosen, ThinOrWide) else chosen
+    assert (wide is not F.linear) == torch.backends.mkldnn.is_available()
+    assert isinstance(chosen, ThinOrWide) == (thin_linear.library() is not None)
+
+
+def test_this_machine_builds_the_thin_kernel():
+    # make test runs where setup installed a C compiler; every x86 host this project targets has AVX2
+    assert thin_linear.library() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 16, 33])
+@pytest.mark.parametrize("n,k", [(130, 96), (4, 8), (7, 13), (49, 577)])
+def test_the_thin_kernel_computes_f_linear(dtype, rows, n, k):
+    lib = thin_linear.library()
+    g = torch.Generator(device=CPU).manual_seed(rows * 1000 + n + k)
+    x, w, b = (torch.randn(s, generator=g, device=CPU).to(dtype) for s in ((rows, k), (n, k), (n,)))
+    for bias in (b, None):
+        want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        got = thin_linear.thin_linear(lib, x, w, bias)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: one rounding of the float32 sum
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * k**0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_thin_kernels_rows_do_not_depend_on_the_rows_beside_them(dtype):
+    lib = thin_linear.library()
+    g = torch.Generator(device=CPU).manual_seed(3)
+    x = torch.randn((20, 577), generator=g, device=CPU).to(dtype)
+    w = torch.randn((962, 577), generator=g, device=CPU).to(dtype)
+    alone = [thin_linear.thin_linear(lib, x[i : i + 1], w) for i in range(20)]
+    for m in range(1, 21):
+        full = thin_linear.thin_linear(lib, x[:m], w)
+        for i in range(m):
+            assert torch.equal(full[i], alone[i][0]), (m, i)
+
+
+def test_a_thin_kernel_that_disagrees_is_not_chosen(monkeypatch):
+    monkeypatch.setattr(thin_linear, "thin_linear", lambda lib, x, w, b=None: F.linear(x, w, b) + 1.0)
+    chosen = linear_kernel(CPU, torch.float32)
+    assert not isinstance(chosen, ThinOrWide)
+
+
+def test_without_a_compiler_there_is_no_thin_kernel(monkeypatch):
+    monkeypatch.setattr(thin_linear, "_compiler", lambda: None)
+    thin_linear.library.cache_clear()
+    try:
+        assert thin_linear.library() is None
+        assert not isinstance(linear_kernel(CPU, torch.float32), ThinOrWide)
+    finally:
+        thin_linear.library.cache_clear()
+
+
+def test_wide_matmuls_and_other_layouts_go_to_the_wide_kernel():
+    calls = []
+    wide = lambda x, w, b=None: calls.append(x.shape) or F.linear(x, w, b)  # noqa: E731
+    lin = ThinOrWide(thin_linear.library(), wide, max_rows=8)
+    w = torch.randn((16, 32), device=CPU)
+    lin(torch.randn((8, 32), device=CPU), w)
+    assert calls == []
+    lin(torch.randn((9, 32), device=CPU), w)
+    lin(torch.randn((2, 32), device=CPU), w.t().contiguous().t())  # a transposed view
+    lin(torch.randn((2, 32), device=CPU).double(), w.double())  # a dtype the kernel does not take
+    assert calls == [(9, 32), (2, 32), (2, 32)]
+
+
+def test_float32s_line_keeps_the_engines_invariant_passes_on_one_kernel():
+    # passes padded to MIN_INVARIANT_ROWS rows must never straddle the thin/wide line
+    from services.textgen.modeling import MIN_INVARIANT_ROWS
+
+    assert thin_linear.MAX_ROWS[torch.float32] < MIN_INVARIANT_ROWS
 
 
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it_from_two_rows_up():
@@ -42,16 +112,16 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it_from_two_rows_up():
         assert torch.equal(lin(x[:m], w, None)[0], full[0]), m
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_other_dtypes_keep_f_linear(dtype):
-    assert linear_kernel(CPU, dtype) is F.linear
+def test_float16_keeps_f_linear():
+    assert linear_kernel(CPU, torch.float16) is F.linear
 
 
 def test_when_the_kernel_disagrees_with_f_linear_it_is_not_chosen(monkeypatch):
     import llm.devices as devices
 
     monkeypatch.setattr(devices, "_onednn_linear", lambda x, w, b=None: F.linear(x, w, b) + 1.0)
-    assert devices.linear_kernel(CPU, torch.float32) is F.linear
+    chosen = devices.linear_kernel(CPU, torch.float32)
+    assert (chosen.wide if isinstance(chosen, ThinOrWide) else chosen) is F.linear
 
 
 def test_other_devices_keep_f_linear_without_running_anything_there():

@@ -1,0 +1,133 @@
+"""Thin matmuls on CPU: ``thin_linear.c`` compiled once per machine and called through ctypes.
+
+A decode step multiplies a few rows by every weight of the model, so its speed is the memory bandwidth the
+matmul reaches; on small CPU hosts PyTorch's GEMMs (MKL, oneDNN) reach a fraction of it for such shapes
+(``tools/bench/decode_step.py`` measures them side by side). The C kernel streams each weight row once per
+call on PyTorch's own OpenMP threads. It is built with the machine's C compiler (``cc``, or ``$CC``) into
+``.cache/kernels/`` under a name that hashes the source, the flags, the compiler and the CPU's features
+(another CPU never loads it), written atomically; without a compiler or AVX2 it is simply not used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from shared.paths import CACHE_DIR
+
+SOURCE = Path(__file__).with_name("thin_linear.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# Rows up to which the kernel is used, per dtype (measured on this project's 2-core Zen 3 VM, one
+# 3072x576 weight): in float32 it beats oneDNN's linear up to 12 rows (207 vs 348 us at 4, 425 vs 592 at 12)
+# and loses from 16 (727 vs 732, 16.7 vs 12.3 ms at 512), so wider float32 matmuls (prefill) go to
+# oneDNN; in bfloat16 it is ~4x faster than F.linear at every width on a CPU without native bfloat16
+# (327 vs 1138 us at 4 rows, 23 vs 100 ms at 512), so it takes them all. A row's result never depends
+# on the other rows, so float32's line must stay under MIN_INVARIANT_ROWS of the textgen engine.
+MAX_ROWS = {torch.float32: 12, torch.bfloat16: 1 << 30}
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(out: Path, cc: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None where it cannot be built or this CPU lacks AVX2."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.blake2b(
+            SOURCE.read_bytes() + repr((FLAGS, version, _cpu_features())).encode(), digest_size=10
+        ).hexdigest()
+        for folder in (
+            CACHE_DIR / "kernels",
+            Path(tempfile.gettempdir()) / f"megastack-kernels-{os.getuid()}",
+        ):
+            path = folder / f"thin_linear-{key}.so"
+            try:
+                if not path.exists():
+                    _build(path, cc)
+                break
+            except OSError:
+                continue
+        else:
+            return None
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if lib.thin_linear_isa() < 2:
+        return None
+    ptr, i = ctypes.c_void_p, ctypes.c_int
+    lib.thin_linear_f32.argtypes = [ptr, ptr, ptr, ptr, i, i, i]
+    lib.thin_linear_f32.restype = None
+    lib.thin_linear_bf16.argtypes = [ptr, ptr, ptr, ptr, i, i, i]
+    lib.thin_linear_bf16.restype = i
+    lib.thin_rms_norm_f32.argtypes = [ptr, ptr, ptr, i, i, ctypes.c_float]
+    lib.thin_rms_norm_f32.restype = None
+    lib.thin_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i, i, ctypes.c_float]
+    lib.thin_rms_norm_bf16.restype = i
+    return lib
+
+
+def thin_linear(
+    lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x [..., K] on CPU in float32 or bfloat16 (weight [N, K] and bias
+    contiguous, of x's dtype). A row's result is the same bits whatever the other rows are."""
+    if x.dtype not in MAX_ROWS:
+        raise TypeError(f"thin_linear takes float32 or bfloat16, not {x.dtype}")
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    M, K = x2.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    fn = lib.thin_linear_f32 if x.dtype == torch.float32 else lib.thin_linear_bf16
+    if fn(x2.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K):
+        raise MemoryError("thin_linear: no memory for a float32 copy of the rows")
+    return y.view(*shape[:-1], N)
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.rms_norm(x, (H,), weight, eps)`` for x [..., H] on CPU in float32 or bfloat16 (weight [H] of x's
+    dtype): one call instead of PyTorch's six ops, which is most of a decode step's norm time."""
+    if x.dtype not in MAX_ROWS:
+        raise TypeError(f"rms_norm takes float32 or bfloat16, not {x.dtype}")
+    x2 = x.contiguous()
+    H = x.shape[-1]
+    y = torch.empty_like(x2)
+    fn = lib.thin_rms_norm_f32 if x.dtype == torch.float32 else lib.thin_rms_norm_bf16
+    if fn(x2.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), x2.numel() // H, H, eps):
+        raise MemoryError("rms_norm: no memory for a float32 copy of a row")
+    return y
