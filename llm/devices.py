@@ -179,3 +179,36 @@ def rms_norm_kernel(device: torch.device, dtype: torch.dtype) -> RmsNorm:
     except (RuntimeError, MemoryError):
         return _torch_rms_norm
     return compiled
+
+
+def paged_attention_kernel(device: torch.device, dtype: torch.dtype):
+    """The compiled decode attention of ``llm.thin_linear`` (``paged_decode_attention(q, k_cache, v_cache,
+    tables, positions, block_size=, window=)``) on CPU in float32 and bfloat16, after a check against
+    ``F.scaled_dot_product_attention`` over the gathered context; None elsewhere or on any doubt (the
+    engine then gathers the context and calls SDPA)."""
+    lib = thin_linear.library() if device.type == "cpu" and dtype in thin_linear.MAX_ROWS else None
+    if lib is None:
+        return None
+
+    def compiled(q, k_cache, v_cache, tables, positions, *, block_size: int, window: int | None):
+        return thin_linear.paged_decode_attention(
+            lib, q, k_cache, v_cache, tables, positions, block_size=block_size, window=window
+        )
+
+    g = torch.Generator(device=device).manual_seed(0)
+    kc, vc = (torch.randn((8, 2, 16), generator=g, device=device).to(dtype) for _ in range(2))
+    q = torch.randn((1, 4, 16), generator=g, device=device).to(dtype)
+    tables, pos = torch.tensor([[3, 1, 2]], device=device), torch.tensor([5], device=device)
+    rows = torch.tensor([6, 7, 2, 3, 4, 5], device=device)  # positions 0..5 through blocks 3, 1, 2 of 2 rows
+    want = F.scaled_dot_product_attention(
+        q[0].float()[:, None],
+        kc[rows].float().transpose(0, 1),
+        vc[rows].float().transpose(0, 1),
+        enable_gqa=True,
+    )[:, 0]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    try:
+        got = compiled(q, kc, vc, tables, pos, block_size=2, window=None)[0].float()
+    except (RuntimeError, MemoryError, TypeError):
+        return None
+    return compiled if torch.allclose(got, want, rtol=tol, atol=tol) else None

@@ -230,11 +230,96 @@ int thin_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int M,
     return failed ? -1 : 0;
 }
 
+/* q . k over d elements (q in float32; k float32 or bfloat16), 8 lanes then the fixed-order lane sum */
+static inline float dot_f32(const float *q, const float *k, int d) {
+    __m256 acc = _mm256_setzero_ps();
+    int x = 0;
+    for (; x + 8 <= d; x += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + x), _mm256_loadu_ps(k + x), acc);
+    float s = hsum(acc);
+    for (; x < d; x++) s += q[x] * k[x];
+    return s;
+}
+
+static inline float dot_bf16(const float *q, const uint16_t *k, int d) {
+    __m256 acc = _mm256_setzero_ps();
+    int x = 0;
+    for (; x + 8 <= d; x += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + x), load_bf16(k + x), acc);
+    float s = hsum(acc);
+    for (; x < d; x++) s += q[x] * bf16_to_f32(k[x]);
+    return s;
+}
+
+/* One decode step's attention over a paged KV cache, read in place through the block tables (no gathered
+ * copy): for sequence b, query head i (of h; key/value head i / (h / g) of g), keys at positions
+ * lo..pos[b] where lo = pos[b] - window + 1 (or 0 without a window); cache rows are
+ * tables[b][p / bs] * bs + p % bs of a flat [rows, g, d] cache. Scores in float32, softmax with the maximum
+ * subtracted, the weighted sum of values in float32, rounded once to the output type. One (b, i)'s result
+ * depends on its own query and context only. */
+#define DEFINE_PAGED(SUFFIX, T, TO_F32, FROM_F32, DOT)                                                       \
+    int paged_decode_attention_##SUFFIX(const T *q, const T *kc, const T *vc, const int64_t *tables, int nb, \
+                                        const int64_t *pos, int B, int h, int g, int d, int bs, int window, \
+                                        float scale, T *out) {                                        \
+        int failed = 0, per = h / g;  /* failed: out of memory, or a position its table does not cover */ \
+        _Pragma("omp parallel for schedule(dynamic) reduction(| : failed)")                            \
+        for (int bi = 0; bi < B * h; bi++) {                                                          \
+            int b = bi / h, i = bi % h, j = i / per;                                                  \
+            int64_t hi = pos[b], lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;        \
+            if (hi < 0 || hi / bs >= nb) { /* a position past its block table */                      \
+                failed = 1;                                                                           \
+                continue;                                                                             \
+            }                                                                                         \
+            int n = (int)(hi - lo + 1);                                                               \
+            float *buf = malloc(((size_t)n + (size_t)d * 2) * sizeof(float));                         \
+            if (!buf) {                                                                               \
+                failed = 1;                                                                           \
+                continue;                                                                             \
+            }                                                                                         \
+            float *qf = buf + n, *acc = qf + d;                                                       \
+            const T *qr = q + ((size_t)b * h + i) * d;                                                \
+            for (int x = 0; x < d; x++) qf[x] = TO_F32(qr[x]);                                        \
+            float mx = -INFINITY;                                                                     \
+            for (int t = 0; t < n; t++) {                                                             \
+                int64_t p = lo + t, row = tables[(size_t)b * nb + p / bs] * bs + p % bs;               \
+                const T *kr = kc + ((size_t)row * g + j) * d;                                         \
+                buf[t] = DOT(qf, kr, d) * scale;                                                      \
+                if (buf[t] > mx) mx = buf[t];                                                         \
+            }                                                                                         \
+            float sum = 0.0f;                                                                         \
+            for (int x = 0; x < d; x++) acc[x] = 0.0f;                                                \
+            for (int t = 0; t < n; t++) {                                                             \
+                int64_t p = lo + t, row = tables[(size_t)b * nb + p / bs] * bs + p % bs;               \
+                const T *vr = vc + ((size_t)row * g + j) * d;                                         \
+                float wgt = expf(buf[t] - mx);                                                        \
+                sum += wgt;                                                                           \
+                for (int x = 0; x < d; x++) acc[x] += wgt * TO_F32(vr[x]);                            \
+            }                                                                                         \
+            T *o = out + ((size_t)b * h + i) * d;                                                     \
+            for (int x = 0; x < d; x++) o[x] = FROM_F32(acc[x] / sum);                                \
+            free(buf);                                                                                \
+        }                                                                                             \
+        return failed ? -1 : 0;                                                                       \
+    }
+
+#define F32_ID(v) (v)
+DEFINE_PAGED(f32, float, F32_ID, F32_ID, dot_f32)
+DEFINE_PAGED(bf16, uint16_t, bf16_to_f32, f32_to_bf16, dot_bf16)
+
 #else /* no AVX2: thin_linear_isa() says 0 and the caller keeps PyTorch's kernels */
 
 void thin_rms_norm_f32(const float *x, const float *w, float *y, int M, int H, float eps) {
     (void)x; (void)w; (void)y; (void)M; (void)H; (void)eps;
 }
+
+#define DEFINE_PAGED_NONE(SUFFIX, T)                                                                    \
+    int paged_decode_attention_##SUFFIX(const T *q, const T *kc, const T *vc, const int64_t *tables, int nb, \
+                                        const int64_t *pos, int B, int h, int g, int d, int bs, int window, \
+                                        float scale, T *out) {                                        \
+        (void)q; (void)kc; (void)vc; (void)tables; (void)nb; (void)pos; (void)B; (void)h; (void)g;   \
+        (void)d; (void)bs; (void)window; (void)scale; (void)out;                                      \
+        return -1;                                                                                    \
+    }
+DEFINE_PAGED_NONE(f32, float)
+DEFINE_PAGED_NONE(bf16, uint16_t)
 
 int thin_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int H, float eps) {
     (void)x; (void)w; (void)y; (void)M; (void)H; (void)eps;

@@ -98,6 +98,9 @@ def library() -> ctypes.CDLL | None:
     lib.thin_rms_norm_f32.restype = None
     lib.thin_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i, i, ctypes.c_float]
     lib.thin_rms_norm_bf16.restype = i
+    for fn in (lib.paged_decode_attention_f32, lib.paged_decode_attention_bf16):
+        fn.argtypes = [ptr, ptr, ptr, ptr, i, ptr, i, i, i, i, i, i, ctypes.c_float, ptr]
+        fn.restype = i
     return lib
 
 
@@ -131,3 +134,48 @@ def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float
     if fn(x2.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), x2.numel() // H, H, eps):
         raise MemoryError("rms_norm: no memory for a float32 copy of a row")
     return y
+
+
+def paged_decode_attention(
+    lib: ctypes.CDLL,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    block_size: int,
+    window: int | None,
+) -> torch.Tensor:
+    """One decode step's attention read in place through the block tables: q [B, h, d] (the query at
+    ``positions`` [B]), caches [rows, g, d], tables [B, nb] (int64); each query sees the keys at positions
+    0..its own (the last ``window`` of them with a sliding window). Returns [B, h, d] in q's dtype; softmax
+    and sums in float32. A sequence's result depends on its own query and context only."""
+    if q.dtype not in MAX_ROWS or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"paged_decode_attention takes float32 or bfloat16, not {q.dtype}")
+    q = q.contiguous()
+    B, h, d = q.shape
+    g = k_cache.shape[1]
+    tables = tables.to(torch.int64).contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    fn = lib.paged_decode_attention_f32 if q.dtype == torch.float32 else lib.paged_decode_attention_bf16
+    rc = fn(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        positions.data_ptr(),
+        B,
+        h,
+        g,
+        d,
+        block_size,
+        window or 0,
+        d**-0.5,
+        out.data_ptr(),
+    )
+    if rc:
+        raise RuntimeError("paged_decode_attention: a position past its block table, or no memory for scores")
+    return out

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm.devices import linear_kernel, rms_norm_kernel
+from llm.devices import linear_kernel, paged_attention_kernel, rms_norm_kernel
 from llm.models.base import ArchConfig, megatron_names, split_qkv
 from services.textgen.experts import Experts, mixture
 
@@ -166,6 +166,8 @@ class DecoderLM:
         self.max_len = max_len
         self.linear = linear_kernel(device, dtype)  # F.linear, or the faster equivalent on this device
         self.rms_norm = rms_norm_kernel(device, dtype)  # likewise F.rms_norm
+        # a decode step's attention read in place through the block tables where compiled, else gather + SDPA
+        self.paged_attention = paged_attention_kernel(device, dtype)
         w = {name: t.to(device=device, dtype=dtype) for name, t in tensors}
         needed = [n for g in [None, *range(arch.num_layers)] for n in megatron_names(arch, g)]
         missing = [n for n in needed if n not in w and n != "output_layer.weight"]  # tied when absent
@@ -381,6 +383,12 @@ class _DecodePart(_Part):
         span = int(positions.max()) + 1
         self.x = m._embed(tokens, positions)  # (B, H)
         self.write = cache.rows(tables, positions[:, None]).reshape(B)  # (B,)
+        self.tables, self.positions = tables, positions
+        self.cos = self.sin = None
+        if m.rope is not None:
+            self.cos, self.sin = m.rope.cos[positions][:, None, :], m.rope.sin[positions][:, None, :]
+        if m.paged_attention is not None:
+            return  # the kernel reads the context through the tables itself
         ctx_pos = torch.arange(span, device=m.device)  # (span,)
         self.ctx = cache.rows(tables, ctx_pos.expand(B, span).contiguous())  # (B, span)
         self.mask = None
@@ -388,9 +396,6 @@ class _DecodePart(_Part):
             inside = m.visible(ctx_pos[None, :], positions[:, None])  # (B, span)
             self.ctx = torch.where(inside, self.ctx, 0)
             self.mask = inside[:, None, None, :]
-        self.cos = self.sin = None
-        if m.rope is not None:
-            self.cos, self.sin = m.rope.cos[positions][:, None, :], m.rope.sin[positions][:, None, :]
 
     def attend(self, i: int, qkv: Tensor) -> Tensor:
         m, a, B = self.m, self.m.arch, self.n
@@ -408,6 +413,11 @@ class _DecodePart(_Part):
         ck, cv = self.cache.k[i], self.cache.v[i]
         ck.index_copy_(0, self.write, k)
         cv.index_copy_(0, self.write, v)
+        if m.paged_attention is not None:
+            o = m.paged_attention(
+                q, ck, cv, self.tables, self.positions, block_size=self.cache.block_size, window=m.window
+            )
+            return o.reshape(B, m.q_size)
         keys, values = _gather(ck, self.ctx), _gather(cv, self.ctx)  # (B, g, span, d)
         o = F.scaled_dot_product_attention(
             q[:, :, None, :], keys, values, attn_mask=self.mask, enable_gqa=m.gqa

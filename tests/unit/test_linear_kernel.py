@@ -126,3 +126,45 @@ def test_when_the_kernel_disagrees_with_f_linear_it_is_not_chosen(monkeypatch):
 
 def test_other_devices_keep_f_linear_without_running_anything_there():
     assert linear_kernel(torch.device("cuda"), torch.float32) is F.linear  # decided by the device type alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_decode_attention_reads_the_blocks_like_sdpa_over_a_gathered_context(dtype, window):
+    lib = thin_linear.library()
+    g = torch.Generator(device=CPU).manual_seed(4)
+    B, h, kv, d, bs, nb = 3, 6, 2, 40, 4, 5
+    k_cache = torch.randn((32 * bs, kv, d), generator=g, device=CPU).to(dtype)
+    v_cache = torch.randn((32 * bs, kv, d), generator=g, device=CPU).to(dtype)
+    tables = torch.stack([torch.randperm(31, generator=g, device=CPU)[:nb] + 1 for _ in range(B)])
+    positions = torch.tensor([0, 7, 19], device=CPU)
+    q = torch.randn((B, h, d), generator=g, device=CPU).to(dtype)
+    got = thin_linear.paged_decode_attention(
+        lib, q, k_cache, v_cache, tables, positions, block_size=bs, window=window
+    )
+    for b in range(B):
+        p = torch.arange(int(positions[b]) + 1, device=CPU)
+        if window:
+            p = p[p > positions[b] - window]
+        rows = tables[b, p // bs] * bs + p % bs
+        keys, values = k_cache[rows].float().transpose(0, 1), v_cache[rows].float().transpose(0, 1)
+        want = F.scaled_dot_product_attention(q[b].float()[:, None], keys, values, enable_gqa=True)[:, 0]
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got[b].float(), want, rtol=tol, atol=tol)
+
+
+def test_a_position_past_its_block_table_is_an_error_not_a_stray_read():
+    lib = thin_linear.library()
+    cache = torch.zeros((16, 1, 8), device=CPU)
+    q = torch.zeros((1, 2, 8), device=CPU)
+    with pytest.raises(RuntimeError, match="past its block table"):
+        thin_linear.paged_decode_attention(
+            lib,
+            q,
+            cache,
+            cache,
+            torch.tensor([[1]], device=CPU),
+            torch.tensor([4], device=CPU),
+            block_size=4,
+            window=None,
+        )
