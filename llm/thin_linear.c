@@ -137,43 +137,31 @@ static __m256i tail_mask(int n) {
 DEFINE_TILES(f32, float, LOAD_F32, LOAD_F32_TAIL)
 DEFINE_TILES(bf16, uint16_t, LOAD_BF16, LOAD_BF16_TAIL)
 
-static void tiles_f32(const float *xf, const float *w, const float *b, float *y, int M, int N, int K,
-                      int n_blocks) {
-#pragma omp parallel for schedule(static)
-    for (int nb = 0; nb < n_blocks; nb++) {
-        int n0 = nb * NR, nr = N - n0 < NR ? N - n0 : NR;
-        for (int m0 = 0; m0 < M; m0 += MR) {
-            int mr = M - m0 < MR ? M - m0 : MR;
-            __m256 acc[MR][NR];
-            tile_f32(xf, w, K, m0, n0, mr, nr, acc);
-            for (int i = 0; i < mr; i++)
-                for (int j = 0; j < nr; j++) {
-                    float s = hsum(acc[i][j]);
-                    if (b) s += b[n0 + j];
-                    y[(size_t)(m0 + i) * N + n0 + j] = s;
-                }
-        }
-    }
-}
+#define F32_ID(v) (v)
 
-static void tiles_bf16(const float *xf, const uint16_t *w, const uint16_t *b, uint16_t *y, int M, int N,
-                       int K, int n_blocks) {
-#pragma omp parallel for schedule(static)
-    for (int nb = 0; nb < n_blocks; nb++) {
-        int n0 = nb * NR, nr = N - n0 < NR ? N - n0 : NR;
-        for (int m0 = 0; m0 < M; m0 += MR) {
-            int mr = M - m0 < MR ? M - m0 : MR;
-            __m256 acc[MR][NR];
-            tile_bf16(xf, w, K, m0, n0, mr, nr, acc);
-            for (int i = 0; i < mr; i++)
-                for (int j = 0; j < nr; j++) {
-                    float s = hsum(acc[i][j]);
-                    if (b) s += bf16_to_f32(b[n0 + j]);
-                    y[(size_t)(m0 + i) * N + n0 + j] = f32_to_bf16(s);
-                }
-        }
+/* y[M, N] (+ bias), every (row tile, 4 weight rows) tile on the OpenMP threads, weights in order */
+#define DEFINE_DRIVER(SUFFIX, WT, TO_F32, FROM_F32)                                                     \
+    static void tiles_##SUFFIX(const float *xf, const WT *w, const WT *b, WT *y, int M, int N, int K,   \
+                               int n_blocks) {                                                        \
+        _Pragma("omp parallel for schedule(static)")                                                  \
+        for (int nb = 0; nb < n_blocks; nb++) {                                                       \
+            int n0 = nb * NR, nr = N - n0 < NR ? N - n0 : NR;                                         \
+            for (int m0 = 0; m0 < M; m0 += MR) {                                                      \
+                int mr = M - m0 < MR ? M - m0 : MR;                                                   \
+                __m256 acc[MR][NR];                                                                   \
+                tile_##SUFFIX(xf, w, K, m0, n0, mr, nr, acc);                                         \
+                for (int i = 0; i < mr; i++)                                                          \
+                    for (int j = 0; j < nr; j++) {                                                    \
+                        float s = hsum(acc[i][j]);                                                    \
+                        if (b) s += TO_F32(b[n0 + j]);                                                \
+                        y[(size_t)(m0 + i) * N + n0 + j] = FROM_F32(s);                               \
+                    }                                                                                 \
+            }                                                                                         \
+        }                                                                                             \
     }
-}
+
+DEFINE_DRIVER(f32, float, F32_ID, F32_ID)
+DEFINE_DRIVER(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
 void thin_linear_f32(const float *x, const float *w, const float *b, float *y, int M, int N, int K) {
     tiles_f32(x, w, b, y, M, N, K, (N + NR - 1) / NR);
@@ -300,7 +288,6 @@ static inline float dot_bf16(const float *q, const uint16_t *k, int d) {
         return failed ? -1 : 0;                                                                       \
     }
 
-#define F32_ID(v) (v)
 DEFINE_PAGED(f32, float, F32_ID, F32_ID, dot_f32)
 DEFINE_PAGED(bf16, uint16_t, bf16_to_f32, f32_to_bf16, dot_bf16)
 
