@@ -90,7 +90,7 @@ def test_submit_follow_get_list_a_conversion(gateway, tiny_models, tmp_path):
             {
                 "spec": {
                     "load_dir": "/tmp/nowhere-megastack",
-                    "save_dir": "/tmp/x",
+                    "save_dir": "/tmp/megastack-test-never-made",
                     "target_format": "CHECKPOINT_FORMAT_MCORE",
                 }
             },
