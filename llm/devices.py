@@ -100,10 +100,21 @@ class ThinOrWide:
         return self.wide(x, weight, bias)
 
 
+def _compiled_library(device: torch.device, dtype: torch.dtype):
+    """``llm.thin_linear``'s compiled kernels where they apply (CPU, float32 or bfloat16), else None."""
+    return thin_linear.library() if device.type == "cpu" and dtype in thin_linear.MAX_ROWS else None
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """rtol = atol of a kernel's check against PyTorch's op: float32 sums in another order, or one more
+    bfloat16 rounding."""
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
 def _agrees(linear: Linear, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``linear`` computes ``F.linear`` on a few shapes (thin and wide, with and without bias)."""
     g = torch.Generator(device=device).manual_seed(0)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = _tolerance(dtype)
     for rows in (1, 3, 7, 24):
         x, w, b = (torch.randn(s, generator=g, device=device) for s in ((rows, 52), (40, 52), (40,)))
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
@@ -134,7 +145,7 @@ def linear_kernel(device: torch.device, dtype: torch.dtype) -> Linear:
                 wide = _onednn_linear
         except (AttributeError, RuntimeError):  # an op this build lacks, or refuses
             pass
-    lib = thin_linear.library()
+    lib = _compiled_library(device, dtype)
     if lib is not None:
         chosen = ThinOrWide(lib, wide, thin_linear.MAX_ROWS[dtype])
         try:
@@ -156,7 +167,7 @@ def rms_norm_kernel(device: torch.device, dtype: torch.dtype) -> RmsNorm:
     """``F.rms_norm`` over the last dimension, ``(x, weight, eps)``: on CPU in float32 and bfloat16 the
     compiled one of ``llm.thin_linear`` (one call where PyTorch runs six ops: ~75 us per decode-step norm
     on a 2-core host), checked against ``F.rms_norm`` once before it is chosen; elsewhere ``F.rms_norm``."""
-    lib = thin_linear.library() if device.type == "cpu" and dtype in thin_linear.MAX_ROWS else None
+    lib = _compiled_library(device, dtype)
     if lib is None:
         return _torch_rms_norm
 
@@ -164,7 +175,7 @@ def rms_norm_kernel(device: torch.device, dtype: torch.dtype) -> RmsNorm:
         return thin_linear.rms_norm(lib, x, weight, eps)
 
     g = torch.Generator(device=device).manual_seed(0)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = _tolerance(dtype)
     try:
         for shape in ((1, 52), (5, 3, 77)):
             x, w = (
@@ -186,7 +197,7 @@ def paged_attention_kernel(device: torch.device, dtype: torch.dtype):
     tables, positions, block_size=, window=)``) on CPU in float32 and bfloat16, after a check against
     ``F.scaled_dot_product_attention`` over the gathered context; None elsewhere or on any doubt (the
     engine then gathers the context and calls SDPA)."""
-    lib = thin_linear.library() if device.type == "cpu" and dtype in thin_linear.MAX_ROWS else None
+    lib = _compiled_library(device, dtype)
     if lib is None:
         return None
 
@@ -206,7 +217,7 @@ def paged_attention_kernel(device: torch.device, dtype: torch.dtype):
         vc[rows].float().transpose(0, 1),
         enable_gqa=True,
     )[:, 0]
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = _tolerance(dtype)
     try:
         got = compiled(q, kc, vc, tables, pos, block_size=2, window=None)[0].float()
     except (RuntimeError, MemoryError, TypeError):

@@ -380,7 +380,6 @@ class _DecodePart(_Part):
     def __init__(self, m: DecoderLM, tokens: Tensor, positions: Tensor, tables: Tensor, cache: PagedKVCache):
         self.m, self.cache = m, cache
         B = self.n = tokens.shape[0]
-        span = int(positions.max()) + 1
         self.x = m._embed(tokens, positions)  # (B, H)
         self.write = cache.rows(tables, positions[:, None]).reshape(B)  # (B,)
         self.tables, self.positions = tables, positions
@@ -389,6 +388,7 @@ class _DecodePart(_Part):
             self.cos, self.sin = m.rope.cos[positions][:, None, :], m.rope.sin[positions][:, None, :]
         if m.paged_attention is not None:
             return  # the kernel reads the context through the tables itself
+        span = int(positions.max()) + 1
         ctx_pos = torch.arange(span, device=m.device)  # (span,)
         self.ctx = cache.rows(tables, ctx_pos.expand(B, span).contiguous())  # (B, span)
         self.mask = None
