@@ -100,7 +100,7 @@ class ThinOrWide:
         return self.wide(x, weight, bias)
 
 
-def _compiled_library(device: torch.device, dtype: torch.dtype):
+def compiled_library(device: torch.device, dtype: torch.dtype):
     """``llm.thin_linear``'s compiled kernels where they apply (CPU, float32 or bfloat16), else None."""
     return thin_linear.library() if device.type == "cpu" and dtype in thin_linear.MAX_ROWS else None
 
@@ -145,7 +145,7 @@ def linear_kernel(device: torch.device, dtype: torch.dtype) -> Linear:
                 wide = _onednn_linear
         except (AttributeError, RuntimeError):  # an op this build lacks, or refuses
             pass
-    lib = _compiled_library(device, dtype)
+    lib = compiled_library(device, dtype)
     if lib is not None:
         chosen = ThinOrWide(lib, wide, thin_linear.MAX_ROWS[dtype])
         try:
@@ -167,7 +167,7 @@ def rms_norm_kernel(device: torch.device, dtype: torch.dtype) -> RmsNorm:
     """``F.rms_norm`` over the last dimension, ``(x, weight, eps)``: on CPU in float32 and bfloat16 the
     compiled one of ``llm.thin_linear`` (one call where PyTorch runs six ops: ~75 us per decode-step norm
     on a 2-core host), checked against ``F.rms_norm`` once before it is chosen; elsewhere ``F.rms_norm``."""
-    lib = _compiled_library(device, dtype)
+    lib = compiled_library(device, dtype)
     if lib is None:
         return _torch_rms_norm
 
@@ -197,7 +197,7 @@ def paged_attention_kernel(device: torch.device, dtype: torch.dtype):
     tables, positions, block_size=, window=)``) on CPU in float32 and bfloat16, after a check against
     ``F.scaled_dot_product_attention`` over the gathered context; None elsewhere or on any doubt (the
     engine then gathers the context and calls SDPA)."""
-    lib = _compiled_library(device, dtype)
+    lib = compiled_library(device, dtype)
     if lib is None:
         return None
 

@@ -13,6 +13,7 @@
  * the result rounded to nearest even once).
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -138,12 +139,17 @@ DEFINE_TILES(f32, float, LOAD_F32, LOAD_F32_TAIL)
 DEFINE_TILES(bf16, uint16_t, LOAD_BF16, LOAD_BF16_TAIL)
 
 #define F32_ID(v) (v)
+#define F32_ROUND(v) (v)
+#define BF16_ROUND(v) bf16_to_f32(f32_to_bf16(v))
 
-/* y[M, N] (+ bias), every (row tile, 4 weight rows) tile on the OpenMP threads, weights in order */
-#define DEFINE_DRIVER(SUFFIX, WT, TO_F32, FROM_F32)                                                     \
-    static void tiles_##SUFFIX(const float *xf, const WT *w, const WT *b, WT *y, int M, int N, int K,   \
-                               int n_blocks) {                                                        \
-        _Pragma("omp parallel for schedule(static)")                                                  \
+/* y[M, N] = x . w^T (+ bias), every (row tile, 4 weight rows) tile, weights in order, as a worksharing loop
+ * of the enclosing OpenMP region. The result is rounded to WT once; then either stored to y (WT), or kept as
+ * float in yf, plus res (which may be yf itself: a residual added in place, rounded once more). */
+#define DEFINE_DRIVER(SUFFIX, WT, TO_F32, FROM_F32, ROUND)                                              \
+    static void tiles_##SUFFIX(const float *xf, const WT *w, const WT *b, WT *y, float *yf, const float *res, \
+                               int M, int N, int K) {                                                 \
+        int n_blocks = (N + NR - 1) / NR;                                                             \
+        _Pragma("omp for schedule(static)")                                                           \
         for (int nb = 0; nb < n_blocks; nb++) {                                                       \
             int n0 = nb * NR, nr = N - n0 < NR ? N - n0 : NR;                                         \
             for (int m0 = 0; m0 < M; m0 += MR) {                                                      \
@@ -152,19 +158,22 @@ DEFINE_TILES(bf16, uint16_t, LOAD_BF16, LOAD_BF16_TAIL)
                 tile_##SUFFIX(xf, w, K, m0, n0, mr, nr, acc);                                         \
                 for (int i = 0; i < mr; i++)                                                          \
                     for (int j = 0; j < nr; j++) {                                                    \
+                        size_t at = (size_t)(m0 + i) * N + n0 + j;                                    \
                         float s = hsum(acc[i][j]);                                                    \
                         if (b) s += TO_F32(b[n0 + j]);                                                \
-                        y[(size_t)(m0 + i) * N + n0 + j] = FROM_F32(s);                               \
+                        if (yf) yf[at] = res ? ROUND(res[at] + ROUND(s)) : ROUND(s);                  \
+                        else y[at] = FROM_F32(s);                                                     \
                     }                                                                                 \
             }                                                                                         \
         }                                                                                             \
     }
 
-DEFINE_DRIVER(f32, float, F32_ID, F32_ID)
-DEFINE_DRIVER(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_DRIVER(f32, float, F32_ID, F32_ID, F32_ROUND)
+DEFINE_DRIVER(bf16, uint16_t, bf16_to_f32, f32_to_bf16, BF16_ROUND)
 
 void thin_linear_f32(const float *x, const float *w, const float *b, float *y, int M, int N, int K) {
-    tiles_f32(x, w, b, y, M, N, K, (N + NR - 1) / NR);
+#pragma omp parallel
+    tiles_f32(x, w, b, y, NULL, NULL, M, N, K);
 }
 
 /* Returns 0, or -1 when the float32 copy of x could not be allocated. */
@@ -173,7 +182,8 @@ int thin_linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, ui
     float *xf = malloc((size_t)M * K * sizeof(float));
     if (!xf) return -1;
     for (size_t i = 0; i < (size_t)M * K; i++) xf[i] = bf16_to_f32(x[i]);
-    tiles_bf16(xf, w, b, y, M, N, K, (N + NR - 1) / NR);
+#pragma omp parallel
+    tiles_bf16(xf, w, b, y, NULL, NULL, M, N, K);
     free(xf);
     return 0;
 }
@@ -237,59 +247,178 @@ static inline float dot_bf16(const float *q, const uint16_t *k, int d) {
     return s;
 }
 
-/* One decode step's attention over a paged KV cache, read in place through the block tables (no gathered
- * copy): for sequence b, query head i (of h; key/value head i / (h / g) of g), keys at positions
- * lo..pos[b] where lo = pos[b] - window + 1 (or 0 without a window); cache rows are
- * tables[b][p / bs] * bs + p % bs of a flat [rows, g, d] cache. Scores in float32, softmax with the maximum
- * subtracted, the weighted sum of values in float32, rounded once to the output type. One (b, i)'s result
- * depends on its own query and context only. */
-#define DEFINE_PAGED(SUFFIX, T, TO_F32, FROM_F32, DOT)                                                       \
+/* One query head of a decode step over a paged KV cache, read in place through the block table (no gathered
+ * copy): query qf [d] (float32) against key/value head j of g at positions lo..hi of the sequence whose table
+ * is `table` (cache row of position p: table[p / bs] * bs + p % bs, of a flat [rows, g, d] cache). Scores in
+ * float32 (into buf [hi - lo + 1]), softmax with the maximum subtracted, the weighted sum of values in
+ * float32; of [d] gets the unrounded result. It depends on its own query and context only. */
+#define DEFINE_HEAD(SUFFIX, T, TO_F32, DOT)                                                             \
+    static void head_##SUFFIX(const float *qf, const T *kc, const T *vc, const int64_t *table, int64_t lo,  \
+                              int64_t hi, int g, int j, int d, int bs, float scale, float *buf, float *of) { \
+        int n = (int)(hi - lo + 1);                                                                   \
+        float mx = -INFINITY, sum = 0.0f;                                                             \
+        for (int t = 0; t < n; t++) {                                                                 \
+            int64_t p = lo + t, row = table[p / bs] * bs + p % bs;                                    \
+            buf[t] = DOT(qf, kc + ((size_t)row * g + j) * d, d) * scale;                              \
+            if (buf[t] > mx) mx = buf[t];                                                             \
+        }                                                                                             \
+        for (int x = 0; x < d; x++) of[x] = 0.0f;                                                     \
+        for (int t = 0; t < n; t++) {                                                                 \
+            int64_t p = lo + t, row = table[p / bs] * bs + p % bs;                                    \
+            const T *vr = vc + ((size_t)row * g + j) * d;                                             \
+            float wgt = expf(buf[t] - mx);                                                            \
+            sum += wgt;                                                                               \
+            for (int x = 0; x < d; x++) of[x] += wgt * TO_F32(vr[x]);                                 \
+        }                                                                                             \
+        for (int x = 0; x < d; x++) of[x] /= sum;                                                     \
+    }
+
+DEFINE_HEAD(f32, float, F32_ID, dot_f32)
+DEFINE_HEAD(bf16, uint16_t, bf16_to_f32, dot_bf16)
+
+/* The first position sequence b's query sees (a sliding window's start, or 0); -1 when pos[b] lies past its
+ * block table of nb blocks (or is negative). */
+static inline int64_t context_start(const int64_t *pos, int b, int nb, int bs, int window) {
+    int64_t hi = pos[b];
+    if (hi < 0 || hi / bs >= nb) return -1;
+    return window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
+}
+
+/* One decode step's attention: for sequence b, query head i of h (key/value head i / (h / g) of g), the keys
+ * at positions context_start..pos[b] through the block tables [B, nb]; out in q's type. Returns -1 for a
+ * position past its block table or no memory for the scores. */
+#define DEFINE_PAGED(SUFFIX, T, TO_F32, FROM_F32)                                                       \
     int paged_decode_attention_##SUFFIX(const T *q, const T *kc, const T *vc, const int64_t *tables, int nb, \
                                         const int64_t *pos, int B, int h, int g, int d, int bs, int window, \
                                         float scale, T *out) {                                        \
-        int failed = 0, per = h / g;  /* failed: out of memory, or a position its table does not cover */ \
+        int failed = 0;                                                                               \
         _Pragma("omp parallel for schedule(dynamic) reduction(| : failed)")                            \
         for (int bi = 0; bi < B * h; bi++) {                                                          \
-            int b = bi / h, i = bi % h, j = i / per;                                                  \
-            int64_t hi = pos[b], lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;        \
-            if (hi < 0 || hi / bs >= nb) { /* a position past its block table */                      \
-                failed = 1;                                                                           \
-                continue;                                                                             \
-            }                                                                                         \
-            int n = (int)(hi - lo + 1);                                                               \
-            float *buf = malloc(((size_t)n + (size_t)d * 2) * sizeof(float));                         \
+            int b = bi / h, i = bi % h;                                                               \
+            int64_t lo = context_start(pos, b, nb, bs, window);                                       \
+            float *buf = lo < 0 ? NULL : malloc(((size_t)(pos[b] - lo + 1) + (size_t)d * 2) * sizeof(float)); \
             if (!buf) {                                                                               \
                 failed = 1;                                                                           \
                 continue;                                                                             \
             }                                                                                         \
-            float *qf = buf + n, *acc = qf + d;                                                       \
+            float *qf = buf + (pos[b] - lo + 1), *of = qf + d;                                        \
             const T *qr = q + ((size_t)b * h + i) * d;                                                \
             for (int x = 0; x < d; x++) qf[x] = TO_F32(qr[x]);                                        \
-            float mx = -INFINITY;                                                                     \
-            for (int t = 0; t < n; t++) {                                                             \
-                int64_t p = lo + t, row = tables[(size_t)b * nb + p / bs] * bs + p % bs;               \
-                const T *kr = kc + ((size_t)row * g + j) * d;                                         \
-                buf[t] = DOT(qf, kr, d) * scale;                                                      \
-                if (buf[t] > mx) mx = buf[t];                                                         \
-            }                                                                                         \
-            float sum = 0.0f;                                                                         \
-            for (int x = 0; x < d; x++) acc[x] = 0.0f;                                                \
-            for (int t = 0; t < n; t++) {                                                             \
-                int64_t p = lo + t, row = tables[(size_t)b * nb + p / bs] * bs + p % bs;               \
-                const T *vr = vc + ((size_t)row * g + j) * d;                                         \
-                float wgt = expf(buf[t] - mx);                                                        \
-                sum += wgt;                                                                           \
-                for (int x = 0; x < d; x++) acc[x] += wgt * TO_F32(vr[x]);                            \
-            }                                                                                         \
+            head_##SUFFIX(qf, kc, vc, tables + (size_t)b * nb, lo, pos[b], g, i / (h / g), d, bs, scale, buf, of); \
             T *o = out + ((size_t)b * h + i) * d;                                                     \
-            for (int x = 0; x < d; x++) o[x] = FROM_F32(acc[x] / sum);                                \
+            for (int x = 0; x < d; x++) o[x] = FROM_F32(of[x]);                                       \
             free(buf);                                                                                \
         }                                                                                             \
         return failed ? -1 : 0;                                                                       \
     }
 
-DEFINE_PAGED(f32, float, F32_ID, F32_ID, dot_f32)
-DEFINE_PAGED(bf16, uint16_t, bf16_to_f32, f32_to_bf16, dot_bf16)
+DEFINE_PAGED(f32, float, F32_ID, F32_ID)
+DEFINE_PAGED(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* A whole decode step of a dense pre-norm decoder (RMSNorm, rotary embeddings, gated SiLU MLP: Llama, Mistral,
+ * Qwen2/3) in one call and one OpenMP region: per layer, with one barrier between dependent phases instead of
+ * a dozen PyTorch ops and kernel calls,
+ *   a = rms(x) . ln1;  qkv = a . Wqkv^T (+b);  per head: q/k RMSNorm (Qwen3), rotary;  k, v into the cache;
+ *   o = paged attention;  x += o . Wproj^T (+b);  a = rms(x) . ln2;  [gate | up] = a . Wfc1^T (+b);
+ *   x += (silu(gate) * up) . Wfc2^T (+b)
+ * then x = rms(x) . final_w, written back over x [B, H] (the embeddings in, the final hidden states out).
+ * Activations are kept in float32 and rounded to T wherever the composed path stores a T tensor, so a row's
+ * numbers are the composed path's up to the rounding of the rotary and SiLU products; each row depends on its
+ * own sequence only. layers holds L x 12 pointers: ln1, qkv_w, qkv_b, q_norm, k_norm, proj_w, proj_b, ln2,
+ * fc1_w, fc1_b, fc2_w, fc2_b (0 for an absent bias or norm); kcs, vcs the L caches [rows, g, d]; rows [B]
+ * the cache row each sequence writes; cos, sin [B, d] (NULL without rotary embeddings). Returns -1 for a
+ * position past its block table or no memory for the activations. */
+#define DEFINE_STEP(SUFFIX, T, TO_F32, FROM_F32, ROUND)                                                  \
+    static void norm_rows_##SUFFIX(const float *x, const T *w, float *y, int M, int H, float eps) {     \
+        _Pragma("omp for schedule(static)")                                                           \
+        for (int m = 0; m < M; m++) {                                                                 \
+            const float *xr = x + (size_t)m * H;                                                      \
+            float r = row_inv_rms(xr, H, eps);                                                        \
+            for (int k = 0; k < H; k++) y[(size_t)m * H + k] = ROUND(xr[k] * r * TO_F32(w[k]));       \
+        }                                                                                             \
+    }                                                                                                 \
+    int decode_step_##SUFFIX(T *x, const int64_t *layers, const int64_t *kcs, const int64_t *vcs,      \
+                             const T *final_w, const int64_t *tables, int nb, const int64_t *pos,       \
+                             const int64_t *rows, const T *cos, const T *sin, int L, int B, int H, int h, \
+                             int g, int d, int F, int bs, int window, float eps, float scale) {        \
+        int nq = h * d, nkv = g * d, nqkv = nq + 2 * nkv, half = d / 2, threads = omp_get_max_threads(); \
+        size_t ctx = 1;                                                                               \
+        for (int b = 0; b < B; b++) {                                                                 \
+            int64_t lo = context_start(pos, b, nb, bs, window);                                       \
+            if (lo < 0) return -1;                                                                    \
+            if ((size_t)(pos[b] - lo + 1) > ctx) ctx = (size_t)(pos[b] - lo + 1);                     \
+        }                                                                                             \
+        size_t wide = (size_t)(H > nq ? H : nq), per_thread = ctx + (size_t)d;                        \
+        float *ws = malloc(((size_t)B * (H + wide + nqkv + 3 * (size_t)F) + threads * per_thread) * sizeof(float)); \
+        if (!ws) return -1;                                                                           \
+        float *xs = ws, *a = xs + (size_t)B * H, *qkv = a + (size_t)B * wide, *hb = qkv + (size_t)B * nqkv; \
+        float *gb = hb + (size_t)B * 2 * F, *scratch = gb + (size_t)B * F;                            \
+        _Pragma("omp parallel")                                                                       \
+        {                                                                                             \
+            float *buf = scratch + (size_t)omp_get_thread_num() * per_thread;                         \
+            _Pragma("omp for schedule(static)")                                                       \
+            for (int i = 0; i < B * H; i++) xs[i] = TO_F32(x[i]);                                     \
+            for (int l = 0; l < L; l++) {                                                             \
+                const T *const *P = (const T *const *)(layers + (size_t)l * 12);                      \
+                T *kc = (T *)kcs[l], *vc = (T *)vcs[l];                                               \
+                norm_rows_##SUFFIX(xs, P[0], a, B, H, eps);                                           \
+                tiles_##SUFFIX(a, P[1], P[2], NULL, qkv, NULL, B, nqkv, H);                           \
+                _Pragma("omp for schedule(static)")                                                   \
+                for (int bi = 0; bi < B * (h + g); bi++) { /* q and k heads: norm, rotary; k, v cached */ \
+                    int b = bi / (h + g), i = bi % (h + g);                                           \
+                    float *v = qkv + (size_t)b * nqkv + (size_t)i * d;                                \
+                    const T *norm = i < h ? P[3] : P[4];                                              \
+                    if (norm) {                                                                       \
+                        float r = row_inv_rms(v, d, eps);                                             \
+                        for (int t = 0; t < d; t++) v[t] = ROUND(v[t] * r * TO_F32(norm[t]));         \
+                    }                                                                                 \
+                    if (cos) {                                                                        \
+                        const T *c = cos + (size_t)b * d, *s = sin + (size_t)b * d;                   \
+                        for (int t = 0; t < half; t++) {                                              \
+                            float x1 = v[t], x2 = v[t + half];                                        \
+                            v[t] = ROUND(x1 * TO_F32(c[t]) + -x2 * TO_F32(s[t]));                     \
+                            v[t + half] = ROUND(x2 * TO_F32(c[t + half]) + x1 * TO_F32(s[t + half])); \
+                        }                                                                             \
+                    }                                                                                 \
+                    if (i >= h) {                                                                     \
+                        size_t at = ((size_t)rows[b] * g + (i - h)) * d;                              \
+                        const float *vv = v + (size_t)nkv;                                            \
+                        for (int t = 0; t < d; t++) {                                                 \
+                            kc[at + t] = FROM_F32(v[t]);                                              \
+                            vc[at + t] = FROM_F32(vv[t]);                                             \
+                        }                                                                             \
+                    }                                                                                 \
+                }                                                                                     \
+                _Pragma("omp for schedule(dynamic)")                                                  \
+                for (int bi = 0; bi < B * h; bi++) {                                                  \
+                    int b = bi / h, i = bi % h;                                                       \
+                    int64_t lo = context_start(pos, b, nb, bs, window);                               \
+                    float *o = a + (size_t)b * nq + (size_t)i * d, *of = buf + ctx;                   \
+                    head_##SUFFIX(qkv + (size_t)b * nqkv + (size_t)i * d, kc, vc, tables + (size_t)b * nb, lo, \
+                                  pos[b], g, i / (h / g), d, bs, scale, buf, of);                     \
+                    for (int t = 0; t < d; t++) o[t] = ROUND(of[t]);                                  \
+                }                                                                                     \
+                tiles_##SUFFIX(a, P[5], P[6], NULL, xs, xs, B, H, nq);                                \
+                norm_rows_##SUFFIX(xs, P[7], a, B, H, eps);                                           \
+                tiles_##SUFFIX(a, P[8], P[9], NULL, hb, NULL, B, 2 * F, H);                           \
+                _Pragma("omp for schedule(static)")                                                   \
+                for (int i = 0; i < B * F; i++) {                                                     \
+                    int b = i / F, j = i % F;                                                         \
+                    float gate = hb[(size_t)b * 2 * F + j], up = hb[(size_t)b * 2 * F + F + j];       \
+                    gb[i] = ROUND(ROUND(gate / (1.0f + expf(-gate))) * up);                           \
+                }                                                                                     \
+                tiles_##SUFFIX(gb, P[10], P[11], NULL, xs, xs, B, H, F);                              \
+            }                                                                                         \
+            norm_rows_##SUFFIX(xs, final_w, a, B, H, eps);                                            \
+            _Pragma("omp for schedule(static)")                                                       \
+            for (int i = 0; i < B * H; i++) x[i] = FROM_F32(a[i]);                                    \
+        }                                                                                             \
+        free(ws);                                                                                     \
+        return 0;                                                                                     \
+    }
+
+DEFINE_STEP(f32, float, F32_ID, F32_ID, F32_ROUND)
+DEFINE_STEP(bf16, uint16_t, bf16_to_f32, f32_to_bf16, BF16_ROUND)
 
 #else /* no AVX2: thin_linear_isa() says 0 and the caller keeps PyTorch's kernels */
 
@@ -307,6 +436,19 @@ void thin_rms_norm_f32(const float *x, const float *w, float *y, int M, int H, f
     }
 DEFINE_PAGED_NONE(f32, float)
 DEFINE_PAGED_NONE(bf16, uint16_t)
+
+#define DEFINE_STEP_NONE(SUFFIX, T)                                                                     \
+    int decode_step_##SUFFIX(T *x, const int64_t *layers, const int64_t *kcs, const int64_t *vcs,      \
+                             const T *final_w, const int64_t *tables, int nb, const int64_t *pos,       \
+                             const int64_t *rows, const T *cos, const T *sin, int L, int B, int H, int h, \
+                             int g, int d, int F, int bs, int window, float eps, float scale) {        \
+        (void)x; (void)layers; (void)kcs; (void)vcs; (void)final_w; (void)tables; (void)nb; (void)pos; \
+        (void)rows; (void)cos; (void)sin; (void)L; (void)B; (void)H; (void)h; (void)g; (void)d; (void)F; \
+        (void)bs; (void)window; (void)eps; (void)scale;                                               \
+        return -1;                                                                                    \
+    }
+DEFINE_STEP_NONE(f32, float)
+DEFINE_STEP_NONE(bf16, uint16_t)
 
 int thin_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int H, float eps) {
     (void)x; (void)w; (void)y; (void)M; (void)H; (void)eps;

@@ -101,6 +101,24 @@ def library() -> ctypes.CDLL | None:
     for fn in (lib.paged_decode_attention_f32, lib.paged_decode_attention_bf16):
         fn.argtypes = [ptr, ptr, ptr, ptr, i, ptr, i, i, i, i, i, i, ctypes.c_float, ptr]
         fn.restype = i
+    for fn in (lib.decode_step_f32, lib.decode_step_bf16):
+        fn.argtypes = [
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            i,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            *[i] * 9,
+            ctypes.c_float,
+            ctypes.c_float,
+        ]
+        fn.restype = i
     return lib
 
 
@@ -179,3 +197,95 @@ def paged_decode_attention(
     if rc:
         raise RuntimeError("paged_decode_attention: a position past its block table, or no memory for scores")
     return out
+
+
+# the pointers decode_step reads per layer, in its order (None for an absent bias or norm)
+STEP_LAYER_FIELDS = (
+    "ln1",
+    "qkv_w",
+    "qkv_b",
+    "q_norm",
+    "k_norm",
+    "proj_w",
+    "proj_b",
+    "ln2",
+    "fc1_w",
+    "fc1_b",
+    "fc2_w",
+    "fc2_b",
+)
+
+
+def pointers(tensors: list[torch.Tensor | None]) -> torch.Tensor:
+    """The addresses of ``tensors`` (0 for None) as an int64 tensor, for :func:`decode_step`; each tensor
+    must be contiguous and outlive every call that reads it."""
+    for t in tensors:
+        if t is not None and not t.is_contiguous():
+            raise ValueError("decode_step reads contiguous tensors only")
+    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64, device="cpu")
+
+
+def decode_step(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    layers: torch.Tensor,
+    k_caches: torch.Tensor,
+    v_caches: torch.Tensor,
+    final_w: torch.Tensor,
+    tables: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    *,
+    heads: int,
+    groups: int,
+    head_dim: int,
+    ffn: int,
+    block_size: int,
+    window: int | None,
+    eps: float,
+) -> torch.Tensor:
+    """A whole decode step of a dense RMSNorm / rotary / gated-SiLU decoder in one call (``decode_step_*`` of
+    ``thin_linear.c``): x [B, H] (the embeddings, float32 or bfloat16) is overwritten with the final-normed
+    hidden states and returned. ``layers`` [L, 12] holds the addresses of each layer's tensors in
+    ``STEP_LAYER_FIELDS`` order (:func:`pointers`), ``k_caches`` / ``v_caches`` [L] those of the paged caches
+    [rows, groups, head_dim]; ``tables`` [B, nb], ``positions`` [B] and ``rows`` [B] (the cache row each
+    sequence writes) are int64, ``cos`` / ``sin`` [B, head_dim] the rotary rows of the positions (None
+    without rotary embeddings). Each sequence's result depends on its own inputs only."""
+    if x.dtype not in MAX_ROWS or not x.is_contiguous() or x.dim() != 2:
+        raise TypeError(f"decode_step takes a contiguous [B, H] float32 or bfloat16 tensor, not {x.dtype}")
+    B, H = x.shape
+    tables = tables.to(torch.int64).contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    rows = rows.to(torch.int64).contiguous()
+    if cos is not None and sin is not None:
+        cos, sin = cos.reshape(B, head_dim).contiguous(), sin.reshape(B, head_dim).contiguous()
+    fn = lib.decode_step_f32 if x.dtype == torch.float32 else lib.decode_step_bf16
+    rc = fn(
+        x.data_ptr(),
+        layers.data_ptr(),
+        k_caches.data_ptr(),
+        v_caches.data_ptr(),
+        final_w.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        positions.data_ptr(),
+        rows.data_ptr(),
+        None if cos is None else cos.data_ptr(),
+        None if sin is None else sin.data_ptr(),
+        layers.shape[0],
+        B,
+        H,
+        heads,
+        groups,
+        head_dim,
+        ffn,
+        block_size,
+        window or 0,
+        eps,
+        head_dim**-0.5,
+    )
+    if rc:
+        raise RuntimeError("decode_step: a position past its block table, or no memory for the activations")
+    return x

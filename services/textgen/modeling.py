@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm.devices import linear_kernel, paged_attention_kernel, rms_norm_kernel
+from llm.devices import compiled_library, linear_kernel, paged_attention_kernel, rms_norm_kernel
 from llm.models.base import ArchConfig, megatron_names, split_qkv
 from services.textgen.experts import Experts, mixture
+from services.textgen.fused import FusedDecode, covers
 
 Tensor = torch.Tensor
 # A matmul's rows do not depend on how many other rows it holds once it holds this many (CPU GEMM kernels pick
@@ -195,6 +196,27 @@ class DecoderLM:
         self.gqa = arch.num_query_groups != arch.num_attention_heads
         # a key is seen from positions < its own + window (Mistral's sliding window; HF's mask), or always
         self.window = arch.sliding_window if arch.sliding_window and arch.sliding_window < max_len else None
+        self.fused = self._fused_decode()  # a decode step in one compiled call, where it covers the model
+
+    def _fused_decode(self) -> FusedDecode | None:
+        """The compiled decode step (``services.textgen.fused``) where it covers this model on this device,
+        after a two-sequence decode step computed both ways agrees; None otherwise (the composed path)."""
+        lib = compiled_library(self.device, self.dtype)
+        if lib is None or not covers(self.arch):
+            return None
+        fused = FusedDecode(lib, self)
+        dev = self.device
+        tokens, positions = torch.tensor([0, 1], device=dev), torch.tensor([0, 19], device=dev)
+        tables = torch.tensor([[1, 0], [2, 3]], device=dev)  # the second sequence crosses into a 2nd block
+        with torch.inference_mode():
+            cache = PagedKVCache(self.arch, num_blocks=4, block_size=16, dtype=self.dtype, device=dev)
+            want = self._run([_DecodePart(self, tokens, positions, tables, cache)])[0].float()
+            try:
+                got = fused(tokens, positions, tables, cache).float()
+            except (RuntimeError, MemoryError, TypeError, ValueError):
+                return None
+        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+        return fused if torch.allclose(got, want, rtol=tol, atol=tol) else None
 
     def _layer(self, w: dict[str, Tensor], i: int) -> LayerWeights:
         a, p = self.arch, f"decoder.layers.{i}."
@@ -314,6 +336,8 @@ class DecoderLM:
     def decode(self, tokens: Tensor, positions: Tensor, tables: Tensor, cache: PagedKVCache) -> Tensor:
         """One step: tokens/positions [B], block tables [B, nb] (padded with the null block, wide enough
         for every position); returns final hidden [B, H]. Keys and values are read through the tables."""
+        if self.fused is not None and tokens.shape[0] <= self.fused.max_rows:
+            return self.fused(tokens, positions, tables, cache)
         return self._run([_DecodePart(self, tokens, positions, tables, cache)])[0]
 
     def step(
