@@ -1,6 +1,8 @@
-"""The engine's decode step in process (no server): ms per step at 1 and 16 sequences, with ``F.linear``
-and with the matmul kernel the engine picks (``llm.devices.linear_kernel``), against the memory-bandwidth
-roofline measured in the same run (a batch-1 step reads every weight once).
+"""The engine's decode step in process (no server): ms per step at 1 and 16 sequences, three ways: the
+layers composed of PyTorch ops with ``F.linear``; composed with the compiled kernels the engine picks
+(``llm.devices``: matmul, RMSNorm, paged attention); and as the engine runs it, the whole step in one compiled
+call where it covers the model (``services.textgen.fused``). Against the memory-bandwidth roofline measured in
+the same run (a batch-1 step reads every weight once).
 
 Run by ``tools/bench/textgen.py``; alone: ``python tools/bench/decode_step.py [--model DIR]``.
 """
@@ -69,20 +71,31 @@ def measure(model_dir: Path, rounds: int = 3) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         m = DecoderLM(reader.arch, reader.canonical_tensors(), dtype=dtype, device=cpu, max_len=2048)
         cache = PagedKVCache(reader.arch, num_blocks=1 + 8 * 16, block_size=16, dtype=dtype, device=cpu)
-        models[dtype] = (m, cache, m.linear)
-    runs = [(torch.float32, "F.linear"), (torch.float32, "engine"), (torch.bfloat16, "engine")]
+        models[dtype] = (m, cache, m.linear, m.fused)
+    runs = [
+        (torch.float32, "F.linear"),
+        (torch.float32, "kernels"),
+        (torch.float32, "engine"),
+        (torch.bfloat16, "kernels"),
+        (torch.bfloat16, "engine"),
+    ]
     samples: dict = {(d, k, b): [] for d, k in runs for b in (1, 16)}
     for _ in range(rounds):
         out["bandwidth_gbs"].append(read_bandwidth_gbs())
         for dtype, kernel in runs:
-            m, cache, chosen = models[dtype]
+            m, cache, chosen, fused = models[dtype]
             m.linear = F.linear if kernel == "F.linear" else chosen
+            m.fused = fused if kernel == "engine" else None
             for batch in (1, 16):
                 samples[(dtype, kernel, batch)].append(_step_ms(m, cache, batch))
     bw = statistics.median(out["bandwidth_gbs"])
     for dtype, kernel in runs:
-        m, _, chosen = models[dtype]
-        name = getattr(chosen if kernel == "engine" else F.linear, "__name__", str(kernel))
+        m, _, chosen, fused = models[dtype]
+        name = {
+            "F.linear": "composed, F.linear",
+            "kernels": "composed, compiled kernels",
+            "engine": "one compiled step" if fused is not None else "composed, compiled kernels",
+        }[kernel]
         nbytes = m.num_parameters() * torch.empty((), dtype=dtype, device=cpu).element_size()
         roof = nbytes / (bw * 1e9) * 1000
         b1 = statistics.median(samples[(dtype, kernel, 1)])
@@ -124,18 +137,20 @@ def report(res: dict) -> list[str]:
         f"\ndecode step in process (no server), {res['threads']} threads, prompt {PROMPT} tokens, median of "
         f"{STEPS} steps, median of {len(res['bandwidth_gbs'])} interleaved rounds",
         table(
-            ["dtype", "matmul kernel", "B=1 ms", "B=16 ms", "weights MB", "roofline ms", "B=1 at roofline"],
+            ["dtype", "path", "B=1 ms", "B=16 ms", "weights MB", "roofline ms", "B=1 at roofline"],
             rows,
         ),
         f"read bandwidth (sum of a 512 MB buffer, same run): {res['read_bandwidth_gbs']:.1f} GB/s; the "
         "roofline is the weights' bytes at that rate",
     ]
     base = next(r for r in res["rows"] if r["kernel"] == "F.linear")
-    eng = next(r for r in res["rows"] if r["kernel"] == "engine" and r["dtype"] == base["dtype"])
-    lines.append(
-        f"float32 engine kernel vs F.linear: {base['batch1_ms'] / eng['batch1_ms']:.2f}x at B=1, "
-        f"{base['batch16_ms'] / eng['batch16_ms']:.2f}x at B=16"
-    )
+    for kernel in ("kernels", "engine"):
+        eng = next(r for r in res["rows"] if r["kernel"] == kernel and r["dtype"] == base["dtype"])
+        lines.append(
+            f"float32 {eng['kernel_function']} vs composed with F.linear: "
+            f"{base['batch1_ms'] / eng['batch1_ms']:.2f}x at B=1, {base['batch16_ms'] / eng['batch16_ms']:.2f}x "
+            "at B=16"
+        )
     for r in res["rows"]:
         if r["kernel"] != "engine":
             continue
