@@ -148,8 +148,8 @@ def report(res: dict) -> list[str]:
         eng = next(r for r in res["rows"] if r["kernel"] == kernel and r["dtype"] == base["dtype"])
         lines.append(
             f"float32 {eng['kernel_function']} vs composed with F.linear: "
-            f"{base['batch1_ms'] / eng['batch1_ms']:.2f}x at B=1, {base['batch16_ms'] / eng['batch16_ms']:.2f}x "
-            "at B=16"
+            f"{base['batch1_ms'] / eng['batch1_ms']:.2f}x at B=1, "
+            f"{base['batch16_ms'] / eng['batch16_ms']:.2f}x at B=16"
         )
     for r in res["rows"]:
         if r["kernel"] != "engine":

@@ -15,8 +15,9 @@ SmolLM2-135M), same machine, one script:
       own, 16 new tokens; prefix caching on vs off (``MEGASTACK_TEXTGEN_PREFIX_CACHING=false``);
     - long prompt arrival: the inter-token latency p99 of 8 running streams, alone and while a
       1,500-token prompt arrives; chunked prefill on (default) vs off (one chunk of everything);
-(d) the decode step in process (``tools/bench/decode_step.py``): ms per step at 1 and 16 sequences with
-    ``F.linear`` and with the engine's matmul kernel, float32 and bfloat16, against the memory-bandwidth
+(d) the decode step in process (``tools/bench/decode_step.py``): ms per step at 1 and 16 sequences,
+    composed with ``F.linear``, composed with the compiled kernels, and in one compiled call as the engine
+    runs it, float32 and bfloat16, against the memory-bandwidth
     roofline measured in the same run; issue 18's per-token targets (<= 20 ms float32, <= 12 ms bfloat16);
 (e) the engines users would pick instead, where installed beside the project (tools/bench/baselines.py
     says how; the bench installs nothing): vLLM's CPU engine and llama.cpp's llama-server, same client,
@@ -303,7 +304,7 @@ def main() -> int:
         flush=True,
     )
     base = baseline_hf(a.model, prompts, a.new_tokens, a.dtype)
-    print("decode step in process: F.linear vs the engine's kernel, float32 and bfloat16 ...", flush=True)
+    print("decode step in process: composed vs one compiled call, float32 and bfloat16 ...", flush=True)
     step = decode_step.measure(a.model)
     print(f"baseline: HF generate(), all {a.requests} requests as one static batch ...", flush=True)
     static = baseline_hf_static(a.model, prompts, a.new_tokens, a.dtype)
