@@ -43,6 +43,17 @@ def prompt_scores(req: SequenceRequest, logp: torch.Tensor | None) -> tuple[list
     return scores, top
 
 
+def takes_the_argmax(req: SequenceRequest, gen_ids: list[int]) -> bool:
+    """Whether the next token is the logits row's argmax whenever a structured-output constraint allows it
+    (greedy, no penalty, bias or token rule changing the row): the engine then checks that one token against
+    the constraint instead of building its whole mask."""
+    st, stopping = req.sampling, req.stopping
+    too_soon = len(gen_ids) < stopping.min_tokens  # EOS and stop ids are not allowed yet
+    return (
+        st.is_greedy and not st.adjusts_logits and not stopping.prevent_newline_after_colon and not too_soon
+    )
+
+
 def choose_token(
     req: SequenceRequest,
     gen_ids: list[int],
@@ -57,8 +68,7 @@ def choose_token(
     ``allowed`` (bool [>= V]): the tokens a structured-output constraint lets come next."""
     st, stopping = req.sampling, req.stopping
     too_soon = len(gen_ids) < stopping.min_tokens  # EOS and stop ids are not allowed yet
-    plain = not st.adjusts_logits and not stopping.prevent_newline_after_colon and not too_soon
-    if st.is_greedy and plain and allowed is None:
+    if allowed is None and takes_the_argmax(req, gen_ids):
         return pick, top_p
     x = row[: tok.vocab_size]  # (V,) ids past the tokenizer's vocabulary (padding) are never chosen
     if st.repetition_penalty not in (0.0, 1.0):

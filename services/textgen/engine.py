@@ -528,7 +528,9 @@ class Engine:
 
     def _choose_and_accept(self, s: Seq, row: torch.Tensor, pick: int) -> None:
         """Pick the next token of ``s`` from its logits row [V] (``pick`` is its argmax) and record it."""
-        allowed = s.guide.allowed(row.device) if s.guide is not None else None
+        allowed = None  # the constraint's mask, unless the row's argmax is the choice and it allows it
+        if s.guide is not None and not (choosing.takes_the_argmax(s.req, s.gen_ids) and s.guide.allows(pick)):
+            allowed = s.guide.allowed(row.device)
         t, s.top_p = choosing.choose_token(
             s.req, s.gen_ids, row, pick, self.tok, s.top_p, s.generator, allowed
         )

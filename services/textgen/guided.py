@@ -18,6 +18,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 
 from llm.tokenizers import Tokenizer
@@ -185,18 +186,31 @@ class GuideState:
 
         self.guide = Guide(index)
         self.vocab = vocab
-        self._words = torch.zeros(-(-vocab // 32), dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
+        self._words = torch.zeros(-(-vocab // 32), dtype=torch.int32, device="cpu")
+        self._bits = self._words.numpy()  # the same memory; bit j of word w = token 32w + j
+        self._current = False  # whether _words holds the mask of the present state
+
+    def _mask(self) -> np.ndarray:
+        if not self._current:
+            self._words.zero_()
+            self.guide.write_mask_into(self._words.data_ptr(), self._words.numel(), 4)
+            self._current = True
+        return self._bits
+
+    def allows(self, token: int) -> bool:
+        """Whether the constraint allows ``token`` next (one bit of the mask: the engine's check of a greedy
+        pick before it builds the whole mask)."""
+        return 0 <= token < self.vocab and bool((int(self._mask()[token >> 5]) >> (token & 31)) & 1)
 
     def allowed(self, device: torch.device) -> torch.Tensor:
         """Bool [vocab]: the tokens the constraint allows now."""
-        self._words.zero_()
-        self.guide.write_mask_into(self._words.data_ptr(), self._words.numel(), 4)
-        bits = (self._words[:, None] >> self._shifts) & 1  # (words, 32), bit j of word w = token 32w + j
-        return bits.reshape(-1)[: self.vocab].bool().to(device)
+        # little-endian words as bytes, each byte's bits lowest first: bit i of byte b is token 8b + i
+        bits = np.unpackbits(self._mask().view(np.uint8), bitorder="little")[: self.vocab]
+        return torch.from_numpy(bits.view(np.bool_)).to(device)
 
     def advance(self, token: int) -> None:
         self.guide.advance(token, return_tokens=False)  # by default it builds the list of allowed ids
+        self._current = False
 
     def finished(self) -> bool:
         return self.guide.is_finished()

@@ -8,6 +8,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from protos.textgen.v1 import textgen_pb2 as pb
 from services.textgen.config import TextgenConfig
@@ -165,3 +166,21 @@ def test_constraints_that_cannot_be_enforced_are_refused_naming_the_field(constr
     with pytest.raises(InvalidArgument) as e:
         constraints.index(guided)
     assert e.value.field == field and words in e.value.message
+
+
+def test_the_one_token_check_and_the_whole_mask_agree_with_the_guides_own_list(served, constraints):
+    """``GuideState.allows`` (the engine's check of a greedy pick) and ``allowed`` (the mask) both read the
+    bits outlines-core writes; they must name the tokens its own list of allowed ids names, state by state."""
+    from services.textgen.guided import GuideState
+
+    index = constraints.index(pb.Guided(regex=r"[A-Z][a-z]{1,3}-[0-9]"))
+    vocab = served.model.out_w.shape[0]
+    state = GuideState(index, vocab)
+    for _ in range(4):
+        want = set(state.guide.get_tokens())
+        mask = state.allowed(torch.device("cpu"))
+        assert mask.dtype == torch.bool and mask.shape == (vocab,)
+        assert set(mask.nonzero().flatten().tolist()) == want
+        assert {t for t in range(vocab) if state.allows(t)} == want
+        assert not state.allows(-1) and not state.allows(vocab)
+        state.advance(min(want))
