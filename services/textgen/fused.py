@@ -67,7 +67,13 @@ class FusedDecode:
             ]
         )  # (L, 12)
         self.final_w = m.final_w.contiguous()
+        self.out_w = m.out_w.contiguous()
         self._caches: dict[int, tuple[object, Tensor, Tensor]] = {}
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """The lm head of a decode step's final hidden states [..., H] with the thin matmul kernel (row
+        results independent of the other rows), in the model's dtype."""
+        return thin_linear.thin_linear(self.lib, hidden, self.out_w)
 
     def _addresses(self, cache) -> tuple[Tensor, Tensor]:
         hit = self._caches.get(id(cache))

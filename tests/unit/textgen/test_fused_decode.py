@@ -113,3 +113,19 @@ def test_a_position_past_its_block_table_is_an_error_not_a_stray_read(tiny_model
     for position in (64, -1):
         with torch.inference_mode(), pytest.raises(RuntimeError, match="past its block table"):
             m.fused(torch.tensor([1], device=CPU), torch.tensor([position], device=CPU), tables, cache)
+
+
+def test_the_lm_head_of_a_decode_step_is_row_independent_and_scoring_keeps_one_kernel(tiny_models):
+    m = load(tiny_models["llama"], torch.float32)
+    g = torch.Generator(device=CPU).manual_seed(3)
+    hidden = torch.randn(40, m.arch.hidden_size, generator=g, device=CPU)
+    with torch.inference_mode():
+        rows = m.fused.max_rows  # past float32's 12-row thin-matmul line, within the compiled step's
+        together = m.logits(hidden[:rows])
+        for i in (0, 13, rows - 1):
+            assert torch.equal(m.logits(hidden[i : i + 1])[0], together[i])
+        torch.testing.assert_close(together, torch.nn.functional.linear(hidden[:rows], m.out_w))
+        # scoring's padded head: a row's logits the same with 3, 16 or 40 rows beside it
+        scored = m.logits_invariant(hidden)
+        assert torch.equal(m.logits_invariant(hidden[:3]), scored[:3])
+        assert torch.equal(m.logits_invariant(hidden[:16]), scored[:16])
