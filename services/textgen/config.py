@@ -56,13 +56,11 @@ class TextgenConfig(ServiceConfig):
     )
     prefill_chunk_tokens: int = setting(
         32,
-        help="Chunked prefill: while sequences are decoding, prompt tokens prefilled per engine step for "
-        "each 8 running sequences begun (32 up to 8 running, 64 up to 16, ...: a decode step's cost grows with "
-        "its batch, so the chunk's share of a step stays about the same), riding on the decode step's "
-        "forward pass (a long prompt is split over steps so running streams keep producing tokens); an "
-        "idle engine prefills a prompt whole. Scoring and batch-invariant sequences are never split. "
-        "Smaller: steadier streams, a slower long prompt (SmolLM2 on 2 cores, float32: ~2 ms per prompt "
-        "token, ~35 ms per decode step of 8 streams).",
+        help="Chunked prefill: while sequences are decoding, prompt tokens prefilled per engine step, riding "
+        "on the decode step's forward pass (a long prompt is split over steps so running streams keep "
+        "producing tokens); an idle engine prefills a prompt whole. Scoring and batch-invariant sequences "
+        "are never split. Smaller: steadier streams, a slower long prompt (SmolLM2 on 2 cores: ~2 ms per "
+        "prompt token, ~100 ms per decode step of 8 streams).",
     )
     max_prompts_per_request: int = setting(128, help="Prompts accepted in one Generate call (Megatron: 128).")
     batch_invariant: str = setting(

@@ -35,7 +35,6 @@ from services.textgen.sequences import (
 )
 
 INVARIANT_CHAIN = b"batch-invariant scoring"  # the prefix-cache chain of packed passes (Seq.hash_seed)
-CHUNK_STREAMS = 8  # running sequences per prefill_chunk_tokens of a step's chunked-prefill budget
 
 
 @dataclass(eq=False)
@@ -230,7 +229,7 @@ class Scheduler:
             hit = pool.peek(hashes)
             todo = len(ctx) - len(hit) * bs
             if self.running and chunkable(s):
-                todo = min(todo, self.chunk_budget())
+                todo = min(todo, self.cfg.prefill_chunk_tokens)
             if group and max(longest, todo) * (len(group) + 1) > self.cfg.max_prefill_tokens:
                 break
             need = pool.blocks_for(len(ctx)) - len(hit)
@@ -255,19 +254,11 @@ class Scheduler:
         """Sequences holding blocks: decoding or being prefilled."""
         return len(self.running) + len(self.prefilling)
 
-    def chunk_budget(self) -> int:
-        """Prompt tokens a step prefills while sequences decode: ``prefill_chunk_tokens`` per
-        ``CHUNK_STREAMS`` running sequences (started). A decode step's own cost grows with its batch, so the
-        chunk's share of a step, and the stall it puts on every stream, stays about the same as the batch
-        grows, while arrivals at a busy engine are admitted as fast (a short prompt per step at 64 running
-        would leave the last of 64 arrivals waiting 64 steps)."""
-        return self.cfg.prefill_chunk_tokens * max(1, -(-len(self.running) // CHUNK_STREAMS))
-
     def plan_prefill(self) -> list[tuple[Seq, int]]:
         """The prefill work of this step: (sequence, context position its keys and values reach). While
         sequences are decoding, the chunkable ones share ``prefill_chunk_tokens`` in admission order (a
         sequence the budget does not reach waits for the next step); otherwise each is prefilled whole."""
-        budget = self.chunk_budget() if self.running else None
+        budget = self.cfg.prefill_chunk_tokens if self.running else None
         plan = []
         for s in self.prefilling:
             total = s.context_len()

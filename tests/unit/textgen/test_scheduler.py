@@ -194,21 +194,6 @@ def test_prefill_is_chunked_only_while_others_decode_and_never_for_scoring():
     assert s.plan_prefill()[0] == (long, 20)
 
 
-def test_the_chunk_budget_grows_with_the_running_batch():
-    from services.textgen.scheduler import CHUNK_STREAMS
-
-    s = sched(num_blocks=401, bs=4)
-    s.cfg = EngineConfig(64, 1024, 4096, prefill_chunk_tokens=10)
-    for running, budget in [(1, 10), (CHUNK_STREAMS, 10), (CHUNK_STREAMS + 1, 20), (4 * CHUNK_STREAMS, 40)]:
-        s.running[:] = [seq(range(i, i + 3), n=4) for i in range(running)]
-        assert s.chunk_budget() == budget
-    waiting = [seq(range(100 + 20 * i, 112 + 20 * i), n=4) for i in range(5)]  # 12 tokens each
-    s.waiting.extend(waiting)
-    admit(s)
-    # 32 running: 40 tokens this step, in admission order (the fourth prompt gets the last 4)
-    assert s.plan_prefill() == [(waiting[0], 12), (waiting[1], 12), (waiting[2], 12), (waiting[3], 4)]
-
-
 def test_multiple_choice_answers_follow_and_equal_prompts_are_twins():
     from services.textgen.scheduler import share_prefills
 
