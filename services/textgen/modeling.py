@@ -291,10 +291,10 @@ class DecoderLM:
         return x
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Final-normed hidden [..., H] -> float32 logits [..., V]. As many rows as a compiled decode step
-        takes go to its matmul kernel (float32's lm head: 8.7 vs 12.9 ms at 16 rows, 15.6 vs 18.2 at 32 on
-        this project's CPU), more to :attr:`linear`."""
-        if self.fused is not None and 0 < hidden.numel() // hidden.shape[-1] <= self.fused.max_rows:
+        """Final-normed hidden [..., H] -> float32 logits [..., V]. Up to ``fused.head_max_rows`` rows go to
+        the thin matmul kernel (float32's lm head: 8.7 vs 12.9 ms at 16 rows, 15.6 vs 18.2 at 32 on this
+        project's CPU; see services/textgen/fused.py), more to :attr:`linear`."""
+        if self.fused is not None and 0 < hidden.numel() // hidden.shape[-1] <= self.fused.head_max_rows:
             return self.fused.head(hidden).float()
         return self.linear(hidden, self.out_w).float()
 

@@ -118,14 +118,17 @@ def test_a_position_past_its_block_table_is_an_error_not_a_stray_read(tiny_model
 def test_the_lm_head_of_a_decode_step_is_row_independent_and_scoring_keeps_one_kernel(tiny_models):
     m = load(tiny_models["llama"], torch.float32)
     g = torch.Generator(device=CPU).manual_seed(3)
-    hidden = torch.randn(40, m.arch.hidden_size, generator=g, device=CPU)
+    hidden = torch.randn(72, m.arch.hidden_size, generator=g, device=CPU)
     with torch.inference_mode():
-        rows = m.fused.max_rows  # past float32's 12-row thin-matmul line, within the compiled step's
+        rows = m.fused.head_max_rows  # past float32's 12-row thin-matmul line and the compiled step's 32
+        assert rows > m.fused.max_rows
         together = m.logits(hidden[:rows])
         for i in (0, 13, rows - 1):
             assert torch.equal(m.logits(hidden[i : i + 1])[0], together[i])
         torch.testing.assert_close(together, torch.nn.functional.linear(hidden[:rows], m.out_w))
-        # scoring's padded head: a row's logits the same with 3, 16 or 40 rows beside it
+        wide = m.logits(hidden)  # past the thin head: oneDNN's, the same numbers up to rounding
+        torch.testing.assert_close(wide, torch.nn.functional.linear(hidden, m.out_w))
+        # scoring's padded head: a row's logits the same with 3, 16 or 72 rows beside it
         scored = m.logits_invariant(hidden)
         assert torch.equal(m.logits_invariant(hidden[:3]), scored[:3])
         assert torch.equal(m.logits_invariant(hidden[:16]), scored[:16])
