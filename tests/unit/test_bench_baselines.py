@@ -17,11 +17,29 @@ def test_engines_not_installed_say_what_to_set(tmp_path, monkeypatch):
     assert baselines.vllm(tmp_path, "float32", 16).startswith(
         f"not installed ({tmp_path / 'nope' / 'python'}"
     )
-    monkeypatch.delenv("MEGASTACK_BENCH_LLAMA_SERVER", raising=False)
-    assert "MEGASTACK_BENCH_LLAMA_SERVER" in baselines.llama_server("float32", 16)
+    monkeypatch.setenv("MEGASTACK_BENCH_LLAMA_SERVER", str(tmp_path / "llama-server"))
+    assert baselines.llama_server(tmp_path, "float32", 16).startswith(
+        f"not installed ({tmp_path / 'llama-server'} not found; set MEGASTACK_BENCH_LLAMA_SERVER"
+    )
     monkeypatch.setenv("MEGASTACK_BENCH_LLAMA_SERVER", sys.executable)
     monkeypatch.setenv("MEGASTACK_BENCH_GGUF", str(tmp_path / "model.gguf"))
-    assert baselines.llama_server("float32", 16) == f"not installed ({tmp_path / 'model.gguf'} not found)"
+    assert baselines.llama_server(tmp_path, "float32", 16).startswith(
+        f"not installed ({tmp_path / 'model.gguf'} not found"
+    )
+
+
+def test_llama_server_defaults_beside_the_project_with_a_gguf_of_the_bench_dtype(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEGASTACK_BENCH_LLAMA_SERVER", raising=False)
+    monkeypatch.delenv("MEGASTACK_BENCH_GGUF", raising=False)
+    monkeypatch.setattr(baselines, "LLAMA_DIR", tmp_path)
+    model = tmp_path / "smol"
+    assert f"{tmp_path / 'llama-server'} not found" in baselines.llama_server(model, "bfloat16", 16)
+    (tmp_path / "llama-server").write_text("")
+    assert f"{tmp_path / 'smol-bf16.gguf'} not found" in baselines.llama_server(model, "bfloat16", 16)
+    (tmp_path / "smol-bf16.gguf").write_text("")
+    e = baselines.llama_server(model, "bfloat16", 16)
+    assert e.argv[:3] == [str(tmp_path / "llama-server"), "-m", str(tmp_path / "smol-bf16.gguf")]
+    assert e.argv[e.argv.index("-np") + 1] == "16" and e.extra == {"cache_prompt": False}
 
 
 def test_an_installed_vllm_is_started_with_prefix_caching_off_and_the_model_named(tmp_path, monkeypatch):

@@ -11,9 +11,15 @@ there is reported "not installed", with what to set.
   KV cache (``VLLM_CPU_KVCACHE_SPACE``).
 - llama.cpp's native ``llama-server`` (continuous batching over ``-np`` slots; the Python server of
   ``llama-cpp-python`` runs requests one after another and is no batching baseline):
-  ``MEGASTACK_BENCH_LLAMA_SERVER`` (the binary) and ``MEGASTACK_BENCH_GGUF`` (an f32 or bf16 GGUF of the
-  same model, made with llama.cpp's ``convert_hf_to_gguf.py``). Prompt caching is off per request
-  (``cache_prompt: false``).
+  ``MEGASTACK_BENCH_LLAMA_SERVER`` (the binary) and ``MEGASTACK_BENCH_GGUF`` (a GGUF of the same model), by
+  default ``../bench-baselines/llama.cpp/llama-server`` and ``../bench-baselines/llama.cpp/<model folder
+  name>-<f32|bf16>.gguf`` (the bench's dtype). Built from the llama.cpp sources that ``llama-cpp-python``
+  bundles (``pip download --no-deps --no-binary :all: llama-cpp-python``, unpack, then in
+  ``vendor/llama.cpp``: ``cmake -B build -G Ninja -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+  -DCMAKE_BUILD_TYPE=Release && cmake --build build --target llama-server``, ~20 min on 2 cores; link
+  ``build/bin/llama-server`` there), the GGUFs with its converter (``PYTHONPATH=gguf-py python
+  convert_hf_to_gguf.py <HF folder> --outtype f32|bf16 --outfile ...``, in an environment with torch and
+  transformers, e.g. vLLM's above). Prompt caching is off per request (``cache_prompt: false``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from shared.net import free_port
 from shared.paths import REPO_ROOT
 
 VLLM_DEFAULT = REPO_ROOT.parent / "bench-baselines" / "vllm" / "bin" / "python"
+LLAMA_DIR = REPO_ROOT.parent / "bench-baselines" / "llama.cpp"
 SERVED_NAME = "bench"
 
 
@@ -64,14 +71,17 @@ def vllm(model_dir: Path, dtype: str, slots: int) -> Engine | str:
     return Engine(f"vLLM CPU engine ({dtype})", argv, port, env, {"model": SERVED_NAME})
 
 
-def llama_server(dtype: str, slots: int) -> Engine | str:
-    """llama.cpp's native server over a GGUF of the model, or why it is not run."""
-    binary, gguf = os.environ.get("MEGASTACK_BENCH_LLAMA_SERVER"), os.environ.get("MEGASTACK_BENCH_GGUF")
-    if not binary or not gguf:
-        return "not installed (set MEGASTACK_BENCH_LLAMA_SERVER and MEGASTACK_BENCH_GGUF)"
+def llama_server(model_dir: Path, dtype: str, slots: int) -> Engine | str:
+    """llama.cpp's native server over a GGUF of the model in the bench's dtype, or why it is not run."""
+    binary = os.environ.get("MEGASTACK_BENCH_LLAMA_SERVER") or str(LLAMA_DIR / "llama-server")
+    suffix = {"float32": "f32", "bfloat16": "bf16"}.get(dtype, dtype)
+    gguf = os.environ.get("MEGASTACK_BENCH_GGUF") or str(LLAMA_DIR / f"{model_dir.name}-{suffix}.gguf")
     for p in (binary, gguf):
         if not Path(p).is_file():
-            return f"not installed ({p} not found)"
+            return (
+                f"not installed ({p} not found; set MEGASTACK_BENCH_LLAMA_SERVER and MEGASTACK_BENCH_GGUF, "
+                "see tools/bench/baselines.py)"
+            )
     port = free_port()
     threads = str(os.cpu_count() or 1)
     argv = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots)]

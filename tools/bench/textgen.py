@@ -272,7 +272,7 @@ def run_baselines(model: Path, dtype: str, prompts: list[list[int]], new_tokens:
     out: dict = {}
     for name, found in (
         ("vLLM CPU engine", baselines.vllm(model, dtype, len(prompts))),
-        ("llama.cpp llama-server", baselines.llama_server(dtype, len(prompts))),
+        ("llama.cpp llama-server", baselines.llama_server(model, dtype, len(prompts))),
     ):
         if isinstance(found, str):
             out[name] = found
