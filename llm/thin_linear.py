@@ -199,16 +199,17 @@ def paged_decode_attention(
     return out
 
 
-# the pointers decode_step reads per layer, in its order (None for an absent bias or norm)
+# the tensors decode_step reads per layer, in its order, named as a textgen layer's weights (None for an
+# absent bias or norm)
 STEP_LAYER_FIELDS = (
-    "ln1",
+    "ln1_w",
     "qkv_w",
     "qkv_b",
     "q_norm",
     "k_norm",
     "proj_w",
     "proj_b",
-    "ln2",
+    "ln2_w",
     "fc1_w",
     "fc1_b",
     "fc2_w",

@@ -51,25 +51,7 @@ class FusedDecode:
             if lw.moe is not None or lw.fc1_w is None:
                 raise ValueError("the compiled decode step covers dense layers only")
         self.layers = torch.stack(
-            [
-                thin_linear.pointers(
-                    [
-                        lw.ln1_w,
-                        lw.qkv_w,
-                        lw.qkv_b,
-                        lw.q_norm,
-                        lw.k_norm,
-                        lw.proj_w,
-                        lw.proj_b,
-                        lw.ln2_w,
-                        lw.fc1_w,
-                        lw.fc1_b,
-                        lw.fc2_w,
-                        lw.fc2_b,
-                    ]
-                )
-                for lw in m.layers
-            ]
+            [thin_linear.pointers([getattr(lw, f) for f in thin_linear.STEP_LAYER_FIELDS]) for lw in m.layers]
         )  # (L, 12)
         self.final_w = m.final_w.contiguous()
         self.out_w = m.out_w.contiguous()
