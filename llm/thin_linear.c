@@ -243,53 +243,96 @@ int thin_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int M,
     return failed ? -1 : 0;
 }
 
-/* q . k over d elements (q in float32; k float32 or bfloat16), 8 lanes then the fixed-order lane sum */
-static inline float dot_f32(const float *q, const float *k, int d) {
-    __m256 acc = _mm256_setzero_ps();
-    int x = 0;
-    for (; x + 8 <= d; x += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + x), _mm256_loadu_ps(k + x), acc);
-    float s = hsum(acc);
-    for (; x < d; x++) s += q[x] * k[x];
-    return s;
-}
+/* q . k over d elements (q in float32; k float32 or bfloat16) for KN keys at once: each its own 8-lane
+ * accumulator over x, then the fixed-order lane sum and the tail, so a key's score is the same whichever
+ * keys share its call (the calls only overlap their dependency chains) */
+#define LOADK_F32(p) _mm256_loadu_ps(p)
+#define LOADK_BF16(p) load_bf16(p)
+#define DEFINE_DOTS(SUFFIX, T, TO_F32, LOADK)                                                           \
+    static inline void dots_##SUFFIX(const float *q, const T *const *k, int kn, int d, float *out) {    \
+        __m256 acc[4];                                                                                \
+        for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();                                     \
+        int x = 0;                                                                                    \
+        if (kn == 4) {                                                                                \
+            for (; x + 8 <= d; x += 8) {                                                              \
+                __m256 qv = _mm256_loadu_ps(q + x);                                                   \
+                for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(qv, LOADK(k[i] + x), acc[i]);    \
+            }                                                                                         \
+        } else {                                                                                      \
+            for (; x + 8 <= d; x += 8) {                                                              \
+                __m256 qv = _mm256_loadu_ps(q + x);                                                   \
+                for (int i = 0; i < kn; i++) acc[i] = _mm256_fmadd_ps(qv, LOADK(k[i] + x), acc[i]);   \
+            }                                                                                         \
+        }                                                                                             \
+        for (int i = 0; i < kn; i++) {                                                                \
+            float s = hsum(acc[i]);                                                                   \
+            for (int t = x; t < d; t++) s += q[t] * TO_F32(k[i][t]);                                  \
+            out[i] = s;                                                                               \
+        }                                                                                             \
+    }
 
-static inline float dot_bf16(const float *q, const uint16_t *k, int d) {
-    __m256 acc = _mm256_setzero_ps();
-    int x = 0;
-    for (; x + 8 <= d; x += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + x), load_bf16(k + x), acc);
-    float s = hsum(acc);
-    for (; x < d; x++) s += q[x] * bf16_to_f32(k[x]);
-    return s;
-}
+DEFINE_DOTS(f32, float, F32_ID, LOADK_F32)
+DEFINE_DOTS(bf16, uint16_t, bf16_to_f32, LOADK_BF16)
 
 /* One query head of a decode step over a paged KV cache, read in place through the block table (no gathered
  * copy): query qf [d] (float32) against key/value head j of g at positions lo..hi of the sequence whose table
  * is `table` (cache row of position p: table[p / bs] * bs + p % bs, of a flat [rows, g, d] cache). Scores in
  * float32 (into buf [hi - lo + 1]), softmax with the maximum subtracted, the weighted sum of values in
- * float32; of [d] gets the unrounded result. It depends on its own query and context only. */
-#define DEFINE_HEAD(SUFFIX, T, TO_F32, DOT)                                                             \
+ * float32, 64 outputs at a time held in registers over every position (each output summed over the
+ * positions in order, a product then a sum, as a scalar loop would); of [d] gets the unrounded result. It
+ * depends on its own query and context only. */
+/* position (blk, off) of a block table -> the next one (a division per position cost more than the sums) */
+#define ADVANCE(blk, off, bs) (++(off) == (bs) ? ((off) = 0, ++(blk)) : 0)
+#define DEFINE_HEAD(SUFFIX, T, TO_F32, LOADK)                                                           \
     static void head_##SUFFIX(const float *qf, const T *kc, const T *vc, const int64_t *table, int64_t lo,  \
                               int64_t hi, int g, int j, int d, int bs, float scale, float *buf, float *of) { \
         int n = (int)(hi - lo + 1);                                                                   \
         float mx = -INFINITY, sum = 0.0f;                                                             \
-        for (int t = 0; t < n; t++) {                                                                 \
-            int64_t p = lo + t, row = table[p / bs] * bs + p % bs;                                    \
-            buf[t] = DOT(qf, kc + ((size_t)row * g + j) * d, d) * scale;                              \
-            if (buf[t] > mx) mx = buf[t];                                                             \
+        int64_t blk = lo / bs, off = lo % bs;                                                         \
+        for (int t = 0; t < n; t += 4) {                                                              \
+            int kn = n - t < 4 ? n - t : 4;                                                           \
+            const T *k[4] = {0};                                                                      \
+            for (int i = 0; i < kn; i++, ADVANCE(blk, off, bs))                                       \
+                k[i] = kc + ((size_t)(table[blk] * bs + off) * g + j) * d;                            \
+            dots_##SUFFIX(qf, k, kn, d, buf + t);                                                     \
+            for (int i = 0; i < kn; i++) {                                                            \
+                buf[t + i] *= scale;                                                                  \
+                if (buf[t + i] > mx) mx = buf[t + i];                                                 \
+            }                                                                                         \
         }                                                                                             \
-        for (int x = 0; x < d; x++) of[x] = 0.0f;                                                     \
         for (int t = 0; t < n; t++) {                                                                 \
-            int64_t p = lo + t, row = table[p / bs] * bs + p % bs;                                    \
-            const T *vr = vc + ((size_t)row * g + j) * d;                                             \
-            float wgt = expf(buf[t] - mx);                                                            \
-            sum += wgt;                                                                               \
-            for (int x = 0; x < d; x++) of[x] += wgt * TO_F32(vr[x]);                                 \
+            buf[t] = expf(buf[t] - mx);                                                               \
+            sum += buf[t];                                                                            \
+        }                                                                                             \
+        int x0 = 0;                                                                                   \
+        while (x0 + 8 <= d) { /* 8 vectors of outputs at a time */                                   \
+            int nv = (d - x0) / 8 < 8 ? (d - x0) / 8 : 8;                                             \
+            __m256 acc[8];                                                                            \
+            for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();                                 \
+            blk = lo / bs, off = lo % bs;                                                             \
+            for (int t = 0; t < n; t++, ADVANCE(blk, off, bs)) {                                      \
+                const T *vr = vc + ((size_t)(table[blk] * bs + off) * g + j) * d + x0;                \
+                __m256 w = _mm256_set1_ps(buf[t]);                                                    \
+                if (nv == 8)                                                                          \
+                    for (int v = 0; v < 8; v++) acc[v] = _mm256_add_ps(acc[v], _mm256_mul_ps(w, LOADK(vr + 8 * v))); \
+                else                                                                                  \
+                    for (int v = 0; v < nv; v++) acc[v] = _mm256_add_ps(acc[v], _mm256_mul_ps(w, LOADK(vr + 8 * v))); \
+            }                                                                                         \
+            for (int v = 0; v < nv; v++) _mm256_storeu_ps(of + x0 + 8 * v, acc[v]);                   \
+            x0 += 8 * nv;                                                                             \
+        }                                                                                             \
+        for (int x = x0; x < d; x++) { /* outputs past the last 8 */                                  \
+            float o = 0.0f;                                                                           \
+            blk = lo / bs, off = lo % bs;                                                             \
+            for (int t = 0; t < n; t++, ADVANCE(blk, off, bs))                                        \
+                o += buf[t] * TO_F32(vc[((size_t)(table[blk] * bs + off) * g + j) * d + x]);          \
+            of[x] = o;                                                                                \
         }                                                                                             \
         for (int x = 0; x < d; x++) of[x] /= sum;                                                     \
     }
 
-DEFINE_HEAD(f32, float, F32_ID, dot_f32)
-DEFINE_HEAD(bf16, uint16_t, bf16_to_f32, dot_bf16)
+DEFINE_HEAD(f32, float, F32_ID, LOADK_F32)
+DEFINE_HEAD(bf16, uint16_t, bf16_to_f32, LOADK_BF16)
 
 /* The first position sequence b's query sees (a sliding window's start, or 0); -1 when pos[b] lies past its
  * block table of nb blocks (or is negative). */
