@@ -1,13 +1,14 @@
 /* Thin matmuls for CPU decoding: y[M, N] = x[M, K] . w[N, K]^T (+ b[N]) for a few rows M (a decode step).
  *
  * A decode step reads every weight once for a handful of rows, so its speed is the memory bandwidth the
- * matmul reaches. This kernel streams each weight row once per call, in order, on every OpenMP thread
- * (PyTorch's own runtime: it is loaded first), with 3 x 3 register tiles of AVX2 FMAs and software
+ * matmul reaches, and past a few rows the FMAs it issues. This kernel streams each weight row once per call,
+ * in order, on every OpenMP thread (PyTorch's own runtime: it is loaded first), with register tiles of FMAs
+ * (4 x 4 of AVX-512's 16 lanes where the compiler targets it, else 3 x 3 of AVX2's 8) and software
  * prefetching of the rows ahead.
  *
  * Every output element is the same sequence of operations whatever M is and wherever it falls in a tile
- * (one 8-lane accumulator over k in steps of 8, the tail masked, then a fixed-order sum of the lanes), so a
- * row's result never depends on the other rows: batch-invariant from one row up.
+ * (one VL-lane accumulator over k in steps of VL, the tail masked, then a fixed-order sum of the lanes), so
+ * a row's result never depends on the other rows: batch-invariant from one row up, on a given CPU.
  *
  * Types: f32 (x, w, b, y float32) and bf16 (x, w, b, y bfloat16 as uint16; products and sums in float32,
  * the result rounded to nearest even once).
@@ -19,13 +20,23 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A tile is MR rows of x by NR rows of w: 3 x 3 keeps its 9 accumulators and the 6 vectors it loads per step
- * in registers (3 x 4 needed 17 of AVX2's 16, and the compiler folded the weight loads into each FMA instead:
- * 15 loads per 12 FMAs, bound by the load ports). Measured on this project's 2-core VM, SmolLM2-135M, the
- * compiled decode step, medians of 3 interleaved runs: float32 74.9 -> 65.4 ms at 16 sequences, bfloat16
- * 84.0 -> 76.1; batch 1 unchanged (23.2 / 23.3 ms). An output's sum runs in the same order either way. */
+/* A tile is MR rows of x by NR rows of w, its MR x NR accumulators and the MR + NR vectors it loads per step
+ * held in registers. AVX2 (16 registers): 3 x 3 (3 x 4 needed 17, and the compiler folded the weight loads
+ * into each FMA instead: 15 loads per 12 FMAs, bound by the load ports); measured on this project's 2-core
+ * Zen 3 VM, SmolLM2-135M, the compiled decode step, medians of 3 interleaved runs: float32 74.9 -> 65.4 ms at
+ * 16 sequences, bfloat16 84.0 -> 76.1; batch 1 unchanged (23.2 / 23.3 ms). AVX-512 (32 registers, twice
+ * the lanes; this project's 2-core AVX-512 VM issues 16-lane FMAs at twice the 8-lane rate: 370 vs 184
+ * GFLOP/s on one core): 4 x 4 of 16 lanes; on that VM one 3072 x 576 float32 weight at 16 rows 293 -> 178
+ * us and at 64 rows 1116 -> 681 us against the 3 x 3 AVX2 tiles, and the compiled float32 decode step
+ * (medians of 3 interleaved rounds) 66 -> 44 ms at 32 sequences, 121 -> 88 at 64; bfloat16 36 -> 25 at
+ * 16, 137 -> 96 at 64. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MR 4
+#define NR 4
+#else
 #define MR 3
 #define NR 3
+#endif
 /* bytes ahead of a tile's reads to prefetch, each line once (a tile's weight rows are contiguous): the
  * hardware prefetcher alone left bandwidth unused. Measured on this project's 2-core Zen 3 VM, SmolLM2-135M,
  * a whole batch-1 decode step (services.textgen.fused): 2 KB ahead 36.6 / 24.6 ms (float32 / bfloat16),
@@ -33,8 +44,11 @@
  * line prefetched twice) 19.3-20.6 / 13.0 */
 #define PREFETCH 8192
 
+/* 3: AVX-512 tiles, 2: AVX2 ones, 0: no kernels (the caller keeps PyTorch's) */
 int thin_linear_isa(void) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__)
+    return 3;
+#elif defined(__AVX2__) && defined(__FMA__)
     return 2;
 #else
     return 0;
@@ -77,74 +91,120 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-static __m256i tail_mask(int n) {
+static inline __m256i tail_mask(int n) {
     int32_t m[8];
     for (int i = 0; i < 8; i++) m[i] = i < n ? -1 : 0;
     return _mm256_loadu_si256((const __m256i *)m);
 }
 
+/* The matmul tiles' vector: 16 lanes where the compiler targets AVX-512 (F, BW, VL: -march=native on such a
+ * CPU), else AVX2's 8. A lane count is a summation order: a host computes every row the same way, and an
+ * AVX-512 host's sums differ from an AVX2 host's in the last bits. Measured on this project's 2-core AVX-512
+ * VM (2026-12-03, SmolLM2-135M, the compiled float32 decode step): see the header of this section. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VL 16
+typedef __m512 vec;
+typedef __mmask16 vmask;
+#define VZERO() _mm512_setzero_ps()
+#define VLOADX(p) _mm512_loadu_ps(p)
+#define VLOADX_TAIL(p, mask) _mm512_maskz_loadu_ps(mask, p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VPIN(v) __asm__("" : "+v"(v)) /* keeps a loaded vector in its register (see MR) */
+static inline vmask vtail_mask(int n) { return (vmask)((1u << n) - 1u); }
+/* the fixed-order sum of 16 lanes: lanes i + (i + 8), then AVX2's order over the 8 */
+static inline float vhsum(vec v) {
+    __m256 lo = _mm512_castps512_ps256(v), hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return hsum(_mm256_add_ps(lo, hi));
+}
+static inline vec vload_bf16(const uint16_t *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline vec vload_bf16_tail(const uint16_t *p, int n, vmask mask) {
+    (void)n;
+    __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#else
+#define VL 8
+typedef __m256 vec;
+typedef __m256i vmask;
+#define VZERO() _mm256_setzero_ps()
+#define VLOADX(p) _mm256_loadu_ps(p)
+#define VLOADX_TAIL(p, mask) _mm256_maskload_ps(p, mask)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VPIN(v) __asm__("" : "+x"(v)) /* without it, the load is folded into every FMA using it */
+static inline vmask vtail_mask(int n) { return tail_mask(n); }
+static inline float vhsum(vec v) { return hsum(v); }
+static inline vec vload_bf16(const uint16_t *p) { return load_bf16(p); }
+static inline vec vload_bf16_tail(const uint16_t *p, int n, vmask mask) {
+    (void)mask;
+    return load_bf16_tail(p, n);
+}
+#endif
+
 /* One tile: rows [m0, m0 + MRC) of x (float32) against weight rows [n0, n0 + NRC); constant sizes, so the
  * accumulators stay in registers. Edge tiles use the same arithmetic per element (see the top). */
-/* keeps a loaded vector in its register: without it the compiler folds the load into every FMA using it */
-#define PIN(v) __asm__("" : "+x"(v))
 #define DEFINE_TILE(NAME, MRC, NRC, WT, LOADW, LOADW_TAIL)                                               \
-    static inline void NAME(const float *xf, const WT *w, int K, int m0, int n0, __m256 out[MR][NR]) {   \
-        __m256 acc[MRC][NRC];                                                                         \
+    static inline void NAME(const float *xf, const WT *w, int K, int m0, int n0, vec out[MR][NR]) {      \
+        vec acc[MRC][NRC];                                                                            \
         for (int i = 0; i < MRC; i++)                                                                 \
-            for (int j = 0; j < NRC; j++) acc[i][j] = _mm256_setzero_ps();                            \
+            for (int j = 0; j < NRC; j++) acc[i][j] = VZERO();                                        \
         int k = 0;                                                                                    \
-        for (; k + 8 <= K; k += 8) {                                                                  \
-            __m256 wv[NRC];                                                                           \
+        for (; k + VL <= K; k += VL) {                                                                \
+            vec wv[NRC];                                                                              \
             /* the tile's rows are one contiguous run: prefetch as far ahead in it as this step reads */ \
             const char *ahead = (const char *)(w + (size_t)n0 * K + (size_t)k * NRC) + PREFETCH;       \
-            for (size_t at = 0; at < 8 * NRC * sizeof(WT); at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0); \
+            for (size_t at = 0; at < VL * NRC * sizeof(WT); at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0); \
             for (int j = 0; j < NRC; j++) {                                                           \
                 wv[j] = LOADW(w + (size_t)(n0 + j) * K + k);                                          \
-                PIN(wv[j]);                                                                           \
+                VPIN(wv[j]);                                                                          \
             }                                                                                         \
-            __m256 xv[MRC];                                                                           \
+            vec xv[MRC];                                                                              \
             for (int i = 0; i < MRC; i++) {                                                           \
-                xv[i] = _mm256_loadu_ps(xf + (size_t)(m0 + i) * K + k);                               \
-                PIN(xv[i]);                                                                           \
+                xv[i] = VLOADX(xf + (size_t)(m0 + i) * K + k);                                        \
+                VPIN(xv[i]);                                                                          \
             }                                                                                         \
             for (int i = 0; i < MRC; i++)                                                             \
-                for (int j = 0; j < NRC; j++) acc[i][j] = _mm256_fmadd_ps(xv[i], wv[j], acc[i][j]);   \
+                for (int j = 0; j < NRC; j++) acc[i][j] = VFMA(xv[i], wv[j], acc[i][j]);              \
         }                                                                                             \
         if (k < K) {                                                                                  \
-            __m256i mask = tail_mask(K - k);                                                          \
-            __m256 wv[NRC];                                                                           \
+            vmask mask = vtail_mask(K - k);                                                           \
+            vec wv[NRC];                                                                              \
             for (int j = 0; j < NRC; j++) wv[j] = LOADW_TAIL(w + (size_t)(n0 + j) * K + k, K - k, mask); \
             for (int i = 0; i < MRC; i++) {                                                           \
-                __m256 xv = _mm256_maskload_ps(xf + (size_t)(m0 + i) * K + k, mask);                  \
-                for (int j = 0; j < NRC; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);      \
+                vec xv = VLOADX_TAIL(xf + (size_t)(m0 + i) * K + k, mask);                            \
+                for (int j = 0; j < NRC; j++) acc[i][j] = VFMA(xv, wv[j], acc[i][j]);                 \
             }                                                                                         \
         }                                                                                             \
         for (int i = 0; i < MRC; i++)                                                                 \
             for (int j = 0; j < NRC; j++) out[i][j] = acc[i][j];                                      \
     }
 
-#define LOAD_F32(p) _mm256_loadu_ps(p)
-#define LOAD_F32_TAIL(p, n, mask) _mm256_maskload_ps(p, mask)
-#define LOAD_BF16(p) load_bf16(p)
-#define LOAD_BF16_TAIL(p, n, mask) load_bf16_tail(p, n)
+#define LOAD_F32(p) VLOADX(p)
+#define LOAD_F32_TAIL(p, n, mask) VLOADX_TAIL(p, mask)
+#define LOAD_BF16(p) vload_bf16(p)
+#define LOAD_BF16_TAIL(p, n, mask) vload_bf16_tail(p, n, mask)
 
 #define DEFINE_TILES(SUFFIX, WT, LOADW, LOADW_TAIL)                                                     \
     DEFINE_TILE(tile_1xn_##SUFFIX, 1, NR, WT, LOADW, LOADW_TAIL)                                      \
     DEFINE_TILE(tile_2xn_##SUFFIX, 2, NR, WT, LOADW, LOADW_TAIL)                                      \
     DEFINE_TILE(tile_3xn_##SUFFIX, 3, NR, WT, LOADW, LOADW_TAIL)                                      \
+    DEFINE_TILE(tile_4xn_##SUFFIX, 4, NR, WT, LOADW, LOADW_TAIL)                                      \
     DEFINE_TILE(tile_1x1_##SUFFIX, 1, 1, WT, LOADW, LOADW_TAIL)                                       \
     /* the tile at (m0, n0) of mr x nr, into acc: full-width tiles at once, the last columns one by one */ \
     static inline void tile_##SUFFIX(const float *xf, const WT *w, int K, int m0, int n0, int mr, int nr, \
-                                     __m256 acc[MR][NR]) {                                            \
+                                     vec acc[MR][NR]) {                                               \
         if (nr == NR) {                                                                               \
-            if (mr == 3) tile_3xn_##SUFFIX(xf, w, K, m0, n0, acc);                                    \
+            if (mr == 4) tile_4xn_##SUFFIX(xf, w, K, m0, n0, acc);                                    \
+            else if (mr == 3) tile_3xn_##SUFFIX(xf, w, K, m0, n0, acc);                               \
             else if (mr == 2) tile_2xn_##SUFFIX(xf, w, K, m0, n0, acc);                               \
             else tile_1xn_##SUFFIX(xf, w, K, m0, n0, acc);                                            \
             return;                                                                                   \
         }                                                                                             \
         for (int i = 0; i < mr; i++)                                                                  \
             for (int j = 0; j < nr; j++) {                                                            \
-                __m256 one[MR][NR];                                                                   \
+                vec one[MR][NR];                                                                      \
                 tile_1x1_##SUFFIX(xf, w, K, m0 + i, n0 + j, one);                                     \
                 acc[i][j] = one[0][0];                                                                \
             }                                                                                         \
@@ -169,12 +229,12 @@ DEFINE_TILES(bf16, uint16_t, LOAD_BF16, LOAD_BF16_TAIL)
             int n0 = nb * NR, nr = N - n0 < NR ? N - n0 : NR;                                         \
             for (int m0 = 0; m0 < M; m0 += MR) {                                                      \
                 int mr = M - m0 < MR ? M - m0 : MR;                                                   \
-                __m256 acc[MR][NR];                                                                   \
+                vec acc[MR][NR];                                                                      \
                 tile_##SUFFIX(xf, w, K, m0, n0, mr, nr, acc);                                         \
                 for (int i = 0; i < mr; i++)                                                          \
                     for (int j = 0; j < nr; j++) {                                                    \
                         size_t at = (size_t)(m0 + i) * N + n0 + j;                                    \
-                        float s = hsum(acc[i][j]);                                                    \
+                        float s = vhsum(acc[i][j]);                                                   \
                         if (b) s += TO_F32(b[n0 + j]);                                                \
                         if (yf) yf[at] = res ? ROUND(res[at] + ROUND(s)) : ROUND(s);                  \
                         else y[at] = FROM_F32(s);                                                     \

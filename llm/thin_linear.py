@@ -122,6 +122,14 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def vector_isa() -> str | None:
+    """The vector instructions the compiled kernels were built for here: ``avx512`` (16-lane tiles),
+    ``avx2`` (8-lane), or None where there are no kernels. A summation order: results differ between the
+    two in the last bits."""
+    lib = library()
+    return None if lib is None else {3: "avx512", 2: "avx2"}.get(lib.thin_linear_isa())
+
+
 def thin_linear(
     lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

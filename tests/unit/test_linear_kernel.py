@@ -37,6 +37,13 @@ def test_this_machine_builds_the_thin_kernel():
     assert thin_linear.library() is not None
 
 
+def test_the_kernels_use_the_widest_vectors_this_cpu_has():
+    # built with -march=native: 16-lane tiles where the CPU has AVX-512 F, BW and VL, else AVX2's 8 lanes
+    flags = set(thin_linear._cpu_features().split())
+    want = "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "avx2"
+    assert thin_linear.vector_isa() == want
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 16, 33])
 @pytest.mark.parametrize("n,k", [(130, 96), (4, 8), (7, 13), (49, 577)])

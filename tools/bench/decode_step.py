@@ -61,12 +61,14 @@ def measure(model_dir: Path, rounds: int = 3) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from llm import thin_linear
     from llm.checkpoints import open_checkpoint
     from services.textgen.api import DecoderLM, PagedKVCache
 
     reader = open_checkpoint(model_dir)
     cpu = torch.device("cpu")
     out: dict = {"rows": [], "bandwidth_gbs": [], "threads": torch.get_num_threads()}
+    out["kernel_isa"] = thin_linear.vector_isa()
     models = {}
     for dtype in (torch.float32, torch.bfloat16):
         m = DecoderLM(reader.arch, reader.canonical_tensors(), dtype=dtype, device=cpu, max_len=2048)
@@ -135,7 +137,8 @@ def report(res: dict) -> list[str]:
     ]
     lines = [
         f"\ndecode step in process (no server), {res['threads']} threads, prompt {PROMPT} tokens, median of "
-        f"{STEPS} steps, median of {len(res['bandwidth_gbs'])} interleaved rounds",
+        f"{STEPS} steps, median of {len(res['bandwidth_gbs'])} interleaved rounds; compiled kernels built "
+        f"for {res.get('kernel_isa') or 'none'}",
         table(
             ["dtype", "path", "B=1 ms", "B=16 ms", "weights MB", "roofline ms", "B=1 at roofline"],
             rows,
