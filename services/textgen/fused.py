@@ -21,6 +21,10 @@ Tensor = torch.Tensor
 # 208 vs 207 at 64; bfloat16 109 vs 125 at 32, 213 vs 250 at 64); wider ones take the composed path, whose
 # float32 matmuls are oneDNN's from 13 rows.
 MAX_ROWS = {torch.float32: 32, torch.bfloat16: 1 << 30}
+# With AVX-512's 16-lane tiles (llm.thin_linear.vector_isa) the compiled float32 step wins further (this
+# project's 2-core AVX-512 VM, the same step, medians of 3 interleaved rounds: 59 vs 64 ms at 40 sequences,
+# 63 vs 81 at 48, 78 vs 90 at 56, 88 vs 87 at 64).
+MAX_ROWS_AVX512 = {torch.float32: 64, torch.bfloat16: 1 << 30}
 # The lm head (vocabulary-wide, 576 inputs for SmolLM2) of up to this many rows goes to the thin kernel, more
 # to oneDNN (float32, SmolLM2-135M's head on the same VM: 22.2 vs 36.5 ms at 32 rows, 39-43 vs 51-63 at 64,
 # 64.0 vs 57.8 at 96, 92 vs 89 at 128; bfloat16's thin head is 3-6x oneDNN's at 32 to 256 rows).
@@ -45,7 +49,8 @@ class FusedDecode:
     the caches' addresses once per cache."""
 
     def __init__(self, lib, m):
-        self.lib, self.m, self.max_rows = lib, m, MAX_ROWS[m.dtype]
+        self.lib, self.m = lib, m
+        self.max_rows = (MAX_ROWS_AVX512 if lib.thin_linear_isa() == 3 else MAX_ROWS)[m.dtype]
         self.head_max_rows = HEAD_MAX_ROWS[m.dtype]
         for lw in m.layers:
             if lw.moe is not None or lw.fc1_w is None:
