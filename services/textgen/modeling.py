@@ -469,7 +469,10 @@ class _PrefillPart(_Part):
         start = torch.tensor(starts, dtype=torch.long, device=dev)  # (N,)
         length = torch.tensor(lengths, dtype=torch.long, device=dev)  # (N,)
         steps = torch.arange(T, device=dev)  # (T,)
-        positions = (start[:, None] + steps[None, :]).clamp_(max=m.max_len - 1)  # (N, T)
+        # a row's padding takes its last real position: past it lies no block of its table (a row whose
+        # prompt is mostly cached starts late, and the group's longest row sets T)
+        last = (length - 1).clamp(min=0)  # (N,)
+        positions = (start[:, None] + torch.minimum(steps[None, :], last[:, None])).clamp_(max=m.max_len - 1)
         valid = (steps[None, :] < length[:, None]).reshape(-1)  # (N*T,)
         self.sel = valid.nonzero().squeeze(1)
         self.write = cache.rows(tables, positions).reshape(-1)[self.sel]  # (n,) rows of the real tokens

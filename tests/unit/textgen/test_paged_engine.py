@@ -212,3 +212,24 @@ def test_when_the_shared_prefill_and_decode_pass_fails_both_run_apart_and_lose_n
         assert calls and got == ref
     finally:
         s.engine.stop()
+
+
+def test_a_mostly_cached_prompt_is_prefilled_in_one_group_with_fresh_ones(tiny_models, caplog):
+    # three prompts cached (32 of their 40 tokens: rows from position 32), three fresh (rows from 0): the
+    # group pads every row to 40 positions, and a cached row's padding lies past its block table; it must
+    # not be looked up there (it failed the group's prefill, which then ran each sequence alone)
+    g = random.Random(5)
+    prompts = [[g.randrange(3, 200) for _ in range(40)] for _ in range(6)]
+    s = serve(tiny_models["llama"], max_batch_size=16)
+    try:
+        alone = [s.engine.submit([greedy(p)])[0].result().token_ids for p in prompts[:3]]
+        wait_idle(s.engine)
+        hits = M.PREFIX_CACHE_HITS.ours._value.get()
+        with caplog.at_level("WARNING", logger="services.textgen.containment"):
+            got = [h.result().token_ids for h in s.engine.submit([greedy(p) for p in prompts])]
+        assert not [r for r in caplog.records if "running each alone" in r.getMessage()]
+        assert M.PREFIX_CACHE_HITS.ours._value.get() - hits == 3 * 32
+        alone += [s.engine.submit([greedy(p)])[0].result().token_ids for p in prompts[3:]]
+        assert got == alone
+    finally:
+        s.engine.stop()
