@@ -56,11 +56,17 @@ class TextgenConfig(ServiceConfig):
     )
     prefill_chunk_tokens: int = setting(
         32,
-        help="Chunked prefill: while sequences are decoding, prompt tokens prefilled per engine step, riding "
-        "on the decode step's forward pass (a long prompt is split over steps so running streams keep "
+        help="Chunked prefill: while sequences are decoding, a prompt's tokens prefilled per engine step, "
+        "riding on the decode step's forward pass (a long prompt is split over steps so running streams keep "
         "producing tokens); an idle engine prefills a prompt whole. Scoring and batch-invariant sequences "
-        "are never split. Smaller: steadier streams, a slower long prompt (SmolLM2 on 2 cores: ~2 ms per "
-        "prompt token, ~35 ms per float32 decode step of 8 streams).",
+        "are never split. Smaller: steadier streams, a slower long prompt.",
+    )
+    prefill_step_tokens: int = setting(
+        512,
+        help="Chunked prefill: all prompts' tokens prefilled per engine step while sequences decode (each "
+        "prompt at most `prefill_chunk_tokens` of them, oldest first), so a burst of short prompts starts "
+        "in a step or two instead of one prompt per step. Smaller: steadier streams while a burst arrives, "
+        "a slower start for the burst.",
     )
     max_prompts_per_request: int = setting(128, help="Prompts accepted in one Generate call (Megatron: 128).")
     batch_invariant: str = setting(
@@ -90,6 +96,7 @@ class TextgenConfig(ServiceConfig):
             "max_prompts_per_request",
             "block_size",
             "prefill_chunk_tokens",
+            "prefill_step_tokens",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -178,6 +178,7 @@ def load_served_model(cfg: TextgenConfig) -> ServedModel:
             cfg.batch_invariant,
             prefix_caching=cfg.prefix_caching,
             prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+            prefill_step_tokens=cfg.prefill_step_tokens,
         ),
     )
     logger.info(

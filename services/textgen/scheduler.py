@@ -8,8 +8,9 @@ Budgets per step: at most ``max_batch_size`` sequences running, at most ``max_pr
 prompt tokens prefilled together, and admission only while the pool keeps a small watermark of free blocks
 for the running sequences to grow into.
 
-Chunked prefill: while sequences are decoding, prompts are prefilled at most ``prefill_chunk_tokens`` tokens
-per step (``plan_prefill``), so a long prompt does not stall the running streams for its whole prefill; a
+Chunked prefill: while sequences are decoding, a prompt is prefilled at most ``prefill_chunk_tokens`` tokens
+per step and all prompts together at most ``prefill_step_tokens`` (``plan_prefill``), so a long prompt does
+not stall the running streams for its whole prefill, and a burst of short ones starts together; a
 sequence stays in ``prefilling`` until its last chunk, whose logits give its first token. On an idle engine
 a prompt is prefilled whole. Scoring and batch-invariant sequences are never split (their positions'
 numbers must not depend on the chunking). A preempted sequence gives back every block and goes to the front of
@@ -256,16 +257,17 @@ class Scheduler:
 
     def plan_prefill(self) -> list[tuple[Seq, int]]:
         """The prefill work of this step: (sequence, context position its keys and values reach). While
-        sequences are decoding, the chunkable ones share ``prefill_chunk_tokens`` in admission order (a
-        sequence the budget does not reach waits for the next step); otherwise each is prefilled whole."""
-        budget = self.cfg.prefill_chunk_tokens if self.running else None
+        sequences are decoding, each chunkable one gets at most ``prefill_chunk_tokens`` of the step's
+        ``prefill_step_tokens``, in admission order (a sequence the budget does not reach waits for the next
+        step); otherwise each is prefilled whole."""
+        budget = self.cfg.prefill_step_tokens if self.running else None
         plan = []
         for s in self.prefilling:
             total = s.context_len()
             if budget is None or not chunkable(s):
                 plan.append((s, total))
                 continue
-            take = min(total - s.num_computed, budget)
+            take = min(total - s.num_computed, self.cfg.prefill_chunk_tokens, budget)
             if take > 0:
                 budget -= take
                 plan.append((s, s.num_computed + take))

@@ -172,7 +172,7 @@ def test_random_workload_never_loses_a_token_or_a_block():
 
 def test_prefill_is_chunked_only_while_others_decode_and_never_for_scoring():
     s = sched(num_blocks=201, bs=4)
-    s.cfg = EngineConfig(64, 1024, 4096, prefill_chunk_tokens=10)
+    s.cfg = EngineConfig(64, 1024, 4096, prefill_chunk_tokens=10, prefill_step_tokens=15)
     long = seq(range(100, 137), n=4)  # 37 tokens
     s.waiting.append(long)
     admit(s)
@@ -188,10 +188,21 @@ def test_prefill_is_chunked_only_while_others_decode_and_never_for_scoring():
     s.waiting.extend([long, other, scored])
     admit(s)
     plan = s.plan_prefill()
-    assert plan == [(long, 10), (scored, 30)]  # the budget of 10 went to the oldest; scoring is whole
+    # a chunk of at most 10 each, 15 in all, oldest first; scoring is whole
+    assert plan == [(long, 10), (other, 5), (scored, 30)]
     for q, end in plan:
         q.num_computed = end
-    assert s.plan_prefill()[0] == (long, 20)
+    assert s.plan_prefill()[:2] == [(long, 20), (other, 10)]
+
+
+def test_a_burst_of_short_prompts_starts_in_one_step_while_others_decode():
+    s = sched(num_blocks=401, bs=4)
+    s.cfg = EngineConfig(64, 1024, 4096, prefill_chunk_tokens=32, prefill_step_tokens=512)
+    s.running.append(seq(range(5), n=4))
+    burst = [seq(range(100 + 40 * i, 132 + 40 * i), n=4) for i in range(20)]  # 20 prompts of 32 tokens
+    s.waiting.extend(burst)
+    admit(s)
+    assert s.plan_prefill() == [(q, 32) for q in burst[:16]]  # 512 tokens: 16 whole prompts
 
 
 def test_multiple_choice_answers_follow_and_equal_prompts_are_twins():
