@@ -55,11 +55,13 @@ class TextgenConfig(ServiceConfig):
         4096, help="Padded prompt tokens prefilled together in one engine step."
     )
     prefill_chunk_tokens: int = setting(
-        32,
+        16,
         help="Chunked prefill: while sequences are decoding, a prompt's tokens prefilled per engine step, "
         "riding on the decode step's forward pass (a long prompt is split over steps so running streams keep "
         "producing tokens); an idle engine prefills a prompt whole. Scoring and batch-invariant sequences "
-        "are never split. Smaller: steadier streams, a slower long prompt.",
+        "are never split. Smaller: steadier streams, a slower long prompt (SmolLM2, float32, 2 AVX-512 "
+        "cores: 8 streams' step 16 ms alone; with a 16-token chunk of a 1,500-token prompt 37 ms at its "
+        "start, 61 ms at its end; with 32 tokens 49 and 83 ms).",
     )
     prefill_step_tokens: int = setting(
         512,

@@ -113,7 +113,7 @@ class EngineConfig:
     max_prefill_tokens: int
     batch_invariant: str = "scoring"  # off | scoring | all: which sequences are computed alone (see Engine)
     prefix_caching: bool = True  # reuse cached full blocks of a prompt's prefix (see blocks.BlockPool)
-    prefill_chunk_tokens: int = 32  # a prompt's tokens prefilled per step while others decode (scheduler)
+    prefill_chunk_tokens: int = 16  # a prompt's tokens prefilled per step while others decode (scheduler)
     prefill_step_tokens: int = 512  # all prompts' tokens prefilled per step while others decode (scheduler)
 
 
