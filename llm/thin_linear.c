@@ -30,7 +30,13 @@
  * us and at 64 rows 1116 -> 681 us against the 3 x 3 AVX2 tiles, and the compiled float32 decode step
  * (medians of 3 interleaved rounds) 66 -> 44 ms at 32 sequences, 121 -> 88 at 64; bfloat16 36 -> 25 at
  * 16, 137 -> 96 at 64. */
+/* AVX-512 F, BW and VL, where the compiler targets them (-march=native on such a CPU): 16-lane tiles */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define THIN_AVX512 1
+#else
+#define THIN_AVX512 0
+#endif
+#if THIN_AVX512
 #define MR 4
 #define NR 4
 #else
@@ -46,7 +52,7 @@
 
 /* 3: AVX-512 tiles, 2: AVX2 ones, 0: no kernels (the caller keeps PyTorch's) */
 int thin_linear_isa(void) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__)
+#if THIN_AVX512 && defined(__FMA__)
     return 3;
 #elif defined(__AVX2__) && defined(__FMA__)
     return 2;
@@ -101,7 +107,7 @@ static inline __m256i tail_mask(int n) {
  * CPU), else AVX2's 8. A lane count is a summation order: a host computes every row the same way, and an
  * AVX-512 host's sums differ from an AVX2 host's in the last bits. Measured on this project's 2-core AVX-512
  * VM (2026-12-03, SmolLM2-135M, the compiled float32 decode step): see the header of this section. */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if THIN_AVX512
 #define VL 16
 typedef __m512 vec;
 typedef __mmask16 vmask;
@@ -116,14 +122,12 @@ static inline float vhsum(vec v) {
     __m256 lo = _mm512_castps512_ps256(v), hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     return hsum(_mm256_add_ps(lo, hi));
 }
-static inline vec vload_bf16(const uint16_t *p) {
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+/* 16 bfloat16 -> 16 float32 (exact: the bits shifted into the high half) */
+static inline vec widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+static inline vec vload_bf16(const uint16_t *p) { return widen_bf16(_mm256_loadu_si256((const __m256i *)p)); }
 static inline vec vload_bf16_tail(const uint16_t *p, int n, vmask mask) {
     (void)n;
-    __m256i h = _mm256_maskz_loadu_epi16(mask, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return widen_bf16(_mm256_maskz_loadu_epi16(mask, p));
 }
 #else
 #define VL 8
@@ -313,7 +317,7 @@ int thin_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int M,
         __m256 acc[4];                                                                                \
         for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();                                     \
         int x = 0;                                                                                    \
-        if (kn == 4) {                                                                                \
+        if (kn == 4) { /* a constant count: the 4 accumulators stay in registers */                   \
             for (; x + 8 <= d; x += 8) {                                                              \
                 __m256 qv = _mm256_loadu_ps(q + x);                                                   \
                 for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(qv, LOADK(k[i] + x), acc[i]);    \
@@ -343,6 +347,10 @@ DEFINE_DOTS(bf16, uint16_t, bf16_to_f32, LOADK_BF16)
  * depends on its own query and context only. */
 /* position (blk, off) of a block table -> the next one (a division per position cost more than the sums) */
 #define ADVANCE(blk, off, bs) (++(off) == (bs) ? ((off) = 0, ++(blk)) : 0)
+/* the first element of key/value head j of g (head dim d) at block-table position (blk, off) */
+static inline size_t head_at(const int64_t *table, int64_t blk, int64_t off, int bs, int g, int j, int d) {
+    return ((size_t)(table[blk] * bs + off) * g + j) * d;
+}
 #define DEFINE_HEAD(SUFFIX, T, TO_F32, LOADK)                                                           \
     static void head_##SUFFIX(const float *qf, const T *kc, const T *vc, const int64_t *table, int64_t lo,  \
                               int64_t hi, int g, int j, int d, int bs, float scale, float *buf, float *of) { \
@@ -353,7 +361,7 @@ DEFINE_DOTS(bf16, uint16_t, bf16_to_f32, LOADK_BF16)
             int kn = n - t < 4 ? n - t : 4;                                                           \
             const T *k[4] = {0};                                                                      \
             for (int i = 0; i < kn; i++, ADVANCE(blk, off, bs))                                       \
-                k[i] = kc + ((size_t)(table[blk] * bs + off) * g + j) * d;                            \
+                k[i] = kc + head_at(table, blk, off, bs, g, j, d);                                    \
             dots_##SUFFIX(qf, k, kn, d, buf + t);                                                     \
             for (int i = 0; i < kn; i++) {                                                            \
                 buf[t + i] *= scale;                                                                  \
@@ -371,9 +379,9 @@ DEFINE_DOTS(bf16, uint16_t, bf16_to_f32, LOADK_BF16)
             for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();                                 \
             blk = lo / bs, off = lo % bs;                                                             \
             for (int t = 0; t < n; t++, ADVANCE(blk, off, bs)) {                                      \
-                const T *vr = vc + ((size_t)(table[blk] * bs + off) * g + j) * d + x0;                \
+                const T *vr = vc + head_at(table, blk, off, bs, g, j, d) + x0;                        \
                 __m256 w = _mm256_set1_ps(buf[t]);                                                    \
-                if (nv == 8)                                                                          \
+                if (nv == 8) /* a constant count: the 8 accumulators stay in registers */             \
                     for (int v = 0; v < 8; v++) acc[v] = _mm256_add_ps(acc[v], _mm256_mul_ps(w, LOADK(vr + 8 * v))); \
                 else                                                                                  \
                     for (int v = 0; v < nv; v++) acc[v] = _mm256_add_ps(acc[v], _mm256_mul_ps(w, LOADK(vr + 8 * v))); \
@@ -385,7 +393,7 @@ DEFINE_DOTS(bf16, uint16_t, bf16_to_f32, LOADK_BF16)
             float o = 0.0f;                                                                           \
             blk = lo / bs, off = lo % bs;                                                             \
             for (int t = 0; t < n; t++, ADVANCE(blk, off, bs))                                        \
-                o += buf[t] * TO_F32(vc[((size_t)(table[blk] * bs + off) * g + j) * d + x]);          \
+                o += buf[t] * TO_F32(vc[head_at(table, blk, off, bs, g, j, d) + x]);                  \
             of[x] = o;                                                                                \
         }                                                                                             \
         for (int x = 0; x < d; x++) of[x] /= sum;                                                     \
