@@ -122,11 +122,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def vector_isa() -> str | None:
-    """The vector instructions the compiled kernels were built for here: ``avx512`` (16-lane tiles),
-    ``avx2`` (8-lane), or None where there are no kernels. A summation order: results differ between the
-    two in the last bits."""
-    lib = library()
+def vector_isa(lib: ctypes.CDLL | None = None) -> str | None:
+    """The vector instructions the compiled kernels (``lib``, by default this machine's ``library()``) were
+    built for: ``avx512`` (16-lane tiles), ``avx2`` (8-lane), or None where there are no kernels. A
+    summation order: results differ between the two in the last bits."""
+    lib = lib or library()
     return None if lib is None else {3: "avx512", 2: "avx2"}.get(lib.thin_linear_isa())
 
 

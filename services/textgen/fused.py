@@ -50,7 +50,7 @@ class FusedDecode:
 
     def __init__(self, lib, m):
         self.lib, self.m = lib, m
-        self.max_rows = (MAX_ROWS_AVX512 if lib.thin_linear_isa() == 3 else MAX_ROWS)[m.dtype]
+        self.max_rows = (MAX_ROWS_AVX512 if thin_linear.vector_isa(lib) == "avx512" else MAX_ROWS)[m.dtype]
         self.head_max_rows = HEAD_MAX_ROWS[m.dtype]
         for lw in m.layers:
             if lw.moe is not None or lw.fc1_w is None:
